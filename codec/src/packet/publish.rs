@@ -1,0 +1,130 @@
+//! PUBLISH (3.3).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{Body, PacketType, Protocol, QoS};
+use crate::error::{DecodeError, EncodeError, TopicError};
+use crate::properties::{self, PublishProperties};
+use crate::string::MqttString;
+use crate::topic;
+use crate::wire::{self, Reader};
+
+/// PUBLISH: an application message.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Publish {
+    /// DUP: this may be a re-delivery. Never set at QoS 0 (decoding refuses
+    /// it, encoding leaves it out).
+    pub dup: bool,
+    /// QoS level.
+    pub qos: QoS,
+    /// RETAIN.
+    pub retain: bool,
+    /// Topic Name. Empty only in MQTT 5.0 with a Topic Alias.
+    pub topic: MqttString,
+    /// Packet Identifier: non-zero at QoS 1 and 2, 0 (absent) at QoS 0.
+    pub packet_id: u16,
+    /// The payload, shared with the buffer it was decoded from.
+    pub payload: Bytes,
+    /// MQTT 5.0 properties.
+    pub properties: PublishProperties,
+}
+
+impl Publish {
+    pub(crate) fn decode(
+        flags: u8,
+        r: &mut Reader,
+        protocol: Protocol,
+    ) -> Result<Self, DecodeError> {
+        let qos = QoS::from_bits((flags >> 1) & 0b11)?;
+        let dup = flags & 0b1000 != 0;
+        if dup && qos == QoS::AtMostOnce {
+            // [MQTT-3.3.1-2]: DUP must be 0 for QoS 0.
+            return Err(DecodeError::InvalidFlags {
+                packet: PacketType::Publish,
+                flags,
+            });
+        }
+        let topic = r.string()?;
+        let packet_id = match qos {
+            QoS::AtMostOnce => 0,
+            _ => r.packet_id()?,
+        };
+        let properties = match protocol {
+            Protocol::V5 => properties::decode(r)?,
+            Protocol::V311 => PublishProperties::default(),
+        };
+        check_topic(&topic, &properties, protocol).map_err(DecodeError::InvalidTopicName)?;
+        Ok(Publish {
+            dup,
+            qos,
+            retain: flags & 1 != 0,
+            topic,
+            packet_id,
+            payload: r.rest(),
+            properties,
+        })
+    }
+
+    /// The first byte of the fixed header.
+    fn first_byte(&self) -> u8 {
+        (PacketType::Publish as u8) << 4
+            | u8::from(self.dup && self.qos != QoS::AtMostOnce) << 3
+            | (self.qos as u8) << 1
+            | u8::from(self.retain)
+    }
+
+    /// Appends the encoded packet to `buf`, returning its size. For MQTT
+    /// 3.1.1 the properties are left out.
+    pub fn encode(&self, protocol: Protocol, buf: &mut BytesMut) -> Result<usize, EncodeError> {
+        super::encode_body(self.first_byte(), self, protocol, buf)
+    }
+
+    /// The encoded size, fixed header included.
+    pub fn encoded_len(&self, protocol: Protocol) -> Result<usize, EncodeError> {
+        super::body_len(self, protocol)
+    }
+}
+
+/// The topic must be a valid topic name; MQTT 5.0 allows it to be empty
+/// when a Topic Alias stands for it.
+fn check_topic(
+    topic: &str,
+    properties: &PublishProperties,
+    protocol: Protocol,
+) -> Result<(), TopicError> {
+    if topic.is_empty() && protocol == Protocol::V5 && properties.topic_alias.is_some() {
+        return Ok(());
+    }
+    topic::validate_topic_name(topic)
+}
+
+impl Body for Publish {
+    fn sizes(&self, protocol: Protocol) -> Result<(usize, [usize; 2]), EncodeError> {
+        check_topic(&self.topic, &self.properties, protocol).map_err(EncodeError::InvalidTopic)?;
+        if self.qos != QoS::AtMostOnce && self.packet_id == 0 {
+            return Err(EncodeError::ZeroPacketId(PacketType::Publish));
+        }
+        let mut len = 2 + self.topic.len() + self.payload.len();
+        if self.qos != QoS::AtMostOnce {
+            len += 2;
+        }
+        let mut props = 0;
+        if protocol == Protocol::V5 {
+            properties::check_response_topic(&self.properties.response_topic)?;
+            props = properties::encoded_len(&self.properties)?;
+            len += properties::block_len(props);
+        }
+        Ok((len, [props, 0]))
+    }
+
+    fn write(&self, protocol: Protocol, props: [usize; 2], buf: &mut BytesMut) {
+        wire::put_string(buf, &self.topic);
+        if self.qos != QoS::AtMostOnce {
+            buf.put_u16(self.packet_id);
+        }
+        if protocol == Protocol::V5 {
+            properties::encode(&self.properties, props[0], buf);
+        }
+        buf.put_slice(&self.payload);
+    }
+}

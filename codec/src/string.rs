@@ -1,0 +1,158 @@
+//! [`MqttString`]: a cheaply clonable string that always satisfies the MQTT
+//! rules for a UTF-8 Encoded String.
+
+use std::fmt;
+use std::ops::Deref;
+
+use bytes::Bytes;
+
+use crate::error::StringError;
+
+/// The longest string MQTT can carry: its length is a two-byte integer.
+pub const MAX_STRING_LEN: usize = u16::MAX as usize;
+
+/// A UTF-8 string backed by [`Bytes`], so that decoding a topic or a user
+/// property never copies and cloning one is a reference-count increment.
+///
+/// Invariant, checked by every constructor: the bytes are valid UTF-8 (which
+/// excludes encoded surrogates), contain no U+0000, and are at most
+/// 65,535 bytes long. Encoders therefore never fail on a `MqttString`.
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MqttString(Bytes);
+
+impl MqttString {
+    /// Checks `bytes` and wraps them without copying.
+    pub fn from_bytes(bytes: Bytes) -> Result<Self, StringError> {
+        if bytes.len() > MAX_STRING_LEN {
+            return Err(StringError::TooLong(bytes.len()));
+        }
+        let text = std::str::from_utf8(&bytes).map_err(|_| StringError::InvalidUtf8)?;
+        if text.contains('\0') {
+            return Err(StringError::NullCharacter);
+        }
+        Ok(Self(bytes))
+    }
+
+    /// Copies `text` after checking it.
+    pub fn new(text: &str) -> Result<Self, StringError> {
+        Self::from_bytes(Bytes::copy_from_slice(text.as_bytes()))
+    }
+
+    /// Wraps a string constant without copying.
+    ///
+    /// # Panics
+    /// When `text` breaks the MQTT string rules: constants are the
+    /// program's own, so that is a bug, not input.
+    pub fn from_static(text: &'static str) -> Self {
+        match Self::from_bytes(Bytes::from_static(text.as_bytes())) {
+            Ok(s) => s,
+            Err(e) => panic!("invalid MQTT string constant {text:?}: {e}"),
+        }
+    }
+
+    /// The string.
+    pub fn as_str(&self) -> &str {
+        #[allow(unsafe_code)]
+        // SAFETY: every constructor checked that the bytes are valid UTF-8,
+        // and the bytes are immutable.
+        unsafe {
+            std::str::from_utf8_unchecked(&self.0)
+        }
+    }
+
+    /// The underlying bytes (shares the buffer).
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    /// Consumes the string, returning its buffer.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+}
+
+impl Deref for MqttString {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for MqttString {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for MqttString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for MqttString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<&str> for MqttString {
+    type Error = StringError;
+    fn try_from(text: &str) -> Result<Self, StringError> {
+        Self::new(text)
+    }
+}
+
+impl TryFrom<String> for MqttString {
+    type Error = StringError;
+    fn try_from(text: String) -> Result<Self, StringError> {
+        Self::from_bytes(Bytes::from(text))
+    }
+}
+
+impl PartialEq<str> for MqttString {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for MqttString {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_plain_and_multibyte_text() {
+        assert_eq!(MqttString::new("a/b").map(|s| s.len()), Ok(3));
+        assert!(MqttString::new("température/°C").is_ok());
+        assert!(MqttString::new("").is_ok());
+    }
+
+    #[test]
+    fn refuses_null_surrogates_and_overlong() {
+        assert_eq!(MqttString::new("a\0b"), Err(StringError::NullCharacter));
+        // U+D800 encoded as UTF-8 (a surrogate): not valid UTF-8.
+        let surrogate = Bytes::from_static(&[0xED, 0xA0, 0x80]);
+        assert_eq!(
+            MqttString::from_bytes(surrogate),
+            Err(StringError::InvalidUtf8)
+        );
+        // An overlong encoding of '/'.
+        let overlong = Bytes::from_static(&[0xC0, 0xAF]);
+        assert_eq!(
+            MqttString::from_bytes(overlong),
+            Err(StringError::InvalidUtf8)
+        );
+        let long = "x".repeat(MAX_STRING_LEN + 1);
+        assert_eq!(
+            MqttString::new(&long),
+            Err(StringError::TooLong(MAX_STRING_LEN + 1))
+        );
+        assert!(MqttString::new(&long[1..]).is_ok());
+    }
+}

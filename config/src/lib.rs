@@ -1,0 +1,305 @@
+//! ferrymq's configuration: the TOML schema, its defaults and its validation.
+//!
+//! A config file holds only what differs from the defaults: every key is
+//! optional. Loading runs in two stages:
+//!
+//! 1. serde reads the TOML into raw structs whose fields are all optional.
+//!    Unknown keys are collected (every one of them, with a "did you mean"
+//!    hint), and a value of the wrong type is reported with its key path.
+//! 2. The raw structs are turned into a [`Config`] and checked as a whole.
+//!    Every problem is collected, each with its TOML key, so one run of
+//!    `ferrymq check-config` shows them all.
+//!
+//! A [`Config`] built in code (the broker used as a library) goes through the
+//! same second stage with [`Config::validate`].
+//!
+//! This crate does no I/O apart from [`Config::from_file`] and reading the
+//! host name for the default [`Config::node_id`].
+//!
+//! ```
+//! use ferrymq_config::Config;
+//!
+//! let config = Config::from_toml_str(
+//!     r#"
+//!     [limits]
+//!     max_packet_size = "256KiB"
+//!     "#,
+//! )?;
+//! assert_eq!(config.limits.max_packet_size, 256 * 1024);
+//! assert_eq!(config.listeners[0].bind.to_string(), "127.0.0.1:1883");
+//!
+//! let errors = Config::from_toml_str(
+//!     r#"
+//!     [limits]
+//!     receive_maximum = 0
+//!     max_conections = 10
+//!     "#,
+//! )
+//! .expect_err("two problems");
+//! assert_eq!(
+//!     errors.to_string(),
+//!     "limits.max_conections: unknown key; did you mean `max_connections`?\n\
+//!      limits.receive_maximum: must be between 1 and 65535, got 0"
+//! );
+//! # Ok::<(), ferrymq_config::ConfigErrors>(())
+//! ```
+
+mod hint;
+mod raw;
+pub mod size;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration of one ferrymq node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `node_id`: a human label for this node (logs, `$SYS`, bridge
+    /// metadata); not an identity, since cloned gateway images share host
+    /// names. Default: the host name, or `"ferrymq"` when it cannot be read.
+    pub node_id: String,
+    /// `data_dir`: where retained messages, sessions and queues are stored.
+    /// Default: `./ferrymq-data`.
+    pub data_dir: PathBuf,
+    /// `[[listener]]`: the sockets clients connect to. Default: one TCP
+    /// listener on `127.0.0.1:1883`. A file that lists any listener replaces
+    /// the default one.
+    pub listeners: Vec<Listener>,
+    /// `[auth]`: who may connect.
+    pub auth: Auth,
+    /// `[limits]`: bounds that protect the node from its clients.
+    pub limits: Limits,
+}
+
+/// One `[[listener]]`: an address and the protocol spoken on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// `bind`: the address and port to listen on (required). Port 0 lets the
+    /// operating system pick a free port.
+    pub bind: SocketAddr,
+    /// `protocol`: default `"tcp"`.
+    pub protocol: ListenerProtocol,
+}
+
+/// What a listener speaks. The contract names `tls`, `ws` and `wss` too;
+/// they are refused with a clear message until they are built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ListenerProtocol {
+    /// MQTT over plain TCP (`"tcp"`).
+    #[default]
+    Tcp,
+}
+
+/// `[auth]`: who may connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// `allow_anonymous`: clients may connect without credentials. Only
+    /// accepted while every listener binds a loopback address, so a default
+    /// install is never open to the network. Default: `true`.
+    pub allow_anonymous: bool,
+}
+
+/// `[limits]`: bounds that keep one node healthy whatever its clients do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// `max_connections`: caps open client connections, so a flood of
+    /// clients cannot exhaust file descriptors or memory. Default: 100000.
+    pub max_connections: u32,
+    /// `max_packet_size` (bytes; `"1MiB"` style accepted): the largest packet
+    /// a client may send us, so one packet cannot take all memory. Announced
+    /// as MQTT 5 Maximum Packet Size. Default: 1 MiB. Range: 64 ..=
+    /// 268435460 (the largest packet MQTT can express).
+    pub max_packet_size: u32,
+    /// `receive_maximum`: how many QoS 1/2 publishes one client may have
+    /// unacknowledged towards us (MQTT 5 Receive Maximum), bounding per-client
+    /// in-flight state. Default: 1024.
+    pub receive_maximum: u16,
+    /// `max_keepalive_secs`: larger client keepalives are capped to this
+    /// (MQTT 5 Server Keep Alive), so dead clients are noticed in bounded
+    /// time. Default: 1 hour.
+    pub max_keepalive: Duration,
+    /// `connect_timeout_secs`: how long a new connection may take to send
+    /// CONNECT, so idle sockets cannot pile up. Default: 10 s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Config {
+    /// The embedded defaults; the same values as [`default_config_toml`].
+    fn default() -> Self {
+        Config {
+            node_id: default_node_id(),
+            data_dir: PathBuf::from("./ferrymq-data"),
+            listeners: vec![Listener::default()],
+            auth: Auth::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Listener {
+    /// A TCP listener on `127.0.0.1:1883`.
+    fn default() -> Self {
+        Listener {
+            bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 1883)),
+            protocol: ListenerProtocol::Tcp,
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            allow_anonymous: true,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            max_packet_size: 1 << 20,
+            receive_maximum: 1024,
+            max_keepalive: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ListenerProtocol {
+    /// The name used in the config file, e.g. `"tcp"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerProtocol::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for ListenerProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Config {
+    /// Parses and validates a config file's text. Every key is optional and
+    /// falls back to its default; every problem found is returned at once.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigErrors> {
+        let (raw, mut errors) = raw::parse(text).map_err(ConfigErrors)?;
+        let (config, unusable_binds) = raw.into_config(&mut errors);
+        validate::check(&config, &unusable_binds, &mut errors);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Reads `path` and parses it with [`Config::from_toml_str`]. A file that
+    /// cannot be read is one error with an empty key, naming the path.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            ConfigErrors(vec![ConfigError::new(
+                "",
+                format!("cannot read config file {}: {err}", path.display()),
+            )])
+        })?;
+        Config::from_toml_str(&text)
+    }
+
+    /// Checks a config built in code with the same rules as a parsed file,
+    /// reporting every problem with the TOML key it corresponds to.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        validate::check(self, &[], &mut errors);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// The commented default config file, as printed by
+/// `ferrymq print-default-config`. It parses to [`Config::default()`].
+pub fn default_config_toml() -> &'static str {
+    include_str!("../default.toml")
+}
+
+/// One problem in a config, with the TOML key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The key path, like `limits.max_packet_size` or `listener[1].bind`;
+    /// empty when the problem concerns the whole file (unreadable file, TOML
+    /// syntax error).
+    pub key: String,
+    /// What is wrong and, where possible, what is allowed.
+    pub message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `key: message`, or only the message when the key is empty.
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config; displayed one `key: message` per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// One problem per line, without a trailing newline.
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigErrors {
+    /// The problems, in the order they were found.
+    pub fn iter(&self) -> std::slice::Iter<'_, ConfigError> {
+        self.0.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a ConfigErrors {
+    type Item = &'a ConfigError;
+    type IntoIter = std::slice::Iter<'a, ConfigError>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+/// The host name (Linux), or `"ferrymq"` when it cannot be read.
+fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "ferrymq".to_owned())
+}

@@ -1,0 +1,515 @@
+//! Stage 1: the TOML as written, every field optional, and its conversion
+//! into a [`Config`].
+//!
+//! These `Raw*` structs are the file format (a compatibility boundary):
+//! rename nothing here without a migration note. Unknown keys are not
+//! refused by serde (`deny_unknown_fields` would stop at the first one);
+//! `serde_ignored` collects every one instead.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use toml::de::{DeTable, DeValue};
+
+use crate::size::RawSize;
+use crate::validate::{self, IntRange};
+use crate::{Auth, Config, ConfigError, Limits, Listener, ListenerProtocol, hint};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a TOML document")]
+pub(crate) struct RawConfig {
+    node_id: Option<String>,
+    data_dir: Option<String>,
+    listener: Option<Vec<RawListener>>,
+    auth: Option<RawAuth>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a [[listener]] table")]
+struct RawListener {
+    bind: Option<String>,
+    protocol: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "an [auth] table")]
+struct RawAuth {
+    allow_anonymous: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a [limits] table")]
+struct RawLimits {
+    max_connections: Option<Int>,
+    max_packet_size: Option<RawSize>,
+    receive_maximum: Option<Int>,
+    max_keepalive_secs: Option<Int>,
+    connect_timeout_secs: Option<Int>,
+}
+
+/// One table of the file, for unknown-key hints.
+pub(crate) struct Table {
+    /// How the table is written in a file, e.g. `[limits]`.
+    pub(crate) header: &'static str,
+    /// Its path with array indices dropped: `[]`, `["listener"]`, ...
+    pub(crate) path: &'static [&'static str],
+    /// The keys it accepts; must match the `Raw*` struct (a test checks).
+    pub(crate) keys: &'static [&'static str],
+    /// Keys the design names that this version does not accept yet.
+    planned: &'static [&'static str],
+}
+
+pub(crate) const TABLES: &[Table] = &[
+    Table {
+        header: "the top level",
+        path: &[],
+        keys: &["node_id", "data_dir", "listener", "auth", "limits"],
+        planned: &["storage", "bridge", "state", "metrics"],
+    },
+    Table {
+        header: "[[listener]]",
+        path: &["listener"],
+        keys: &["bind", "protocol"],
+        planned: &["cert", "key", "client_ca"],
+    },
+    Table {
+        header: "[auth]",
+        path: &["auth"],
+        keys: &["allow_anonymous"],
+        planned: &["password_file", "acl_file"],
+    },
+    Table {
+        header: "[limits]",
+        path: &["limits"],
+        keys: &[
+            "max_connections",
+            "max_packet_size",
+            "receive_maximum",
+            "max_keepalive_secs",
+            "connect_timeout_secs",
+        ],
+        planned: &[],
+    },
+];
+
+/// An integer key. Read as `i128` (wider than anything TOML holds) so that
+/// a negative or too-large value is reported with the key's allowed range
+/// rather than with a Rust type name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Int(i128);
+
+impl<'de> Deserialize<'de> for Int {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(IntVisitor)
+    }
+}
+
+struct IntVisitor;
+
+impl Visitor<'_> for IntVisitor {
+    type Value = Int;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an integer")
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Int, E> {
+        Ok(Int(i128::from(v)))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Int, E> {
+        Ok(Int(i128::from(v)))
+    }
+
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Int, E> {
+        Ok(Int(v))
+    }
+
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Int, E> {
+        i128::try_from(v)
+            .map(Int)
+            .map_err(|_| E::custom(format!("integer {v} is too large")))
+    }
+}
+
+/// Stage 1: parses `text` into raw structs. On success also returns the
+/// unknown keys found (as errors, to be reported with stage 2's). On failure
+/// returns a syntax error, or a type error plus the unknown keys seen
+/// before it.
+pub(crate) fn parse(text: &str) -> Result<(RawConfig, Vec<ConfigError>), Vec<ConfigError>> {
+    let document = DeTable::parse(text).map_err(|err| vec![syntax_error(text, &err)])?;
+    // Positions of keys, to report unknown keys in file order (toml visits
+    // keys in sorted order).
+    let positions = document.get_ref().clone();
+    let mut unknown = Vec::new();
+    let result: Result<RawConfig, _> = {
+        let mut on_unknown = |path: serde_ignored::Path<'_>| {
+            let mut segs = Vec::new();
+            segments(&path, &mut segs);
+            let position = position(&positions, &segs).unwrap_or(usize::MAX);
+            unknown.push((position, unknown_key(&segs)));
+        };
+        let deserializer =
+            serde_ignored::Deserializer::new(toml::Deserializer::from(document), &mut on_unknown);
+        serde_path_to_error::deserialize(deserializer)
+    };
+    unknown.sort_by_key(|&(position, _)| position);
+    let mut errors: Vec<ConfigError> = unknown.into_iter().map(|(_, error)| error).collect();
+    match result {
+        Ok(raw) => Ok((raw, errors)),
+        Err(err) => {
+            errors.push(type_error(&err));
+            Err(errors)
+        }
+    }
+}
+
+/// Byte offset where the key at `segs` is written in the file.
+fn position(root: &DeTable<'_>, segs: &[Segment]) -> Option<usize> {
+    let mut table = root;
+    let mut value: Option<&DeValue<'_>> = None;
+    let mut position = None;
+    for seg in segs {
+        match seg {
+            Segment::Key(name) => {
+                if let Some(value) = value {
+                    table = value.as_table()?;
+                }
+                let (key, found) = table.iter().find(|(key, _)| key.get_ref() == name)?;
+                position = Some(key.span().start);
+                value = Some(found.get_ref());
+            }
+            Segment::Index(i) => {
+                value = Some(value?.as_array()?.get(*i)?.get_ref());
+            }
+        }
+    }
+    position
+}
+
+/// A TOML syntax error as one line: "TOML syntax error at line L, column C:
+/// message" (toml's own rendering spans several lines).
+fn syntax_error(text: &str, err: &toml::de::Error) -> ConfigError {
+    let message = match err.span().and_then(|span| text.get(..span.start)) {
+        Some(before) => {
+            let line = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = before[line_start..].chars().count() + 1;
+            format!(
+                "TOML syntax error at line {line}, column {column}: {}",
+                err.message()
+            )
+        }
+        None => format!("TOML syntax error: {}", err.message()),
+    };
+    ConfigError::new("", message)
+}
+
+fn type_error(err: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let path = err.path().to_string();
+    let key = if path == "." { String::new() } else { path };
+    let mut message = err.inner().message().to_owned();
+    if key == "listener" && message.contains("expected a sequence") {
+        message.push_str(" (write each listener as [[listener]], with double brackets)");
+    }
+    ConfigError::new(key, message)
+}
+
+/// One segment of a key path.
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+fn segments(path: &serde_ignored::Path<'_>, out: &mut Vec<Segment>) {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => {}
+        Path::Seq { parent, index } => {
+            segments(parent, out);
+            out.push(Segment::Index(*index));
+        }
+        Path::Map { parent, key } => {
+            segments(parent, out);
+            out.push(Segment::Key(key.clone()));
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => {
+            segments(parent, out);
+        }
+    }
+}
+
+/// `key: unknown key`, with a hint when the key is misspelt, belongs in
+/// another table, or is planned for a later version.
+fn unknown_key(segs: &[Segment]) -> ConfigError {
+    let mut key = String::new();
+    for seg in segs {
+        match seg {
+            Segment::Key(name) => {
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(name);
+            }
+            Segment::Index(i) => key.push_str(&format!("[{i}]")),
+        }
+    }
+    let mut names = segs.iter().filter_map(|seg| match seg {
+        Segment::Key(name) => Some(name.as_str()),
+        Segment::Index(_) => None,
+    });
+    let leaf = names.next_back().unwrap_or_default();
+    let parent: Vec<&str> = names.collect();
+    let table = TABLES.iter().find(|t| t.path == parent.as_slice());
+
+    let hint = if let Some(table) = table {
+        if table.planned.contains(&leaf) {
+            Some(format!("`{leaf}` is not available yet in this version"))
+        } else if let Some(known) = hint::closest(leaf, table.keys) {
+            Some(format!("did you mean `{known}`?"))
+        } else {
+            TABLES
+                .iter()
+                .find(|other| other.keys.contains(&leaf))
+                .map(|other| format!("`{leaf}` belongs in {}", other.header))
+        }
+    } else {
+        None
+    };
+    let message = match hint {
+        Some(hint) => format!("unknown key; {hint}"),
+        None => "unknown key".to_owned(),
+    };
+    ConfigError::new(key, message)
+}
+
+impl RawConfig {
+    /// Turns the raw values into a [`Config`], falling back to defaults for
+    /// missing keys. Values the `Config` types cannot hold are reported to
+    /// `errors` and replaced by their default, so that stage 2 can still
+    /// check the rest. Also returns the indices of listeners whose `bind`
+    /// could not be used (stage 2 skips address checks on those).
+    pub(crate) fn into_config(self, errors: &mut Vec<ConfigError>) -> (Config, Vec<usize>) {
+        let defaults = Config::default();
+        let mut unusable_binds = Vec::new();
+        let listeners = match self.listener {
+            None => defaults.listeners,
+            Some(raw) => raw
+                .into_iter()
+                .enumerate()
+                .map(|(i, raw)| {
+                    let (listener, bind_ok) = raw.into_listener(i, errors);
+                    if !bind_ok {
+                        unusable_binds.push(i);
+                    }
+                    listener
+                })
+                .collect(),
+        };
+        let config = Config {
+            node_id: self.node_id.unwrap_or(defaults.node_id),
+            data_dir: self.data_dir.map_or(defaults.data_dir, PathBuf::from),
+            listeners,
+            auth: self.auth.unwrap_or_default().into_auth(defaults.auth),
+            limits: self
+                .limits
+                .unwrap_or_default()
+                .into_limits(defaults.limits, errors),
+        };
+        (config, unusable_binds)
+    }
+}
+
+impl RawListener {
+    /// The listener, and whether its `bind` is a real address.
+    fn into_listener(self, index: usize, errors: &mut Vec<ConfigError>) -> (Listener, bool) {
+        let fallback = Listener::default();
+        let bind = match self.bind {
+            None => {
+                errors.push(ConfigError::new(
+                    format!("listener[{index}].bind"),
+                    "missing; every [[listener]] needs an address like \"127.0.0.1:1883\"",
+                ));
+                None
+            }
+            Some(text) => match text.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    errors.push(ConfigError::new(
+                        format!("listener[{index}].bind"),
+                        format!("\"{text}\" is not an address like 127.0.0.1:1883"),
+                    ));
+                    None
+                }
+            },
+        };
+        let protocol = match self.protocol.as_deref() {
+            None | Some("tcp") => ListenerProtocol::Tcp,
+            Some(other) => {
+                let message = if ["tls", "ws", "wss"].contains(&other) {
+                    format!("\"{other}\" is not available yet in this version; supported: \"tcp\"")
+                } else {
+                    format!(
+                        "unknown protocol \"{other}\"; expected one of \"tcp\", \"tls\", \"ws\", \
+                         \"wss\" (only \"tcp\" is available in this version)"
+                    )
+                };
+                errors.push(ConfigError::new(
+                    format!("listener[{index}].protocol"),
+                    message,
+                ));
+                ListenerProtocol::Tcp
+            }
+        };
+        let listener = Listener {
+            bind: bind.unwrap_or(fallback.bind),
+            protocol,
+        };
+        (listener, bind.is_some())
+    }
+}
+
+impl RawAuth {
+    fn into_auth(self, defaults: Auth) -> Auth {
+        Auth {
+            allow_anonymous: self.allow_anonymous.unwrap_or(defaults.allow_anonymous),
+        }
+    }
+}
+
+impl RawLimits {
+    fn into_limits(self, defaults: Limits, errors: &mut Vec<ConfigError>) -> Limits {
+        Limits {
+            max_connections: narrow(
+                self.max_connections.map(|Int(v)| v),
+                "limits.max_connections",
+                &validate::MAX_CONNECTIONS,
+                defaults.max_connections,
+                errors,
+            ),
+            max_packet_size: narrow(
+                self.max_packet_size.map(|RawSize(v)| i128::from(v)),
+                "limits.max_packet_size",
+                &validate::MAX_PACKET_SIZE,
+                defaults.max_packet_size,
+                errors,
+            ),
+            receive_maximum: narrow(
+                self.receive_maximum.map(|Int(v)| v),
+                "limits.receive_maximum",
+                &validate::RECEIVE_MAXIMUM,
+                defaults.receive_maximum,
+                errors,
+            ),
+            max_keepalive: Duration::from_secs(narrow(
+                self.max_keepalive_secs.map(|Int(v)| v),
+                "limits.max_keepalive_secs",
+                &validate::MAX_KEEPALIVE_SECS,
+                defaults.max_keepalive.as_secs(),
+                errors,
+            )),
+            connect_timeout: Duration::from_secs(narrow(
+                self.connect_timeout_secs.map(|Int(v)| v),
+                "limits.connect_timeout_secs",
+                &validate::CONNECT_TIMEOUT_SECS,
+                defaults.connect_timeout.as_secs(),
+                errors,
+            )),
+        }
+    }
+}
+
+/// Converts a raw number into the field's type. A value the type cannot
+/// hold is reported with the key's range (the same message stage 2 gives)
+/// and replaced by the default; a value the type holds is left for stage 2
+/// to range-check.
+fn narrow<T: TryFrom<i128>>(
+    raw: Option<i128>,
+    key: &str,
+    range: &IntRange,
+    default: T,
+    errors: &mut Vec<ConfigError>,
+) -> T {
+    let Some(value) = raw else {
+        return default;
+    };
+    T::try_from(value).unwrap_or_else(|_| {
+        errors.push(range.error(key, value));
+        default
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deserializer that only records the field names a struct asks for.
+    struct FieldNames;
+
+    #[derive(Debug)]
+    struct Found(&'static [&'static str]);
+
+    impl fmt::Display for Found {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{:?}", self.0)
+        }
+    }
+
+    impl std::error::Error for Found {}
+
+    impl de::Error for Found {
+        fn custom<T: fmt::Display>(_: T) -> Self {
+            Found(&[])
+        }
+    }
+
+    impl<'de> Deserializer<'de> for FieldNames {
+        type Error = Found;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Found> {
+            Err(Found(&[]))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Found> {
+            Err(Found(fields))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    fn fields_of<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+        match T::deserialize(FieldNames) {
+            Ok(_) => panic!("FieldNames never produces a value"),
+            Err(Found(fields)) => fields,
+        }
+    }
+
+    /// The hint tables must list exactly the keys serde accepts.
+    #[test]
+    fn tables_match_raw_structs() {
+        let expected = [
+            fields_of::<RawConfig>(),
+            fields_of::<RawListener>(),
+            fields_of::<RawAuth>(),
+            fields_of::<RawLimits>(),
+        ];
+        let actual: Vec<&[&str]> = TABLES.iter().map(|t| t.keys).collect();
+        assert_eq!(actual, expected);
+    }
+}

@@ -1,0 +1,661 @@
+//! Tests through the public API: a TOML text in, a `Config` or the error
+//! lines out.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::{
+    Auth, Config, ConfigError, ConfigErrors, Limits, Listener, ListenerProtocol,
+    default_config_toml,
+};
+
+/// `toml` must parse to the defaults changed by `edit`.
+fn check_ok(toml: &str, edit: impl FnOnce(&mut Config)) {
+    let mut expected = Config::default();
+    edit(&mut expected);
+    match Config::from_toml_str(toml) {
+        Ok(config) => assert_eq!(config, expected, "config from:\n{toml}"),
+        Err(errors) => panic!("unexpected errors from:\n{toml}\n---\n{errors}"),
+    }
+}
+
+/// `toml` must be refused with exactly these `key: message` lines.
+fn check_err(toml: &str, expected: &[&str]) {
+    let errors = match Config::from_toml_str(toml) {
+        Ok(config) => panic!("expected errors from:\n{toml}\n---\ngot {config:?}"),
+        Err(errors) => errors,
+    };
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(lines, expected, "errors from:\n{toml}");
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("test address")
+}
+
+fn tcp(bind: &str) -> Listener {
+    Listener {
+        bind: addr(bind),
+        protocol: ListenerProtocol::Tcp,
+    }
+}
+
+#[test]
+fn defaults() {
+    let config = Config::default();
+    assert!(!config.node_id.trim().is_empty());
+    assert_eq!(config.data_dir, PathBuf::from("./ferrymq-data"));
+    assert_eq!(config.listeners, vec![tcp("127.0.0.1:1883")]);
+    assert_eq!(
+        config.auth,
+        Auth {
+            allow_anonymous: true
+        }
+    );
+    assert_eq!(
+        config.limits,
+        Limits {
+            max_connections: 100_000,
+            max_packet_size: 1_048_576,
+            receive_maximum: 1024,
+            max_keepalive: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(10),
+        }
+    );
+    assert_eq!(config.validate(), Ok(()));
+}
+
+#[test]
+fn empty_file_is_defaults() {
+    check_ok("", |_| {});
+    check_ok("\n# only a comment\n\n", |_| {});
+    check_ok("[auth]\n[limits]\n", |_| {});
+}
+
+#[test]
+fn every_key_parsed() {
+    check_ok(
+        r#"
+        node_id = "edge-01"
+        data_dir = "/var/lib/ferrymq"
+
+        [[listener]]
+        bind = "127.0.0.1:1884"
+        protocol = "tcp"
+
+        [[listener]]
+        bind = "[::1]:0"
+
+        [auth]
+        allow_anonymous = false
+
+        [limits]
+        max_connections = 5
+        max_packet_size = "64KiB"
+        receive_maximum = 10
+        max_keepalive_secs = 60
+        connect_timeout_secs = 3
+        "#,
+        |c| {
+            c.node_id = "edge-01".into();
+            c.data_dir = "/var/lib/ferrymq".into();
+            c.listeners = vec![tcp("127.0.0.1:1884"), tcp("[::1]:0")];
+            c.auth.allow_anonymous = false;
+            c.limits = Limits {
+                max_connections: 5,
+                max_packet_size: 65_536,
+                receive_maximum: 10,
+                max_keepalive: Duration::from_secs(60),
+                connect_timeout: Duration::from_secs(3),
+            };
+        },
+    );
+}
+
+#[test]
+fn limits_at_their_bounds() {
+    check_ok(
+        r#"
+        [limits]
+        max_connections = 1
+        max_packet_size = 64
+        receive_maximum = 65535
+        max_keepalive_secs = 65535
+        connect_timeout_secs = 3600
+        "#,
+        |c| {
+            c.limits.max_connections = 1;
+            c.limits.max_packet_size = 64;
+            c.limits.receive_maximum = 65535;
+            c.limits.max_keepalive = Duration::from_secs(65535);
+            c.limits.connect_timeout = Duration::from_secs(3600);
+        },
+    );
+    check_ok(
+        "[limits]\nmax_connections = 4294967295\nmax_packet_size = 268435460\n\
+         max_keepalive_secs = 1\nconnect_timeout_secs = 1\nreceive_maximum = 1",
+        |c| {
+            c.limits.max_connections = u32::MAX;
+            c.limits.max_packet_size = 268_435_460;
+            c.limits.max_keepalive = Duration::from_secs(1);
+            c.limits.connect_timeout = Duration::from_secs(1);
+            c.limits.receive_maximum = 1;
+        },
+    );
+}
+
+#[test]
+fn packet_sizes() {
+    for (value, bytes) in [
+        ("4096", 4096),
+        ("\"512\"", 512),
+        ("\"512B\"", 512),
+        ("\"64KiB\"", 65_536),
+        ("\"1MiB\"", 1_048_576),
+        ("\"1 MiB\"", 1_048_576),
+        ("\"10KB\"", 10_000),
+        ("\"1MB\"", 1_000_000),
+        ("\"256MiB\"", 268_435_456),
+    ] {
+        check_ok(&format!("[limits]\nmax_packet_size = {value}"), |c| {
+            c.limits.max_packet_size = bytes;
+        });
+    }
+    let range = "must be between 64 and 268435460 bytes";
+    for (value, expected) in [
+        ("\"1GiB\"", format!("{range}, got 1073741824")),
+        ("\"10TiB\"", format!("{range}, got 10995116277760")),
+        ("63", format!("{range}, got 63")),
+        ("268435461", format!("{range}, got 268435461")),
+        ("0", format!("{range}, got 0")),
+        ("-1", "a size cannot be negative, got -1".to_owned()),
+        (
+            "99999999999999999999",
+            "size 99999999999999999999 is too large".to_owned(),
+        ),
+        (
+            "\"abc\"",
+            "invalid size \"abc\": a size starts with a whole number of bytes, \
+             like \"512\" or \"1MiB\""
+                .to_owned(),
+        ),
+        (
+            "\"1 mib\"",
+            "invalid size \"1 mib\": unknown unit \"mib\" (units are case-sensitive: did you \
+             mean \"MiB\"?); units are B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+                .to_owned(),
+        ),
+        (
+            "1.5",
+            "invalid type: floating point `1.5`, expected a size: an integer number of bytes \
+             or a string like \"1MiB\""
+                .to_owned(),
+        ),
+    ] {
+        check_err(
+            &format!("[limits]\nmax_packet_size = {value}"),
+            &[&format!("limits.max_packet_size: {expected}")],
+        );
+    }
+}
+
+#[test]
+fn node_id_and_data_dir_must_not_be_empty() {
+    check_err(r#"node_id = """#, &["node_id: must not be empty"]);
+    check_err(r#"node_id = "  ""#, &["node_id: must not be empty"]);
+    check_err(r#"data_dir = """#, &["data_dir: must not be empty"]);
+}
+
+#[test]
+fn at_least_one_listener() {
+    check_err(
+        "listener = []",
+        &["listener: at least one [[listener]] is required"],
+    );
+}
+
+#[test]
+fn listener_bind() {
+    check_err(
+        "[[listener]]\nbind = \"x\"",
+        &[r#"listener[0].bind: "x" is not an address like 127.0.0.1:1883"#],
+    );
+    check_err(
+        "[[listener]]\nbind = \"127.0.0.1:1883\"\n[[listener]]\nbind = \"localhost:1883\"",
+        &[r#"listener[1].bind: "localhost:1883" is not an address like 127.0.0.1:1883"#],
+    );
+    check_err(
+        "[[listener]]\nbind = \"127.0.0.1\"",
+        &[r#"listener[0].bind: "127.0.0.1" is not an address like 127.0.0.1:1883"#],
+    );
+    check_err(
+        "[[listener]]\nprotocol = \"tcp\"",
+        &[
+            r#"listener[0].bind: missing; every [[listener]] needs an address like "127.0.0.1:1883""#,
+        ],
+    );
+}
+
+#[test]
+fn duplicate_listeners() {
+    check_err(
+        r#"
+        [[listener]]
+        bind = "127.0.0.1:1883"
+        [[listener]]
+        bind = "[::1]:1883"
+        [[listener]]
+        bind = "127.0.0.1:1883"
+        "#,
+        &["listener[2].bind: 127.0.0.1:1883 is already used by listener[0]"],
+    );
+    // Port 0: the OS gives each listener its own port.
+    check_ok(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n[[listener]]\nbind = \"127.0.0.1:0\"",
+        |c| c.listeners = vec![tcp("127.0.0.1:0"), tcp("127.0.0.1:0")],
+    );
+}
+
+#[test]
+fn listener_protocols() {
+    for planned in ["tls", "ws", "wss"] {
+        check_err(
+            &format!("[[listener]]\nbind = \"127.0.0.1:8883\"\nprotocol = \"{planned}\""),
+            &[&format!(
+                "listener[0].protocol: \"{planned}\" is not available yet in this version; \
+                 supported: \"tcp\""
+            )],
+        );
+    }
+    check_err(
+        "[[listener]]\nbind = \"127.0.0.1:1883\"\nprotocol = \"TCP\"",
+        &[
+            "listener[0].protocol: unknown protocol \"TCP\"; expected one of \"tcp\", \"tls\", \
+             \"ws\", \"wss\" (only \"tcp\" is available in this version)",
+        ],
+    );
+    assert_eq!(ListenerProtocol::Tcp.to_string(), "tcp");
+}
+
+#[test]
+fn anonymous_only_on_loopback() {
+    let message = |offenders: &str| {
+        format!(
+            "auth.allow_anonymous: anonymous access is only allowed when every listener binds \
+             a loopback address (127.0.0.1, ::1), but {offenders}; bind loopback addresses \
+             only (password authentication arrives in a later version)"
+        )
+    };
+    check_err(
+        "[[listener]]\nbind = \"0.0.0.0:1883\"",
+        &[&message("listener[0] binds 0.0.0.0:1883")],
+    );
+    check_err(
+        r#"
+        [[listener]]
+        bind = "127.0.0.1:1883"
+        [[listener]]
+        bind = "192.168.1.10:1883"
+        [[listener]]
+        bind = "[::]:1883"
+        "#,
+        &[&message(
+            "listener[1] binds 192.168.1.10:1883, listener[2] binds [::]:1883",
+        )],
+    );
+    // Loopback in every spelling is fine.
+    check_ok(
+        r#"
+        [[listener]]
+        bind = "127.0.0.1:1883"
+        [[listener]]
+        bind = "127.0.0.2:1883"
+        [[listener]]
+        bind = "[::1]:1883"
+        [[listener]]
+        bind = "[::ffff:127.0.0.1]:1884"
+        "#,
+        |c| {
+            c.listeners = vec![
+                tcp("127.0.0.1:1883"),
+                tcp("127.0.0.2:1883"),
+                tcp("[::1]:1883"),
+                tcp("[::ffff:127.0.0.1]:1884"),
+            ];
+        },
+    );
+    // Without anonymous access any address is fine.
+    check_ok(
+        "[[listener]]\nbind = \"0.0.0.0:1883\"\n[auth]\nallow_anonymous = false",
+        |c| {
+            c.listeners = vec![tcp("0.0.0.0:1883")];
+            c.auth.allow_anonymous = false;
+        },
+    );
+}
+
+#[test]
+fn limit_ranges() {
+    for (key, value, range) in [
+        ("max_connections", "0", "between 1 and 4294967295"),
+        ("max_connections", "-1", "between 1 and 4294967295"),
+        ("max_connections", "4294967296", "between 1 and 4294967295"),
+        (
+            "max_connections",
+            "99999999999999999999",
+            "between 1 and 4294967295",
+        ),
+        ("receive_maximum", "0", "between 1 and 65535"),
+        ("receive_maximum", "65536", "between 1 and 65535"),
+        ("receive_maximum", "-3", "between 1 and 65535"),
+        ("max_keepalive_secs", "0", "between 1 and 65535 seconds"),
+        ("max_keepalive_secs", "65536", "between 1 and 65535 seconds"),
+        ("max_keepalive_secs", "-1", "between 1 and 65535 seconds"),
+        ("connect_timeout_secs", "0", "between 1 and 3600 seconds"),
+        ("connect_timeout_secs", "3601", "between 1 and 3600 seconds"),
+        ("connect_timeout_secs", "-10", "between 1 and 3600 seconds"),
+    ] {
+        check_err(
+            &format!("[limits]\n{key} = {value}"),
+            &[&format!("limits.{key}: must be {range}, got {value}")],
+        );
+    }
+}
+
+#[test]
+fn every_problem_reported_at_once() {
+    check_err(
+        r#"
+        node_id = ""
+        data_dir = ""
+        nodeid = "x"
+
+        [[listener]]
+        bind = "0.0.0.0:1883"
+        protocol = "wss"
+        [[listener]]
+        bind = "nowhere"
+        [[listener]]
+        bind = "0.0.0.0:1883"
+        bnd = "x"
+
+        [limits]
+        max_connections = 0
+        max_packet_size = "1GiB"
+        receive_maximum = 0
+        max_keepalive_secs = 0
+        connect_timeout_secs = 0
+        max_conections = 1
+        "#,
+        &[
+            "nodeid: unknown key; did you mean `node_id`?",
+            "listener[2].bnd: unknown key; did you mean `bind`?",
+            "limits.max_conections: unknown key; did you mean `max_connections`?",
+            "listener[0].protocol: \"wss\" is not available yet in this version; \
+             supported: \"tcp\"",
+            "listener[1].bind: \"nowhere\" is not an address like 127.0.0.1:1883",
+            "node_id: must not be empty",
+            "data_dir: must not be empty",
+            "listener[2].bind: 0.0.0.0:1883 is already used by listener[0]",
+            "auth.allow_anonymous: anonymous access is only allowed when every listener binds \
+             a loopback address (127.0.0.1, ::1), but listener[0] binds 0.0.0.0:1883, \
+             listener[2] binds 0.0.0.0:1883; bind loopback addresses only (password \
+             authentication arrives in a later version)",
+            "limits.max_connections: must be between 1 and 4294967295, got 0",
+            "limits.max_packet_size: must be between 64 and 268435460 bytes, got 1073741824",
+            "limits.receive_maximum: must be between 1 and 65535, got 0",
+            "limits.max_keepalive_secs: must be between 1 and 65535 seconds, got 0",
+            "limits.connect_timeout_secs: must be between 1 and 3600 seconds, got 0",
+        ],
+    );
+}
+
+#[test]
+fn unknown_keys() {
+    check_err(
+        r#"
+        node_idd = "x"
+        colour = "blue"
+
+        [[listener]]
+        bind = "127.0.0.1:1883"
+        [[listener]]
+        bind = "127.0.0.1:1884"
+        protocl = "tcp"
+
+        [auth]
+        allow_anonymus = true
+
+        [limits]
+        max_conections = 10
+        recieve_maximum = 5
+        max_keepalive = 60
+        "#,
+        &[
+            "node_idd: unknown key; did you mean `node_id`?",
+            "colour: unknown key",
+            "listener[1].protocl: unknown key; did you mean `protocol`?",
+            "auth.allow_anonymus: unknown key; did you mean `allow_anonymous`?",
+            "limits.max_conections: unknown key; did you mean `max_connections`?",
+            "limits.recieve_maximum: unknown key; did you mean `receive_maximum`?",
+            "limits.max_keepalive: unknown key",
+        ],
+    );
+}
+
+#[test]
+fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
+    check_err(
+        r#"
+        max_connections = 10
+        [[listeners]]
+        bind = "127.0.0.1:1883"
+        [[listener]]
+        bind = "127.0.0.1:1883"
+        cert = "server.pem"
+        [auth]
+        password_file = "passwd"
+        [storage]
+        durability = "sync-each"
+        "#,
+        &[
+            "max_connections: unknown key; `max_connections` belongs in [limits]",
+            "listeners: unknown key; did you mean `listener`?",
+            "listener[0].cert: unknown key; `cert` is not available yet in this version",
+            "auth.password_file: unknown key; `password_file` is not available yet in this \
+             version",
+            "storage: unknown key; `storage` is not available yet in this version",
+        ],
+    );
+}
+
+#[test]
+fn type_errors_name_the_key() {
+    check_err(
+        "[limits]\nmax_connections = \"x\"",
+        &[r#"limits.max_connections: invalid type: string "x", expected an integer"#],
+    );
+    check_err(
+        "[auth]\nallow_anonymous = \"yes\"",
+        &[r#"auth.allow_anonymous: invalid type: string "yes", expected a boolean"#],
+    );
+    check_err(
+        "[[listener]]\nbind = 1883",
+        &["listener[0].bind: invalid type: integer `1883`, expected a string"],
+    );
+    check_err(
+        "limits = 5",
+        &["limits: invalid type: integer `5`, expected a [limits] table"],
+    );
+    check_err(
+        "[listener]\nbind = \"127.0.0.1:1883\"",
+        &[
+            "listener: invalid type: map, expected a sequence (write each listener as \
+           [[listener]], with double brackets)",
+        ],
+    );
+    // Unknown keys seen before the type error (toml visits tables in key
+    // order) are reported with it.
+    check_err(
+        "[auth]\nallow_anonymus = true\n[limits]\nmax_connections = true",
+        &[
+            "auth.allow_anonymus: unknown key; did you mean `allow_anonymous`?",
+            "limits.max_connections: invalid type: boolean `true`, expected an integer",
+        ],
+    );
+}
+
+#[test]
+fn syntax_error() {
+    let errors = Config::from_toml_str("data_dir = \"x\"\n[limits\nmax_connections = 1\n")
+        .expect_err("syntax error");
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    let error = &errors.0[0];
+    assert_eq!(error.key, "");
+    assert!(
+        error
+            .message
+            .starts_with("TOML syntax error at line 2, column 8: "),
+        "{}",
+        error.message
+    );
+    assert!(!error.message.contains('\n'), "one line: {}", error.message);
+
+    let errors = Config::from_toml_str("a = 1\na = 2\n").expect_err("duplicate key");
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    assert!(
+        errors.0[0]
+            .message
+            .starts_with("TOML syntax error at line 2"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn default_config_toml_round_trip() {
+    let text = default_config_toml();
+    // node_id is commented out: its default is the host name.
+    assert!(text.contains("# node_id = "));
+    assert_eq!(Config::from_toml_str(text), Ok(Config::default()));
+
+    // It shows every key the code accepts, and nothing else.
+    let uncommented = text.replace("# node_id = ", "node_id = ");
+    let table: toml::Table = uncommented.parse().expect("default.toml parses");
+    let mut shown = Vec::new();
+    for (key, value) in &table {
+        shown.push(key.clone());
+        let nested = match value {
+            toml::Value::Table(nested) => Some(nested),
+            toml::Value::Array(items) => items.first().and_then(toml::Value::as_table),
+            _ => None,
+        };
+        for inner in nested.into_iter().flat_map(|t| t.keys()) {
+            shown.push(format!("{key}.{inner}"));
+        }
+    }
+    shown.sort();
+    let mut accepted: Vec<String> = Vec::new();
+    for table in crate::raw::TABLES {
+        for key in table.keys {
+            let path: Vec<&str> = table.path.iter().chain([key]).copied().collect();
+            accepted.push(path.join("."));
+        }
+    }
+    accepted.sort();
+    assert_eq!(shown, accepted);
+}
+
+#[test]
+fn validate_config_built_in_code() {
+    let mut config = Config::default();
+    assert_eq!(config.validate(), Ok(()));
+
+    config.node_id = String::new();
+    config.listeners = vec![tcp("10.0.0.1:1883"), tcp("10.0.0.1:1883")];
+    config.limits.max_keepalive = Duration::ZERO;
+    config.limits.connect_timeout = Duration::from_millis(500);
+    config.limits.max_packet_size = 10;
+    let errors = config.validate().expect_err("invalid");
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        lines,
+        [
+            "node_id: must not be empty",
+            "listener[1].bind: 10.0.0.1:1883 is already used by listener[0]",
+            "auth.allow_anonymous: anonymous access is only allowed when every listener binds \
+             a loopback address (127.0.0.1, ::1), but listener[0] binds 10.0.0.1:1883, \
+             listener[1] binds 10.0.0.1:1883; bind loopback addresses only (password \
+             authentication arrives in a later version)",
+            "limits.max_packet_size: must be between 64 and 268435460 bytes, got 10",
+            "limits.max_keepalive_secs: must be between 1 and 65535 seconds, got 0",
+            "limits.connect_timeout_secs: must be between 1 and 3600 seconds, got 0",
+        ]
+    );
+
+    let no_listeners = Config {
+        listeners: Vec::new(),
+        ..Config::default()
+    };
+    assert_eq!(
+        no_listeners.validate(),
+        Err(ConfigErrors(vec![ConfigError {
+            key: "listener".into(),
+            message: "at least one [[listener]] is required".into(),
+        }]))
+    );
+}
+
+#[test]
+fn errors_display_one_line_each() {
+    let errors = ConfigErrors(vec![
+        ConfigError {
+            key: String::new(),
+            message: "whole file".into(),
+        },
+        ConfigError {
+            key: "limits.max_connections".into(),
+            message: "must be between 1 and 4294967295, got 0".into(),
+        },
+    ]);
+    assert_eq!(
+        errors.to_string(),
+        "whole file\nlimits.max_connections: must be between 1 and 4294967295, got 0"
+    );
+    let as_error: &dyn std::error::Error = &errors;
+    assert!(as_error.source().is_none());
+}
+
+#[test]
+fn from_file_missing() {
+    let path = Path::new("/nonexistent/ferrymq-config-test/ferrymq.toml");
+    let errors = Config::from_file(path).expect_err("missing file");
+    assert_eq!(errors.0.len(), 1);
+    assert_eq!(errors.0[0].key, "");
+    assert!(
+        errors.0[0]
+            .message
+            .starts_with("cannot read config file /nonexistent/ferrymq-config-test/ferrymq.toml: "),
+        "{errors}"
+    );
+}
+
+#[test]
+fn from_file_reads_and_validates() {
+    let dir = std::env::temp_dir().join(format!("ferrymq-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("ferrymq.toml");
+    std::fs::write(&path, "[limits]\nmax_connections = 7\n").expect("write config");
+    let loaded = Config::from_file(&path);
+    std::fs::write(&path, "[limits]\nmax_connections = 0\n").expect("write config");
+    let refused = Config::from_file(&path);
+    std::fs::remove_dir_all(&dir).expect("clean up");
+
+    let mut expected = Config::default();
+    expected.limits.max_connections = 7;
+    assert_eq!(loaded, Ok(expected));
+    assert_eq!(
+        refused.expect_err("invalid").to_string(),
+        "limits.max_connections: must be between 1 and 4294967295, got 0"
+    );
+}
