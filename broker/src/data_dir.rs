@@ -1,0 +1,67 @@
+//! The data directory: created at start and locked, so two brokers can
+//! never share one (their state would interleave).
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+
+use crate::StartError;
+
+/// The file whose exclusive lock marks the directory as in use.
+const LOCK_FILE: &str = "LOCK";
+
+/// An open, locked data directory. The lock is released when this is dropped
+/// (or the process dies: the kernel releases it).
+#[derive(Debug)]
+pub struct DataDir {
+    path: PathBuf,
+    /// Held for the lock; never read.
+    _lock: File,
+}
+
+impl DataDir {
+    /// Creates `path` if needed and takes its lock.
+    pub fn open(path: &Path) -> Result<DataDir, StartError> {
+        let io = |source| StartError::DataDir {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(path).map_err(io)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.join(LOCK_FILE))
+            .map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => Ok(DataDir {
+                path: path.to_path_buf(),
+                _lock: lock,
+            }),
+            Err(TryLockError::WouldBlock) => Err(StartError::DataDirInUse(path.to_path_buf())),
+            Err(TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_open_of_the_same_dir_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferrymq-datadir-{}", std::process::id()));
+        let first = DataDir::open(&dir).expect("first open");
+        assert!(matches!(
+            DataDir::open(&dir),
+            Err(StartError::DataDirInUse(_))
+        ));
+        drop(first);
+        assert!(DataDir::open(&dir).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

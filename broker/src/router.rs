@@ -1,0 +1,423 @@
+//! The topic tree: which sessions a published topic reaches.
+//!
+//! Subscriptions live in a tree with one node per topic level; `+` and `#`
+//! are children of their own kind. Matching walks the topic's levels once,
+//! following the exact child, the `+` child and collecting `#` entries.
+//!
+//! The publish path does not take the tree's lock in the steady state:
+//! each connection keeps a [`RouteCache`] of topic -> routes, valid while
+//! the router's generation (bumped by every subscribe and unsubscribe) is
+//! unchanged. Sensors publish to a handful of topics each, so almost every
+//! publish is a cache hit that costs one atomic load.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ferrymq_codec::QoS;
+use parking_lot::RwLock;
+
+use crate::message::SessionId;
+use crate::outbox::Outbox;
+
+/// One subscription of one session to one filter.
+#[derive(Clone)]
+pub struct Subscriber {
+    /// The subscribing session.
+    pub session: SessionId,
+    /// Where its messages go.
+    pub outbox: Arc<Outbox>,
+    /// Granted QoS.
+    pub qos: QoS,
+    /// No Local: not to be sent its own messages.
+    pub no_local: bool,
+}
+
+/// Where one message goes: one entry per session, overlapping
+/// subscriptions already merged (highest QoS; No Local only if every
+/// matching subscription has it).
+#[derive(Clone)]
+pub struct Route {
+    /// The session.
+    pub session: SessionId,
+    /// Its outbox.
+    pub outbox: Arc<Outbox>,
+    /// The highest granted QoS among its matching subscriptions.
+    pub qos: QoS,
+    /// Skip when the publisher is this session.
+    pub no_local: bool,
+}
+
+#[derive(Default)]
+struct Node {
+    /// Children by literal level.
+    children: HashMap<Box<str>, Node>,
+    /// The `+` child.
+    plus: Option<Box<Node>>,
+    /// Subscriptions whose filter ends here.
+    here: Vec<Subscriber>,
+    /// Subscriptions whose filter is this node's path followed by `/#`.
+    hash: Vec<Subscriber>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.here.is_empty()
+            && self.hash.is_empty()
+    }
+}
+
+/// The topic tree. Shared by all connections.
+pub struct Router {
+    /// The tree; written by (un)subscribes, read on cache misses.
+    tree: RwLock<Node>,
+    /// Bumped on every change, invalidating every [`RouteCache`].
+    generation: AtomicU64,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router {
+            tree: RwLock::new(Node::default()),
+            generation: AtomicU64::new(0),
+        }
+    }
+}
+
+fn upsert(list: &mut Vec<Subscriber>, sub: Subscriber) -> bool {
+    match list.iter_mut().find(|s| s.session == sub.session) {
+        Some(existing) => {
+            *existing = sub;
+            true
+        }
+        None => {
+            list.push(sub);
+            false
+        }
+    }
+}
+
+fn remove(list: &mut Vec<Subscriber>, session: SessionId) -> bool {
+    let before = list.len();
+    list.retain(|s| s.session != session);
+    list.len() != before
+}
+
+impl Router {
+    /// Adds or replaces `sub`'s subscription to a valid, non-shared
+    /// `filter`. Returns whether it replaced an existing one.
+    pub fn subscribe(&self, filter: &str, sub: Subscriber) -> bool {
+        let mut tree = self.tree.write();
+        let mut node = &mut *tree;
+        let mut levels = filter.split('/').peekable();
+        let mut replaced = false;
+        while let Some(level) = levels.next() {
+            if level == "#" {
+                replaced = upsert(&mut node.hash, sub.clone());
+                break;
+            }
+            node = if level == "+" {
+                node.plus.get_or_insert_with(Box::default)
+            } else {
+                node.children.entry(level.into()).or_default()
+            };
+            if levels.peek().is_none() {
+                replaced = upsert(&mut node.here, sub.clone());
+            }
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+        replaced
+    }
+
+    /// Removes a session's subscription to `filter`. Returns whether it existed.
+    pub fn unsubscribe(&self, filter: &str, session: SessionId) -> bool {
+        let mut tree = self.tree.write();
+        let levels: Vec<&str> = filter.split('/').collect();
+        let removed = remove_path(&mut tree, &levels, session);
+        if removed {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+        removed
+    }
+
+    /// The current generation, for [`RouteCache`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Appends the routes for `topic` to `out`, one per session.
+    pub fn routes(&self, topic: &str, out: &mut Vec<Route>) {
+        let start = out.len();
+        {
+            let tree = self.tree.read();
+            let levels: Vec<&str> = topic.split('/').collect();
+            // [MQTT-4.7.2-1]: a wildcard first level does not match `$` topics.
+            let dollar = topic.starts_with('$');
+            collect(&tree, &levels, 0, !dollar, out);
+        }
+        merge_by_session(out, start);
+    }
+
+    /// Number of subscriptions in the tree.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        fn count(node: &Node) -> usize {
+            node.here.len()
+                + node.hash.len()
+                + node.children.values().map(count).sum::<usize>()
+                + node.plus.as_deref().map_or(0, count)
+        }
+        count(&self.tree.read())
+    }
+
+    /// True when nobody is subscribed.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn to_route(s: &Subscriber) -> Route {
+    Route {
+        session: s.session,
+        outbox: s.outbox.clone(),
+        qos: s.qos,
+        no_local: s.no_local,
+    }
+}
+
+fn collect(node: &Node, levels: &[&str], depth: usize, wildcards: bool, out: &mut Vec<Route>) {
+    if wildcards {
+        // `a/#` matches `a` and everything below it.
+        out.extend(node.hash.iter().map(to_route));
+    }
+    let Some(level) = levels.get(depth) else {
+        out.extend(node.here.iter().map(to_route));
+        return;
+    };
+    if let Some(child) = node.children.get(*level) {
+        collect(child, levels, depth + 1, true, out);
+    }
+    if let (true, Some(plus)) = (wildcards, &node.plus) {
+        collect(plus, levels, depth + 1, true, out);
+    }
+}
+
+/// Merges entries of the same session (overlapping subscriptions) in
+/// `out[start..]`: one route per session with the highest QoS.
+fn merge_by_session(out: &mut Vec<Route>, start: usize) {
+    if out.len() - start < 2 {
+        return;
+    }
+    out[start..].sort_unstable_by_key(|r| r.session);
+    let mut write = start;
+    for read in start + 1..out.len() {
+        if out[read].session == out[write].session {
+            let (qos, no_local) = (out[read].qos, out[read].no_local);
+            let kept = &mut out[write];
+            kept.qos = kept.qos.max(qos);
+            kept.no_local &= no_local;
+        } else {
+            write += 1;
+            out.swap(write, read);
+        }
+    }
+    out.truncate(write + 1);
+}
+
+fn remove_path(node: &mut Node, levels: &[&str], session: SessionId) -> bool {
+    let Some((first, rest)) = levels.split_first() else {
+        return false;
+    };
+    if *first == "#" {
+        return remove(&mut node.hash, session);
+    }
+    let child = if *first == "+" {
+        node.plus.as_deref_mut()
+    } else {
+        node.children.get_mut(*first)
+    };
+    let Some(child) = child else {
+        return false;
+    };
+    let removed = if rest.is_empty() {
+        remove(&mut child.here, session)
+    } else {
+        remove_path(child, rest, session)
+    };
+    if removed && child.is_empty() {
+        if *first == "+" {
+            node.plus = None;
+        } else {
+            node.children.remove(*first);
+        }
+    }
+    removed
+}
+
+/// A connection's memo of topic -> routes, valid for one router generation.
+pub struct RouteCache {
+    generation: u64,
+    entries: HashMap<Box<str>, Arc<[Route]>>,
+    scratch: Vec<Route>,
+}
+
+/// Entries kept per connection before the cache starts over; a publisher
+/// cycling through more topics than this pays a tree walk per publish.
+const ROUTE_CACHE_ENTRIES: usize = 256;
+
+impl Default for RouteCache {
+    fn default() -> Self {
+        RouteCache {
+            generation: u64::MAX,
+            entries: HashMap::new(),
+            scratch: Vec::new(),
+        }
+    }
+}
+
+impl RouteCache {
+    /// The routes for `topic`, from the cache or the tree.
+    pub fn routes(&mut self, router: &Router, topic: &str) -> Arc<[Route]> {
+        let generation = router.generation();
+        if generation != self.generation {
+            self.entries.clear();
+            self.generation = generation;
+        } else if let Some(routes) = self.entries.get(topic) {
+            return routes.clone();
+        }
+        self.scratch.clear();
+        router.routes(topic, &mut self.scratch);
+        let routes: Arc<[Route]> = self.scratch.drain(..).collect();
+        if self.entries.len() >= ROUTE_CACHE_ENTRIES {
+            self.entries.clear();
+        }
+        self.entries.insert(topic.into(), routes.clone());
+        routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::OutboxLimits;
+    use ferrymq_codec::topic::matches;
+    use proptest::prelude::*;
+
+    fn sub(session: u64, qos: QoS) -> Subscriber {
+        Subscriber {
+            session: SessionId(session),
+            outbox: Outbox::new(OutboxLimits {
+                max_messages: 1,
+                max_bytes: 1,
+            }),
+            qos,
+            no_local: false,
+        }
+    }
+
+    fn sessions(router: &Router, topic: &str) -> Vec<(u64, QoS)> {
+        let mut out = Vec::new();
+        router.routes(topic, &mut out);
+        let mut v: Vec<_> = out.iter().map(|r| (r.session.0, r.qos)).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn wildcards_and_dollar_topics() {
+        let router = Router::default();
+        router.subscribe("a/b", sub(1, QoS::AtMostOnce));
+        router.subscribe("a/+", sub(2, QoS::AtMostOnce));
+        router.subscribe("#", sub(3, QoS::AtMostOnce));
+        router.subscribe("a/#", sub(4, QoS::AtMostOnce));
+        router.subscribe("$SYS/#", sub(5, QoS::AtMostOnce));
+        router.subscribe("+/x", sub(6, QoS::AtMostOnce));
+        let q0 = QoS::AtMostOnce;
+        assert_eq!(
+            sessions(&router, "a/b"),
+            [(1, q0), (2, q0), (3, q0), (4, q0)]
+        );
+        assert_eq!(sessions(&router, "a"), [(3, q0), (4, q0)]);
+        assert_eq!(sessions(&router, "$SYS/x"), [(5, q0)]);
+        assert_eq!(sessions(&router, "b/x"), [(3, q0), (6, q0)]);
+    }
+
+    #[test]
+    fn overlapping_subscriptions_merge_to_the_highest_qos() {
+        let router = Router::default();
+        router.subscribe("a/+", sub(1, QoS::AtMostOnce));
+        router.subscribe("a/b", sub(1, QoS::ExactlyOnce));
+        router.subscribe("#", sub(1, QoS::AtLeastOnce));
+        assert_eq!(sessions(&router, "a/b"), [(1, QoS::ExactlyOnce)]);
+    }
+
+    #[test]
+    fn resubscribe_replaces_and_unsubscribe_prunes() {
+        let router = Router::default();
+        assert!(!router.subscribe("a/+/c", sub(1, QoS::AtMostOnce)));
+        assert!(router.subscribe("a/+/c", sub(1, QoS::AtLeastOnce)));
+        assert_eq!(router.len(), 1);
+        assert_eq!(sessions(&router, "a/b/c"), [(1, QoS::AtLeastOnce)]);
+        assert!(!router.unsubscribe("a/+/c", SessionId(2)));
+        assert!(router.unsubscribe("a/+/c", SessionId(1)));
+        assert!(!router.unsubscribe("a/+/c", SessionId(1)));
+        assert!(router.is_empty());
+        assert!(router.tree.read().is_empty(), "empty nodes are pruned");
+    }
+
+    #[test]
+    fn route_cache_follows_the_generation() {
+        let router = Router::default();
+        let mut cache = RouteCache::default();
+        assert_eq!(cache.routes(&router, "a").len(), 0);
+        router.subscribe("a", sub(1, QoS::AtMostOnce));
+        assert_eq!(cache.routes(&router, "a").len(), 1);
+        router.unsubscribe("a", SessionId(1));
+        assert_eq!(cache.routes(&router, "a").len(), 0);
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        let level = prop_oneof!["[ab$]{0,1}", Just("+".to_string())];
+        (proptest::collection::vec(level, 1..4), any::<bool>()).prop_map(|(levels, hash)| {
+            let mut f = levels.join("/");
+            if hash {
+                f = if f.is_empty() {
+                    "#".into()
+                } else {
+                    format!("{f}/#")
+                };
+            }
+            f
+        })
+    }
+
+    proptest! {
+        /// The tree agrees with the reference matcher for any set of filters.
+        #[test]
+        fn tree_matches_like_the_reference(
+            filters in proptest::collection::vec(filter(), 1..12),
+            topics in proptest::collection::vec("[ab$]{0,1}(/[ab$]{0,1}){0,3}", 1..12),
+        ) {
+            let router = Router::default();
+            for (i, f) in filters.iter().enumerate() {
+                router.subscribe(f, sub(i as u64, QoS::AtMostOnce));
+            }
+            for topic in &topics {
+                let expected: Vec<(u64, QoS)> = filters
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| matches(f, topic))
+                    .map(|(i, _)| (i as u64, QoS::AtMostOnce))
+                    .collect();
+                prop_assert_eq!(sessions(&router, topic), expected, "topic {:?}", topic);
+            }
+            for (i, f) in filters.iter().enumerate() {
+                prop_assert!(router.unsubscribe(f, SessionId(i as u64)));
+            }
+            prop_assert!(router.tree.read().is_empty());
+        }
+    }
+}

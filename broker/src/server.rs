@@ -1,0 +1,84 @@
+//! Listeners: bind each `[[listener]]`, accept connections within
+//! `max_connections`, and hand each one to its own task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrymq_config::Listener;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use crate::stats::Stats;
+use crate::{Shared, StartError};
+
+/// Binds every configured listener. Nothing is accepted until
+/// [`accept_loop`] runs, so a failure here leaves nothing half-started.
+pub(crate) async fn bind(listeners: &[Listener]) -> Result<Vec<TcpListener>, StartError> {
+    let mut bound = Vec::with_capacity(listeners.len());
+    for (index, l) in listeners.iter().enumerate() {
+        let socket = TcpListener::bind(l.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                key: format!("listener[{index}].bind"),
+                addr: l.bind,
+                source,
+            })?;
+        bound.push(socket);
+    }
+    Ok(bound)
+}
+
+/// Accepts connections until shutdown. Each connection holds a permit of
+/// `connections` for its whole life; when none is left, new connections
+/// are closed at once (and counted) instead of waiting in the backlog.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    connections: Arc<Semaphore>,
+) {
+    let mut shutdown = shared.shutdown_rx.clone();
+    let mut backoff = Duration::from_millis(5);
+    if let Ok(addr) = listener.local_addr() {
+        info!("listening on {addr} (tcp)");
+    }
+    loop {
+        let accepted = tokio::select! {
+            // Cancelling accept() is safe: a connection not yet accepted
+            // stays in the kernel's backlog and is closed with the listener.
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => {
+                backoff = Duration::from_millis(5);
+                pair
+            }
+            Err(e) => {
+                // Typically out of file descriptors: wait instead of spinning.
+                warn!("accept failed: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            Stats::add(&shared.stats.connections_refused, 1);
+            if shared.refuse_log.allow() {
+                warn!(%peer, "max_connections reached: closing new connections");
+            }
+            drop(stream);
+            continue;
+        };
+        Stats::add(&shared.stats.connections_accepted, 1);
+        // Small MQTT packets must not wait for Nagle's algorithm.
+        if let Err(e) = stream.set_nodelay(true) {
+            warn!(%peer, "could not set TCP_NODELAY: {e}");
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            crate::connection::serve(stream, peer, shared).await;
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,83 @@
+//! Counters of what the broker did, shared by all tasks (relaxed atomics:
+//! they are statistics, not synchronisation).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Broker-wide counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted by a listener.
+    pub connections_accepted: AtomicU64,
+    /// Connections closed at once because `max_connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Connections closed because of a malformed packet or a protocol error.
+    pub protocol_errors: AtomicU64,
+    /// PUBLISH packets received from clients (and wills published).
+    pub messages_received: AtomicU64,
+    /// PUBLISH packets written to clients.
+    pub messages_sent: AtomicU64,
+    /// Deliveries dropped because a subscriber's queue was full.
+    pub messages_dropped_queue_full: AtomicU64,
+    /// Deliveries dropped because they exceeded the client's Maximum Packet Size.
+    pub messages_dropped_too_large: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Lets a repeated warning through at most once per interval, so a flood
+/// of identical events cannot flood the log (the counters keep the totals).
+#[derive(Debug)]
+pub struct LogLimiter {
+    start: std::time::Instant,
+    /// Milliseconds since `start` when a warning last went through, plus one
+    /// (0 = never).
+    last_ms: AtomicU64,
+    interval_ms: u64,
+}
+
+impl LogLimiter {
+    /// A limiter passing one warning per `interval`.
+    pub fn new(interval: std::time::Duration) -> Self {
+        LogLimiter {
+            start: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            interval_ms: interval.as_millis().try_into().unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Whether a warning may be logged now.
+    pub fn allow(&self) -> bool {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < self.interval_ms {
+            return false;
+        }
+        self.last_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_passes_one_per_interval() {
+        let limiter = LogLimiter::new(std::time::Duration::from_secs(3600));
+        assert!(limiter.allow());
+        assert!(!limiter.allow());
+        let open = LogLimiter::new(std::time::Duration::ZERO);
+        assert!(open.allow());
+        assert!(open.allow());
+    }
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Fuzz smoke test for CI: builds the `decode` fuzz target and runs it for a
+# bounded time over a scratch copy of the committed seed corpus (so the run
+# never modifies fuzz/corpus/). Exits non-zero on any crash, assertion
+# failure, timeout or out-of-memory.
+#
+#   fuzz/smoke.sh [SECONDS]     (default 60; works from any directory)
+#
+# Environment:
+#   FUZZ_TARGET_DIR  cargo target dir for the fuzz build
+#                    (default: $HOME/.cache/ferrymq/fuzz-target)
+#   FUZZ_SANITIZER   cargo-fuzz sanitizer: none (default) or address.
+#                    The codec is safe Rust (one audited unsafe block), and
+#                    AddressSanitizer makes this target ~15x slower (it
+#                    poisons the shadow of every large buffer `decode`
+#                    reserves), so plain builds are the default; overflow
+#                    checks and debug assertions are on either way.
+#   FUZZ_KEEP        if set, keep the scratch directory even when all is well
+#
+# Needs cargo-fuzz (`cargo install cargo-fuzz --locked`). On a stable
+# toolchain RUSTC_BOOTSTRAP=1 is set so that cargo-fuzz's -Z flags work.
+set -euo pipefail
+
+seconds="${1:-60}"
+if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ]; then
+    echo "usage: $0 [SECONDS]   (SECONDS: a positive whole number, default 60)" >&2
+    exit 2
+fi
+
+fuzz_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+target_dir="${FUZZ_TARGET_DIR:-$HOME/.cache/ferrymq/fuzz-target}"
+target=decode
+sanitizer="${FUZZ_SANITIZER:-none}"
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "error: cargo-fuzz is not installed (the 'cargo fuzz' subcommand is missing)." >&2
+    echo "       Install it with: cargo install cargo-fuzz --locked" >&2
+    exit 127
+fi
+
+# cargo-fuzz passes -Z flags (sanitizers, coverage options) to rustc and
+# cargo; a stable toolchain accepts them only with RUSTC_BOOTSTRAP=1.
+if ! rustc --version | grep -q -- '-nightly'; then
+    export RUSTC_BOOTSTRAP=1
+fi
+
+scratch="$(mktemp -d "${TMPDIR:-/tmp}/ferrymq-fuzz-${target}.XXXXXX")"
+status=1
+cleanup() {
+    if [ "$status" -eq 0 ] && [ -z "${FUZZ_KEEP:-}" ]; then
+        rm -rf "$scratch"
+    else
+        echo "smoke.sh: scratch directory kept: $scratch" >&2
+    fi
+}
+trap cleanup EXIT
+
+mkdir -p "$scratch/corpus" "$scratch/artifacts"
+cp -R "$fuzz_dir/corpus/$target/." "$scratch/corpus/"
+
+cd "$fuzz_dir/.."
+echo "smoke.sh: building fuzz target '$target' (sanitizer $sanitizer, target dir $target_dir)"
+build_start=$SECONDS
+cargo fuzz build --fuzz-dir "$fuzz_dir" --target-dir "$target_dir" --sanitizer "$sanitizer" "$target"
+echo "smoke.sh: build took $((SECONDS - build_start))s; fuzzing for ${seconds}s over $(find "$scratch/corpus" -type f | wc -l) seeds"
+
+set +e
+cargo fuzz run --fuzz-dir "$fuzz_dir" --target-dir "$target_dir" --sanitizer "$sanitizer" \
+    "$target" "$scratch/corpus" -- \
+    -max_total_time="$seconds" \
+    -timeout=30 \
+    -rss_limit_mb=2048 \
+    -artifact_prefix="$scratch/artifacts/" \
+    -print_final_stats=1
+rc=$?
+set -e
+
+if [ "$rc" -ne 0 ]; then
+    echo "smoke.sh: FAILED: the fuzzer exited with status $rc" >&2
+    for artifact in "$scratch"/artifacts/*; do
+        [ -f "$artifact" ] || continue
+        echo "smoke.sh: input $(basename "$artifact"): $(od -An -v -tx1 "$artifact" | tr -d ' \n')" >&2
+    done
+    echo "smoke.sh: reproduce with: RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir $fuzz_dir --sanitizer $sanitizer $target <artifact>" >&2
+    status=$rc
+    exit "$rc"
+fi
+status=0
+echo "smoke.sh: OK: no crash in ${seconds}s"

@@ -1,0 +1,121 @@
+//! The `ferrymq` command: parse the command line, set up logging, load the
+//! config, run the broker until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ferrymq_config::Config;
+
+/// MQTT 3.1.1 + 5.0 broker for edge nodes, with store-and-forward.
+///
+/// Without a subcommand, runs the broker: with the embedded defaults
+/// (one listener on 127.0.0.1:1883, data in ./ferrymq-data), or with the
+/// file given by --config, whose keys override the defaults.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Config file (TOML); every key is optional.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file: exit 0 if valid, else print every problem
+    /// with its TOML key and exit 2.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Print the commented default config file.
+    PrintDefaultConfig,
+}
+
+/// Exit status for an invalid configuration.
+const EXIT_BAD_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::PrintDefaultConfig) => {
+            print!("{}", ferrymq_config::default_config_toml());
+            ExitCode::SUCCESS
+        }
+        Some(Command::CheckConfig { file }) => match Config::from_file(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                report_config_errors(&file, &errors);
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        None => {
+            init_logging();
+            let config = match &cli.config {
+                Some(file) => match Config::from_file(file) {
+                    Ok(config) => config,
+                    Err(errors) => {
+                        report_config_errors(file, &errors);
+                        return ExitCode::from(EXIT_BAD_CONFIG);
+                    }
+                },
+                None => Config::default(),
+            };
+            match serve(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ferrymq: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn report_config_errors(file: &std::path::Path, errors: &ferrymq_config::ConfigErrors) {
+    for error in errors {
+        eprintln!("{}: {error}", file.display());
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        ferrymq_broker::run(config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}

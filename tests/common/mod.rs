@@ -1,0 +1,389 @@
+//! Shared helpers of the end-to-end tests: start the real `ferrymq` binary
+//! on a free loopback port, and a raw MQTT client (std socket + our codec)
+//! for byte-exact checks.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use ferrymq_codec::{Connect, ConnectProperties, MqttString, Packet, Protocol, decode};
+
+/// The binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_ferrymq")
+}
+
+/// A `ferrymq` process with its own data directory, killed on drop.
+pub struct Broker {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    log: Arc<Mutex<String>>,
+}
+
+impl Broker {
+    /// Starts the broker with a config made of a loopback listener on a
+    /// free port, a fresh data dir, and `extra` (more TOML, may be empty).
+    pub fn start(extra: &str) -> Broker {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = format!(
+            "data_dir = {data:?}\n[[listener]]\nbind = \"127.0.0.1:0\"\n{extra}\n",
+            data = dir.path().join("data")
+        );
+        let path = dir.path().join("ferrymq.toml");
+        std::fs::write(&path, config).expect("write config");
+        Self::start_with_file(&path, dir)
+    }
+
+    /// Starts the broker on an existing config file that has exactly one
+    /// listener (port 0 allowed).
+    pub fn start_with_file(config: &Path, dir: tempfile::TempDir) -> Broker {
+        let mut child = Command::new(binary())
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info,ferrymq_broker=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferrymq");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let log_writer = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("listening on ").nth(1)
+                    && let Some(addr) = rest.split_whitespace().next()
+                {
+                    let _ = addr_tx.send(addr.parse::<SocketAddr>().expect("address"));
+                }
+                let mut log = log_writer.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("ferrymq did not start; log:\n{}", log.lock().unwrap());
+            }
+        };
+        Broker {
+            child,
+            addr,
+            dir,
+            log,
+        }
+    }
+
+    /// Everything the broker logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle` (or panics after `timeout`).
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("log never contained {needle:?}:\n{}", self.log());
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "ferrymq did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- ferrymq log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A byte-level MQTT client: sends what it is told, decodes what it gets.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub protocol: Protocol,
+    buf: BytesMut,
+}
+
+/// How long a raw client waits for an expected packet.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+impl Raw {
+    /// Opens a TCP connection without sending anything.
+    pub fn open(addr: SocketAddr, protocol: Protocol) -> Raw {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            protocol,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Opens a connection and completes CONNECT/CONNACK with `client_id`.
+    pub fn connect(addr: SocketAddr, protocol: Protocol, client_id: &str) -> Raw {
+        let mut raw = Raw::open(addr, protocol);
+        raw.send(&Packet::Connect(Box::new(connect_packet(
+            protocol, client_id,
+        ))));
+        match raw.recv() {
+            Some(Packet::ConnAck(ack)) => assert_eq!(ack.reason_code.0, 0, "CONNACK {ack:?}"),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        raw
+    }
+
+    pub fn send(&mut self, packet: &Packet) {
+        let mut out = BytesMut::new();
+        packet.encode(self.protocol, &mut out).expect("encode");
+        self.send_bytes(&out);
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// The next packet, or `None` if the connection closed first.
+    pub fn recv(&mut self) -> Option<Packet> {
+        self.recv_within(WAIT)
+    }
+
+    /// The next packet within `timeout`; `None` if the connection closed.
+    /// Panics if nothing arrives in time.
+    pub fn recv_within(&mut self, timeout: Duration) -> Option<Packet> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(p) =
+                decode(&mut self.buf, self.protocol, u32::MAX).expect("broker sent a valid packet")
+            {
+                return Some(p);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no packet within {timeout:?}");
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    /// Asserts that nothing arrives for `quiet` (the connection stays open).
+    pub fn expect_silence(&mut self, quiet: Duration) {
+        self.stream.set_read_timeout(Some(quiet)).unwrap();
+        let mut chunk = [0u8; 64];
+        match self.stream.read(&mut chunk) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Ok(0) => panic!("connection closed; expected it to stay open"),
+            Ok(n) => panic!("unexpected bytes {:02x?}", &chunk[..n]),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+
+    /// Reads until the broker closes the connection, returning every packet
+    /// it sent first (e.g. a DISCONNECT with a reason code).
+    pub fn until_closed(&mut self) -> Vec<Packet> {
+        let mut packets = Vec::new();
+        while let Some(p) = self.recv() {
+            packets.push(p);
+        }
+        packets
+    }
+}
+
+pub fn connect_packet(protocol: Protocol, client_id: &str) -> Connect {
+    Connect {
+        protocol,
+        clean_start: true,
+        keep_alive: 30,
+        client_id: MqttString::new(client_id).unwrap(),
+        will: None,
+        username: None,
+        password: None,
+        properties: ConnectProperties::default(),
+    }
+}
+
+pub fn s(text: &str) -> MqttString {
+    MqttString::new(text).unwrap()
+}
+
+/// A rumqttc (MQTT 3.1.1) client whose event loop runs in a task; every
+/// incoming packet is forwarded to `incoming`.
+pub struct V4Client {
+    pub client: rumqttc::AsyncClient,
+    pub incoming: tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+}
+
+impl V4Client {
+    pub async fn connect(addr: SocketAddr, id: &str) -> V4Client {
+        let mut opts = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 1000);
+        let (tx, mut incoming) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                if let rumqttc::Event::Incoming(packet) = event
+                    && tx.send(packet).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let mut c = V4Client {
+            client,
+            incoming: tokio::sync::mpsc::unbounded_channel().1,
+        };
+        match next(&mut incoming).await {
+            rumqttc::Packet::ConnAck(ack) => {
+                assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success)
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        c.incoming = incoming;
+        c
+    }
+
+    /// Subscribes and waits for the SUBACK.
+    pub async fn subscribe(&mut self, filter: &str) -> rumqttc::SubAck {
+        self.client
+            .subscribe(filter, rumqttc::QoS::AtMostOnce)
+            .await
+            .unwrap();
+        loop {
+            if let rumqttc::Packet::SubAck(ack) = next(&mut self.incoming).await {
+                return ack;
+            }
+        }
+    }
+
+    /// The next PUBLISH received.
+    pub async fn publish_received(&mut self) -> rumqttc::Publish {
+        loop {
+            if let rumqttc::Packet::Publish(p) = next(&mut self.incoming).await {
+                return p;
+            }
+        }
+    }
+
+    /// Asserts no PUBLISH arrives within `quiet`.
+    pub async fn no_publish(&mut self, quiet: Duration) {
+        let deadline = tokio::time::Instant::now() + quiet;
+        loop {
+            match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+                Err(_) => return,
+                Ok(Some(rumqttc::Packet::Publish(p))) => panic!("unexpected publish {p:?}"),
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("event loop ended"),
+            }
+        }
+    }
+}
+
+/// The next item of a channel, within [`WAIT`].
+pub async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("nothing arrived in time")
+        .expect("event loop ended")
+}
+
+/// A rumqttc MQTT 5.0 client, like [`V4Client`].
+pub struct V5Client {
+    pub client: rumqttc::v5::AsyncClient,
+    pub incoming: tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
+}
+
+impl V5Client {
+    pub async fn connect(
+        addr: SocketAddr,
+        id: &str,
+    ) -> (V5Client, rumqttc::v5::mqttbytes::v5::ConnAck) {
+        use rumqttc::v5::mqttbytes::v5::Packet as P;
+        let mut opts = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 1000);
+        let (tx, mut incoming) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                if let rumqttc::v5::Event::Incoming(packet) = event
+                    && tx.send(packet).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let connack = match next(&mut incoming).await {
+            P::ConnAck(ack) => ack,
+            other => panic!("expected CONNACK, got {other:?}"),
+        };
+        (V5Client { client, incoming }, connack)
+    }
+
+    pub async fn subscribe(&mut self, filter: &str) -> rumqttc::v5::mqttbytes::v5::SubAck {
+        use rumqttc::v5::mqttbytes::v5::Packet as P;
+        self.client
+            .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+            .await
+            .unwrap();
+        loop {
+            if let P::SubAck(ack) = next(&mut self.incoming).await {
+                return ack;
+            }
+        }
+    }
+
+    pub async fn publish_received(&mut self) -> rumqttc::v5::mqttbytes::v5::Publish {
+        use rumqttc::v5::mqttbytes::v5::Packet as P;
+        loop {
+            if let P::Publish(p) = next(&mut self.incoming).await {
+                return p;
+            }
+        }
+    }
+}
