@@ -26,8 +26,8 @@ impl MqttString {
         if bytes.len() > MAX_STRING_LEN {
             return Err(StringError::TooLong(bytes.len()));
         }
-        let text = std::str::from_utf8(&bytes).map_err(|_| StringError::InvalidUtf8)?;
-        if text.contains('\0') {
+        std::str::from_utf8(&bytes).map_err(|_| StringError::InvalidUtf8)?;
+        if bytes.contains(&0) {
             return Err(StringError::NullCharacter);
         }
         Ok(Self(bytes))

@@ -2,7 +2,7 @@
 //! strings, binary data. `Reader` walks one packet's body (already fully
 //! buffered); the `put_*` functions write.
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{BufMut, Bytes};
 
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::PacketType;
@@ -11,16 +11,27 @@ use crate::string::MqttString;
 /// The largest value a variable byte integer can hold (4 bytes).
 pub const MAX_VARINT: u32 = 268_435_455;
 
-/// A cursor over the body of one packet. Every read checks bounds: running
-/// out of bytes is [`DecodeError::UnexpectedEnd`], never a panic.
-pub(crate) struct Reader {
-    buf: Bytes,
+/// A cursor over the body of one packet (already fully buffered). Every
+/// read checks bounds: running out of bytes is
+/// [`DecodeError::UnexpectedEnd`], never a panic.
+///
+/// The reader borrows the bytes. With a `backing` buffer (PUBLISH), strings
+/// and binary data it returns share that buffer (zero copy); without one
+/// (every other packet, where they are rare and small) they are copied, so
+/// decoding an acknowledgement touches no reference count at all.
+pub(crate) struct Reader<'a> {
+    data: &'a [u8],
+    backing: Option<&'a Bytes>,
     packet: PacketType,
 }
 
-impl Reader {
-    pub(crate) fn new(buf: Bytes, packet: PacketType) -> Self {
-        Self { buf, packet }
+impl<'a> Reader<'a> {
+    pub(crate) fn new(data: &'a [u8], backing: Option<&'a Bytes>, packet: PacketType) -> Self {
+        Self {
+            data,
+            backing,
+            packet,
+        }
     }
 
     pub(crate) fn packet(&self) -> PacketType {
@@ -28,34 +39,45 @@ impl Reader {
     }
 
     pub(crate) fn remaining(&self) -> usize {
-        self.buf.len()
+        self.data.len()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.data.is_empty()
     }
 
-    fn need(&self, n: usize) -> Result<(), DecodeError> {
-        if self.buf.len() < n {
-            Err(DecodeError::UnexpectedEnd(self.packet))
-        } else {
-            Ok(())
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.data.len() < n {
+            return Err(DecodeError::UnexpectedEnd(self.packet));
+        }
+        let (head, tail) = self.data.split_at(n);
+        self.data = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn to_bytes(&self, slice: &'a [u8]) -> Bytes {
+        match self.backing {
+            Some(buf) => buf.slice_ref(slice),
+            None => Bytes::copy_from_slice(slice),
         }
     }
 
     pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
-        self.need(1)?;
-        Ok(self.buf.get_u8())
+        Ok(self.array::<1>()?[0])
     }
 
     pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
-        self.need(2)?;
-        Ok(self.buf.get_u16())
+        Ok(u16::from_be_bytes(self.array()?))
     }
 
     pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
-        self.need(4)?;
-        Ok(self.buf.get_u32())
+        Ok(u32::from_be_bytes(self.array()?))
     }
 
     /// A packet identifier, which must not be 0.
@@ -83,15 +105,11 @@ impl Reader {
         Err(DecodeError::MalformedVarint)
     }
 
-    pub(crate) fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
-        self.need(n)?;
-        Ok(self.buf.split_to(n))
-    }
-
     /// Two-byte length, then that many bytes.
     pub(crate) fn binary(&mut self) -> Result<Bytes, DecodeError> {
         let len = usize::from(self.u16()?);
-        self.take(len)
+        let slice = self.take(len)?;
+        Ok(self.to_bytes(slice))
     }
 
     pub(crate) fn string(&mut self) -> Result<MqttString, DecodeError> {
@@ -102,19 +120,24 @@ impl Reader {
         })
     }
 
-    /// Everything left (a PUBLISH payload): shares the buffer, no copy.
+    /// Everything left (a PUBLISH payload).
     pub(crate) fn rest(&mut self) -> Bytes {
-        std::mem::take(&mut self.buf)
+        let slice = std::mem::take(&mut self.data);
+        self.to_bytes(slice)
     }
 
     /// Splits off the next `len` bytes as their own reader (a property list).
-    pub(crate) fn sub_reader(&mut self, len: usize) -> Result<Reader, DecodeError> {
-        let buf = self.take(len)?;
-        Ok(Reader::new(buf, self.packet))
+    pub(crate) fn sub_reader(&mut self, len: usize) -> Result<Reader<'a>, DecodeError> {
+        let data = self.take(len)?;
+        Ok(Reader {
+            data,
+            backing: self.backing,
+            packet: self.packet,
+        })
     }
 
     pub(crate) fn finish(&self) -> Result<(), DecodeError> {
-        if self.buf.is_empty() {
+        if self.data.is_empty() {
             Ok(())
         } else {
             Err(DecodeError::TrailingBytes(self.packet))
@@ -190,31 +213,29 @@ mod tests {
             put_varint(&mut buf, value);
             assert_eq!(buf.len(), len, "{value}");
             assert_eq!(varint_len(value), len, "{value}");
-            let mut reader = Reader::new(buf.freeze(), PacketType::Publish);
+            let buf = buf.freeze();
+            let mut reader = Reader::new(&buf, None, PacketType::Publish);
             assert_eq!(reader.varint(), Ok(value as u32));
         }
     }
 
     #[test]
     fn five_byte_varint_is_malformed() {
-        let mut reader = Reader::new(
-            Bytes::from_static(&[0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
-            PacketType::Publish,
-        );
+        let mut reader = Reader::new(&[0xFF, 0xFF, 0xFF, 0xFF, 0x01], None, PacketType::Publish);
         assert_eq!(reader.varint(), Err(DecodeError::MalformedVarint));
     }
 
     #[test]
     fn non_minimal_varint_is_malformed() {
-        let mut reader = Reader::new(Bytes::from_static(&[0x80, 0x00]), PacketType::Publish);
+        let mut reader = Reader::new(&[0x80, 0x00], None, PacketType::Publish);
         assert_eq!(reader.varint(), Err(DecodeError::MalformedVarint));
-        let mut reader = Reader::new(Bytes::from_static(&[0x80, 0x01]), PacketType::Publish);
+        let mut reader = Reader::new(&[0x80, 0x01], None, PacketType::Publish);
         assert_eq!(reader.varint(), Ok(128));
     }
 
     #[test]
     fn reads_past_the_end_are_errors() {
-        let mut reader = Reader::new(Bytes::from_static(&[0x00, 0x05, b'a']), PacketType::Connect);
+        let mut reader = Reader::new(&[0x00, 0x05, b'a'], None, PacketType::Connect);
         assert_eq!(
             reader.string(),
             Err(DecodeError::UnexpectedEnd(PacketType::Connect))

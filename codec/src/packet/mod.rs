@@ -8,7 +8,7 @@ mod subscribe;
 
 use std::fmt;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
 use crate::wire::{self, MAX_VARINT, Reader};
@@ -367,23 +367,44 @@ pub fn decode(
             flags: header.flags,
         });
     }
-    let mut frame = buf.split_to(total).freeze();
-    let body = frame.split_off(header.header_len);
-    let mut reader = Reader::new(body, ty);
-    let packet = match ty {
-        PacketType::Connect => Packet::Connect(Box::new(Connect::decode(&mut reader)?)),
-        PacketType::ConnAck => Packet::ConnAck(Box::new(ConnAck::decode(&mut reader, protocol)?)),
-        PacketType::Publish => {
-            Packet::Publish(Publish::decode(header.flags, &mut reader, protocol)?)
-        }
-        PacketType::PubAck => Packet::PubAck(PubAck::decode(&mut reader, protocol)?),
-        PacketType::PubRec => Packet::PubRec(PubAck::decode(&mut reader, protocol)?),
-        PacketType::PubRel => Packet::PubRel(PubAck::decode(&mut reader, protocol)?),
-        PacketType::PubComp => Packet::PubComp(PubAck::decode(&mut reader, protocol)?),
-        PacketType::Subscribe => Packet::Subscribe(Subscribe::decode(&mut reader, protocol)?),
-        PacketType::SubAck => Packet::SubAck(SubAck::decode(&mut reader, protocol)?),
-        PacketType::Unsubscribe => Packet::Unsubscribe(Unsubscribe::decode(&mut reader, protocol)?),
-        PacketType::UnsubAck => Packet::UnsubAck(UnsubAck::decode(&mut reader, protocol)?),
+    if ty == PacketType::Publish {
+        // The payload and topic keep sharing the receive buffer.
+        let frame = buf.split_to(total).freeze();
+        let mut reader = Reader::new(&frame[header.header_len..], Some(&frame), ty);
+        return Ok(Some(Packet::Publish(Publish::decode(
+            header.flags,
+            &mut reader,
+            protocol,
+        )?)));
+    }
+    let packet = {
+        let mut reader = Reader::new(&buf[header.header_len..total], None, ty);
+        decode_body(ty, header.flags, &mut reader, protocol)
+    };
+    buf.advance(total);
+    packet.map(Some)
+}
+
+/// Decodes the body of a packet (`decode` sends PUBLISH its own way, to
+/// share its buffer).
+fn decode_body(
+    ty: PacketType,
+    flags: u8,
+    reader: &mut Reader<'_>,
+    protocol: Protocol,
+) -> Result<Packet, DecodeError> {
+    Ok(match ty {
+        PacketType::Connect => Packet::Connect(Box::new(Connect::decode(reader)?)),
+        PacketType::ConnAck => Packet::ConnAck(Box::new(ConnAck::decode(reader, protocol)?)),
+        PacketType::Publish => Packet::Publish(Publish::decode(flags, reader, protocol)?),
+        PacketType::PubAck => Packet::PubAck(PubAck::decode(reader, protocol)?),
+        PacketType::PubRec => Packet::PubRec(PubAck::decode(reader, protocol)?),
+        PacketType::PubRel => Packet::PubRel(PubAck::decode(reader, protocol)?),
+        PacketType::PubComp => Packet::PubComp(PubAck::decode(reader, protocol)?),
+        PacketType::Subscribe => Packet::Subscribe(Subscribe::decode(reader, protocol)?),
+        PacketType::SubAck => Packet::SubAck(SubAck::decode(reader, protocol)?),
+        PacketType::Unsubscribe => Packet::Unsubscribe(Unsubscribe::decode(reader, protocol)?),
+        PacketType::UnsubAck => Packet::UnsubAck(UnsubAck::decode(reader, protocol)?),
         PacketType::PingReq => {
             reader.finish()?;
             Packet::PingReq
@@ -392,8 +413,7 @@ pub fn decode(
             reader.finish()?;
             Packet::PingResp
         }
-        PacketType::Disconnect => Packet::Disconnect(Disconnect::decode(&mut reader, protocol)?),
-        PacketType::Auth => Packet::Auth(Auth::decode(&mut reader)?),
-    };
-    Ok(Some(packet))
+        PacketType::Disconnect => Packet::Disconnect(Disconnect::decode(reader, protocol)?),
+        PacketType::Auth => Packet::Auth(Auth::decode(reader)?),
+    })
 }
