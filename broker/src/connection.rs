@@ -426,10 +426,11 @@ impl Session {
                         Err(e) => return Close::Io(e),
                     }
                     let max = shared.config.limits.max_packet_size;
+                    let mut any = false;
                     loop {
                         match codec::decode(&mut io.inbuf, self.protocol, max) {
                             Ok(Some(packet)) => {
-                                last_packet = Instant::now();
+                                any = true;
                                 if let Some(close) = self.handle(packet, io, shared) {
                                     return close;
                                 }
@@ -437,6 +438,10 @@ impl Session {
                             Ok(None) => break,
                             Err(e) => return Close::protocol(&e),
                         }
+                    }
+                    // One clock read per socket read, not per packet.
+                    if any {
+                        last_packet = Instant::now();
                     }
                 }
                 _ = outbox.ready(), if room => self.drain(io, shared),

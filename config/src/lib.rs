@@ -63,8 +63,8 @@ pub struct Config {
     /// metadata); not an identity, since cloned gateway images share host
     /// names. Default: the host name, or `"ferrymq"` when it cannot be read.
     pub node_id: String,
-    /// `data_dir`: where retained messages, sessions and queues are stored.
-    /// Default: `./ferrymq-data`.
+    /// `data_dir`: the node's data directory, created and locked at start so
+    /// two brokers never share one. Default: `./ferrymq-data`.
     pub data_dir: PathBuf,
     /// `[[listener]]`: the sockets clients connect to. Default: one TCP
     /// listener on `127.0.0.1:1883`. A file that lists any listener replaces
