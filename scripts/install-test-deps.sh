@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs beyond the Rust toolchain, when it is
+# missing: Debian's mosquitto clients, Python paho-mqtt (pinned), and
+# cargo-nextest / cargo-fuzz. Idempotent and quick when all is present.
+set -euo pipefail
+
+PAHO_VERSION=2.1.0
+CARGO_FUZZ_VERSION=0.13.1
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_packages=()
+command -v mosquitto_pub >/dev/null || apt_packages+=(mosquitto-clients)
+command -v mosquitto_sub >/dev/null || apt_packages+=(mosquitto-clients)
+command -v stdbuf >/dev/null || apt_packages+=(coreutils)
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  echo "install-test-deps: apt-get install ${apt_packages[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_packages[@]}"
+fi
+
+if ! python3 -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_VERSION')" 2>/dev/null; then
+  echo "install-test-deps: pip install paho-mqtt==$PAHO_VERSION"
+  python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt==$PAHO_VERSION"
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "install-test-deps: cargo install cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  echo "install-test-deps: cargo install cargo-fuzz $CARGO_FUZZ_VERSION"
+  # Its own target dir: installing must not evict the project's build.
+  CARGO_TARGET_DIR="${HOME}/.cache/ferrymq/install-target" \
+    cargo install --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+fi

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, property, end-to-end and interoperability
+# tests, doc tests, benchmarks and examples built and run once in test
+# mode, and a short fuzzing smoke run of the packet decoder.
+#
+#   scripts/test.sh            # everything (installs missing test tools first)
+#   FUZZ_SECONDS=0 scripts/test.sh   # skip the fuzz smoke
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ferrymq/target}"
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+
+scripts/install-test-deps.sh
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "build: tests, benches and examples (one profile)"
+cargo build --workspace --all-targets --locked
+
+step "tests"
+cargo nextest run --workspace --all-targets --locked --no-fail-fast
+
+step "doc tests"
+cargo test --workspace --doc --locked
+
+if [ "$FUZZ_SECONDS" != 0 ]; then
+  step "fuzz smoke: decoder for ${FUZZ_SECONDS}s"
+  fuzz/smoke.sh "$FUZZ_SECONDS"
+fi
+step "all tests passed"

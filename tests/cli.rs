@@ -1,0 +1,193 @@
+//! The command-line contract: `ferrymq` on embedded defaults,
+//! `--config FILE`, `check-config FILE`, `print-default-config`, and bad
+//! configuration refused before anything starts.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use ferrymq_codec::{Packet, Protocol};
+
+fn ferrymq(args: &[&str], cwd: &std::path::Path) -> Output {
+    Command::new(binary())
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn print_default_config_prints_a_file_that_validates() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferrymq(&["print-default-config"], dir.path());
+    assert!(out.status.success());
+    let file = dir.path().join("default.toml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    assert!(text(&out.stdout).contains("[limits]"));
+    let check = ferrymq(&["check-config", file.to_str().unwrap()], dir.path());
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert!(text(&check.stdout).contains("ok"));
+}
+
+#[test]
+fn check_config_prints_every_problem_with_its_key_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[limits]\nreceive_maximum = 0\nmax_conections = 5\n[[listener]]\nbind = \"nowhere\"\n",
+    )
+    .unwrap();
+    let out = ferrymq(&["check-config", file.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    for key in [
+        "limits.receive_maximum",
+        "limits.max_conections",
+        "listener[0].bind",
+    ] {
+        assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
+    }
+    assert!(
+        stderr.contains("did you mean `max_connections`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_config_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &file,
+        format!("data_dir = \"d\"\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n[limits]\nmax_packet_size = \"1 furlong\"\n"),
+    )
+    .unwrap();
+    let out = ferrymq(&["--config", file.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("limits.max_packet_size"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !dir.path().join("d").exists(),
+        "the data dir was created by a refused config"
+    );
+}
+
+#[test]
+fn anonymous_access_on_a_non_loopback_listener_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("open.toml");
+    std::fs::write(&file, "[[listener]]\nbind = \"0.0.0.0:1883\"\n").unwrap();
+    let out = ferrymq(&["check-config", file.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("auth.allow_anonymous"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn runs_on_embedded_defaults() {
+    if TcpListener::bind("127.0.0.1:1883").is_err() {
+        panic!(
+            "127.0.0.1:1883 is taken on this machine; this test runs `ferrymq` with its defaults, which listen there"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary())
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut raw = loop {
+        if let Ok(stream) = std::net::TcpStream::connect("127.0.0.1:1883") {
+            drop(stream);
+            break Raw::connect(
+                "127.0.0.1:1883".parse().unwrap(),
+                Protocol::V311,
+                "defaults",
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ferrymq never listened on 1883"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    raw.send(&Packet::PingReq);
+    assert_eq!(raw.recv(), Some(Packet::PingResp));
+    assert!(
+        dir.path().join("ferrymq-data").is_dir(),
+        "default data dir not created"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn two_brokers_cannot_share_a_data_dir() {
+    let first = Broker::start("");
+    let config = first.dir.path().join("second.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[[listener]]\nbind = \"127.0.0.1:0\"\n",
+            first.data_dir()
+        ),
+    )
+    .unwrap();
+    let out = ferrymq(&["--config", config.to_str().unwrap()], first.dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("in use by another ferrymq"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_taken_port_names_the_listener_key() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"d\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n[[listener]]\nbind = \"{}\"\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = ferrymq(&["--config", config.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("listener[1].bind"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1,0 +1,144 @@
+//! Independent MQTT implementations against the real binary: Debian's
+//! mosquitto_pub / mosquitto_sub and Eclipse Paho for Python (pinned in
+//! .ci/run). These tools are required: CI installs them, and a missing
+//! tool fails the test rather than skipping it.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+
+use common::*;
+
+fn tool(name: &str) -> Command {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed: run .ci/run's install step (apt-get install mosquitto-clients / pip install paho-mqtt)"
+    );
+    Command::new(name)
+}
+
+fn mosquitto_round_trip(version: &str) {
+    let broker = Broker::start("");
+    let port = broker.addr.port().to_string();
+    // stdbuf: mosquitto_sub's debug lines are block-buffered on a pipe.
+    tool("mosquitto_sub");
+    let mut sub = tool("stdbuf")
+        .args([
+            "-oL",
+            "mosquitto_sub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-V",
+            version,
+            "-d",
+            "-v",
+            "-C",
+            "3",
+        ])
+        .args([
+            "-t",
+            "sensors/+/temp",
+            "-t",
+            "#",
+            "-i",
+            &format!("mosq-sub-{version}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = sub.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Wait for the SUBACK before publishing.
+    loop {
+        let line = rx
+            .recv_timeout(WAIT)
+            .expect("mosquitto_sub never subscribed");
+        if line.contains("SUBACK") {
+            break;
+        }
+    }
+    for (topic, message) in [
+        ("sensors/s1/temp", "21.5"),
+        ("$SYS/hidden", "x"),
+        ("sensors/s2/temp", "19.0"),
+        ("other", "z"),
+    ] {
+        let status = tool("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-t",
+                topic,
+                "-m",
+                message,
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mosquitto_pub {topic}");
+    }
+    let mut received = Vec::new();
+    while received.len() < 3 {
+        let line = rx
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("received only {received:?}"));
+        if !line.starts_with("Client ") && !line.starts_with("Subscribed ") {
+            received.push(line);
+        }
+    }
+    // Overlapping filters deliver once; `#` does not match `$SYS/...`.
+    assert_eq!(
+        received,
+        ["sensors/s1/temp 21.5", "sensors/s2/temp 19.0", "other z"]
+    );
+    let status = sub.wait().unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn mosquitto_clients_mqtt_311() {
+    mosquitto_round_trip("mqttv311");
+}
+
+#[test]
+fn mosquitto_clients_mqtt_5() {
+    mosquitto_round_trip("mqttv5");
+}
+
+#[test]
+fn paho_python_mqtt_311_and_5() {
+    let broker = Broker::start("");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/paho_check.py");
+    let output = tool("python3")
+        .arg(script)
+        .arg("127.0.0.1")
+        .arg(broker.addr.port().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "paho check failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
