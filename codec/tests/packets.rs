@@ -1027,6 +1027,33 @@ fn ping_disconnect_auth() {
 }
 
 #[test]
+fn auth_with_reason_code_but_no_property_length_is_malformed() {
+    // Found by fuzzing: `F0 01 18` was accepted and re-encoded longer.
+    check(
+        Protocol::V5,
+        &[0xF0, 1, 0x18],
+        Err(DecodeError::UnexpectedEnd(PacketType::Auth)),
+    );
+    // DISCONNECT and PUBACK may drop the property length alone.
+    check(
+        Protocol::V5,
+        &[0xE0, 1, 0x8E],
+        Ok(Packet::Disconnect(Disconnect::new(
+            ReasonCode::SESSION_TAKEN_OVER,
+        ))),
+    );
+}
+
+#[test]
+fn a_declared_length_reserves_no_memory_before_the_bytes_arrive() {
+    // Found by fuzzing: a 5-byte header made the decoder reserve the whole
+    // announced packet (up to the maximum packet size) per connection.
+    let mut buf = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F][..]);
+    assert_eq!(decode(&mut buf, Protocol::V5, u32::MAX), Ok(None));
+    assert!(buf.capacity() < 4096, "reserved {} bytes", buf.capacity());
+}
+
+#[test]
 fn fixed_header_limits() {
     // A remaining length with a fifth byte is malformed, even before the body arrives.
     let mut buf = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..]);

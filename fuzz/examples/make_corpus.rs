@@ -252,16 +252,28 @@ fn seeds() -> Vec<(String, u8, Vec<u8>)> {
     let mut out: Vec<(String, u8, Vec<u8>)> = Vec::new();
     let mut packet = |name: &str, protocol: Protocol, p: Packet| {
         let wire = encode(&p, protocol);
-        out.push((name.to_string(), selector(protocol, UNLIMITED, CUT_HALF), wire));
+        out.push((
+            name.to_string(),
+            selector(protocol, UNLIMITED, CUT_HALF),
+            wire,
+        ));
     };
 
     // Every packet type, MQTT 3.1.1.
-    packet("v311-connect", V311, Packet::Connect(Box::new(connect_v311_minimal())));
-    packet("v311-connect-will-user-pass", V311, Packet::Connect(Box::new(connect_v311_will())));
+    packet(
+        "v311-connect",
+        V311,
+        Packet::Connect(Box::new(connect_v311_minimal())),
+    );
+    packet(
+        "v311-connect-will-user-pass",
+        V311,
+        Packet::Connect(Box::new(connect_v311_will())),
+    );
     packet(
         "v311-connack",
         V311,
-        Packet::ConnAck(Box::new(ConnAck::default())),
+        Packet::ConnAck(Box::default()),
     );
     packet(
         "v311-connack-refused",
@@ -280,7 +292,11 @@ fn seeds() -> Vec<(String, u8, Vec<u8>)> {
             ..ConnAck::default()
         })),
     );
-    packet("v311-publish-qos0", V311, Packet::Publish(publish(QoS::AtMostOnce, 0, "a/b", b"hello")));
+    packet(
+        "v311-publish-qos0",
+        V311,
+        Packet::Publish(publish(QoS::AtMostOnce, 0, "a/b", b"hello")),
+    );
     packet(
         "v311-publish-qos1-dup-retain",
         V311,
@@ -306,7 +322,12 @@ fn seeds() -> Vec<(String, u8, Vec<u8>)> {
         V311,
         Packet::SubAck(SubAck {
             packet_id: 1,
-            reason_codes: vec![ReasonCode(0), ReasonCode(1), ReasonCode(2), ReasonCode(0x80)],
+            reason_codes: vec![
+                ReasonCode(0),
+                ReasonCode(1),
+                ReasonCode(2),
+                ReasonCode(0x80),
+            ],
             properties: AckProperties::default(),
         }),
     );
@@ -329,10 +350,18 @@ fn seeds() -> Vec<(String, u8, Vec<u8>)> {
     );
     packet("v311-pingreq", V311, Packet::PingReq);
     packet("v311-pingresp", V311, Packet::PingResp);
-    packet("v311-disconnect", V311, Packet::Disconnect(Disconnect::default()));
+    packet(
+        "v311-disconnect",
+        V311,
+        Packet::Disconnect(Disconnect::default()),
+    );
 
     // Every packet type, MQTT 5.0, with and without properties.
-    packet("v5-connect-full", V5, Packet::Connect(Box::new(connect_v5_full())));
+    packet(
+        "v5-connect-full",
+        V5,
+        Packet::Connect(Box::new(connect_v5_full())),
+    );
     packet(
         "v5-connect-minimal",
         V5,
@@ -350,7 +379,11 @@ fn seeds() -> Vec<(String, u8, Vec<u8>)> {
             ..connect_v311_minimal()
         })),
     );
-    packet("v5-connack", V5, Packet::ConnAck(Box::new(ConnAck::default())));
+    packet(
+        "v5-connack",
+        V5,
+        Packet::ConnAck(Box::default()),
+    );
     packet(
         "v5-connack-full",
         V5,
@@ -390,7 +423,11 @@ fn seeds() -> Vec<(String, u8, Vec<u8>)> {
             },
         })),
     );
-    packet("v5-publish-qos0", V5, Packet::Publish(publish(QoS::AtMostOnce, 0, "a", b"x")));
+    packet(
+        "v5-publish-qos0",
+        V5,
+        Packet::Publish(publish(QoS::AtMostOnce, 0, "a", b"x")),
+    );
     packet("v5-publish-props", V5, Packet::Publish(publish_v5_props()));
     packet(
         "v5-publish-alias-only",
@@ -489,7 +526,11 @@ fn seeds() -> Vec<(String, u8, Vec<u8>)> {
     );
     packet("v5-pingreq", V5, Packet::PingReq);
     packet("v5-pingresp", V5, Packet::PingResp);
-    packet("v5-disconnect", V5, Packet::Disconnect(Disconnect::default()));
+    packet(
+        "v5-disconnect",
+        V5,
+        Packet::Disconnect(Disconnect::default()),
+    );
     packet(
         "v5-disconnect-will",
         V5,
@@ -523,19 +564,38 @@ fn seeds() -> Vec<(String, u8, Vec<u8>)> {
         }),
     );
     // CONNECT is decoded in the version it announces, not the connection's.
-    packet("v5conn-v311-connect", V5, Packet::Connect(Box::new(connect_v311_will())));
-    packet("v311conn-v5-connect", V311, Packet::Connect(Box::new(connect_v5_full())));
+    packet(
+        "v5conn-v311-connect",
+        V5,
+        Packet::Connect(Box::new(connect_v311_will())),
+    );
+    packet(
+        "v311conn-v5-connect",
+        V311,
+        Packet::Connect(Box::new(connect_v5_full())),
+    );
 
     // Streams of several packets, cut at different points.
     let stream311 = cat(&[
         &encode(&Packet::Connect(Box::new(connect_v311_minimal())), V311),
         &encode(&Packet::Subscribe(subscribe_v311()), V311),
-        &encode(&Packet::Publish(publish(QoS::AtLeastOnce, 4, "a/b", b"1")), V311),
+        &encode(
+            &Packet::Publish(publish(QoS::AtLeastOnce, 4, "a/b", b"1")),
+            V311,
+        ),
         &encode(&Packet::PingReq, V311),
         &encode(&Packet::Disconnect(Disconnect::default()), V311),
     ]);
-    out.push(("v311-stream-cut-early".into(), selector(V311, UNLIMITED, 3), stream311.clone()));
-    out.push(("v311-stream-cut-late".into(), selector(V311, UNLIMITED, 29), stream311));
+    out.push((
+        "v311-stream-cut-early".into(),
+        selector(V311, UNLIMITED, 3),
+        stream311.clone(),
+    ));
+    out.push((
+        "v311-stream-cut-late".into(),
+        selector(V311, UNLIMITED, 29),
+        stream311,
+    ));
     let stream5 = cat(&[
         &encode(&Packet::Connect(Box::new(connect_v5_full())), V5),
         &encode(&Packet::Publish(publish_v5_props()), V5),
@@ -544,62 +604,142 @@ fn seeds() -> Vec<(String, u8, Vec<u8>)> {
         // Incomplete trailing packet: decoding ends with Ok(None).
         &[0x30, 0x0A, 0x00, 0x01],
     ]);
-    out.push(("v5-stream-partial-tail".into(), selector(V5, UNLIMITED, 11), stream5));
+    out.push((
+        "v5-stream-partial-tail".into(),
+        selector(V5, UNLIMITED, 11),
+        stream5,
+    ));
 
     // Remaining lengths of three and four bytes: incomplete packets
     // (Ok(None)) with a generous limit, too large with a small one.
     let mut len3 = raw(0x30, &cat(&[&field(b"t"), &[0u8; 16_384]]));
     len3.truncate(64);
-    out.push(("v5-publish-len3-incomplete".into(), selector(V5, UNLIMITED, 0), len3.clone()));
-    out.push(("v311-publish-len3-too-large".into(), selector(V311, 1, 0), len3));
+    out.push((
+        "v5-publish-len3-incomplete".into(),
+        selector(V5, UNLIMITED, 0),
+        len3.clone(),
+    ));
+    out.push((
+        "v311-publish-len3-too-large".into(),
+        selector(V311, 1, 0),
+        len3,
+    ));
     let len4 = cat(&[&[0x30, 0x80, 0x80, 0x80, 0x01], &field(b"t"), b"payload"]);
-    out.push(("v311-publish-len4-incomplete".into(), selector(V311, UNLIMITED, 16), len4.clone()));
-    out.push(("v5-publish-len4-too-large".into(), selector(V5, 2, 16), len4));
+    out.push((
+        "v311-publish-len4-incomplete".into(),
+        selector(V311, UNLIMITED, 16),
+        len4.clone(),
+    ));
+    out.push((
+        "v5-publish-len4-too-large".into(),
+        selector(V5, 2, 16),
+        len4,
+    ));
     let max_len = cat(&[&[0x30, 0xFF, 0xFF, 0xFF, 0x7F], &field(b"t")]);
-    out.push(("v5-publish-len-max".into(), selector(V5, UNLIMITED, 16), max_len));
+    out.push((
+        "v5-publish-len-max".into(),
+        selector(V5, UNLIMITED, 16),
+        max_len,
+    ));
     out.push((
         "v5-publish-size-16-too-large".into(),
         selector(V5, SIZE_16, 16),
-        encode(&Packet::Publish(publish(QoS::AtMostOnce, 0, "a/b", b"0123456789abcdef")), V5),
+        encode(
+            &Packet::Publish(publish(QoS::AtMostOnce, 0, "a/b", b"0123456789abcdef")),
+            V5,
+        ),
     ));
 
     // Invalid packets: the decoder must refuse them without panicking.
     let mut invalid = |name: &str, protocol: Protocol, wire: Vec<u8>| {
-        out.push((name.to_string(), selector(protocol, UNLIMITED, CUT_HALF), wire));
+        out.push((
+            name.to_string(),
+            selector(protocol, UNLIMITED, CUT_HALF),
+            wire,
+        ));
     };
     let sub_body = cat(&[&[0x00, 0x01], &field(b"a/b"), &[0x01]]);
     invalid("bad-flags-subscribe", V311, raw(0x80, &sub_body));
     invalid("bad-flags-pubrel", V5, raw(0x60, &[0x00, 0x01]));
-    invalid("bad-flags-publish-qos3", V311, raw(0x36, &cat(&[&field(b"a"), &[0, 1]])));
-    invalid("bad-flags-publish-dup-qos0", V5, raw(0x38, &cat(&[&field(b"a"), &[0]])));
-    invalid("bad-remaining-length-5-bytes", V311, vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F, 0, 1, b'a']);
-    invalid("bad-remaining-length-non-minimal", V5, vec![0xC0, 0x80, 0x00]);
-    invalid("bad-utf8-topic-overlong", V311, raw(0x30, &cat(&[&field(&[0xC0, 0xAF]), b"x"])));
-    invalid("bad-utf8-topic-surrogate", V5, raw(0x30, &cat(&[&field(&[0xED, 0xA0, 0x80]), &[0]])));
-    invalid("bad-utf8-topic-nul", V311, raw(0x30, &cat(&[&field(b"a\0b"), b"x"])));
+    invalid(
+        "bad-flags-publish-qos3",
+        V311,
+        raw(0x36, &cat(&[&field(b"a"), &[0, 1]])),
+    );
+    invalid(
+        "bad-flags-publish-dup-qos0",
+        V5,
+        raw(0x38, &cat(&[&field(b"a"), &[0]])),
+    );
+    invalid(
+        "bad-remaining-length-5-bytes",
+        V311,
+        vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F, 0, 1, b'a'],
+    );
+    invalid(
+        "bad-remaining-length-non-minimal",
+        V5,
+        vec![0xC0, 0x80, 0x00],
+    );
+    invalid(
+        "bad-utf8-topic-overlong",
+        V311,
+        raw(0x30, &cat(&[&field(&[0xC0, 0xAF]), b"x"])),
+    );
+    invalid(
+        "bad-utf8-topic-surrogate",
+        V5,
+        raw(0x30, &cat(&[&field(&[0xED, 0xA0, 0x80]), &[0]])),
+    );
+    invalid(
+        "bad-utf8-topic-nul",
+        V311,
+        raw(0x30, &cat(&[&field(b"a\0b"), b"x"])),
+    );
     invalid(
         "bad-utf8-user-property",
         V5,
-        raw(0x30, &cat(&[&field(b"a"), &[8, 0x26], &field(b"k"), &field(&[0xFF, 0xFE])])),
+        raw(
+            0x30,
+            &cat(&[
+                &field(b"a"),
+                &[8, 0x26],
+                &field(b"k"),
+                &field(&[0xFF, 0xFE]),
+            ]),
+        ),
     );
     invalid("bad-reserved-type-0", V5, vec![0x00, 0x00]);
     invalid("bad-auth-in-v311", V311, vec![0xF0, 0x00]);
     invalid(
         "bad-connect-reserved-flag",
         V311,
-        raw(0x10, &cat(&[&field(b"MQTT"), &[4, 0x03, 0, 60], &field(b"c")])),
+        raw(
+            0x10,
+            &cat(&[&field(b"MQTT"), &[4, 0x03, 0, 60], &field(b"c")]),
+        ),
     );
     invalid(
         "bad-connect-protocol-name",
         V311,
-        raw(0x10, &cat(&[&field(b"MQIsdp"), &[3, 0x02, 0, 60], &field(b"c")])),
+        raw(
+            0x10,
+            &cat(&[&field(b"MQIsdp"), &[3, 0x02, 0, 60], &field(b"c")]),
+        ),
     );
     invalid(
         "bad-duplicate-property",
         V5,
-        raw(0x30, &cat(&[&field(b"a"), &[4, 0x01, 0x00, 0x01, 0x01], b"x"])),
+        raw(
+            0x30,
+            &cat(&[&field(b"a"), &[4, 0x01, 0x00, 0x01, 0x01], b"x"]),
+        ),
     );
-    invalid("bad-unknown-property", V5, raw(0x40, &[0x00, 0x01, 0x00, 0x02, 0x7F, 0x00]));
+    invalid(
+        "bad-unknown-property",
+        V5,
+        raw(0x40, &[0x00, 0x01, 0x00, 0x02, 0x7F, 0x00]),
+    );
     invalid(
         "bad-property-not-allowed",
         V5,
@@ -608,8 +748,11 @@ fn seeds() -> Vec<(String, u8, Vec<u8>)> {
     invalid("bad-trailing-bytes-pingreq", V311, vec![0xC0, 0x01, 0x00]);
     invalid("bad-zero-packet-id", V5, raw(0x40, &[0x00, 0x00]));
     invalid("bad-subscribe-empty", V311, raw(0x82, &[0x00, 0x01]));
-    invalid("bad-topic-filter", V5, raw(0x82, &cat(&[&[0x00, 0x01, 0x00], &field(b"a/#/b"), &[0]])));
-    drop(invalid);
+    invalid(
+        "bad-topic-filter",
+        V5,
+        raw(0x82, &cat(&[&[0x00, 0x01, 0x00], &field(b"a/#/b"), &[0]])),
+    );
 
     // Inputs the fuzzer found and that were reported (regressions).
     for (name, hex) in FOUND {
@@ -632,9 +775,14 @@ fn from_hex(hex: &str) -> Vec<u8> {
 }
 
 fn main() {
-    let dir = std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").join("decode")
-    });
+    let dir = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("corpus")
+                .join("decode")
+        });
     std::fs::create_dir_all(&dir).expect("create corpus directory");
     let seeds = seeds();
     for (name, selector, wire) in &seeds {

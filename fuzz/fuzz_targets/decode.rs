@@ -134,7 +134,8 @@ fuzz_target!(|data: &[u8]| {
 
     let split = decode_split(wire, cut, protocol, max);
     assert_eq!(
-        split, whole,
+        split,
+        whole,
         "cutting the stream after {cut} of {} bytes changes what decodes",
         wire.len()
     );

@@ -331,11 +331,12 @@ pub struct Auth {
 impl Auth {
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         let mut auth = Auth::default();
+        // Unlike DISCONNECT and the publish acknowledgements, AUTH may
+        // only drop both fields together (MQTT 5.0 3.15.2.1): a reason
+        // code must be followed by a property length.
         if !r.is_empty() {
             auth.reason_code = read_reason(r, ReasonContext::Auth)?;
-            if !r.is_empty() {
-                auth.properties = properties::decode(r)?;
-            }
+            auth.properties = properties::decode(r)?;
         }
         r.finish()?;
         Ok(auth)

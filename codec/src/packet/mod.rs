@@ -357,7 +357,8 @@ pub fn decode(
         });
     }
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        // Nothing is reserved for the declared size: a peer announcing a
+        // large packet gets buffer space only as its bytes arrive.
         return Ok(None);
     }
     let ty = header.packet_type;
