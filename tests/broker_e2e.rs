@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use ferrymq_codec::{
-    ConnAck, Disconnect, Packet, Protocol, PubAck, Publish, PublishProperties, QoS, ReasonCode,
-    Subscribe, Subscription, SubscriptionOptions, Unsubscribe, Will, WillProperties,
+    ConnAck, Disconnect, Packet, Protocol, PubAck, Publish, QoS, ReasonCode, Subscribe,
+    Subscription, SubscriptionOptions, Unsubscribe, Will, WillProperties,
 };
 
 fn subscribe(filters: &[&str]) -> Packet {
@@ -485,22 +485,4 @@ fn sigterm_disconnects_clients_with_0x8b_and_exits_cleanly() {
         ))]
     );
     assert_eq!(v3.until_closed(), []);
-}
-
-#[test]
-fn v5_retained_publish_is_refused_while_retain_is_unavailable() {
-    let broker = Broker::start("");
-    let mut raw = Raw::connect(broker.addr, Protocol::V5, "retainer");
-    raw.send(&Packet::Publish(Publish {
-        retain: true,
-        topic: s("r"),
-        properties: PublishProperties::default(),
-        ..Publish::default()
-    }));
-    assert_eq!(
-        raw.until_closed(),
-        [Packet::Disconnect(Disconnect::new(
-            ReasonCode::RETAIN_NOT_SUPPORTED
-        ))]
-    );
 }

@@ -1,51 +1,51 @@
-//! One client connection: a single task that reads and decodes packets,
-//! handles them, and writes what it owes the client, batching every packet
-//! ready at the same moment into one write.
+//! One client connection: a task that reads and decodes packets, hands
+//! them to the protocol engine, executes what the engine decides (routing,
+//! subscriptions, store writes), and writes what is owed to the client,
+//! batching every packet ready at the same moment into one write.
 //!
-//! The task never blocks on the socket in one direction while the other
-//! has work: it waits for readiness (`readable()` / `writable()`) and
-//! does non-blocking reads and writes. When the client stops reading and
-//! the write buffer passes [`OUT_HIGH_WATER`], the task stops reading from
-//! the client and stops draining its outbox (which then fills and drops,
-//! counted) until the client catches up; other clients never wait for it.
+//! The task is generic over the byte stream, so TCP connections and
+//! in-process clients (an in-memory duplex) are served by the same code.
+//! Reading and writing are concurrent branches of one `select!`, so the
+//! task never blocks one direction while the other has work. When the
+//! client stops reading and the write buffer passes [`OUT_HIGH_WATER`],
+//! the task stops reading from it and stops draining its outbox (which
+//! then applies its `queue_full` policy) until the client catches up;
+//! other clients never wait for it.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use ferrymq_codec::{
-    self as codec, ConnAck, Connect, DecodeError, Disconnect, MqttString, Packet, Protocol, PubAck,
-    Publish, QoS, ReasonCode, ReasonContext, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
+    self as codec, ConnAck, Connect, DecodeError, Disconnect, MqttString, Packet, Protocol, QoS,
+    ReasonCode, ReasonContext, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::Shared;
+use crate::engine::{Engine, EngineLimits, InboundPublish};
 use crate::message::{Message, SessionId};
-use crate::outbox::{Delivery, Outbox, OutboxLimits, Pushed};
-use crate::registry::Control;
+use crate::outbox::{Outbox, QueueLimits};
+use crate::publish::{self, Parked, Routing};
 use crate::router::{RouteCache, Subscriber};
+use crate::session::{Control, SessionState};
 use crate::stats::Stats;
+use crate::storage::{self, Batch, Durable, SessionRecord, StoreOp, SubscriptionRecord, Ticket};
 
 /// Above this many bytes waiting to be written, stop reading from the
 /// client and stop draining its outbox.
 const OUT_HIGH_WATER: usize = 256 * 1024;
-/// Deliveries taken from the outbox per turn of the loop, so reading
-/// the client's own packets is never starved by a busy outbox.
-const DRAIN_BATCH: usize = 256;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 8 * 1024;
+/// Acknowledgements waiting for the store before the connection stops
+/// reading more packets (a bound on per-connection memory).
+const PENDING_ACKS_LIMIT: usize = 4096;
 /// How long a closing connection may take to flush its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
-/// Outbox bounds until sessions get configurable queue limits.
-const OUTBOX_LIMITS: OutboxLimits = OutboxLimits {
-    max_messages: 10_000,
-    max_bytes: 64 * 1024 * 1024,
-};
 
 /// Why a connection ends. Decides the DISCONNECT sent (MQTT 5.0) and
 /// whether the will is published.
@@ -79,11 +79,13 @@ impl Close {
         }
     }
 
-    fn publishes_will(&self) -> bool {
+    fn publishes_will(&self, control: &Control) -> bool {
         match self {
             Close::Disconnect { with_will } => *with_will,
             // The broker going down takes the subscribers with it.
             Close::Shutdown => false,
+            // Not when the new connection resumes the session.
+            Close::TakenOver => !control.taken_over_with_resume(),
             _ => true,
         }
     }
@@ -93,56 +95,10 @@ impl Close {
     }
 }
 
-/// Serves one accepted TCP connection until it closes.
-pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let mut shutdown = shared.shutdown_rx.clone();
-    let mut io = Io {
-        stream,
-        inbuf: BytesMut::new(),
-        out: BytesMut::new(),
-    };
-    let connect_timeout = shared.config.limits.connect_timeout;
-    let connect = tokio::select! {
-        // Dropping the read future is safe: bytes already read stay in `inbuf`.
-        r = tokio::time::timeout(connect_timeout, io.read_connect(&shared)) => r,
-        _ = shutdown.wait_for(|stop| *stop) => return,
-    };
-    let connect = match connect {
-        Ok(Ok(connect)) => connect,
-        Ok(Err(reason)) => {
-            debug!(%peer, %reason, "closing before CONNECT completed");
-            io.flush_and_close().await;
-            return;
-        }
-        Err(_) => {
-            debug!(%peer, "no CONNECT within connect_timeout_secs; closing");
-            return;
-        }
-    };
-    let Some(mut session) = Session::accept(*connect, &mut io, &shared).await else {
-        io.flush_and_close().await;
-        return;
-    };
-    debug!(%peer, client_id = %session.client_id, protocol = ?session.protocol, "connected");
-    let close = session.run(&mut io, &shared, &mut shutdown).await;
-    match &close {
-        Close::Protocol(code, why) => {
-            Stats::add(&shared.stats.protocol_errors, 1);
-            warn!(%peer, client_id = %session.client_id, reason = %code, "closing: {why}");
-        }
-        Close::Io(e) => debug!(%peer, client_id = %session.client_id, "socket error: {e}"),
-        other => debug!(%peer, client_id = %session.client_id, "closing: {other:?}"),
-    }
-    if let (Protocol::V5, Some(code)) = (session.protocol, close.reason_code()) {
-        io.queue(&Packet::Disconnect(Disconnect::new(code)), Protocol::V5);
-    }
-    io.flush_and_close().await;
-    session.end(&shared, close.publishes_will());
-}
-
-/// The socket and its buffers.
-struct Io {
-    stream: TcpStream,
+/// The byte stream and its buffers.
+struct Io<R, W> {
+    reader: R,
+    writer: W,
     /// Bytes read but not yet decoded.
     inbuf: BytesMut,
     /// Encoded packets not yet written: everything owed to the client at
@@ -150,33 +106,11 @@ struct Io {
     out: BytesMut,
 }
 
-impl Io {
-    /// Reads whatever the socket has (at least one byte, or EOF).
-    /// Returns Ok(false) on EOF.
-    fn try_read(&mut self) -> io::Result<Option<bool>> {
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
+    fn reserve_read(&mut self) {
         if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK / 2 {
             self.inbuf.reserve(READ_CHUNK);
         }
-        match self.stream.try_read_buf(&mut self.inbuf) {
-            Ok(0) => Ok(Some(false)),
-            Ok(_) => Ok(Some(true)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Writes as much of `out` as the socket takes now.
-    fn try_flush(&mut self) -> io::Result<()> {
-        while !self.out.is_empty() {
-            match self.stream.try_write(&self.out) {
-                Ok(n) => {
-                    let _ = self.out.split_to(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 
     /// Encodes a packet into the write buffer. Our own packets always
@@ -187,13 +121,12 @@ impl Io {
         }
     }
 
-    /// Writes what is left (bounded in time) and closes the socket.
+    /// Writes what is left (bounded in time) and closes the stream.
     async fn flush_and_close(&mut self) {
-        use tokio::io::AsyncWriteExt;
         let out = std::mem::take(&mut self.out);
         let _ = tokio::time::timeout(CLOSE_FLUSH, async {
-            self.stream.write_all(&out).await?;
-            self.stream.shutdown().await
+            self.writer.write_all(&out).await?;
+            self.writer.shutdown().await
         })
         .await;
     }
@@ -220,10 +153,10 @@ impl Io {
                     return Err(error.to_string());
                 }
             }
-            self.stream.readable().await.map_err(|e| e.to_string())?;
-            match self.try_read() {
-                Ok(Some(true)) | Ok(None) => {}
-                Ok(Some(false)) => return Err("closed before CONNECT".into()),
+            self.reserve_read();
+            match self.reader.read_buf(&mut self.inbuf).await {
+                Ok(0) => return Err("closed before CONNECT".into()),
+                Ok(_) => {}
                 Err(e) => return Err(e.to_string()),
             }
         }
@@ -271,64 +204,124 @@ fn connect_level(buf: &[u8]) -> Option<u8> {
     (body.get(..6)? == b"\x00\x04MQTT").then(|| body.get(6).copied())?
 }
 
-/// The state of one connected client (this version keeps nothing after
-/// the connection closes).
-struct Session {
-    id: SessionId,
-    connection: u64,
-    client_id: MqttString,
-    protocol: Protocol,
+/// Serves one client connection until it closes. `peer` names it in logs.
+pub(crate) async fn serve<R, W>(reader: R, writer: W, peer: String, shared: Arc<Shared>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut shutdown = shared.shutdown_rx.clone();
+    let mut io = Io {
+        reader,
+        writer,
+        inbuf: BytesMut::new(),
+        out: BytesMut::new(),
+    };
+    let connect_timeout = shared.config.limits.connect_timeout;
+    let connect = tokio::select! {
+        // Dropping the read future is safe: bytes already read stay in `inbuf`.
+        r = tokio::time::timeout(connect_timeout, io.read_connect(&shared)) => r,
+        _ = shutdown.wait_for(|stop| *stop) => return,
+    };
+    let connect = match connect {
+        Ok(Ok(connect)) => connect,
+        Ok(Err(reason)) => {
+            debug!(%peer, %reason, "closing before CONNECT completed");
+            io.flush_and_close().await;
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "no CONNECT within connect_timeout_secs; closing");
+            return;
+        }
+    };
+    let Some(mut conn) = Conn::accept(*connect, io, &shared).await else {
+        return;
+    };
+    debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
+    let close = conn.run(&mut shutdown).await;
+    let client_id = conn.engine.state.client_id.clone();
+    match &close {
+        Close::Protocol(code, why) => {
+            Stats::add(&shared.stats.protocol_errors, 1);
+            warn!(%peer, %client_id, reason = %code, "closing: {why}");
+        }
+        Close::Io(e) => debug!(%peer, %client_id, "stream error: {e}"),
+        other => debug!(%peer, %client_id, "closing: {other:?}"),
+    }
+    conn.finish(close).await;
+}
+
+/// What a connected client needs, beyond its engine.
+struct Conn<'a, R, W> {
+    shared: &'a Shared,
+    io: Io<R, W>,
+    engine: Engine,
     control: Arc<Control>,
-    /// Messages routed to this client, waiting to be written.
-    outbox: Arc<Outbox>,
-    /// The filters this session subscribed to, to remove them at the end.
-    filters: Vec<MqttString>,
-    /// Inbound QoS 2 packet ids received and not yet released by PUBREL:
-    /// a resent PUBLISH with one of these is acknowledged, not routed again.
-    inbound_qos2: Vec<u16>,
-    /// Our Receive Maximum: most QoS 2 publishes awaiting PUBREL at once.
-    receive_maximum: usize,
-    /// Largest packet the client accepts (MQTT 5.0 Maximum Packet Size).
-    client_max_packet: usize,
     /// The will, published if the connection ends abnormally.
     will: Option<Will>,
     /// 1.5 x the keep alive; `None` when keep alive is 0.
     keep_alive: Option<Duration>,
     /// Topic -> routes memo for this client's publishes.
     routes: RouteCache,
-    /// Deliveries taken from the outbox, reused between turns.
-    batch: Vec<Delivery>,
+    /// The store's durability watermark.
+    durable: watch::Receiver<Durable>,
+    /// A publish waiting for room in a full queue (policy `block`), with
+    /// its QoS and packet identifier; no other packet is read meanwhile.
+    parked: Option<(Parked, QoS, u16)>,
+    /// Store ops to submit at the end of this turn (nobody waits for them).
+    ops: Vec<StoreOp>,
+    /// Packets to encode at the end of this turn.
+    packets: Vec<Packet>,
 }
 
-impl Session {
-    /// Checks a CONNECT, registers the client and queues the CONNACK.
-    /// Returns `None` (with a refusal queued) when the client is refused.
-    async fn accept(connect: Connect, io: &mut Io, shared: &Arc<Shared>) -> Option<Session> {
+/// How draining the outbox ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// Nothing left.
+    Empty,
+    /// The first message waits for a store ticket.
+    WaitDurable,
+    /// The client's Receive Maximum is reached.
+    WaitWindow,
+    /// The write buffer is full.
+    OutFull,
+}
+
+impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
+    /// Checks a CONNECT, attaches the session (taking over any connection
+    /// holding it), and queues the CONNACK. Returns `None` when the client
+    /// was refused (the refusal is sent and the stream closed).
+    async fn accept(connect: Connect, mut io: Io<R, W>, shared: &'a Shared) -> Option<Self> {
         let protocol = connect.protocol;
         let limits = &shared.config.limits;
-        let refuse = |io: &mut Io, code: ReasonCode| {
+        let refusal = if protocol == Protocol::V5
+            && connect.properties.authentication_method.is_some()
+        {
+            // No enhanced authentication method is available.
+            Some(ReasonCode::BAD_AUTHENTICATION_METHOD)
+        } else if !shared.config.auth.allow_anonymous {
+            // No credential store exists in this version: nobody can log in.
+            Some(ReasonCode::NOT_AUTHORIZED)
+        } else if connect.client_id.is_empty() && protocol == Protocol::V311 && !connect.clean_start
+        {
+            // [MQTT-3.1.3-8]: an empty id needs a clean session in 3.1.1.
+            Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID)
+        } else {
+            None
+        };
+        if let Some(code) = refusal {
             let connack = ConnAck {
                 reason_code: code,
                 ..ConnAck::default()
             };
             io.queue(&Packet::ConnAck(Box::new(connack)), protocol);
-            None
-        };
-        if protocol == Protocol::V5 && connect.properties.authentication_method.is_some() {
-            // No enhanced authentication method is available.
-            return refuse(io, ReasonCode::BAD_AUTHENTICATION_METHOD);
-        }
-        if !shared.config.auth.allow_anonymous {
-            // No credential store exists in this version: nobody can log in.
-            return refuse(io, ReasonCode::NOT_AUTHORIZED);
+            io.flush_and_close().await;
+            return None;
         }
         let connection = shared.next_connection();
         let mut connack = ConnAck::default();
         let client_id = if connect.client_id.is_empty() {
-            if protocol == Protocol::V311 && !connect.clean_start {
-                // [MQTT-3.1.3-8]: an empty id needs a clean session in 3.1.1.
-                return refuse(io, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
-            }
             let assigned = MqttString::new(&format!("ferrymq-{}-{connection}", shared.boot_id))
                 .unwrap_or_default();
             if protocol == Protocol::V5 {
@@ -338,71 +331,147 @@ impl Session {
         } else {
             connect.client_id.clone()
         };
+        let max_expiry = shared.config.storage.max_session_expiry;
+        let expiry = match protocol {
+            Protocol::V311 if connect.clean_start => Duration::ZERO,
+            Protocol::V311 => max_expiry,
+            Protocol::V5 => Duration::from_secs(u64::from(
+                connect.properties.session_expiry_interval.unwrap_or(0),
+            ))
+            .min(max_expiry),
+        };
+        let control = Control::new(connection);
+        let attached = shared
+            .sessions
+            .attach(&client_id, control.clone(), !connect.clean_start)
+            .await;
+        if attached.took_over {
+            debug!(%client_id, "took over an existing connection");
+        }
+        let mut batch = Batch::new(shared.store.as_ref());
+        let (mut state, resumed) = match attached.previous {
+            Some(previous) if !connect.clean_start => (previous, true),
+            previous => {
+                if let Some(old) = previous {
+                    end_session(shared, old, &mut batch);
+                }
+                let number = shared.next_session_number();
+                let outbox = Outbox::new(number, queue_limits(shared), 1);
+                (SessionState::new(client_id.clone(), number, outbox), false)
+            }
+        };
+        connack.session_present = resumed;
+        let was_expiry = state.expiry;
+        state.expiry = expiry;
+        state.outbox.set_persistent(state.is_persistent());
+        state.outbox.set_online(true);
+        if state.is_persistent() && (!state.stored || was_expiry != expiry) {
+            batch.push(StoreOp::SessionPut(SessionRecord {
+                client_id: client_id.clone(),
+                number: state.number,
+                expiry_secs: secs_u32(expiry),
+            }));
+            state.stored = true;
+        }
+        let ticket = batch.submit();
         let mut keep_alive = connect.keep_alive;
         let max_keep_alive = u16::try_from(limits.max_keepalive.as_secs()).unwrap_or(u16::MAX);
-        if protocol == Protocol::V5 && keep_alive > max_keep_alive {
-            keep_alive = max_keep_alive;
-            connack.properties.server_keep_alive = Some(keep_alive);
-        }
         if protocol == Protocol::V5 {
+            if keep_alive > max_keep_alive {
+                keep_alive = max_keep_alive;
+                connack.properties.server_keep_alive = Some(keep_alive);
+            }
             let p = &mut connack.properties;
             p.receive_maximum = Some(limits.receive_maximum);
             p.maximum_packet_size = Some(limits.max_packet_size);
-            p.retain_available = Some(false);
             p.subscription_identifier_available = Some(false);
             p.shared_subscription_available = Some(false);
             p.wildcard_subscription_available = Some(true);
+            if connect
+                .properties
+                .session_expiry_interval
+                .is_some_and(|asked| u64::from(asked) > expiry.as_secs())
+            {
+                p.session_expiry_interval = Some(secs_u32(expiry));
+            }
         }
-        let control = Control::new(connection);
-        if shared.registry.register(&client_id, control.clone()).await {
-            debug!(%client_id, "took over an existing connection");
-        }
-        io.queue(&Packet::ConnAck(Box::new(connack)), protocol);
-        let client_max_packet = match connect.properties.maximum_packet_size {
-            Some(max) if protocol == Protocol::V5 => max as usize,
-            _ => usize::MAX,
-        };
-        Some(Session {
-            id: SessionId(connection),
-            connection,
-            client_id,
-            protocol,
-            control,
-            outbox: Outbox::new(OUTBOX_LIMITS),
-            filters: Vec::new(),
-            inbound_qos2: Vec::new(),
+        let engine_limits = EngineLimits {
             receive_maximum: usize::from(limits.receive_maximum),
-            client_max_packet,
+            client_receive_maximum: match connect.properties.receive_maximum {
+                Some(max) if protocol == Protocol::V5 => usize::from(max),
+                // 3.1.1 clients cannot say; our own limit keeps it bounded.
+                _ => usize::from(limits.receive_maximum),
+            },
+            client_max_packet: match connect.properties.maximum_packet_size {
+                Some(max) if protocol == Protocol::V5 => max as usize,
+                _ => usize::MAX,
+            },
+            retain_available: true,
+        };
+        let mut durable = shared.store.durable();
+        // The session record is durable before the client hears it exists.
+        let _ = durable
+            .wait_for(|d| d.up_to >= ticket || d.failed.is_some())
+            .await;
+        io.queue(&Packet::ConnAck(Box::new(connack)), protocol);
+        let engine = Engine::new(protocol, state, engine_limits);
+        let mut conn = Conn {
+            shared,
+            io,
+            engine,
+            control,
             will: connect.will,
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             routes: RouteCache::default(),
-            batch: Vec::with_capacity(DRAIN_BATCH),
-        })
+            durable,
+            parked: None,
+            ops: Vec::new(),
+            packets: Vec::new(),
+        };
+        if resumed {
+            conn.engine.resend_inflight(&mut conn.packets);
+        }
+        Some(conn)
     }
 
     /// The connection's main loop; returns why it ended.
-    async fn run(
-        &mut self,
-        io: &mut Io,
-        shared: &Shared,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Close {
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Close {
         let control = self.control.clone();
-        let outbox = self.outbox.clone();
+        let outbox = self.engine.state.outbox.clone();
         let mut last_packet = Instant::now();
         let keep_alive = self.keep_alive;
-        let keep_alive_timer = tokio::time::sleep(keep_alive.unwrap_or(Duration::MAX / 4));
+        let keep_alive_timer =
+            tokio::time::sleep(keep_alive.unwrap_or(Duration::from_secs(86_400)));
         tokio::pin!(keep_alive_timer);
         loop {
-            if let Err(e) = io.try_flush() {
-                return Close::Io(e);
+            // Everything that needs no waiting, then one wait.
+            if let Some(close) = self.process_input() {
+                return close;
             }
-            let room = io.out.len() < OUT_HIGH_WATER;
-            // Every branch is cancel-safe: the readiness futures do no I/O
-            // (the branch bodies do it with try_read/try_write), `kicked`
-            // and `ready` keep their permit when dropped, `changed` only
-            // observes a value, and the timer is re-armed each turn.
+            let durable = self.durable.borrow().up_to;
+            self.engine.release_acks(durable, &mut self.packets);
+            self.encode_packets();
+            let drain = self.drain(durable);
+            if !self.ops.is_empty() {
+                storage::write(self.shared.store.as_ref(), std::mem::take(&mut self.ops));
+            }
+            let need_durable = drain == Drain::WaitDurable
+                || self.engine.waiting_for().is_some_and(|t| t > durable);
+            let room = self.io.out.len() < OUT_HIGH_WATER;
+            let can_read = room
+                && self.parked.is_none()
+                && self.engine.wants_input()
+                && self.engine.pending_acks() < PENDING_ACKS_LIMIT;
+            self.io.reserve_read();
+            let parked_outbox = self
+                .parked
+                .as_ref()
+                .map(|(p, _, _)| (p.outbox().clone(), p.size()));
+            // Every branch is cancel-safe: `read_buf` and `write` do no I/O
+            // unless they complete, `kicked` and `ready` keep their permit
+            // when dropped, `wait_for`/`changed` only observe values, the
+            // timer is re-armed each turn, and `wait_for_room` only waits.
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => return Close::Shutdown,
@@ -415,72 +484,101 @@ impl Session {
                     }
                     keep_alive_timer.as_mut().reset(deadline);
                 }
-                ready = io.stream.readable(), if room => {
-                    if let Err(e) = ready {
-                        return Close::Io(e);
-                    }
-                    match io.try_read() {
-                        Ok(Some(true)) => {}
-                        Ok(None) => continue,
-                        Ok(Some(false)) => return Close::Eof,
+                written = self.io.writer.write(&self.io.out), if !self.io.out.is_empty() => {
+                    match written {
+                        Ok(0) => return Close::Io(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => self.io.out.advance(n),
                         Err(e) => return Close::Io(e),
                     }
-                    let max = shared.config.limits.max_packet_size;
-                    let mut any = false;
-                    loop {
-                        match codec::decode(&mut io.inbuf, self.protocol, max) {
-                            Ok(Some(packet)) => {
-                                any = true;
-                                if let Some(close) = self.handle(packet, io, shared) {
-                                    return close;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => return Close::protocol(&e),
-                        }
-                    }
-                    // One clock read per socket read, not per packet.
-                    if any {
-                        last_packet = Instant::now();
+                }
+                read = self.io.reader.read_buf(&mut self.io.inbuf), if can_read => {
+                    match read {
+                        Ok(0) => return Close::Eof,
+                        Ok(_) => last_packet = Instant::now(),
+                        Err(e) => return Close::Io(e),
                     }
                 }
-                _ = outbox.ready(), if room => self.drain(io, shared),
-                ready = io.stream.writable(), if !io.out.is_empty() => {
-                    if let Err(e) = ready {
-                        return Close::Io(e);
-                    }
-                }
+                _ = outbox.ready(), if drain == Drain::Empty && room => {}
+                _ = self.durable.changed(), if need_durable => {}
+                _ = wait_for_room(parked_outbox), if self.parked.is_some() => self.resume_parked(),
             }
         }
     }
 
-    /// Handles one packet from the client. Returns `Some` to close.
-    fn handle(&mut self, packet: Packet, io: &mut Io, shared: &Shared) -> Option<Close> {
-        let v5 = self.protocol == Protocol::V5;
-        match packet {
-            Packet::Publish(publish) => return self.publish(publish, io, shared),
-            Packet::PubRel(rel) => {
-                let mut comp = PubAck::new(rel.packet_id);
-                match self.inbound_qos2.iter().position(|id| *id == rel.packet_id) {
-                    Some(i) => {
-                        self.inbound_qos2.swap_remove(i);
+    /// Decodes and handles every complete packet in the read buffer, while
+    /// the engine wants input and no publish is parked.
+    fn process_input(&mut self) -> Option<Close> {
+        let max = self.shared.config.limits.max_packet_size;
+        while self.parked.is_none() && self.engine.wants_input() {
+            match codec::decode(&mut self.io.inbuf, self.engine.protocol, max) {
+                Ok(Some(packet)) => {
+                    if let Some(close) = self.handle(packet) {
+                        return Some(close);
                     }
-                    None if v5 => comp.reason_code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
-                    None => {}
                 }
-                io.queue(&Packet::PubComp(comp), self.protocol);
+                Ok(None) => break,
+                Err(e) => return Some(Close::protocol(&e)),
             }
-            // Acknowledgements of QoS 1/2 deliveries: this version delivers
-            // at QoS 0 only, so there is nothing to acknowledge.
-            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
-            Packet::Subscribe(subscribe) => return self.subscribe(subscribe, io, shared),
-            Packet::Unsubscribe(unsubscribe) => self.unsubscribe(unsubscribe, io, shared),
-            Packet::PingReq => io.queue(&Packet::PingResp, self.protocol),
-            Packet::Disconnect(d) => {
-                return Some(Close::Disconnect {
-                    with_will: d.reason_code == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE,
-                });
+        }
+        None
+    }
+
+    fn encode_packets(&mut self) {
+        let protocol = self.engine.protocol;
+        for packet in self.packets.drain(..) {
+            if let Err(e) = packet.encode(protocol, &mut self.io.out) {
+                warn!("could not encode {:?}: {e}", packet.packet_type());
             }
+        }
+    }
+
+    /// Moves deliveries from the outbox into the write buffer while the
+    /// store, the client's window and the buffer allow.
+    fn drain(&mut self, durable: Ticket) -> Drain {
+        let outbox = self.engine.state.outbox.clone();
+        let mut sent = 0;
+        let state = loop {
+            if self.io.out.len() >= OUT_HIGH_WATER {
+                break Drain::OutFull;
+            }
+            let Some((qos, ticket)) = outbox.front() else {
+                break Drain::Empty;
+            };
+            if ticket > durable {
+                break Drain::WaitDurable;
+            }
+            if !self.engine.can_send(qos) {
+                break Drain::WaitWindow;
+            }
+            let Some(delivery) = outbox.pop() else {
+                break Drain::Empty;
+            };
+            match self.engine.deliver(delivery, &mut self.ops) {
+                Some(publish) => {
+                    if let Err(e) = publish.encode(self.engine.protocol, &mut self.io.out) {
+                        warn!(topic = %publish.topic, "could not encode a delivery: {e}");
+                    }
+                    sent += 1;
+                }
+                None => Stats::add(&self.shared.stats.messages_dropped_too_large, 1),
+            }
+        };
+        Stats::add(&self.shared.stats.messages_sent, sent);
+        state
+    }
+
+    /// Handles one packet from the client. Returns `Some` to close.
+    fn handle(&mut self, packet: Packet) -> Option<Close> {
+        match packet {
+            Packet::Publish(publish) => return self.publish(publish),
+            Packet::PubAck(ack) => self.engine.puback(ack.packet_id, &mut self.ops),
+            Packet::PubRec(ack) => self.engine.pubrec(ack, &mut self.ops, &mut self.packets),
+            Packet::PubRel(rel) => self.engine.pubrel(rel.packet_id, &mut self.ops),
+            Packet::PubComp(ack) => self.engine.pubcomp(ack.packet_id, &mut self.ops),
+            Packet::Subscribe(subscribe) => self.subscribe(subscribe),
+            Packet::Unsubscribe(unsubscribe) => self.unsubscribe(unsubscribe),
+            Packet::PingReq => self.packets.push(Packet::PingResp),
+            Packet::Disconnect(d) => return Some(self.disconnect(d)),
             Packet::Connect(_) => {
                 // [MQTT-3.1.0-2]: a second CONNECT is a protocol violation.
                 return Some(Close::Protocol(
@@ -508,115 +606,132 @@ impl Session {
         None
     }
 
-    fn publish(&mut self, publish: Publish, io: &mut Io, shared: &Shared) -> Option<Close> {
-        let v5 = self.protocol == Protocol::V5;
-        if v5 {
-            if !publish.properties.subscription_identifiers.is_empty() {
-                // [MQTT-3.3.4-6]: clients must not send Subscription Identifiers.
-                return Some(Close::Protocol(
-                    ReasonCode::PROTOCOL_ERROR,
-                    "PUBLISH with a Subscription Identifier".into(),
-                ));
-            }
-            if publish.properties.topic_alias.is_some() {
-                // Our Topic Alias Maximum is 0 (not announced).
-                return Some(Close::Protocol(
-                    ReasonCode::TOPIC_ALIAS_INVALID,
-                    "Topic Alias beyond Topic Alias Maximum 0".into(),
-                ));
-            }
-            if publish.retain {
-                // CONNACK announced Retain Available = 0.
-                return Some(Close::Protocol(
-                    ReasonCode::RETAIN_NOT_SUPPORTED,
-                    "retained PUBLISH while Retain Available is 0".into(),
-                ));
+    fn publish(&mut self, publish: ferrymq_codec::Publish) -> Option<Close> {
+        let (qos, packet_id) = (publish.qos, publish.packet_id);
+        match self.engine.publish(publish) {
+            Err(v) => Some(Close::Protocol(v.reason, v.why)),
+            Ok(InboundPublish::Duplicate) => None,
+            Ok(InboundPublish::Route { message, hold_qos2 }) => {
+                Stats::add(&self.shared.stats.messages_received, 1);
+                let persistent = self.engine.state.is_persistent();
+                match publish::route(
+                    self.shared,
+                    &mut self.routes,
+                    message,
+                    hold_qos2,
+                    persistent,
+                ) {
+                    Routing::Done(outcome) => self.engine.routed(qos, packet_id, outcome),
+                    Routing::Blocked(parked) => self.parked = Some((parked, qos, packet_id)),
+                }
+                None
             }
         }
-        if publish.qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&publish.packet_id) {
-            // A resend of a QoS 2 publish we already routed: acknowledge only.
-            io.queue(
-                &Packet::PubRec(PubAck::new(publish.packet_id)),
-                self.protocol,
-            );
-            return None;
-        }
-        if publish.qos == QoS::ExactlyOnce && self.inbound_qos2.len() >= self.receive_maximum {
-            return Some(Close::Protocol(
-                ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
-                "more QoS 2 publishes in flight than Receive Maximum".into(),
-            ));
-        }
-        Stats::add(&shared.stats.messages_received, 1);
-        let packet_id = publish.packet_id;
-        let qos = publish.qos;
-        let message = Arc::new(Message {
-            topic: publish.topic,
-            payload: publish.payload,
-            qos,
-            retain: false,
-            properties: publish.properties,
-            origin: self.id,
-        });
-        let delivered = route(&mut self.routes, shared, message);
-        let mut ack = PubAck::new(packet_id);
-        if v5 && delivered == 0 {
-            ack.reason_code = ReasonCode::NO_MATCHING_SUBSCRIBERS;
-        }
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => io.queue(&Packet::PubAck(ack), self.protocol),
-            QoS::ExactlyOnce => {
-                self.inbound_qos2.push(packet_id);
-                io.queue(&Packet::PubRec(ack), self.protocol);
-            }
-        }
-        None
     }
 
-    fn subscribe(&mut self, subscribe: Subscribe, io: &mut Io, shared: &Shared) -> Option<Close> {
-        let v5 = self.protocol == Protocol::V5;
-        if v5 && subscribe.properties.subscription_identifier.is_some() {
-            // CONNACK announced Subscription Identifier Available = 0.
-            return Some(Close::Protocol(
-                ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
-                "Subscription Identifier while not available".into(),
-            ));
+    fn resume_parked(&mut self) {
+        let Some((parked, qos, packet_id)) = self.parked.take() else {
+            return;
+        };
+        match publish::resume(self.shared, parked) {
+            Routing::Done(outcome) => self.engine.routed(qos, packet_id, outcome),
+            Routing::Blocked(parked) => self.parked = Some((parked, qos, packet_id)),
         }
+    }
+
+    fn subscribe(&mut self, subscribe: Subscribe) {
+        let v5 = self.engine.protocol == Protocol::V5;
+        let shared = self.shared;
+        let state = &mut self.engine.state;
+        let mut batch = Batch::new(shared.store.as_ref());
         let mut reason_codes = Vec::with_capacity(subscribe.subscriptions.len());
+        let mut retained = Vec::new();
         for s in subscribe.subscriptions {
             if codec::topic::shared_subscription(&s.filter).is_some() {
-                reason_codes.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
+                reason_codes.push(if v5 {
+                    ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+                } else {
+                    ReasonCode::UNSPECIFIED_ERROR
+                });
                 continue;
             }
-            let subscriber = Subscriber {
-                session: self.id,
-                outbox: self.outbox.clone(),
-                // This version delivers at QoS 0: granting less than asked is
-                // the server's right, and the SUBACK tells the client.
-                qos: QoS::AtMostOnce,
-                no_local: v5 && s.options.no_local,
-            };
-            if !shared.router.subscribe(&s.filter, subscriber) {
-                self.filters.push(s.filter);
+            let mut options = s.options;
+            if !v5 {
+                options = codec::SubscriptionOptions {
+                    qos: options.qos,
+                    ..Default::default()
+                };
             }
-            reason_codes.push(ReasonCode::GRANTED_QOS_0);
+            let record = SubscriptionRecord {
+                options,
+                identifier: None,
+            };
+            let existed = state
+                .subscriptions
+                .insert(s.filter.clone(), record)
+                .is_some();
+            shared.router.subscribe(
+                &s.filter,
+                Subscriber {
+                    session: SessionId(state.number),
+                    outbox: state.outbox.clone(),
+                    qos: options.qos,
+                    no_local: options.no_local,
+                    retain_as_published: options.retain_as_published,
+                },
+            );
+            if state.is_persistent() {
+                batch.push(StoreOp::SubscriptionPut {
+                    number: state.number,
+                    filter: s.filter.clone(),
+                    subscription: record,
+                });
+            }
+            // A resubscribe sends the retained messages again (3.1.1 and
+            // 5.0 Retain Handling 0); 5.0 can ask for new subscriptions only
+            // or none.
+            let send_retained = match options.retain_handling {
+                codec::RetainHandling::SendAtSubscribe => true,
+                codec::RetainHandling::SendIfNew => !existed,
+                codec::RetainHandling::DoNotSend => false,
+            };
+            if send_retained {
+                let mut entries = Vec::new();
+                shared.retained.matching(&s.filter, &mut entries);
+                retained.push((entries, options.qos));
+            }
+            reason_codes.push(ReasonCode(options.qos as u8));
         }
+        let ticket = batch.submit();
         let suback = SubAck {
             packet_id: subscribe.packet_id,
             reason_codes,
             properties: Default::default(),
         };
-        io.queue(&Packet::SubAck(suback), self.protocol);
-        None
+        // The SUBACK leaves once the subscription is durable; the retained
+        // messages queue behind it in the outbox.
+        let outbox = state.outbox.clone();
+        self.engine.reply_after(ticket, Packet::SubAck(suback));
+        for (entries, granted) in retained {
+            publish::deliver_retained(shared, &outbox, entries, granted);
+        }
     }
 
-    fn unsubscribe(&mut self, unsubscribe: Unsubscribe, io: &mut Io, shared: &Shared) {
+    fn unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let shared = self.shared;
+        let state = &mut self.engine.state;
+        let mut batch = Batch::new(shared.store.as_ref());
         let mut reason_codes = Vec::with_capacity(unsubscribe.filters.len());
         for filter in &unsubscribe.filters {
-            let existed = shared.router.unsubscribe(filter, self.id);
+            let existed = state.subscriptions.remove(filter).is_some();
             if existed {
-                self.filters.retain(|f| f != filter);
+                shared.router.unsubscribe(filter, SessionId(state.number));
+                if state.is_persistent() {
+                    batch.push(StoreOp::SubscriptionDelete {
+                        number: state.number,
+                        filter: filter.clone(),
+                    });
+                }
             }
             reason_codes.push(if existed {
                 ReasonCode::SUCCESS
@@ -624,111 +739,173 @@ impl Session {
                 ReasonCode::NO_SUBSCRIPTION_EXISTED
             });
         }
+        let ticket = batch.submit();
         let unsuback = UnsubAck {
             packet_id: unsubscribe.packet_id,
             reason_codes,
             properties: Default::default(),
         };
-        io.queue(&Packet::UnsubAck(unsuback), self.protocol);
+        self.engine.reply_after(ticket, Packet::UnsubAck(unsuback));
     }
 
-    /// Encodes a batch of outbox deliveries into the write buffer.
-    fn drain(&mut self, io: &mut Io, shared: &Shared) {
-        self.outbox.drain_into(&mut self.batch, DRAIN_BATCH);
-        let mut sent = 0;
-        for delivery in self.batch.drain(..) {
-            let m = &delivery.message;
-            // Deliveries are at QoS 0 in this version (granted QoS is 0),
-            // so no packet identifier is needed.
-            let publish = Publish {
-                dup: false,
-                qos: delivery.qos,
-                retain: false,
-                topic: m.topic.clone(),
-                packet_id: 0,
-                payload: m.payload.clone(),
-                properties: if self.protocol == Protocol::V5 {
-                    m.properties.clone()
-                } else {
-                    Default::default()
-                },
-            };
-            let start = io.out.len();
-            match publish.encode(self.protocol, &mut io.out) {
-                Ok(n) if n > self.client_max_packet => {
-                    // Too large for this client: not sent, counted.
-                    io.out.truncate(start);
-                    Stats::add(&shared.stats.messages_dropped_too_large, 1);
+    fn disconnect(&mut self, d: Disconnect) -> Close {
+        if self.engine.protocol == Protocol::V5
+            && let Some(asked) = d.properties.session_expiry_interval
+        {
+            let state = &mut self.engine.state;
+            if state.expiry.is_zero() && asked > 0 {
+                // [MQTT-3.14.2-?]: a session created to end with its
+                // connection cannot be made persistent at DISCONNECT.
+                return Close::Protocol(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "DISCONNECT sets a Session Expiry Interval on a session created with 0".into(),
+                );
+            }
+            let expiry = Duration::from_secs(u64::from(asked))
+                .min(self.shared.config.storage.max_session_expiry);
+            if expiry != state.expiry {
+                state.expiry = expiry;
+                if state.is_persistent() {
+                    self.ops.push(StoreOp::SessionPut(SessionRecord {
+                        client_id: state.client_id.clone(),
+                        number: state.number,
+                        expiry_secs: secs_u32(expiry),
+                    }));
                 }
-                Ok(_) => sent += 1,
-                Err(e) => warn!(topic = %m.topic, "could not encode a delivery: {e}"),
             }
         }
-        Stats::add(&shared.stats.messages_sent, sent);
+        Close::Disconnect {
+            with_will: d.reason_code == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE,
+        }
     }
 
-    /// Removes everything the session put in shared structures and
-    /// publishes the will if the close calls for it.
-    fn end(mut self, shared: &Shared, publish_will: bool) {
-        for filter in &self.filters {
-            shared.router.unsubscribe(filter, self.id);
+    /// Closes the stream and hands the session back (or ends it), after
+    /// publishing the will when the close calls for it.
+    async fn finish(mut self, close: Close) {
+        let protocol = self.engine.protocol;
+        // Acknowledgements already durable still go out.
+        let durable = self.durable.borrow().up_to;
+        self.engine.release_acks(durable, &mut self.packets);
+        self.encode_packets();
+        if let (Protocol::V5, Some(code)) = (protocol, close.reason_code()) {
+            self.io
+                .queue(&Packet::Disconnect(Disconnect::new(code)), Protocol::V5);
         }
-        self.outbox.close();
+        if !self.ops.is_empty() {
+            storage::write(self.shared.store.as_ref(), std::mem::take(&mut self.ops));
+        }
+        self.io.flush_and_close().await;
+        let shared = self.shared;
+        let publish_will = close.publishes_will(&self.control);
+        let state = self.engine.into_state();
+        state.outbox.set_online(false);
         if let Some(will) = self.will.take().filter(|_| publish_will) {
-            let message = Arc::new(Message {
-                topic: will.topic,
-                payload: will.payload,
-                qos: will.qos,
-                retain: false,
-                properties: ferrymq_codec::PublishProperties {
-                    payload_format_indicator: will.properties.payload_format_indicator,
-                    message_expiry_interval: will.properties.message_expiry_interval,
-                    content_type: will.properties.content_type,
-                    response_topic: will.properties.response_topic,
-                    correlation_data: will.properties.correlation_data,
-                    user_properties: will.properties.user_properties,
-                    ..Default::default()
-                },
-                origin: self.id,
-            });
-            Stats::add(&shared.stats.messages_received, 1);
-            route(&mut self.routes, shared, message);
+            publish_will_message(shared, will, &state, &mut self.routes);
         }
-        shared.registry.unregister(&self.client_id, self.connection);
-        self.control.finish();
+        let client_id = state.client_id.clone();
+        if state.is_persistent() {
+            shared
+                .sessions
+                .detach(&client_id, &self.control, Some(state));
+        } else {
+            let mut batch = Batch::new(shared.store.as_ref());
+            end_session(shared, state, &mut batch);
+            batch.submit();
+            shared.sessions.detach(&client_id, &self.control, None);
+        }
     }
 }
 
-/// Pushes a message to every matching session's outbox. Never waits: a
-/// full outbox drops the delivery (counted). Returns how many sessions
-/// the message was queued for.
-fn route(cache: &mut RouteCache, shared: &Shared, message: Arc<Message>) -> usize {
-    let routes = cache.routes(&shared.router, &message.topic);
-    let mut queued = 0;
-    for route in routes.iter() {
-        if route.no_local && route.session == message.origin {
-            continue;
+/// Waits until `outbox` has room for `size` bytes. Cancel-safe.
+async fn wait_for_room(target: Option<(Arc<Outbox>, usize)>) {
+    let Some((outbox, size)) = target else {
+        return std::future::pending().await;
+    };
+    loop {
+        let space = outbox.space();
+        tokio::pin!(space);
+        // Register before checking, so a pop in between is not missed.
+        space.as_mut().enable();
+        if outbox.has_room(size) || !outbox.is_online() {
+            return;
         }
-        let delivery = Delivery {
-            message: message.clone(),
-            qos: message.qos.min(route.qos),
-        };
-        match route.outbox.push(delivery) {
-            Pushed::Queued => queued += 1,
-            Pushed::DroppedFull => {
-                Stats::add(&shared.stats.messages_dropped_queue_full, 1);
-                if shared.drop_log.allow() {
-                    warn!(
-                        session = route.session.0,
-                        dropped_total = Stats::get(&shared.stats.messages_dropped_queue_full),
-                        "subscriber queue full: dropping messages"
-                    );
-                }
+        space.await;
+    }
+}
+
+fn publish_will_message(
+    shared: &Shared,
+    will: Will,
+    state: &SessionState,
+    routes: &mut RouteCache,
+) {
+    let message = Arc::new(Message {
+        topic: will.topic,
+        payload: will.payload,
+        qos: will.qos,
+        retain: will.retain,
+        properties: ferrymq_codec::PublishProperties {
+            payload_format_indicator: will.properties.payload_format_indicator,
+            message_expiry_interval: will.properties.message_expiry_interval,
+            content_type: will.properties.content_type,
+            response_topic: will.properties.response_topic,
+            correlation_data: will.properties.correlation_data,
+            user_properties: will.properties.user_properties,
+            ..Default::default()
+        },
+        origin: SessionId(state.number),
+    });
+    Stats::add(&shared.stats.messages_received, 1);
+    // A will never blocks its (gone) publisher: under `block` a full queue
+    // keeps it waiting in a task of its own.
+    match publish::route(shared, routes, message, None, false) {
+        Routing::Done(_) => {}
+        Routing::Blocked(parked) => {
+            if let Some(shared) = shared.this.upgrade() {
+                tokio::spawn(async move {
+                    let mut parked = parked;
+                    loop {
+                        wait_for_room(Some((parked.outbox().clone(), parked.size()))).await;
+                        match publish::resume(&shared, parked) {
+                            Routing::Done(_) => break,
+                            Routing::Blocked(p) => parked = p,
+                        }
+                    }
+                });
             }
-            Pushed::Closed => {}
         }
     }
-    queued
+}
+
+/// Ends a session: its subscriptions leave the router, its queue is
+/// discarded, and its stored state is deleted.
+pub(crate) fn end_session(shared: &Shared, state: SessionState, batch: &mut Batch<'_>) {
+    for filter in state.subscriptions.keys() {
+        shared.router.unsubscribe(filter, SessionId(state.number));
+    }
+    state.outbox.close();
+    if state.stored {
+        batch.push(StoreOp::SessionDelete {
+            client_id: state.client_id.clone(),
+            number: state.number,
+        });
+    }
+}
+
+/// The queue limits of a new session.
+pub(crate) fn queue_limits(shared: &Shared) -> QueueLimits {
+    let storage = &shared.config.storage;
+    QueueLimits {
+        max_messages: storage.max_queued_messages as usize,
+        max_bytes: usize::try_from(storage.max_queued_bytes).unwrap_or(usize::MAX),
+        policy: storage.queue_full,
+        queue_qos0: storage.queue_qos0,
+    }
+}
+
+/// Seconds for the wire and the store (`u32::MAX`: never expires).
+fn secs_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -2,48 +2,72 @@
 //!
 //! [`Broker::start`] binds the configured listeners and serves clients
 //! until [`Broker::shutdown`]; [`run`] does both around a shutdown future
-//! (what the `ferrymq` binary calls).
+//! (what the `ferrymq` binary calls). [`Broker::start_with_store`] plugs in
+//! the [`Store`] that keeps sessions, queues and retained messages, and
+//! [`Broker::connect`] gives gateway firmware an MQTT client without a
+//! socket.
 //!
 //! ```no_run
-//! # async fn example() -> Result<(), ferrymq_broker::StartError> {
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use ferrymq_broker::{Broker, ClientOptions, QoS};
+//!
 //! let mut config = ferrymq_config::Config::default();
-//! config.listeners[0].bind = "127.0.0.1:0".parse().expect("address");
-//! let broker = ferrymq_broker::Broker::start(config).await?;
+//! config.listeners[0].bind = "127.0.0.1:0".parse()?;
+//! let broker = Broker::start(config).await?;
 //! println!("MQTT on {}", broker.local_addrs()[0]);
+//! let mut app = broker.connect(ClientOptions::new("firmware")).await?;
+//! app.subscribe("cmd/#", QoS::AtLeastOnce).await?;
+//! app.publish("state/boot", "ok", QoS::AtLeastOnce, true).await?;
 //! broker.shutdown().await;
 //! # Ok(()) }
 //! ```
 //!
-//! Module map: `connection` (one task per client: socket I/O and the
-//! protocol), `router` (the topic tree), `outbox` (per-session bounded
-//! queues), `registry` (client id -> connection, for takeover), `server`
-//! (listeners), `data_dir` (the locked data directory). The packet codec
-//! is its own crate, `ferrymq-codec`.
+//! Module map: `connection` (one task per client: stream I/O, drives the
+//! engine), `engine` (the per-connection protocol state machine, no I/O),
+//! `session` (state that outlives a connection, the registry, takeover),
+//! `publish` (routing one message into outboxes, retained and the store),
+//! `router` (the topic tree), `retained`, `outbox` (per-session bounded
+//! queues), `storage` (the `Store` trait and the in-memory store),
+//! `client` (the in-process client), `server` (listeners), `data_dir`.
+//! The packet codec is its own crate, `ferrymq-codec`.
 
+mod client;
 mod connection;
 mod data_dir;
+mod engine;
 mod message;
 mod outbox;
-mod registry;
+mod publish;
+mod retained;
 mod router;
 mod server;
+mod session;
 mod stats;
+pub mod storage;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use ferrymq_config::{Config, ConfigErrors};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+pub use client::{Client, ClientError, ClientOptions, Received};
 pub use data_dir::DataDir;
+pub use ferrymq_codec::QoS;
 pub use message::{Message, SessionId};
 pub use stats::Stats;
+pub use storage::{MemoryStore, Store};
+
+use crate::outbox::{Delivery, Outbox};
+use crate::router::Subscriber;
+use crate::session::{Inflight, SessionState};
+use crate::storage::{OutboundPhase, Recovered};
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,34 +96,49 @@ pub enum StartError {
     /// Another process holds the data directory.
     #[error("data_dir: {} is in use by another ferrymq process", .0.display())]
     DataDirInUse(PathBuf),
+    /// The store could not be read.
+    #[error("store: {0}")]
+    Store(#[from] storage::StoreError),
 }
 
 /// What every connection task shares.
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) router: router::Router,
-    pub(crate) registry: registry::Registry,
+    pub(crate) retained: retained::Retained,
+    pub(crate) sessions: session::Sessions,
+    pub(crate) store: Arc<dyn Store>,
     pub(crate) stats: Stats,
-    /// Source of connection and session numbers (never reused).
+    /// Source of connection numbers.
     next_connection: AtomicU64,
+    /// Source of session numbers (never reused, also across restarts).
+    next_session: AtomicU64,
     /// Distinguishes this run in assigned client identifiers.
     pub(crate) boot_id: u64,
     /// Becomes `true` when the broker stops; every task watches it.
     pub(crate) shutdown_rx: watch::Receiver<bool>,
-    /// Rate limit for "subscriber queue full" warnings.
+    /// Rate limit for "session queue full" warnings.
     pub(crate) drop_log: stats::LogLimiter,
     /// Rate limit for "max_connections reached" warnings.
     pub(crate) refuse_log: stats::LogLimiter,
+    /// This, for tasks spawned from borrowed contexts.
+    pub(crate) this: Weak<Shared>,
 }
 
 impl Shared {
     pub(crate) fn next_connection(&self) -> u64 {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
+
+    pub(crate) fn next_session_number(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// How long [`Broker::shutdown`] waits for connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often offline sessions are checked for expiry.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 
 /// A running broker.
 pub struct Broker {
@@ -108,18 +147,28 @@ pub struct Broker {
     shutdown_tx: watch::Sender<bool>,
     /// One permit per open connection; all permits back = all closed.
     connections: Arc<Semaphore>,
-    accept_tasks: Vec<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
     local_addrs: Vec<SocketAddr>,
     /// Held (locked) while the broker runs.
     _data_dir: DataDir,
 }
 
 impl Broker {
-    /// Validates `config`, locks the data directory, binds every listener
-    /// and starts accepting. Must be called inside a tokio runtime.
+    /// Starts a broker whose state lives in memory ([`MemoryStore`]).
     pub async fn start(config: Config) -> Result<Broker, StartError> {
+        Self::start_with_store(config, MemoryStore::new()).await
+    }
+
+    /// Validates `config`, locks the data directory, recovers the state
+    /// held by `store`, binds every listener and starts accepting. Must be
+    /// called inside a tokio runtime.
+    pub async fn start_with_store(
+        config: Config,
+        store: Arc<dyn Store>,
+    ) -> Result<Broker, StartError> {
         config.validate()?;
         let data_dir = DataDir::open(&config.data_dir)?;
+        let recovered = store.load()?;
         let listeners = server::bind(&config.listeners).await?;
         let local_addrs = listeners
             .iter()
@@ -131,27 +180,38 @@ impl Broker {
         let boot_id = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let shared = Arc::new(Shared {
+        let first_session = recovered.next_session_number.max(1);
+        let shared = Arc::new_cyclic(|this| Shared {
             config,
             router: router::Router::default(),
-            registry: registry::Registry::default(),
+            retained: retained::Retained::default(),
+            sessions: session::Sessions::default(),
+            store,
             stats: Stats::default(),
             next_connection: AtomicU64::new(1),
+            next_session: AtomicU64::new(first_session),
             boot_id,
             shutdown_rx,
             drop_log: stats::LogLimiter::new(Duration::from_secs(10)),
             refuse_log: stats::LogLimiter::new(Duration::from_secs(10)),
+            this: this.clone(),
         });
+        restore(&shared, recovered);
         let connections = Arc::new(Semaphore::new(max_connections));
-        let accept_tasks = listeners
+        let mut tasks: Vec<JoinHandle<()>> = listeners
             .into_iter()
             .map(|l| tokio::spawn(server::accept_loop(l, shared.clone(), connections.clone())))
             .collect();
+        tasks.push(tokio::spawn(expire_sessions(shared.clone())));
+        tasks.push(tokio::spawn(watch_store(
+            shared.clone(),
+            shutdown_tx.clone(),
+        )));
         Ok(Broker {
             shared,
             shutdown_tx,
             connections,
-            accept_tasks,
+            tasks,
             local_addrs,
             _data_dir: data_dir,
         })
@@ -167,12 +227,24 @@ impl Broker {
         &self.shared.stats
     }
 
+    /// Connects an in-process client: a session like any other, without a
+    /// socket. Counts against `max_connections`.
+    pub async fn connect(&self, options: ClientOptions) -> Result<Client, ClientError> {
+        let permit = self
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ClientError::Refused(ferrymq_codec::ReasonCode::SERVER_BUSY))?;
+        client::connect(self.shared.clone(), options, permit).await
+    }
+
     /// Stops accepting, tells every client (MQTT 5.0: DISCONNECT 0x8B
     /// Server shutting down), and waits until every connection has closed.
     pub async fn shutdown(self) {
         info!("shutting down");
         self.shutdown_tx.send_replace(true);
-        for task in self.accept_tasks {
+        for task in self.tasks {
+            task.abort();
             let _ = task.await;
         }
         let all = self.shared.config.limits.max_connections;
@@ -180,6 +252,101 @@ impl Broker {
             Ok(_) => info!("all connections closed"),
             Err(_) => warn!("connections still open after {SHUTDOWN_GRACE:?}; stopping anyway"),
         }
+    }
+}
+
+/// Rebuilds sessions, subscriptions, queues and retained messages from
+/// what the store recovered. Every recovered session starts offline.
+fn restore(shared: &Shared, recovered: Recovered) {
+    for entry in recovered.retained {
+        shared.retained.set(entry, 0);
+    }
+    let limits = connection::queue_limits(shared);
+    for s in recovered.sessions {
+        let number = s.record.number;
+        let first_seq = s.queue.iter().map(|q| q.seq + 1).max().unwrap_or(1);
+        let outbox = Outbox::new(number, limits, first_seq);
+        outbox.set_persistent(true);
+        let mut state = SessionState::new(s.record.client_id.clone(), number, outbox.clone());
+        state.expiry = Duration::from_secs(u64::from(s.record.expiry_secs));
+        state.stored = true;
+        let mut queue: std::collections::BTreeMap<u64, Delivery> = s
+            .queue
+            .into_iter()
+            .map(|q| {
+                let d = Delivery {
+                    message: q.message,
+                    qos: q.qos,
+                    retain: q.retain,
+                    seq: q.seq,
+                    ticket: 0,
+                    stored: true,
+                };
+                (q.seq, d)
+            })
+            .collect();
+        for inflight in s.inflight {
+            let entry = match inflight.phase {
+                OutboundPhase::Sent => match queue.remove(&inflight.seq) {
+                    Some(d) => Inflight::Sent(d),
+                    None => continue,
+                },
+                OutboundPhase::Released => Inflight::Released { seq: inflight.seq },
+            };
+            state.inflight.insert(inflight.packet_id, entry);
+            state.next_packet_id = state
+                .next_packet_id
+                .max(inflight.packet_id.wrapping_add(1).max(1));
+        }
+        outbox.restore(queue.into_values().collect());
+        state.qos2_received = s.qos2_received.into_iter().collect();
+        for (filter, sub) in s.subscriptions {
+            shared.router.subscribe(
+                &filter,
+                Subscriber {
+                    session: SessionId(number),
+                    outbox: outbox.clone(),
+                    qos: sub.options.qos,
+                    no_local: sub.options.no_local,
+                    retain_as_published: sub.options.retain_as_published,
+                },
+            );
+            state.subscriptions.insert(filter, sub);
+        }
+        shared.sessions.insert_offline(state);
+    }
+}
+
+/// Ends offline sessions whose expiry has passed.
+async fn expire_sessions(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let expired = shared.sessions.take_expired(tokio::time::Instant::now());
+        if expired.is_empty() {
+            continue;
+        }
+        let mut batch = storage::Batch::new(shared.store.as_ref());
+        for state in expired {
+            info!(client_id = %state.client_id, "session expired");
+            Stats::add(&shared.stats.sessions_expired, 1);
+            connection::end_session(&shared, state, &mut batch);
+        }
+        batch.submit();
+    }
+}
+
+/// Stops the broker if the store fails: nothing more could be made
+/// durable, so nothing more may be acknowledged.
+async fn watch_store(shared: Arc<Shared>, shutdown_tx: watch::Sender<bool>) {
+    let mut durable = shared.store.durable();
+    if let Ok(d) = durable.wait_for(|d| d.failed.is_some()).await {
+        error!(
+            "store failed: {}; stopping",
+            d.failed.as_deref().unwrap_or("unknown")
+        );
+        shutdown_tx.send_replace(true);
     }
 }
 

@@ -1,41 +1,69 @@
 //! [`Outbox`]: the bounded queue of messages waiting to be sent to one
-//! session. Publishers push without waiting; the connection task drains it.
+//! session, online or offline. Publishers push without waiting (unless
+//! the policy is `block`); the session's connection drains it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ferrymq_codec::QoS;
+use ferrymq_config::QueueFull;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::message::Message;
+use crate::storage::Ticket;
 
-/// One message on its way to one session, at the QoS of that delivery.
+/// One message on its way to one session.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     /// The shared message.
     pub message: Arc<Message>,
     /// min(published QoS, granted QoS).
     pub qos: QoS,
+    /// The RETAIN flag to send.
+    pub retain: bool,
+    /// Position in the session's queue (assigned by [`Outbox::push`]).
+    pub seq: u64,
+    /// Not to be sent before this store ticket is durable (0: at once).
+    pub ticket: Ticket,
+    /// Whether the store holds it (its removal must be stored too).
+    pub stored: bool,
 }
 
-/// Limits of one outbox.
+/// Limits and policies of a session's queue.
 #[derive(Debug, Clone, Copy)]
-pub struct OutboxLimits {
+pub struct QueueLimits {
     /// Most messages queued at once.
     pub max_messages: usize,
     /// Most payload bytes queued at once.
     pub max_bytes: usize,
+    /// What happens when a message does not fit.
+    pub policy: QueueFull,
+    /// Queue QoS 0 messages while the session is offline.
+    pub queue_qos0: bool,
 }
 
 /// What happened to a pushed delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pushed {
-    /// Queued.
-    Queued,
-    /// Not queued: the outbox is full (drop-newest; counted).
+    /// Queued at `seq`; with drop-oldest, `evicted` lists the oldest
+    /// deliveries dropped to make room, as (seq, stored): their store
+    /// entries must be deleted, and each drop is counted.
+    Queued {
+        /// Its position.
+        seq: u64,
+        /// Deliveries dropped to make room.
+        evicted: Vec<(u64, bool)>,
+    },
+    /// Not queued: the queue is full and the policy drops the new message.
     DroppedFull,
-    /// Not queued: the session has gone.
+    /// Not queued: the queue is full and the policy is `block` or `refuse`;
+    /// the caller waits for [`Outbox::space`] or refuses the publish.
+    Full,
+    /// Not queued: QoS 0 for an offline session that does not queue QoS 0.
+    Skipped,
+    /// Not queued: the session has ended.
     Closed,
 }
 
@@ -43,81 +71,190 @@ pub enum Pushed {
 struct Queue {
     items: VecDeque<Delivery>,
     bytes: usize,
+    next_seq: u64,
     closed: bool,
 }
 
 /// A session's outgoing queue.
 pub struct Outbox {
     /// The deliveries; a short critical section per push or drain, held by
-    /// one publisher or the owning connection, never across an await.
+    /// a publisher or the owning connection, never across an await.
     queue: Mutex<Queue>,
-    /// Wakes the connection task when the queue goes from empty to not
-    /// empty (a stored permit covers a push that races with the drain).
+    /// Wakes the connection when the queue gets something (a stored permit
+    /// covers a push that races with the drain).
     ready: Notify,
-    /// Bounds, so one slow subscriber cannot take all memory.
-    limits: OutboxLimits,
+    /// Wakes publishers blocked on a full queue (policy `block`).
+    space: Notify,
+    /// Bounds and policies, so one slow subscriber cannot take all memory.
+    limits: QueueLimits,
+    /// The session number: the store key prefix of this queue.
+    pub session_number: u64,
+    /// Whether the session outlives its connection (its queue is stored).
+    persistent: AtomicBool,
+    /// Whether a connection is attached (QoS 0 is skipped while offline
+    /// unless `queue_qos0`).
+    online: AtomicBool,
 }
 
 impl Outbox {
-    /// An empty outbox.
-    pub fn new(limits: OutboxLimits) -> Arc<Self> {
+    /// An empty outbox whose first delivery gets `first_seq`.
+    pub fn new(session_number: u64, limits: QueueLimits, first_seq: u64) -> Arc<Self> {
         Arc::new(Outbox {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue {
+                next_seq: first_seq,
+                ..Queue::default()
+            }),
             ready: Notify::new(),
+            space: Notify::new(),
             limits,
+            session_number,
+            persistent: AtomicBool::new(false),
+            online: AtomicBool::new(false),
         })
     }
 
-    /// Queues a delivery unless the outbox is full or closed. Never waits.
-    pub fn push(&self, delivery: Delivery) -> Pushed {
+    /// Marks the session as persistent (its queue is stored) or not.
+    pub fn set_persistent(&self, persistent: bool) {
+        self.persistent.store(persistent, Ordering::Release);
+    }
+
+    /// Whether messages queued here must be stored.
+    pub fn is_persistent(&self) -> bool {
+        self.persistent.load(Ordering::Acquire)
+    }
+
+    /// Marks a connection as attached or not.
+    pub fn set_online(&self, online: bool) {
+        self.online.store(online, Ordering::Release);
+    }
+
+    /// Whether a connection is attached.
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    /// Whether a delivery at `qos` should be stored when queued here.
+    pub fn stores(&self, qos: QoS) -> bool {
+        self.is_persistent() && (qos != QoS::AtMostOnce || self.limits.queue_qos0)
+    }
+
+    /// Whether one more delivery of `size` bytes fits now.
+    pub fn has_room(&self, size: usize) -> bool {
+        let q = self.queue.lock();
+        q.items.len() < self.limits.max_messages && q.bytes + size <= self.limits.max_bytes
+    }
+
+    /// Queues a delivery (its `seq` is assigned here). Never waits.
+    pub fn push(&self, mut delivery: Delivery) -> Pushed {
         let size = delivery.message.payload.len();
-        let was_empty = {
+        let limits = &self.limits;
+        let (pushed, was_empty) = {
             let mut q = self.queue.lock();
             if q.closed {
                 return Pushed::Closed;
             }
-            if q.items.len() >= self.limits.max_messages || q.bytes + size > self.limits.max_bytes {
+            if delivery.qos == QoS::AtMostOnce
+                && !limits.queue_qos0
+                && !self.online.load(Ordering::Acquire)
+            {
+                return Pushed::Skipped;
+            }
+            if size > limits.max_bytes {
+                // Larger than the whole budget: no eviction can make room.
                 return Pushed::DroppedFull;
             }
+            let mut evicted = Vec::new();
+            while q.items.len() >= limits.max_messages || q.bytes + size > limits.max_bytes {
+                match limits.policy {
+                    QueueFull::DropOldest => {
+                        let Some(old) = q.items.pop_front() else {
+                            break;
+                        };
+                        q.bytes -= old.message.payload.len();
+                        evicted.push((old.seq, old.stored));
+                    }
+                    QueueFull::DropNewest => return Pushed::DroppedFull,
+                    QueueFull::Refuse | QueueFull::Block => return Pushed::Full,
+                }
+            }
+            let seq = q.next_seq;
+            q.next_seq += 1;
+            delivery.seq = seq;
             q.bytes += size;
             q.items.push_back(delivery);
-            q.items.len() == 1
+            (Pushed::Queued { seq, evicted }, q.items.len() == 1)
         };
         if was_empty {
             self.ready.notify_one();
         }
-        Pushed::Queued
+        pushed
     }
 
-    /// Waits until the outbox may hold something. Cancel-safe: a
-    /// notification that arrives while nobody waits is kept as a permit.
+    /// Puts back deliveries recovered from the store or returned by a
+    /// closing connection, in order, ahead of anything queued since.
+    pub fn restore(&self, deliveries: Vec<Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let mut q = self.queue.lock();
+        for d in deliveries.into_iter().rev() {
+            q.next_seq = q.next_seq.max(d.seq + 1);
+            q.bytes += d.message.payload.len();
+            q.items.push_front(d);
+        }
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    /// Waits until the outbox may hold something. Cancel-safe.
     pub async fn ready(&self) {
         self.ready.notified().await;
     }
 
-    /// Moves up to `max` deliveries into `out`, oldest first.
-    pub fn drain_into(&self, out: &mut Vec<Delivery>, max: usize) {
-        let mut q = self.queue.lock();
-        let n = q.items.len().min(max);
-        let mut freed = 0;
-        for d in q.items.drain(..n) {
-            freed += d.message.payload.len();
-            out.push(d);
-        }
-        q.bytes -= freed;
-        if !q.items.is_empty() {
-            // More remains: make sure the drainer comes back.
-            drop(q);
-            self.ready.notify_one();
-        }
+    /// Resolves when a delivery leaves the queue (for `block`). Call
+    /// `enable()` on it before checking for room, so a departure in
+    /// between is not missed. Cancel-safe.
+    pub fn space(&self) -> tokio::sync::futures::Notified<'_> {
+        self.space.notified()
     }
 
-    /// Refuses further pushes and discards what is queued (the session ended).
-    pub fn close(&self) {
+    /// The first delivery, without removing it.
+    pub fn front(&self) -> Option<(QoS, Ticket)> {
+        let q = self.queue.lock();
+        q.items.front().map(|d| (d.qos, d.ticket))
+    }
+
+    /// Removes the first delivery.
+    pub fn pop(&self) -> Option<Delivery> {
+        let mut q = self.queue.lock();
+        let d = q.items.pop_front()?;
+        q.bytes -= d.message.payload.len();
+        drop(q);
+        self.space.notify_waiters();
+        Some(d)
+    }
+
+    /// Refuses further pushes and returns what was queued (the session ended).
+    pub fn close(&self) -> Vec<Delivery> {
         let mut q = self.queue.lock();
         q.closed = true;
-        q.items.clear();
         q.bytes = 0;
+        let items = q.items.drain(..).collect();
+        drop(q);
+        self.space.notify_waiters();
+        items
+    }
+
+    /// Number of queued deliveries.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.queue.lock().items.len()
+    }
+
+    /// True when nothing is queued.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -128,38 +265,151 @@ mod tests {
     use bytes::Bytes;
     use ferrymq_codec::{MqttString, PublishProperties};
 
-    fn delivery(payload: &'static [u8]) -> Delivery {
+    fn outbox(policy: QueueFull, max_messages: usize, max_bytes: usize) -> Arc<Outbox> {
+        let o = Outbox::new(
+            1,
+            QueueLimits {
+                max_messages,
+                max_bytes,
+                policy,
+                queue_qos0: false,
+            },
+            1,
+        );
+        o.set_online(true);
+        o
+    }
+
+    fn delivery(qos: QoS, payload: &'static [u8]) -> Delivery {
         Delivery {
             message: Arc::new(Message {
                 topic: MqttString::from_static("t"),
                 payload: Bytes::from_static(payload),
-                qos: QoS::AtMostOnce,
+                qos,
                 retain: false,
                 properties: PublishProperties::default(),
-                origin: SessionId(1),
+                origin: SessionId(2),
             }),
-            qos: QoS::AtMostOnce,
+            qos,
+            retain: false,
+            seq: 0,
+            ticket: 0,
+            stored: true,
+        }
+    }
+
+    fn seqs(o: &Outbox) -> Vec<u64> {
+        o.queue.lock().items.iter().map(|d| d.seq).collect()
+    }
+
+    #[test]
+    fn drop_oldest_evicts_and_reports_what_it_evicted() {
+        let o = outbox(QueueFull::DropOldest, 2, 100);
+        for _ in 0..2 {
+            assert!(matches!(
+                o.push(delivery(QoS::AtLeastOnce, b"a")),
+                Pushed::Queued { .. }
+            ));
+        }
+        assert_eq!(
+            o.push(delivery(QoS::AtLeastOnce, b"b")),
+            Pushed::Queued {
+                seq: 3,
+                evicted: vec![(1, true)]
+            }
+        );
+        assert_eq!(seqs(&o), [2, 3]);
+        // The byte budget can need several evictions.
+        let o = outbox(QueueFull::DropOldest, 10, 4);
+        for _ in 0..4 {
+            o.push(delivery(QoS::AtLeastOnce, b"x"));
+        }
+        assert_eq!(
+            o.push(delivery(QoS::AtLeastOnce, b"yyy")),
+            Pushed::Queued {
+                seq: 5,
+                evicted: vec![(1, true), (2, true), (3, true)]
+            }
+        );
+        assert_eq!(o.len(), 2);
+        // Larger than the whole budget: dropped, nothing evicted.
+        assert_eq!(
+            o.push(delivery(QoS::AtLeastOnce, b"zzzzz")),
+            Pushed::DroppedFull
+        );
+        assert_eq!(o.len(), 2);
+    }
+
+    #[test]
+    fn the_other_policies_keep_the_queue_as_it_is() {
+        for (policy, expected) in [
+            (QueueFull::DropNewest, Pushed::DroppedFull),
+            (QueueFull::Refuse, Pushed::Full),
+            (QueueFull::Block, Pushed::Full),
+        ] {
+            let o = outbox(policy, 1, 100);
+            o.push(delivery(QoS::AtLeastOnce, b"a"));
+            assert_eq!(
+                o.push(delivery(QoS::AtLeastOnce, b"b")),
+                expected,
+                "{policy:?}"
+            );
+            assert_eq!(seqs(&o), [1]);
+            assert!(!o.has_room(0));
         }
     }
 
     #[test]
-    fn bounded_by_messages_and_bytes() {
-        let outbox = Outbox::new(OutboxLimits {
-            max_messages: 2,
-            max_bytes: 5,
-        });
-        assert_eq!(outbox.push(delivery(b"ab")), Pushed::Queued);
-        assert_eq!(outbox.push(delivery(b"abcd")), Pushed::DroppedFull);
-        assert_eq!(outbox.push(delivery(b"abc")), Pushed::Queued);
-        assert_eq!(outbox.push(delivery(b"")), Pushed::DroppedFull);
-        let mut out = Vec::new();
-        outbox.drain_into(&mut out, 1);
-        assert_eq!(out.len(), 1);
-        assert_eq!(outbox.push(delivery(b"")), Pushed::Queued);
-        outbox.drain_into(&mut out, 10);
-        let payloads: Vec<_> = out.iter().map(|d| d.message.payload.clone()).collect();
-        assert_eq!(payloads, [&b"ab"[..], b"abc", b""]);
-        outbox.close();
-        assert_eq!(outbox.push(delivery(b"x")), Pushed::Closed);
+    fn qos0_is_queued_offline_only_when_configured() {
+        let o = outbox(QueueFull::DropOldest, 10, 100);
+        o.set_online(false);
+        assert_eq!(o.push(delivery(QoS::AtMostOnce, b"a")), Pushed::Skipped);
+        assert!(matches!(
+            o.push(delivery(QoS::AtLeastOnce, b"a")),
+            Pushed::Queued { .. }
+        ));
+        let q0 = Outbox::new(
+            1,
+            QueueLimits {
+                max_messages: 10,
+                max_bytes: 100,
+                policy: QueueFull::DropOldest,
+                queue_qos0: true,
+            },
+            1,
+        );
+        q0.set_persistent(true);
+        assert!(matches!(
+            q0.push(delivery(QoS::AtMostOnce, b"a")),
+            Pushed::Queued { .. }
+        ));
+        assert!(q0.stores(QoS::AtMostOnce));
+        assert!(
+            !o.stores(QoS::AtLeastOnce),
+            "not persistent: nothing stored"
+        );
+    }
+
+    #[test]
+    fn restore_puts_messages_back_in_front_in_order() {
+        let o = outbox(QueueFull::DropOldest, 10, 100);
+        o.push(delivery(QoS::AtLeastOnce, b"new"));
+        let mut old = vec![
+            delivery(QoS::AtLeastOnce, b"a"),
+            delivery(QoS::AtLeastOnce, b"b"),
+        ];
+        old[0].seq = 7;
+        old[1].seq = 8;
+        o.restore(old);
+        assert_eq!(seqs(&o), [7, 8, 1]);
+        assert_eq!(o.pop().map(|d| d.seq), Some(7));
+        // New pushes continue after the highest restored sequence.
+        assert!(matches!(
+            o.push(delivery(QoS::AtLeastOnce, b"c")),
+            Pushed::Queued { seq: 9, .. }
+        ));
+        assert_eq!(o.close().len(), 3);
+        assert_eq!(o.push(delivery(QoS::AtLeastOnce, b"d")), Pushed::Closed);
+        assert!(o.is_empty());
     }
 }

@@ -31,11 +31,13 @@ pub struct Subscriber {
     pub qos: QoS,
     /// No Local: not to be sent its own messages.
     pub no_local: bool,
+    /// Retain As Published: keep the RETAIN flag when forwarding.
+    pub retain_as_published: bool,
 }
 
 /// Where one message goes: one entry per session, overlapping
 /// subscriptions already merged (highest QoS; No Local only if every
-/// matching subscription has it).
+/// matching subscription has it; Retain As Published if any has it).
 #[derive(Clone)]
 pub struct Route {
     /// The session.
@@ -46,6 +48,8 @@ pub struct Route {
     pub qos: QoS,
     /// Skip when the publisher is this session.
     pub no_local: bool,
+    /// Keep the message's RETAIN flag.
+    pub retain_as_published: bool,
 }
 
 #[derive(Default)]
@@ -185,6 +189,7 @@ fn to_route(s: &Subscriber) -> Route {
         outbox: s.outbox.clone(),
         qos: s.qos,
         no_local: s.no_local,
+        retain_as_published: s.retain_as_published,
     }
 }
 
@@ -215,10 +220,15 @@ fn merge_by_session(out: &mut Vec<Route>, start: usize) {
     let mut write = start;
     for read in start + 1..out.len() {
         if out[read].session == out[write].session {
-            let (qos, no_local) = (out[read].qos, out[read].no_local);
+            let (qos, no_local, rap) = (
+                out[read].qos,
+                out[read].no_local,
+                out[read].retain_as_published,
+            );
             let kept = &mut out[write];
             kept.qos = kept.qos.max(qos);
             kept.no_local &= no_local;
+            kept.retain_as_published |= rap;
         } else {
             write += 1;
             out.swap(write, read);
@@ -302,19 +312,27 @@ impl RouteCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::OutboxLimits;
+    use crate::outbox::QueueLimits;
     use ferrymq_codec::topic::matches;
+    use ferrymq_config::QueueFull;
     use proptest::prelude::*;
 
     fn sub(session: u64, qos: QoS) -> Subscriber {
         Subscriber {
             session: SessionId(session),
-            outbox: Outbox::new(OutboxLimits {
-                max_messages: 1,
-                max_bytes: 1,
-            }),
+            outbox: Outbox::new(
+                session,
+                QueueLimits {
+                    max_messages: 1,
+                    max_bytes: 1,
+                    policy: QueueFull::DropOldest,
+                    queue_qos0: false,
+                },
+                1,
+            ),
             qos,
             no_local: false,
+            retain_as_published: false,
         }
     }
 

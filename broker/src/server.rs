@@ -77,7 +77,8 @@ pub(crate) async fn accept_loop(
         }
         let shared = shared.clone();
         tokio::spawn(async move {
-            crate::connection::serve(stream, peer, shared).await;
+            let (reader, writer) = stream.into_split();
+            crate::connection::serve(reader, writer, peer.to_string(), shared).await;
             drop(permit);
         });
     }

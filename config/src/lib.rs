@@ -74,6 +74,8 @@ pub struct Config {
     pub auth: Auth,
     /// `[limits]`: bounds that protect the node from its clients.
     pub limits: Limits,
+    /// `[storage]`: how long sessions live and how much each may queue.
+    pub storage: Storage,
 }
 
 /// One `[[listener]]`: an address and the protocol spoken on it.
@@ -128,6 +130,46 @@ pub struct Limits {
     pub connect_timeout: Duration,
 }
 
+/// `[storage]`: session lifetime and the bounds on each session's queue of
+/// messages waiting for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Storage {
+    /// `max_session_expiry_secs`: caps the Session Expiry Interval MQTT 5
+    /// clients ask for, and is the expiry of MQTT 3.1.1 persistent (clean
+    /// session 0) sessions. Default: 7 days. Range: 0 ..= 4294967295 (MQTT's
+    /// 32-bit seconds, where 4294967295 means never).
+    pub max_session_expiry: Duration,
+    /// `max_queued_messages`: the most messages queued for one session,
+    /// online or offline, not counting those in flight. Default: 10000.
+    /// Range: 1 ..= 100000000.
+    pub max_queued_messages: u32,
+    /// `max_queued_bytes` (bytes; `"64MiB"` style accepted): the most payload
+    /// bytes queued for one session, so one slow or absent subscriber cannot
+    /// take all memory. Default: 64 MiB. Range: 1 KiB ..= 1 TiB.
+    pub max_queued_bytes: u64,
+    /// `queue_full`: what happens to a message for a session whose queue is
+    /// at either bound. Every drop is counted. Default: `"drop-oldest"`.
+    pub queue_full: QueueFull,
+    /// `queue_qos0`: also queue QoS 0 messages for offline persistent
+    /// sessions (by default they are only delivered live). Default: `false`.
+    pub queue_qos0: bool,
+}
+
+/// `queue_full`: what to do with a message for a session whose queue is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum QueueFull {
+    /// Evict the oldest queued message to make room (`"drop-oldest"`).
+    #[default]
+    DropOldest,
+    /// Discard the new message (`"drop-newest"`).
+    DropNewest,
+    /// Refuse QoS 1/2 publishes: reason code 0x97 (Quota exceeded) in MQTT
+    /// 5, no acknowledgement in 3.1.1 (`"refuse"`).
+    Refuse,
+    /// The publisher waits until there is room (`"block"`).
+    Block,
+}
+
 impl Default for Config {
     /// The embedded defaults; the same values as [`default_config_toml`].
     fn default() -> Self {
@@ -137,6 +179,7 @@ impl Default for Config {
             listeners: vec![Listener::default()],
             auth: Auth::default(),
             limits: Limits::default(),
+            storage: Storage::default(),
         }
     }
 }
@@ -171,6 +214,18 @@ impl Default for Limits {
     }
 }
 
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            max_session_expiry: Duration::from_secs(7 * 24 * 3600),
+            max_queued_messages: 10_000,
+            max_queued_bytes: 64 << 20,
+            queue_full: QueueFull::DropOldest,
+            queue_qos0: false,
+        }
+    }
+}
+
 impl ListenerProtocol {
     /// The name used in the config file, e.g. `"tcp"`.
     pub fn as_str(self) -> &'static str {
@@ -181,6 +236,32 @@ impl ListenerProtocol {
 }
 
 impl fmt::Display for ListenerProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl QueueFull {
+    /// Every policy, in the order error messages list them.
+    pub(crate) const ALL: [QueueFull; 4] = [
+        QueueFull::DropOldest,
+        QueueFull::DropNewest,
+        QueueFull::Refuse,
+        QueueFull::Block,
+    ];
+
+    /// The name used in the config file, e.g. `"drop-oldest"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueFull::DropOldest => "drop-oldest",
+            QueueFull::DropNewest => "drop-newest",
+            QueueFull::Refuse => "refuse",
+            QueueFull::Block => "block",
+        }
+    }
+}
+
+impl fmt::Display for QueueFull {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

@@ -17,7 +17,9 @@ use toml::de::{DeTable, DeValue};
 
 use crate::size::RawSize;
 use crate::validate::{self, IntRange};
-use crate::{Auth, Config, ConfigError, Limits, Listener, ListenerProtocol, hint};
+use crate::{
+    Auth, Config, ConfigError, Limits, Listener, ListenerProtocol, QueueFull, Storage, hint,
+};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(expecting = "a TOML document")]
@@ -27,6 +29,7 @@ pub(crate) struct RawConfig {
     listener: Option<Vec<RawListener>>,
     auth: Option<RawAuth>,
     limits: Option<RawLimits>,
+    storage: Option<RawStorage>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +55,16 @@ struct RawLimits {
     connect_timeout_secs: Option<Int>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a [storage] table")]
+struct RawStorage {
+    max_session_expiry_secs: Option<Int>,
+    max_queued_messages: Option<Int>,
+    max_queued_bytes: Option<RawSize>,
+    queue_full: Option<String>,
+    queue_qos0: Option<bool>,
+}
+
 /// One table of the file, for unknown-key hints.
 pub(crate) struct Table {
     /// How the table is written in a file, e.g. `[limits]`.
@@ -68,8 +81,10 @@ pub(crate) const TABLES: &[Table] = &[
     Table {
         header: "the top level",
         path: &[],
-        keys: &["node_id", "data_dir", "listener", "auth", "limits"],
-        planned: &["storage", "bridge", "state", "metrics"],
+        keys: &[
+            "node_id", "data_dir", "listener", "auth", "limits", "storage",
+        ],
+        planned: &["bridge", "state", "metrics"],
     },
     Table {
         header: "[[listener]]",
@@ -94,6 +109,18 @@ pub(crate) const TABLES: &[Table] = &[
             "connect_timeout_secs",
         ],
         planned: &[],
+    },
+    Table {
+        header: "[storage]",
+        path: &["storage"],
+        keys: &[
+            "max_session_expiry_secs",
+            "max_queued_messages",
+            "max_queued_bytes",
+            "queue_full",
+            "queue_qos0",
+        ],
+        planned: &["durability", "max_disk_bytes"],
     },
 ];
 
@@ -322,6 +349,10 @@ impl RawConfig {
                 .limits
                 .unwrap_or_default()
                 .into_limits(defaults.limits, errors),
+            storage: self
+                .storage
+                .unwrap_or_default()
+                .into_storage(defaults.storage, errors),
         };
         (config, unusable_binds)
     }
@@ -426,6 +457,62 @@ impl RawLimits {
     }
 }
 
+impl RawStorage {
+    fn into_storage(self, defaults: Storage, errors: &mut Vec<ConfigError>) -> Storage {
+        Storage {
+            max_session_expiry: Duration::from_secs(narrow(
+                self.max_session_expiry_secs.map(|Int(v)| v),
+                "storage.max_session_expiry_secs",
+                &validate::MAX_SESSION_EXPIRY_SECS,
+                defaults.max_session_expiry.as_secs(),
+                errors,
+            )),
+            max_queued_messages: narrow(
+                self.max_queued_messages.map(|Int(v)| v),
+                "storage.max_queued_messages",
+                &validate::MAX_QUEUED_MESSAGES,
+                defaults.max_queued_messages,
+                errors,
+            ),
+            max_queued_bytes: narrow(
+                self.max_queued_bytes.map(|RawSize(v)| i128::from(v)),
+                "storage.max_queued_bytes",
+                &validate::MAX_QUEUED_BYTES,
+                defaults.max_queued_bytes,
+                errors,
+            ),
+            queue_full: match self.queue_full.as_deref() {
+                None => defaults.queue_full,
+                Some(text) => queue_full(text).unwrap_or_else(|error| {
+                    errors.push(error);
+                    defaults.queue_full
+                }),
+            },
+            queue_qos0: self.queue_qos0.unwrap_or(defaults.queue_qos0),
+        }
+    }
+}
+
+/// The policy spelt `text`, or an error listing the policies (with a "did
+/// you mean" when `text` is close to one).
+fn queue_full(text: &str) -> Result<QueueFull, ConfigError> {
+    if let Some(&policy) = QueueFull::ALL.iter().find(|p| p.as_str() == text) {
+        return Ok(policy);
+    }
+    let names = QueueFull::ALL.map(QueueFull::as_str);
+    let hint = hint::closest(text, &names)
+        .map(|name| format!(" (did you mean \"{name}\"?)"))
+        .unwrap_or_default();
+    let expected: Vec<String> = names.iter().map(|name| format!("\"{name}\"")).collect();
+    Err(ConfigError::new(
+        "storage.queue_full",
+        format!(
+            "unknown policy \"{text}\"{hint}; expected one of {}",
+            expected.join(", ")
+        ),
+    ))
+}
+
 /// Converts a raw number into the field's type. A value the type cannot
 /// hold is reported with the key's range (the same message stage 2 gives)
 /// and replaced by the default; a value the type holds is left for stage 2
@@ -508,6 +595,7 @@ mod tests {
             fields_of::<RawListener>(),
             fields_of::<RawAuth>(),
             fields_of::<RawLimits>(),
+            fields_of::<RawStorage>(),
         ];
         let actual: Vec<&[&str]> = TABLES.iter().map(|t| t.keys).collect();
         assert_eq!(actual, expected);

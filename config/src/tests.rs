@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::{
-    Auth, Config, ConfigError, ConfigErrors, Limits, Listener, ListenerProtocol,
-    default_config_toml,
+    Auth, Config, ConfigError, ConfigErrors, Limits, Listener, ListenerProtocol, QueueFull,
+    Storage, default_config_toml,
 };
 
 /// `toml` must parse to the defaults changed by `edit`.
@@ -63,6 +63,17 @@ fn defaults() {
             connect_timeout: Duration::from_secs(10),
         }
     );
+    assert_eq!(
+        config.storage,
+        Storage {
+            max_session_expiry: Duration::from_secs(604_800),
+            max_queued_messages: 10_000,
+            max_queued_bytes: 67_108_864,
+            queue_full: QueueFull::DropOldest,
+            queue_qos0: false,
+        }
+    );
+    assert_eq!(QueueFull::default(), QueueFull::DropOldest);
     assert_eq!(config.validate(), Ok(()));
 }
 
@@ -70,7 +81,7 @@ fn defaults() {
 fn empty_file_is_defaults() {
     check_ok("", |_| {});
     check_ok("\n# only a comment\n\n", |_| {});
-    check_ok("[auth]\n[limits]\n", |_| {});
+    check_ok("[auth]\n[limits]\n[storage]\n", |_| {});
 }
 
 #[test]
@@ -96,6 +107,13 @@ fn every_key_parsed() {
         receive_maximum = 10
         max_keepalive_secs = 60
         connect_timeout_secs = 3
+
+        [storage]
+        max_session_expiry_secs = 86400
+        max_queued_messages = 500
+        max_queued_bytes = "2MiB"
+        queue_full = "refuse"
+        queue_qos0 = true
         "#,
         |c| {
             c.node_id = "edge-01".into();
@@ -108,6 +126,13 @@ fn every_key_parsed() {
                 receive_maximum: 10,
                 max_keepalive: Duration::from_secs(60),
                 connect_timeout: Duration::from_secs(3),
+            };
+            c.storage = Storage {
+                max_session_expiry: Duration::from_secs(86_400),
+                max_queued_messages: 500,
+                max_queued_bytes: 2_097_152,
+                queue_full: QueueFull::Refuse,
+                queue_qos0: true,
             };
         },
     );
@@ -198,6 +223,160 @@ fn packet_sizes() {
             &[&format!("limits.max_packet_size: {expected}")],
         );
     }
+}
+
+#[test]
+fn storage_at_their_bounds() {
+    check_ok(
+        r#"
+        [storage]
+        max_session_expiry_secs = 0
+        max_queued_messages = 1
+        max_queued_bytes = 1024
+        "#,
+        |c| {
+            c.storage.max_session_expiry = Duration::ZERO;
+            c.storage.max_queued_messages = 1;
+            c.storage.max_queued_bytes = 1024;
+        },
+    );
+    check_ok(
+        r#"
+        [storage]
+        max_session_expiry_secs = 4294967295
+        max_queued_messages = 100000000
+        max_queued_bytes = "1TiB"
+        "#,
+        |c| {
+            c.storage.max_session_expiry = Duration::from_secs(u64::from(u32::MAX));
+            c.storage.max_queued_messages = 100_000_000;
+            c.storage.max_queued_bytes = 1 << 40;
+        },
+    );
+}
+
+#[test]
+fn storage_ranges() {
+    for (key, value, range) in [
+        (
+            "max_session_expiry_secs",
+            "4294967296",
+            "between 0 and 4294967295 seconds",
+        ),
+        (
+            "max_session_expiry_secs",
+            "-1",
+            "between 0 and 4294967295 seconds",
+        ),
+        (
+            "max_session_expiry_secs",
+            "99999999999999999999",
+            "between 0 and 4294967295 seconds",
+        ),
+        ("max_queued_messages", "0", "between 1 and 100000000"),
+        (
+            "max_queued_messages",
+            "100000001",
+            "between 1 and 100000000",
+        ),
+        (
+            "max_queued_messages",
+            "4294967296",
+            "between 1 and 100000000",
+        ),
+        ("max_queued_messages", "-5", "between 1 and 100000000"),
+        (
+            "max_queued_bytes",
+            "0",
+            "between 1024 and 1099511627776 bytes",
+        ),
+        (
+            "max_queued_bytes",
+            "1023",
+            "between 1024 and 1099511627776 bytes",
+        ),
+        (
+            "max_queued_bytes",
+            "1099511627777",
+            "between 1024 and 1099511627776 bytes",
+        ),
+    ] {
+        check_err(
+            &format!("[storage]\n{key} = {value}"),
+            &[&format!("storage.{key}: must be {range}, got {value}")],
+        );
+    }
+}
+
+#[test]
+fn queued_bytes_sizes() {
+    for (value, bytes) in [
+        ("4096", 4096),
+        ("\"1KiB\"", 1024),
+        ("\"10KB\"", 10_000),
+        ("\"16MiB\"", 16_777_216),
+        ("\"1 GiB\"", 1_073_741_824),
+        ("\"1TB\"", 1_000_000_000_000),
+    ] {
+        check_ok(&format!("[storage]\nmax_queued_bytes = {value}"), |c| {
+            c.storage.max_queued_bytes = bytes;
+        });
+    }
+    let range = "must be between 1024 and 1099511627776 bytes";
+    for (value, expected) in [
+        ("\"1000B\"", format!("{range}, got 1000")),
+        ("\"2TiB\"", format!("{range}, got 2199023255552")),
+        ("-1", "a size cannot be negative, got -1".to_owned()),
+        (
+            "\"64mib\"",
+            "invalid size \"64mib\": unknown unit \"mib\" (units are case-sensitive: did you \
+             mean \"MiB\"?); units are B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+                .to_owned(),
+        ),
+    ] {
+        check_err(
+            &format!("[storage]\nmax_queued_bytes = {value}"),
+            &[&format!("storage.max_queued_bytes: {expected}")],
+        );
+    }
+}
+
+#[test]
+fn queue_full_policies() {
+    for (text, policy) in [
+        ("drop-oldest", QueueFull::DropOldest),
+        ("drop-newest", QueueFull::DropNewest),
+        ("refuse", QueueFull::Refuse),
+        ("block", QueueFull::Block),
+    ] {
+        check_ok(&format!("[storage]\nqueue_full = \"{text}\""), |c| {
+            c.storage.queue_full = policy;
+        });
+        assert_eq!(policy.as_str(), text);
+        assert_eq!(policy.to_string(), text);
+    }
+    let expected = "expected one of \"drop-oldest\", \"drop-newest\", \"refuse\", \"block\"";
+    for (text, hint) in [
+        ("drop_oldest", " (did you mean \"drop-oldest\"?)"),
+        ("drop-newset", " (did you mean \"drop-newest\"?)"),
+        ("Refuse", " (did you mean \"refuse\"?)"),
+        ("blocks", " (did you mean \"block\"?)"),
+        ("blocking", ""),
+        ("DROP-OLDEST", ""),
+        ("wait", ""),
+        ("", ""),
+    ] {
+        check_err(
+            &format!("[storage]\nqueue_full = \"{text}\""),
+            &[&format!(
+                "storage.queue_full: unknown policy \"{text}\"{hint}; {expected}"
+            )],
+        );
+    }
+    check_err(
+        "[storage]\nqueue_full = 1",
+        &["storage.queue_full: invalid type: integer `1`, expected a string"],
+    );
 }
 
 #[test]
@@ -387,14 +566,25 @@ fn every_problem_reported_at_once() {
         max_keepalive_secs = 0
         connect_timeout_secs = 0
         max_conections = 1
+
+        [storage]
+        max_session_expiry_secs = -1
+        max_queued_messages = 0
+        max_queued_bytes = 10
+        queue_full = "drop"
+        max_queued_message = 5
         "#,
         &[
             "nodeid: unknown key; did you mean `node_id`?",
             "listener[2].bnd: unknown key; did you mean `bind`?",
             "limits.max_conections: unknown key; did you mean `max_connections`?",
+            "storage.max_queued_message: unknown key; did you mean `max_queued_messages`?",
             "listener[0].protocol: \"wss\" is not available yet in this version; \
              supported: \"tcp\"",
             "listener[1].bind: \"nowhere\" is not an address like 127.0.0.1:1883",
+            "storage.max_session_expiry_secs: must be between 0 and 4294967295 seconds, got -1",
+            "storage.queue_full: unknown policy \"drop\"; expected one of \"drop-oldest\", \
+             \"drop-newest\", \"refuse\", \"block\"",
             "node_id: must not be empty",
             "data_dir: must not be empty",
             "listener[2].bind: 0.0.0.0:1883 is already used by listener[0]",
@@ -407,6 +597,8 @@ fn every_problem_reported_at_once() {
             "limits.receive_maximum: must be between 1 and 65535, got 0",
             "limits.max_keepalive_secs: must be between 1 and 65535 seconds, got 0",
             "limits.connect_timeout_secs: must be between 1 and 3600 seconds, got 0",
+            "storage.max_queued_messages: must be between 1 and 100000000, got 0",
+            "storage.max_queued_bytes: must be between 1024 and 1099511627776 bytes, got 10",
         ],
     );
 }
@@ -431,6 +623,10 @@ fn unknown_keys() {
         max_conections = 10
         recieve_maximum = 5
         max_keepalive = 60
+
+        [storage]
+        max_session_expiry = 60
+        queue_qos_0 = true
         "#,
         &[
             "node_idd: unknown key; did you mean `node_id`?",
@@ -440,6 +636,8 @@ fn unknown_keys() {
             "limits.max_conections: unknown key; did you mean `max_connections`?",
             "limits.recieve_maximum: unknown key; did you mean `receive_maximum`?",
             "limits.max_keepalive: unknown key",
+            "storage.max_session_expiry: unknown key",
+            "storage.queue_qos_0: unknown key; did you mean `queue_qos0`?",
         ],
     );
 }
@@ -456,8 +654,13 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         cert = "server.pem"
         [auth]
         password_file = "passwd"
+        [limits]
+        queue_full = "refuse"
         [storage]
         durability = "sync-each"
+        max_disk_bytes = "10GiB"
+        max_connections = 10
+        [bridge]
         "#,
         &[
             "max_connections: unknown key; `max_connections` belongs in [limits]",
@@ -465,7 +668,12 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
             "listener[0].cert: unknown key; `cert` is not available yet in this version",
             "auth.password_file: unknown key; `password_file` is not available yet in this \
              version",
-            "storage: unknown key; `storage` is not available yet in this version",
+            "limits.queue_full: unknown key; `queue_full` belongs in [storage]",
+            "storage.durability: unknown key; `durability` is not available yet in this version",
+            "storage.max_disk_bytes: unknown key; `max_disk_bytes` is not available yet in \
+             this version",
+            "storage.max_connections: unknown key; `max_connections` belongs in [limits]",
+            "bridge: unknown key; `bridge` is not available yet in this version",
         ],
     );
 }
@@ -487,6 +695,18 @@ fn type_errors_name_the_key() {
     check_err(
         "limits = 5",
         &["limits: invalid type: integer `5`, expected a [limits] table"],
+    );
+    check_err(
+        "storage = \"rocksdb\"",
+        &[r#"storage: invalid type: string "rocksdb", expected a [storage] table"#],
+    );
+    check_err(
+        "[storage]\nqueue_qos0 = 1",
+        &["storage.queue_qos0: invalid type: integer `1`, expected a boolean"],
+    );
+    check_err(
+        "[storage]\nmax_queued_messages = 1.5",
+        &["storage.max_queued_messages: invalid type: floating point `1.5`, expected an integer"],
     );
     check_err(
         "[listener]\nbind = \"127.0.0.1:1883\"",
@@ -576,6 +796,9 @@ fn validate_config_built_in_code() {
     config.limits.max_keepalive = Duration::ZERO;
     config.limits.connect_timeout = Duration::from_millis(500);
     config.limits.max_packet_size = 10;
+    config.storage.max_session_expiry = Duration::from_secs(u64::from(u32::MAX) + 1);
+    config.storage.max_queued_messages = 0;
+    config.storage.max_queued_bytes = (1 << 40) + 1;
     let errors = config.validate().expect_err("invalid");
     let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
     assert_eq!(
@@ -590,8 +813,20 @@ fn validate_config_built_in_code() {
             "limits.max_packet_size: must be between 64 and 268435460 bytes, got 10",
             "limits.max_keepalive_secs: must be between 1 and 65535 seconds, got 0",
             "limits.connect_timeout_secs: must be between 1 and 3600 seconds, got 0",
+            "storage.max_session_expiry_secs: must be between 0 and 4294967295 seconds, \
+             got 4294967296",
+            "storage.max_queued_messages: must be between 1 and 100000000, got 0",
+            "storage.max_queued_bytes: must be between 1024 and 1099511627776 bytes, \
+             got 1099511627777",
         ]
     );
+
+    // Session expiry 0 (end at disconnect) and "never" are both valid.
+    for secs in [0, u64::from(u32::MAX)] {
+        let mut config = Config::default();
+        config.storage.max_session_expiry = Duration::from_secs(secs);
+        assert_eq!(config.validate(), Ok(()), "{secs}");
+    }
 
     let no_listeners = Config {
         listeners: Vec::new(),

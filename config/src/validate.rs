@@ -63,6 +63,27 @@ pub(crate) const CONNECT_TIMEOUT_SECS: IntRange = IntRange {
     unit: " seconds",
 };
 
+/// MQTT 5 Session Expiry Interval is a 32-bit number of seconds; 0 ends a
+/// session at disconnect and the maximum means never.
+pub(crate) const MAX_SESSION_EXPIRY_SECS: IntRange = IntRange {
+    lo: 0,
+    hi: u32::MAX as u64,
+    unit: " seconds",
+};
+
+pub(crate) const MAX_QUEUED_MESSAGES: IntRange = IntRange {
+    lo: 1,
+    hi: 100_000_000,
+    unit: "",
+};
+
+/// 1 KiB ..= 1 TiB.
+pub(crate) const MAX_QUEUED_BYTES: IntRange = IntRange {
+    lo: 1 << 10,
+    hi: 1 << 40,
+    unit: " bytes",
+};
+
 /// Checks every rule on `config`, pushing one error per problem.
 /// `unusable_binds` lists listeners whose `bind` was already reported as
 /// unusable (a placeholder stands in), so address rules skip them.
@@ -75,6 +96,7 @@ pub(crate) fn check(config: &Config, unusable_binds: &[usize], errors: &mut Vec<
     }
     check_listeners(config, unusable_binds, errors);
     check_limits(config, errors);
+    check_storage(config, errors);
 }
 
 fn check_listeners(config: &Config, unusable_binds: &[usize], errors: &mut Vec<ConfigError>) {
@@ -154,6 +176,22 @@ fn check_limits(config: &Config, errors: &mut Vec<ConfigError>) {
         limits.connect_timeout,
         errors,
     );
+}
+
+fn check_storage(config: &Config, errors: &mut Vec<ConfigError>) {
+    let storage = &config.storage;
+    check_secs(
+        &MAX_SESSION_EXPIRY_SECS,
+        "storage.max_session_expiry_secs",
+        storage.max_session_expiry,
+        errors,
+    );
+    MAX_QUEUED_MESSAGES.check(
+        "storage.max_queued_messages",
+        u64::from(storage.max_queued_messages),
+        errors,
+    );
+    MAX_QUEUED_BYTES.check("storage.max_queued_bytes", storage.max_queued_bytes, errors);
 }
 
 /// Durations are whole seconds in the file; one built in code with a

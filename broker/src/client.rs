@@ -1,0 +1,501 @@
+//! The in-process client: gateway firmware talks MQTT to the broker it
+//! links, without a socket. [`crate::Broker::connect`] opens an in-memory
+//! duplex stream, serves the broker side with the same connection task as
+//! TCP clients (so an in-process session behaves exactly like a network
+//! one: QoS, retained messages, persistent sessions, queue policies), and
+//! runs the client side of MQTT 5.0 in a task of its own.
+//!
+//! Acknowledgements are end to end: [`Client::publish`] returns when the
+//! broker acknowledged (for QoS 1/2: the message is durable in every
+//! matching persistent queue), and a received QoS 1/2 message is
+//! acknowledged to the broker only once [`Client::recv`] could take it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use ferrymq_codec::{
+    self as codec, Connect, ConnectProperties, Disconnect, MqttString, Packet, Protocol, PubAck,
+    Publish, PublishProperties, QoS, ReasonCode, Subscribe, Subscription, SubscriptionOptions,
+    Unsubscribe,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::Shared;
+
+/// How an in-process client connects.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The client identifier (empty: the broker assigns one).
+    pub client_id: String,
+    /// Start a new session (true) or resume the existing one.
+    pub clean_start: bool,
+    /// How long the session outlives the client (zero: it ends with it).
+    pub session_expiry: Duration,
+    /// Messages the client holds for [`Client::recv`] before it stops
+    /// taking more (also its Receive Maximum towards the broker).
+    pub receive_capacity: u16,
+}
+
+impl ClientOptions {
+    /// A clean, non-persistent session named `client_id`.
+    pub fn new(client_id: impl Into<String>) -> Self {
+        ClientOptions {
+            client_id: client_id.into(),
+            clean_start: true,
+            session_expiry: Duration::ZERO,
+            receive_capacity: 1024,
+        }
+    }
+
+    /// A persistent session that outlives the client by `expiry`,
+    /// resumed if it exists.
+    pub fn persistent(mut self, expiry: Duration) -> Self {
+        self.clean_start = false;
+        self.session_expiry = expiry;
+        self
+    }
+}
+
+/// Why an in-process client operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The broker refused it (CONNACK, PUBACK, PUBREC or SUBACK reason code).
+    #[error("refused by the broker: {0}")]
+    Refused(ReasonCode),
+    /// The connection is closed (the broker stopped, or took it over).
+    #[error("connection closed")]
+    Closed,
+    /// The request is not valid MQTT (e.g. a wildcard in a topic name).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// A message delivered to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The topic.
+    pub topic: MqttString,
+    /// The payload.
+    pub payload: Bytes,
+    /// The delivery QoS.
+    pub qos: QoS,
+    /// Set for a retained message sent because of a new subscription.
+    pub retain: bool,
+    /// MQTT 5.0 properties.
+    pub properties: PublishProperties,
+}
+
+enum Command {
+    Send(
+        Box<Packet>,
+        Option<oneshot::Sender<Result<Packet, ClientError>>>,
+    ),
+    Disconnect(oneshot::Sender<()>),
+}
+
+/// An MQTT client connected to the broker in-process.
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    incoming: mpsc::Receiver<Received>,
+    task: JoinHandle<()>,
+    session_present: bool,
+}
+
+/// In-memory stream buffer size, each way.
+const DUPLEX_BUFFER: usize = 64 * 1024;
+
+pub(crate) async fn connect(
+    shared: Arc<Shared>,
+    options: ClientOptions,
+    permit: OwnedSemaphorePermit,
+) -> Result<Client, ClientError> {
+    let client_id =
+        MqttString::new(&options.client_id).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    let (ours, theirs) = tokio::io::duplex(DUPLEX_BUFFER);
+    let peer = format!("in-process:{}", options.client_id);
+    tokio::spawn(async move {
+        let (reader, writer) = tokio::io::split(theirs);
+        crate::connection::serve(reader, writer, peer, shared).await;
+        drop(permit);
+    });
+    let (mut reader, mut writer) = tokio::io::split(ours);
+    let connect = Connect {
+        protocol: Protocol::V5,
+        clean_start: options.clean_start,
+        keep_alive: 0,
+        client_id,
+        will: None,
+        username: None,
+        password: None,
+        properties: ConnectProperties {
+            session_expiry_interval: Some(
+                u32::try_from(options.session_expiry.as_secs()).unwrap_or(u32::MAX),
+            ),
+            receive_maximum: Some(options.receive_capacity.max(1)),
+            ..ConnectProperties::default()
+        },
+    };
+    let mut out = BytesMut::new();
+    encode(&Packet::Connect(Box::new(connect)), &mut out)?;
+    writer
+        .write_all(&out)
+        .await
+        .map_err(|_| ClientError::Closed)?;
+    let mut inbuf = BytesMut::new();
+    let connack = loop {
+        if let Some(packet) =
+            codec::decode(&mut inbuf, Protocol::V5, u32::MAX).map_err(|_| ClientError::Closed)?
+        {
+            break packet;
+        }
+        if reader
+            .read_buf(&mut inbuf)
+            .await
+            .map_err(|_| ClientError::Closed)?
+            == 0
+        {
+            return Err(ClientError::Closed);
+        }
+    };
+    let Packet::ConnAck(connack) = connack else {
+        return Err(ClientError::Closed);
+    };
+    if connack.reason_code.is_error() {
+        return Err(ClientError::Refused(connack.reason_code));
+    }
+    let capacity = usize::from(options.receive_capacity.max(1));
+    let (commands, commands_rx) = mpsc::channel(64);
+    let (incoming_tx, incoming) = mpsc::channel(capacity);
+    let task = tokio::spawn(
+        Driver {
+            reader,
+            writer,
+            inbuf,
+            out: BytesMut::new(),
+            waiting: HashMap::new(),
+            next_packet_id: 1,
+            qos2_seen: HashSet::new(),
+            backlog: VecDeque::new(),
+            capacity,
+        }
+        .run(commands_rx, incoming_tx),
+    );
+    Ok(Client {
+        commands,
+        incoming,
+        task,
+        session_present: connack.session_present,
+    })
+}
+
+fn encode(packet: &Packet, out: &mut BytesMut) -> Result<(), ClientError> {
+    packet
+        .encode(Protocol::V5, out)
+        .map(|_| ())
+        .map_err(|e| ClientError::Invalid(e.to_string()))
+}
+
+fn topic(text: &str) -> Result<MqttString, ClientError> {
+    MqttString::new(text).map_err(|e| ClientError::Invalid(e.to_string()))
+}
+
+impl Client {
+    /// Whether the broker resumed an existing session.
+    pub fn session_present(&self) -> bool {
+        self.session_present
+    }
+
+    async fn request(&self, packet: Packet) -> Result<Packet, ClientError> {
+        let (done, result) = oneshot::channel();
+        self.commands
+            .send(Command::Send(Box::new(packet), Some(done)))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        result.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Publishes a message. Returns once the broker acknowledged it (QoS 0:
+    /// once it was handed to the broker).
+    pub async fn publish(
+        &self,
+        topic_name: &str,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), ClientError> {
+        let publish = Publish {
+            qos,
+            retain,
+            topic: topic(topic_name)?,
+            payload: payload.into(),
+            ..Publish::default()
+        };
+        self.publish_packet(publish).await
+    }
+
+    /// Publishes a prepared PUBLISH (properties included); its packet
+    /// identifier is assigned here.
+    pub async fn publish_packet(&self, publish: Publish) -> Result<(), ClientError> {
+        codec::topic::validate_topic_name(&publish.topic)
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        match self.request(Packet::Publish(publish)).await? {
+            Packet::PubAck(ack) | Packet::PubComp(ack) | Packet::PubRec(ack)
+                if ack.reason_code.is_error() =>
+            {
+                Err(ClientError::Refused(ack.reason_code))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Subscribes to a topic filter; returns the granted QoS.
+    pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<QoS, ClientError> {
+        let subscribe = Subscribe {
+            packet_id: 0,
+            subscriptions: vec![Subscription {
+                filter: topic(filter)?,
+                options: SubscriptionOptions {
+                    qos,
+                    ..SubscriptionOptions::default()
+                },
+            }],
+            properties: Default::default(),
+        };
+        codec::topic::validate_topic_filter(filter)
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        match self.request(Packet::Subscribe(subscribe)).await? {
+            Packet::SubAck(ack) => match ack.reason_codes.first() {
+                Some(code) if !code.is_error() => {
+                    QoS::from_bits(code.0).map_err(|_| ClientError::Refused(*code))
+                }
+                Some(code) => Err(ClientError::Refused(*code)),
+                None => Err(ClientError::Closed),
+            },
+            _ => Err(ClientError::Closed),
+        }
+    }
+
+    /// Removes a subscription.
+    pub async fn unsubscribe(&self, filter: &str) -> Result<(), ClientError> {
+        let unsubscribe = Unsubscribe {
+            packet_id: 0,
+            filters: vec![topic(filter)?],
+            properties: Default::default(),
+        };
+        self.request(Packet::Unsubscribe(unsubscribe))
+            .await
+            .map(|_| ())
+    }
+
+    /// The next message delivered to this client; `None` once the
+    /// connection has closed and every delivered message was taken.
+    pub async fn recv(&mut self) -> Option<Received> {
+        self.incoming.recv().await
+    }
+
+    /// Disconnects normally (no will) and waits for the connection to end.
+    /// A persistent session stays for its expiry.
+    pub async fn disconnect(self) {
+        let (done, wait) = oneshot::channel();
+        if self.commands.send(Command::Disconnect(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// What an outstanding request waits for.
+struct Waiting {
+    done: oneshot::Sender<Result<Packet, ClientError>>,
+}
+
+/// The client side of the connection.
+struct Driver<R, W> {
+    reader: R,
+    writer: W,
+    inbuf: BytesMut,
+    out: BytesMut,
+    /// Requests awaiting their acknowledgement, by packet identifier.
+    waiting: HashMap<u16, Waiting>,
+    next_packet_id: u16,
+    /// Inbound QoS 2 packet identifiers received and not yet released.
+    qos2_seen: HashSet<u16>,
+    /// Messages received but not yet taken by the application, with the
+    /// acknowledgement to send once taken.
+    backlog: VecDeque<(Received, Option<Packet>)>,
+    capacity: usize,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
+    fn packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = id.checked_add(1).unwrap_or(1);
+            if id != 0 && !self.waiting.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        incoming: mpsc::Sender<Received>,
+    ) {
+        let mut disconnecting: Option<oneshot::Sender<()>> = None;
+        loop {
+            // Cancel-safe branches: `recv`, `reserve`, `read_buf` and
+            // `write` do nothing unless they complete.
+            tokio::select! {
+                command = commands.recv(), if disconnecting.is_none() => match command {
+                    Some(Command::Send(packet, done)) => self.send(*packet, done),
+                    Some(Command::Disconnect(done)) => {
+                        let _ = encode(&Packet::Disconnect(Disconnect::new(ReasonCode::NORMAL_DISCONNECTION)), &mut self.out);
+                        disconnecting = Some(done);
+                    }
+                    None => break,
+                },
+                permit = incoming.reserve(), if !self.backlog.is_empty() => {
+                    let Ok(permit) = permit else { break };
+                    if let Some((received, ack)) = self.backlog.pop_front() {
+                        permit.send(received);
+                        if let Some(ack) = ack {
+                            let _ = encode(&ack, &mut self.out);
+                        }
+                    }
+                }
+                read = self.reader.read_buf(&mut self.inbuf), if self.backlog.len() < self.capacity => {
+                    match read {
+                        Ok(n) if n > 0 => {
+                            if !self.received() {
+                                break;
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                written = self.writer.write(&self.out), if !self.out.is_empty() => {
+                    match written {
+                        Ok(n) if n > 0 => self.out.advance(n),
+                        _ => break,
+                    }
+                }
+                else => break,
+            }
+            if self.out.is_empty()
+                && let Some(done) = disconnecting.take()
+            {
+                let _ = self.writer.shutdown().await;
+                let _ = done.send(());
+                break;
+            }
+        }
+        // Hand over what was received, then end.
+        for (received, _) in self.backlog.drain(..) {
+            let _ = incoming.send(received).await;
+        }
+        for (_, waiting) in self.waiting.drain() {
+            let _ = waiting.done.send(Err(ClientError::Closed));
+        }
+    }
+
+    fn send(
+        &mut self,
+        mut packet: Packet,
+        done: Option<oneshot::Sender<Result<Packet, ClientError>>>,
+    ) {
+        let needs_id = match &packet {
+            Packet::Publish(p) => p.qos != QoS::AtMostOnce,
+            Packet::Subscribe(_) | Packet::Unsubscribe(_) => true,
+            _ => false,
+        };
+        let id = if needs_id { self.packet_id() } else { 0 };
+        match &mut packet {
+            Packet::Publish(p) if needs_id => p.packet_id = id,
+            Packet::Subscribe(s) => s.packet_id = id,
+            Packet::Unsubscribe(u) => u.packet_id = id,
+            _ => {}
+        }
+        if let Err(e) = encode(&packet, &mut self.out) {
+            if let Some(done) = done {
+                let _ = done.send(Err(e));
+            }
+            return;
+        }
+        match done {
+            Some(done) if needs_id => {
+                self.waiting.insert(id, Waiting { done });
+            }
+            // QoS 0: done once handed over.
+            Some(done) => {
+                let _ = done.send(Ok(packet));
+            }
+            None => {}
+        }
+    }
+
+    fn complete(&mut self, packet_id: u16, packet: Packet) {
+        if let Some(waiting) = self.waiting.remove(&packet_id) {
+            let _ = waiting.done.send(Ok(packet));
+        }
+    }
+
+    /// Handles every complete packet read. Returns false to close.
+    fn received(&mut self) -> bool {
+        loop {
+            let packet = match codec::decode(&mut self.inbuf, Protocol::V5, u32::MAX) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => return true,
+                Err(_) => return false,
+            };
+            match packet {
+                Packet::Publish(p) => self.incoming_publish(p),
+                Packet::PubAck(ack) | Packet::PubComp(ack) => {
+                    self.complete(ack.packet_id, Packet::PubAck(ack))
+                }
+                Packet::PubRec(ack) => {
+                    if ack.reason_code.is_error() {
+                        self.complete(ack.packet_id, Packet::PubRec(ack));
+                    } else {
+                        let _ = encode(&Packet::PubRel(PubAck::new(ack.packet_id)), &mut self.out);
+                    }
+                }
+                Packet::PubRel(rel) => {
+                    self.qos2_seen.remove(&rel.packet_id);
+                    let _ = encode(&Packet::PubComp(PubAck::new(rel.packet_id)), &mut self.out);
+                }
+                Packet::SubAck(ack) => self.complete(ack.packet_id, Packet::SubAck(ack)),
+                Packet::UnsubAck(ack) => self.complete(ack.packet_id, Packet::UnsubAck(ack)),
+                Packet::Disconnect(_) => return false,
+                _ => {}
+            }
+        }
+    }
+
+    fn incoming_publish(&mut self, p: Publish) {
+        let received = Received {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties: p.properties,
+        };
+        match p.qos {
+            QoS::AtMostOnce => self.backlog.push_back((received, None)),
+            QoS::AtLeastOnce => self
+                .backlog
+                .push_back((received, Some(Packet::PubAck(PubAck::new(p.packet_id))))),
+            QoS::ExactlyOnce => {
+                // Delivered once; a resend is only acknowledged again.
+                if self.qos2_seen.insert(p.packet_id) {
+                    self.backlog.push_back((received, None));
+                }
+                let _ = encode(&Packet::PubRec(PubAck::new(p.packet_id)), &mut self.out);
+            }
+        }
+    }
+}

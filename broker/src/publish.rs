@@ -1,0 +1,258 @@
+//! Routing one message: to the retained store, into the outbox of every
+//! matching session, and into the store batch that makes all of it
+//! durable, applying each queue's `queue_full` policy on the way.
+
+use std::sync::Arc;
+
+use ferrymq_codec::QoS;
+use ferrymq_config::QueueFull;
+use tracing::warn;
+
+use crate::Shared;
+use crate::engine::RouteOutcome;
+use crate::message::{Message, SessionId};
+use crate::outbox::{Delivery, Outbox, Pushed};
+use crate::retained::RetainedEntry;
+use crate::router::{Route, RouteCache};
+use crate::stats::Stats;
+use crate::storage::{Batch, StoreOp, Ticket};
+
+/// A publish waiting for room in a full queue (policy `block`).
+pub(crate) struct Parked {
+    message: Arc<Message>,
+    routes: Arc<[Route]>,
+    /// The first route not yet served.
+    next: usize,
+    matched: usize,
+    /// The ticket of the part already routed.
+    ticket: Ticket,
+    wait: bool,
+}
+
+impl Parked {
+    /// The outbox that has no room.
+    pub(crate) fn outbox(&self) -> &Arc<Outbox> {
+        &self.routes[self.next].outbox
+    }
+
+    /// The size of the message waiting for room.
+    pub(crate) fn size(&self) -> usize {
+        self.message.payload.len()
+    }
+}
+
+/// The result of [`route`].
+pub(crate) enum Routing {
+    /// Routed (or refused).
+    Done(RouteOutcome),
+    /// Waiting for room; call [`resume`] once the outbox has some.
+    Blocked(Parked),
+}
+
+/// Routes a message published by `origin`. `hold_qos2` is the inbound
+/// QoS 2 packet identifier to store in the same batch, and `persistent`
+/// whether the publisher's session is stored.
+pub(crate) fn route(
+    shared: &Shared,
+    cache: &mut RouteCache,
+    message: Arc<Message>,
+    hold_qos2: Option<u16>,
+    persistent: bool,
+) -> Routing {
+    let routes = cache.routes(&shared.router, &message.topic);
+    let origin = message.origin;
+    let policy = shared.config.storage.queue_full;
+    let size = message.payload.len();
+    // `refuse` (and `block` for offline sessions, which could block for
+    // days) refuses a QoS 1/2 publish up front when any queue is full, so
+    // that nobody gets a message its publisher was told was refused.
+    if message.qos != QoS::AtMostOnce && matches!(policy, QueueFull::Refuse | QueueFull::Block) {
+        let full = targets(&routes, origin).any(|r| {
+            (policy == QueueFull::Refuse || !r.outbox.is_online()) && !r.outbox.has_room(size)
+        });
+        if full {
+            Stats::add(&shared.stats.publishes_refused, 1);
+            return Routing::Done(RouteOutcome {
+                ticket: 0,
+                matched: 0,
+                refused: true,
+            });
+        }
+    }
+    let stored_target = message.qos != QoS::AtMostOnce
+        && targets(&routes, origin).any(|r| r.outbox.stores(message.qos.min(r.qos)));
+    let hold = hold_qos2.filter(|_| persistent);
+    // Whether deliveries and the acknowledgement wait for the store.
+    let wait = message.retain || hold.is_some() || stored_target;
+    let mut batch = Batch::new(shared.store.as_ref());
+    let ticket = if wait { batch.ticket() } else { 0 };
+    if let Some(packet_id) = hold {
+        batch.push(StoreOp::Qos2Received {
+            number: origin.0,
+            packet_id,
+        });
+    }
+    // Setting always writes; clearing writes only what existed.
+    if message.retain
+        && (shared.retained.set(message.clone(), ticket) || !message.payload.is_empty())
+    {
+        batch.push(if message.payload.is_empty() {
+            StoreOp::RetainedDelete(message.topic.clone())
+        } else {
+            StoreOp::RetainedPut(message.clone())
+        });
+    }
+    let parked = Parked {
+        message,
+        routes,
+        next: 0,
+        matched: 0,
+        ticket,
+        wait,
+    };
+    push_all(shared, parked, batch)
+}
+
+/// Continues a [`Routing::Blocked`] publish.
+pub(crate) fn resume(shared: &Shared, parked: Parked) -> Routing {
+    let mut batch = Batch::new(shared.store.as_ref());
+    let mut parked = parked;
+    if parked.wait {
+        parked.ticket = parked.ticket.max(batch.ticket());
+    }
+    push_all(shared, parked, batch)
+}
+
+fn targets(routes: &[Route], origin: SessionId) -> impl Iterator<Item = &Route> {
+    routes
+        .iter()
+        .filter(move |r| !(r.no_local && r.session == origin))
+}
+
+fn push_all(shared: &Shared, mut p: Parked, mut batch: Batch<'_>) -> Routing {
+    while p.next < p.routes.len() {
+        let route = &p.routes[p.next];
+        if route.no_local && route.session == p.message.origin {
+            p.next += 1;
+            continue;
+        }
+        let qos = p.message.qos.min(route.qos);
+        let delivery = Delivery {
+            message: p.message.clone(),
+            qos,
+            retain: p.message.retain && route.retain_as_published,
+            seq: 0,
+            ticket: if p.wait { p.ticket } else { 0 },
+            stored: route.outbox.stores(qos),
+        };
+        match push(shared, &route.outbox, delivery, &mut batch) {
+            PushResult::Done => {
+                p.matched += 1;
+                p.next += 1;
+            }
+            PushResult::Full => {
+                // Policy `block`, the session online: wait for room. What
+                // was routed so far is submitted now (the ticket must not
+                // stay open while we wait).
+                batch.submit();
+                return Routing::Blocked(p);
+            }
+        }
+    }
+    batch.submit();
+    Routing::Done(RouteOutcome {
+        ticket: if p.wait { p.ticket } else { 0 },
+        matched: p.matched,
+        refused: false,
+    })
+}
+
+enum PushResult {
+    Done,
+    Full,
+}
+
+/// Pushes one delivery, recording its store ops in `batch`.
+fn push(shared: &Shared, outbox: &Outbox, delivery: Delivery, batch: &mut Batch<'_>) -> PushResult {
+    let stored = delivery.stored;
+    let (qos, retain, message) = (delivery.qos, delivery.retain, delivery.message.clone());
+    if stored {
+        // The put must be ordered before the delete that follows delivery.
+        batch.ticket();
+    }
+    match outbox.push(delivery) {
+        Pushed::Queued { seq, evicted } => {
+            let number = outbox.session_number;
+            if stored {
+                batch.push(StoreOp::QueuePut {
+                    number,
+                    seq,
+                    qos,
+                    retain,
+                    message,
+                });
+            }
+            for (seq, was_stored) in evicted {
+                dropped(shared, outbox);
+                if was_stored {
+                    batch.push(StoreOp::QueueDelete { number, seq });
+                }
+            }
+            PushResult::Done
+        }
+        Pushed::DroppedFull => {
+            dropped(shared, outbox);
+            PushResult::Done
+        }
+        Pushed::Full if outbox.is_online() => PushResult::Full,
+        Pushed::Full => {
+            // Raced with the up-front check: the queue filled meanwhile.
+            dropped(shared, outbox);
+            PushResult::Done
+        }
+        Pushed::Skipped | Pushed::Closed => PushResult::Done,
+    }
+}
+
+fn dropped(shared: &Shared, outbox: &Outbox) {
+    Stats::add(&shared.stats.messages_dropped_queue_full, 1);
+    if shared.drop_log.allow() {
+        warn!(
+            session = outbox.session_number,
+            dropped_total = Stats::get(&shared.stats.messages_dropped_queue_full),
+            policy = %shared.config.storage.queue_full,
+            "session queue full: dropping messages"
+        );
+    }
+}
+
+/// Queues the retained messages `entries` for a session that just
+/// subscribed with granted QoS `granted`, with the RETAIN flag set.
+pub(crate) fn deliver_retained(
+    shared: &Shared,
+    outbox: &Outbox,
+    entries: Vec<RetainedEntry>,
+    granted: QoS,
+) {
+    if entries.is_empty() {
+        return;
+    }
+    let mut batch = Batch::new(shared.store.as_ref());
+    for entry in entries {
+        let qos = entry.message.qos.min(granted);
+        let delivery = Delivery {
+            stored: outbox.stores(qos),
+            message: entry.message,
+            qos,
+            retain: true,
+            seq: 0,
+            ticket: entry.ticket,
+        };
+        // Never blocks: a subscriber's own retained messages that do not
+        // fit its queue are dropped (counted).
+        if let PushResult::Full = push(shared, outbox, delivery, &mut batch) {
+            dropped(shared, outbox);
+        }
+    }
+    batch.submit();
+}

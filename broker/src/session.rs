@@ -1,0 +1,243 @@
+//! Sessions: the state that outlives a connection ([`SessionState`]) and
+//! the registry of sessions by client identifier ([`Sessions`]), which
+//! also arbitrates takeover.
+//!
+//! A connected client's session state is owned by its connection (its
+//! protocol engine); while the client is offline it is kept in the
+//! registry. A persistent session (3.1.1 clean session 0, 5.0 Session
+//! Expiry Interval > 0) keeps its subscriptions in the router and its
+//! outbox while offline, so matching messages queue for it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ferrymq_codec::MqttString;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::outbox::{Delivery, Outbox};
+use crate::storage::SubscriptionRecord;
+
+/// An outbound QoS 1/2 exchange in progress.
+#[derive(Debug, Clone)]
+pub enum Inflight {
+    /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Sent(Delivery),
+    /// QoS 2: PUBREC received and PUBREL sent; waiting for PUBCOMP. The
+    /// message itself is no longer needed.
+    Released {
+        /// Queue position the message had.
+        seq: u64,
+    },
+}
+
+/// Everything of a session that outlives its connection.
+pub struct SessionState {
+    /// The client identifier.
+    pub client_id: MqttString,
+    /// The session number: new at each clean start, never reused.
+    pub number: u64,
+    /// Session Expiry Interval: how long the session outlives its
+    /// connection. Zero: it ends with the connection.
+    pub expiry: Duration,
+    /// Messages waiting to be sent.
+    pub outbox: Arc<Outbox>,
+    /// Subscriptions by topic filter.
+    pub subscriptions: HashMap<MqttString, SubscriptionRecord>,
+    /// Outbound QoS 1/2 exchanges by packet identifier.
+    pub inflight: BTreeMap<u16, Inflight>,
+    /// Inbound QoS 2 packet identifiers awaiting PUBREL.
+    pub qos2_received: HashSet<u16>,
+    /// The next packet identifier to try for an outbound message.
+    pub next_packet_id: u16,
+    /// Whether the store holds this session (a `SessionPut` was written).
+    pub stored: bool,
+}
+
+impl SessionState {
+    /// A fresh session.
+    pub fn new(client_id: MqttString, number: u64, outbox: Arc<Outbox>) -> Self {
+        SessionState {
+            client_id,
+            number,
+            expiry: Duration::ZERO,
+            outbox,
+            subscriptions: HashMap::new(),
+            inflight: BTreeMap::new(),
+            qos2_received: HashSet::new(),
+            next_packet_id: 1,
+            stored: false,
+        }
+    }
+
+    /// Whether the session outlives its connection.
+    pub fn is_persistent(&self) -> bool {
+        !self.expiry.is_zero()
+    }
+}
+
+/// The handle a connection registers while it holds a session.
+pub struct Control {
+    /// Identifies the holding connection.
+    pub connection: u64,
+    /// Tells the connection to close (taken over). A stored permit makes a
+    /// kick that arrives before the connection waits still count.
+    kicked: Notify,
+    /// Set by the connection taking over when it resumes the session
+    /// (then the old connection's will is not published).
+    resumed: AtomicBool,
+    /// Set to `true` when the connection has handed its session back.
+    done_tx: watch::Sender<bool>,
+}
+
+impl Control {
+    /// A control for connection number `connection`.
+    pub fn new(connection: u64) -> Arc<Self> {
+        Arc::new(Control {
+            connection,
+            kicked: Notify::new(),
+            resumed: AtomicBool::new(false),
+            done_tx: watch::Sender::new(false),
+        })
+    }
+
+    /// Resolves when the connection is told to close. Cancel-safe.
+    pub async fn kicked(&self) {
+        self.kicked.notified().await;
+    }
+
+    /// Whether the connection that took over resumes the session.
+    pub fn taken_over_with_resume(&self) -> bool {
+        self.resumed.load(Ordering::Acquire)
+    }
+
+    fn finish(&self) {
+        self.done_tx.send_replace(true);
+    }
+}
+
+struct Slot {
+    /// The state while no connection holds it.
+    state: Option<SessionState>,
+    /// The connection holding the session.
+    holder: Option<Arc<Control>>,
+    /// When the session went offline (for expiry).
+    offline_since: Instant,
+}
+
+/// Client identifier -> session.
+#[derive(Default)]
+pub struct Sessions {
+    /// Locked on connect, disconnect and expiry sweeps; never on the
+    /// publish path.
+    slots: Mutex<HashMap<MqttString, Slot>>,
+}
+
+/// How long a connection taking over waits for the old one to finish.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// What a connecting client gets from [`Sessions::attach`].
+pub struct Attached {
+    /// The existing session, if there was one (the caller resumes it, or
+    /// ends it when the client asked for a clean start).
+    pub previous: Option<SessionState>,
+    /// Whether another connection was taken over.
+    pub took_over: bool,
+}
+
+impl Sessions {
+    /// Registers `control` as the holder of `client_id`'s session, taking
+    /// over (and waiting for) any connection that holds it now, and hands
+    /// out the existing session state.
+    pub async fn attach(
+        &self,
+        client_id: &MqttString,
+        control: Arc<Control>,
+        resume: bool,
+    ) -> Attached {
+        let previous_holder = {
+            let mut slots = self.slots.lock();
+            let slot = slots.entry(client_id.clone()).or_insert_with(|| Slot {
+                state: None,
+                holder: None,
+                offline_since: Instant::now(),
+            });
+            slot.holder.replace(control.clone())
+        };
+        let took_over = previous_holder.is_some();
+        if let Some(old) = previous_holder {
+            old.resumed.store(resume, Ordering::Release);
+            old.kicked.notify_one();
+            let mut done = old.done_tx.subscribe();
+            // A timeout only means the old task is slow to notice; its
+            // session comes back whenever it finishes.
+            let _ = tokio::time::timeout(TAKEOVER_WAIT, done.wait_for(|d| *d)).await;
+        }
+        let previous = self
+            .slots
+            .lock()
+            .get_mut(client_id)
+            .and_then(|slot| slot.state.take());
+        Attached {
+            previous,
+            took_over,
+        }
+    }
+
+    /// Hands a session back when its connection ends. A persistent session
+    /// (`keep`) stays for its expiry; otherwise the caller has ended it and
+    /// passes `None`. Then signals anyone waiting to take over.
+    pub fn detach(&self, client_id: &MqttString, control: &Control, state: Option<SessionState>) {
+        let mut slots = self.slots.lock();
+        if let Some(slot) = slots.get_mut(client_id) {
+            let still_holder = slot
+                .holder
+                .as_ref()
+                .is_some_and(|h| h.connection == control.connection);
+            if still_holder {
+                slot.holder = None;
+            }
+            slot.offline_since = Instant::now();
+            slot.state = state;
+            if slot.holder.is_none() && slot.state.is_none() {
+                slots.remove(client_id);
+            }
+        }
+        drop(slots);
+        control.finish();
+    }
+
+    /// Inserts a session recovered from the store (offline).
+    pub fn insert_offline(&self, state: SessionState) {
+        self.slots.lock().insert(
+            state.client_id.clone(),
+            Slot {
+                state: Some(state),
+                holder: None,
+                offline_since: Instant::now(),
+            },
+        );
+    }
+
+    /// Removes and returns the offline sessions whose expiry has passed.
+    pub fn take_expired(&self, now: Instant) -> Vec<SessionState> {
+        let mut slots = self.slots.lock();
+        let expired: Vec<MqttString> = slots
+            .iter()
+            .filter(|(_, slot)| {
+                slot.holder.is_none()
+                    && slot.state.as_ref().is_some_and(|s| {
+                        now.saturating_duration_since(slot.offline_since) >= s.expiry
+                    })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|id| slots.remove(&id).and_then(|slot| slot.state))
+            .collect()
+    }
+}
