@@ -79,13 +79,15 @@ impl Close {
         }
     }
 
-    fn publishes_will(&self, control: &Control) -> bool {
+    /// `persistent`: whether the session outlives this connection (only
+    /// then can a connection taking over resume it).
+    fn publishes_will(&self, control: &Control, persistent: bool) -> bool {
         match self {
             Close::Disconnect { with_will } => *with_will,
             // The broker going down takes the subscribers with it.
             Close::Shutdown => false,
             // Not when the new connection resumes the session.
-            Close::TakenOver => !control.taken_over_with_resume(),
+            Close::TakenOver => !(persistent && control.taken_over_with_resume()),
             _ => true,
         }
     }
@@ -782,6 +784,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     /// Closes the stream and hands the session back (or ends it), after
     /// publishing the will when the close calls for it.
     async fn finish(mut self, close: Close) {
+        // Offline from now on (before the client can see the stream end):
+        // QoS 0 is no longer queued for it unless configured.
+        self.engine.state.outbox.set_online(false);
         let protocol = self.engine.protocol;
         // Acknowledgements already durable still go out.
         let durable = self.durable.borrow().up_to;
@@ -796,9 +801,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         }
         self.io.flush_and_close().await;
         let shared = self.shared;
-        let publish_will = close.publishes_will(&self.control);
+        let publish_will = close.publishes_will(&self.control, self.engine.state.is_persistent());
         let state = self.engine.into_state();
-        state.outbox.set_online(false);
         if let Some(will) = self.will.take().filter(|_| publish_will) {
             publish_will_message(shared, will, &state, &mut self.routes);
         }

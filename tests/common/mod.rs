@@ -387,3 +387,35 @@ impl V5Client {
         }
     }
 }
+
+impl Raw {
+    /// The next packet, or `None` if nothing arrives within `quiet` or the
+    /// connection closed.
+    pub fn recv_or_silence(&mut self, quiet: Duration) -> Option<Packet> {
+        let deadline = Instant::now() + quiet;
+        loop {
+            if let Some(p) = decode(&mut self.buf, self.protocol, u32::MAX).expect("valid packet") {
+                return Some(p);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}
