@@ -142,3 +142,54 @@ fn paho_python_mqtt_311_and_5() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Runs one scenario of tests/interop/paho_core.py (over MQTT 3.1.1 then
+/// 5.0) against a fresh broker; one test per scenario so that a failure
+/// names the behaviour.
+fn paho_core(scenario: &str) {
+    let broker = Broker::start("");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/paho_core.py");
+    let output = tool("python3")
+        .arg(script)
+        .arg("127.0.0.1")
+        .arg(broker.addr.port().to_string())
+        .arg(scenario)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "paho core scenario {scenario} failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn paho_persistent_sessions() {
+    paho_core("persistent");
+}
+
+#[test]
+fn paho_qos2_and_qos_downgrade() {
+    paho_core("qos2");
+}
+
+#[test]
+fn paho_retained_messages() {
+    paho_core("retained");
+}
+
+#[test]
+fn paho_wills() {
+    paho_core("will");
+}
+
+#[test]
+fn paho_qos1_burst_in_order() {
+    paho_core("order");
+}
+
+#[test]
+fn paho_overlapping_subscriptions() {
+    paho_core("overlap");
+}
