@@ -125,43 +125,35 @@ fn mosquitto_clients_mqtt_5() {
     mosquitto_round_trip("mqttv5");
 }
 
-#[test]
-fn paho_python_mqtt_311_and_5() {
+/// Runs a Python paho script against a fresh broker with `args` after the
+/// host and port; fails with the script's output.
+fn paho(script: &str, args: &[&str]) {
     let broker = Broker::start("");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/paho_check.py");
+    let path = format!("{}/tests/interop/{script}", env!("CARGO_MANIFEST_DIR"));
     let output = tool("python3")
-        .arg(script)
+        .arg(path)
         .arg("127.0.0.1")
         .arg(broker.addr.port().to_string())
+        .args(args)
         .output()
         .unwrap();
     assert!(
         output.status.success(),
-        "paho check failed:\n{}{}",
+        "{script} {args:?} failed:\n{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
 }
 
-/// Runs one scenario of tests/interop/paho_core.py (over MQTT 3.1.1 then
-/// 5.0) against a fresh broker; one test per scenario so that a failure
-/// names the behaviour.
+#[test]
+fn paho_python_mqtt_311_and_5() {
+    paho("paho_check.py", &[]);
+}
+
+/// One scenario of paho_core.py (over MQTT 3.1.1 then 5.0); one test per
+/// scenario so that a failure names the behaviour.
 fn paho_core(scenario: &str) {
-    let broker = Broker::start("");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/paho_core.py");
-    let output = tool("python3")
-        .arg(script)
-        .arg("127.0.0.1")
-        .arg(broker.addr.port().to_string())
-        .arg(scenario)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "paho core scenario {scenario} failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    paho("paho_core.py", &[scenario]);
 }
 
 #[test]

@@ -184,26 +184,35 @@ impl Raw {
     /// The next packet within `timeout`; `None` if the connection closed.
     /// Panics if nothing arrives in time.
     pub fn recv_within(&mut self, timeout: Duration) -> Option<Packet> {
-        let deadline = Instant::now() + timeout;
+        match self.poll(Instant::now() + timeout) {
+            Polled::Packet(p) => Some(p),
+            Polled::Closed => None,
+            Polled::Timeout => panic!("no packet within {timeout:?}"),
+        }
+    }
+
+    fn poll(&mut self, deadline: Instant) -> Polled {
         loop {
             if let Some(p) =
                 decode(&mut self.buf, self.protocol, u32::MAX).expect("broker sent a valid packet")
             {
-                return Some(p);
+                return Polled::Packet(p);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no packet within {timeout:?}");
+            if left.is_zero() {
+                return Polled::Timeout;
+            }
             self.stream.set_read_timeout(Some(left)).unwrap();
             let mut chunk = [0u8; 4096];
             match self.stream.read(&mut chunk) {
-                Ok(0) => return None,
+                Ok(0) => return Polled::Closed,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e)
                     if matches!(
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Polled::Closed,
                 Err(e) => panic!("read: {e}"),
             }
         }
@@ -392,30 +401,17 @@ impl Raw {
     /// The next packet, or `None` if nothing arrives within `quiet` or the
     /// connection closed.
     pub fn recv_or_silence(&mut self, quiet: Duration) -> Option<Packet> {
-        let deadline = Instant::now() + quiet;
-        loop {
-            if let Some(p) = decode(&mut self.buf, self.protocol, u32::MAX).expect("valid packet") {
-                return Some(p);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.stream.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return None;
-                }
-                Err(_) => return None,
-            }
+        match self.poll(Instant::now() + quiet) {
+            Polled::Packet(p) => Some(p),
+            Polled::Closed | Polled::Timeout => None,
         }
     }
+}
+
+/// What [`Raw::poll`] found.
+#[allow(clippy::large_enum_variant)] // short-lived, test only
+enum Polled {
+    Packet(Packet),
+    Closed,
+    Timeout,
 }
