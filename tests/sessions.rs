@@ -611,3 +611,107 @@ fn sessions_expire_after_their_interval() {
         );
     }
 }
+
+#[tokio::test]
+async fn rumqttc_persistent_sessions_and_qos2_in_both_versions() {
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    let broker = Broker::start("");
+    let (host, port) = (broker.addr.ip().to_string(), broker.addr.port());
+
+    // MQTT 3.1.1: clean session false, subscribe QoS 2, go away.
+    let mut opts = rumqttc::MqttOptions::new("rq-v4", host.clone(), port);
+    opts.set_clean_session(false);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts.clone(), 100);
+    client
+        .subscribe("rq/v4", rumqttc::QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    loop {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) =
+            eventloop.poll().await.unwrap()
+        {
+            break;
+        }
+    }
+    client.disconnect().await.unwrap();
+    while eventloop.poll().await.is_ok() {}
+
+    // MQTT 5.0: clean start false with a Session Expiry Interval.
+    let mut opts5 = rumqttc::v5::MqttOptions::new("rq-v5", host.clone(), port);
+    opts5.set_clean_start(false);
+    opts5.set_session_expiry_interval(Some(300));
+    let (client5, mut eventloop5) = rumqttc::v5::AsyncClient::new(opts5.clone(), 100);
+    client5
+        .subscribe("rq/v5", rumqttc::v5::mqttbytes::QoS::ExactlyOnce)
+        .await
+        .unwrap();
+    loop {
+        if let rumqttc::v5::Event::Incoming(P5::SubAck(_)) = eventloop5.poll().await.unwrap() {
+            break;
+        }
+    }
+    client5.disconnect().await.unwrap();
+    while eventloop5.poll().await.is_ok() {}
+
+    // Both offline: publish QoS 2 to each.
+    let publisher = V4Client::connect(broker.addr, "rq-pub").await;
+    for topic in ["rq/v4", "rq/v5"] {
+        for i in 0..3 {
+            publisher
+                .client
+                .publish(
+                    topic,
+                    rumqttc::QoS::ExactlyOnce,
+                    false,
+                    format!("{topic} {i}"),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    // Wait until the broker completed all six (PUBCOMP each).
+    let mut publisher = publisher;
+    let mut completed = 0;
+    while completed < 6 {
+        if let rumqttc::Packet::PubComp(_) = next(&mut publisher.incoming).await {
+            completed += 1;
+        }
+    }
+
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 100);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .expect("in time")
+            .unwrap()
+        {
+            rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack)) => assert!(ack.session_present),
+            rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                assert_eq!(p.qos, rumqttc::QoS::ExactlyOnce);
+                got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(got, ["rq/v4 0", "rq/v4 1", "rq/v4 2"]);
+    drop(client);
+
+    let (client5, mut eventloop5) = rumqttc::v5::AsyncClient::new(opts5, 100);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match tokio::time::timeout(WAIT, eventloop5.poll())
+            .await
+            .expect("in time")
+            .unwrap()
+        {
+            rumqttc::v5::Event::Incoming(P5::ConnAck(ack)) => assert!(ack.session_present),
+            rumqttc::v5::Event::Incoming(P5::Publish(p)) => {
+                got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(got, ["rq/v5 0", "rq/v5 1", "rq/v5 2"]);
+    drop(client5);
+}
