@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::Shared;
-use crate::engine::{Engine, EngineLimits, InboundPublish};
+use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish};
 use crate::message::{Message, SessionId};
 use crate::outbox::{Outbox, QueueLimits};
 use crate::publish::{self, Parked, Routing};
@@ -383,12 +383,23 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 keep_alive = max_keep_alive;
                 connack.properties.server_keep_alive = Some(keep_alive);
             }
+            // What this broker supports, said explicitly (Maximum QoS is
+            // absent: QoS 2 is supported).
             let p = &mut connack.properties;
             p.receive_maximum = Some(limits.receive_maximum);
             p.maximum_packet_size = Some(limits.max_packet_size);
-            p.subscription_identifier_available = Some(false);
-            p.shared_subscription_available = Some(false);
+            p.retain_available = Some(true);
             p.wildcard_subscription_available = Some(true);
+            p.subscription_identifier_available = Some(true);
+            p.shared_subscription_available = Some(false);
+            if limits.topic_alias_maximum > 0 {
+                p.topic_alias_maximum = Some(limits.topic_alias_maximum);
+            }
+            if connect.properties.request_response_information == Some(true) {
+                // A topic prefix only this client is expected to use for
+                // responses to its requests.
+                p.response_information = MqttString::new(&format!("response/{client_id}/")).ok();
+            }
             if connect
                 .properties
                 .session_expiry_interval
@@ -409,6 +420,19 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 _ => usize::MAX,
             },
             retain_available: true,
+            topic_alias_maximum: if protocol == Protocol::V5 {
+                limits.topic_alias_maximum
+            } else {
+                0
+            },
+            client_topic_aliases: match connect.properties.topic_alias_maximum {
+                Some(max) if protocol == Protocol::V5 => max.min(limits.server_topic_aliases),
+                _ => 0,
+            },
+            problem_information: connect
+                .properties
+                .request_problem_information
+                .unwrap_or(true),
         };
         let mut durable = shared.store.durable();
         // The session record is durable before the client hears it exists.
@@ -432,7 +456,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             packets: Vec::new(),
         };
         if resumed {
-            conn.engine.resend_inflight(&mut conn.packets);
+            conn.engine
+                .resend_inflight(Instant::now(), &mut conn.packets);
         }
         Some(conn)
     }
@@ -539,6 +564,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     fn drain(&mut self, durable: Ticket) -> Drain {
         let outbox = self.engine.state.outbox.clone();
         let mut sent = 0;
+        let now = Instant::now();
         let state = loop {
             if self.io.out.len() >= OUT_HIGH_WATER {
                 break Drain::OutFull;
@@ -555,14 +581,15 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             let Some(delivery) = outbox.pop() else {
                 break Drain::Empty;
             };
-            match self.engine.deliver(delivery, &mut self.ops) {
-                Some(publish) => {
+            match self.engine.deliver(delivery, now, &mut self.ops) {
+                Delivered::Send(publish) => {
                     if let Err(e) = publish.encode(self.engine.protocol, &mut self.io.out) {
                         warn!(topic = %publish.topic, "could not encode a delivery: {e}");
                     }
                     sent += 1;
                 }
-                None => Stats::add(&self.shared.stats.messages_dropped_too_large, 1),
+                Delivered::TooLarge => Stats::add(&self.shared.stats.messages_dropped_too_large, 1),
+                Delivered::Expired => Stats::add(&self.shared.stats.messages_expired, 1),
             }
         };
         Stats::add(&self.shared.stats.messages_sent, sent);
@@ -610,9 +637,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
 
     fn publish(&mut self, publish: ferrymq_codec::Publish) -> Option<Close> {
         let (qos, packet_id) = (publish.qos, publish.packet_id);
-        match self.engine.publish(publish) {
+        match self.engine.publish(publish, Instant::now()) {
             Err(v) => Some(Close::Protocol(v.reason, v.why)),
-            Ok(InboundPublish::Duplicate) => None,
+            Ok(InboundPublish::Answered) => None,
             Ok(InboundPublish::Route { message, hold_qos2 }) => {
                 Stats::add(&self.shared.stats.messages_received, 1);
                 let persistent = self.engine.state.is_persistent();
@@ -664,9 +691,14 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     ..Default::default()
                 };
             }
+            let identifier = if v5 {
+                subscribe.properties.subscription_identifier
+            } else {
+                None
+            };
             let record = SubscriptionRecord {
                 options,
-                identifier: None,
+                identifier,
             };
             let existed = state
                 .subscriptions
@@ -680,6 +712,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     qos: options.qos,
                     no_local: options.no_local,
                     retain_as_published: options.retain_as_published,
+                    identifier,
                 },
             );
             if state.is_persistent() {
@@ -700,7 +733,16 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             if send_retained {
                 let mut entries = Vec::new();
                 shared.retained.matching(&s.filter, &mut entries);
-                retained.push((entries, options.qos));
+                // Expired retained messages are never sent, and go.
+                let now = Instant::now();
+                entries.retain(|e| {
+                    let expired = e.message.is_expired(now);
+                    if expired && shared.retained.remove_expired(&e.message.topic, now) {
+                        batch.push(StoreOp::RetainedDelete(e.message.topic.clone()));
+                    }
+                    !expired
+                });
+                retained.push((entries, options.qos, identifier));
             }
             reason_codes.push(ReasonCode(options.qos as u8));
         }
@@ -714,8 +756,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         // messages queue behind it in the outbox.
         let outbox = state.outbox.clone();
         self.engine.reply_after(ticket, Packet::SubAck(suback));
-        for (entries, granted) in retained {
-            publish::deliver_retained(shared, &outbox, entries, granted);
+        for (entries, granted, identifier) in retained {
+            publish::deliver_retained(shared, &outbox, entries, granted, identifier);
         }
     }
 
@@ -858,6 +900,7 @@ fn publish_will_message(
             ..Default::default()
         },
         origin: SessionId(state.number),
+        expires_at: Message::expiry_from(will.properties.message_expiry_interval, Instant::now()),
     });
     Stats::add(&shared.stats.messages_received, 1);
     // A will never blocks its (gone) publisher: under `block` a full queue

@@ -11,10 +11,14 @@
 //! the store ticket of its PUBLISH is durable, and acknowledgements leave
 //! in the order their PUBLISH packets arrived.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use ferrymq_codec::{Packet, Protocol, PubAck, Publish, PublishProperties, QoS, ReasonCode};
+use ferrymq_codec::{
+    AckProperties, MqttString, Packet, PayloadFormat, Protocol, PubAck, Publish, PublishProperties,
+    QoS, ReasonCode,
+};
+use tokio::time::Instant;
 
 use crate::message::{Message, SessionId};
 use crate::outbox::Delivery;
@@ -49,6 +53,14 @@ pub struct EngineLimits {
     pub client_max_packet: usize,
     /// Whether retained publishes are accepted.
     pub retain_available: bool,
+    /// Our Topic Alias Maximum: aliases the client may define.
+    pub topic_alias_maximum: u16,
+    /// Aliases we may use towards the client (its Topic Alias Maximum,
+    /// capped by `server_topic_aliases`).
+    pub client_topic_aliases: u16,
+    /// Whether the client wants reason strings on acknowledgements (5.0
+    /// Request Problem Information).
+    pub problem_information: bool,
 }
 
 /// What to do with an inbound PUBLISH.
@@ -62,8 +74,22 @@ pub enum InboundPublish {
         /// Inbound QoS 2 packet identifier to hold until PUBREL.
         hold_qos2: Option<u16>,
     },
-    /// A resent QoS 2 PUBLISH already accepted: acknowledged again, not routed.
-    Duplicate,
+    /// Answered by the engine, nothing to route: a resent QoS 2 PUBLISH
+    /// already accepted (acknowledged again), or a QoS 1/2 message refused
+    /// with a reason code (e.g. 0x99, payload not UTF-8 as announced).
+    Answered,
+}
+
+/// What became of a delivery taken from the outbox.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // `Send` is the common case: boxing it would allocate per delivery.
+pub enum Delivered {
+    /// Send this PUBLISH.
+    Send(Publish),
+    /// Larger than the client's Maximum Packet Size: not sent, removed.
+    TooLarge,
+    /// Its Message Expiry Interval passed while queued: not sent, removed.
+    Expired,
 }
 
 /// The outcome of routing one inbound message.
@@ -97,6 +123,14 @@ pub struct Engine {
     pending: VecDeque<PendingAck>,
     /// QoS 1 publishes whose PUBACK has not been sent.
     pending_qos1: usize,
+    /// Topic aliases the client defined on this connection (index alias - 1).
+    aliases_in: Vec<Option<MqttString>>,
+    /// Topic aliases we defined towards the client on this connection.
+    aliases_out: HashMap<MqttString, u16>,
+    /// The topic of each alias we use (index alias - 1), for reuse.
+    alias_topics: Vec<MqttString>,
+    /// The next alias to reassign once all are in use.
+    next_alias_reuse: usize,
 }
 
 impl Engine {
@@ -108,6 +142,10 @@ impl Engine {
             limits,
             pending: VecDeque::new(),
             pending_qos1: 0,
+            aliases_in: Vec::new(),
+            aliases_out: HashMap::new(),
+            alias_topics: Vec::new(),
+            next_alias_reuse: 0,
         }
     }
 
@@ -140,8 +178,12 @@ impl Engine {
         self.pending.front().map(|p| p.ticket)
     }
 
-    /// An inbound PUBLISH.
-    pub fn publish(&mut self, publish: Publish) -> Result<InboundPublish, ProtocolViolation> {
+    /// An inbound PUBLISH, received at `now`.
+    pub fn publish(
+        &mut self,
+        mut publish: Publish,
+        now: Instant,
+    ) -> Result<InboundPublish, ProtocolViolation> {
         if self.v5() {
             if !publish.properties.subscription_identifiers.is_empty() {
                 // [MQTT-3.3.4-6]
@@ -150,11 +192,8 @@ impl Engine {
                     "PUBLISH from a client with a Subscription Identifier",
                 ));
             }
-            if publish.properties.topic_alias.is_some() {
-                return Err(violation(
-                    ReasonCode::TOPIC_ALIAS_INVALID,
-                    "Topic Alias beyond Topic Alias Maximum 0",
-                ));
+            if let Some(alias) = publish.properties.topic_alias.take() {
+                self.resolve_alias(&mut publish, alias)?;
             }
             if publish.retain && !self.limits.retain_available {
                 return Err(violation(
@@ -172,7 +211,7 @@ impl Engine {
                 reply: Some(Packet::PubRec(PubAck::new(publish.packet_id))),
                 qos1: false,
             });
-            return Ok(InboundPublish::Duplicate);
+            return Ok(InboundPublish::Answered);
         }
         if publish.qos != QoS::AtMostOnce
             && self.v5()
@@ -183,38 +222,101 @@ impl Engine {
                 "more QoS 1/2 publishes unacknowledged than Receive Maximum",
             ));
         }
+        if publish.properties.payload_format_indicator == Some(PayloadFormat::Utf8)
+            && std::str::from_utf8(&publish.payload).is_err()
+        {
+            // The payload is not what the publisher announced.
+            if publish.qos == QoS::AtMostOnce {
+                return Err(violation(
+                    ReasonCode::PAYLOAD_FORMAT_INVALID,
+                    "payload announced as UTF-8 is not UTF-8",
+                ));
+            }
+            let outcome = RouteOutcome {
+                ticket: 0,
+                matched: 0,
+                refused: true,
+            };
+            self.answer(
+                publish.qos,
+                publish.packet_id,
+                outcome,
+                ReasonCode::PAYLOAD_FORMAT_INVALID,
+            );
+            return Ok(InboundPublish::Answered);
+        }
         let hold_qos2 = (publish.qos == QoS::ExactlyOnce).then_some(publish.packet_id);
-        let mut properties = publish.properties;
-        properties.topic_alias = None;
+        let expires_at = Message::expiry_from(publish.properties.message_expiry_interval, now);
         let message = Arc::new(Message {
             topic: publish.topic,
             payload: publish.payload,
             qos: publish.qos,
             retain: publish.retain,
-            properties,
+            properties: publish.properties,
             origin: self.session(),
+            expires_at,
         });
         Ok(InboundPublish::Route { message, hold_qos2 })
+    }
+
+    /// Applies a Topic Alias from the client: defines it (topic given) or
+    /// uses it (empty topic).
+    fn resolve_alias(
+        &mut self,
+        publish: &mut Publish,
+        alias: u16,
+    ) -> Result<(), ProtocolViolation> {
+        if alias == 0 || alias > self.limits.topic_alias_maximum {
+            return Err(violation(
+                ReasonCode::TOPIC_ALIAS_INVALID,
+                "Topic Alias 0 or above our Topic Alias Maximum",
+            ));
+        }
+        let index = usize::from(alias - 1);
+        if publish.topic.is_empty() {
+            match self.aliases_in.get(index).cloned().flatten() {
+                Some(topic) => publish.topic = topic,
+                None => {
+                    return Err(violation(
+                        ReasonCode::PROTOCOL_ERROR,
+                        "Topic Alias used before it was defined",
+                    ));
+                }
+            }
+        } else {
+            if self.aliases_in.len() <= index {
+                self.aliases_in.resize(index + 1, None);
+            }
+            self.aliases_in[index] = Some(publish.topic.clone());
+        }
+        Ok(())
     }
 
     /// Reports how an inbound message was routed; its acknowledgement is
     /// queued behind earlier ones and leaves once `outcome.ticket` is durable.
     pub fn routed(&mut self, qos: QoS, packet_id: u16, outcome: RouteOutcome) {
-        let v5 = self.v5();
         let code = if outcome.refused {
             ReasonCode::QUOTA_EXCEEDED
-        } else if outcome.matched == 0 && v5 {
+        } else if outcome.matched == 0 {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
         } else {
             ReasonCode::SUCCESS
         };
-        let ack = PubAck {
-            packet_id,
-            reason_code: if v5 { code } else { ReasonCode::SUCCESS },
-            properties: Default::default(),
-        };
-        // A refused publish is answered with 0x97 in 5.0 and not at all in
-        // 3.1.1 (the client sends it again later).
+        self.answer(qos, packet_id, outcome, code);
+    }
+
+    /// Queues the acknowledgement of an inbound publish.
+    fn answer(&mut self, qos: QoS, packet_id: u16, outcome: RouteOutcome, code: ReasonCode) {
+        let v5 = self.v5();
+        let mut ack = PubAck::new(packet_id);
+        if v5 {
+            ack.reason_code = code;
+            if self.limits.problem_information {
+                ack.properties = reason_string(code);
+            }
+        }
+        // A refused publish is answered with its reason code in 5.0 and
+        // not at all in 3.1.1 (the client sends it again later).
         let reply = |p: fn(PubAck) -> Packet| (v5 || !outcome.refused).then(|| p(ack.clone()));
         match qos {
             QoS::AtMostOnce => {}
@@ -301,7 +403,19 @@ impl Engine {
         }
     }
 
-    fn publish_packet(&self, d: &Delivery, packet_id: u16, dup: bool) -> Publish {
+    /// The PUBLISH for a delivery, without topic alias.
+    fn publish_packet(&self, d: &Delivery, packet_id: u16, dup: bool, now: Instant) -> Publish {
+        let mut properties = if self.v5() {
+            d.message.properties.clone()
+        } else {
+            PublishProperties::default()
+        };
+        if self.v5() {
+            properties.message_expiry_interval = d.message.remaining_expiry(now);
+            if let Some(ids) = &d.identifiers {
+                properties.subscription_identifiers = ids.to_vec();
+            }
+        }
         Publish {
             dup,
             qos: d.qos,
@@ -309,31 +423,72 @@ impl Engine {
             topic: d.message.topic.clone(),
             packet_id,
             payload: d.message.payload.clone(),
-            properties: if self.v5() {
-                d.message.properties.clone()
-            } else {
-                PublishProperties::default()
-            },
+            properties,
         }
     }
 
-    /// Turns a delivery from the outbox into the PUBLISH to send, taking a
-    /// packet identifier for QoS 1/2. Returns `None` when the message is
-    /// larger than the client's Maximum Packet Size: it is not sent, and
-    /// leaves the queue (the caller counts it).
-    pub fn deliver(&mut self, d: Delivery, ops: &mut Vec<StoreOp>) -> Option<Publish> {
-        let mut publish = self.publish_packet(&d, 1, false);
-        let size = publish.encoded_len(self.protocol).unwrap_or(usize::MAX);
+    /// Replaces the topic by an alias where the client allows aliases:
+    /// the first use of a topic sends it with its new alias, later uses
+    /// send the alias alone. When every alias is taken, the oldest
+    /// assignment is reused.
+    fn apply_alias(&mut self, publish: &mut Publish) {
+        let max = usize::from(self.limits.client_topic_aliases);
+        if max == 0 {
+            return;
+        }
+        if let Some(&alias) = self.aliases_out.get(&publish.topic) {
+            publish.properties.topic_alias = Some(alias);
+            publish.topic = MqttString::default();
+            return;
+        }
+        let alias = if self.alias_topics.len() < max {
+            self.alias_topics.push(publish.topic.clone());
+            self.alias_topics.len()
+        } else {
+            let index = self.next_alias_reuse;
+            self.next_alias_reuse = (index + 1) % max;
+            let old = std::mem::replace(&mut self.alias_topics[index], publish.topic.clone());
+            self.aliases_out.remove(&old);
+            index + 1
+        };
+        // `alias` is at most `max`, a u16.
+        let alias = u16::try_from(alias).unwrap_or(u16::MAX);
+        self.aliases_out.insert(publish.topic.clone(), alias);
+        publish.properties.topic_alias = Some(alias);
+    }
+
+    /// Turns a delivery from the outbox into the PUBLISH to send at `now`,
+    /// taking a packet identifier for QoS 1/2. A message whose expiry has
+    /// passed, or that is larger than the client's Maximum Packet Size, is
+    /// not sent and leaves the queue (the caller counts it).
+    pub fn deliver(&mut self, d: Delivery, now: Instant, ops: &mut Vec<StoreOp>) -> Delivered {
         let number = self.state.number;
-        if size > self.limits.client_max_packet || d.qos == QoS::AtMostOnce {
+        let forget = |d: &Delivery, ops: &mut Vec<StoreOp>| {
             if d.stored {
                 ops.push(StoreOp::QueueDelete { number, seq: d.seq });
             }
-            if size > self.limits.client_max_packet {
-                return None;
-            }
+        };
+        if d.message.is_expired(now) {
+            forget(&d, ops);
+            return Delivered::Expired;
+        }
+        let mut publish = self.publish_packet(&d, 1, false, now);
+        // Sized with its topic, the largest form it can take.
+        let size = publish.encoded_len(self.protocol).unwrap_or(usize::MAX)
+            + if self.limits.client_topic_aliases > 0 {
+                3
+            } else {
+                0
+            };
+        if size > self.limits.client_max_packet {
+            forget(&d, ops);
+            return Delivered::TooLarge;
+        }
+        self.apply_alias(&mut publish);
+        if d.qos == QoS::AtMostOnce {
+            forget(&d, ops);
             publish.packet_id = 0;
-            return Some(publish);
+            return Delivered::Send(publish);
         }
         let packet_id = self.next_packet_id();
         publish.packet_id = packet_id;
@@ -346,7 +501,7 @@ impl Engine {
             });
         }
         self.state.inflight.insert(packet_id, Inflight::Sent(d));
-        Some(publish)
+        Delivered::Send(publish)
     }
 
     /// PUBACK from the client: the QoS 1 message is delivered.
@@ -423,9 +578,10 @@ impl Engine {
     }
 
     /// On resuming a session: every unacknowledged PUBLISH again, with DUP
-    /// and its original packet identifier, and every pending PUBREL, in
-    /// the order they were first sent.
-    pub fn resend_inflight(&self, out: &mut Vec<Packet>) {
+    /// and its original packet identifier (and its topic: aliases do not
+    /// outlive a connection), and every pending PUBREL, in the order they
+    /// were first sent.
+    pub fn resend_inflight(&self, now: Instant, out: &mut Vec<Packet>) {
         let mut entries: Vec<(&u16, &Inflight)> = self.state.inflight.iter().collect();
         entries.sort_by_key(|(_, i)| match i {
             Inflight::Sent(d) => d.seq,
@@ -433,9 +589,9 @@ impl Engine {
         });
         for (&packet_id, inflight) in entries {
             match inflight {
-                Inflight::Sent(d) => {
-                    out.push(Packet::Publish(self.publish_packet(d, packet_id, true)))
-                }
+                Inflight::Sent(d) => out.push(Packet::Publish(
+                    self.publish_packet(d, packet_id, true, now),
+                )),
                 Inflight::Released { .. } => out.push(Packet::PubRel(PubAck::new(packet_id))),
             }
         }
@@ -444,6 +600,20 @@ impl Engine {
     /// Ends the connection, returning the session.
     pub fn into_state(self) -> SessionState {
         self.state
+    }
+}
+
+/// A Reason String explaining an error reason code on an acknowledgement.
+pub fn reason_string(code: ReasonCode) -> AckProperties {
+    let text = match code.0 {
+        0x97 => "a subscriber's queue is full (queue_full = refuse)",
+        0x99 => "the payload is not valid UTF-8 although the Payload Format Indicator says so",
+        0x9E => "shared subscriptions are not available",
+        _ => return AckProperties::default(),
+    };
+    AckProperties {
+        reason_string: Some(MqttString::from_static(text)),
+        user_properties: Vec::new(),
     }
 }
 
@@ -479,6 +649,9 @@ mod tests {
                 client_receive_maximum: 2,
                 client_max_packet: 200,
                 retain_available: true,
+                topic_alias_maximum: 4,
+                client_topic_aliases: 0,
+                problem_information: true,
             },
         )
     }
@@ -495,7 +668,7 @@ mod tests {
 
     fn routed(e: &mut Engine, p: Publish, ticket: Ticket) {
         let (qos, id) = (p.qos, p.packet_id);
-        match e.publish(p).expect("accepted") {
+        match e.publish(p, Instant::now()).expect("accepted") {
             InboundPublish::Route { .. } => e.routed(
                 qos,
                 id,
@@ -505,7 +678,16 @@ mod tests {
                     refused: false,
                 },
             ),
-            InboundPublish::Duplicate => {}
+            InboundPublish::Answered => {}
+        }
+    }
+
+    impl Delivered {
+        fn sent(self) -> Publish {
+            match self {
+                Delivered::Send(p) => p,
+                other => panic!("not sent: {other:?}"),
+            }
         }
     }
 
@@ -524,12 +706,14 @@ mod tests {
                 retain: false,
                 properties: PublishProperties::default(),
                 origin: SessionId(1),
+                expires_at: None,
             }),
             qos,
             retain: false,
             seq,
             ticket: 0,
             stored,
+            identifiers: None,
         }
     }
 
@@ -554,7 +738,9 @@ mod tests {
     #[test]
     fn qos2_is_held_until_pubrel_and_a_resend_is_not_routed_again() {
         let mut e = engine(Protocol::V311, true);
-        let first = e.publish(publish(QoS::ExactlyOnce, 7)).expect("accepted");
+        let first = e
+            .publish(publish(QoS::ExactlyOnce, 7), Instant::now())
+            .expect("accepted");
         assert!(matches!(
             first,
             InboundPublish::Route {
@@ -573,7 +759,10 @@ mod tests {
         );
         let mut resent = publish(QoS::ExactlyOnce, 7);
         resent.dup = true;
-        assert!(matches!(e.publish(resent), Ok(InboundPublish::Duplicate)));
+        assert!(matches!(
+            e.publish(resent, Instant::now()),
+            Ok(InboundPublish::Answered)
+        ));
         assert_eq!(
             acks(&mut e, 1),
             [
@@ -593,7 +782,7 @@ mod tests {
         assert_eq!(acks(&mut e, 1), [Packet::PubComp(PubAck::new(7))]);
         // After release the same id starts a new message.
         assert!(matches!(
-            e.publish(publish(QoS::ExactlyOnce, 7)),
+            e.publish(publish(QoS::ExactlyOnce, 7), Instant::now()),
             Ok(InboundPublish::Route { .. })
         ));
     }
@@ -604,11 +793,14 @@ mod tests {
         routed(&mut e, publish(QoS::AtLeastOnce, 1), 1);
         routed(&mut e, publish(QoS::ExactlyOnce, 2), 1);
         let err = e
-            .publish(publish(QoS::AtLeastOnce, 3))
+            .publish(publish(QoS::AtLeastOnce, 3), Instant::now())
             .expect_err("third is one too many");
         assert_eq!(err.reason, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED);
         // QoS 0 does not count.
-        assert!(e.publish(publish(QoS::AtMostOnce, 0)).is_ok());
+        assert!(
+            e.publish(publish(QoS::AtMostOnce, 0), Instant::now())
+                .is_ok()
+        );
         let mut e = engine(Protocol::V311, false);
         routed(&mut e, publish(QoS::AtLeastOnce, 1), 1);
         assert!(e.wants_input());
@@ -631,21 +823,54 @@ mod tests {
         let mut e = engine(Protocol::V5, false);
         e.routed(QoS::AtLeastOnce, 1, refused);
         e.routed(QoS::ExactlyOnce, 2, refused);
-        let mut quota1 = PubAck::new(1);
-        quota1.reason_code = ReasonCode::QUOTA_EXCEEDED;
-        let mut quota2 = PubAck::new(2);
-        quota2.reason_code = ReasonCode::QUOTA_EXCEEDED;
+        let quota = |id| PubAck {
+            packet_id: id,
+            reason_code: ReasonCode::QUOTA_EXCEEDED,
+            properties: reason_string(ReasonCode::QUOTA_EXCEEDED),
+        };
         assert_eq!(
             acks(&mut e, 0),
-            [Packet::PubAck(quota1), Packet::PubRec(quota2)]
+            [Packet::PubAck(quota(1)), Packet::PubRec(quota(2))]
         );
         assert!(
             e.state.qos2_received.is_empty(),
             "a refused QoS 2 id is not held"
         );
+        // Request Problem Information 0: the code, without a reason string.
+        let mut e = engine(Protocol::V5, false);
+        e.limits.problem_information = false;
+        e.routed(QoS::AtLeastOnce, 1, refused);
+        let mut bare = PubAck::new(1);
+        bare.reason_code = ReasonCode::QUOTA_EXCEEDED;
+        assert_eq!(acks(&mut e, 0), [Packet::PubAck(bare)]);
         let mut e = engine(Protocol::V311, false);
         e.routed(QoS::AtLeastOnce, 1, refused);
         assert_eq!(acks(&mut e, 0), []);
+    }
+
+    #[test]
+    fn a_payload_that_is_not_the_utf8_it_claims_is_refused_with_0x99() {
+        let mut e = engine(Protocol::V5, false);
+        let mut p = publish(QoS::AtLeastOnce, 1);
+        p.payload = Bytes::from_static(&[0xC3, 0x28]);
+        p.properties.payload_format_indicator = Some(PayloadFormat::Utf8);
+        assert!(matches!(
+            e.publish(p.clone(), Instant::now()),
+            Ok(InboundPublish::Answered)
+        ));
+        match &acks(&mut e, 0)[..] {
+            [Packet::PubAck(ack)] => {
+                assert_eq!(ack.reason_code, ReasonCode::PAYLOAD_FORMAT_INVALID)
+            }
+            other => panic!("{other:?}"),
+        }
+        p.qos = QoS::AtMostOnce;
+        p.packet_id = 0;
+        let err = e
+            .publish(p, Instant::now())
+            .map(|_| ())
+            .expect_err("closes");
+        assert_eq!(err.reason, ReasonCode::PAYLOAD_FORMAT_INVALID);
     }
 
     #[test]
@@ -653,11 +878,19 @@ mod tests {
         let mut e = engine(Protocol::V311, true);
         let mut ops = Vec::new();
         let p1 = e
-            .deliver(delivery(QoS::AtLeastOnce, 10, true), &mut ops)
-            .expect("sent");
+            .deliver(
+                delivery(QoS::AtLeastOnce, 10, true),
+                Instant::now(),
+                &mut ops,
+            )
+            .sent();
         let p2 = e
-            .deliver(delivery(QoS::ExactlyOnce, 11, true), &mut ops)
-            .expect("sent");
+            .deliver(
+                delivery(QoS::ExactlyOnce, 11, true),
+                Instant::now(),
+                &mut ops,
+            )
+            .sent();
         assert_eq!((p1.packet_id, p2.packet_id), (1, 2));
         assert!(!e.can_send(QoS::AtLeastOnce), "client Receive Maximum is 2");
         assert!(e.can_send(QoS::AtMostOnce));
@@ -698,12 +931,20 @@ mod tests {
     fn resume_resends_publishes_with_dup_and_pending_pubrels_in_send_order() {
         let mut e = engine(Protocol::V311, true);
         let mut ops = Vec::new();
-        e.deliver(delivery(QoS::ExactlyOnce, 20, true), &mut ops);
-        e.deliver(delivery(QoS::AtLeastOnce, 21, true), &mut ops);
+        e.deliver(
+            delivery(QoS::ExactlyOnce, 20, true),
+            Instant::now(),
+            &mut ops,
+        );
+        e.deliver(
+            delivery(QoS::AtLeastOnce, 21, true),
+            Instant::now(),
+            &mut ops,
+        );
         let mut out = Vec::new();
         e.pubrec(PubAck::new(1), &mut ops, &mut out);
         out.clear();
-        e.resend_inflight(&mut out);
+        e.resend_inflight(Instant::now(), &mut out);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0], Packet::PubRel(PubAck::new(1)));
         match &out[1] {
@@ -718,7 +959,10 @@ mod tests {
         let mut big = delivery(QoS::AtLeastOnce, 30, true);
         Arc::get_mut(&mut big.message).expect("unique").payload = Bytes::from(vec![0; 300]);
         let mut ops = Vec::new();
-        assert!(e.deliver(big, &mut ops).is_none());
+        assert!(matches!(
+            e.deliver(big, Instant::now(), &mut ops),
+            Delivered::TooLarge
+        ));
         assert!(matches!(ops[..], [StoreOp::QueueDelete { seq: 30, .. }]));
         assert!(e.state.inflight.is_empty());
     }
@@ -730,16 +974,28 @@ mod tests {
         e.state.next_packet_id = u16::MAX;
         let mut ops = Vec::new();
         let a = e
-            .deliver(delivery(QoS::AtLeastOnce, 1, false), &mut ops)
-            .expect("sent");
+            .deliver(
+                delivery(QoS::AtLeastOnce, 1, false),
+                Instant::now(),
+                &mut ops,
+            )
+            .sent();
         let b = e
-            .deliver(delivery(QoS::AtLeastOnce, 2, false), &mut ops)
-            .expect("sent");
+            .deliver(
+                delivery(QoS::AtLeastOnce, 2, false),
+                Instant::now(),
+                &mut ops,
+            )
+            .sent();
         assert_eq!((a.packet_id, b.packet_id), (u16::MAX, 1));
         e.state.next_packet_id = u16::MAX;
         let c = e
-            .deliver(delivery(QoS::AtLeastOnce, 3, false), &mut ops)
-            .expect("sent");
+            .deliver(
+                delivery(QoS::AtLeastOnce, 3, false),
+                Instant::now(),
+                &mut ops,
+            )
+            .sent();
         assert_eq!(c.packet_id, 2, "65535 and 1 are in flight");
         assert!(ops.is_empty(), "nothing stored for a clean session");
     }
@@ -750,14 +1006,98 @@ mod tests {
         let mut p = publish(QoS::AtMostOnce, 0);
         p.properties.subscription_identifiers = vec![1];
         assert_eq!(
-            e.publish(p).map(|_| ()).expect_err("refused").reason,
+            e.publish(p, Instant::now())
+                .map(|_| ())
+                .expect_err("refused")
+                .reason,
             ReasonCode::PROTOCOL_ERROR
         );
-        let mut p = publish(QoS::AtMostOnce, 0);
-        p.properties.topic_alias = Some(1);
+    }
+
+    fn routed_topic(step: Result<InboundPublish, ProtocolViolation>) -> String {
+        match step {
+            Ok(InboundPublish::Route { message, .. }) => message.topic.to_string(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn inbound_topic_aliases_are_defined_used_and_checked() {
+        let mut e = engine(Protocol::V5, false);
+        let mut define = publish(QoS::AtMostOnce, 0);
+        define.topic = MqttString::from_static("long/topic/name");
+        define.properties.topic_alias = Some(3);
         assert_eq!(
-            e.publish(p).map(|_| ()).expect_err("refused").reason,
-            ReasonCode::TOPIC_ALIAS_INVALID
+            routed_topic(e.publish(define, Instant::now())),
+            "long/topic/name"
         );
+        let mut use_it = publish(QoS::AtMostOnce, 0);
+        use_it.topic = MqttString::default();
+        use_it.properties.topic_alias = Some(3);
+        assert_eq!(
+            routed_topic(e.publish(use_it.clone(), Instant::now())),
+            "long/topic/name"
+        );
+        // Unknown alias; alias above our Topic Alias Maximum (4).
+        use_it.properties.topic_alias = Some(2);
+        let err = e
+            .publish(use_it.clone(), Instant::now())
+            .map(|_| ())
+            .expect_err("unknown");
+        assert_eq!(err.reason, ReasonCode::PROTOCOL_ERROR);
+        use_it.properties.topic_alias = Some(5);
+        let err = e
+            .publish(use_it, Instant::now())
+            .map(|_| ())
+            .expect_err("too high");
+        assert_eq!(err.reason, ReasonCode::TOPIC_ALIAS_INVALID);
+    }
+
+    #[test]
+    fn outbound_topic_aliases_are_assigned_reused_and_recycled() {
+        let mut e = engine(Protocol::V5, false);
+        e.limits.client_topic_aliases = 2;
+        let mut ops = Vec::new();
+        let mut send = |e: &mut Engine, topic: &'static str| {
+            let mut d = delivery(QoS::AtMostOnce, 0, false);
+            Arc::get_mut(&mut d.message).expect("unique").topic = MqttString::from_static(topic);
+            let p = e.deliver(d, Instant::now(), &mut ops).sent();
+            (p.topic.to_string(), p.properties.topic_alias)
+        };
+        assert_eq!(send(&mut e, "a"), ("a".into(), Some(1)));
+        assert_eq!(send(&mut e, "a"), ("".into(), Some(1)));
+        assert_eq!(send(&mut e, "b"), ("b".into(), Some(2)));
+        // Both taken: the oldest assignment is reused for the new topic.
+        assert_eq!(send(&mut e, "c"), ("c".into(), Some(1)));
+        assert_eq!(send(&mut e, "c"), ("".into(), Some(1)));
+        assert_eq!(send(&mut e, "a"), ("a".into(), Some(2)));
+    }
+
+    #[test]
+    fn expired_messages_are_not_sent_and_the_rest_carry_their_remaining_interval() {
+        let mut e = engine(Protocol::V5, true);
+        let now = Instant::now();
+        let mut ops = Vec::new();
+        let mut d = delivery(QoS::AtLeastOnce, 40, true);
+        Arc::get_mut(&mut d.message).expect("unique").expires_at =
+            Some(now + Duration::from_millis(9_500));
+        let p = e.deliver(d.clone(), now, &mut ops).sent();
+        assert_eq!(p.properties.message_expiry_interval, Some(10), "rounded up");
+        ops.clear();
+        let later = now + Duration::from_secs(10);
+        assert!(matches!(e.deliver(d, later, &mut ops), Delivered::Expired));
+        assert!(matches!(ops[..], [StoreOp::QueueDelete { seq: 40, .. }]));
+    }
+
+    #[test]
+    fn subscription_identifiers_go_out_with_the_message() {
+        let mut e = engine(Protocol::V5, false);
+        let mut d = delivery(QoS::AtMostOnce, 0, false);
+        d.identifiers = Some(Arc::from([3u32, 8]));
+        let p = e.deliver(d.clone(), Instant::now(), &mut Vec::new()).sent();
+        assert_eq!(p.properties.subscription_identifiers, [3, 8]);
+        let mut v3 = engine(Protocol::V311, false);
+        let p = v3.deliver(d, Instant::now(), &mut Vec::new()).sent();
+        assert!(p.properties.is_empty());
     }
 }

@@ -281,6 +281,7 @@ fn restore(shared: &Shared, recovered: Recovered) {
                     seq: q.seq,
                     ticket: 0,
                     stored: true,
+                    identifiers: q.identifiers,
                 };
                 (q.seq, d)
             })
@@ -309,6 +310,7 @@ fn restore(shared: &Shared, recovered: Recovered) {
                     qos: sub.options.qos,
                     no_local: sub.options.no_local,
                     retain_as_published: sub.options.retain_as_published,
+                    identifier: sub.identifier,
                 },
             );
             state.subscriptions.insert(filter, sub);

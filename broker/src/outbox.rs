@@ -29,6 +29,8 @@ pub struct Delivery {
     pub ticket: Ticket,
     /// Whether the store holds it (its removal must be stored too).
     pub stored: bool,
+    /// MQTT 5.0 Subscription Identifiers of the matching subscriptions.
+    pub identifiers: Option<Arc<[u32]>>,
 }
 
 /// Limits and policies of a session's queue.
@@ -289,12 +291,14 @@ mod tests {
                 retain: false,
                 properties: PublishProperties::default(),
                 origin: SessionId(2),
+                expires_at: None,
             }),
             qos,
             retain: false,
             seq: 0,
             ticket: 0,
             stored: true,
+            identifiers: None,
         }
     }
 

@@ -144,6 +144,7 @@ fn push_all(shared: &Shared, mut p: Parked, mut batch: Batch<'_>) -> Routing {
             seq: 0,
             ticket: if p.wait { p.ticket } else { 0 },
             stored: route.outbox.stores(qos),
+            identifiers: route.identifiers.clone(),
         };
         match push(shared, &route.outbox, delivery, &mut batch) {
             PushResult::Done => {
@@ -176,6 +177,7 @@ enum PushResult {
 fn push(shared: &Shared, outbox: &Outbox, delivery: Delivery, batch: &mut Batch<'_>) -> PushResult {
     let stored = delivery.stored;
     let (qos, retain, message) = (delivery.qos, delivery.retain, delivery.message.clone());
+    let identifiers = delivery.identifiers.clone();
     if stored {
         // The put must be ordered before the delete that follows delivery.
         batch.ticket();
@@ -189,6 +191,7 @@ fn push(shared: &Shared, outbox: &Outbox, delivery: Delivery, batch: &mut Batch<
                     seq,
                     qos,
                     retain,
+                    identifiers,
                     message,
                 });
             }
@@ -227,13 +230,16 @@ fn dropped(shared: &Shared, outbox: &Outbox) {
 }
 
 /// Queues the retained messages `entries` for a session that just
-/// subscribed with granted QoS `granted`, with the RETAIN flag set.
+/// subscribed with granted QoS `granted` (and Subscription Identifier
+/// `identifier`), with the RETAIN flag set.
 pub(crate) fn deliver_retained(
     shared: &Shared,
     outbox: &Outbox,
     entries: Vec<RetainedEntry>,
     granted: QoS,
+    identifier: Option<u32>,
 ) {
+    let identifiers: Option<Arc<[u32]>> = identifier.map(|id| Arc::from([id]));
     if entries.is_empty() {
         return;
     }
@@ -247,6 +253,7 @@ pub(crate) fn deliver_retained(
             retain: true,
             seq: 0,
             ticket: entry.ticket,
+            identifiers: identifiers.clone(),
         };
         // Never blocks: a subscriber's own retained messages that do not
         // fit its queue are dropped (counted).

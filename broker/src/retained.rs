@@ -56,6 +56,28 @@ impl Retained {
             .is_some()
     }
 
+    /// Removes the retained message of `topic` if it has expired at `now`;
+    /// returns whether it did.
+    pub fn remove_expired(&self, topic: &str, now: tokio::time::Instant) -> bool {
+        let mut tree = self.tree.write();
+        let mut node = &*tree;
+        for level in topic.split('/') {
+            match node.children.get(level) {
+                Some(child) => node = child,
+                None => return false,
+            }
+        }
+        if !node
+            .entry
+            .as_ref()
+            .is_some_and(|e| e.message.is_expired(now))
+        {
+            return false;
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        remove(&mut tree, &levels)
+    }
+
     /// Appends every retained message matching the (valid, non-shared)
     /// `filter` to `out`.
     pub fn matching(&self, filter: &str, out: &mut Vec<RetainedEntry>) {
@@ -153,6 +175,7 @@ mod tests {
             retain: true,
             properties: PublishProperties::default(),
             origin: SessionId(0),
+            expires_at: None,
         })
     }
 

@@ -33,6 +33,8 @@ pub struct Subscriber {
     pub no_local: bool,
     /// Retain As Published: keep the RETAIN flag when forwarding.
     pub retain_as_published: bool,
+    /// MQTT 5.0 Subscription Identifier.
+    pub identifier: Option<u32>,
 }
 
 /// Where one message goes: one entry per session, overlapping
@@ -50,6 +52,8 @@ pub struct Route {
     pub no_local: bool,
     /// Keep the message's RETAIN flag.
     pub retain_as_published: bool,
+    /// The Subscription Identifiers of every matching subscription.
+    pub identifiers: Option<Arc<[u32]>>,
 }
 
 #[derive(Default)]
@@ -190,6 +194,7 @@ fn to_route(s: &Subscriber) -> Route {
         qos: s.qos,
         no_local: s.no_local,
         retain_as_published: s.retain_as_published,
+        identifiers: s.identifier.map(|id| Arc::from([id])),
     }
 }
 
@@ -225,10 +230,20 @@ fn merge_by_session(out: &mut Vec<Route>, start: usize) {
                 out[read].no_local,
                 out[read].retain_as_published,
             );
+            let more = out[read].identifiers.take();
             let kept = &mut out[write];
             kept.qos = kept.qos.max(qos);
             kept.no_local &= no_local;
             kept.retain_as_published |= rap;
+            kept.identifiers = match (kept.identifiers.take(), more) {
+                (Some(a), Some(b)) => {
+                    let mut ids: Vec<u32> = a.iter().chain(b.iter()).copied().collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    Some(ids.into())
+                }
+                (a, b) => a.or(b),
+            };
         } else {
             write += 1;
             out.swap(write, read);
@@ -333,6 +348,7 @@ mod tests {
             qos,
             no_local: false,
             retain_as_published: false,
+            identifier: None,
         }
     }
 

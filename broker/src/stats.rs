@@ -20,6 +20,8 @@ pub struct Stats {
     pub messages_dropped_queue_full: AtomicU64,
     /// Deliveries dropped because they exceeded the client's Maximum Packet Size.
     pub messages_dropped_too_large: AtomicU64,
+    /// Queued messages whose Message Expiry Interval passed before delivery.
+    pub messages_expired: AtomicU64,
     /// QoS 1/2 publishes refused because a queue was full (`refuse`).
     pub publishes_refused: AtomicU64,
     /// Offline sessions ended by their expiry.

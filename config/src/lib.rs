@@ -128,6 +128,15 @@ pub struct Limits {
     /// `connect_timeout_secs`: how long a new connection may take to send
     /// CONNECT, so idle sockets cannot pile up. Default: 10 s.
     pub connect_timeout: Duration,
+    /// `topic_alias_maximum`: how many topic aliases one MQTT 5 client may
+    /// define towards us (MQTT 5 Topic Alias Maximum, announced in CONNACK),
+    /// bounding the per-client alias table. 0 means clients may not use
+    /// topic aliases. Default: 64. Range: 0 ..= 65535.
+    pub topic_alias_maximum: u16,
+    /// `server_topic_aliases`: the most topic aliases we use towards one MQTT
+    /// 5 client, never more than the client's own Topic Alias Maximum. 0
+    /// means we never send topic aliases. Default: 16. Range: 0 ..= 65535.
+    pub server_topic_aliases: u16,
 }
 
 /// `[storage]`: session lifetime and the bounds on each session's queue of
@@ -210,6 +219,8 @@ impl Default for Limits {
             receive_maximum: 1024,
             max_keepalive: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(10),
+            topic_alias_maximum: 64,
+            server_topic_aliases: 16,
         }
     }
 }

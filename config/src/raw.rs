@@ -53,6 +53,8 @@ struct RawLimits {
     receive_maximum: Option<Int>,
     max_keepalive_secs: Option<Int>,
     connect_timeout_secs: Option<Int>,
+    topic_alias_maximum: Option<Int>,
+    server_topic_aliases: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +109,8 @@ pub(crate) const TABLES: &[Table] = &[
             "receive_maximum",
             "max_keepalive_secs",
             "connect_timeout_secs",
+            "topic_alias_maximum",
+            "server_topic_aliases",
         ],
         planned: &[],
     },
@@ -453,6 +457,20 @@ impl RawLimits {
                 defaults.connect_timeout.as_secs(),
                 errors,
             )),
+            topic_alias_maximum: narrow(
+                self.topic_alias_maximum.map(|Int(v)| v),
+                "limits.topic_alias_maximum",
+                &validate::TOPIC_ALIAS_MAXIMUM,
+                defaults.topic_alias_maximum,
+                errors,
+            ),
+            server_topic_aliases: narrow(
+                self.server_topic_aliases.map(|Int(v)| v),
+                "limits.server_topic_aliases",
+                &validate::SERVER_TOPIC_ALIASES,
+                defaults.server_topic_aliases,
+                errors,
+            ),
         }
     }
 }

@@ -61,6 +61,8 @@ fn defaults() {
             receive_maximum: 1024,
             max_keepalive: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(10),
+            topic_alias_maximum: 64,
+            server_topic_aliases: 16,
         }
     );
     assert_eq!(
@@ -107,6 +109,8 @@ fn every_key_parsed() {
         receive_maximum = 10
         max_keepalive_secs = 60
         connect_timeout_secs = 3
+        topic_alias_maximum = 10
+        server_topic_aliases = 4
 
         [storage]
         max_session_expiry_secs = 86400
@@ -126,6 +130,8 @@ fn every_key_parsed() {
                 receive_maximum: 10,
                 max_keepalive: Duration::from_secs(60),
                 connect_timeout: Duration::from_secs(3),
+                topic_alias_maximum: 10,
+                server_topic_aliases: 4,
             };
             c.storage = Storage {
                 max_session_expiry: Duration::from_secs(86_400),
@@ -148,6 +154,8 @@ fn limits_at_their_bounds() {
         receive_maximum = 65535
         max_keepalive_secs = 65535
         connect_timeout_secs = 3600
+        topic_alias_maximum = 65535
+        server_topic_aliases = 65535
         "#,
         |c| {
             c.limits.max_connections = 1;
@@ -155,17 +163,22 @@ fn limits_at_their_bounds() {
             c.limits.receive_maximum = 65535;
             c.limits.max_keepalive = Duration::from_secs(65535);
             c.limits.connect_timeout = Duration::from_secs(3600);
+            c.limits.topic_alias_maximum = 65535;
+            c.limits.server_topic_aliases = 65535;
         },
     );
     check_ok(
         "[limits]\nmax_connections = 4294967295\nmax_packet_size = 268435460\n\
-         max_keepalive_secs = 1\nconnect_timeout_secs = 1\nreceive_maximum = 1",
+         max_keepalive_secs = 1\nconnect_timeout_secs = 1\nreceive_maximum = 1\n\
+         topic_alias_maximum = 0\nserver_topic_aliases = 0",
         |c| {
             c.limits.max_connections = u32::MAX;
             c.limits.max_packet_size = 268_435_460;
             c.limits.max_keepalive = Duration::from_secs(1);
             c.limits.connect_timeout = Duration::from_secs(1);
             c.limits.receive_maximum = 1;
+            c.limits.topic_alias_maximum = 0;
+            c.limits.server_topic_aliases = 0;
         },
     );
 }
@@ -534,6 +547,20 @@ fn limit_ranges() {
         ("connect_timeout_secs", "0", "between 1 and 3600 seconds"),
         ("connect_timeout_secs", "3601", "between 1 and 3600 seconds"),
         ("connect_timeout_secs", "-10", "between 1 and 3600 seconds"),
+        ("topic_alias_maximum", "-1", "between 0 and 65535"),
+        ("topic_alias_maximum", "65536", "between 0 and 65535"),
+        (
+            "topic_alias_maximum",
+            "99999999999999999999",
+            "between 0 and 65535",
+        ),
+        ("server_topic_aliases", "-1", "between 0 and 65535"),
+        ("server_topic_aliases", "65536", "between 0 and 65535"),
+        (
+            "server_topic_aliases",
+            "99999999999999999999",
+            "between 0 and 65535",
+        ),
     ] {
         check_err(
             &format!("[limits]\n{key} = {value}"),
@@ -565,6 +592,8 @@ fn every_problem_reported_at_once() {
         receive_maximum = 0
         max_keepalive_secs = 0
         connect_timeout_secs = 0
+        topic_alias_maximum = 65536
+        server_topic_aliases = -1
         max_conections = 1
 
         [storage]
@@ -582,6 +611,8 @@ fn every_problem_reported_at_once() {
             "listener[0].protocol: \"wss\" is not available yet in this version; \
              supported: \"tcp\"",
             "listener[1].bind: \"nowhere\" is not an address like 127.0.0.1:1883",
+            "limits.topic_alias_maximum: must be between 0 and 65535, got 65536",
+            "limits.server_topic_aliases: must be between 0 and 65535, got -1",
             "storage.max_session_expiry_secs: must be between 0 and 4294967295 seconds, got -1",
             "storage.queue_full: unknown policy \"drop\"; expected one of \"drop-oldest\", \
              \"drop-newest\", \"refuse\", \"block\"",
@@ -623,6 +654,8 @@ fn unknown_keys() {
         max_conections = 10
         recieve_maximum = 5
         max_keepalive = 60
+        topic_alias_maximun = 8
+        server_topic_alias = 4
 
         [storage]
         max_session_expiry = 60
@@ -636,6 +669,8 @@ fn unknown_keys() {
             "limits.max_conections: unknown key; did you mean `max_connections`?",
             "limits.recieve_maximum: unknown key; did you mean `receive_maximum`?",
             "limits.max_keepalive: unknown key",
+            "limits.topic_alias_maximun: unknown key; did you mean `topic_alias_maximum`?",
+            "limits.server_topic_alias: unknown key; did you mean `server_topic_aliases`?",
             "storage.max_session_expiry: unknown key",
             "storage.queue_qos_0: unknown key; did you mean `queue_qos0`?",
         ],
@@ -660,6 +695,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         durability = "sync-each"
         max_disk_bytes = "10GiB"
         max_connections = 10
+        topic_alias_maximum = 0
         [bridge]
         "#,
         &[
@@ -673,6 +709,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
             "storage.max_disk_bytes: unknown key; `max_disk_bytes` is not available yet in \
              this version",
             "storage.max_connections: unknown key; `max_connections` belongs in [limits]",
+            "storage.topic_alias_maximum: unknown key; `topic_alias_maximum` belongs in [limits]",
             "bridge: unknown key; `bridge` is not available yet in this version",
         ],
     );
@@ -683,6 +720,22 @@ fn type_errors_name_the_key() {
     check_err(
         "[limits]\nmax_connections = \"x\"",
         &[r#"limits.max_connections: invalid type: string "x", expected an integer"#],
+    );
+    check_err(
+        "[limits]\ntopic_alias_maximum = \"64\"",
+        &[r#"limits.topic_alias_maximum: invalid type: string "64", expected an integer"#],
+    );
+    check_err(
+        "[limits]\ntopic_alias_maximum = true",
+        &["limits.topic_alias_maximum: invalid type: boolean `true`, expected an integer"],
+    );
+    check_err(
+        "[limits]\nserver_topic_aliases = 1.5",
+        &["limits.server_topic_aliases: invalid type: floating point `1.5`, expected an integer"],
+    );
+    check_err(
+        "[limits]\nserver_topic_aliases = [16]",
+        &["limits.server_topic_aliases: invalid type: sequence, expected an integer"],
     );
     check_err(
         "[auth]\nallow_anonymous = \"yes\"",
@@ -820,6 +873,14 @@ fn validate_config_built_in_code() {
              got 1099511627777",
         ]
     );
+
+    // Topic aliases: 0 (none) and the largest 16-bit count are both valid.
+    for count in [0, u16::MAX] {
+        let mut config = Config::default();
+        config.limits.topic_alias_maximum = count;
+        config.limits.server_topic_aliases = count;
+        assert_eq!(config.validate(), Ok(()), "{count}");
+    }
 
     // Session expiry 0 (end at disconnect) and "never" are both valid.
     for secs in [0, u64::from(u32::MAX)] {

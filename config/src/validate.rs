@@ -63,6 +63,21 @@ pub(crate) const CONNECT_TIMEOUT_SECS: IntRange = IntRange {
     unit: " seconds",
 };
 
+/// MQTT 5 Topic Alias Maximum is 16 bits; 0 means no topic aliases.
+pub(crate) const TOPIC_ALIAS_MAXIMUM: IntRange = IntRange {
+    lo: 0,
+    hi: 65_535,
+    unit: "",
+};
+
+/// Aliases we send are bounded by the client's 16-bit Topic Alias Maximum;
+/// 0 means we never send one.
+pub(crate) const SERVER_TOPIC_ALIASES: IntRange = IntRange {
+    lo: 0,
+    hi: 65_535,
+    unit: "",
+};
+
 /// MQTT 5 Session Expiry Interval is a 32-bit number of seconds; 0 ends a
 /// session at disconnect and the maximum means never.
 pub(crate) const MAX_SESSION_EXPIRY_SECS: IntRange = IntRange {
@@ -174,6 +189,18 @@ fn check_limits(config: &Config, errors: &mut Vec<ConfigError>) {
         &CONNECT_TIMEOUT_SECS,
         "limits.connect_timeout_secs",
         limits.connect_timeout,
+        errors,
+    );
+    // Both fit their whole `u16`: checked anyway so the rules stay in one
+    // place if a range ever narrows.
+    TOPIC_ALIAS_MAXIMUM.check(
+        "limits.topic_alias_maximum",
+        u64::from(limits.topic_alias_maximum),
+        errors,
+    );
+    SERVER_TOPIC_ALIASES.check(
+        "limits.server_topic_aliases",
+        u64::from(limits.server_topic_aliases),
         errors,
     );
 }

@@ -65,12 +65,14 @@ impl State {
                 seq,
                 qos,
                 retain,
+                identifiers,
                 message,
             } => {
                 let record = QueuedRecord {
                     seq,
                     qos,
                     retain,
+                    identifiers,
                     message,
                 };
                 self.session(number).queue.insert(seq, record);
@@ -263,6 +265,7 @@ mod tests {
             retain: true,
             properties: PublishProperties::default(),
             origin: SessionId(0),
+            expires_at: None,
         })
     }
 
@@ -314,6 +317,7 @@ mod tests {
                     seq: 1,
                     qos: QoS::AtLeastOnce,
                     retain: false,
+                    identifiers: None,
                     message: message("t"),
                 },
                 StoreOp::QueuePut {
@@ -321,6 +325,7 @@ mod tests {
                     seq: 2,
                     qos: QoS::AtLeastOnce,
                     retain: false,
+                    identifiers: None,
                     message: message("t"),
                 },
                 StoreOp::QueueDelete { number: 7, seq: 1 },

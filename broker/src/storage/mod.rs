@@ -98,6 +98,8 @@ pub enum StoreOp {
         qos: QoS,
         /// The RETAIN flag of the delivery.
         retain: bool,
+        /// The Subscription Identifiers of the delivery.
+        identifiers: Option<Arc<[u32]>>,
         /// The message.
         message: Arc<Message>,
     },
@@ -158,6 +160,8 @@ pub struct QueuedRecord {
     pub qos: QoS,
     /// Delivery RETAIN flag.
     pub retain: bool,
+    /// Subscription Identifiers of the delivery.
+    pub identifiers: Option<Arc<[u32]>>,
     /// The message.
     pub message: Arc<Message>,
 }
