@@ -12,14 +12,16 @@
 //! then applies its `queue_full` policy) until the client catches up;
 //! other clients never wait for it.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use ferrymq_codec::{
-    self as codec, ConnAck, Connect, DecodeError, Disconnect, MqttString, Packet, Protocol, QoS,
-    ReasonCode, ReasonContext, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
+    self as codec, Auth, AuthProperties, ConnAck, Connect, DecodeError, Disconnect, MqttString,
+    Packet, Protocol, QoS, ReasonCode, ReasonContext, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    Will,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -27,12 +29,15 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::Shared;
+use crate::auth::{AuthExchange, AuthMethod, AuthStep};
 use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish};
 use crate::message::{Message, SessionId};
-use crate::outbox::{Outbox, QueueLimits};
+use crate::outbox::Delivery;
+use crate::outbox::{Outbox, Pop, QueueLimits};
 use crate::publish::{self, Parked, Routing};
 use crate::router::{RouteCache, Subscriber};
-use crate::session::{Control, SessionState};
+use crate::session::{Control, Inflight, SessionState};
+use crate::shared_sub::{Member, SharedGroup};
 use crate::stats::Stats;
 use crate::storage::{self, Batch, Durable, SessionRecord, StoreOp, SubscriptionRecord, Ticket};
 
@@ -164,6 +169,24 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
         }
     }
 
+    /// Reads the next packet of a connection speaking `protocol` (used
+    /// during an authentication exchange, before the main loop).
+    async fn read_packet(&mut self, protocol: Protocol, max: u32) -> Result<Packet, String> {
+        loop {
+            match codec::decode(&mut self.inbuf, protocol, max) {
+                Ok(Some(packet)) => return Ok(packet),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            self.reserve_read();
+            match self.reader.read_buf(&mut self.inbuf).await {
+                Ok(0) => return Err("closed during authentication".into()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
     /// Queues the CONNACK that tells a client why its CONNECT was refused,
     /// where the protocol has a way to say it.
     fn refuse_connect(&mut self, level: Option<u8>, error: &DecodeError) {
@@ -275,6 +298,10 @@ struct Conn<'a, R, W> {
     ops: Vec<StoreOp>,
     /// Packets to encode at the end of this turn.
     packets: Vec<Packet>,
+    /// The enhanced authentication method the client connected with.
+    auth_method: Option<(MqttString, Arc<dyn AuthMethod>)>,
+    /// A re-authentication in progress.
+    reauth: Option<Box<dyn AuthExchange>>,
 }
 
 /// How draining the outbox ended.
@@ -297,11 +324,39 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     async fn accept(connect: Connect, mut io: Io<R, W>, shared: &'a Shared) -> Option<Self> {
         let protocol = connect.protocol;
         let limits = &shared.config.limits;
-        let refusal = if protocol == Protocol::V5
-            && connect.properties.authentication_method.is_some()
+        let mut auth_result = None;
+        let mut auth_method = None;
+        let refusal = if let (Protocol::V5, Some(name)) =
+            (protocol, &connect.properties.authentication_method)
         {
-            // No enhanced authentication method is available.
-            Some(ReasonCode::BAD_AUTHENTICATION_METHOD)
+            match shared
+                .auth_methods
+                .iter()
+                .find(|m| m.name() == name.as_str())
+            {
+                None => Some(ReasonCode::BAD_AUTHENTICATION_METHOD),
+                Some(method) => {
+                    let data = connect.properties.authentication_data.clone();
+                    match authenticate(
+                        &mut io,
+                        shared,
+                        method.as_ref(),
+                        name,
+                        &connect.client_id,
+                        data,
+                    )
+                    .await
+                    {
+                        Ok(AuthStep::Success(data)) => {
+                            auth_result = Some((name.clone(), data));
+                            auth_method = Some((name.clone(), method.clone()));
+                            None
+                        }
+                        Ok(AuthStep::Failure(code)) => Some(code),
+                        Ok(AuthStep::Continue(_)) | Err(_) => Some(ReasonCode::NOT_AUTHORIZED),
+                    }
+                }
+            }
         } else if !shared.config.auth.allow_anonymous {
             // No credential store exists in this version: nobody can log in.
             Some(ReasonCode::NOT_AUTHORIZED)
@@ -313,6 +368,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             None
         };
         if let Some(code) = refusal {
+            let code = if code.is_valid_for(ReasonContext::ConnAck) {
+                code
+            } else {
+                ReasonCode::NOT_AUTHORIZED
+            };
             let connack = ConnAck {
                 reason_code: code,
                 ..ConnAck::default()
@@ -323,6 +383,10 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         }
         let connection = shared.next_connection();
         let mut connack = ConnAck::default();
+        if let Some((method, data)) = auth_result {
+            connack.properties.authentication_method = Some(method);
+            connack.properties.authentication_data = data;
+        }
         let client_id = if connect.client_id.is_empty() {
             let assigned = MqttString::new(&format!("ferrymq-{}-{connection}", shared.boot_id))
                 .unwrap_or_default();
@@ -352,7 +416,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         }
         let mut batch = Batch::new(shared.store.as_ref());
         let (mut state, resumed) = match attached.previous {
-            Some(previous) if !connect.clean_start => (previous, true),
+            Some(mut previous) if !connect.clean_start => {
+                // Resumed within its Will Delay Interval: the will is cancelled.
+                previous.pending_will = None;
+                (previous, true)
+            }
             previous => {
                 if let Some(old) = previous {
                     end_session(shared, old, &mut batch);
@@ -391,7 +459,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             p.retain_available = Some(true);
             p.wildcard_subscription_available = Some(true);
             p.subscription_identifier_available = Some(true);
-            p.shared_subscription_available = Some(false);
+            p.shared_subscription_available = Some(true);
             if limits.topic_alias_maximum > 0 {
                 p.topic_alias_maximum = Some(limits.topic_alias_maximum);
             }
@@ -454,6 +522,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             parked: None,
             ops: Vec::new(),
             packets: Vec::new(),
+            auth_method,
+            reauth: None,
         };
         if resumed {
             conn.engine
@@ -525,7 +595,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                         Err(e) => return Close::Io(e),
                     }
                 }
-                _ = outbox.ready(), if drain == Drain::Empty && room => {}
+                // Also woken by shared groups with something to pull.
+                _ = outbox.ready(), if drain != Drain::OutFull && room => {}
                 _ = self.durable.changed(), if need_durable => {}
                 _ = wait_for_room(parked_outbox), if self.parked.is_some() => self.resume_parked(),
             }
@@ -559,27 +630,55 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         }
     }
 
-    /// Moves deliveries from the outbox into the write buffer while the
-    /// store, the client's window and the buffer allow.
+    /// Moves deliveries into the write buffer while the store, the
+    /// client's window and the buffer allow: first from the session's own
+    /// outbox, then pulled from the shared subscription groups it belongs to.
     fn drain(&mut self, durable: Ticket) -> Drain {
-        let outbox = self.engine.state.outbox.clone();
+        let own = self.engine.state.outbox.clone();
+        let mut result = self.drain_from(&own, durable, None);
+        if !self.engine.state.groups.is_empty() && result != Drain::OutFull {
+            let groups: Vec<(Arc<SharedGroup>, Member)> =
+                self.engine.state.groups.values().cloned().collect();
+            for (group, member) in &groups {
+                match self.drain_from(&group.outbox, durable, Some((group, member))) {
+                    Drain::OutFull => return Drain::OutFull,
+                    Drain::WaitDurable => result = Drain::WaitDurable,
+                    Drain::WaitWindow if result == Drain::Empty => result = Drain::WaitWindow,
+                    _ => {}
+                }
+            }
+        }
+        result
+    }
+
+    fn drain_from(
+        &mut self,
+        outbox: &Outbox,
+        durable: Ticket,
+        pulled_by: Option<(&Arc<SharedGroup>, &Member)>,
+    ) -> Drain {
         let mut sent = 0;
         let now = Instant::now();
+        let member_qos = pulled_by.map_or(QoS::ExactlyOnce, |(_, m)| m.qos);
         let state = loop {
             if self.io.out.len() >= OUT_HIGH_WATER {
                 break Drain::OutFull;
             }
-            let Some((qos, ticket)) = outbox.front() else {
-                break Drain::Empty;
-            };
-            if ticket > durable {
-                break Drain::WaitDurable;
-            }
-            if !self.engine.can_send(qos) {
-                break Drain::WaitWindow;
-            }
-            let Some(delivery) = outbox.pop() else {
-                break Drain::Empty;
+            let engine = &self.engine;
+            let delivery =
+                match outbox.pop_ready(durable, |qos| engine.can_send(qos.min(member_qos))) {
+                    Pop::Got(d) => d,
+                    Pop::Empty => break Drain::Empty,
+                    Pop::WaitDurable => break Drain::WaitDurable,
+                    Pop::WaitWindow => break Drain::WaitWindow,
+                };
+            let delivery = match pulled_by {
+                Some((group, member)) => {
+                    let mut d = SharedGroup::adapt(member, delivery);
+                    d.group = Some(group.clone());
+                    d
+                }
+                None => delivery,
             };
             match self.engine.deliver(delivery, now, &mut self.ops) {
                 Delivered::Send(publish) => {
@@ -604,7 +703,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             Packet::PubRec(ack) => self.engine.pubrec(ack, &mut self.ops, &mut self.packets),
             Packet::PubRel(rel) => self.engine.pubrel(rel.packet_id, &mut self.ops),
             Packet::PubComp(ack) => self.engine.pubcomp(ack.packet_id, &mut self.ops),
-            Packet::Subscribe(subscribe) => self.subscribe(subscribe),
+            Packet::Subscribe(subscribe) => return self.subscribe(subscribe),
             Packet::Unsubscribe(unsubscribe) => self.unsubscribe(unsubscribe),
             Packet::PingReq => self.packets.push(Packet::PingResp),
             Packet::Disconnect(d) => return Some(self.disconnect(d)),
@@ -615,13 +714,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     "second CONNECT".into(),
                 ));
             }
-            Packet::Auth(_) => {
-                // AUTH is only valid after CONNECT named an authentication method.
-                return Some(Close::Protocol(
-                    ReasonCode::PROTOCOL_ERROR,
-                    "AUTH without authentication method".into(),
-                ));
-            }
+            Packet::Auth(auth) => return self.reauthenticate(auth),
             other @ (Packet::ConnAck(_)
             | Packet::SubAck(_)
             | Packet::UnsubAck(_)
@@ -630,6 +723,62 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     ReasonCode::PROTOCOL_ERROR,
                     format!("{} is sent by servers only", other.packet_type()),
                 ));
+            }
+        }
+        None
+    }
+
+    /// An AUTH packet after CONNACK: a re-authentication (5.0 4.12.1).
+    fn reauthenticate(&mut self, auth: Auth) -> Option<Close> {
+        let protocol_error =
+            |why: &str| Some(Close::Protocol(ReasonCode::PROTOCOL_ERROR, why.into()));
+        let Some((name, method)) = &self.auth_method else {
+            // AUTH is only valid after CONNECT named an authentication method.
+            return protocol_error("AUTH without an authentication method in CONNECT");
+        };
+        if auth.properties.authentication_method.as_ref() != Some(name) {
+            return protocol_error("AUTH with another authentication method than CONNECT's");
+        }
+        let data = auth.properties.authentication_data;
+        let step = match auth.reason_code {
+            ReasonCode::RE_AUTHENTICATE => {
+                let (exchange, step) = method.begin(&self.engine.state.client_id, data);
+                self.reauth = Some(exchange);
+                step
+            }
+            ReasonCode::CONTINUE_AUTHENTICATION => match &mut self.reauth {
+                Some(exchange) => exchange.step(data),
+                None => return protocol_error("AUTH Continue without an exchange in progress"),
+            },
+            _ => return protocol_error("AUTH Success from a client"),
+        };
+        let reply = |reason_code, data| {
+            Packet::Auth(Auth {
+                reason_code,
+                properties: AuthProperties {
+                    authentication_method: Some(name.clone()),
+                    authentication_data: data,
+                    ..AuthProperties::default()
+                },
+            })
+        };
+        match step {
+            AuthStep::Continue(data) => {
+                let packet = reply(ReasonCode::CONTINUE_AUTHENTICATION, data);
+                self.packets.push(packet);
+            }
+            AuthStep::Success(data) => {
+                let packet = reply(ReasonCode::SUCCESS, data);
+                self.reauth = None;
+                self.packets.push(packet);
+            }
+            AuthStep::Failure(code) => {
+                let code = if code.is_valid_for(ReasonContext::Disconnect) {
+                    code
+                } else {
+                    ReasonCode::NOT_AUTHORIZED
+                };
+                return Some(Close::Protocol(code, "re-authentication failed".into()));
             }
         }
         None
@@ -668,7 +817,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         }
     }
 
-    fn subscribe(&mut self, subscribe: Subscribe) {
+    fn subscribe(&mut self, subscribe: Subscribe) -> Option<Close> {
         let v5 = self.engine.protocol == Protocol::V5;
         let shared = self.shared;
         let state = &mut self.engine.state;
@@ -676,14 +825,6 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let mut reason_codes = Vec::with_capacity(subscribe.subscriptions.len());
         let mut retained = Vec::new();
         for s in subscribe.subscriptions {
-            if codec::topic::shared_subscription(&s.filter).is_some() {
-                reason_codes.push(if v5 {
-                    ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
-                } else {
-                    ReasonCode::UNSPECIFIED_ERROR
-                });
-                continue;
-            }
             let mut options = s.options;
             if !v5 {
                 options = codec::SubscriptionOptions {
@@ -700,6 +841,40 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 options,
                 identifier,
             };
+            if let Some((name, filter)) = codec::topic::shared_subscription(&s.filter) {
+                if options.no_local {
+                    // [MQTT-3.8.3-4]
+                    return Some(Close::Protocol(
+                        ReasonCode::PROTOCOL_ERROR,
+                        "No Local on a shared subscription".into(),
+                    ));
+                }
+                let (Ok(name), Ok(filter)) = (MqttString::new(name), MqttString::new(filter))
+                else {
+                    reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                    continue;
+                };
+                let member = Member {
+                    session: SessionId(state.number),
+                    outbox: state.outbox.clone(),
+                    qos: options.qos,
+                    retain_as_published: options.retain_as_published,
+                    identifier,
+                };
+                let group = shared.groups.join(shared, name, filter, member.clone());
+                state.groups.insert(s.filter.clone(), (group, member));
+                state.subscriptions.insert(s.filter.clone(), record);
+                if state.is_persistent() {
+                    batch.push(StoreOp::SubscriptionPut {
+                        number: state.number,
+                        filter: s.filter.clone(),
+                        subscription: record,
+                    });
+                }
+                // No retained messages on a shared subscription [MQTT-3.8.4-?].
+                reason_codes.push(ReasonCode(options.qos as u8));
+                continue;
+            }
             let existed = state
                 .subscriptions
                 .insert(s.filter.clone(), record)
@@ -713,6 +888,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     no_local: options.no_local,
                     retain_as_published: options.retain_as_published,
                     identifier,
+                    group: None,
                 },
             );
             if state.is_persistent() {
@@ -759,6 +935,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         for (entries, granted, identifier) in retained {
             publish::deliver_retained(shared, &outbox, entries, granted, identifier);
         }
+        None
     }
 
     fn unsubscribe(&mut self, unsubscribe: Unsubscribe) {
@@ -769,7 +946,14 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         for filter in &unsubscribe.filters {
             let existed = state.subscriptions.remove(filter).is_some();
             if existed {
-                shared.router.unsubscribe(filter, SessionId(state.number));
+                match state.groups.remove(filter) {
+                    Some((group, _)) => {
+                        shared.groups.leave(shared, &group, SessionId(state.number))
+                    }
+                    None => {
+                        shared.router.unsubscribe(filter, SessionId(state.number));
+                    }
+                }
                 if state.is_persistent() {
                     batch.push(StoreOp::SubscriptionDelete {
                         number: state.number,
@@ -844,9 +1028,20 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         self.io.flush_and_close().await;
         let shared = self.shared;
         let publish_will = close.publishes_will(&self.control, self.engine.state.is_persistent());
-        let state = self.engine.into_state();
+        let mut state = self.engine.into_state();
         if let Some(will) = self.will.take().filter(|_| publish_will) {
-            publish_will_message(shared, will, &state, &mut self.routes);
+            let delay = Duration::from_secs(u64::from(
+                will.properties
+                    .will_delay_interval
+                    .filter(|_| protocol == Protocol::V5)
+                    .unwrap_or(0),
+            ));
+            if delay.is_zero() || !state.is_persistent() {
+                // Without a delay, or when the session ends now anyway.
+                publish_will_message(shared, will, SessionId(state.number), &mut self.routes);
+            } else {
+                state.pending_will = Some(delay_will(shared, will, SessionId(state.number), delay));
+            }
         }
         let client_id = state.client_id.clone();
         if state.is_persistent() {
@@ -860,6 +1055,52 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             shared.sessions.detach(&client_id, &self.control, None);
         }
     }
+}
+
+/// Runs an enhanced authentication exchange during CONNECT: relays
+/// Authentication Data between the client (AUTH packets) and `method`
+/// until it answers success or failure. Bounded by `connect_timeout_secs`
+/// as a whole.
+async fn authenticate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    io: &mut Io<R, W>,
+    shared: &Shared,
+    method: &dyn AuthMethod,
+    name: &MqttString,
+    client_id: &MqttString,
+    data: Option<bytes::Bytes>,
+) -> Result<AuthStep, String> {
+    let (mut exchange, mut step) = method.begin(client_id, data);
+    let max = shared.config.limits.max_packet_size;
+    let timeout = shared.config.limits.connect_timeout;
+    tokio::time::timeout(timeout, async {
+        loop {
+            let AuthStep::Continue(data) = step else {
+                return Ok(step);
+            };
+            let challenge = Auth {
+                reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
+                properties: AuthProperties {
+                    authentication_method: Some(name.clone()),
+                    authentication_data: data,
+                    ..AuthProperties::default()
+                },
+            };
+            io.queue(&Packet::Auth(challenge), Protocol::V5);
+            let out = std::mem::take(&mut io.out);
+            io.writer.write_all(&out).await.map_err(|e| e.to_string())?;
+            match io.read_packet(Protocol::V5, max).await? {
+                Packet::Auth(answer)
+                    if answer.reason_code == ReasonCode::CONTINUE_AUTHENTICATION
+                        && answer.properties.authentication_method.as_ref() == Some(name) =>
+                {
+                    step = exchange.step(answer.properties.authentication_data);
+                }
+                other => return Err(format!("expected AUTH, got {}", other.packet_type())),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "authentication timed out".to_string())?
 }
 
 /// Waits until `outbox` has room for `size` bytes. Cancel-safe.
@@ -879,12 +1120,30 @@ async fn wait_for_room(target: Option<(Arc<Outbox>, usize)>) {
     }
 }
 
-fn publish_will_message(
+/// Publishes `will` after `delay`, unless the returned handle is dropped
+/// first (the session resumed) or used to publish it earlier (the session
+/// ended first).
+fn delay_will(
     shared: &Shared,
     will: Will,
-    state: &SessionState,
-    routes: &mut RouteCache,
-) {
+    origin: SessionId,
+    delay: Duration,
+) -> crate::session::PendingWill {
+    let (trigger, fired) = tokio::sync::oneshot::channel::<()>();
+    let this = shared.this.clone();
+    tokio::spawn(async move {
+        let publish = tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            early = fired => early.is_ok(),
+        };
+        if let (true, Some(shared)) = (publish, this.upgrade()) {
+            publish_will_message(&shared, will, origin, &mut RouteCache::default());
+        }
+    });
+    crate::session::PendingWill(trigger)
+}
+
+fn publish_will_message(shared: &Shared, will: Will, origin: SessionId, routes: &mut RouteCache) {
     let message = Arc::new(Message {
         topic: will.topic,
         payload: will.payload,
@@ -899,7 +1158,7 @@ fn publish_will_message(
             user_properties: will.properties.user_properties,
             ..Default::default()
         },
-        origin: SessionId(state.number),
+        origin,
         expires_at: Message::expiry_from(will.properties.message_expiry_interval, Instant::now()),
     });
     Stats::add(&shared.stats.messages_received, 1);
@@ -926,9 +1185,44 @@ fn publish_will_message(
 
 /// Ends a session: its subscriptions leave the router, its queue is
 /// discarded, and its stored state is deleted.
-pub(crate) fn end_session(shared: &Shared, state: SessionState, batch: &mut Batch<'_>) {
+pub(crate) fn end_session(shared: &Shared, mut state: SessionState, batch: &mut Batch<'_>) {
+    // A will still waiting for its delay goes out now: the session ended first.
+    if let Some(will) = state.pending_will.take() {
+        will.publish_now();
+    }
     for filter in state.subscriptions.keys() {
         shared.router.unsubscribe(filter, SessionId(state.number));
+    }
+    // Unacknowledged QoS 1 messages pulled from shared groups go back to
+    // their group for another member; QoS 2 ones stay with this session
+    // (and end with it).
+    let mut returned: HashMap<u64, (Arc<SharedGroup>, Vec<Delivery>)> = HashMap::new();
+    for inflight in std::mem::take(&mut state.inflight).into_values() {
+        if let Inflight::Sent(d) = inflight
+            && d.qos == QoS::AtLeastOnce
+            && let Some(group) = d.group.clone()
+        {
+            returned
+                .entry(group.number)
+                .or_insert_with(|| (group, Vec::new()))
+                .1
+                .push(d);
+        }
+    }
+    for (_, (group, member)) in state.groups.drain() {
+        shared.groups.leave(shared, &group, member.session);
+    }
+    for (group, mut deliveries) in returned.into_values() {
+        deliveries.sort_by_key(|d| d.seq);
+        let deliveries = deliveries
+            .into_iter()
+            .map(|mut d| {
+                d.group = None;
+                d.identifiers = None;
+                d
+            })
+            .collect();
+        group.give_back(deliveries);
     }
     state.outbox.close();
     if state.stored {

@@ -714,6 +714,7 @@ mod tests {
             ticket: 0,
             stored,
             identifiers: None,
+            group: None,
         }
     }
 

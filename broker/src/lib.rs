@@ -31,6 +31,7 @@
 //! `client` (the in-process client), `server` (listeners), `data_dir`.
 //! The packet codec is its own crate, `ferrymq-codec`.
 
+pub mod auth;
 mod client;
 mod connection;
 mod data_dir;
@@ -42,6 +43,7 @@ mod retained;
 mod router;
 mod server;
 mod session;
+mod shared_sub;
 mod stats;
 pub mod storage;
 
@@ -52,6 +54,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use ferrymq_codec::MqttString;
 use ferrymq_config::{Config, ConfigErrors};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -107,7 +110,10 @@ pub(crate) struct Shared {
     pub(crate) router: router::Router,
     pub(crate) retained: retained::Retained,
     pub(crate) sessions: session::Sessions,
+    pub(crate) groups: shared_sub::Groups,
     pub(crate) store: Arc<dyn Store>,
+    /// Enhanced authentication methods, by name.
+    pub(crate) auth_methods: Vec<Arc<dyn auth::AuthMethod>>,
     pub(crate) stats: Stats,
     /// Source of connection numbers.
     next_connection: AtomicU64,
@@ -156,15 +162,32 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker whose state lives in memory ([`MemoryStore`]).
     pub async fn start(config: Config) -> Result<Broker, StartError> {
-        Self::start_with_store(config, MemoryStore::new()).await
+        Self::builder(config).start().await
     }
 
-    /// Validates `config`, locks the data directory, recovers the state
-    /// held by `store`, binds every listener and starts accepting. Must be
-    /// called inside a tokio runtime.
+    /// Starts a broker whose state lives in `store`.
     pub async fn start_with_store(
         config: Config,
         store: Arc<dyn Store>,
+    ) -> Result<Broker, StartError> {
+        Self::builder(config).store(store).start().await
+    }
+
+    /// A broker to configure further before starting it.
+    pub fn builder(config: Config) -> BrokerBuilder {
+        BrokerBuilder {
+            config,
+            store: None,
+            auth_methods: Vec::new(),
+        }
+    }
+
+    /// Validates `config`, locks the data directory, recovers the state
+    /// held by `store`, binds every listener and starts accepting.
+    async fn launch(
+        config: Config,
+        store: Arc<dyn Store>,
+        auth_methods: Vec<Arc<dyn auth::AuthMethod>>,
     ) -> Result<Broker, StartError> {
         config.validate()?;
         let data_dir = DataDir::open(&config.data_dir)?;
@@ -186,7 +209,9 @@ impl Broker {
             router: router::Router::default(),
             retained: retained::Retained::default(),
             sessions: session::Sessions::default(),
+            groups: shared_sub::Groups::default(),
             store,
+            auth_methods,
             stats: Stats::default(),
             next_connection: AtomicU64::new(1),
             next_session: AtomicU64::new(first_session),
@@ -255,6 +280,37 @@ impl Broker {
     }
 }
 
+/// A broker being configured: its store and its enhanced authentication
+/// methods. See [`Broker::builder`].
+pub struct BrokerBuilder {
+    config: Config,
+    store: Option<Arc<dyn Store>>,
+    auth_methods: Vec<Arc<dyn auth::AuthMethod>>,
+}
+
+impl BrokerBuilder {
+    /// Keeps sessions, queues and retained messages in `store` (default:
+    /// a fresh [`MemoryStore`]).
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Offers an MQTT 5.0 enhanced authentication method to clients.
+    pub fn auth_method(mut self, method: impl auth::AuthMethod) -> Self {
+        self.auth_methods.push(Arc::new(method));
+        self
+    }
+
+    /// Starts the broker: validates the config, locks the data directory,
+    /// recovers the store, binds every listener and starts accepting. Must
+    /// be called inside a tokio runtime.
+    pub async fn start(self) -> Result<Broker, StartError> {
+        let store = self.store.unwrap_or_else(|| MemoryStore::new());
+        Broker::launch(self.config, store, self.auth_methods).await
+    }
+}
+
 /// Rebuilds sessions, subscriptions, queues and retained messages from
 /// what the store recovered. Every recovered session starts offline.
 fn restore(shared: &Shared, recovered: Recovered) {
@@ -282,6 +338,7 @@ fn restore(shared: &Shared, recovered: Recovered) {
                     ticket: 0,
                     stored: true,
                     identifiers: q.identifiers,
+                    group: None,
                 };
                 (q.seq, d)
             })
@@ -302,6 +359,22 @@ fn restore(shared: &Shared, recovered: Recovered) {
         outbox.restore(queue.into_values().collect());
         state.qos2_received = s.qos2_received.into_iter().collect();
         for (filter, sub) in s.subscriptions {
+            if let Some((name, inner)) = ferrymq_codec::topic::shared_subscription(&filter) {
+                let (Ok(name), Ok(inner)) = (MqttString::new(name), MqttString::new(inner)) else {
+                    continue;
+                };
+                let member = shared_sub::Member {
+                    session: SessionId(number),
+                    outbox: outbox.clone(),
+                    qos: sub.options.qos,
+                    retain_as_published: sub.options.retain_as_published,
+                    identifier: sub.identifier,
+                };
+                let group = shared.groups.join(shared, name, inner, member.clone());
+                state.groups.insert(filter.clone(), (group, member));
+                state.subscriptions.insert(filter, sub);
+                continue;
+            }
             shared.router.subscribe(
                 &filter,
                 Subscriber {
@@ -311,6 +384,7 @@ fn restore(shared: &Shared, recovered: Recovered) {
                     no_local: sub.options.no_local,
                     retain_as_published: sub.options.retain_as_published,
                     identifier: sub.identifier,
+                    group: None,
                 },
             );
             state.subscriptions.insert(filter, sub);

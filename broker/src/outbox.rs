@@ -31,6 +31,22 @@ pub struct Delivery {
     pub stored: bool,
     /// MQTT 5.0 Subscription Identifiers of the matching subscriptions.
     pub identifiers: Option<Arc<[u32]>>,
+    /// The shared subscription group it was pulled from, if any (an
+    /// unacknowledged QoS 1 message goes back there when the session ends).
+    pub group: Option<Arc<crate::shared_sub::SharedGroup>>,
+}
+
+/// What [`Outbox::pop_ready`] found.
+#[derive(Debug)]
+pub enum Pop {
+    /// The first delivery, removed.
+    Got(Delivery),
+    /// Nothing queued.
+    Empty,
+    /// The first delivery waits for its store ticket.
+    WaitDurable,
+    /// The first delivery's QoS has no room in the receiver's window.
+    WaitWindow,
 }
 
 /// Limits and policies of a session's queue.
@@ -220,20 +236,32 @@ impl Outbox {
         self.space.notified()
     }
 
-    /// The first delivery, without removing it.
-    pub fn front(&self) -> Option<(QoS, Ticket)> {
-        let q = self.queue.lock();
-        q.items.front().map(|d| (d.qos, d.ticket))
+    /// Wakes the connection draining this outbox.
+    pub fn wake(&self) {
+        self.ready.notify_one();
     }
 
-    /// Removes the first delivery.
-    pub fn pop(&self) -> Option<Delivery> {
+    /// Removes the first delivery if its ticket is durable (`<= durable`)
+    /// and `can_send` accepts its QoS: one lock, so several drainers (the
+    /// members of a shared group) never take the same delivery.
+    pub fn pop_ready(&self, durable: Ticket, can_send: impl Fn(QoS) -> bool) -> Pop {
         let mut q = self.queue.lock();
-        let d = q.items.pop_front()?;
+        let Some(front) = q.items.front() else {
+            return Pop::Empty;
+        };
+        if front.ticket > durable {
+            return Pop::WaitDurable;
+        }
+        if !can_send(front.qos) {
+            return Pop::WaitWindow;
+        }
+        let Some(d) = q.items.pop_front() else {
+            return Pop::Empty;
+        };
         q.bytes -= d.message.payload.len();
         drop(q);
         self.space.notify_waiters();
-        Some(d)
+        Pop::Got(d)
     }
 
     /// Refuses further pushes and returns what was queued (the session ended).
@@ -299,6 +327,7 @@ mod tests {
             ticket: 0,
             stored: true,
             identifiers: None,
+            group: None,
         }
     }
 
@@ -406,7 +435,7 @@ mod tests {
         old[1].seq = 8;
         o.restore(old);
         assert_eq!(seqs(&o), [7, 8, 1]);
-        assert_eq!(o.pop().map(|d| d.seq), Some(7));
+        assert!(matches!(o.pop_ready(0, |_| true), Pop::Got(d) if d.seq == 7));
         // New pushes continue after the highest restored sequence.
         assert!(matches!(
             o.push(delivery(QoS::AtLeastOnce, b"c")),

@@ -145,9 +145,13 @@ fn push_all(shared: &Shared, mut p: Parked, mut batch: Batch<'_>) -> Routing {
             ticket: if p.wait { p.ticket } else { 0 },
             stored: route.outbox.stores(qos),
             identifiers: route.identifiers.clone(),
+            group: None,
         };
         match push(shared, &route.outbox, delivery, &mut batch) {
             PushResult::Done => {
+                if let Some(group) = &route.group {
+                    group.wake();
+                }
                 p.matched += 1;
                 p.next += 1;
             }
@@ -254,6 +258,7 @@ pub(crate) fn deliver_retained(
             seq: 0,
             ticket: entry.ticket,
             identifiers: identifiers.clone(),
+            group: None,
         };
         // Never blocks: a subscriber's own retained messages that do not
         // fit its queue are dropped (counted).

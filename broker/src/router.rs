@@ -19,6 +19,7 @@ use parking_lot::RwLock;
 
 use crate::message::SessionId;
 use crate::outbox::Outbox;
+use crate::shared_sub::SharedGroup;
 
 /// One subscription of one session to one filter.
 #[derive(Clone)]
@@ -35,6 +36,8 @@ pub struct Subscriber {
     pub retain_as_published: bool,
     /// MQTT 5.0 Subscription Identifier.
     pub identifier: Option<u32>,
+    /// Set when the subscriber is a shared subscription group.
+    pub group: Option<Arc<SharedGroup>>,
 }
 
 /// Where one message goes: one entry per session, overlapping
@@ -54,6 +57,9 @@ pub struct Route {
     pub retain_as_published: bool,
     /// The Subscription Identifiers of every matching subscription.
     pub identifiers: Option<Arc<[u32]>>,
+    /// Set when the route is a shared subscription group (its members are
+    /// woken after a push).
+    pub group: Option<Arc<SharedGroup>>,
 }
 
 #[derive(Default)]
@@ -195,6 +201,7 @@ fn to_route(s: &Subscriber) -> Route {
         no_local: s.no_local,
         retain_as_published: s.retain_as_published,
         identifiers: s.identifier.map(|id| Arc::from([id])),
+        group: s.group.clone(),
     }
 }
 
@@ -349,6 +356,7 @@ mod tests {
             no_local: false,
             retain_as_published: false,
             identifier: None,
+            group: None,
         }
     }
 

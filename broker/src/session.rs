@@ -19,6 +19,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::outbox::{Delivery, Outbox};
+use crate::shared_sub::{Member, SharedGroup};
 use crate::storage::SubscriptionRecord;
 
 /// An outbound QoS 1/2 exchange in progress.
@@ -55,6 +56,24 @@ pub struct SessionState {
     pub next_packet_id: u16,
     /// Whether the store holds this session (a `SessionPut` was written).
     pub stored: bool,
+    /// A will waiting for its Will Delay Interval (5.0) while the session
+    /// is offline.
+    pub pending_will: Option<PendingWill>,
+    /// The shared subscription groups it is a member of, with its
+    /// membership (by the `$share/...` filter it subscribed with).
+    pub groups: HashMap<MqttString, (Arc<SharedGroup>, Member)>,
+}
+
+/// A will whose publication waits for its delay. Dropping it cancels the
+/// will (the session was resumed); [`PendingWill::publish_now`] publishes
+/// it at once (the session ended first).
+pub struct PendingWill(pub tokio::sync::oneshot::Sender<()>);
+
+impl PendingWill {
+    /// Publishes the will now instead of at the end of its delay.
+    pub fn publish_now(self) {
+        let _ = self.0.send(());
+    }
 }
 
 impl SessionState {
@@ -70,6 +89,8 @@ impl SessionState {
             qos2_received: HashSet::new(),
             next_packet_id: 1,
             stored: false,
+            pending_will: None,
+            groups: HashMap::new(),
         }
     }
 

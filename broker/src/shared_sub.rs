@@ -1,0 +1,169 @@
+//! Shared subscriptions (`$share/{group}/{filter}`, MQTT 5.0 4.8.2): each
+//! message matching the filter goes to one member of the group.
+//!
+//! A group has a queue of its own (an [`Outbox`]) that the router fills
+//! like any session's. Members do not get copies: each online member's
+//! connection pulls from the group queue when it has room in the member's
+//! Receive Maximum, so a busy or offline member is simply not served and
+//! the others take its share. When a member's session ends, its
+//! unacknowledged QoS 1 messages go back to the front of the group queue
+//! for another member; QoS 2 messages in flight stay with their member, as
+//! the spec requires.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use ferrymq_codec::{MqttString, QoS};
+use parking_lot::Mutex;
+
+use crate::Shared;
+use crate::message::SessionId;
+use crate::outbox::{Delivery, Outbox};
+use crate::router::Subscriber;
+
+/// One member's subscription to a group.
+#[derive(Clone)]
+pub struct Member {
+    /// The member's session.
+    pub session: SessionId,
+    /// The member's own outbox, whose readiness wakes its connection.
+    pub outbox: Arc<Outbox>,
+    /// Granted QoS.
+    pub qos: QoS,
+    /// Retain As Published.
+    pub retain_as_published: bool,
+    /// Subscription Identifier.
+    pub identifier: Option<u32>,
+}
+
+/// A shared subscription group.
+pub struct SharedGroup {
+    /// The share name.
+    pub name: MqttString,
+    /// The topic filter after `$share/{name}/`.
+    pub filter: MqttString,
+    /// Its number (from the session number sequence) in routes.
+    pub number: u64,
+    /// The group's queue.
+    pub outbox: Arc<Outbox>,
+    /// Its members; locked on (un)subscribe and to wake members.
+    members: Mutex<Vec<Member>>,
+}
+
+impl fmt::Debug for SharedGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "$share/{}/{}", self.name, self.filter)
+    }
+}
+
+impl SharedGroup {
+    /// Wakes every member's connection: there is something to pull.
+    pub fn wake(&self) {
+        for m in self.members.lock().iter() {
+            m.outbox.wake();
+        }
+    }
+
+    /// Takes `delivery` as pulled by `member`: the member's QoS, RETAIN
+    /// and identifier apply.
+    pub fn adapt(member: &Member, mut delivery: Delivery) -> Delivery {
+        delivery.qos = delivery.qos.min(member.qos);
+        delivery.retain = delivery.message.retain && member.retain_as_published;
+        delivery.identifiers = member.identifier.map(|id| Arc::from([id]));
+        delivery
+    }
+
+    /// Puts unacknowledged QoS 1 messages of a member whose session ended
+    /// back at the front of the queue, for another member.
+    pub fn give_back(&self, deliveries: Vec<Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        self.outbox.restore(deliveries);
+        self.wake();
+    }
+}
+
+/// Every group, by (share name, filter).
+#[derive(Default)]
+pub struct Groups {
+    /// Locked on shared (un)subscribes only.
+    groups: Mutex<HashMap<(MqttString, MqttString), Arc<SharedGroup>>>,
+}
+
+impl Groups {
+    /// Adds (or updates) `member` in the group, creating the group (and its
+    /// subscription in the router) if needed.
+    pub fn join(
+        &self,
+        shared: &Shared,
+        name: MqttString,
+        filter: MqttString,
+        member: Member,
+    ) -> Arc<SharedGroup> {
+        let mut groups = self.groups.lock();
+        let group = groups
+            .entry((name.clone(), filter.clone()))
+            .or_insert_with(|| {
+                let number = shared.next_session_number();
+                let outbox = Outbox::new(number, crate::connection::queue_limits(shared), 1);
+                // The group takes every message, QoS 0 included, whoever is online.
+                outbox.set_online(true);
+                let group = Arc::new(SharedGroup {
+                    name: name.clone(),
+                    filter: filter.clone(),
+                    number,
+                    outbox: outbox.clone(),
+                    members: Mutex::new(Vec::new()),
+                });
+                shared.router.subscribe(
+                    &filter,
+                    Subscriber {
+                        session: SessionId(number),
+                        outbox,
+                        qos: QoS::ExactlyOnce,
+                        no_local: false,
+                        retain_as_published: true,
+                        identifier: None,
+                        group: Some(group.clone()),
+                    },
+                );
+                group
+            })
+            .clone();
+        drop(groups);
+        let mut members = group.members.lock();
+        members.retain(|m| m.session != member.session);
+        members.push(member);
+        drop(members);
+        // It may have messages waiting for a member.
+        group.wake();
+        group
+    }
+
+    /// Removes `session` from `group`; the last member to leave ends the
+    /// group (its queue is discarded: nobody subscribes any more).
+    pub fn leave(&self, shared: &Shared, group: &Arc<SharedGroup>, session: SessionId) {
+        let empty = {
+            let mut members = group.members.lock();
+            members.retain(|m| m.session != session);
+            members.is_empty()
+        };
+        if !empty {
+            return;
+        }
+        let mut groups = self.groups.lock();
+        let key = (group.name.clone(), group.filter.clone());
+        // Another member may have joined meanwhile.
+        if groups.get(&key).is_some_and(|g| Arc::ptr_eq(g, group))
+            && group.members.lock().is_empty()
+        {
+            groups.remove(&key);
+            shared
+                .router
+                .unsubscribe(&group.filter, SessionId(group.number));
+            group.outbox.close();
+        }
+    }
+}
