@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use ferrymq_codec::{
-    ConnAck, Disconnect, Packet, Protocol, Publish, ReasonCode, Subscribe, Subscription,
-    SubscriptionOptions,
+    ConnAck, Packet, Protocol, Publish, ReasonCode, Subscribe, Subscription, SubscriptionOptions,
 };
 
 /// A subscriber and a publisher that must keep working whatever the
@@ -61,8 +60,26 @@ impl Bystanders {
     }
 }
 
-fn disconnect(code: ReasonCode) -> Vec<Packet> {
-    vec![Packet::Disconnect(Disconnect::new(code))]
+/// The reason codes of what the broker sent before closing (5.0 DISCONNECT
+/// packets carry a reason string too; the code is what the spec fixes).
+fn disconnect(code: ReasonCode) -> Vec<ReasonCode> {
+    vec![code]
+}
+
+fn reasons(packets: Vec<Packet>) -> Vec<ReasonCode> {
+    packets
+        .into_iter()
+        .map(|p| match p {
+            Packet::Disconnect(d) => {
+                assert!(
+                    d.properties.reason_string.is_some(),
+                    "no reason string in {d:?}"
+                );
+                d.reason_code
+            }
+            other => panic!("expected DISCONNECT, got {other:?}"),
+        })
+        .collect()
 }
 
 #[test]
@@ -79,7 +96,10 @@ fn garbage_bytes_close_only_that_connection() {
     // After CONNECT: a five-byte remaining length is a Malformed Packet.
     let mut v5 = Raw::connect(broker.addr, Protocol::V5, "garbage-5");
     v5.send_bytes(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]);
-    assert_eq!(v5.until_closed(), disconnect(ReasonCode::MALFORMED_PACKET));
+    assert_eq!(
+        reasons(v5.until_closed()),
+        disconnect(ReasonCode::MALFORMED_PACKET)
+    );
     let mut v3 = Raw::connect(broker.addr, Protocol::V311, "garbage-3");
     v3.send_bytes(&[0x00, 0x00]);
     assert_eq!(v3.until_closed(), []);
@@ -137,7 +157,10 @@ fn a_second_connect_is_a_protocol_error() {
         Protocol::V5,
         "twice-5",
     ))));
-    assert_eq!(v5.until_closed(), disconnect(ReasonCode::PROTOCOL_ERROR));
+    assert_eq!(
+        reasons(v5.until_closed()),
+        disconnect(ReasonCode::PROTOCOL_ERROR)
+    );
     let mut v3 = Raw::connect(broker.addr, Protocol::V311, "twice-3");
     v3.send(&Packet::Connect(Box::new(connect_packet(
         Protocol::V311,
@@ -161,7 +184,10 @@ fn an_oversize_packet_is_refused_from_its_header() {
     let mut wire = bytes::BytesMut::new();
     big.encode(Protocol::V5, &mut wire).unwrap();
     v5.send_bytes(&wire[..5]);
-    assert_eq!(v5.until_closed(), disconnect(ReasonCode::PACKET_TOO_LARGE));
+    assert_eq!(
+        reasons(v5.until_closed()),
+        disconnect(ReasonCode::PACKET_TOO_LARGE)
+    );
     let mut v3 = Raw::connect(broker.addr, Protocol::V311, "big-3");
     v3.send(&big);
     assert_eq!(v3.until_closed(), []);
@@ -197,7 +223,7 @@ fn an_invalid_topic_filter_closes_with_0x8f() {
     let mut v5 = Raw::connect(broker.addr, Protocol::V5, "filter-5");
     v5.send_bytes(&body(&[0]));
     assert_eq!(
-        v5.until_closed(),
+        reasons(v5.until_closed()),
         disconnect(ReasonCode::TOPIC_FILTER_INVALID)
     );
     let mut v3 = Raw::connect(broker.addr, Protocol::V311, "filter-3");
@@ -213,13 +239,13 @@ fn invalid_utf8_and_wildcard_topic_names_close_with_their_codes() {
     let mut utf8 = Raw::connect(broker.addr, Protocol::V5, "utf8");
     utf8.send_bytes(&[0x30, 5, 0, 2, 0xC3, 0x28, 0]);
     assert_eq!(
-        utf8.until_closed(),
+        reasons(utf8.until_closed()),
         disconnect(ReasonCode::MALFORMED_PACKET)
     );
     let mut wildcard = Raw::connect(broker.addr, Protocol::V5, "wild");
     wildcard.send_bytes(&[0x30, 6, 0, 3, b'a', b'/', b'+', 0]);
     assert_eq!(
-        wildcard.until_closed(),
+        reasons(wildcard.until_closed()),
         disconnect(ReasonCode::TOPIC_NAME_INVALID)
     );
     ok.still_work();
@@ -251,7 +277,10 @@ fn server_only_packets_from_a_client_are_protocol_errors() {
     let mut ok = Bystanders::new(&broker);
     let mut raw = Raw::connect(broker.addr, Protocol::V5, "confused");
     raw.send(&Packet::PingResp);
-    assert_eq!(raw.until_closed(), disconnect(ReasonCode::PROTOCOL_ERROR));
+    assert_eq!(
+        reasons(raw.until_closed()),
+        disconnect(ReasonCode::PROTOCOL_ERROR)
+    );
     let mut sub_id = Raw::connect(broker.addr, Protocol::V5, "sub-id");
     let mut publish = Publish {
         topic: s("healthy/x"),
@@ -260,7 +289,7 @@ fn server_only_packets_from_a_client_are_protocol_errors() {
     publish.properties.subscription_identifiers = vec![1];
     sub_id.send(&Packet::Publish(publish));
     assert_eq!(
-        sub_id.until_closed(),
+        reasons(sub_id.until_closed()),
         disconnect(ReasonCode::PROTOCOL_ERROR)
     );
     ok.still_work();

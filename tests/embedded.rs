@@ -266,3 +266,215 @@ async fn in_process_publish_is_refused_with_0x97_when_queues_are_full() {
     );
     broker.shutdown().await;
 }
+
+/// A toy enhanced authentication method: the broker sends a number, the
+/// client must answer it plus one.
+struct AddOne;
+
+struct AddOneExchange {
+    challenge: u8,
+}
+
+impl ferrymq_broker::auth::AuthMethod for AddOne {
+    fn name(&self) -> &str {
+        "ADD-ONE"
+    }
+
+    fn begin(
+        &self,
+        _client_id: &str,
+        data: Option<Bytes>,
+    ) -> (
+        Box<dyn ferrymq_broker::auth::AuthExchange>,
+        ferrymq_broker::auth::AuthStep,
+    ) {
+        let challenge = data.and_then(|d| d.first().copied()).unwrap_or(41);
+        (
+            Box::new(AddOneExchange { challenge }),
+            ferrymq_broker::auth::AuthStep::Continue(Some(Bytes::from(vec![challenge]))),
+        )
+    }
+}
+
+impl ferrymq_broker::auth::AuthExchange for AddOneExchange {
+    fn step(&mut self, data: Option<Bytes>) -> ferrymq_broker::auth::AuthStep {
+        use ferrymq_broker::auth::AuthStep;
+        match data.as_deref() {
+            Some([answer]) if *answer == self.challenge.wrapping_add(1) => {
+                AuthStep::Success(Some(Bytes::from_static(b"welcome")))
+            }
+            _ => AuthStep::Failure(ReasonCode::NOT_AUTHORIZED),
+        }
+    }
+}
+
+fn auth_packet(reason_code: ReasonCode, data: &[u8]) -> Packet {
+    Packet::Auth(ferrymq_codec::Auth {
+        reason_code,
+        properties: ferrymq_codec::AuthProperties {
+            authentication_method: Some(s("ADD-ONE")),
+            authentication_data: Some(Bytes::copy_from_slice(data)),
+            ..Default::default()
+        },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enhanced_authentication_runs_its_exchange_and_re_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&dir);
+    // Only authenticated clients get in.
+    config.auth.allow_anonymous = false;
+    let broker = Broker::builder(config)
+        .auth_method(AddOne)
+        .start()
+        .await
+        .unwrap();
+    let addr = broker.local_addrs()[0];
+    tokio::task::spawn_blocking(move || {
+        let connect = |data: u8| {
+            let mut c = connect_packet(Protocol::V5, "authed");
+            c.properties.authentication_method = Some(s("ADD-ONE"));
+            c.properties.authentication_data = Some(Bytes::from(vec![data]));
+            c
+        };
+        // The right answer: CONNACK Success with the method's final data.
+        let mut raw = Raw::open(addr, Protocol::V5);
+        raw.send(&Packet::Connect(Box::new(connect(9))));
+        assert_eq!(
+            raw.recv(),
+            Some(auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, &[9]))
+        );
+        raw.send(&auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, &[10]));
+        match raw.recv() {
+            Some(Packet::ConnAck(ack)) => {
+                assert_eq!(ack.reason_code, ReasonCode::SUCCESS);
+                assert_eq!(
+                    ack.properties.authentication_data.as_deref(),
+                    Some(&b"welcome"[..])
+                );
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        // Re-authentication on the open connection.
+        raw.send(&auth_packet(ReasonCode::RE_AUTHENTICATE, &[20]));
+        assert_eq!(
+            raw.recv(),
+            Some(auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, &[20]))
+        );
+        raw.send(&auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, &[21]));
+        assert_eq!(
+            raw.recv(),
+            Some(auth_packet(ReasonCode::SUCCESS, b"welcome"))
+        );
+        // A failed re-authentication ends the connection.
+        raw.send(&auth_packet(ReasonCode::RE_AUTHENTICATE, &[30]));
+        assert_eq!(
+            raw.recv(),
+            Some(auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, &[30]))
+        );
+        raw.send(&auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, &[0]));
+        match raw.until_closed().as_slice() {
+            [Packet::Disconnect(d)] => assert_eq!(d.reason_code, ReasonCode::NOT_AUTHORIZED),
+            other => panic!("{other:?}"),
+        }
+        // The wrong answer: refused.
+        let mut wrong = Raw::open(addr, Protocol::V5);
+        wrong.send(&Packet::Connect(Box::new(connect(1))));
+        assert!(matches!(wrong.recv(), Some(Packet::Auth(_))));
+        wrong.send(&auth_packet(ReasonCode::CONTINUE_AUTHENTICATION, &[7]));
+        match wrong.until_closed().as_slice() {
+            [Packet::ConnAck(ack)] => assert_eq!(ack.reason_code, ReasonCode::NOT_AUTHORIZED),
+            other => panic!("{other:?}"),
+        }
+        // A method the broker does not have: 0x8C.
+        let mut unknown = Raw::open(addr, Protocol::V5);
+        let mut c = connect(1);
+        c.properties.authentication_method = Some(s("SCRAM-SHA-256"));
+        unknown.send(&Packet::Connect(Box::new(c)));
+        match unknown.until_closed().as_slice() {
+            [Packet::ConnAck(ack)] => {
+                assert_eq!(ack.reason_code, ReasonCode::BAD_AUTHENTICATION_METHOD)
+            }
+            other => panic!("{other:?}"),
+        }
+        // AUTH without a method in CONNECT is a protocol error.
+        let mut plain = Raw::open(addr, Protocol::V5);
+        plain.send(&Packet::Connect(Box::new(connect_packet(
+            Protocol::V5,
+            "anon",
+        ))));
+        match plain.until_closed().as_slice() {
+            [Packet::ConnAck(ack)] => assert_eq!(ack.reason_code, ReasonCode::NOT_AUTHORIZED),
+            other => panic!("{other:?}"),
+        }
+    })
+    .await
+    .unwrap();
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn message_expiry_on_a_paused_clock() {
+    // The in-process client keeps everything in memory, so the clock can be
+    // paused and moved: expiry is checked without waiting for it.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(config(&dir)).await.unwrap();
+    let options = ClientOptions::new("sleeper").persistent(Duration::from_secs(86_400));
+    let app = broker.connect(options.clone()).await.unwrap();
+    app.subscribe("exp/#", QoS::AtLeastOnce).await.unwrap();
+    app.disconnect().await;
+    let sender = broker.connect(ClientOptions::new("sender")).await.unwrap();
+    for (topic, secs) in [("exp/hour", 3600), ("exp/minute", 60)] {
+        let mut p = Publish {
+            qos: ferrymq_codec::QoS::AtLeastOnce,
+            topic: s(topic),
+            payload: Bytes::from_static(b"x"),
+            ..Publish::default()
+        };
+        p.properties.message_expiry_interval = Some(secs);
+        sender.publish_packet(p).await.unwrap();
+    }
+    tokio::time::advance(Duration::from_secs(600)).await;
+    let mut app = broker.connect(options).await.unwrap();
+    assert!(
+        app.session_present(),
+        "the session outlived 10 minutes offline"
+    );
+
+    let got = recv(&mut app).await;
+    assert_eq!(got.topic, "exp/hour");
+    assert_eq!(got.properties.message_expiry_interval, Some(3000));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), app.recv())
+            .await
+            .is_err(),
+        "the expired message was delivered"
+    );
+    assert_eq!(
+        ferrymq_broker::Stats::get(&broker.stats().messages_expired),
+        1
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_process_client_reads_messages_that_arrive_with_its_connack() {
+    // Regression: bytes read together with the CONNACK were left in the
+    // client's buffer until more arrived. On a paused clock the broker
+    // writes the CONNACK and the queued messages in one go.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(config(&dir)).await.unwrap();
+    let options = ClientOptions::new("queued").persistent(Duration::from_secs(60));
+    let app = broker.connect(options.clone()).await.unwrap();
+    app.subscribe("q", QoS::AtLeastOnce).await.unwrap();
+    app.disconnect().await;
+    let sender = broker.connect(ClientOptions::new("sender")).await.unwrap();
+    sender
+        .publish("q", "waiting", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    let mut app = broker.connect(options).await.unwrap();
+    assert_eq!(recv(&mut app).await.payload, "waiting");
+    broker.shutdown().await;
+}

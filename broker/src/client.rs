@@ -347,7 +347,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
         incoming: mpsc::Sender<Received>,
     ) {
         let mut disconnecting: Option<oneshot::Sender<()>> = None;
-        loop {
+        // Packets that came in the same read as the CONNACK.
+        let mut open = self.received();
+        while open {
             // Cancel-safe branches: `recv`, `reserve`, `read_buf` and
             // `write` do nothing unless they complete.
             tokio::select! {
@@ -370,11 +372,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
                 }
                 read = self.reader.read_buf(&mut self.inbuf), if self.backlog.len() < self.capacity => {
                     match read {
-                        Ok(n) if n > 0 => {
-                            if !self.received() {
-                                break;
-                            }
-                        }
+                        Ok(n) if n > 0 => open = self.received(),
                         _ => break,
                     }
                 }

@@ -1019,8 +1019,13 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         self.engine.release_acks(durable, &mut self.packets);
         self.encode_packets();
         if let (Protocol::V5, Some(code)) = (protocol, close.reason_code()) {
-            self.io
-                .queue(&Packet::Disconnect(Disconnect::new(code)), Protocol::V5);
+            let mut disconnect = Disconnect::new(code);
+            if let Close::Protocol(_, why) = &close {
+                // Always allowed on DISCONNECT, and a help to whoever
+                // debugs the client.
+                disconnect.properties.reason_string = MqttString::new(why).ok();
+            }
+            self.io.queue(&Packet::Disconnect(disconnect), Protocol::V5);
         }
         if !self.ops.is_empty() {
             storage::write(self.shared.store.as_ref(), std::mem::take(&mut self.ops));
