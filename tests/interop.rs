@@ -128,7 +128,12 @@ fn mosquitto_clients_mqtt_5() {
 /// Runs a Python paho script against a fresh broker with `args` after the
 /// host and port; fails with the script's output.
 fn paho(script: &str, args: &[&str]) {
-    let broker = Broker::start("");
+    paho_with("", script, args);
+}
+
+/// [`paho`] against a broker started with `config` (extra TOML).
+fn paho_with(config: &str, script: &str, args: &[&str]) {
+    let broker = Broker::start(config);
     let path = format!("{}/tests/interop/{script}", env!("CARGO_MANIFEST_DIR"));
     let output = tool("python3")
         .arg(path)
@@ -184,4 +189,70 @@ fn paho_qos1_burst_in_order() {
 #[test]
 fn paho_overlapping_subscriptions() {
     paho_core("overlap");
+}
+
+// MQTT 5.0 features, one test per scenario of paho_v5.py.
+
+#[test]
+fn paho_v5_session_expiry() {
+    paho_with(
+        "[storage]\nmax_session_expiry_secs = 60",
+        "paho_v5.py",
+        &["session_expiry"],
+    );
+}
+
+#[test]
+fn paho_v5_message_expiry() {
+    paho("paho_v5.py", &["message_expiry"]);
+}
+
+#[test]
+fn paho_v5_will_delay() {
+    paho("paho_v5.py", &["will_delay"]);
+}
+
+#[test]
+fn paho_v5_flow_control() {
+    paho("paho_v5.py", &["flow_control"]);
+}
+
+#[test]
+fn paho_v5_max_packet_size() {
+    paho("paho_v5.py", &["max_packet_size"]);
+}
+
+#[test]
+fn paho_v5_topic_alias() {
+    paho("paho_v5.py", &["topic_alias"]);
+}
+
+#[test]
+fn paho_v5_sub_ids() {
+    paho("paho_v5.py", &["sub_ids"]);
+}
+
+#[test]
+fn paho_v5_no_local_rap_rh() {
+    paho("paho_v5.py", &["no_local_rap_rh"]);
+}
+
+#[test]
+fn paho_v5_shared() {
+    paho("paho_v5.py", &["shared"]);
+}
+
+#[test]
+fn paho_v5_properties() {
+    paho("paho_v5.py", &["properties"]);
+}
+
+#[test]
+fn paho_v5_auth_unknown() {
+    paho("paho_v5.py", &["auth_unknown"]);
+}
+
+#[test]
+fn paho_v5_reason_codes() {
+    paho("paho_v5.py", &["reason_codes"]);
 }

@@ -335,8 +335,15 @@ fn one_delivery_carries_every_matching_subscription_identifier() {
 #[test]
 fn shared_subscriptions_split_the_load_and_hand_back_unacknowledged_messages() {
     let broker = Broker::start("");
-    let (mut a, _) = open(broker.addr, v5("share-a"));
-    let (mut b, _) = open(broker.addr, v5("share-b"));
+    // Members take one message at a time (Receive Maximum 1), so both are
+    // busy while the publisher sends.
+    let member = |id: &str| {
+        let mut c = v5(id);
+        c.properties.receive_maximum = Some(1);
+        c
+    };
+    let (mut a, _) = open(broker.addr, member("share-a"));
+    let (mut b, _) = open(broker.addr, member("share-b"));
     let (mut all, _) = open(broker.addr, v5("share-all"));
     assert_eq!(
         subscribe(&mut a, "$share/g/sh/#", QoS::AtLeastOnce, None),

@@ -660,9 +660,18 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let mut sent = 0;
         let now = Instant::now();
         let member_qos = pulled_by.map_or(QoS::ExactlyOnce, |(_, m)| m.qos);
+        // From a group with other members: one message per turn, then the
+        // group is woken again, so that members take turns.
+        let one_per_turn = pulled_by.is_some_and(|(g, _)| g.member_count() > 1);
         let state = loop {
             if self.io.out.len() >= OUT_HIGH_WATER {
                 break Drain::OutFull;
+            }
+            if one_per_turn && sent > 0 {
+                if let Some((group, _)) = pulled_by {
+                    group.wake();
+                }
+                break Drain::Empty;
             }
             let engine = &self.engine;
             let delivery =

@@ -5,7 +5,9 @@
 //! like any session's. Members do not get copies: each online member's
 //! connection pulls from the group queue when it has room in the member's
 //! Receive Maximum, so a busy or offline member is simply not served and
-//! the others take its share. When a member's session ends, its
+//! the others take its share. With several members, each takes one
+//! message per turn and wakes the group again, so idle members share the
+//! load in rotation. When a member's session ends, its
 //! unacknowledged QoS 1 messages go back to the front of the group queue
 //! for another member; QoS 2 messages in flight stay with their member, as
 //! the spec requires.
@@ -63,6 +65,11 @@ impl SharedGroup {
         for m in self.members.lock().iter() {
             m.outbox.wake();
         }
+    }
+
+    /// Number of members.
+    pub fn member_count(&self) -> usize {
+        self.members.lock().len()
     }
 
     /// Takes `delivery` as pulled by `member`: the member's QoS, RETAIN
