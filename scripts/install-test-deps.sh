@@ -15,6 +15,9 @@ apt_packages=()
 command -v mosquitto_pub >/dev/null || apt_packages+=(mosquitto-clients)
 command -v mosquitto_sub >/dev/null || apt_packages+=(mosquitto-clients)
 command -v stdbuf >/dev/null || apt_packages+=(coreutils)
+# The rocksdb crate runs bindgen, which needs libclang (libclang1 alone
+# lacks the headers it parses).
+dpkg -s libclang-dev >/dev/null 2>&1 || apt_packages+=(libclang-dev)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${apt_packages[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq

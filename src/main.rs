@@ -16,7 +16,7 @@ use ferrymq_config::Config;
 #[command(version, about)]
 struct Cli {
     /// Config file (TOML); every key is optional.
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -32,6 +32,18 @@ enum Command {
     },
     /// Print the commented default config file.
     PrintDefaultConfig,
+    /// Inspect the stored queues (reads the data directory of --config).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Print every persistent session and shared group with its queue
+    /// depth, bytes and oldest-message age, and the retained count.
+    Stats,
 }
 
 /// Exit status for an invalid configuration.
@@ -54,17 +66,30 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Some(Command::Queue {
+            command: QueueCommand::Stats,
+        }) => {
+            let config = match load(&cli.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let running = ferrymq_broker::DataDir::is_in_use(&config.data_dir);
+            match ferrymq_broker::storage::queue_stats(&config.data_dir, running) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ferrymq queue stats: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         None => {
             init_logging();
-            let config = match &cli.config {
-                Some(file) => match Config::from_file(file) {
-                    Ok(config) => config,
-                    Err(errors) => {
-                        report_config_errors(file, &errors);
-                        return ExitCode::from(EXIT_BAD_CONFIG);
-                    }
-                },
-                None => Config::default(),
+            let config = match load(&cli.config) {
+                Ok(config) => config,
+                Err(code) => return code,
             };
             match serve(config) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -74,6 +99,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// The config of `--config FILE`, or the embedded defaults.
+fn load(file: &Option<PathBuf>) -> Result<Config, ExitCode> {
+    match file {
+        Some(file) => Config::from_file(file).map_err(|errors| {
+            report_config_errors(file, &errors);
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }),
+        None => Ok(Config::default()),
     }
 }
 

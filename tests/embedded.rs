@@ -419,7 +419,10 @@ async fn message_expiry_on_a_paused_clock() {
     // The in-process client keeps everything in memory, so the clock can be
     // paused and moved: expiry is checked without waiting for it.
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(config(&dir)).await.unwrap();
+    // The memory store: a paused clock cannot wait for a disk thread.
+    let broker = Broker::start_with_store(config(&dir), MemoryStore::new())
+        .await
+        .unwrap();
     let options = ClientOptions::new("sleeper").persistent(Duration::from_secs(86_400));
     let app = broker.connect(options.clone()).await.unwrap();
     app.subscribe("exp/#", QoS::AtLeastOnce).await.unwrap();
@@ -464,7 +467,10 @@ async fn in_process_client_reads_messages_that_arrive_with_its_connack() {
     // client's buffer until more arrived. On a paused clock the broker
     // writes the CONNACK and the queued messages in one go.
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(config(&dir)).await.unwrap();
+    // The memory store: a paused clock cannot wait for a disk thread.
+    let broker = Broker::start_with_store(config(&dir), MemoryStore::new())
+        .await
+        .unwrap();
     let options = ClientOptions::new("queued").persistent(Duration::from_secs(60));
     let app = broker.connect(options.clone()).await.unwrap();
     app.subscribe("q", QoS::AtLeastOnce).await.unwrap();

@@ -435,11 +435,15 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         state.expiry = expiry;
         state.outbox.set_persistent(state.is_persistent());
         state.outbox.set_online(true);
-        if state.is_persistent() && (!state.stored || was_expiry != expiry) {
+        let _ = was_expiry;
+        if state.is_persistent() {
+            // Online now: no offline time, no will waiting.
             batch.push(StoreOp::SessionPut(SessionRecord {
                 client_id: client_id.clone(),
                 number: state.number,
                 expiry_secs: secs_u32(expiry),
+                offline_since_ms: None,
+                pending_will: None,
             }));
             state.stored = true;
         }
@@ -504,9 +508,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         };
         let mut durable = shared.store.durable();
         // The session record is durable before the client hears it exists.
-        let _ = durable
-            .wait_for(|d| d.up_to >= ticket || d.failed.is_some())
-            .await;
+        let _ = durable.wait_for(|d| d.up_to >= ticket).await;
         io.queue(&Packet::ConnAck(Box::new(connack)), protocol);
         let engine = Engine::new(protocol, state, engine_limits);
         let mut conn = Conn {
@@ -546,8 +548,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             if let Some(close) = self.process_input() {
                 return close;
             }
-            let durable = self.durable.borrow().up_to;
-            self.engine.release_acks(durable, &mut self.packets);
+            let state = self.durable.borrow().clone();
+            let durable = state.up_to;
+            self.engine.release_acks(&state, &mut self.packets);
             self.encode_packets();
             let drain = self.drain(durable);
             if !self.ops.is_empty() {
@@ -1007,6 +1010,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                         client_id: state.client_id.clone(),
                         number: state.number,
                         expiry_secs: secs_u32(expiry),
+                        offline_since_ms: None,
+                        pending_will: None,
                     }));
                 }
             }
@@ -1024,8 +1029,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         self.engine.state.outbox.set_online(false);
         let protocol = self.engine.protocol;
         // Acknowledgements already durable still go out.
-        let durable = self.durable.borrow().up_to;
-        self.engine.release_acks(durable, &mut self.packets);
+        let state = self.durable.borrow().clone();
+        self.engine.release_acks(&state, &mut self.packets);
         self.encode_packets();
         if let (Protocol::V5, Some(code)) = (protocol, close.reason_code()) {
             let mut disconnect = Disconnect::new(code);
@@ -1043,6 +1048,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let shared = self.shared;
         let publish_will = close.publishes_will(&self.control, self.engine.state.is_persistent());
         let mut state = self.engine.into_state();
+        let mut stored_will = None;
         if let Some(will) = self.will.take().filter(|_| publish_will) {
             let delay = Duration::from_secs(u64::from(
                 will.properties
@@ -1050,15 +1056,35 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     .filter(|_| protocol == Protocol::V5)
                     .unwrap_or(0),
             ));
+            let message = will_message(will, SessionId(state.number));
             if delay.is_zero() || !state.is_persistent() {
                 // Without a delay, or when the session ends now anyway.
-                publish_will_message(shared, will, SessionId(state.number), &mut self.routes);
+                publish_will_message(shared, message, &mut self.routes);
             } else {
-                state.pending_will = Some(delay_will(shared, will, SessionId(state.number), delay));
+                stored_will = Some((message, delay));
             }
         }
         let client_id = state.client_id.clone();
         if state.is_persistent() {
+            // The session goes offline now; a delayed will waits with it,
+            // also across a restart.
+            let clock = shared.store.clock();
+            let record = SessionRecord {
+                client_id: client_id.clone(),
+                number: state.number,
+                expiry_secs: secs_u32(state.expiry),
+                offline_since_ms: Some(clock.now_ms()),
+                pending_will: None,
+            };
+            let mut stored = record.clone();
+            if let Some((message, delay)) = stored_will {
+                stored.pending_will = Some(crate::storage::StoredWill {
+                    message: message.clone(),
+                    due_ms: clock.now_ms() + delay.as_millis() as u64,
+                });
+                state.pending_will = Some(delay_will(shared, message, delay, Some(record)));
+            }
+            storage::write(shared.store.as_ref(), vec![StoreOp::SessionPut(stored)]);
             shared
                 .sessions
                 .detach(&client_id, &self.control, Some(state));
@@ -1134,31 +1160,36 @@ async fn wait_for_room(target: Option<(Arc<Outbox>, usize)>) {
     }
 }
 
-/// Publishes `will` after `delay`, unless the returned handle is dropped
-/// first (the session resumed) or used to publish it earlier (the session
-/// ended first).
-fn delay_will(
+/// Publishes `message` (a will) after `delay`, unless the returned handle
+/// is dropped first (the session resumed) or used to publish it earlier
+/// (the session ended first). `record`, if given, is written back once the
+/// will went out, so a restart does not publish it again.
+pub(crate) fn delay_will(
     shared: &Shared,
-    will: Will,
-    origin: SessionId,
+    message: Arc<Message>,
     delay: Duration,
+    record: Option<SessionRecord>,
 ) -> crate::session::PendingWill {
     let (trigger, fired) = tokio::sync::oneshot::channel::<()>();
     let this = shared.this.clone();
     tokio::spawn(async move {
-        let publish = tokio::select! {
-            _ = tokio::time::sleep(delay) => true,
-            early = fired => early.is_ok(),
+        let (publish, on_time) = tokio::select! {
+            _ = tokio::time::sleep(delay) => (true, true),
+            early = fired => (early.is_ok(), false),
         };
         if let (true, Some(shared)) = (publish, this.upgrade()) {
-            publish_will_message(&shared, will, origin, &mut RouteCache::default());
+            publish_will_message(&shared, message, &mut RouteCache::default());
+            if let (true, Some(record)) = (on_time, record) {
+                storage::write(shared.store.as_ref(), vec![StoreOp::SessionPut(record)]);
+            }
         }
     });
     crate::session::PendingWill(trigger)
 }
 
-fn publish_will_message(shared: &Shared, will: Will, origin: SessionId, routes: &mut RouteCache) {
-    let message = Arc::new(Message {
+/// The message a will becomes.
+fn will_message(will: Will, origin: SessionId) -> Arc<Message> {
+    Arc::new(Message {
         topic: will.topic,
         payload: will.payload,
         qos: will.qos,
@@ -1174,7 +1205,15 @@ fn publish_will_message(shared: &Shared, will: Will, origin: SessionId, routes: 
         },
         origin,
         expires_at: Message::expiry_from(will.properties.message_expiry_interval, Instant::now()),
-    });
+    })
+}
+
+/// Routes a will like a publish from its (gone) client.
+pub(crate) fn publish_will_message(
+    shared: &Shared,
+    message: Arc<Message>,
+    routes: &mut RouteCache,
+) {
     Stats::add(&shared.stats.messages_received, 1);
     // A will never blocks its (gone) publisher: under `block` a full queue
     // keeps it waiting in a task of its own.

@@ -42,6 +42,14 @@ impl DataDir {
         }
     }
 
+    /// Whether a running broker holds the data directory at `path`.
+    pub fn is_in_use(path: &Path) -> bool {
+        match std::fs::File::open(path.join(LOCK_FILE)) {
+            Ok(file) => matches!(file.try_lock(), Err(TryLockError::WouldBlock)),
+            Err(_) => false,
+        }
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path

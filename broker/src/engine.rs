@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::message::{Message, SessionId};
 use crate::outbox::Delivery;
 use crate::session::{Inflight, SessionState};
-use crate::storage::{OutboundPhase, StoreOp, Ticket};
+use crate::storage::{Durable, OutboundPhase, StoreOp, Ticket};
 
 /// Why a connection must close, decided by the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,10 +351,13 @@ impl Engine {
         });
     }
 
-    /// Moves every acknowledgement whose ticket is durable to `out`, in order.
-    pub fn release_acks(&mut self, durable: Ticket, out: &mut Vec<Packet>) {
+    /// Moves every acknowledgement whose ticket is done to `out`, in
+    /// order. The acknowledgement of a publish whose write failed becomes a
+    /// refusal (5.0: 0x97 with a reason string; 3.1.1: none, the client
+    /// sends it again later), and its held QoS 2 id is released.
+    pub fn release_acks(&mut self, durable: &Durable, out: &mut Vec<Packet>) {
         while let Some(front) = self.pending.front() {
-            if front.ticket > durable {
+            if front.ticket > durable.up_to {
                 break;
             }
             let Some(ack) = self.pending.pop_front() else {
@@ -363,7 +366,32 @@ impl Engine {
             if ack.qos1 {
                 self.pending_qos1 -= 1;
             }
-            out.extend(ack.reply);
+            let Some(reply) = ack.reply else {
+                continue;
+            };
+            if ack.ticket == 0 || !durable.is_failed(ack.ticket) {
+                out.push(reply);
+                continue;
+            }
+            let refuse = |mut a: PubAck, v5: bool, problem_information: bool| {
+                a.reason_code = ReasonCode::QUOTA_EXCEEDED;
+                if v5 && problem_information {
+                    a.properties.reason_string = Some(MqttString::from_static(
+                        "the store could not write the message",
+                    ));
+                }
+                v5.then_some(a)
+            };
+            let (v5, info) = (self.v5(), self.limits.problem_information);
+            match reply {
+                Packet::PubAck(a) => out.extend(refuse(a, v5, info).map(Packet::PubAck)),
+                Packet::PubRec(a) => {
+                    self.state.qos2_received.remove(&a.packet_id);
+                    out.extend(refuse(a, v5, info).map(Packet::PubRec));
+                }
+                // A subscription is live in memory even if its record failed.
+                other => out.push(other),
+            }
         }
     }
 
@@ -465,7 +493,11 @@ impl Engine {
         let number = self.state.number;
         let forget = |d: &Delivery, ops: &mut Vec<StoreOp>| {
             if d.stored {
-                ops.push(StoreOp::QueueDelete { number, seq: d.seq });
+                ops.push(StoreOp::QueueDelete {
+                    number: d.queue,
+                    seq: d.seq,
+                    size: d.size(),
+                });
             }
         };
         if d.message.is_expired(now) {
@@ -496,6 +528,7 @@ impl Engine {
             ops.push(StoreOp::InflightPut {
                 number,
                 packet_id,
+                queue: d.queue,
                 seq: d.seq,
                 phase: OutboundPhase::Sent,
             });
@@ -519,9 +552,15 @@ impl Engine {
 
     fn forget(&self, d: &Delivery, packet_id: u16, ops: &mut Vec<StoreOp>) {
         if d.stored {
-            let number = self.state.number;
-            ops.push(StoreOp::QueueDelete { number, seq: d.seq });
-            ops.push(StoreOp::InflightDelete { number, packet_id });
+            ops.push(StoreOp::QueueDelete {
+                number: d.queue,
+                seq: d.seq,
+                size: d.size(),
+            });
+            ops.push(StoreOp::InflightDelete {
+                number: self.state.number,
+                packet_id,
+            });
         }
     }
 
@@ -549,14 +588,18 @@ impl Engine {
             return;
         }
         if d.stored {
-            let number = self.state.number;
             ops.push(StoreOp::InflightPut {
-                number,
+                number: self.state.number,
                 packet_id,
+                queue: d.queue,
                 seq: d.seq,
                 phase: OutboundPhase::Released,
             });
-            ops.push(StoreOp::QueueDelete { number, seq: d.seq });
+            ops.push(StoreOp::QueueDelete {
+                number: d.queue,
+                seq: d.seq,
+                size: d.size(),
+            });
         }
         self.state
             .inflight
@@ -693,7 +736,11 @@ mod tests {
 
     fn acks(e: &mut Engine, durable: Ticket) -> Vec<Packet> {
         let mut out = Vec::new();
-        e.release_acks(durable, &mut out);
+        let durable = Durable {
+            up_to: durable,
+            ..Durable::default()
+        };
+        e.release_acks(&durable, &mut out);
         out
     }
 
@@ -711,6 +758,7 @@ mod tests {
             qos,
             retain: false,
             seq,
+            queue: 9,
             ticket: 0,
             stored,
             identifiers: None,

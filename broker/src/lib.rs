@@ -58,19 +58,20 @@ use ferrymq_codec::MqttString;
 use ferrymq_config::{Config, ConfigErrors};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 pub use client::{Client, ClientError, ClientOptions, Received};
 pub use data_dir::DataDir;
 pub use ferrymq_codec::QoS;
 pub use message::{Message, SessionId};
 pub use stats::Stats;
-pub use storage::{MemoryStore, Store};
+pub use storage::{MemoryStore, RocksOptions, RocksStore, Store};
 
 use crate::outbox::{Delivery, Outbox};
 use crate::router::Subscriber;
 use crate::session::{Inflight, SessionState};
 use crate::storage::{OutboundPhase, Recovered};
+use std::collections::{HashMap, HashSet};
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +161,7 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts a broker whose state lives in memory ([`MemoryStore`]).
+    /// Starts a broker whose state is stored in `data_dir` ([`RocksStore`]).
     pub async fn start(config: Config) -> Result<Broker, StartError> {
         Self::builder(config).start().await
     }
@@ -186,11 +187,22 @@ impl Broker {
     /// held by `store`, binds every listener and starts accepting.
     async fn launch(
         config: Config,
-        store: Arc<dyn Store>,
+        store: Option<Arc<dyn Store>>,
         auth_methods: Vec<Arc<dyn auth::AuthMethod>>,
     ) -> Result<Broker, StartError> {
         config.validate()?;
         let data_dir = DataDir::open(&config.data_dir)?;
+        let store: Arc<dyn Store> = match store {
+            Some(store) => store,
+            None => RocksStore::open(
+                &config.data_dir,
+                RocksOptions {
+                    durability: config.storage.durability,
+                    sync_interval: config.storage.sync_interval,
+                    max_disk_bytes: config.storage.max_disk_bytes,
+                },
+            )?,
+        };
         let recovered = store.load()?;
         let listeners = server::bind(&config.listeners).await?;
         let local_addrs = listeners
@@ -228,10 +240,6 @@ impl Broker {
             .map(|l| tokio::spawn(server::accept_loop(l, shared.clone(), connections.clone())))
             .collect();
         tasks.push(tokio::spawn(expire_sessions(shared.clone())));
-        tasks.push(tokio::spawn(watch_store(
-            shared.clone(),
-            shutdown_tx.clone(),
-        )));
         Ok(Broker {
             shared,
             shutdown_tx,
@@ -250,6 +258,11 @@ impl Broker {
     /// The broker's counters.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// The store (e.g. for its WAL sync count).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
     }
 
     /// Connects an in-process client: a session like any other, without a
@@ -277,6 +290,8 @@ impl Broker {
             Ok(_) => info!("all connections closed"),
             Err(_) => warn!("connections still open after {SHUTDOWN_GRACE:?}; stopping anyway"),
         }
+        self.shared.store.close();
+        info!(wal_syncs = self.shared.store.wal_syncs(), "store closed");
     }
 }
 
@@ -290,7 +305,7 @@ pub struct BrokerBuilder {
 
 impl BrokerBuilder {
     /// Keeps sessions, queues and retained messages in `store` (default:
-    /// a fresh [`MemoryStore`]).
+    /// a [`RocksStore`] in `data_dir`, with the configured durability).
     pub fn store(mut self, store: Arc<dyn Store>) -> Self {
         self.store = Some(store);
         self
@@ -306,57 +321,92 @@ impl BrokerBuilder {
     /// recovers the store, binds every listener and starts accepting. Must
     /// be called inside a tokio runtime.
     pub async fn start(self) -> Result<Broker, StartError> {
-        let store = self.store.unwrap_or_else(|| MemoryStore::new());
-        Broker::launch(self.config, store, self.auth_methods).await
+        Broker::launch(self.config, self.store, self.auth_methods).await
     }
 }
 
-/// Rebuilds sessions, subscriptions, queues and retained messages from
-/// what the store recovered. Every recovered session starts offline.
+/// Rebuilds sessions, subscriptions, queues, shared groups and retained
+/// messages from what the store recovered. Every recovered session starts
+/// offline; queues stay on disk until drained. Sessions and messages whose
+/// expiry passed (in broker time) are removed, and wills whose delay
+/// passed are published.
 fn restore(shared: &Shared, recovered: Recovered) {
-    for entry in recovered.retained {
-        shared.retained.set(entry, 0);
+    let store = shared.store.clone();
+    let clock = store.clock();
+    let now_ms = clock.now_ms();
+    let now = tokio::time::Instant::now();
+    let mut cleanup = storage::Batch::new(store.as_ref());
+    if recovered.corrupt > 0 {
+        Stats::add(&shared.stats.corrupt_records, recovered.corrupt);
+    }
+    for message in recovered.retained {
+        if message.is_expired(now) {
+            cleanup.push(storage::StoreOp::RetainedDelete(message.topic.clone()));
+        } else {
+            shared.retained.set(message, 0);
+        }
+    }
+    // Messages in flight are not paged in again from their queue.
+    let mut in_flight: HashMap<u64, HashSet<u64>> = HashMap::new();
+    for s in &recovered.sessions {
+        for i in s.inflight.iter().filter(|i| i.phase == OutboundPhase::Sent) {
+            in_flight.entry(i.queue).or_default().insert(i.seq);
+        }
     }
     let limits = connection::queue_limits(shared);
+    for g in recovered.groups {
+        let skip = in_flight.remove(&g.number).unwrap_or_default();
+        let outbox = Outbox::recovered(g.number, limits, g.queue, skip, store.clone());
+        shared
+            .groups
+            .restore(shared, g.number, g.name, g.filter, outbox);
+    }
+    let mut due_wills = Vec::new();
     for s in recovered.sessions {
         let number = s.record.number;
-        let first_seq = s.queue.iter().map(|q| q.seq + 1).max().unwrap_or(1);
-        let outbox = Outbox::new(number, limits, first_seq);
-        outbox.set_persistent(true);
+        let offline_ms = now_ms.saturating_sub(s.record.offline_since_ms.unwrap_or(now_ms));
+        let expiry = Duration::from_secs(u64::from(s.record.expiry_secs));
+        let will = s.record.pending_will.clone();
+        if s.record.expiry_secs != u32::MAX && u128::from(offline_ms) >= expiry.as_millis() {
+            info!(client_id = %s.record.client_id, "session expired while the broker was down");
+            Stats::add(&shared.stats.sessions_expired, 1);
+            cleanup.push(storage::StoreOp::SessionDelete {
+                client_id: s.record.client_id.clone(),
+                number,
+            });
+            due_wills.extend(will.map(|w| w.message));
+            continue;
+        }
+        let skip = in_flight.remove(&number).unwrap_or_default();
+        let outbox = Outbox::recovered(number, limits, s.queue, skip, store.clone());
         let mut state = SessionState::new(s.record.client_id.clone(), number, outbox.clone());
-        state.expiry = Duration::from_secs(u64::from(s.record.expiry_secs));
+        state.expiry = expiry;
         state.stored = true;
-        let mut queue: std::collections::BTreeMap<u64, Delivery> = s
-            .queue
-            .into_iter()
-            .map(|q| {
-                let d = Delivery {
-                    message: q.message,
-                    qos: q.qos,
-                    retain: q.retain,
-                    seq: q.seq,
+        for inflight in s.inflight {
+            let entry = match (inflight.phase, inflight.body) {
+                (OutboundPhase::Sent, Some(body)) => Inflight::Sent(Delivery {
+                    message: body.message,
+                    qos: body.qos,
+                    retain: body.retain,
+                    seq: inflight.seq,
+                    queue: inflight.queue,
                     ticket: 0,
                     stored: true,
-                    identifiers: q.identifiers,
-                    group: None,
-                };
-                (q.seq, d)
-            })
-            .collect();
-        for inflight in s.inflight {
-            let entry = match inflight.phase {
-                OutboundPhase::Sent => match queue.remove(&inflight.seq) {
-                    Some(d) => Inflight::Sent(d),
-                    None => continue,
-                },
-                OutboundPhase::Released => Inflight::Released { seq: inflight.seq },
+                    identifiers: body.identifiers,
+                    group: (inflight.queue != number)
+                        .then(|| shared.groups.by_number(inflight.queue))
+                        .flatten(),
+                }),
+                // Its message is gone (acknowledged before the crash, or
+                // unreadable): nothing to resend.
+                (OutboundPhase::Sent, None) => continue,
+                (OutboundPhase::Released, _) => Inflight::Released { seq: inflight.seq },
             };
             state.inflight.insert(inflight.packet_id, entry);
             state.next_packet_id = state
                 .next_packet_id
                 .max(inflight.packet_id.wrapping_add(1).max(1));
         }
-        outbox.restore(queue.into_values().collect());
         state.qos2_received = s.qos2_received.into_iter().collect();
         for (filter, sub) in s.subscriptions {
             if let Some((name, inner)) = ferrymq_codec::topic::shared_subscription(&filter) {
@@ -389,7 +439,30 @@ fn restore(shared: &Shared, recovered: Recovered) {
             );
             state.subscriptions.insert(filter, sub);
         }
-        shared.sessions.insert_offline(state);
+        if let Some(will) = will {
+            if will.due_ms <= now_ms {
+                due_wills.push(will.message);
+            } else {
+                let mut record = s.record.clone();
+                record.pending_will = None;
+                let delay = Duration::from_millis(will.due_ms - now_ms);
+                state.pending_will = Some(connection::delay_will(
+                    shared,
+                    will.message,
+                    delay,
+                    Some(record),
+                ));
+            }
+        }
+        let offline_since = now
+            .checked_sub(Duration::from_millis(offline_ms))
+            .unwrap_or(now);
+        shared.sessions.insert_offline(state, offline_since);
+    }
+    shared.groups.prune_empty(shared, &mut cleanup);
+    cleanup.submit();
+    for message in due_wills {
+        connection::publish_will_message(shared, message, &mut router::RouteCache::default());
     }
 }
 
@@ -410,19 +483,6 @@ async fn expire_sessions(shared: Arc<Shared>) {
             connection::end_session(&shared, state, &mut batch);
         }
         batch.submit();
-    }
-}
-
-/// Stops the broker if the store fails: nothing more could be made
-/// durable, so nothing more may be acknowledged.
-async fn watch_store(shared: Arc<Shared>, shutdown_tx: watch::Sender<bool>) {
-    let mut durable = shared.store.durable();
-    if let Ok(d) = durable.wait_for(|d| d.failed.is_some()).await {
-        error!(
-            "store failed: {}; stopping",
-            d.failed.as_deref().unwrap_or("unknown")
-        );
-        shutdown_tx.send_replace(true);
     }
 }
 

@@ -1,8 +1,13 @@
 //! [`Outbox`]: the bounded queue of messages waiting to be sent to one
-//! session, online or offline. Publishers push without waiting (unless
-//! the policy is `block`); the session's connection drains it.
+//! session (or shared group), online or offline. Publishers push without
+//! waiting (unless the policy is `block`); the session's connection drains
+//! it.
+//!
+//! A queue recovered at start is not read into memory: its backlog stays
+//! on disk and is paged in as it is drained, while new messages queue in
+//! memory behind it. Limits count both.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -12,7 +17,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::message::Message;
-use crate::storage::Ticket;
+use crate::storage::{QueueSummary, Store, Ticket};
 
 /// One message on its way to one session.
 #[derive(Debug, Clone)]
@@ -23,8 +28,11 @@ pub struct Delivery {
     pub qos: QoS,
     /// The RETAIN flag to send.
     pub retain: bool,
-    /// Position in the session's queue (assigned by [`Outbox::push`]).
+    /// Position in its queue (assigned by [`Outbox::push`]).
     pub seq: u64,
+    /// The number of the queue `seq` belongs to (the session's, or the
+    /// shared group's it was pulled from).
+    pub queue: u64,
     /// Not to be sent before this store ticket is durable (0: at once).
     pub ticket: Ticket,
     /// Whether the store holds it (its removal must be stored too).
@@ -34,6 +42,13 @@ pub struct Delivery {
     /// The shared subscription group it was pulled from, if any (an
     /// unacknowledged QoS 1 message goes back there when the session ends).
     pub group: Option<Arc<crate::shared_sub::SharedGroup>>,
+}
+
+impl Delivery {
+    /// Its payload size.
+    pub fn size(&self) -> u64 {
+        self.message.payload.len() as u64
+    }
 }
 
 /// What [`Outbox::pop_ready`] found.
@@ -62,17 +77,30 @@ pub struct QueueLimits {
     pub queue_qos0: bool,
 }
 
+/// A delivery dropped to make room (drop-oldest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    /// Its position.
+    pub seq: u64,
+    /// Whether the store holds it.
+    pub stored: bool,
+    /// Its payload size.
+    pub size: u64,
+}
+
 /// What happened to a pushed delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pushed {
-    /// Queued at `seq`; with drop-oldest, `evicted` lists the oldest
-    /// deliveries dropped to make room, as (seq, stored): their store
-    /// entries must be deleted, and each drop is counted.
+    /// Queued at `seq` (to be stored when `stored`); with drop-oldest,
+    /// `evicted` lists the oldest deliveries dropped to make room: their
+    /// store entries must be deleted, and each drop is counted.
     Queued {
         /// Its position.
         seq: u64,
+        /// Whether it must be stored.
+        stored: bool,
         /// Deliveries dropped to make room.
-        evicted: Vec<(u64, bool)>,
+        evicted: Vec<Evicted>,
     },
     /// Not queued: the queue is full and the policy drops the new message.
     DroppedFull,
@@ -85,18 +113,52 @@ pub enum Pushed {
     Closed,
 }
 
+/// A backlog on disk, not in memory: sequences `from .. until`.
+#[derive(Default)]
+struct OnDisk {
+    from: u64,
+    until: u64,
+    count: usize,
+    bytes: usize,
+    /// Sequences in the range already in flight (recovered), not to be
+    /// paged in again.
+    skip: HashSet<u64>,
+}
+
+/// Deliveries read from disk per page.
+const PAGE: usize = 256;
+
 #[derive(Default)]
 struct Queue {
+    /// The head of the queue, in memory.
     items: VecDeque<Delivery>,
+    /// Bytes of `items`.
     bytes: usize,
+    /// A recovered backlog still on disk, logically after `items`.
+    disk: Option<OnDisk>,
+    /// Queued since the backlog was recovered, logically after `disk`.
+    tail: VecDeque<Delivery>,
+    /// Bytes of `tail`.
+    tail_bytes: usize,
     next_seq: u64,
     closed: bool,
+}
+
+impl Queue {
+    fn count(&self) -> usize {
+        self.items.len() + self.tail.len() + self.disk.as_ref().map_or(0, |d| d.count)
+    }
+
+    fn total_bytes(&self) -> usize {
+        self.bytes + self.tail_bytes + self.disk.as_ref().map_or(0, |d| d.bytes)
+    }
 }
 
 /// A session's outgoing queue.
 pub struct Outbox {
     /// The deliveries; a short critical section per push or drain, held by
-    /// a publisher or the owning connection, never across an await.
+    /// a publisher or the owning connection, never across an await (a page
+    /// of a recovered backlog is read from the store under it).
     queue: Mutex<Queue>,
     /// Wakes the connection when the queue gets something (a stored permit
     /// covers a push that races with the drain).
@@ -105,13 +167,15 @@ pub struct Outbox {
     space: Notify,
     /// Bounds and policies, so one slow subscriber cannot take all memory.
     limits: QueueLimits,
-    /// The session number: the store key prefix of this queue.
+    /// The session (or group) number: the store key prefix of this queue.
     pub session_number: u64,
     /// Whether the session outlives its connection (its queue is stored).
     persistent: AtomicBool,
     /// Whether a connection is attached (QoS 0 is skipped while offline
     /// unless `queue_qos0`).
     online: AtomicBool,
+    /// Where a recovered backlog is paged in from.
+    store: Option<Arc<dyn Store>>,
 }
 
 impl Outbox {
@@ -128,7 +192,44 @@ impl Outbox {
             session_number,
             persistent: AtomicBool::new(false),
             online: AtomicBool::new(false),
+            store: None,
         })
+    }
+
+    /// An outbox for a queue recovered from `store`: its `summary.count`
+    /// messages stay on disk until drained; `in_flight` lists sequences
+    /// already in flight, not to be sent again from the backlog.
+    pub fn recovered(
+        session_number: u64,
+        limits: QueueLimits,
+        summary: QueueSummary,
+        in_flight: HashSet<u64>,
+        store: Arc<dyn Store>,
+    ) -> Arc<Self> {
+        let in_flight_count = in_flight.len();
+        let disk = OnDisk {
+            from: 0,
+            until: summary.next_seq,
+            count: (summary.count as usize).saturating_sub(in_flight_count),
+            bytes: summary.bytes as usize,
+            skip: in_flight,
+        };
+        let outbox = Outbox {
+            queue: Mutex::new(Queue {
+                next_seq: summary.next_seq.max(1),
+                disk: (summary.count > 0).then_some(disk),
+                ..Queue::default()
+            }),
+            ready: Notify::new(),
+            space: Notify::new(),
+            limits,
+            session_number,
+            persistent: AtomicBool::new(true),
+            online: AtomicBool::new(false),
+            store: Some(store),
+        };
+        outbox.ready.notify_one();
+        Arc::new(outbox)
     }
 
     /// Marks the session as persistent (its queue is stored) or not.
@@ -159,11 +260,65 @@ impl Outbox {
     /// Whether one more delivery of `size` bytes fits now.
     pub fn has_room(&self, size: usize) -> bool {
         let q = self.queue.lock();
-        q.items.len() < self.limits.max_messages && q.bytes + size <= self.limits.max_bytes
+        q.count() < self.limits.max_messages && q.total_bytes() + size <= self.limits.max_bytes
     }
 
-    /// Queues a delivery (its `seq` is assigned here). Never waits.
-    pub fn push(&self, mut delivery: Delivery) -> Pushed {
+    /// Reads the next page of the backlog into memory, if there is one and
+    /// nothing is in memory.
+    fn refill(&self, q: &mut Queue) {
+        if !q.items.is_empty() {
+            return;
+        }
+        let Some(disk) = q.disk.as_mut() else {
+            return;
+        };
+        let page = match &self.store {
+            Some(store) if disk.from < disk.until => {
+                store.read_queue(self.session_number, disk.from, PAGE)
+            }
+            _ => Vec::new(),
+        };
+        let mut last = None;
+        for record in page {
+            if record.seq >= disk.until {
+                break;
+            }
+            last = Some(record.seq);
+            if disk.skip.remove(&record.seq) {
+                continue;
+            }
+            let size = record.message.payload.len();
+            disk.count = disk.count.saturating_sub(1);
+            disk.bytes = disk.bytes.saturating_sub(size);
+            q.bytes += size;
+            q.items.push_back(Delivery {
+                message: record.message,
+                qos: record.qos,
+                retain: record.retain,
+                seq: record.seq,
+                queue: self.session_number,
+                ticket: 0,
+                stored: true,
+                identifiers: record.identifiers,
+                group: None,
+            });
+        }
+        match last {
+            Some(seq) if seq + 1 < disk.until => disk.from = seq + 1,
+            // The backlog is read: what queued since follows it.
+            _ => {
+                q.disk = None;
+                let tail = std::mem::take(&mut q.tail);
+                q.bytes += std::mem::take(&mut q.tail_bytes);
+                q.items.extend(tail);
+            }
+        }
+    }
+
+    /// Queues a delivery (its `seq` and `queue` are assigned here). Never
+    /// waits. `budget_full`: the store's disk budget is used up, so a
+    /// delivery that would be stored is treated as not fitting.
+    pub fn push(&self, mut delivery: Delivery, budget_full: bool) -> Pushed {
         let size = delivery.message.payload.len();
         let limits = &self.limits;
         let (pushed, was_empty) = {
@@ -181,26 +336,63 @@ impl Outbox {
                 // Larger than the whole budget: no eviction can make room.
                 return Pushed::DroppedFull;
             }
+            // While a backlog is on disk everything queued behind it is
+            // stored too, so that it can follow the backlog after a restart.
+            let stored = self.stores(delivery.qos) || (q.disk.is_some() && self.is_persistent());
             let mut evicted = Vec::new();
-            while q.items.len() >= limits.max_messages || q.bytes + size > limits.max_bytes {
+            let mut must_evict = budget_full && stored;
+            while must_evict
+                || q.count() >= limits.max_messages
+                || q.total_bytes() + size > limits.max_bytes
+            {
                 match limits.policy {
                     QueueFull::DropOldest => {
-                        let Some(old) = q.items.pop_front() else {
+                        self.refill(&mut q);
+                        let Some(old) = q.items.pop_front().or_else(|| q.tail.pop_front()) else {
                             break;
                         };
-                        q.bytes -= old.message.payload.len();
-                        evicted.push((old.seq, old.stored));
+                        if q.bytes >= old.message.payload.len() {
+                            q.bytes -= old.message.payload.len();
+                        } else {
+                            q.tail_bytes = q.tail_bytes.saturating_sub(old.message.payload.len());
+                        }
+                        evicted.push(Evicted {
+                            seq: old.seq,
+                            stored: old.stored,
+                            size: old.size(),
+                        });
+                        must_evict = false;
                     }
                     QueueFull::DropNewest => return Pushed::DroppedFull,
                     QueueFull::Refuse | QueueFull::Block => return Pushed::Full,
                 }
             }
+            if budget_full && stored && evicted.is_empty() && limits.policy == QueueFull::DropOldest
+            {
+                // Nothing of this session's to evict: the new one goes.
+                return Pushed::DroppedFull;
+            }
             let seq = q.next_seq;
             q.next_seq += 1;
             delivery.seq = seq;
-            q.bytes += size;
-            q.items.push_back(delivery);
-            (Pushed::Queued { seq, evicted }, q.items.len() == 1)
+            delivery.queue = self.session_number;
+            delivery.stored = stored;
+            let was_empty = q.items.is_empty() && q.disk.is_none();
+            if q.disk.is_some() {
+                q.tail_bytes += size;
+                q.tail.push_back(delivery);
+            } else {
+                q.bytes += size;
+                q.items.push_back(delivery);
+            }
+            (
+                Pushed::Queued {
+                    seq,
+                    stored,
+                    evicted,
+                },
+                was_empty,
+            )
         };
         if was_empty {
             self.ready.notify_one();
@@ -208,8 +400,8 @@ impl Outbox {
         pushed
     }
 
-    /// Puts back deliveries recovered from the store or returned by a
-    /// closing connection, in order, ahead of anything queued since.
+    /// Puts back deliveries returned by a session that ended (shared
+    /// groups), in order, ahead of anything queued since.
     pub fn restore(&self, deliveries: Vec<Delivery>) {
         if deliveries.is_empty() {
             return;
@@ -229,6 +421,11 @@ impl Outbox {
         self.ready.notified().await;
     }
 
+    /// Wakes the connection draining this outbox.
+    pub fn wake(&self) {
+        self.ready.notify_one();
+    }
+
     /// Resolves when a delivery leaves the queue (for `block`). Call
     /// `enable()` on it before checking for room, so a departure in
     /// between is not missed. Cancel-safe.
@@ -236,16 +433,12 @@ impl Outbox {
         self.space.notified()
     }
 
-    /// Wakes the connection draining this outbox.
-    pub fn wake(&self) {
-        self.ready.notify_one();
-    }
-
     /// Removes the first delivery if its ticket is durable (`<= durable`)
     /// and `can_send` accepts its QoS: one lock, so several drainers (the
     /// members of a shared group) never take the same delivery.
     pub fn pop_ready(&self, durable: Ticket, can_send: impl Fn(QoS) -> bool) -> Pop {
         let mut q = self.queue.lock();
+        self.refill(&mut q);
         let Some(front) = q.items.front() else {
             return Pop::Empty;
         };
@@ -264,21 +457,25 @@ impl Outbox {
         Pop::Got(d)
     }
 
-    /// Refuses further pushes and returns what was queued (the session ended).
+    /// Refuses further pushes and returns what was queued in memory (the
+    /// session ended; its stored entries go with the session).
     pub fn close(&self) -> Vec<Delivery> {
         let mut q = self.queue.lock();
         q.closed = true;
         q.bytes = 0;
-        let items = q.items.drain(..).collect();
+        q.tail_bytes = 0;
+        q.disk = None;
+        let mut items: Vec<Delivery> = q.items.drain(..).collect();
+        items.extend(q.tail.drain(..));
         drop(q);
         self.space.notify_waiters();
         items
     }
 
-    /// Number of queued deliveries.
+    /// Messages queued (memory and disk).
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.queue.lock().items.len()
+        self.queue.lock().count()
     }
 
     /// True when nothing is queued.
@@ -324,6 +521,7 @@ mod tests {
             qos,
             retain: false,
             seq: 0,
+            queue: 0,
             ticket: 0,
             stored: true,
             identifiers: None,
@@ -340,34 +538,46 @@ mod tests {
         let o = outbox(QueueFull::DropOldest, 2, 100);
         for _ in 0..2 {
             assert!(matches!(
-                o.push(delivery(QoS::AtLeastOnce, b"a")),
+                o.push(delivery(QoS::AtLeastOnce, b"a"), false),
                 Pushed::Queued { .. }
             ));
         }
         assert_eq!(
-            o.push(delivery(QoS::AtLeastOnce, b"b")),
+            o.push(delivery(QoS::AtLeastOnce, b"b"), false),
             Pushed::Queued {
                 seq: 3,
-                evicted: vec![(1, true)]
+                stored: false,
+                evicted: vec![Evicted {
+                    seq: 1,
+                    stored: false,
+                    size: 1
+                }]
             }
         );
         assert_eq!(seqs(&o), [2, 3]);
         // The byte budget can need several evictions.
         let o = outbox(QueueFull::DropOldest, 10, 4);
         for _ in 0..4 {
-            o.push(delivery(QoS::AtLeastOnce, b"x"));
+            o.push(delivery(QoS::AtLeastOnce, b"x"), false);
         }
         assert_eq!(
-            o.push(delivery(QoS::AtLeastOnce, b"yyy")),
+            o.push(delivery(QoS::AtLeastOnce, b"yyy"), false),
             Pushed::Queued {
                 seq: 5,
-                evicted: vec![(1, true), (2, true), (3, true)]
+                stored: false,
+                evicted: (1..=3)
+                    .map(|seq| Evicted {
+                        seq,
+                        stored: false,
+                        size: 1
+                    })
+                    .collect()
             }
         );
         assert_eq!(o.len(), 2);
         // Larger than the whole budget: dropped, nothing evicted.
         assert_eq!(
-            o.push(delivery(QoS::AtLeastOnce, b"zzzzz")),
+            o.push(delivery(QoS::AtLeastOnce, b"zzzzz"), false),
             Pushed::DroppedFull
         );
         assert_eq!(o.len(), 2);
@@ -381,9 +591,9 @@ mod tests {
             (QueueFull::Block, Pushed::Full),
         ] {
             let o = outbox(policy, 1, 100);
-            o.push(delivery(QoS::AtLeastOnce, b"a"));
+            o.push(delivery(QoS::AtLeastOnce, b"a"), false);
             assert_eq!(
-                o.push(delivery(QoS::AtLeastOnce, b"b")),
+                o.push(delivery(QoS::AtLeastOnce, b"b"), false),
                 expected,
                 "{policy:?}"
             );
@@ -396,9 +606,12 @@ mod tests {
     fn qos0_is_queued_offline_only_when_configured() {
         let o = outbox(QueueFull::DropOldest, 10, 100);
         o.set_online(false);
-        assert_eq!(o.push(delivery(QoS::AtMostOnce, b"a")), Pushed::Skipped);
+        assert_eq!(
+            o.push(delivery(QoS::AtMostOnce, b"a"), false),
+            Pushed::Skipped
+        );
         assert!(matches!(
-            o.push(delivery(QoS::AtLeastOnce, b"a")),
+            o.push(delivery(QoS::AtLeastOnce, b"a"), false),
             Pushed::Queued { .. }
         ));
         let q0 = Outbox::new(
@@ -413,7 +626,7 @@ mod tests {
         );
         q0.set_persistent(true);
         assert!(matches!(
-            q0.push(delivery(QoS::AtMostOnce, b"a")),
+            q0.push(delivery(QoS::AtMostOnce, b"a"), false),
             Pushed::Queued { .. }
         ));
         assert!(q0.stores(QoS::AtMostOnce));
@@ -426,7 +639,7 @@ mod tests {
     #[test]
     fn restore_puts_messages_back_in_front_in_order() {
         let o = outbox(QueueFull::DropOldest, 10, 100);
-        o.push(delivery(QoS::AtLeastOnce, b"new"));
+        o.push(delivery(QoS::AtLeastOnce, b"new"), false);
         let mut old = vec![
             delivery(QoS::AtLeastOnce, b"a"),
             delivery(QoS::AtLeastOnce, b"b"),
@@ -438,11 +651,14 @@ mod tests {
         assert!(matches!(o.pop_ready(0, |_| true), Pop::Got(d) if d.seq == 7));
         // New pushes continue after the highest restored sequence.
         assert!(matches!(
-            o.push(delivery(QoS::AtLeastOnce, b"c")),
+            o.push(delivery(QoS::AtLeastOnce, b"c"), false),
             Pushed::Queued { seq: 9, .. }
         ));
         assert_eq!(o.close().len(), 3);
-        assert_eq!(o.push(delivery(QoS::AtLeastOnce, b"d")), Pushed::Closed);
+        assert_eq!(
+            o.push(delivery(QoS::AtLeastOnce, b"d"), false),
+            Pushed::Closed
+        );
         assert!(o.is_empty());
     }
 }

@@ -66,10 +66,23 @@ pub(crate) fn route(
     // `refuse` (and `block` for offline sessions, which could block for
     // days) refuses a QoS 1/2 publish up front when any queue is full, so
     // that nobody gets a message its publisher was told was refused.
-    if message.qos != QoS::AtMostOnce && matches!(policy, QueueFull::Refuse | QueueFull::Block) {
-        let full = targets(&routes, origin).any(|r| {
-            (policy == QueueFull::Refuse || !r.outbox.is_online()) && !r.outbox.has_room(size)
-        });
+    // A store that fails to write, or whose disk budget is used up under
+    // `refuse`/`block`, cannot take a QoS 1/2 message for a persistent
+    // session: refuse it rather than acknowledge what is not stored.
+    let needs_store = message.qos != QoS::AtMostOnce
+        && (message.retain
+            || targets(&routes, origin).any(|r| r.outbox.stores(message.qos.min(r.qos))));
+    let store_refuses = needs_store
+        && (!shared.store.healthy()
+            || (shared.store.over_budget()
+                && matches!(policy, QueueFull::Refuse | QueueFull::Block)));
+    if message.qos != QoS::AtMostOnce
+        && (store_refuses || matches!(policy, QueueFull::Refuse | QueueFull::Block))
+    {
+        let full = store_refuses
+            || targets(&routes, origin).any(|r| {
+                (policy == QueueFull::Refuse || !r.outbox.is_online()) && !r.outbox.has_room(size)
+            });
         if full {
             Stats::add(&shared.stats.publishes_refused, 1);
             return Routing::Done(RouteOutcome {
@@ -142,8 +155,9 @@ fn push_all(shared: &Shared, mut p: Parked, mut batch: Batch<'_>) -> Routing {
             qos,
             retain: p.message.retain && route.retain_as_published,
             seq: 0,
+            queue: 0,
             ticket: if p.wait { p.ticket } else { 0 },
-            stored: route.outbox.stores(qos),
+            stored: false,
             identifiers: route.identifiers.clone(),
             group: None,
         };
@@ -179,15 +193,20 @@ enum PushResult {
 
 /// Pushes one delivery, recording its store ops in `batch`.
 fn push(shared: &Shared, outbox: &Outbox, delivery: Delivery, batch: &mut Batch<'_>) -> PushResult {
-    let stored = delivery.stored;
     let (qos, retain, message) = (delivery.qos, delivery.retain, delivery.message.clone());
     let identifiers = delivery.identifiers.clone();
-    if stored {
-        // The put must be ordered before the delete that follows delivery.
+    if outbox.is_persistent() {
+        // A stored put must be ordered before the delete that follows its
+        // delivery: take the ticket before the delivery becomes visible.
         batch.ticket();
     }
-    match outbox.push(delivery) {
-        Pushed::Queued { seq, evicted } => {
+    let budget_full = outbox.is_persistent() && shared.store.over_budget();
+    match outbox.push(delivery, budget_full) {
+        Pushed::Queued {
+            seq,
+            stored,
+            evicted,
+        } => {
             let number = outbox.session_number;
             if stored {
                 batch.push(StoreOp::QueuePut {
@@ -199,10 +218,14 @@ fn push(shared: &Shared, outbox: &Outbox, delivery: Delivery, batch: &mut Batch<
                     message,
                 });
             }
-            for (seq, was_stored) in evicted {
+            for old in evicted {
                 dropped(shared, outbox);
-                if was_stored {
-                    batch.push(StoreOp::QueueDelete { number, seq });
+                if old.stored {
+                    batch.push(StoreOp::QueueDelete {
+                        number,
+                        seq: old.seq,
+                        size: old.size,
+                    });
                 }
             }
             PushResult::Done
@@ -211,9 +234,10 @@ fn push(shared: &Shared, outbox: &Outbox, delivery: Delivery, batch: &mut Batch<
             dropped(shared, outbox);
             PushResult::Done
         }
-        Pushed::Full if outbox.is_online() => PushResult::Full,
+        Pushed::Full if outbox.is_online() && !budget_full => PushResult::Full,
         Pushed::Full => {
-            // Raced with the up-front check: the queue filled meanwhile.
+            // Raced with the up-front check, or the disk budget is used up
+            // (which blocking cannot wait out): dropped, counted.
             dropped(shared, outbox);
             PushResult::Done
         }
@@ -251,7 +275,8 @@ pub(crate) fn deliver_retained(
     for entry in entries {
         let qos = entry.message.qos.min(granted);
         let delivery = Delivery {
-            stored: outbox.stores(qos),
+            stored: false,
+            queue: 0,
             message: entry.message,
             qos,
             retain: true,

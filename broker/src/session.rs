@@ -231,14 +231,15 @@ impl Sessions {
         control.finish();
     }
 
-    /// Inserts a session recovered from the store (offline).
-    pub fn insert_offline(&self, state: SessionState) {
+    /// Inserts a session recovered from the store, offline since
+    /// `offline_since`.
+    pub fn insert_offline(&self, state: SessionState, offline_since: Instant) {
         self.slots.lock().insert(
             state.client_id.clone(),
             Slot {
                 state: Some(state),
                 holder: None,
-                offline_since: Instant::now(),
+                offline_since,
             },
         );
     }

@@ -23,6 +23,7 @@ use crate::Shared;
 use crate::message::SessionId;
 use crate::outbox::{Delivery, Outbox};
 use crate::router::Subscriber;
+use crate::storage::StoreOp;
 
 /// One member's subscription to a group.
 #[derive(Clone)]
@@ -100,8 +101,8 @@ pub struct Groups {
 }
 
 impl Groups {
-    /// Adds (or updates) `member` in the group, creating the group (and its
-    /// subscription in the router) if needed.
+    /// Adds (or updates) `member` in the group, creating the group (its
+    /// stored record and its subscription in the router) if needed.
     pub fn join(
         &self,
         shared: &Shared,
@@ -115,28 +116,15 @@ impl Groups {
             .or_insert_with(|| {
                 let number = shared.next_session_number();
                 let outbox = Outbox::new(number, crate::connection::queue_limits(shared), 1);
-                // The group takes every message, QoS 0 included, whoever is online.
-                outbox.set_online(true);
-                let group = Arc::new(SharedGroup {
-                    name: name.clone(),
-                    filter: filter.clone(),
-                    number,
-                    outbox: outbox.clone(),
-                    members: Mutex::new(Vec::new()),
-                });
-                shared.router.subscribe(
-                    &filter,
-                    Subscriber {
-                        session: SessionId(number),
-                        outbox,
-                        qos: QoS::ExactlyOnce,
-                        no_local: false,
-                        retain_as_published: true,
-                        identifier: None,
-                        group: Some(group.clone()),
-                    },
+                crate::storage::write(
+                    shared.store.as_ref(),
+                    vec![StoreOp::GroupPut {
+                        number,
+                        name: name.clone(),
+                        filter: filter.clone(),
+                    }],
                 );
-                group
+                create(shared, number, name.clone(), filter.clone(), outbox)
             })
             .clone();
         drop(groups);
@@ -167,10 +155,92 @@ impl Groups {
             && group.members.lock().is_empty()
         {
             groups.remove(&key);
-            shared
-                .router
-                .unsubscribe(&group.filter, SessionId(group.number));
-            group.outbox.close();
+            end(shared, group);
+            crate::storage::write(
+                shared.store.as_ref(),
+                vec![StoreOp::GroupDelete {
+                    number: group.number,
+                }],
+            );
         }
     }
+
+    /// Recreates a group recovered from the store (its members rejoin as
+    /// their sessions are restored).
+    pub fn restore(
+        &self,
+        shared: &Shared,
+        number: u64,
+        name: MqttString,
+        filter: MqttString,
+        outbox: Arc<Outbox>,
+    ) {
+        let group = create(shared, number, name.clone(), filter.clone(), outbox);
+        self.groups.lock().insert((name, filter), group);
+    }
+
+    /// The group with this number.
+    pub fn by_number(&self, number: u64) -> Option<Arc<SharedGroup>> {
+        self.groups
+            .lock()
+            .values()
+            .find(|g| g.number == number)
+            .cloned()
+    }
+
+    /// Ends the groups nobody belongs to (after a restart whose member
+    /// sessions all expired).
+    pub fn prune_empty(&self, shared: &Shared, batch: &mut crate::storage::Batch<'_>) {
+        let mut groups = self.groups.lock();
+        groups.retain(|_, group| {
+            if group.member_count() > 0 {
+                return true;
+            }
+            end(shared, group);
+            batch.push(StoreOp::GroupDelete {
+                number: group.number,
+            });
+            false
+        });
+    }
+}
+
+/// A group's queue is stored: the group takes every message, QoS 0
+/// included, whoever of its members is online.
+fn create(
+    shared: &Shared,
+    number: u64,
+    name: MqttString,
+    filter: MqttString,
+    outbox: Arc<Outbox>,
+) -> Arc<SharedGroup> {
+    outbox.set_online(true);
+    outbox.set_persistent(true);
+    let group = Arc::new(SharedGroup {
+        name,
+        filter: filter.clone(),
+        number,
+        outbox: outbox.clone(),
+        members: Mutex::new(Vec::new()),
+    });
+    shared.router.subscribe(
+        &filter,
+        Subscriber {
+            session: SessionId(number),
+            outbox,
+            qos: QoS::ExactlyOnce,
+            no_local: false,
+            retain_as_published: true,
+            identifier: None,
+            group: Some(group.clone()),
+        },
+    );
+    group
+}
+
+fn end(shared: &Shared, group: &SharedGroup) {
+    shared
+        .router
+        .unsubscribe(&group.filter, SessionId(group.number));
+    group.outbox.close();
 }

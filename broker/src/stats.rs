@@ -26,6 +26,8 @@ pub struct Stats {
     pub publishes_refused: AtomicU64,
     /// Offline sessions ended by their expiry.
     pub sessions_expired: AtomicU64,
+    /// Stored records that could not be read at start (skipped).
+    pub corrupt_records: AtomicU64,
 }
 
 impl Stats {

@@ -631,6 +631,27 @@ impl PublishProperties {
     }
 }
 
+impl PublishProperties {
+    /// Appends the properties as an MQTT 5.0 property block (length
+    /// prefix included), as PUBLISH carries them: a stable format for
+    /// storing messages.
+    pub fn encode_block(&self, buf: &mut bytes::BytesMut) -> Result<(), EncodeError> {
+        check_response_topic(&self.response_topic)?;
+        let len = encoded_len(self)?;
+        encode(self, len, buf);
+        Ok(())
+    }
+
+    /// Reads a property block written by [`PublishProperties::encode_block`]
+    /// from the front of `bytes` (strings and binary data share its
+    /// buffer). Returns the properties and the bytes consumed.
+    pub fn decode_block(bytes: &Bytes) -> Result<(PublishProperties, usize), DecodeError> {
+        let mut reader = Reader::new(bytes, Some(bytes), crate::packet::PacketType::Publish);
+        let properties = decode(&mut reader)?;
+        Ok((properties, bytes.len() - reader.remaining()))
+    }
+}
+
 impl PropertySet for PublishProperties {
     const WHERE: &'static str = "PUBLISH";
 

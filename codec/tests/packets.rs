@@ -1186,3 +1186,25 @@ fn large_remaining_lengths_round_trip() {
         assert_eq!(got, Some(Packet::Publish(p)));
     }
 }
+
+#[test]
+fn publish_property_blocks_round_trip_for_storage() {
+    let p = PublishProperties {
+        payload_format_indicator: Some(PayloadFormat::Utf8),
+        message_expiry_interval: Some(9),
+        content_type: Some(s("text/plain")),
+        response_topic: Some(s("r/t")),
+        correlation_data: Some(Bytes::from_static(b"id")),
+        subscription_identifiers: vec![],
+        topic_alias: None,
+        user_properties: vec![(s("a"), s("1")), (s("a"), s("2"))],
+    };
+    let mut buf = BytesMut::new();
+    p.encode_block(&mut buf).expect("encodes");
+    buf.extend_from_slice(b"rest");
+    let bytes = buf.freeze();
+    let (back, used) = PublishProperties::decode_block(&bytes).expect("decodes");
+    assert_eq!(back, p);
+    assert_eq!(&bytes[used..], b"rest");
+    assert!(PublishProperties::decode_block(&Bytes::from_static(&[5, 0x01])).is_err());
+}

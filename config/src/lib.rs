@@ -74,7 +74,8 @@ pub struct Config {
     pub auth: Auth,
     /// `[limits]`: bounds that protect the node from its clients.
     pub limits: Limits,
-    /// `[storage]`: how long sessions live and how much each may queue.
+    /// `[storage]`: how long sessions live, how much each may queue, how
+    /// writes reach the disk and how much of it the store may use.
     pub storage: Storage,
 }
 
@@ -139,8 +140,9 @@ pub struct Limits {
     pub server_topic_aliases: u16,
 }
 
-/// `[storage]`: session lifetime and the bounds on each session's queue of
-/// messages waiting for delivery.
+/// `[storage]`: session lifetime, the bounds on each session's queue of
+/// messages waiting for delivery, when writes to the store are acknowledged
+/// and the store's disk budget.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Storage {
     /// `max_session_expiry_secs`: caps the Session Expiry Interval MQTT 5
@@ -162,6 +164,19 @@ pub struct Storage {
     /// `queue_qos0`: also queue QoS 0 messages for offline persistent
     /// sessions (by default they are only delivered live). Default: `false`.
     pub queue_qos0: bool,
+    /// `durability`: when a write to the store is acknowledged, and so what
+    /// a killed process or a power loss can lose. Default: `"group-commit"`.
+    pub durability: Durability,
+    /// `sync_interval_ms`: how often the write-ahead log is synced with
+    /// [`Durability::Interval`]. Only meaningful with that policy, but
+    /// checked whatever the policy. Default: 100 ms. Range: 1 ..= 60000
+    /// milliseconds.
+    pub sync_interval: Duration,
+    /// `max_disk_bytes` (bytes; `"8GiB"` style accepted): the disk budget of
+    /// the data directory. When the store reaches it, the `queue_full`
+    /// policy applies to new messages for persistent sessions. Default: 8
+    /// GiB. Range: 16 MiB ..= 1 PiB.
+    pub max_disk_bytes: u64,
 }
 
 /// `queue_full`: what to do with a message for a session whose queue is full.
@@ -177,6 +192,24 @@ pub enum QueueFull {
     Refuse,
     /// The publisher waits until there is room (`"block"`).
     Block,
+}
+
+/// `durability`: when a write to the store is acknowledged, relative to
+/// syncing the write-ahead log (WAL) to disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Durability {
+    /// One writer writes everything queued so far as one batch and syncs the
+    /// WAL once for it, acknowledging each waiter after the sync: nothing
+    /// acknowledged is lost, even on power loss (`"group-commit"`).
+    #[default]
+    GroupCommit,
+    /// One WAL sync per write: the same guarantee as
+    /// [`Durability::GroupCommit`], slower (`"sync-each"`).
+    SyncEach,
+    /// Acknowledge after the WAL write and sync the WAL every
+    /// [`Storage::sync_interval`]: survives a killed process; on power loss
+    /// loses at most one interval of acknowledged writes (`"interval"`).
+    Interval,
 }
 
 impl Default for Config {
@@ -233,6 +266,9 @@ impl Default for Storage {
             max_queued_bytes: 64 << 20,
             queue_full: QueueFull::DropOldest,
             queue_qos0: false,
+            durability: Durability::GroupCommit,
+            sync_interval: Duration::from_millis(100),
+            max_disk_bytes: 8 << 30,
         }
     }
 }
@@ -273,6 +309,30 @@ impl QueueFull {
 }
 
 impl fmt::Display for QueueFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Durability {
+    /// Every policy, in the order error messages list them.
+    pub(crate) const ALL: [Durability; 3] = [
+        Durability::GroupCommit,
+        Durability::SyncEach,
+        Durability::Interval,
+    ];
+
+    /// The name used in the config file, e.g. `"group-commit"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::GroupCommit => "group-commit",
+            Durability::SyncEach => "sync-each",
+            Durability::Interval => "interval",
+        }
+    }
+}
+
+impl fmt::Display for Durability {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

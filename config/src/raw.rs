@@ -18,7 +18,8 @@ use toml::de::{DeTable, DeValue};
 use crate::size::RawSize;
 use crate::validate::{self, IntRange};
 use crate::{
-    Auth, Config, ConfigError, Limits, Listener, ListenerProtocol, QueueFull, Storage, hint,
+    Auth, Config, ConfigError, Durability, Limits, Listener, ListenerProtocol, QueueFull, Storage,
+    hint,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +66,9 @@ struct RawStorage {
     max_queued_bytes: Option<RawSize>,
     queue_full: Option<String>,
     queue_qos0: Option<bool>,
+    durability: Option<String>,
+    sync_interval_ms: Option<Int>,
+    max_disk_bytes: Option<RawSize>,
 }
 
 /// One table of the file, for unknown-key hints.
@@ -123,8 +127,11 @@ pub(crate) const TABLES: &[Table] = &[
             "max_queued_bytes",
             "queue_full",
             "queue_qos0",
+            "durability",
+            "sync_interval_ms",
+            "max_disk_bytes",
         ],
-        planned: &["durability", "max_disk_bytes"],
+        planned: &[],
     },
 ];
 
@@ -499,36 +506,78 @@ impl RawStorage {
                 defaults.max_queued_bytes,
                 errors,
             ),
-            queue_full: match self.queue_full.as_deref() {
-                None => defaults.queue_full,
-                Some(text) => queue_full(text).unwrap_or_else(|error| {
-                    errors.push(error);
-                    defaults.queue_full
-                }),
-            },
+            queue_full: policy(
+                self.queue_full.as_deref(),
+                "storage.queue_full",
+                &QueueFull::ALL,
+                QueueFull::as_str,
+                defaults.queue_full,
+                errors,
+            ),
             queue_qos0: self.queue_qos0.unwrap_or(defaults.queue_qos0),
+            durability: policy(
+                self.durability.as_deref(),
+                "storage.durability",
+                &Durability::ALL,
+                Durability::as_str,
+                defaults.durability,
+                errors,
+            ),
+            sync_interval: Duration::from_millis(narrow(
+                self.sync_interval_ms.map(|Int(v)| v),
+                "storage.sync_interval_ms",
+                &validate::SYNC_INTERVAL_MS,
+                whole_millis(defaults.sync_interval),
+                errors,
+            )),
+            max_disk_bytes: narrow(
+                self.max_disk_bytes.map(|RawSize(v)| i128::from(v)),
+                "storage.max_disk_bytes",
+                &validate::MAX_DISK_BYTES,
+                defaults.max_disk_bytes,
+                errors,
+            ),
         }
     }
 }
 
-/// The policy spelt `text`, or an error listing the policies (with a "did
-/// you mean" when `text` is close to one).
-fn queue_full(text: &str) -> Result<QueueFull, ConfigError> {
-    if let Some(&policy) = QueueFull::ALL.iter().find(|p| p.as_str() == text) {
-        return Ok(policy);
+/// The policy spelt `text` among `all` (named by `name`), or `default` when
+/// the key is missing. An unknown spelling is reported with the policies
+/// listed (and a "did you mean" when `text` is close to one), and replaced
+/// by `default`.
+fn policy<T: Copy>(
+    text: Option<&str>,
+    key: &str,
+    all: &[T],
+    name: fn(T) -> &'static str,
+    default: T,
+    errors: &mut Vec<ConfigError>,
+) -> T {
+    let Some(text) = text else {
+        return default;
+    };
+    if let Some(&policy) = all.iter().find(|&&p| name(p) == text) {
+        return policy;
     }
-    let names = QueueFull::ALL.map(QueueFull::as_str);
+    let names: Vec<&str> = all.iter().map(|&p| name(p)).collect();
     let hint = hint::closest(text, &names)
         .map(|name| format!(" (did you mean \"{name}\"?)"))
         .unwrap_or_default();
     let expected: Vec<String> = names.iter().map(|name| format!("\"{name}\"")).collect();
-    Err(ConfigError::new(
-        "storage.queue_full",
+    errors.push(ConfigError::new(
+        key,
         format!(
             "unknown policy \"{text}\"{hint}; expected one of {}",
             expected.join(", ")
         ),
-    ))
+    ));
+    default
+}
+
+/// `duration` in whole milliseconds, saturating (a default is far below
+/// `u64::MAX` milliseconds).
+fn whole_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Converts a raw number into the field's type. A value the type cannot

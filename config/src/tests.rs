@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::{
-    Auth, Config, ConfigError, ConfigErrors, Limits, Listener, ListenerProtocol, QueueFull,
-    Storage, default_config_toml,
+    Auth, Config, ConfigError, ConfigErrors, Durability, Limits, Listener, ListenerProtocol,
+    QueueFull, Storage, default_config_toml,
 };
 
 /// `toml` must parse to the defaults changed by `edit`.
@@ -73,9 +73,13 @@ fn defaults() {
             max_queued_bytes: 67_108_864,
             queue_full: QueueFull::DropOldest,
             queue_qos0: false,
+            durability: Durability::GroupCommit,
+            sync_interval: Duration::from_millis(100),
+            max_disk_bytes: 8_589_934_592,
         }
     );
     assert_eq!(QueueFull::default(), QueueFull::DropOldest);
+    assert_eq!(Durability::default(), Durability::GroupCommit);
     assert_eq!(config.validate(), Ok(()));
 }
 
@@ -118,6 +122,9 @@ fn every_key_parsed() {
         max_queued_bytes = "2MiB"
         queue_full = "refuse"
         queue_qos0 = true
+        durability = "interval"
+        sync_interval_ms = 250
+        max_disk_bytes = "512MiB"
         "#,
         |c| {
             c.node_id = "edge-01".into();
@@ -139,6 +146,9 @@ fn every_key_parsed() {
                 max_queued_bytes: 2_097_152,
                 queue_full: QueueFull::Refuse,
                 queue_qos0: true,
+                durability: Durability::Interval,
+                sync_interval: Duration::from_millis(250),
+                max_disk_bytes: 536_870_912,
             };
         },
     );
@@ -246,11 +256,15 @@ fn storage_at_their_bounds() {
         max_session_expiry_secs = 0
         max_queued_messages = 1
         max_queued_bytes = 1024
+        sync_interval_ms = 1
+        max_disk_bytes = "16MiB"
         "#,
         |c| {
             c.storage.max_session_expiry = Duration::ZERO;
             c.storage.max_queued_messages = 1;
             c.storage.max_queued_bytes = 1024;
+            c.storage.sync_interval = Duration::from_millis(1);
+            c.storage.max_disk_bytes = 16 << 20;
         },
     );
     check_ok(
@@ -259,11 +273,15 @@ fn storage_at_their_bounds() {
         max_session_expiry_secs = 4294967295
         max_queued_messages = 100000000
         max_queued_bytes = "1TiB"
+        sync_interval_ms = 60000
+        max_disk_bytes = "1024TiB"
         "#,
         |c| {
             c.storage.max_session_expiry = Duration::from_secs(u64::from(u32::MAX));
             c.storage.max_queued_messages = 100_000_000;
             c.storage.max_queued_bytes = 1 << 40;
+            c.storage.sync_interval = Duration::from_secs(60);
+            c.storage.max_disk_bytes = 1 << 50;
         },
     );
 }
@@ -312,6 +330,33 @@ fn storage_ranges() {
             "max_queued_bytes",
             "1099511627777",
             "between 1024 and 1099511627776 bytes",
+        ),
+        ("sync_interval_ms", "0", "between 1 and 60000 milliseconds"),
+        (
+            "sync_interval_ms",
+            "60001",
+            "between 1 and 60000 milliseconds",
+        ),
+        ("sync_interval_ms", "-1", "between 1 and 60000 milliseconds"),
+        (
+            "sync_interval_ms",
+            "99999999999999999999",
+            "between 1 and 60000 milliseconds",
+        ),
+        (
+            "max_disk_bytes",
+            "0",
+            "between 16777216 and 1125899906842624 bytes",
+        ),
+        (
+            "max_disk_bytes",
+            "16777215",
+            "between 16777216 and 1125899906842624 bytes",
+        ),
+        (
+            "max_disk_bytes",
+            "1125899906842625",
+            "between 16777216 and 1125899906842624 bytes",
         ),
     ] {
         check_err(
@@ -389,6 +434,127 @@ fn queue_full_policies() {
     check_err(
         "[storage]\nqueue_full = 1",
         &["storage.queue_full: invalid type: integer `1`, expected a string"],
+    );
+}
+
+#[test]
+fn disk_bytes_sizes() {
+    for (value, bytes) in [
+        ("16777216", 16_777_216),
+        ("\"16MiB\"", 16_777_216),
+        ("\"100MB\"", 100_000_000),
+        ("\"8GiB\"", 8_589_934_592),
+        ("\"8 GiB\"", 8_589_934_592),
+        ("\"500GB\"", 500_000_000_000),
+        ("\"2TiB\"", 2 << 40),
+        ("\"1000TB\"", 1_000_000_000_000_000),
+    ] {
+        check_ok(&format!("[storage]\nmax_disk_bytes = {value}"), |c| {
+            c.storage.max_disk_bytes = bytes;
+        });
+    }
+    let range = "must be between 16777216 and 1125899906842624 bytes";
+    for (value, expected) in [
+        ("\"16MB\"", format!("{range}, got 16000000")),
+        ("\"64KiB\"", format!("{range}, got 65536")),
+        ("\"1025TiB\"", format!("{range}, got 1126999418470400")),
+        ("\"2000TB\"", format!("{range}, got 2000000000000000")),
+        ("-1", "a size cannot be negative, got -1".to_owned()),
+        (
+            "99999999999999999999",
+            "size 99999999999999999999 is too large".to_owned(),
+        ),
+        (
+            "\"8gib\"",
+            "invalid size \"8gib\": unknown unit \"gib\" (units are case-sensitive: did you \
+             mean \"GiB\"?); units are B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+                .to_owned(),
+        ),
+        (
+            "\"1.5GiB\"",
+            "invalid size \"1.5GiB\": fractions are not supported; use a smaller unit, like \
+             \"1536KiB\""
+                .to_owned(),
+        ),
+        (
+            "true",
+            "invalid type: boolean `true`, expected a size: an integer number of bytes or a \
+             string like \"1MiB\""
+                .to_owned(),
+        ),
+    ] {
+        check_err(
+            &format!("[storage]\nmax_disk_bytes = {value}"),
+            &[&format!("storage.max_disk_bytes: {expected}")],
+        );
+    }
+}
+
+#[test]
+fn durability_policies() {
+    for (text, policy) in [
+        ("group-commit", Durability::GroupCommit),
+        ("sync-each", Durability::SyncEach),
+        ("interval", Durability::Interval),
+    ] {
+        check_ok(&format!("[storage]\ndurability = \"{text}\""), |c| {
+            c.storage.durability = policy;
+        });
+        assert_eq!(policy.as_str(), text);
+        assert_eq!(policy.to_string(), text);
+    }
+    let expected = "expected one of \"group-commit\", \"sync-each\", \"interval\"";
+    for (text, hint) in [
+        ("group_commit", " (did you mean \"group-commit\"?)"),
+        ("groupcommit", " (did you mean \"group-commit\"?)"),
+        ("sync_each", " (did you mean \"sync-each\"?)"),
+        ("Interval", " (did you mean \"interval\"?)"),
+        ("intervall", " (did you mean \"interval\"?)"),
+        ("sync", ""),
+        ("fsync", ""),
+        ("GROUP-COMMIT", ""),
+        ("", ""),
+    ] {
+        check_err(
+            &format!("[storage]\ndurability = \"{text}\""),
+            &[&format!(
+                "storage.durability: unknown policy \"{text}\"{hint}; {expected}"
+            )],
+        );
+    }
+    check_err(
+        "[storage]\ndurability = true",
+        &["storage.durability: invalid type: boolean `true`, expected a string"],
+    );
+}
+
+#[test]
+fn sync_interval_with_every_policy() {
+    // Parsed and checked whatever the policy, though only "interval" uses it.
+    for policy in [
+        Durability::GroupCommit,
+        Durability::SyncEach,
+        Durability::Interval,
+    ] {
+        check_ok(
+            &format!("[storage]\ndurability = \"{policy}\"\nsync_interval_ms = 5"),
+            |c| {
+                c.storage.durability = policy;
+                c.storage.sync_interval = Duration::from_millis(5);
+            },
+        );
+        check_err(
+            &format!("[storage]\ndurability = \"{policy}\"\nsync_interval_ms = 0"),
+            &["storage.sync_interval_ms: must be between 1 and 60000 milliseconds, got 0"],
+        );
+    }
+    check_err(
+        "[storage]\nsync_interval_ms = \"100ms\"",
+        &[r#"storage.sync_interval_ms: invalid type: string "100ms", expected an integer"#],
+    );
+    check_err(
+        "[storage]\nsync_interval_ms = 0.5",
+        &["storage.sync_interval_ms: invalid type: floating point `0.5`, expected an integer"],
     );
 }
 
@@ -602,6 +768,9 @@ fn every_problem_reported_at_once() {
         max_queued_bytes = 10
         queue_full = "drop"
         max_queued_message = 5
+        durability = "fsync"
+        sync_interval_ms = 0
+        max_disk_bytes = "1MiB"
         "#,
         &[
             "nodeid: unknown key; did you mean `node_id`?",
@@ -616,6 +785,8 @@ fn every_problem_reported_at_once() {
             "storage.max_session_expiry_secs: must be between 0 and 4294967295 seconds, got -1",
             "storage.queue_full: unknown policy \"drop\"; expected one of \"drop-oldest\", \
              \"drop-newest\", \"refuse\", \"block\"",
+            "storage.durability: unknown policy \"fsync\"; expected one of \"group-commit\", \
+             \"sync-each\", \"interval\"",
             "node_id: must not be empty",
             "data_dir: must not be empty",
             "listener[2].bind: 0.0.0.0:1883 is already used by listener[0]",
@@ -630,6 +801,9 @@ fn every_problem_reported_at_once() {
             "limits.connect_timeout_secs: must be between 1 and 3600 seconds, got 0",
             "storage.max_queued_messages: must be between 1 and 100000000, got 0",
             "storage.max_queued_bytes: must be between 1024 and 1099511627776 bytes, got 10",
+            "storage.sync_interval_ms: must be between 1 and 60000 milliseconds, got 0",
+            "storage.max_disk_bytes: must be between 16777216 and 1125899906842624 bytes, \
+             got 1048576",
         ],
     );
 }
@@ -660,6 +834,9 @@ fn unknown_keys() {
         [storage]
         max_session_expiry = 60
         queue_qos_0 = true
+        durabilty = "sync-each"
+        sync_interval = 50
+        max_disk_byte = "8GiB"
         "#,
         &[
             "node_idd: unknown key; did you mean `node_id`?",
@@ -673,6 +850,9 @@ fn unknown_keys() {
             "limits.server_topic_alias: unknown key; did you mean `server_topic_aliases`?",
             "storage.max_session_expiry: unknown key",
             "storage.queue_qos_0: unknown key; did you mean `queue_qos0`?",
+            "storage.durabilty: unknown key; did you mean `durability`?",
+            "storage.sync_interval: unknown key",
+            "storage.max_disk_byte: unknown key; did you mean `max_disk_bytes`?",
         ],
     );
 }
@@ -691,9 +871,8 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         password_file = "passwd"
         [limits]
         queue_full = "refuse"
-        [storage]
         durability = "sync-each"
-        max_disk_bytes = "10GiB"
+        [storage]
         max_connections = 10
         topic_alias_maximum = 0
         [bridge]
@@ -705,9 +884,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
             "auth.password_file: unknown key; `password_file` is not available yet in this \
              version",
             "limits.queue_full: unknown key; `queue_full` belongs in [storage]",
-            "storage.durability: unknown key; `durability` is not available yet in this version",
-            "storage.max_disk_bytes: unknown key; `max_disk_bytes` is not available yet in \
-             this version",
+            "limits.durability: unknown key; `durability` belongs in [storage]",
             "storage.max_connections: unknown key; `max_connections` belongs in [limits]",
             "storage.topic_alias_maximum: unknown key; `topic_alias_maximum` belongs in [limits]",
             "bridge: unknown key; `bridge` is not available yet in this version",
@@ -756,6 +933,21 @@ fn type_errors_name_the_key() {
     check_err(
         "[storage]\nqueue_qos0 = 1",
         &["storage.queue_qos0: invalid type: integer `1`, expected a boolean"],
+    );
+    check_err(
+        "[storage]\ndurability = 1",
+        &["storage.durability: invalid type: integer `1`, expected a string"],
+    );
+    check_err(
+        "[storage]\nsync_interval_ms = \"100\"",
+        &[r#"storage.sync_interval_ms: invalid type: string "100", expected an integer"#],
+    );
+    check_err(
+        "[storage]\nmax_disk_bytes = [1]",
+        &[
+            "storage.max_disk_bytes: invalid type: sequence, expected a size: an integer number \
+             of bytes or a string like \"1MiB\"",
+        ],
     );
     check_err(
         "[storage]\nmax_queued_messages = 1.5",
@@ -852,6 +1044,8 @@ fn validate_config_built_in_code() {
     config.storage.max_session_expiry = Duration::from_secs(u64::from(u32::MAX) + 1);
     config.storage.max_queued_messages = 0;
     config.storage.max_queued_bytes = (1 << 40) + 1;
+    config.storage.sync_interval = Duration::from_micros(999);
+    config.storage.max_disk_bytes = (1 << 50) + 1;
     let errors = config.validate().expect_err("invalid");
     let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
     assert_eq!(
@@ -871,8 +1065,40 @@ fn validate_config_built_in_code() {
             "storage.max_queued_messages: must be between 1 and 100000000, got 0",
             "storage.max_queued_bytes: must be between 1024 and 1099511627776 bytes, \
              got 1099511627777",
+            "storage.sync_interval_ms: must be between 1 and 60000 milliseconds, got 0",
+            "storage.max_disk_bytes: must be between 16777216 and 1125899906842624 bytes, \
+             got 1125899906842625",
         ]
     );
+
+    // A sync interval is checked on its whole milliseconds, however long.
+    for (interval, expected) in [
+        (Duration::from_micros(1500), Ok(())),
+        (Duration::from_secs(60), Ok(())),
+        (Duration::from_millis(60_001), Err("60001")),
+        (Duration::MAX, Err("18446744073709551615999")),
+    ] {
+        let mut config = Config::default();
+        config.storage.sync_interval = interval;
+        let expected = expected.map_err(|got| {
+            ConfigErrors(vec![ConfigError {
+                key: "storage.sync_interval_ms".into(),
+                message: format!("must be between 1 and 60000 milliseconds, got {got}"),
+            }])
+        });
+        assert_eq!(config.validate(), expected, "{interval:?}");
+    }
+
+    // Every durability policy is valid, with the interval used or not.
+    for durability in [
+        Durability::GroupCommit,
+        Durability::SyncEach,
+        Durability::Interval,
+    ] {
+        let mut config = Config::default();
+        config.storage.durability = durability;
+        assert_eq!(config.validate(), Ok(()), "{durability}");
+    }
 
     // Topic aliases: 0 (none) and the largest 16-bit count are both valid.
     for count in [0, u16::MAX] {

@@ -7,14 +7,19 @@ use crate::{Config, ConfigError};
 pub(crate) struct IntRange {
     lo: u64,
     hi: u64,
-    /// `""`, `" bytes"`, `" seconds"`.
+    /// `""`, `" bytes"`, `" seconds"`, `" milliseconds"`.
     unit: &'static str,
 }
 
 impl IntRange {
     fn check(&self, key: &str, value: u64, errors: &mut Vec<ConfigError>) {
-        if !(self.lo..=self.hi).contains(&value) {
-            errors.push(self.error(key, i128::from(value)));
+        self.check_wide(key, i128::from(value), errors);
+    }
+
+    /// [`IntRange::check`] for a value that may not fit in a `u64`.
+    fn check_wide(&self, key: &str, value: i128, errors: &mut Vec<ConfigError>) {
+        if !(i128::from(self.lo)..=i128::from(self.hi)).contains(&value) {
+            errors.push(self.error(key, value));
         }
     }
 
@@ -96,6 +101,20 @@ pub(crate) const MAX_QUEUED_MESSAGES: IntRange = IntRange {
 pub(crate) const MAX_QUEUED_BYTES: IntRange = IntRange {
     lo: 1 << 10,
     hi: 1 << 40,
+    unit: " bytes",
+};
+
+/// 1 ms ..= 1 minute.
+pub(crate) const SYNC_INTERVAL_MS: IntRange = IntRange {
+    lo: 1,
+    hi: 60_000,
+    unit: " milliseconds",
+};
+
+/// 16 MiB ..= 1 PiB.
+pub(crate) const MAX_DISK_BYTES: IntRange = IntRange {
+    lo: 16 << 20,
+    hi: 1 << 50,
     unit: " bytes",
 };
 
@@ -219,6 +238,15 @@ fn check_storage(config: &Config, errors: &mut Vec<ConfigError>) {
         errors,
     );
     MAX_QUEUED_BYTES.check("storage.max_queued_bytes", storage.max_queued_bytes, errors);
+    // Checked whatever `durability` is, so a bad value cannot lie in wait
+    // for the day the policy becomes "interval".
+    check_millis(
+        &SYNC_INTERVAL_MS,
+        "storage.sync_interval_ms",
+        storage.sync_interval,
+        errors,
+    );
+    MAX_DISK_BYTES.check("storage.max_disk_bytes", storage.max_disk_bytes, errors);
 }
 
 /// Durations are whole seconds in the file; one built in code with a
@@ -230,4 +258,18 @@ fn check_secs(
     errors: &mut Vec<ConfigError>,
 ) {
     range.check(key, value.as_secs(), errors);
+}
+
+/// Durations are whole milliseconds in the file; one built in code with a
+/// fraction is checked on its whole milliseconds, and one below a
+/// millisecond fails.
+fn check_millis(
+    range: &IntRange,
+    key: &str,
+    value: std::time::Duration,
+    errors: &mut Vec<ConfigError>,
+) {
+    // Any `Duration` in milliseconds fits in an `i128` (below 2^75).
+    let millis = i128::try_from(value.as_millis()).unwrap_or(i128::MAX);
+    range.check_wide(key, millis, errors);
 }

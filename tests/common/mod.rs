@@ -41,6 +41,23 @@ impl Broker {
         Self::start_with_file(&path, dir)
     }
 
+    /// Starts the broker with its data in `data` (which outlives it, so a
+    /// later broker can recover it), on a free loopback port.
+    pub fn start_at(data: &Path, extra: &str) -> Broker {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config =
+            format!("data_dir = {data:?}\n[[listener]]\nbind = \"127.0.0.1:0\"\n{extra}\n");
+        let path = dir.path().join("ferrymq.toml");
+        std::fs::write(&path, config).expect("write config");
+        Self::start_with_file(&path, dir)
+    }
+
+    /// SIGKILLs the process (no shutdown of any kind) and waits for it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Starts the broker on an existing config file that has exactly one
     /// listener (port 0 allowed).
     pub fn start_with_file(config: &Path, dir: tempfile::TempDir) -> Broker {

@@ -14,8 +14,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::{
-    Durable, InflightRecord, QueuedRecord, Recovered, RecoveredSession, SessionRecord, Store,
-    StoreError, StoreOp, SubscriptionRecord, Ticket,
+    BrokerClock, Durable, InflightRecord, QueueSummary, QueuedRecord, Recovered, RecoveredGroup,
+    RecoveredSession, SessionRecord, Store, StoreError, StoreOp, SubscriptionRecord, Ticket,
 };
 use crate::message::Message;
 
@@ -23,14 +23,16 @@ use crate::message::Message;
 struct SessionData {
     record: Option<SessionRecord>,
     subscriptions: BTreeMap<MqttString, SubscriptionRecord>,
-    queue: BTreeMap<u64, QueuedRecord>,
-    inflight: BTreeMap<u16, InflightRecord>,
+    inflight: BTreeMap<u16, (u64, u64, super::OutboundPhase)>,
     qos2_received: BTreeSet<u16>,
 }
 
 #[derive(Default)]
 struct State {
     sessions: BTreeMap<u64, SessionData>,
+    /// Queues of sessions and shared groups, by number.
+    queues: BTreeMap<u64, BTreeMap<u64, QueuedRecord>>,
+    groups: BTreeMap<u64, (MqttString, MqttString)>,
     retained: HashMap<MqttString, Arc<Message>>,
     /// Above every session number seen.
     next_number: u64,
@@ -47,6 +49,7 @@ impl State {
             }
             O::SessionDelete { number, .. } => {
                 self.sessions.remove(&number);
+                self.queues.remove(&number);
             }
             O::SubscriptionPut {
                 number,
@@ -75,23 +78,23 @@ impl State {
                     identifiers,
                     message,
                 };
-                self.session(number).queue.insert(seq, record);
+                self.queues.entry(number).or_default().insert(seq, record);
             }
-            O::QueueDelete { number, seq } => {
-                self.session(number).queue.remove(&seq);
+            O::QueueDelete { number, seq, .. } => {
+                if let Some(q) = self.queues.get_mut(&number) {
+                    q.remove(&seq);
+                }
             }
             O::InflightPut {
                 number,
                 packet_id,
+                queue,
                 seq,
                 phase,
             } => {
-                let record = InflightRecord {
-                    packet_id,
-                    seq,
-                    phase,
-                };
-                self.session(number).inflight.insert(packet_id, record);
+                self.session(number)
+                    .inflight
+                    .insert(packet_id, (queue, seq, phase));
             }
             O::InflightDelete { number, packet_id } => {
                 self.session(number).inflight.remove(&packet_id);
@@ -108,11 +111,33 @@ impl State {
             O::RetainedDelete(topic) => {
                 self.retained.remove(&topic);
             }
+            O::GroupPut {
+                number,
+                name,
+                filter,
+            } => {
+                self.next_number = self.next_number.max(number + 1);
+                self.groups.insert(number, (name, filter));
+            }
+            O::GroupDelete { number } => {
+                self.groups.remove(&number);
+                self.queues.remove(&number);
+            }
         }
     }
 
     fn session(&mut self, number: u64) -> &mut SessionData {
         self.sessions.entry(number).or_default()
+    }
+
+    fn summary(&self, number: u64) -> QueueSummary {
+        self.queues
+            .get(&number)
+            .map_or_else(QueueSummary::default, |q| QueueSummary {
+                count: q.len() as u64,
+                bytes: q.values().map(|r| r.message.payload.len() as u64).sum(),
+                next_seq: q.keys().next_back().map_or(0, |s| s + 1),
+            })
     }
 }
 
@@ -136,6 +161,8 @@ pub struct MemoryStore {
     durable_tx: watch::Sender<Durable>,
     /// With a write delay: applied tickets and when, for the completer thread.
     delayed_tx: Option<std::sync::mpsc::Sender<(Ticket, Instant)>>,
+    /// Broker time; the same across brokers started on this store.
+    clock: Arc<BrokerClock>,
 }
 
 impl MemoryStore {
@@ -180,6 +207,7 @@ impl MemoryStore {
             state: Mutex::new(State::default()),
             durable_tx,
             delayed_tx,
+            clock: Arc::new(BrokerClock::starting_at(0)),
         }
     }
 }
@@ -226,8 +254,19 @@ impl Store for MemoryStore {
         let state = self.state.lock();
         let sessions = state
             .sessions
-            .values()
-            .filter_map(|s| {
+            .iter()
+            .filter_map(|(number, s)| {
+                let inflight = s
+                    .inflight
+                    .iter()
+                    .map(|(packet_id, (queue, seq, phase))| InflightRecord {
+                        packet_id: *packet_id,
+                        queue: *queue,
+                        seq: *seq,
+                        phase: *phase,
+                        body: state.queues.get(queue).and_then(|q| q.get(seq)).cloned(),
+                    })
+                    .collect();
                 Some(RecoveredSession {
                     record: s.record.clone()?,
                     subscriptions: s
@@ -235,16 +274,42 @@ impl Store for MemoryStore {
                         .iter()
                         .map(|(f, r)| (f.clone(), *r))
                         .collect(),
-                    queue: s.queue.values().cloned().collect(),
-                    inflight: s.inflight.values().copied().collect(),
+                    queue: state.summary(*number),
+                    inflight,
                     qos2_received: s.qos2_received.iter().copied().collect(),
                 })
             })
             .collect();
+        let groups = state
+            .groups
+            .iter()
+            .map(|(number, (name, filter))| RecoveredGroup {
+                number: *number,
+                name: name.clone(),
+                filter: filter.clone(),
+                queue: state.summary(*number),
+            })
+            .collect();
         Ok(Recovered {
             sessions,
+            groups,
             retained: state.retained.values().cloned().collect(),
             next_session_number: state.next_number,
+            corrupt: 0,
+        })
+    }
+
+    fn clock(&self) -> Arc<BrokerClock> {
+        self.clock.clone()
+    }
+
+    fn read_queue(&self, number: u64, from_seq: u64, max: usize) -> Vec<QueuedRecord> {
+        let state = self.state.lock();
+        state.queues.get(&number).map_or_else(Vec::new, |q| {
+            q.range(from_seq..)
+                .take(max)
+                .map(|(_, r)| r.clone())
+                .collect()
         })
     }
 }
@@ -307,6 +372,8 @@ mod tests {
             client_id: MqttString::from_static("c"),
             number: 7,
             expiry_secs: 60,
+            offline_since_ms: None,
+            pending_will: None,
         };
         super::super::write(
             store.as_ref(),
@@ -328,7 +395,11 @@ mod tests {
                     identifiers: None,
                     message: message("t"),
                 },
-                StoreOp::QueueDelete { number: 7, seq: 1 },
+                StoreOp::QueueDelete {
+                    number: 7,
+                    seq: 1,
+                    size: 1,
+                },
                 StoreOp::Qos2Received {
                     number: 7,
                     packet_id: 3,
@@ -339,7 +410,10 @@ mod tests {
         assert_eq!(recovered.sessions.len(), 1);
         let s = &recovered.sessions[0];
         assert_eq!(s.record, record);
-        assert_eq!(s.queue.iter().map(|q| q.seq).collect::<Vec<_>>(), [2]);
+        assert_eq!(s.queue.count, 1);
+        assert_eq!(s.queue.next_seq, 3);
+        let page: Vec<u64> = store.read_queue(7, 0, 10).iter().map(|q| q.seq).collect();
+        assert_eq!(page, [2]);
         assert_eq!(s.qos2_received, [3]);
         super::super::write(
             store.as_ref(),

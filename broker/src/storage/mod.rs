@@ -16,16 +16,80 @@
 //! broker assumes a write is durable when `submit` returns. This is the
 //! seam where the RocksDB store plugs in.
 
+mod inspect;
 mod memory;
+pub(crate) mod record;
+mod rocks;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferrymq_codec::{MqttString, QoS, SubscriptionOptions};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::message::Message;
 
+pub use inspect::{QueueLine, QueueReport, queue_stats};
 pub use memory::MemoryStore;
+pub use record::TimeBase;
+pub use rocks::{RocksOptions, RocksStore};
+
+/// Broker time: milliseconds the node has been running, summed over its
+/// runs (and over downtime while the wall clock can be trusted). Expiry
+/// deadlines are stored in broker time, so a gateway without a real-time
+/// clock, or whose clock jumps, never expires everything at once.
+#[derive(Debug)]
+pub struct BrokerClock {
+    base: Instant,
+    base_ms: u64,
+}
+
+impl BrokerClock {
+    /// A clock reading `ms` now.
+    pub fn starting_at(ms: u64) -> BrokerClock {
+        BrokerClock {
+            base: Instant::now(),
+            base_ms: ms,
+        }
+    }
+
+    /// Broker milliseconds now.
+    pub fn now_ms(&self) -> u64 {
+        self.to_ms(Instant::now())
+    }
+}
+
+impl TimeBase for BrokerClock {
+    fn to_ms(&self, at: Instant) -> u64 {
+        if at >= self.base {
+            self.base_ms
+                .saturating_add((at - self.base).as_millis() as u64)
+        } else {
+            self.base_ms
+                .saturating_sub((self.base - at).as_millis() as u64)
+        }
+    }
+
+    fn to_instant(&self, ms: u64) -> Instant {
+        if ms >= self.base_ms {
+            self.base + Duration::from_millis(ms - self.base_ms)
+        } else {
+            self.base
+                .checked_sub(Duration::from_millis(self.base_ms - ms))
+                .unwrap_or(self.base)
+        }
+    }
+}
+
+/// A will waiting for its Will Delay Interval, stored with its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredWill {
+    /// The will message.
+    pub message: Arc<Message>,
+    /// When it is due, in broker milliseconds.
+    pub due_ms: u64,
+}
 
 /// Orders batches; "durable up to ticket N" covers every batch <= N.
 pub type Ticket = u64;
@@ -40,6 +104,11 @@ pub struct SessionRecord {
     pub number: u64,
     /// Session Expiry Interval in seconds (`u32::MAX`: never).
     pub expiry_secs: u32,
+    /// When the session went offline (broker milliseconds); `None` while a
+    /// connection holds it.
+    pub offline_since_ms: Option<u64>,
+    /// A will waiting for its delay.
+    pub pending_will: Option<StoredWill>,
 }
 
 /// A subscription as stored.
@@ -105,10 +174,12 @@ pub enum StoreOp {
     },
     /// A queued message left the queue (acknowledged, expired or dropped).
     QueueDelete {
-        /// Session number.
+        /// Session (or group) number.
         number: u64,
-        /// Position in the session's queue.
+        /// Position in the queue.
         seq: u64,
+        /// Its payload size, for the queue's byte count.
+        size: u64,
     },
     /// An outbound QoS 1/2 message got a packet identifier, or moved to
     /// its second QoS 2 phase.
@@ -117,8 +188,10 @@ pub enum StoreOp {
         number: u64,
         /// Packet identifier.
         packet_id: u16,
-        /// The queue position of the message (its body stays there until
-        /// PUBACK or PUBREC).
+        /// The queue holding the message body (the session's, or a shared
+        /// group's), where it stays until PUBACK or PUBREC.
+        queue: u64,
+        /// The message's position in that queue.
         seq: u64,
         /// Where the exchange is.
         phase: OutboundPhase,
@@ -149,6 +222,20 @@ pub enum StoreOp {
     RetainedPut(Arc<Message>),
     /// A topic's retained message was cleared.
     RetainedDelete(MqttString),
+    /// A shared subscription group was created.
+    GroupPut {
+        /// Its number (from the session number sequence).
+        number: u64,
+        /// Share name.
+        name: MqttString,
+        /// Topic filter.
+        filter: MqttString,
+    },
+    /// A shared subscription group ended: it and its queue go.
+    GroupDelete {
+        /// Its number.
+        number: u64,
+    },
 }
 
 /// A queued message as recovered.
@@ -167,14 +254,29 @@ pub struct QueuedRecord {
 }
 
 /// An outbound exchange as recovered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct InflightRecord {
     /// Packet identifier.
     pub packet_id: u16,
-    /// Queue position of the message.
+    /// The queue holding the message.
+    pub queue: u64,
+    /// Its position there.
     pub seq: u64,
     /// Where the exchange is.
     pub phase: OutboundPhase,
+    /// The message, for an exchange still in its first phase.
+    pub body: Option<QueuedRecord>,
+}
+
+/// What a queue holds, without reading it (start-up never scans queues).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueSummary {
+    /// Messages in it (those in flight included).
+    pub count: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Above every sequence number ever used in it.
+    pub next_seq: u64,
 }
 
 /// Everything of one session, as recovered at start.
@@ -184,12 +286,25 @@ pub struct RecoveredSession {
     pub record: SessionRecord,
     /// Its subscriptions.
     pub subscriptions: Vec<(MqttString, SubscriptionRecord)>,
-    /// Its queue, in sequence order.
-    pub queue: Vec<QueuedRecord>,
+    /// Its queue (read page by page when it is drained).
+    pub queue: QueueSummary,
     /// Its outbound exchanges.
     pub inflight: Vec<InflightRecord>,
     /// Inbound QoS 2 packet identifiers awaiting PUBREL.
     pub qos2_received: Vec<u16>,
+}
+
+/// A shared subscription group, as recovered at start.
+#[derive(Debug, Clone)]
+pub struct RecoveredGroup {
+    /// Its number.
+    pub number: u64,
+    /// Share name.
+    pub name: MqttString,
+    /// Topic filter.
+    pub filter: MqttString,
+    /// Its queue.
+    pub queue: QueueSummary,
 }
 
 /// The durable state, as read at start.
@@ -197,21 +312,40 @@ pub struct RecoveredSession {
 pub struct Recovered {
     /// Sessions, with their state.
     pub sessions: Vec<RecoveredSession>,
+    /// Shared subscription groups.
+    pub groups: Vec<RecoveredGroup>,
     /// Retained messages.
     pub retained: Vec<Arc<Message>>,
     /// Greater than every session number ever stored (deleted ones
     /// included), so numbers are never reused.
     pub next_session_number: u64,
+    /// Records that could not be read and were skipped.
+    pub corrupt: u64,
 }
 
 /// The store's progress, published on a watch channel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Durable {
-    /// Every batch up to this ticket is durable.
+    /// Every batch up to this ticket is done: written, or failed.
     pub up_to: Ticket,
-    /// Set when a write failed: nothing after it will become durable, and
-    /// the broker stops (it never acknowledges what it could not store).
-    pub failed: Option<Arc<str>>,
+    /// Recent ranges of tickets whose write failed (inclusive), oldest
+    /// first, a bounded list: a waiter whose ticket is in one must not
+    /// acknowledge.
+    pub failed: Arc<[(Ticket, Ticket)]>,
+}
+
+impl Durable {
+    /// Whether the batch of `ticket` is done and durable.
+    pub fn is_durable(&self, ticket: Ticket) -> bool {
+        ticket <= self.up_to && !self.is_failed(ticket)
+    }
+
+    /// Whether the batch of `ticket` failed to be written.
+    pub fn is_failed(&self, ticket: Ticket) -> bool {
+        self.failed
+            .iter()
+            .any(|(from, to)| (*from..=*to).contains(&ticket))
+    }
 }
 
 /// Why the store could not be read.
@@ -221,6 +355,32 @@ pub struct StoreError(pub String);
 
 /// Durable state. See the module documentation for the ticket protocol.
 pub trait Store: Send + Sync + 'static {
+    /// The broker clock (broker time continues across restarts).
+    fn clock(&self) -> Arc<BrokerClock>;
+
+    /// Up to `max` queued messages of queue `number` from `from_seq` on,
+    /// in order (a queue is paged in when drained).
+    fn read_queue(&self, number: u64, from_seq: u64, max: usize) -> Vec<QueuedRecord>;
+
+    /// Whether writes succeed; while they fail, new QoS 1/2 messages that
+    /// would need the store are refused.
+    fn healthy(&self) -> bool {
+        true
+    }
+
+    /// Whether the disk budget (`max_disk_bytes`) is used up.
+    fn over_budget(&self) -> bool {
+        false
+    }
+
+    /// WAL syncs done so far (0 for a store without a disk).
+    fn wal_syncs(&self) -> u64 {
+        0
+    }
+
+    /// Writes everything pending and stops the writer (broker shutdown).
+    fn close(&self) {}
+
     /// Takes the next ticket. It must be submitted, soon and without
     /// waiting in between: later tickets wait for it.
     fn begin(&self) -> Ticket;

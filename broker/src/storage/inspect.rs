@@ -1,0 +1,235 @@
+//! `ferrymq queue stats`: what the store holds, read from the data
+//! directory without a running broker's help. The database is opened
+//! read-only, which RocksDB allows next to a running broker (the figures
+//! are then a snapshot of that moment).
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use rocksdb::{DB, Direction, IteratorMode, ReadOptions};
+
+use super::record;
+use super::rocks::{options, read_stats_value};
+use super::{BrokerClock, StoreError};
+
+/// One queue in the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueLine {
+    /// Client identifier, or `$share/{name}/{filter}` for a shared group.
+    pub owner: String,
+    /// Session or group number.
+    pub number: u64,
+    /// Session Expiry Interval (sessions only).
+    pub expiry: Option<Duration>,
+    /// Offline for (sessions only; `None` if online when last written).
+    pub offline_for: Option<Duration>,
+    /// Messages queued.
+    pub messages: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Age of the oldest queued message.
+    pub oldest: Option<Duration>,
+}
+
+/// What `ferrymq queue stats` prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueReport {
+    /// Every persistent session and shared group.
+    pub queues: Vec<QueueLine>,
+    /// Retained messages.
+    pub retained: u64,
+    /// Whether a running broker holds the data directory (a snapshot).
+    pub running: bool,
+}
+
+/// Reads the report from the store in `data_dir`.
+pub fn queue_stats(data_dir: &Path, running: bool) -> Result<QueueReport, StoreError> {
+    let path = data_dir.join("db");
+    if !path.exists() {
+        return Err(StoreError(format!("no store at {}", path.display())));
+    }
+    let (mut db_options, _) = options();
+    // Descriptors carry the merge operators the statistics need.
+    let descriptors = || options().1;
+    let cannot =
+        |e: rocksdb::Error| StoreError(format!("cannot read the store at {}: {e}", path.display()));
+    // Next to a running broker, a secondary instance follows its files
+    // (its own scratch directory, removed afterwards); otherwise a plain
+    // read-only open.
+    let scratch = tempfile_dir()?;
+    let db = if running {
+        db_options.set_max_open_files(-1);
+        let db = DB::open_cf_descriptors_as_secondary(&db_options, &path, &scratch, descriptors())
+            .map_err(cannot)?;
+        db.try_catch_up_with_primary().map_err(cannot)?;
+        db
+    } else {
+        DB::open_cf_descriptors_read_only(&db_options, &path, descriptors(), false)
+            .map_err(cannot)?
+    };
+    let cf = |name: &str| {
+        db.cf_handle(name)
+            .ok_or_else(|| StoreError(format!("column family {name} is missing")))
+    };
+    // Broker time as last saved (the running broker saves it every 10 s).
+    let now_ms = db
+        .get_cf(cf("meta")?, b"clock")
+        .ok()
+        .flatten()
+        .and_then(|v| v.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()))
+        .map_or(0, u64::from_be_bytes);
+    let clock = BrokerClock::starting_at(now_ms);
+    let mut report = QueueReport {
+        running,
+        ..QueueReport::default()
+    };
+    let age = |ms: u64| Duration::from_millis(now_ms.saturating_sub(ms));
+    let oldest = |number: u64| -> Option<Duration> {
+        let queues = db.cf_handle("queues")?;
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(number.saturating_add(1).to_be_bytes().to_vec());
+        let start = number.to_be_bytes();
+        let (_, v) = db
+            .iterator_cf_opt(queues, read, IteratorMode::From(&start, Direction::Forward))
+            .next()?
+            .ok()?;
+        let q = record::decode_queued(&v, &clock).ok()?;
+        Some(age(q.queued_at_ms))
+    };
+    let stats = |number: u64| -> (u64, u64) {
+        db.cf_handle("queue_stats")
+            .and_then(|f| db.get_cf(f, number.to_be_bytes()).ok().flatten())
+            .map_or((0, 0), |v| {
+                let (count, bytes, _) = read_stats_value(&v);
+                (count.max(0) as u64, bytes.max(0) as u64)
+            })
+    };
+    for item in db.iterator_cf(cf("sessions")?, IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| StoreError(e.to_string()))?;
+        let Some(number) = k
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+        else {
+            continue;
+        };
+        let Ok(session) = record::decode_session(number, &v, &clock) else {
+            continue;
+        };
+        let (messages, bytes) = stats(number);
+        report.queues.push(QueueLine {
+            owner: session.client_id.to_string(),
+            number,
+            expiry: Some(Duration::from_secs(u64::from(session.expiry_secs))),
+            offline_for: session.offline_since_ms.map(age),
+            messages,
+            bytes,
+            oldest: oldest(number),
+        });
+    }
+    for item in db.iterator_cf(cf("groups")?, IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| StoreError(e.to_string()))?;
+        let Some(number) = k
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+        else {
+            continue;
+        };
+        let Ok((name, filter)) = record::decode_group(&v) else {
+            continue;
+        };
+        let (messages, bytes) = stats(number);
+        report.queues.push(QueueLine {
+            owner: format!("$share/{name}/{filter}"),
+            number,
+            expiry: None,
+            offline_for: None,
+            messages,
+            bytes,
+            oldest: oldest(number),
+        });
+    }
+    report.retained = db.iterator_cf(cf("retained")?, IteratorMode::Start).count() as u64;
+    drop(db);
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(report)
+}
+
+/// A fresh scratch directory for a secondary instance.
+fn tempfile_dir() -> Result<std::path::PathBuf, StoreError> {
+    let dir = std::env::temp_dir().join(format!(
+        "ferrymq-inspect-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d {}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        0..1024 => format!("{b} B"),
+        1024..1_048_576 => format!("{:.1} KiB", b as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1} MiB", b as f64 / 1_048_576.0),
+        _ => format!("{:.2} GiB", b as f64 / 1_073_741_824.0),
+    }
+}
+
+impl fmt::Display for QueueReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.running {
+            writeln!(
+                f,
+                "(a broker is running on this data directory: a snapshot of now)"
+            )?;
+        }
+        writeln!(
+            f,
+            "{:<32} {:>8} {:>10} {:>12} {:>10} {:>12} {:>10}",
+            "session / group", "number", "expiry", "offline for", "messages", "bytes", "oldest"
+        )?;
+        for q in &self.queues {
+            let opt = |d: Option<Duration>| d.map_or("-".to_string(), human_duration);
+            let expiry = match q.expiry {
+                Some(d) if d.as_secs() >= u64::from(u32::MAX) => "never".to_string(),
+                other => opt(other),
+            };
+            writeln!(
+                f,
+                "{:<32} {:>8} {:>10} {:>12} {:>10} {:>12} {:>10}",
+                q.owner,
+                q.number,
+                expiry,
+                opt(q.offline_for),
+                q.messages,
+                human_bytes(q.bytes),
+                opt(q.oldest)
+            )?;
+        }
+        let total: u64 = self.queues.iter().map(|q| q.messages).sum();
+        let bytes: u64 = self.queues.iter().map(|q| q.bytes).sum();
+        writeln!(
+            f,
+            "{} queues, {} messages, {} queued; {} retained messages",
+            self.queues.len(),
+            total,
+            human_bytes(bytes),
+            self.retained
+        )
+    }
+}

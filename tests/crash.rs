@@ -1,0 +1,259 @@
+//! Durability against SIGKILL: nothing acknowledged is lost, whatever
+//! moment the broker dies at. Real binary, real RocksDB, real kill -9.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use ferrymq_codec::{
+    Disconnect, Packet, Protocol, PubAck, Publish, QoS, Subscribe, Subscription,
+    SubscriptionOptions,
+};
+
+fn subscribe_persistent(addr: std::net::SocketAddr, id: &str, filter: &str) {
+    let mut raw = Raw::open(addr, Protocol::V311);
+    let mut c = connect_packet(Protocol::V311, id);
+    c.clean_start = false;
+    raw.send(&Packet::Connect(Box::new(c)));
+    assert!(matches!(raw.recv(), Some(Packet::ConnAck(_))));
+    raw.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        subscriptions: vec![Subscription {
+            filter: s(filter),
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            },
+        }],
+        properties: Default::default(),
+    }));
+    assert!(matches!(raw.recv(), Some(Packet::SubAck(_))));
+    raw.send(&Packet::Disconnect(Disconnect::default()));
+    raw.until_closed();
+}
+
+/// Publishes QoS 1 messages numbered from `next` with up to 10 in flight
+/// (at most `limit` of them), until the connection dies; records the
+/// numbers that were PUBACKed.
+fn publish_until_killed(
+    addr: std::net::SocketAddr,
+    next: &mut u32,
+    acked: &mut BTreeSet<u32>,
+    limit: u32,
+) {
+    let stop = *next + limit;
+    let mut raw = Raw::connect(addr, Protocol::V311, "crash-pub");
+    raw.stream.set_nonblocking(false).unwrap();
+    let mut in_flight = std::collections::HashMap::new();
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        while in_flight.len() < 10 && *next < stop {
+            let id = (*next % 60_000) as u16 + 1;
+            let p = Publish {
+                qos: QoS::AtLeastOnce,
+                packet_id: id,
+                topic: s("crash/data"),
+                payload: Bytes::from(next.to_string()),
+                ..Publish::default()
+            };
+            let mut out = bytes::BytesMut::new();
+            Packet::Publish(p).encode(Protocol::V311, &mut out).unwrap();
+            if std::io::Write::write_all(&mut raw.stream, &out).is_err() {
+                return;
+            }
+            in_flight.insert(id, *next);
+            *next += 1;
+        }
+        raw.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut chunk = [0u8; 4096];
+        match raw.stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        while let Ok(Some(packet)) = ferrymq_codec::decode(&mut buf, Protocol::V311, u32::MAX) {
+            if let Packet::PubAck(ack) = packet
+                && let Some(n) = in_flight.remove(&ack.packet_id)
+            {
+                acked.insert(n);
+            }
+        }
+    }
+}
+
+#[test]
+fn sigkill_mid_stream_loses_nothing_that_was_acknowledged() {
+    let data = tempfile::tempdir().unwrap();
+    // Queues large enough that no queue_full policy drops anything.
+    const ROOMY: &str = "[storage]\nmax_queued_messages = 10000000\nmax_queued_bytes = \"1GiB\"";
+    let broker = Broker::start_at(data.path(), ROOMY);
+    subscribe_persistent(broker.addr, "crash-sub", "crash/#");
+    // A retained message set before the first kill.
+    let mut raw = Raw::connect(broker.addr, Protocol::V311, "crash-retain");
+    raw.send(&Packet::Publish(Publish {
+        qos: QoS::AtLeastOnce,
+        packet_id: 1,
+        retain: true,
+        topic: s("crash/state"),
+        payload: Bytes::from_static(b"armed"),
+        ..Publish::default()
+    }));
+    assert_eq!(raw.recv(), Some(Packet::PubAck(PubAck::new(1))));
+    drop(raw);
+
+    let mut next = 0u32;
+    let mut acked = BTreeSet::new();
+    let mut broker = broker;
+    for round in 0..4 {
+        let addr = broker.addr;
+        // Kill it while the publisher is in full flow.
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(400 + 150 * round));
+            broker.kill();
+        });
+        publish_until_killed(addr, &mut next, &mut acked, 20000);
+        killer.join().unwrap();
+        broker = Broker::start_at(data.path(), ROOMY);
+    }
+    assert!(
+        acked.len() > 100,
+        "the test published too little: {} acknowledged",
+        acked.len()
+    );
+
+    // The subscriber gets every acknowledged message (duplicates of
+    // unacknowledged ones are allowed: at least once).
+    let mut sub = Raw::open(broker.addr, Protocol::V311);
+    let mut c = connect_packet(Protocol::V311, "crash-sub");
+    c.clean_start = false;
+    sub.send(&Packet::Connect(Box::new(c)));
+    assert!(matches!(sub.recv(), Some(Packet::ConnAck(a)) if a.session_present));
+    let mut missing = acked.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !missing.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged messages never arrived",
+            missing.len()
+        );
+        match sub.recv_or_silence(Duration::from_secs(5)) {
+            Some(Packet::Publish(p)) => {
+                if p.topic == "crash/data" {
+                    missing.remove(
+                        &std::str::from_utf8(&p.payload)
+                            .unwrap()
+                            .parse::<u32>()
+                            .unwrap(),
+                    );
+                }
+                sub.send(&Packet::PubAck(PubAck::new(p.packet_id)));
+            }
+            None => panic!(
+                "{} of {} acknowledged messages missing, e.g. {:?}",
+                missing.len(),
+                acked.len(),
+                missing.iter().take(5).collect::<Vec<_>>()
+            ),
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    // The retained message survived every kill.
+    let mut late = Raw::connect(broker.addr, Protocol::V311, "crash-late");
+    late.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        subscriptions: vec![Subscription {
+            filter: s("crash/state"),
+            options: SubscriptionOptions::default(),
+        }],
+        properties: Default::default(),
+    }));
+    assert!(matches!(late.recv(), Some(Packet::SubAck(_))));
+    assert!(matches!(late.recv(), Some(Packet::Publish(p)) if p.payload == "armed" && p.retain));
+}
+
+#[test]
+fn sessions_expire_across_a_restart_when_the_wall_clock_measures_the_downtime() {
+    let data = tempfile::tempdir().unwrap();
+    let broker = Broker::start_at(data.path(), "");
+    let mut raw = Raw::open(broker.addr, Protocol::V5);
+    let mut c = connect_packet(Protocol::V5, "short-lived");
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(2);
+    raw.send(&Packet::Connect(Box::new(c.clone())));
+    assert!(matches!(raw.recv(), Some(Packet::ConnAck(_))));
+    raw.send(&Packet::Disconnect(Disconnect::default()));
+    raw.until_closed();
+    let mut keep = c.clone();
+    keep.client_id = s("long-lived");
+    keep.properties.session_expiry_interval = Some(3600);
+    let mut raw = Raw::open(broker.addr, Protocol::V5);
+    raw.send(&Packet::Connect(Box::new(keep.clone())));
+    assert!(matches!(raw.recv(), Some(Packet::ConnAck(_))));
+    raw.send(&Packet::Disconnect(Disconnect::default()));
+    raw.until_closed();
+    broker.kill();
+    std::thread::sleep(Duration::from_millis(2500));
+    let broker = Broker::start_at(data.path(), "");
+    for (connect, present) in [(c, false), (keep, true)] {
+        let mut raw = Raw::open(broker.addr, Protocol::V5);
+        let id = connect.client_id.clone();
+        raw.send(&Packet::Connect(Box::new(connect)));
+        match raw.recv() {
+            Some(Packet::ConnAck(ack)) => assert_eq!(ack.session_present, present, "{id}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn queue_stats_reports_what_is_stored() {
+    let data = tempfile::tempdir().unwrap();
+    let broker = Broker::start_at(data.path(), "");
+    subscribe_persistent(broker.addr, "stats-sub", "stats/#");
+    let mut raw = Raw::connect(broker.addr, Protocol::V311, "stats-pub");
+    for id in 1..=3u16 {
+        raw.send(&Packet::Publish(Publish {
+            qos: QoS::AtLeastOnce,
+            packet_id: id,
+            topic: s("stats/t"),
+            payload: Bytes::from_static(b"12345"),
+            ..Publish::default()
+        }));
+        assert!(matches!(raw.recv(), Some(Packet::PubAck(_))));
+    }
+    let config = data.path().join("stats.toml");
+    std::fs::write(&config, format!("data_dir = {:?}\n", data.path())).unwrap();
+    let run = || {
+        std::process::Command::new(binary())
+            .args(["queue", "stats", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    // While the broker runs: a snapshot.
+    let out = run();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("a broker is running"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("stats-sub"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(" 3 ") && line.contains("15 B"), "{line}");
+    broker.kill();
+    let out = run();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!text.contains("a broker is running"), "{text}");
+    assert!(text.contains("1 queues, 3 messages"), "{text}");
+}
