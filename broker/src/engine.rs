@@ -898,6 +898,50 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_store_write_is_answered_0x97_in_v5_and_not_acknowledged_in_v311() {
+        let failed = Durable {
+            up_to: 3,
+            failed: Arc::from([(2, 2)]),
+        };
+        let mut e = engine(Protocol::V5, true);
+        e.limits.receive_maximum = 10;
+        routed(&mut e, publish(QoS::AtLeastOnce, 1), 1);
+        routed(&mut e, publish(QoS::AtLeastOnce, 2), 2);
+        routed(&mut e, publish(QoS::ExactlyOnce, 3), 2);
+        routed(&mut e, publish(QoS::AtLeastOnce, 4), 3);
+        let mut out = Vec::new();
+        e.release_acks(&failed, &mut out);
+        let quota = |id| {
+            let mut a = PubAck::new(id);
+            a.reason_code = ReasonCode::QUOTA_EXCEEDED;
+            a.properties.reason_string = Some(MqttString::from_static(
+                "the store could not write the message",
+            ));
+            a
+        };
+        assert_eq!(
+            out,
+            [
+                Packet::PubAck(PubAck::new(1)),
+                Packet::PubAck(quota(2)),
+                Packet::PubRec(quota(3)),
+                Packet::PubAck(PubAck::new(4)),
+            ]
+        );
+        assert!(
+            !e.state.qos2_received.contains(&3),
+            "a QoS 2 id whose write failed is not held: a resend is a new message"
+        );
+        let mut e = engine(Protocol::V311, true);
+        routed(&mut e, publish(QoS::AtLeastOnce, 1), 2);
+        routed(&mut e, publish(QoS::AtLeastOnce, 2), 3);
+        let mut out = Vec::new();
+        e.release_acks(&failed, &mut out);
+        assert_eq!(out, [Packet::PubAck(PubAck::new(2))]);
+        assert_eq!(e.waiting_for(), None, "the failed one no longer blocks");
+    }
+
+    #[test]
     fn a_payload_that_is_not_the_utf8_it_claims_is_refused_with_0x99() {
         let mut e = engine(Protocol::V5, false);
         let mut p = publish(QoS::AtLeastOnce, 1);

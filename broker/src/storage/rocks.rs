@@ -42,7 +42,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrymq_codec::MqttString;
 use ferrymq_config::Durability;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, IteratorMode,
     MergeOperands, Options, ReadOptions, WriteBatch, WriteOptions,
@@ -82,8 +82,11 @@ const FAMILIES: [&str; 9] = [
 
 /// How often broker time is saved.
 const CLOCK_SAVE: Duration = Duration::from_secs(10);
-/// How often disk use and free space are checked.
+/// How often disk use and free space are checked, at least.
 const SPACE_CHECK: Duration = Duration::from_secs(1);
+/// Bytes written between two space checks, at most: a fast writer must
+/// not run a small disk full between two timed checks.
+const SPACE_CHECK_BYTES: usize = 4 << 20;
 /// Most failed ticket ranges remembered.
 const FAILED_RANGES: usize = 64;
 /// Wall clock before this (2020-01-01) is not trusted to measure downtime.
@@ -194,23 +197,41 @@ struct Inner {
     durable_tx: watch::Sender<Durable>,
     /// WAL syncs done.
     syncs: AtomicU64,
-    /// False while writes fail.
-    healthy: AtomicBool,
-    /// True while the disk budget or the filesystem's headroom is used up.
+    /// The database; replaced (reopened) by the writer after write errors
+    /// once space is back, `None` only while that happens.
+    db: RwLock<Option<Arc<DB>>>,
+    /// Where the database lives.
+    path: PathBuf,
+    /// False after a write failed, until one succeeds.
+    write_ok: AtomicBool,
+    /// True while the filesystem has less free space than the headroom
+    /// that lets acknowledgements (deletes), flushes and compactions run.
+    low_space: AtomicBool,
+    /// True while the store's files reached `max_disk_bytes`.
     over_budget: AtomicBool,
     /// Set to stop the writer.
     stop: AtomicBool,
     options: RocksOptions,
     clock: Arc<BrokerClock>,
+    /// Writes to fail on purpose (tests of the failure path).
+    #[cfg(test)]
+    inject_failures: std::sync::atomic::AtomicU32,
+}
+
+impl Inner {
+    fn db(&self) -> Result<Arc<DB>, StoreError> {
+        self.db
+            .read()
+            .clone()
+            .ok_or_else(|| StoreError("the store is being reopened".into()))
+    }
 }
 
 /// The durable [`Store`].
 pub struct RocksStore {
-    db: Arc<DB>,
     inner: Arc<Inner>,
     /// The writer thread, joined at close.
     writer: Mutex<Option<JoinHandle<()>>>,
-    path: PathBuf,
     /// This node's identity: random at the first start, kept forever.
     pub node_uuid: [u8; 16],
     /// Bumped at every start.
@@ -354,9 +375,14 @@ impl RocksStore {
         clock_value[8..].copy_from_slice(&now_wall.to_be_bytes());
         db.put_cf_opt(meta, b"clock", clock_value, &sync)
             .map_err(|e| db_error("writing the clock", e))?;
-        let db = Arc::new(db);
         let (durable_tx, _) = watch::channel(Durable::default());
         let inner = Arc::new(Inner {
+            db: RwLock::new(Some(Arc::new(db))),
+            path: path.clone(),
+            write_ok: AtomicBool::new(true),
+            low_space: AtomicBool::new(false),
+            #[cfg(test)]
+            inject_failures: std::sync::atomic::AtomicU32::new(0),
             next_ticket: AtomicU64::new(1),
             pending: Mutex::new(Pending {
                 next: 1,
@@ -365,25 +391,22 @@ impl RocksStore {
             wake: Condvar::new(),
             durable_tx,
             syncs: AtomicU64::new(0),
-            healthy: AtomicBool::new(true),
             over_budget: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             options: store_options,
             clock: clock.clone(),
         });
         let writer = {
-            let (db, inner, path) = (db.clone(), inner.clone(), path.clone());
+            let inner = inner.clone();
             std::thread::Builder::new()
                 .name("ferrymq-store".into())
-                .spawn(move || writer_loop(&db, &inner, &path))
+                .spawn(move || writer_loop(&inner))
                 .map_err(|e| StoreError(format!("cannot start the store writer: {e}")))?
         };
         info!(path = %path.display(), epoch, durability = %store_options.durability, "store open");
         Ok(Arc::new(RocksStore {
-            db,
             inner,
             writer: Mutex::new(Some(writer)),
-            path,
             node_uuid,
             epoch,
         }))
@@ -392,7 +415,8 @@ impl RocksStore {
     /// Reads everything but the queues, skipping (and counting) records
     /// that cannot be read.
     fn recover(&self) -> Result<Recovered, StoreError> {
-        let db = &*self.db;
+        let db = self.inner.db()?;
+        let db = &*db;
         let time = &*self.inner.clock;
         let mut corrupt = 0u64;
         let mut skip = |what: &str, key: &[u8], e: &dyn std::fmt::Display| {
@@ -523,9 +547,9 @@ impl RocksStore {
     }
 
     fn summary(&self, number: u64) -> Result<QueueSummary, StoreError> {
-        let v = self
-            .db
-            .get_cf(cf(&self.db, QUEUE_STATS)?, key_n(number))
+        let db = self.inner.db()?;
+        let v = db
+            .get_cf(cf(&db, QUEUE_STATS)?, key_n(number))
             .map_err(|e| db_error("reading queue statistics", e))?;
         Ok(v.map_or_else(QueueSummary::default, |v| {
             let (count, bytes, max) = read_stats(&v);
@@ -538,8 +562,9 @@ impl RocksStore {
     }
 
     fn read_one(&self, queue: u64, seq: u64) -> Option<QueuedRecord> {
-        let family = cf(&self.db, QUEUES).ok()?;
-        let v = self.db.get_cf(family, key_ns(queue, seq)).ok()??;
+        let db = self.inner.db().ok()?;
+        let family = cf(&db, QUEUES).ok()?;
+        let v = db.get_cf(family, key_ns(queue, seq)).ok()??;
         let q = record::decode_queued(&v, &*self.inner.clock).ok()?;
         Some(QueuedRecord {
             seq,
@@ -552,7 +577,7 @@ impl RocksStore {
 
     /// The directory of the database.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 }
 
@@ -596,7 +621,10 @@ impl Store for RocksStore {
     }
 
     fn read_queue(&self, number: u64, from_seq: u64, max: usize) -> Vec<QueuedRecord> {
-        let Ok(family) = cf(&self.db, QUEUES) else {
+        let Ok(db) = self.inner.db() else {
+            return Vec::new();
+        };
+        let Ok(family) = cf(&db, QUEUES) else {
             return Vec::new();
         };
         let mut read = ReadOptions::default();
@@ -604,9 +632,7 @@ impl Store for RocksStore {
         let start = key_ns(number, from_seq);
         let mut out = Vec::new();
         let time = &*self.inner.clock;
-        for item in
-            self.db
-                .iterator_cf_opt(family, read, IteratorMode::From(&start, Direction::Forward))
+        for item in db.iterator_cf_opt(family, read, IteratorMode::From(&start, Direction::Forward))
         {
             let Ok((k, v)) = item else {
                 break;
@@ -635,7 +661,7 @@ impl Store for RocksStore {
     }
 
     fn healthy(&self) -> bool {
-        self.inner.healthy.load(Ordering::Acquire)
+        self.inner.write_ok.load(Ordering::Acquire) && !self.inner.low_space.load(Ordering::Acquire)
     }
 
     fn over_budget(&self) -> bool {
@@ -785,13 +811,15 @@ fn add(
 
 /// The writer thread: takes the batches whose turn it is, writes them
 /// under the durability policy, publishes the watermark; saves broker
-/// time and checks disk use now and then.
-fn writer_loop(db: &DB, inner: &Inner, path: &Path) {
+/// time, checks disk use, and reopens the database after write errors
+/// once there is space again.
+fn writer_loop(inner: &Inner) {
     let policy = inner.options.durability;
     let mut last_clock = std::time::Instant::now();
     let mut last_space = std::time::Instant::now() - SPACE_CHECK;
     let mut last_sync = std::time::Instant::now();
     let mut unsynced = false;
+    let mut written_since_check = 0usize;
     let tick = match policy {
         Durability::Interval => inner.options.sync_interval.min(SPACE_CHECK),
         _ => SPACE_CHECK,
@@ -813,54 +841,132 @@ fn writer_loop(db: &DB, inner: &Inner, path: &Path) {
             }
             run
         };
-        if !run.is_empty() {
-            match policy {
-                Durability::SyncEach => {
-                    for (ticket, ops) in run {
-                        write_run(db, inner, vec![(ticket, ops)], true);
+        if let Ok(db) = inner.db() {
+            if !run.is_empty() {
+                match policy {
+                    Durability::SyncEach => {
+                        for (ticket, ops) in run {
+                            written_since_check += write_run(&db, inner, vec![(ticket, ops)], true);
+                        }
+                    }
+                    Durability::GroupCommit => {
+                        written_since_check += write_run(&db, inner, run, true);
+                    }
+                    Durability::Interval => {
+                        written_since_check += write_run(&db, inner, run, false);
+                        unsynced = true;
                     }
                 }
-                Durability::GroupCommit => write_run(db, inner, run, true),
-                Durability::Interval => {
-                    write_run(db, inner, run, false);
-                    unsynced = true;
-                }
             }
-        }
-        if unsynced && last_sync.elapsed() >= inner.options.sync_interval {
-            match db.flush_wal(true) {
-                Ok(()) => {
-                    inner.syncs.fetch_add(1, Ordering::Relaxed);
+            if unsynced && last_sync.elapsed() >= inner.options.sync_interval {
+                match db.flush_wal(true) {
+                    Ok(()) => {
+                        inner.syncs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => warn!("WAL sync failed: {e}"),
                 }
-                Err(e) => warn!("WAL sync failed: {e}"),
+                unsynced = false;
+                last_sync = std::time::Instant::now();
             }
-            unsynced = false;
-            last_sync = std::time::Instant::now();
+            let stopping = inner.stop.load(Ordering::Acquire);
+            if last_clock.elapsed() >= CLOCK_SAVE || stopping {
+                save_clock(&db, inner, stopping);
+                last_clock = std::time::Instant::now();
+            }
+            if stopping && inner.pending.lock().waiting.is_empty() {
+                if unsynced {
+                    let _ = db.flush_wal(true);
+                }
+                return;
+            }
+        } else if !run.is_empty() {
+            fail_run(inner, run, "the store is being reopened");
         }
-        let stopping = inner.stop.load(Ordering::Acquire);
-        if last_clock.elapsed() >= CLOCK_SAVE || stopping {
-            save_clock(db, inner, stopping);
-            last_clock = std::time::Instant::now();
-        }
-        if last_space.elapsed() >= SPACE_CHECK {
-            check_space(inner, path);
+        if last_space.elapsed() >= SPACE_CHECK || written_since_check >= SPACE_CHECK_BYTES {
+            check_space(inner);
             last_space = std::time::Instant::now();
-        }
-        if stopping && inner.pending.lock().waiting.is_empty() {
-            if unsynced {
-                let _ = db.flush_wal(true);
+            written_since_check = 0;
+            let failing = !inner.write_ok.load(Ordering::Acquire);
+            if failing
+                && !inner.low_space.load(Ordering::Acquire)
+                && !inner.stop.load(Ordering::Acquire)
+            {
+                reopen(inner);
             }
+        }
+        if inner.stop.load(Ordering::Acquire) && inner.db().is_err() {
             return;
         }
     }
 }
 
-/// Writes a run of batches as one `WriteBatch`, then publishes the
-/// watermark (or records the failure).
-fn write_run(db: &DB, inner: &Inner, run: Vec<(Ticket, Vec<StoreOp>)>, sync: bool) {
+/// Closes and reopens the database: RocksDB keeps refusing writes after
+/// some errors (a full disk during a flush), and a reopen clears that once
+/// space is back. Readers hold the handle only briefly; the writer waits
+/// for them.
+fn reopen(inner: &Inner) {
+    let Some(mut old) = inner.db.write().take() else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match Arc::try_unwrap(old) {
+            Ok(db) => {
+                drop(db);
+                break;
+            }
+            Err(still_shared) => {
+                if std::time::Instant::now() > deadline {
+                    *inner.db.write() = Some(still_shared);
+                    return;
+                }
+                old = still_shared;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    let (db_options, families) = options();
+    match DB::open_cf_descriptors(&db_options, &inner.path, families) {
+        Ok(db) => {
+            *inner.db.write() = Some(Arc::new(db));
+            inner.write_ok.store(true, Ordering::Release);
+            info!("store reopened after write errors; writes are accepted again");
+        }
+        Err(e) => warn!("cannot reopen the store yet: {e}"),
+    }
+}
+
+/// Marks a run of batches as failed.
+fn fail_run(inner: &Inner, run: Vec<(Ticket, Vec<StoreOp>)>, why: &str) {
     let (Some(first), Some(last)) = (run.first().map(|r| r.0), run.last().map(|r| r.0)) else {
         return;
     };
+    if inner.write_ok.swap(false, Ordering::AcqRel) {
+        error!(
+            "store write failed: {why}; refusing new QoS 1/2 messages that need the store until writes succeed again"
+        );
+    }
+    inner.durable_tx.send_modify(|d| {
+        let mut failed: Vec<(Ticket, Ticket)> = d.failed.to_vec();
+        match failed.last_mut() {
+            Some((_, to)) if *to + 1 == first => *to = last,
+            _ => failed.push((first, last)),
+        }
+        if failed.len() > FAILED_RANGES {
+            failed.remove(0);
+        }
+        d.failed = failed.into();
+        d.up_to = d.up_to.max(last);
+    });
+}
+
+/// Writes a run of batches as one `WriteBatch`, then publishes the
+/// watermark (or records the failure). Returns the bytes written.
+fn write_run(db: &DB, inner: &Inner, run: Vec<(Ticket, Vec<StoreOp>)>, sync: bool) -> usize {
+    let Some(last) = run.last().map(|r| r.0) else {
+        return 0;
+    };
+    let tickets: Vec<Ticket> = run.iter().map(|r| r.0).collect();
     let mut batch = WriteBatch::default();
     let mut result = Ok(());
     for (_, ops) in run {
@@ -870,6 +976,15 @@ fn write_run(db: &DB, inner: &Inner, run: Vec<(Ticket, Vec<StoreOp>)>, sync: boo
             }
         }
     }
+    #[cfg(test)]
+    if inner
+        .inject_failures
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        result = Err("injected write error".into());
+    }
+    let size = batch.size_in_bytes();
     if result.is_ok() && !batch.is_empty() {
         let mut options = WriteOptions::default();
         options.set_sync(sync);
@@ -880,36 +995,26 @@ fn write_run(db: &DB, inner: &Inner, run: Vec<(Ticket, Vec<StoreOp>)>, sync: boo
     }
     match result {
         Ok(()) => {
-            if !inner.healthy.swap(true, Ordering::AcqRel) {
+            if !inner.write_ok.swap(true, Ordering::AcqRel) {
                 info!("store writes succeed again");
             }
             inner
                 .durable_tx
                 .send_modify(|d| d.up_to = d.up_to.max(last));
         }
-        Err(e) => {
-            if inner.healthy.swap(false, Ordering::AcqRel) {
-                error!(
-                    "store write failed: {e}; refusing new QoS 1/2 messages that need the store until writes succeed again"
-                );
-            }
-            inner.durable_tx.send_modify(|d| {
-                let mut failed: Vec<(Ticket, Ticket)> = d.failed.to_vec();
-                match failed.last_mut() {
-                    Some((_, to)) if *to + 1 == first => *to = last,
-                    _ => failed.push((first, last)),
-                }
-                if failed.len() > FAILED_RANGES {
-                    failed.remove(0);
-                }
-                d.failed = failed.into();
-                d.up_to = d.up_to.max(last);
-            });
-        }
+        Err(e) => fail_run(
+            inner,
+            tickets.into_iter().map(|t| (t, Vec::new())).collect(),
+            &e,
+        ),
     }
+    size
 }
 
 fn save_clock(db: &DB, inner: &Inner, sync: bool) {
+    if !inner.write_ok.load(Ordering::Acquire) {
+        return;
+    }
     let Ok(meta) = cf(db, META) else {
         return;
     };
@@ -923,10 +1028,12 @@ fn save_clock(db: &DB, inner: &Inner, sync: bool) {
     }
 }
 
-/// Updates `over_budget`: the store's files reached `max_disk_bytes`, or
-/// the filesystem has less free space than the headroom that lets
-/// acknowledgements (deletes) and compaction proceed.
-fn check_space(inner: &Inner, path: &Path) {
+/// Updates `over_budget` (the store's files reached `max_disk_bytes`: the
+/// queue_full policy applies) and `low_space` (the filesystem has less
+/// free space than the headroom acknowledgements, flushes and compactions
+/// need: new messages that need the store are refused).
+fn check_space(inner: &Inner) {
+    let path = &inner.path;
     let used: u64 = std::fs::read_dir(path)
         .map(|dir| {
             dir.filter_map(Result::ok)
@@ -937,19 +1044,30 @@ fn check_space(inner: &Inner, path: &Path) {
         })
         .unwrap_or(0);
     let (free, total) = filesystem_space(path).unwrap_or((u64::MAX, u64::MAX));
-    // A twentieth of the filesystem, at least 1 MiB, at most 256 MiB.
-    let headroom = (total / 20).clamp(1 << 20, 256 << 20);
-    let over = used >= inner.options.max_disk_bytes || free < headroom;
+    // A twentieth of the filesystem, at least three memtables' worth (a
+    // flush and a compaction must fit), at most 256 MiB.
+    let headroom = (total / 20).clamp(48 << 20, 256 << 20);
+    let over = used >= inner.options.max_disk_bytes;
     if inner.over_budget.swap(over, Ordering::AcqRel) != over {
         if over {
             warn!(
                 used,
-                free,
                 max_disk_bytes = inner.options.max_disk_bytes,
                 "disk budget reached: queue_full applies to new messages for persistent sessions"
             );
         } else {
-            info!(used, free, "disk budget available again");
+            info!(used, "disk budget available again");
+        }
+    }
+    let low = free < headroom;
+    if inner.low_space.swap(low, Ordering::AcqRel) != low {
+        if low {
+            warn!(
+                free,
+                headroom, "disk almost full: refusing new messages that need the store"
+            );
+        } else {
+            info!(free, "disk space available again");
         }
     }
 }
@@ -1128,16 +1246,13 @@ mod tests {
         write_sync(&store, vec![session(1), session(2)]);
         // Damage one session record and one queued message behind the
         // store's back.
-        let sessions = cf(&store.db, SESSIONS).expect("cf");
-        store
-            .db
-            .put_cf(sessions, key_n(2), b"garbage")
+        let db = store.inner.db().expect("db");
+        let sessions = cf(&db, SESSIONS).expect("cf");
+        db.put_cf(sessions, key_n(2), b"garbage").expect("put");
+        let queues = cf(&db, QUEUES).expect("cf");
+        db.put_cf(queues, key_ns(1, 1), b"garbage too")
             .expect("put");
-        let queues = cf(&store.db, QUEUES).expect("cf");
-        store
-            .db
-            .put_cf(queues, key_ns(1, 1), b"garbage too")
-            .expect("put");
+        drop(db);
         write_sync(
             &store,
             vec![StoreOp::QueuePut {
@@ -1160,11 +1275,10 @@ mod tests {
     fn a_different_schema_is_refused_with_a_clear_error() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = RocksStore::open(dir.path(), options(Durability::GroupCommit)).expect("open");
-        let meta = cf(&store.db, META).expect("cf");
-        store
-            .db
-            .put_cf(meta, b"schema", 99u32.to_be_bytes())
+        let db = store.inner.db().expect("db");
+        db.put_cf(cf(&db, META).expect("cf"), b"schema", 99u32.to_be_bytes())
             .expect("put");
+        drop(db);
         store.close();
         drop(store);
         let err = RocksStore::open(dir.path(), options(Durability::GroupCommit))
@@ -1199,6 +1313,79 @@ mod tests {
                 store.wal_syncs() - before
             );
         }
+    }
+
+    fn queue_put(seq: u64) -> StoreOp {
+        StoreOp::QueuePut {
+            number: 1,
+            seq,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            identifiers: None,
+            message: message(seq),
+        }
+    }
+
+    /// Waits (real time) until `ticket` has an outcome and returns it.
+    fn outcome(store: &RocksStore, ticket: Ticket) -> Durable {
+        let mut durable = store.durable();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            durable
+                .wait_for(|d| d.up_to >= ticket)
+                .await
+                .map(|d| d.clone())
+                .expect("the store is open")
+        })
+    }
+
+    #[test]
+    fn a_failed_write_fails_its_tickets_and_the_store_recovers() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = RocksStore::open(dir.path(), options(Durability::GroupCommit)).expect("open");
+        write_sync(&store, vec![session(1), queue_put(1)]);
+        store.inner.inject_failures.store(1, Ordering::Release);
+        let failed = store.begin();
+        store.submit(failed, vec![queue_put(2)]);
+        let d = outcome(&store, failed);
+        assert!(d.is_failed(failed), "the failed write is reported: {d:?}");
+        assert!(!store.healthy(), "the store reports itself unhealthy");
+        // The next write succeeds and the store is healthy again; the
+        // failed batch never reached the disk.
+        let ok = write_sync(&store, vec![queue_put(3)]);
+        let d = outcome(&store, ok);
+        assert!(!d.is_failed(ok));
+        assert!(store.healthy());
+        let seqs: Vec<u64> = store.read_queue(1, 0, 10).iter().map(|q| q.seq).collect();
+        assert_eq!(seqs, [1, 3]);
+    }
+
+    #[test]
+    fn a_reopen_after_write_errors_keeps_every_record_and_serves_reads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = RocksStore::open(dir.path(), options(Durability::GroupCommit)).expect("open");
+        write_sync(&store, vec![session(1), queue_put(1), queue_put(2)]);
+        store.inner.write_ok.store(false, Ordering::Release);
+        reopen(&store.inner);
+        assert!(store.healthy(), "a successful reopen clears the failure");
+        let seqs: Vec<u64> = store.read_queue(1, 0, 10).iter().map(|q| q.seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        write_sync(&store, vec![queue_put(3)]);
+        assert_eq!(store.summary(1).expect("summary").count, 3);
+        // A reader holding the handle delays the reopen, never breaks it.
+        let held = store.inner.db().expect("db");
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(held);
+        });
+        store.inner.write_ok.store(false, Ordering::Release);
+        reopen(&store.inner);
+        releaser.join().expect("reader");
+        assert!(store.healthy());
+        assert_eq!(store.read_queue(1, 0, 10).len(), 3);
     }
 
     #[derive(Debug, Clone)]
