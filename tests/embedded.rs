@@ -484,3 +484,44 @@ async fn in_process_client_reads_messages_that_arrive_with_its_connack() {
     assert_eq!(recv(&mut app).await.payload, "waiting");
     broker.shutdown().await;
 }
+
+/// Syncs really happen: with one publisher and one message in flight,
+/// every acknowledged QoS 1 message costs at least one WAL sync under
+/// `sync-each` and `group-commit` (kill -9 tests cannot show this: the page
+/// cache survives a killed process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_publish_was_synced_first_under_sync_each_and_group_commit() {
+    for durability in [
+        ferrymq_config::Durability::SyncEach,
+        ferrymq_config::Durability::GroupCommit,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(&dir);
+        config.storage.durability = durability;
+        let broker = Broker::start(config).await.unwrap();
+        let keeper = broker
+            .connect(ClientOptions::new("keeper").persistent(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        keeper
+            .subscribe("synced/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        keeper.disconnect().await;
+        let publisher = broker.connect(ClientOptions::new("one")).await.unwrap();
+        let before = broker.store().wal_syncs();
+        let acknowledged = 200;
+        for n in 0..acknowledged {
+            publisher
+                .publish("synced/x", n.to_string(), QoS::AtLeastOnce, false)
+                .await
+                .unwrap();
+        }
+        let syncs = broker.store().wal_syncs() - before;
+        assert!(
+            syncs >= acknowledged,
+            "{durability:?}: {syncs} WAL syncs for {acknowledged} acknowledged messages"
+        );
+        broker.shutdown().await;
+    }
+}

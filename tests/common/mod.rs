@@ -52,6 +52,11 @@ impl Broker {
         Self::start_with_file(&path, dir)
     }
 
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILLs the process (no shutdown of any kind) and waits for it.
     pub fn kill(mut self) {
         let _ = self.child.kill();
