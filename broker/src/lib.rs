@@ -65,7 +65,7 @@ pub use data_dir::DataDir;
 pub use ferrymq_codec::QoS;
 pub use message::{Message, SessionId};
 pub use stats::Stats;
-pub use storage::{MemoryStore, RocksOptions, RocksStore, Store};
+pub use storage::{MemoryStore, RocksOptions, RocksStore, Store, SyncSummary};
 
 use crate::outbox::{Delivery, Outbox};
 use crate::router::Subscriber;

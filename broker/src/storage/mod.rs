@@ -33,7 +33,7 @@ use crate::message::Message;
 pub use inspect::{QueueLine, QueueReport, queue_stats};
 pub use memory::MemoryStore;
 pub use record::TimeBase;
-pub use rocks::{RocksOptions, RocksStore};
+pub use rocks::{RocksOptions, RocksStore, SyncSummary};
 
 /// Broker time: milliseconds the node has been running, summed over its
 /// runs (and over downtime while the wall clock can be trusted). Expiry

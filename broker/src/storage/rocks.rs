@@ -178,6 +178,67 @@ fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// How long WAL syncs took: a histogram with power-of-two buckets of
+/// microseconds (bucket `i` holds durations below 2^i µs).
+#[derive(Default)]
+struct SyncTimes {
+    buckets: [AtomicU64; 32],
+}
+
+impl SyncTimes {
+    fn record(&self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let bucket = (64 - micros.leading_zeros() as usize).min(31);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn summary(&self) -> SyncSummary {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let quantile = |q: f64| {
+            let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    return Duration::from_micros(1u64 << i);
+                }
+            }
+            Duration::ZERO
+        };
+        SyncSummary {
+            count: total,
+            p50: if total == 0 {
+                Duration::ZERO
+            } else {
+                quantile(0.5)
+            },
+            p99: if total == 0 {
+                Duration::ZERO
+            } else {
+                quantile(0.99)
+            },
+        }
+    }
+}
+
+/// How long WAL syncs (a write with sync, or a periodic sync) took since
+/// the store opened. Quantiles are upper bounds: the next power of two of
+/// microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncSummary {
+    /// Syncs measured.
+    pub count: u64,
+    /// Half of the syncs took less than this.
+    pub p50: Duration,
+    /// 99 % of the syncs took less than this.
+    pub p99: Duration,
+}
+
 /// Batches submitted but not yet written.
 struct Pending {
     next: Ticket,
@@ -197,6 +258,8 @@ struct Inner {
     durable_tx: watch::Sender<Durable>,
     /// WAL syncs done.
     syncs: AtomicU64,
+    /// How long they took.
+    sync_times: SyncTimes,
     /// The database; replaced (reopened) by the writer after write errors
     /// once space is back, `None` only while that happens.
     db: RwLock<Option<Arc<DB>>>,
@@ -391,6 +454,7 @@ impl RocksStore {
             wake: Condvar::new(),
             durable_tx,
             syncs: AtomicU64::new(0),
+            sync_times: SyncTimes::default(),
             over_budget: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             options: store_options,
@@ -573,6 +637,11 @@ impl RocksStore {
             identifiers: q.identifiers,
             message: q.message,
         })
+    }
+
+    /// How long WAL syncs took so far.
+    pub fn sync_times(&self) -> SyncSummary {
+        self.inner.sync_times.summary()
     }
 
     /// The directory of the database.
@@ -859,8 +928,10 @@ fn writer_loop(inner: &Inner) {
                 }
             }
             if unsynced && last_sync.elapsed() >= inner.options.sync_interval {
+                let started = std::time::Instant::now();
                 match db.flush_wal(true) {
                     Ok(()) => {
+                        inner.sync_times.record(started.elapsed());
                         inner.syncs.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => warn!("WAL sync failed: {e}"),
@@ -988,8 +1059,10 @@ fn write_run(db: &DB, inner: &Inner, run: Vec<(Ticket, Vec<StoreOp>)>, sync: boo
     if result.is_ok() && !batch.is_empty() {
         let mut options = WriteOptions::default();
         options.set_sync(sync);
+        let started = std::time::Instant::now();
         result = db.write_opt(batch, &options).map_err(|e| e.to_string());
         if result.is_ok() && sync {
+            inner.sync_times.record(started.elapsed());
             inner.syncs.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -1307,6 +1380,8 @@ mod tests {
                     }],
                 );
             }
+            let times = store.sync_times();
+            assert!(times.count >= 20 && times.p50 > Duration::ZERO && times.p99 >= times.p50);
             assert!(
                 store.wal_syncs() - before >= 20,
                 "{durability:?}: {} syncs",
