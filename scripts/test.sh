@@ -22,6 +22,10 @@ step "tests"
 cargo nextest run --workspace --all-targets --locked --no-fail-fast
 
 step "doc tests"
+# Cargo resolves features for doc tests without the root package's
+# dev-dependencies (it has no library), so a cold target dir compiles
+# RocksDB a second time here (about 8 minutes on 2 cores; a cold .ci/run
+# took 19 minutes in all on 2026-11-26, a warm one 43 s).
 cargo test --workspace --doc --locked
 
 if [ "$FUZZ_SECONDS" != 0 ]; then
