@@ -320,3 +320,32 @@ fn paho_sigkill_mid_stream_loses_nothing_that_paho_saw_acknowledged() {
     }
     run(&broker, &["verify", acked.to_str().unwrap()]);
 }
+
+/// Regression: a session that was online when the broker was killed had
+/// no offline time stored, so its expiry restarted from zero at the next
+/// start (and a test that killed the broker right after a disconnect, before
+/// the offline time was written, saw an expired session come back).
+#[test]
+fn a_session_online_when_the_broker_is_killed_expires_counting_from_the_crash() {
+    let data = tempfile::tempdir().unwrap();
+    let broker = Broker::start_at(data.path(), "");
+    let mut c = connect_packet(Protocol::V5, "online-at-crash");
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(2);
+    let mut raw = Raw::open(broker.addr, Protocol::V5);
+    raw.send(&Packet::Connect(Box::new(c.clone())));
+    assert!(matches!(raw.recv(), Some(Packet::ConnAck(_))));
+    broker.kill();
+    drop(raw);
+    std::thread::sleep(Duration::from_millis(2500));
+    let broker = Broker::start_at(data.path(), "");
+    let mut raw = Raw::open(broker.addr, Protocol::V5);
+    raw.send(&Packet::Connect(Box::new(c)));
+    match raw.recv() {
+        Some(Packet::ConnAck(ack)) => assert!(
+            !ack.session_present,
+            "the session outlived its 2 s expiry across the crash"
+        ),
+        other => panic!("{other:?}"),
+    }
+}

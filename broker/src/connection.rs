@@ -426,7 +426,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     end_session(shared, old, &mut batch);
                 }
                 let number = shared.next_session_number();
-                let outbox = Outbox::new(number, queue_limits(shared), 1);
+                let outbox = shared.new_outbox(number);
                 (SessionState::new(client_id.clone(), number, outbox), false)
             }
         };

@@ -122,6 +122,8 @@ pub(crate) struct Shared {
     next_session: AtomicU64,
     /// Distinguishes this run in assigned client identifiers.
     pub(crate) boot_id: u64,
+    /// This node's identity and run (the store's).
+    pub(crate) identity: storage::NodeIdentity,
     /// Becomes `true` when the broker stops; every task watches it.
     pub(crate) shutdown_rx: watch::Receiver<bool>,
     /// Rate limit for "session queue full" warnings.
@@ -133,6 +135,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A new, empty queue for session (or group) `number`.
+    pub(crate) fn new_outbox(&self, number: u64) -> Arc<outbox::Outbox> {
+        outbox::Outbox::paged(
+            number,
+            connection::queue_limits(self),
+            self.identity.first_seq(),
+            self.store.clone(),
+        )
+    }
+
     pub(crate) fn next_connection(&self) -> u64 {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
@@ -204,6 +216,7 @@ impl Broker {
             )?,
         };
         let recovered = store.load()?;
+        let identity = store.identity();
         let listeners = server::bind(&config.listeners).await?;
         let local_addrs = listeners
             .iter()
@@ -228,6 +241,7 @@ impl Broker {
             next_connection: AtomicU64::new(1),
             next_session: AtomicU64::new(first_session),
             boot_id,
+            identity,
             shutdown_rx,
             drop_log: stats::LogLimiter::new(Duration::from_secs(10)),
             refuse_log: stats::LogLimiter::new(Duration::from_secs(10)),
@@ -356,7 +370,14 @@ fn restore(shared: &Shared, recovered: Recovered) {
     let limits = connection::queue_limits(shared);
     for g in recovered.groups {
         let skip = in_flight.remove(&g.number).unwrap_or_default();
-        let outbox = Outbox::recovered(g.number, limits, g.queue, skip, store.clone());
+        let outbox = Outbox::recovered(
+            g.number,
+            limits,
+            g.queue,
+            skip,
+            store.clone(),
+            shared.identity.first_seq(),
+        );
         shared
             .groups
             .restore(shared, g.number, g.name, g.filter, outbox);
@@ -364,7 +385,13 @@ fn restore(shared: &Shared, recovered: Recovered) {
     let mut due_wills = Vec::new();
     for s in recovered.sessions {
         let number = s.record.number;
-        let offline_ms = now_ms.saturating_sub(s.record.offline_since_ms.unwrap_or(now_ms));
+        // A session online when the previous run ended went offline then
+        // (as near as is known: its last clock save).
+        let offline_since_ms = s
+            .record
+            .offline_since_ms
+            .unwrap_or(recovered.previous_run_ms);
+        let offline_ms = now_ms.saturating_sub(offline_since_ms);
         let expiry = Duration::from_secs(u64::from(s.record.expiry_secs));
         let will = s.record.pending_will.clone();
         if s.record.expiry_secs != u32::MAX && u128::from(offline_ms) >= expiry.as_millis() {
@@ -378,7 +405,14 @@ fn restore(shared: &Shared, recovered: Recovered) {
             continue;
         }
         let skip = in_flight.remove(&number).unwrap_or_default();
-        let outbox = Outbox::recovered(number, limits, s.queue, skip, store.clone());
+        let outbox = Outbox::recovered(
+            number,
+            limits,
+            s.queue,
+            skip,
+            store.clone(),
+            shared.identity.first_seq(),
+        );
         let mut state = SessionState::new(s.record.client_id.clone(), number, outbox.clone());
         state.expiry = expiry;
         state.stored = true;

@@ -3,9 +3,13 @@
 //! waiting (unless the policy is `block`); the session's connection drains
 //! it.
 //!
-//! A queue recovered at start is not read into memory: its backlog stays
-//! on disk and is paged in as it is drained, while new messages queue in
-//! memory behind it. Limits count both.
+//! A stored queue is held in memory only up to a small bound: with a store
+//! that pages queues (RocksDB), a persistent session's queue beyond 1,024
+//! messages or 4 MiB stays on disk only (it is written there anyway) and
+//! is paged in as it is drained, so a long outage costs disk, not memory.
+//! A queue recovered at start is such a backlog from the outset. Paging
+//! reads only what is durable: each spilled run of messages remembers the
+//! store ticket that writes it. Limits count memory and disk alike.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -17,7 +21,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::message::Message;
-use crate::storage::{QueueSummary, Store, Ticket};
+use crate::storage::{Durable, QueueSummary, Store, Ticket};
 
 /// One message on its way to one session.
 #[derive(Debug, Clone)]
@@ -123,10 +127,54 @@ struct OnDisk {
     /// Sequences in the range already in flight (recovered), not to be
     /// paged in again.
     skip: HashSet<u64>,
+    /// Sequences below this are durable (readable).
+    safe_until: u64,
+    /// Spilled runs not yet known durable: (end of the run, exclusive;
+    /// the highest store ticket in it and before it), in order.
+    pending: VecDeque<(u64, Ticket)>,
+}
+
+impl OnDisk {
+    /// Moves `safe_until` over the runs whose ticket is done (written, or
+    /// failed: then their records are simply missing).
+    fn advance(&mut self, durable: Ticket) {
+        while let Some(&(end, ticket)) = self.pending.front() {
+            if ticket > durable {
+                break;
+            }
+            self.safe_until = end;
+            self.pending.pop_front();
+        }
+    }
+
+    /// Adds a spilled delivery; runs are merged every [`SPILL_RUN`]
+    /// messages, so the bookkeeping is a few bytes per run.
+    fn append(&mut self, seq: u64, size: usize, ticket: Ticket) {
+        self.until = seq + 1;
+        self.count += 1;
+        self.bytes += size;
+        match self.pending.back_mut() {
+            Some((end, max)) if *end + SPILL_RUN as u64 > seq + 1 => {
+                *end = seq + 1;
+                *max = (*max).max(ticket);
+            }
+            last => {
+                let before = last.map_or(0, |l| l.1);
+                self.pending.push_back((seq + 1, ticket.max(before)));
+            }
+        }
+    }
 }
 
 /// Deliveries read from disk per page.
 const PAGE: usize = 256;
+/// A stored queue holds at most this many deliveries in memory before the
+/// rest stays on disk (with a store that pages queues).
+const SPILL_MESSAGES: usize = 1024;
+/// ... or this many payload bytes.
+const SPILL_BYTES: usize = 4 << 20;
+/// Spilled deliveries share one durability checkpoint per this many.
+const SPILL_RUN: usize = 64;
 
 #[derive(Default)]
 struct Queue {
@@ -174,12 +222,18 @@ pub struct Outbox {
     /// Whether a connection is attached (QoS 0 is skipped while offline
     /// unless `queue_qos0`).
     online: AtomicBool,
-    /// Where a recovered backlog is paged in from.
+    /// Where a backlog is paged in from.
     store: Option<Arc<dyn Store>>,
+    /// The store's durability watermark: paging reads only durable runs.
+    durable_rx: Option<tokio::sync::watch::Receiver<Durable>>,
+    /// Whether long stored queues stay on disk (the store pages queues).
+    spill: bool,
 }
 
 impl Outbox {
-    /// An empty outbox whose first delivery gets `first_seq`.
+    /// An empty outbox whose first delivery gets `first_seq`, with no
+    /// store behind it (tests).
+    #[cfg(test)]
     pub fn new(session_number: u64, limits: QueueLimits, first_seq: u64) -> Arc<Self> {
         Arc::new(Outbox {
             queue: Mutex::new(Queue {
@@ -193,18 +247,48 @@ impl Outbox {
             persistent: AtomicBool::new(false),
             online: AtomicBool::new(false),
             store: None,
+            durable_rx: None,
+            spill: false,
+        })
+    }
+
+    /// An empty outbox backed by `store`: when the store pages queues, a
+    /// long stored queue stays on disk beyond the in-memory bound.
+    pub fn paged(
+        session_number: u64,
+        limits: QueueLimits,
+        first_seq: u64,
+        store: Arc<dyn Store>,
+    ) -> Arc<Self> {
+        Arc::new(Outbox {
+            queue: Mutex::new(Queue {
+                next_seq: first_seq,
+                ..Queue::default()
+            }),
+            ready: Notify::new(),
+            space: Notify::new(),
+            limits,
+            session_number,
+            persistent: AtomicBool::new(false),
+            online: AtomicBool::new(false),
+            spill: store.pages_queues(),
+            durable_rx: Some(store.durable()),
+            store: Some(store),
         })
     }
 
     /// An outbox for a queue recovered from `store`: its `summary.count`
     /// messages stay on disk until drained; `in_flight` lists sequences
     /// already in flight, not to be sent again from the backlog.
+    /// New deliveries get sequences from `first_seq` on (or after the
+    /// recovered ones, if higher).
     pub fn recovered(
         session_number: u64,
         limits: QueueLimits,
         summary: QueueSummary,
         in_flight: HashSet<u64>,
         store: Arc<dyn Store>,
+        first_seq: u64,
     ) -> Arc<Self> {
         let in_flight_count = in_flight.len();
         let disk = OnDisk {
@@ -213,10 +297,12 @@ impl Outbox {
             count: (summary.count as usize).saturating_sub(in_flight_count),
             bytes: summary.bytes as usize,
             skip: in_flight,
+            safe_until: summary.next_seq,
+            pending: VecDeque::new(),
         };
         let outbox = Outbox {
             queue: Mutex::new(Queue {
-                next_seq: summary.next_seq.max(1),
+                next_seq: summary.next_seq.max(first_seq).max(1),
                 disk: (summary.count > 0).then_some(disk),
                 ..Queue::default()
             }),
@@ -226,6 +312,8 @@ impl Outbox {
             session_number,
             persistent: AtomicBool::new(true),
             online: AtomicBool::new(false),
+            spill: store.pages_queues(),
+            durable_rx: Some(store.durable()),
             store: Some(store),
         };
         outbox.ready.notify_one();
@@ -264,23 +352,32 @@ impl Outbox {
     }
 
     /// Reads the next page of the backlog into memory, if there is one and
-    /// nothing is in memory.
-    fn refill(&self, q: &mut Queue) {
+    /// nothing is in memory. Returns false when the backlog's head is not
+    /// durable yet (try again when the watermark moves).
+    fn refill(&self, q: &mut Queue) -> bool {
         if !q.items.is_empty() {
-            return;
+            return true;
         }
         let Some(disk) = q.disk.as_mut() else {
-            return;
+            return true;
         };
+        if let Some(rx) = &self.durable_rx {
+            disk.advance(rx.borrow().up_to);
+        }
+        let limit = disk.safe_until.min(disk.until);
+        if disk.from >= limit && disk.from < disk.until {
+            return false;
+        }
         let page = match &self.store {
-            Some(store) if disk.from < disk.until => {
+            Some(store) if disk.from < limit => {
                 store.read_queue(self.session_number, disk.from, PAGE)
             }
             _ => Vec::new(),
         };
+        let full_page = page.len() >= PAGE;
         let mut last = None;
         for record in page {
-            if record.seq >= disk.until {
+            if record.seq >= limit {
                 break;
             }
             last = Some(record.seq);
@@ -303,22 +400,27 @@ impl Outbox {
                 group: None,
             });
         }
-        match last {
-            Some(seq) if seq + 1 < disk.until => disk.from = seq + 1,
+        // A short page read everything below `limit`.
+        disk.from = match last {
+            Some(seq) if full_page => seq + 1,
+            _ => limit,
+        };
+        if disk.from >= disk.until {
             // The backlog is read: what queued since follows it.
-            _ => {
-                q.disk = None;
-                let tail = std::mem::take(&mut q.tail);
-                q.bytes += std::mem::take(&mut q.tail_bytes);
-                q.items.extend(tail);
-            }
+            q.disk = None;
+            let tail = std::mem::take(&mut q.tail);
+            q.bytes += std::mem::take(&mut q.tail_bytes);
+            q.items.extend(tail);
         }
+        true
     }
 
     /// Queues a delivery (its `seq` and `queue` are assigned here). Never
     /// waits. `budget_full`: the store's disk budget is used up, so a
     /// delivery that would be stored is treated as not fitting.
-    pub fn push(&self, mut delivery: Delivery, budget_full: bool) -> Pushed {
+    /// `store_ticket`: the ticket of the batch that will store it (a
+    /// spilled delivery is paged in only once that ticket is done).
+    pub fn push(&self, mut delivery: Delivery, budget_full: bool, store_ticket: Ticket) -> Pushed {
         let size = delivery.message.payload.len();
         let limits = &self.limits;
         let (pushed, was_empty) = {
@@ -378,9 +480,22 @@ impl Outbox {
             delivery.queue = self.session_number;
             delivery.stored = stored;
             let was_empty = q.items.is_empty() && q.disk.is_none();
-            if q.disk.is_some() {
+            let spill = self.spill && stored;
+            if let (true, Some(disk)) = (spill, q.disk.as_mut()) {
+                // Behind a backlog on disk: it stays there too.
+                disk.append(seq, size, store_ticket.max(delivery.ticket));
+            } else if q.disk.is_some() {
                 q.tail_bytes += size;
                 q.tail.push_back(delivery);
+            } else if spill && (q.items.len() >= SPILL_MESSAGES || q.bytes + size > SPILL_BYTES) {
+                let mut disk = OnDisk {
+                    from: seq,
+                    until: seq,
+                    safe_until: seq,
+                    ..OnDisk::default()
+                };
+                disk.append(seq, size, store_ticket.max(delivery.ticket));
+                q.disk = Some(disk);
             } else {
                 q.bytes += size;
                 q.items.push_back(delivery);
@@ -438,9 +553,13 @@ impl Outbox {
     /// members of a shared group) never take the same delivery.
     pub fn pop_ready(&self, durable: Ticket, can_send: impl Fn(QoS) -> bool) -> Pop {
         let mut q = self.queue.lock();
-        self.refill(&mut q);
+        let readable = self.refill(&mut q);
         let Some(front) = q.items.front() else {
-            return Pop::Empty;
+            return if readable {
+                Pop::Empty
+            } else {
+                Pop::WaitDurable
+            };
         };
         if front.ticket > durable {
             return Pop::WaitDurable;
@@ -538,12 +657,12 @@ mod tests {
         let o = outbox(QueueFull::DropOldest, 2, 100);
         for _ in 0..2 {
             assert!(matches!(
-                o.push(delivery(QoS::AtLeastOnce, b"a"), false),
+                o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0),
                 Pushed::Queued { .. }
             ));
         }
         assert_eq!(
-            o.push(delivery(QoS::AtLeastOnce, b"b"), false),
+            o.push(delivery(QoS::AtLeastOnce, b"b"), false, 0),
             Pushed::Queued {
                 seq: 3,
                 stored: false,
@@ -558,10 +677,10 @@ mod tests {
         // The byte budget can need several evictions.
         let o = outbox(QueueFull::DropOldest, 10, 4);
         for _ in 0..4 {
-            o.push(delivery(QoS::AtLeastOnce, b"x"), false);
+            o.push(delivery(QoS::AtLeastOnce, b"x"), false, 0);
         }
         assert_eq!(
-            o.push(delivery(QoS::AtLeastOnce, b"yyy"), false),
+            o.push(delivery(QoS::AtLeastOnce, b"yyy"), false, 0),
             Pushed::Queued {
                 seq: 5,
                 stored: false,
@@ -577,7 +696,7 @@ mod tests {
         assert_eq!(o.len(), 2);
         // Larger than the whole budget: dropped, nothing evicted.
         assert_eq!(
-            o.push(delivery(QoS::AtLeastOnce, b"zzzzz"), false),
+            o.push(delivery(QoS::AtLeastOnce, b"zzzzz"), false, 0),
             Pushed::DroppedFull
         );
         assert_eq!(o.len(), 2);
@@ -591,9 +710,9 @@ mod tests {
             (QueueFull::Block, Pushed::Full),
         ] {
             let o = outbox(policy, 1, 100);
-            o.push(delivery(QoS::AtLeastOnce, b"a"), false);
+            o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0);
             assert_eq!(
-                o.push(delivery(QoS::AtLeastOnce, b"b"), false),
+                o.push(delivery(QoS::AtLeastOnce, b"b"), false, 0),
                 expected,
                 "{policy:?}"
             );
@@ -607,11 +726,11 @@ mod tests {
         let o = outbox(QueueFull::DropOldest, 10, 100);
         o.set_online(false);
         assert_eq!(
-            o.push(delivery(QoS::AtMostOnce, b"a"), false),
+            o.push(delivery(QoS::AtMostOnce, b"a"), false, 0),
             Pushed::Skipped
         );
         assert!(matches!(
-            o.push(delivery(QoS::AtLeastOnce, b"a"), false),
+            o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0),
             Pushed::Queued { .. }
         ));
         let q0 = Outbox::new(
@@ -626,7 +745,7 @@ mod tests {
         );
         q0.set_persistent(true);
         assert!(matches!(
-            q0.push(delivery(QoS::AtMostOnce, b"a"), false),
+            q0.push(delivery(QoS::AtMostOnce, b"a"), false, 0),
             Pushed::Queued { .. }
         ));
         assert!(q0.stores(QoS::AtMostOnce));
@@ -639,7 +758,7 @@ mod tests {
     #[test]
     fn restore_puts_messages_back_in_front_in_order() {
         let o = outbox(QueueFull::DropOldest, 10, 100);
-        o.push(delivery(QoS::AtLeastOnce, b"new"), false);
+        o.push(delivery(QoS::AtLeastOnce, b"new"), false, 0);
         let mut old = vec![
             delivery(QoS::AtLeastOnce, b"a"),
             delivery(QoS::AtLeastOnce, b"b"),
@@ -651,14 +770,132 @@ mod tests {
         assert!(matches!(o.pop_ready(0, |_| true), Pop::Got(d) if d.seq == 7));
         // New pushes continue after the highest restored sequence.
         assert!(matches!(
-            o.push(delivery(QoS::AtLeastOnce, b"c"), false),
+            o.push(delivery(QoS::AtLeastOnce, b"c"), false, 0),
             Pushed::Queued { seq: 9, .. }
         ));
         assert_eq!(o.close().len(), 3);
         assert_eq!(
-            o.push(delivery(QoS::AtLeastOnce, b"d"), false),
+            o.push(delivery(QoS::AtLeastOnce, b"d"), false, 0),
             Pushed::Closed
         );
         assert!(o.is_empty());
+    }
+
+    /// A persistent outbox over a store that pages queues, and a way to
+    /// push as `publish.rs` does: take a ticket, push, store the put.
+    struct Paged {
+        store: Arc<crate::storage::MemoryStore>,
+        outbox: Arc<Outbox>,
+        held: Vec<(Ticket, Vec<crate::storage::StoreOp>)>,
+    }
+
+    impl Paged {
+        fn new() -> Paged {
+            let store = crate::storage::MemoryStore::paging();
+            let outbox = Outbox::paged(
+                9,
+                QueueLimits {
+                    max_messages: 1_000_000,
+                    max_bytes: 1 << 30,
+                    policy: QueueFull::DropOldest,
+                    queue_qos0: false,
+                },
+                1,
+                store.clone(),
+            );
+            outbox.set_persistent(true);
+            outbox.set_online(true);
+            Paged {
+                store,
+                outbox,
+                held: Vec::new(),
+            }
+        }
+
+        /// Pushes one stored delivery; its write is submitted now, or held
+        /// back (a slow disk) when `hold`.
+        fn push(&mut self, hold: bool) -> u64 {
+            let ticket = self.store.begin();
+            let d = delivery(QoS::AtLeastOnce, b"payload");
+            let message = d.message.clone();
+            let Pushed::Queued {
+                seq, stored: true, ..
+            } = self.outbox.push(d, false, ticket)
+            else {
+                panic!("not queued and stored");
+            };
+            let ops = vec![crate::storage::StoreOp::QueuePut {
+                number: 9,
+                seq,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                identifiers: None,
+                message,
+            }];
+            if hold {
+                self.held.push((ticket, ops));
+            } else {
+                self.store.submit(ticket, ops);
+            }
+            seq
+        }
+
+        fn release(&mut self) {
+            for (ticket, ops) in self.held.drain(..) {
+                self.store.submit(ticket, ops);
+            }
+        }
+
+        fn in_memory(&self) -> usize {
+            let q = self.outbox.queue.lock();
+            q.items.len() + q.tail.len()
+        }
+
+        /// Pops everything that can be popped now.
+        fn drain(&self) -> (Vec<u64>, Pop) {
+            let mut got = Vec::new();
+            loop {
+                match self.outbox.pop_ready(u64::MAX, |_| true) {
+                    Pop::Got(d) => got.push(d.seq),
+                    other => return (got, other),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_stored_queue_stays_on_disk_and_drains_in_order() {
+        let mut p = Paged::new();
+        let pushed: Vec<u64> = (0..5_000).map(|_| p.push(false)).collect();
+        assert!(
+            p.in_memory() <= SPILL_MESSAGES,
+            "{} deliveries held in memory",
+            p.in_memory()
+        );
+        assert_eq!(p.outbox.len(), 5_000, "memory and disk both count");
+        let (got, last) = p.drain();
+        assert_eq!(got, pushed, "every delivery, in order, once");
+        assert!(matches!(last, Pop::Empty));
+        // Drained: new deliveries are held in memory again.
+        p.push(false);
+        assert_eq!(p.in_memory(), 1);
+    }
+
+    #[test]
+    fn spilled_deliveries_are_paged_in_only_once_their_write_is_durable() {
+        let mut p = Paged::new();
+        let first: Vec<u64> = (0..SPILL_MESSAGES).map(|_| p.push(false)).collect();
+        // These spill to disk, but their writes have not happened yet.
+        let held: Vec<u64> = (0..300).map(|_| p.push(true)).collect();
+        let (got, last) = p.drain();
+        assert_eq!(got, first);
+        assert!(
+            matches!(last, Pop::WaitDurable),
+            "the spilled deliveries are not readable yet: {last:?}"
+        );
+        p.release();
+        let (got, last) = p.drain();
+        assert_eq!(got, held);
+        assert!(matches!(last, Pop::Empty));
     }
 }

@@ -195,13 +195,15 @@ enum PushResult {
 fn push(shared: &Shared, outbox: &Outbox, delivery: Delivery, batch: &mut Batch<'_>) -> PushResult {
     let (qos, retain, message) = (delivery.qos, delivery.retain, delivery.message.clone());
     let identifiers = delivery.identifiers.clone();
-    if outbox.is_persistent() {
-        // A stored put must be ordered before the delete that follows its
-        // delivery: take the ticket before the delivery becomes visible.
-        batch.ticket();
-    }
+    // A stored put must be ordered before the delete that follows its
+    // delivery: take the ticket before the delivery becomes visible.
+    let store_ticket = if outbox.is_persistent() {
+        batch.ticket()
+    } else {
+        0
+    };
     let budget_full = outbox.is_persistent() && shared.store.over_budget();
-    match outbox.push(delivery, budget_full) {
+    match outbox.push(delivery, budget_full, store_ticket) {
         Pushed::Queued {
             seq,
             stored,

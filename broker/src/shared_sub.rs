@@ -115,7 +115,7 @@ impl Groups {
             .entry((name.clone(), filter.clone()))
             .or_insert_with(|| {
                 let number = shared.next_session_number();
-                let outbox = Outbox::new(number, crate::connection::queue_limits(shared), 1);
+                let outbox = shared.new_outbox(number);
                 crate::storage::write(
                     shared.store.as_ref(),
                     vec![StoreOp::GroupPut {

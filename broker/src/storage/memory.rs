@@ -163,6 +163,12 @@ pub struct MemoryStore {
     delayed_tx: Option<std::sync::mpsc::Sender<(Ticket, Instant)>>,
     /// Broker time; the same across brokers started on this store.
     clock: Arc<BrokerClock>,
+    /// Random per store.
+    uuid: [u8; 16],
+    /// Bumped at every load (every broker start on this store).
+    epoch: AtomicU64,
+    /// Whether queues are paged (tests of paging without a disk).
+    paging: bool,
 }
 
 impl MemoryStore {
@@ -208,11 +214,34 @@ impl MemoryStore {
             durable_tx,
             delayed_tx,
             clock: Arc::new(BrokerClock::starting_at(0)),
+            uuid: super::random_id(),
+            epoch: AtomicU64::new(0),
+            paging: false,
         }
+    }
+
+    /// A store that lets long queues be paged in from it, as the RocksDB
+    /// store does (tests of paging without a disk).
+    #[cfg(test)]
+    pub(crate) fn paging() -> Arc<MemoryStore> {
+        let mut store = Self::build(None);
+        store.paging = true;
+        Arc::new(store)
     }
 }
 
 impl Store for MemoryStore {
+    fn identity(&self) -> super::NodeIdentity {
+        super::NodeIdentity {
+            uuid: self.uuid,
+            epoch: self.epoch.load(Ordering::Acquire).max(1),
+        }
+    }
+
+    fn pages_queues(&self) -> bool {
+        self.paging
+    }
+
     fn begin(&self) -> Ticket {
         self.next_ticket.fetch_add(1, Ordering::Relaxed)
     }
@@ -251,6 +280,7 @@ impl Store for MemoryStore {
     }
 
     fn load(&self) -> Result<Recovered, StoreError> {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         let state = self.state.lock();
         let sessions = state
             .sessions
@@ -296,6 +326,7 @@ impl Store for MemoryStore {
             retained: state.retained.values().cloned().collect(),
             next_session_number: state.next_number,
             corrupt: 0,
+            previous_run_ms: self.clock.now_ms(),
         })
     }
 

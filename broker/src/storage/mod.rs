@@ -321,6 +321,10 @@ pub struct Recovered {
     pub next_session_number: u64,
     /// Records that could not be read and were skipped.
     pub corrupt: u64,
+    /// Broker time last saved by the previous run (at most one save
+    /// interval before it ended): when sessions that were online at a
+    /// crash went offline, as near as is known.
+    pub previous_run_ms: u64,
 }
 
 /// The store's progress, published on a watch channel.
@@ -353,8 +357,58 @@ impl Durable {
 #[error("{0}")]
 pub struct StoreError(pub String);
 
+/// Who this node is, as stamped on every message that leaves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeIdentity {
+    /// Random at the store's creation, kept forever (host names are not
+    /// identities: cloned gateway images share them).
+    pub uuid: [u8; 16],
+    /// The run: bumped (and synced) at every start.
+    pub epoch: u64,
+}
+
+impl NodeIdentity {
+    /// The first queue sequence of this run: the epoch in the high bits,
+    /// so sequences never repeat across runs even if a queue's counter
+    /// were lost, and `seq >> SEQ_EPOCH_SHIFT` tells the run that queued a
+    /// message.
+    pub fn first_seq(&self) -> u64 {
+        (self.epoch << SEQ_EPOCH_SHIFT) | 1
+    }
+}
+
+/// Bits of a queue sequence below the epoch: 2^40 messages per queue per run.
+pub const SEQ_EPOCH_SHIFT: u32 = 40;
+
+/// 16 random bytes (from /dev/urandom; the clock and process id if it
+/// cannot be read).
+pub(crate) fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
+        .is_err()
+    {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 32);
+        id[..8].copy_from_slice(&seed.to_be_bytes());
+        id[8..].copy_from_slice(&seed.rotate_left(17).to_be_bytes());
+    }
+    id
+}
+
 /// Durable state. See the module documentation for the ticket protocol.
 pub trait Store: Send + Sync + 'static {
+    /// This node's identity (valid once [`Store::load`] ran).
+    fn identity(&self) -> NodeIdentity;
+
+    /// Whether a long queue may be left on disk and paged in as it is
+    /// drained, instead of also being held in memory.
+    fn pages_queues(&self) -> bool {
+        false
+    }
+
     /// The broker clock (broker time continues across restarts).
     fn clock(&self) -> Arc<BrokerClock>;
 

@@ -52,8 +52,8 @@ use tracing::{error, info, warn};
 
 use super::record::{self, TimeBase};
 use super::{
-    BrokerClock, Durable, InflightRecord, OutboundPhase, QueueSummary, QueuedRecord, Recovered,
-    RecoveredGroup, RecoveredSession, Store, StoreError, StoreOp, Ticket,
+    BrokerClock, Durable, InflightRecord, NodeIdentity, OutboundPhase, QueueSummary, QueuedRecord,
+    Recovered, RecoveredGroup, RecoveredSession, Store, StoreError, StoreOp, Ticket, random_id,
 };
 
 /// The schema this version reads and writes.
@@ -299,6 +299,8 @@ pub struct RocksStore {
     pub node_uuid: [u8; 16],
     /// Bumped at every start.
     pub epoch: u64,
+    /// Broker time last saved by the previous run.
+    previous_run_ms: u64,
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, StoreError> {
@@ -414,12 +416,14 @@ impl RocksStore {
         // Broker time: what was saved, plus the downtime if the wall clock
         // was trustworthy then and has not gone backwards since.
         let now_wall = wall_ms();
+        let mut previous_run_ms = 0;
         let broker_ms = match db
             .get_cf(meta, b"clock")
             .map_err(|e| db_error("reading the clock", e))?
         {
             Some(v) if v.len() == 16 => {
                 let saved = big_u64(&v[..8]).unwrap_or(0);
+                previous_run_ms = saved;
                 let saved_wall = big_u64(&v[8..]).unwrap_or(0);
                 if saved_wall >= SANE_WALL_MS && now_wall >= saved_wall {
                     saved + (now_wall - saved_wall)
@@ -473,6 +477,7 @@ impl RocksStore {
             writer: Mutex::new(Some(writer)),
             node_uuid,
             epoch,
+            previous_run_ms,
         }))
     }
 
@@ -607,6 +612,7 @@ impl RocksStore {
             retained,
             next_session_number,
             corrupt,
+            previous_run_ms: self.previous_run_ms,
         })
     }
 
@@ -650,21 +656,18 @@ impl RocksStore {
     }
 }
 
-fn random_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    // Linux guarantees /dev/urandom; the clock and process id are a fallback.
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
-        .is_err()
-    {
-        let seed = wall_ms() ^ (u64::from(std::process::id()) << 32);
-        id[..8].copy_from_slice(&seed.to_be_bytes());
-        id[8..].copy_from_slice(&seed.rotate_left(17).to_be_bytes());
-    }
-    id
-}
-
 impl Store for RocksStore {
+    fn identity(&self) -> NodeIdentity {
+        NodeIdentity {
+            uuid: self.node_uuid,
+            epoch: self.epoch,
+        }
+    }
+
+    fn pages_queues(&self) -> bool {
+        true
+    }
+
     fn begin(&self) -> Ticket {
         self.inner.next_ticket.fetch_add(1, Ordering::Relaxed)
     }
