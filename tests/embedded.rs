@@ -525,3 +525,119 @@ async fn every_acknowledged_publish_was_synced_first_under_sync_each_and_group_c
         broker.shutdown().await;
     }
 }
+
+fn ferry_id(received: &ferrymq_broker::Received) -> ferrymq_broker::MessageId {
+    received
+        .properties
+        .user_properties
+        .iter()
+        .find(|(k, _)| k.as_str() == ferrymq_broker::MESSAGE_ID_PROPERTY)
+        .map(|(_, v)| v.as_str().parse().unwrap())
+        .expect("a ferry-id user property")
+}
+
+/// What a store-and-forward uplink relies on: a message stays queued until
+/// the application acknowledges it, comes back after a reconnect or a
+/// restart with the same id, and ids never repeat across runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_acks_and_message_ids_survive_reconnects_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let uplink = || {
+        ClientOptions::new("uplink")
+            .persistent(Duration::from_secs(3600))
+            .manual_acks()
+            .message_ids()
+    };
+    let broker = Broker::start(config(&dir)).await.unwrap();
+    let mut up = broker.connect(uplink()).await.unwrap();
+    up.subscribe("out/#", QoS::AtLeastOnce).await.unwrap();
+    let app = broker.connect(ClientOptions::new("app")).await.unwrap();
+    for n in 0..3 {
+        app.publish("out/x", format!("m{n}"), QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+    }
+    let first: Vec<_> = [
+        recv(&mut up).await,
+        recv(&mut up).await,
+        recv(&mut up).await,
+    ]
+    .into();
+    let ids: Vec<_> = first.iter().map(ferry_id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "distinct, in order: {ids:?}"
+    );
+    up.ack(&first[0]).await.unwrap();
+    up.disconnect().await;
+
+    // Reconnect: the two unacknowledged ones come again, same ids, DUP.
+    let mut up = broker.connect(uplink()).await.unwrap();
+    assert!(up.session_present());
+    for expected in &first[1..] {
+        let again = recv(&mut up).await;
+        assert_eq!(again.payload, expected.payload);
+        assert!(again.dup);
+        assert_eq!(ferry_id(&again), ferry_id(expected));
+    }
+    up.disconnect().await;
+    drop(app);
+    broker.shutdown().await;
+
+    // Restart: still there, same ids; a new message gets a later epoch.
+    let broker = Broker::start(config(&dir)).await.unwrap();
+    let mut up = broker.connect(uplink()).await.unwrap();
+    let again = recv(&mut up).await;
+    assert_eq!(ferry_id(&again), ids[1]);
+    let again = recv(&mut up).await;
+    assert_eq!(ferry_id(&again), ids[2]);
+    let app = broker.connect(ClientOptions::new("app")).await.unwrap();
+    app.publish("out/x", "after", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    let fresh = recv(&mut up).await;
+    let id = ferry_id(&fresh);
+    assert_eq!((id.uuid, id.queue), (ids[0].uuid, ids[0].queue));
+    assert_eq!(id.epoch, ids[0].epoch + 1, "a new run, a new epoch");
+    for m in [&again, &fresh] {
+        up.ack(m).await.unwrap();
+    }
+    up.disconnect().await;
+    broker.shutdown().await;
+}
+
+/// Regression: `Client::disconnect` returned as soon as the DISCONNECT was
+/// written, so a reconnect could take the session over before the broker
+/// had read the acknowledgements sent just before, and an acknowledged
+/// message came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_right_after_disconnect_never_overtakes_the_acks_sent_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start_with_store(config(&dir), MemoryStore::new())
+        .await
+        .unwrap();
+    let options = || {
+        ClientOptions::new("quick")
+            .persistent(Duration::from_secs(60))
+            .manual_acks()
+    };
+    let up = broker.connect(options()).await.unwrap();
+    up.subscribe("quick/#", QoS::AtLeastOnce).await.unwrap();
+    up.disconnect().await;
+    let app = broker.connect(ClientOptions::new("app")).await.unwrap();
+    for round in 0..200 {
+        app.publish("quick/x", format!("{round}"), QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+        let mut up = broker.connect(options()).await.unwrap();
+        let got = recv(&mut up).await;
+        assert_eq!(
+            got.payload,
+            Bytes::from(format!("{round}")),
+            "round {round}: an acknowledged message came back"
+        );
+        up.ack(&got).await.unwrap();
+        up.disconnect().await;
+    }
+    broker.shutdown().await;
+}

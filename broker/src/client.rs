@@ -8,7 +8,11 @@
 //! Acknowledgements are end to end: [`Client::publish`] returns when the
 //! broker acknowledged (for QoS 1/2: the message is durable in every
 //! matching persistent queue), and a received QoS 1/2 message is
-//! acknowledged to the broker only once [`Client::recv`] could take it.
+//! acknowledged to the broker only once [`Client::recv`] could take it,
+//! or, with [`ClientOptions::manual_acks`], only when the application
+//! calls [`Client::ack`] (a store-and-forward uplink acknowledges when the
+//! upstream did; until then the message stays in the session's queue and
+//! is sent again after a restart).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -38,6 +42,11 @@ pub struct ClientOptions {
     /// Messages the client holds for [`Client::recv`] before it stops
     /// taking more (also its Receive Maximum towards the broker).
     pub receive_capacity: u16,
+    /// Acknowledge received QoS 1/2 messages only through [`Client::ack`].
+    pub manual_acks: bool,
+    /// Have every stored message delivered with its stable
+    /// [`crate::MessageId`] in a `ferry-id` user property.
+    pub message_ids: bool,
 }
 
 impl ClientOptions {
@@ -48,7 +57,22 @@ impl ClientOptions {
             clean_start: true,
             session_expiry: Duration::ZERO,
             receive_capacity: 1024,
+            manual_acks: false,
+            message_ids: false,
         }
+    }
+
+    /// Received QoS 1/2 messages are acknowledged only by [`Client::ack`];
+    /// at most `receive_capacity` wait unacknowledged.
+    pub fn manual_acks(mut self) -> Self {
+        self.manual_acks = true;
+        self
+    }
+
+    /// Received stored messages carry their [`crate::MessageId`].
+    pub fn message_ids(mut self) -> Self {
+        self.message_ids = true;
+        self
     }
 
     /// A persistent session that outlives the client by `expiry`,
@@ -87,9 +111,14 @@ pub struct Received {
     pub retain: bool,
     /// MQTT 5.0 properties.
     pub properties: PublishProperties,
+    /// Set when the broker sends it again (after a reconnect).
+    pub dup: bool,
+    /// The packet identifier (QoS 1/2), which [`Client::ack`] answers.
+    pub packet_id: u16,
 }
 
 enum Command {
+    Ack(u16, QoS),
     Send(
         Box<Packet>,
         Option<oneshot::Sender<Result<Packet, ClientError>>>,
@@ -107,6 +136,8 @@ pub struct Client {
 
 /// In-memory stream buffer size, each way.
 const DUPLEX_BUFFER: usize = 64 * 1024;
+/// How long [`Client::disconnect`] waits for the broker to close.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn connect(
     shared: Arc<Shared>,
@@ -119,7 +150,10 @@ pub(crate) async fn connect(
     let peer = format!("in-process:{}", options.client_id);
     tokio::spawn(async move {
         let (reader, writer) = tokio::io::split(theirs);
-        crate::connection::serve(reader, writer, peer, shared).await;
+        let serve = crate::connection::ServeOptions {
+            message_ids: options.message_ids,
+        };
+        crate::connection::serve(reader, writer, peer, shared, serve).await;
         drop(permit);
     });
     let (mut reader, mut writer) = tokio::io::split(ours);
@@ -181,6 +215,7 @@ pub(crate) async fn connect(
             qos2_seen: HashSet::new(),
             backlog: VecDeque::new(),
             capacity,
+            manual_acks: options.manual_acks,
         }
         .run(commands_rx, incoming_tx),
     );
@@ -252,16 +287,43 @@ impl Client {
         }
     }
 
+    /// Acknowledges a received QoS 1/2 message (with
+    /// [`ClientOptions::manual_acks`]; otherwise messages are acknowledged
+    /// when taken and this does nothing).
+    pub async fn ack(&self, received: &Received) -> Result<(), ClientError> {
+        if received.qos == QoS::AtMostOnce {
+            return Ok(());
+        }
+        self.commands
+            .send(Command::Ack(received.packet_id, received.qos))
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
     /// Subscribes to a topic filter; returns the granted QoS.
     pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<QoS, ClientError> {
+        self.subscribe_with(
+            filter,
+            SubscriptionOptions {
+                qos,
+                ..SubscriptionOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Subscribes with every MQTT 5.0 subscription option (No Local,
+    /// Retain As Published, Retain Handling); returns the granted QoS.
+    pub async fn subscribe_with(
+        &self,
+        filter: &str,
+        options: SubscriptionOptions,
+    ) -> Result<QoS, ClientError> {
         let subscribe = Subscribe {
             packet_id: 0,
             subscriptions: vec![Subscription {
                 filter: topic(filter)?,
-                options: SubscriptionOptions {
-                    qos,
-                    ..SubscriptionOptions::default()
-                },
+                options,
             }],
             properties: Default::default(),
         };
@@ -328,6 +390,8 @@ struct Driver<R, W> {
     /// acknowledgement to send once taken.
     backlog: VecDeque<(Received, Option<Packet>)>,
     capacity: usize,
+    /// Acknowledgements wait for [`Command::Ack`].
+    manual_acks: bool,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
@@ -355,6 +419,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
             tokio::select! {
                 command = commands.recv(), if disconnecting.is_none() => match command {
                     Some(Command::Send(packet, done)) => self.send(*packet, done),
+                    Some(Command::Ack(packet_id, qos)) => {
+                        let ack = PubAck::new(packet_id);
+                        let _ = encode(&match qos {
+                            QoS::ExactlyOnce => Packet::PubRec(ack),
+                            _ => Packet::PubAck(ack),
+                        }, &mut self.out);
+                    }
                     Some(Command::Disconnect(done)) => {
                         let _ = encode(&Packet::Disconnect(Disconnect::new(ReasonCode::NORMAL_DISCONNECTION)), &mut self.out);
                         disconnecting = Some(done);
@@ -388,6 +459,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
                 && let Some(done) = disconnecting.take()
             {
                 let _ = self.writer.shutdown().await;
+                // The broker closes its side once it has handled everything
+                // up to the DISCONNECT: wait for that (bounded), so that a
+                // reconnect cannot overtake acknowledgements sent before.
+                let mut rest = [0u8; 4096];
+                let _ = tokio::time::timeout(DISCONNECT_WAIT, async {
+                    while matches!(self.reader.read(&mut rest).await, Ok(n) if n > 0) {}
+                })
+                .await;
                 let _ = done.send(());
                 break;
             }
@@ -481,7 +560,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
             qos: p.qos,
             retain: p.retain,
             properties: p.properties,
+            dup: p.dup,
+            packet_id: p.packet_id,
         };
+        if self.manual_acks {
+            // QoS 2: delivered once per packet id until its PUBREL.
+            if p.qos != QoS::ExactlyOnce || self.qos2_seen.insert(p.packet_id) {
+                self.backlog.push_back((received, None));
+            }
+            return;
+        }
         match p.qos {
             QoS::AtMostOnce => self.backlog.push_back((received, None)),
             QoS::AtLeastOnce => self

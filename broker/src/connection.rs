@@ -230,8 +230,21 @@ fn connect_level(buf: &[u8]) -> Option<u8> {
 }
 
 /// Serves one client connection until it closes. `peer` names it in logs.
-pub(crate) async fn serve<R, W>(reader: R, writer: W, peer: String, shared: Arc<Shared>)
-where
+/// How a connection is served beyond what its CONNECT says (set by the
+/// in-process client, never by a network peer).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ServeOptions {
+    /// Stamp stored messages sent to this client with their message id.
+    pub(crate) message_ids: bool,
+}
+
+pub(crate) async fn serve<R, W>(
+    reader: R,
+    writer: W,
+    peer: String,
+    shared: Arc<Shared>,
+    options: ServeOptions,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -260,7 +273,7 @@ where
             return;
         }
     };
-    let Some(mut conn) = Conn::accept(*connect, io, &shared).await else {
+    let Some(mut conn) = Conn::accept(*connect, io, &shared, options).await else {
         return;
     };
     debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
@@ -321,7 +334,12 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     /// Checks a CONNECT, attaches the session (taking over any connection
     /// holding it), and queues the CONNACK. Returns `None` when the client
     /// was refused (the refusal is sent and the stream closed).
-    async fn accept(connect: Connect, mut io: Io<R, W>, shared: &'a Shared) -> Option<Self> {
+    async fn accept(
+        connect: Connect,
+        mut io: Io<R, W>,
+        shared: &'a Shared,
+        options: ServeOptions,
+    ) -> Option<Self> {
         let protocol = connect.protocol;
         let limits = &shared.config.limits;
         let mut auth_result = None;
@@ -505,6 +523,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 .properties
                 .request_problem_information
                 .unwrap_or(true),
+            message_ids: options.message_ids.then_some(shared.identity.uuid),
         };
         let mut durable = shared.store.durable();
         // The session record is durable before the client hears it exists.

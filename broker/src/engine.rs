@@ -61,6 +61,9 @@ pub struct EngineLimits {
     /// Whether the client wants reason strings on acknowledgements (5.0
     /// Request Problem Information).
     pub problem_information: bool,
+    /// Stamp each stored message sent with its [`crate::MessageId`] (a
+    /// `ferry-id` user property), from this node identity (bridge uplinks).
+    pub message_ids: Option<[u8; 16]>,
 }
 
 /// What to do with an inbound PUBLISH.
@@ -443,6 +446,15 @@ impl Engine {
             if let Some(ids) = &d.identifiers {
                 properties.subscription_identifiers = ids.to_vec();
             }
+            if let (Some(uuid), true) = (self.limits.message_ids, d.stored) {
+                let id = crate::message::MessageId::new(uuid, d.queue, d.seq);
+                if let Ok(value) = MqttString::new(&id.to_string()) {
+                    properties.user_properties.push((
+                        MqttString::from_static(crate::message::MESSAGE_ID_PROPERTY),
+                        value,
+                    ));
+                }
+            }
         }
         Publish {
             dup,
@@ -695,6 +707,7 @@ mod tests {
                 topic_alias_maximum: 4,
                 client_topic_aliases: 0,
                 problem_information: true,
+                message_ids: None,
             },
         )
     }

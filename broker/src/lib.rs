@@ -63,7 +63,7 @@ use tracing::{info, warn};
 pub use client::{Client, ClientError, ClientOptions, Received};
 pub use data_dir::DataDir;
 pub use ferrymq_codec::QoS;
-pub use message::{Message, SessionId};
+pub use message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
 pub use stats::Stats;
 pub use storage::{MemoryStore, RocksOptions, RocksStore, Store, SyncSummary};
 

@@ -54,6 +54,80 @@ impl Message {
     }
 }
 
+/// The user property that carries a [`MessageId`] (`ferry-id`).
+pub const MESSAGE_ID_PROPERTY: &str = "ferry-id";
+
+/// A message's stable identity when it leaves the node: the node, the
+/// queue it waited in, the run that queued it and its place in that queue.
+/// Written `UUID:QUEUE:EPOCH:N` (UUID as 32 hex digits). The same message
+/// gets the same id on every resend, across restarts; no two messages
+/// ever share one. A receiver can de-duplicate with, per (uuid, queue,
+/// epoch), a low-water mark plus the numbers seen above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId {
+    /// The node's random identity.
+    pub uuid: [u8; 16],
+    /// The queue (session or group number; never reused).
+    pub queue: u64,
+    /// The run that queued it.
+    pub epoch: u64,
+    /// Its number within that queue and run.
+    pub n: u64,
+}
+
+impl MessageId {
+    /// The id of the message at `seq` in queue `queue` of node `uuid`.
+    pub fn new(uuid: [u8; 16], queue: u64, seq: u64) -> MessageId {
+        let shift = crate::storage::SEQ_EPOCH_SHIFT;
+        MessageId {
+            uuid,
+            queue,
+            epoch: seq >> shift,
+            n: seq & ((1u64 << shift) - 1),
+        }
+    }
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.uuid {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, ":{}:{}:{}", self.queue, self.epoch, self.n)
+    }
+}
+
+impl std::str::FromStr for MessageId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("not a message id (UUID:QUEUE:EPOCH:N): {s:?}");
+        let mut parts = s.split(':');
+        let (Some(hex), Some(queue), Some(epoch), Some(n), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(bad());
+        };
+        if hex.len() != 32 || !hex.is_ascii() {
+            return Err(bad());
+        }
+        let mut uuid = [0u8; 16];
+        for (i, b) in uuid.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(MessageId {
+            uuid,
+            queue: queue.parse().map_err(|_| bad())?,
+            epoch: epoch.parse().map_err(|_| bad())?,
+            n: n.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
 /// Identifies one session for the lifetime of the process. Never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);

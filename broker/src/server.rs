@@ -78,7 +78,14 @@ pub(crate) async fn accept_loop(
         let shared = shared.clone();
         tokio::spawn(async move {
             let (reader, writer) = stream.into_split();
-            crate::connection::serve(reader, writer, peer.to_string(), shared).await;
+            crate::connection::serve(
+                reader,
+                writer,
+                peer.to_string(),
+                shared,
+                crate::connection::ServeOptions::default(),
+            )
+            .await;
             drop(permit);
         });
     }
