@@ -506,18 +506,20 @@ impl RawStorage {
                 defaults.max_queued_bytes,
                 errors,
             ),
-            queue_full: policy(
+            queue_full: choice(
                 self.queue_full.as_deref(),
                 "storage.queue_full",
+                "policy",
                 &QueueFull::ALL,
                 QueueFull::as_str,
                 defaults.queue_full,
                 errors,
             ),
             queue_qos0: self.queue_qos0.unwrap_or(defaults.queue_qos0),
-            durability: policy(
+            durability: choice(
                 self.durability.as_deref(),
                 "storage.durability",
+                "policy",
                 &Durability::ALL,
                 Durability::as_str,
                 defaults.durability,
@@ -541,13 +543,14 @@ impl RawStorage {
     }
 }
 
-/// The policy spelt `text` among `all` (named by `name`), or `default` when
-/// the key is missing. An unknown spelling is reported with the policies
-/// listed (and a "did you mean" when `text` is close to one), and replaced
-/// by `default`.
-fn policy<T: Copy>(
+/// The value spelt `text` among `all` (named by `name`), or `default` when
+/// the key is missing. An unknown spelling is reported as an unknown `what`
+/// (`"policy"`, `"protocol"`, ...) with the values listed (and a "did you
+/// mean" when `text` is close to one), and replaced by `default`.
+fn choice<T: Copy>(
     text: Option<&str>,
     key: &str,
+    what: &str,
     all: &[T],
     name: fn(T) -> &'static str,
     default: T,
@@ -556,18 +559,21 @@ fn policy<T: Copy>(
     let Some(text) = text else {
         return default;
     };
-    if let Some(&policy) = all.iter().find(|&&p| name(p) == text) {
-        return policy;
+    if let Some(&value) = all.iter().find(|&&v| name(v) == text) {
+        return value;
     }
     let names: Vec<&str> = all.iter().map(|&p| name(p)).collect();
-    let hint = hint::closest(text, &names)
+    // Any short name is "close" to an empty text: no hint for one.
+    let hint = Some(text)
+        .filter(|text| !text.is_empty())
+        .and_then(|text| hint::closest(text, &names))
         .map(|name| format!(" (did you mean \"{name}\"?)"))
         .unwrap_or_default();
     let expected: Vec<String> = names.iter().map(|name| format!("\"{name}\"")).collect();
     errors.push(ConfigError::new(
         key,
         format!(
-            "unknown policy \"{text}\"{hint}; expected one of {}",
+            "unknown {what} \"{text}\"{hint}; expected one of {}",
             expected.join(", ")
         ),
     ));
