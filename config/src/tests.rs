@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::{
-    Auth, Config, ConfigError, ConfigErrors, Durability, Limits, Listener, ListenerProtocol,
-    QueueFull, Storage, default_config_toml,
+    Auth, Bridge, BridgeAddress, BridgeKind, BridgeProtocol, BridgeTls, Config, ConfigError,
+    ConfigErrors, Direction, Durability, Forward, Limits, Listener, ListenerProtocol, QueueFull,
+    Storage, default_config_toml,
 };
 
 /// `toml` must parse to the defaults changed by `edit`.
@@ -38,6 +39,40 @@ fn tcp(bind: &str) -> Listener {
     Listener {
         bind: addr(bind),
         protocol: ListenerProtocol::Tcp,
+    }
+}
+
+fn address(host: &str, port: u16) -> BridgeAddress {
+    BridgeAddress {
+        host: host.into(),
+        port,
+    }
+}
+
+/// A directory of its own for one test's files, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("ferrymq-config-{test}-{}", std::process::id()));
+        // Left over from an interrupted run, if anything.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    /// Creates `name` (a small PEM-looking file) and returns its path.
+    fn file(&self, name: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, "-----BEGIN CERTIFICATE-----\n").expect("write test file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -78,6 +113,7 @@ fn defaults() {
             max_disk_bytes: 8_589_934_592,
         }
     );
+    assert_eq!(config.bridges, []);
     assert_eq!(QueueFull::default(), QueueFull::DropOldest);
     assert_eq!(Durability::default(), Durability::GroupCommit);
     assert_eq!(config.validate(), Ok(()));
@@ -875,7 +911,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         [storage]
         max_connections = 10
         topic_alias_maximum = 0
-        [bridge]
+        [state]
         "#,
         &[
             "max_connections: unknown key; `max_connections` belongs in [limits]",
@@ -887,7 +923,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
             "limits.durability: unknown key; `durability` belongs in [storage]",
             "storage.max_connections: unknown key; `max_connections` belongs in [limits]",
             "storage.topic_alias_maximum: unknown key; `topic_alias_maximum` belongs in [limits]",
-            "bridge: unknown key; `bridge` is not available yet in this version",
+            "state: unknown key; `state` is not available yet in this version",
         ],
     );
 }
@@ -997,28 +1033,64 @@ fn syntax_error() {
     );
 }
 
-#[test]
-fn default_config_toml_round_trip() {
-    let text = default_config_toml();
-    // node_id is commented out: its default is the host name.
-    assert!(text.contains("# node_id = "));
-    assert_eq!(Config::from_toml_str(text), Ok(Config::default()));
+/// `text` with every commented-out setting (`# key = value`, `# [table]`)
+/// uncommented; prose comments stay.
+fn uncomment_settings(text: &str) -> String {
+    let is_setting = |line: &str| {
+        line.starts_with('[')
+            || line.split_once(" = ").is_some_and(|(key, _)| {
+                !key.is_empty()
+                    && key
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            })
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(setting) if is_setting(setting) => setting,
+            _ => line,
+        })
+        .collect();
+    lines.join("\n")
+}
 
-    // It shows every key the code accepts, and nothing else.
-    let uncommented = text.replace("# node_id = ", "node_id = ");
-    let table: toml::Table = uncommented.parse().expect("default.toml parses");
-    let mut shown = Vec::new();
-    for (key, value) in &table {
-        shown.push(key.clone());
+/// Every key path in `table`, tables and the first table of arrays of
+/// tables included: `bridge`, `bridge.tls`, `bridge.tls.ca_file`, ...
+fn key_paths(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
         let nested = match value {
             toml::Value::Table(nested) => Some(nested),
             toml::Value::Array(items) => items.first().and_then(toml::Value::as_table),
             _ => None,
         };
-        for inner in nested.into_iter().flat_map(|t| t.keys()) {
-            shown.push(format!("{key}.{inner}"));
+        if let Some(nested) = nested {
+            key_paths(&path, nested, out);
         }
+        out.push(path);
     }
+}
+
+#[test]
+fn default_config_toml_round_trip() {
+    let text = default_config_toml();
+    // node_id is commented out: its default is the host name. So is the
+    // example bridge: there is none by default.
+    assert!(text.contains("# node_id = "));
+    assert!(text.contains("# [[bridge]]"));
+    assert_eq!(Config::from_toml_str(text), Ok(Config::default()));
+
+    // With its settings uncommented, it shows every key the code accepts,
+    // and nothing else.
+    let uncommented = uncomment_settings(text);
+    let table: toml::Table = uncommented.parse().expect("default.toml parses");
+    let mut shown = Vec::new();
+    key_paths("", &table, &mut shown);
     shown.sort();
     let mut accepted: Vec<String> = Vec::new();
     for table in crate::raw::TABLES {
@@ -1029,6 +1101,54 @@ fn default_config_toml_round_trip() {
     }
     accepted.sort();
     assert_eq!(shown, accepted);
+}
+
+#[test]
+fn default_config_toml_example_bridge() {
+    // The example, uncommented, is a valid bridge whose keys that have a
+    // default show it.
+    let dir = TempDir::new("example-bridge");
+    for name in ["regional-ca.pem", "edge-01.pem", "edge-01.key"] {
+        dir.file(name);
+    }
+    let uncommented = uncomment_settings(default_config_toml())
+        .replace("/etc/ferrymq/", &format!("{}/", dir.0.display()));
+    let config = match Config::from_toml_str(&uncommented) {
+        Ok(config) => config,
+        Err(errors) => panic!("example bridge refused:\n{errors}"),
+    };
+    assert_eq!(
+        config.bridges,
+        [Bridge {
+            name: "regional".into(),
+            addresses: vec![
+                address("10.0.0.5", 8883),
+                address("regional-2.example.com", 8883)
+            ],
+            client_id: format!("{}-regional", config.node_id),
+            username: Some("edge-01".into()),
+            password: Some("change-me".into()),
+            tls: Some(BridgeTls {
+                ca_file: dir.0.join("regional-ca.pem"),
+                cert_file: Some(dir.0.join("edge-01.pem")),
+                key_file: Some(dir.0.join("edge-01.key")),
+                server_name: Some("regional.example.com".into()),
+            }),
+            forward: vec![
+                Forward {
+                    filter: "sensors/#".into(),
+                    remote_prefix: "site-1/".into(),
+                    ..Forward::default()
+                },
+                Forward {
+                    filter: "commands/edge-01/#".into(),
+                    direction: Direction::In,
+                    ..Forward::default()
+                },
+            ],
+            ..Bridge::default()
+        }]
+    );
 }
 
 #[test]
@@ -1179,5 +1299,265 @@ fn from_file_reads_and_validates() {
     assert_eq!(
         refused.expect_err("invalid").to_string(),
         "limits.max_connections: must be between 1 and 4294967295, got 0"
+    );
+}
+
+/// A file with one valid bridge (`regional()`), `extra` written among its
+/// keys; `extra` may end with a `[bridge.tls]` table.
+fn bridge_toml(extra: &str) -> String {
+    format!(
+        "node_id = \"edge-01\"\n[[bridge]]\nname = \"regional\"\n\
+         addresses = [\"10.0.0.5:1883\"]\n{extra}\n[[bridge.forward]]\nfilter = \"sensors/#\"\n"
+    )
+}
+
+/// A file with one bridge whose only forward rule is `{ rule }`.
+fn forward_toml(rule: &str) -> String {
+    format!(
+        "node_id = \"edge-01\"\n[[bridge]]\nname = \"regional\"\n\
+         addresses = [\"10.0.0.5:1883\"]\nforward = [ {{ {rule} }} ]\n"
+    )
+}
+
+/// The bridge of `bridge_toml("")`.
+fn regional() -> Bridge {
+    Bridge {
+        name: "regional".into(),
+        addresses: vec![address("10.0.0.5", 1883)],
+        client_id: "edge-01-regional".into(),
+        forward: vec![Forward {
+            filter: "sensors/#".into(),
+            ..Forward::default()
+        }],
+        ..Bridge::default()
+    }
+}
+
+/// `toml` must parse to the defaults with node_id "edge-01" and the one
+/// bridge `regional()` changed by `edit`.
+fn check_bridge_ok(toml: &str, edit: impl FnOnce(&mut Bridge)) {
+    let mut bridge = regional();
+    edit(&mut bridge);
+    check_ok(toml, |c| {
+        c.node_id = "edge-01".into();
+        c.bridges = vec![bridge];
+    });
+}
+
+#[test]
+fn bridge_defaults() {
+    assert_eq!(
+        Bridge::default(),
+        Bridge {
+            name: String::new(),
+            addresses: Vec::new(),
+            kind: BridgeKind::Mqtt,
+            protocol: BridgeProtocol::V5,
+            client_id: String::new(),
+            username: None,
+            password: None,
+            keepalive: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            session_expiry: Duration::from_secs(604_800),
+            inflight: 100,
+            drain_rate: 0,
+            ramp: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_millis(60_000),
+            max_queued_messages: 10_000_000,
+            max_queued_bytes: 1_073_741_824,
+            tls: None,
+            forward: Vec::new(),
+        }
+    );
+    assert_eq!(
+        Forward::default(),
+        Forward {
+            filter: String::new(),
+            direction: Direction::Out,
+            qos: 1,
+            local_prefix: String::new(),
+            remote_prefix: String::new(),
+        }
+    );
+    assert_eq!(BridgeKind::default(), BridgeKind::Mqtt);
+    assert_eq!(BridgeProtocol::default(), BridgeProtocol::V5);
+    assert_eq!(Direction::default(), Direction::Out);
+
+    check_bridge_ok(&bridge_toml(""), |_| {});
+    // An empty client_id is the default too.
+    check_bridge_ok(&bridge_toml("client_id = \"\""), |_| {});
+    // `forward = [ { ... } ]` is the same TOML as [[bridge.forward]].
+    check_bridge_ok(&forward_toml("filter = \"sensors/#\""), |_| {});
+
+    // The default client_id follows the node_id, default or not.
+    let config = Config::from_toml_str(
+        "[[bridge]]\nname = \"up\"\naddresses = [\"h:1\"]\nforward = [ { filter = \"#\" } ]",
+    )
+    .expect("valid");
+    assert_eq!(
+        config.bridges[0].client_id,
+        format!("{}-up", config.node_id)
+    );
+}
+
+#[test]
+fn every_bridge_key_parsed() {
+    let dir = TempDir::new("every-bridge-key");
+    let ca = dir.file("ca.pem");
+    let cert = dir.file("edge.pem");
+    let key = dir.file("edge.key");
+    let toml = format!(
+        r##"
+        node_id = "edge-01"
+
+        [[bridge]]
+        name = "regional"
+        addresses = ["10.0.0.5:8883", "[fd00::5]:8883", "regional.example.com:8884"]
+        kind = "mqtt"
+        protocol = "3.1.1"
+        client_id = "gateway-7"
+        username = "edge"
+        password = "secret"
+        keepalive_secs = 15
+        connect_timeout_secs = 5
+        session_expiry_secs = 0
+        inflight = 20
+        drain_rate = 500
+        ramp_secs = 0
+        reconnect_min_ms = 100
+        reconnect_max_ms = 100
+        max_queued_messages = 1000
+        max_queued_bytes = "10MiB"
+
+        [bridge.tls]
+        ca_file = "{ca}"
+        cert_file = "{cert}"
+        key_file = "{key}"
+        server_name = "regional.example.com"
+
+        [[bridge.forward]]
+        filter = "sensors/+/temp"
+        direction = "both"
+        qos = 2
+        local_prefix = "local/"
+        remote_prefix = "site-1/"
+
+        [[bridge.forward]]
+        filter = "#"
+        direction = "in"
+        qos = 0
+        local_prefix = "from-regional/"
+
+        [[bridge]]
+        name = "cloud_2"
+        addresses = ["cloud.example.com:1883"]
+        forward = [ {{ filter = "alarms/#", direction = "out" }} ]
+        "##,
+        ca = ca.display(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    check_ok(&toml, |c| {
+        c.node_id = "edge-01".into();
+        c.bridges = vec![
+            Bridge {
+                name: "regional".into(),
+                addresses: vec![
+                    address("10.0.0.5", 8883),
+                    address("fd00::5", 8883),
+                    address("regional.example.com", 8884),
+                ],
+                kind: BridgeKind::Mqtt,
+                protocol: BridgeProtocol::V311,
+                client_id: "gateway-7".into(),
+                username: Some("edge".into()),
+                password: Some("secret".into()),
+                keepalive: Duration::from_secs(15),
+                connect_timeout: Duration::from_secs(5),
+                session_expiry: Duration::ZERO,
+                inflight: 20,
+                drain_rate: 500,
+                ramp: Duration::ZERO,
+                reconnect_min: Duration::from_millis(100),
+                reconnect_max: Duration::from_millis(100),
+                max_queued_messages: 1000,
+                max_queued_bytes: 10 << 20,
+                tls: Some(BridgeTls {
+                    ca_file: ca.clone(),
+                    cert_file: Some(cert.clone()),
+                    key_file: Some(key.clone()),
+                    server_name: Some("regional.example.com".into()),
+                }),
+                forward: vec![
+                    Forward {
+                        filter: "sensors/+/temp".into(),
+                        direction: Direction::Both,
+                        qos: 2,
+                        local_prefix: "local/".into(),
+                        remote_prefix: "site-1/".into(),
+                    },
+                    Forward {
+                        filter: "#".into(),
+                        direction: Direction::In,
+                        qos: 0,
+                        local_prefix: "from-regional/".into(),
+                        remote_prefix: String::new(),
+                    },
+                ],
+            },
+            Bridge {
+                name: "cloud_2".into(),
+                addresses: vec![address("cloud.example.com", 1883)],
+                client_id: "edge-01-cloud_2".into(),
+                forward: vec![Forward {
+                    filter: "alarms/#".into(),
+                    ..Forward::default()
+                }],
+                ..Bridge::default()
+            },
+        ];
+    });
+}
+
+#[test]
+fn bridge_enums() {
+    for (text, protocol) in [("5", BridgeProtocol::V5), ("3.1.1", BridgeProtocol::V311)] {
+        check_bridge_ok(&bridge_toml(&format!("protocol = \"{text}\"")), |b| {
+            b.protocol = protocol;
+        });
+        assert_eq!(protocol.as_str(), text);
+        assert_eq!(protocol.to_string(), text);
+    }
+    for (text, direction) in [
+        ("out", Direction::Out),
+        ("in", Direction::In),
+        ("both", Direction::Both),
+    ] {
+        check_bridge_ok(
+            &forward_toml(&format!("filter = \"sensors/#\", direction = \"{text}\"")),
+            |b| b.forward[0].direction = direction,
+        );
+        assert_eq!(direction.as_str(), text);
+        assert_eq!(direction.to_string(), text);
+    }
+    check_bridge_ok(&bridge_toml("kind = \"mqtt\""), |_| {});
+    assert_eq!(BridgeKind::Mqtt.as_str(), "mqtt");
+    assert_eq!(BridgeKind::Mqtt.to_string(), "mqtt");
+}
+
+#[test]
+fn bridge_debug_hides_the_password() {
+    let bridge = Bridge {
+        password: Some("hunter2".into()),
+        ..regional()
+    };
+    let debug = format!("{bridge:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    assert!(debug.contains("password: Some(\"<redacted>\")"), "{debug}");
+    assert!(debug.contains("name: \"regional\""), "{debug}");
+    assert!(
+        format!("{regional:?}", regional = regional()).contains("password: None"),
+        "no password"
     );
 }
