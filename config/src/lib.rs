@@ -13,8 +13,10 @@
 //! A [`Config`] built in code (the broker used as a library) goes through the
 //! same second stage with [`Config::validate`].
 //!
-//! This crate does no I/O apart from [`Config::from_file`] and reading the
-//! host name for the default [`Config::node_id`].
+//! This crate does no I/O apart from [`Config::from_file`], reading the host
+//! name for the default [`Config::node_id`], and checking that the TLS files
+//! a [`Bridge`] names can be read (in the second stage, so configs built in
+//! code are checked too).
 //!
 //! ```
 //! use ferrymq_config::Config;
@@ -77,6 +79,9 @@ pub struct Config {
     /// `[storage]`: how long sessions live, how much each may queue, how
     /// writes reach the disk and how much of it the store may use.
     pub storage: Storage,
+    /// `[[bridge]]`: store-and-forward uplinks to upstream MQTT brokers.
+    /// Default: none.
+    pub bridges: Vec<Bridge>,
 }
 
 /// One `[[listener]]`: an address and the protocol spoken on it.
@@ -212,6 +217,232 @@ pub enum Durability {
     Interval,
 }
 
+/// One `[[bridge]]`: a store-and-forward uplink to an upstream MQTT broker.
+/// Messages that match a `forward` rule are queued durably on this node and
+/// sent when the upstream is reachable; the upstream keeps a session for
+/// the bridge, so messages for this node wait there while the link is down.
+///
+/// Every key but `name`, `addresses` and `forward` has a default. In a
+/// file, `client_id` defaults to `"{node_id}-{name}"`; the parser fills it
+/// in, so [`Bridge::client_id`] is always the identifier used.
+///
+/// ```
+/// use std::time::Duration;
+/// use ferrymq_config::{BridgeProtocol, Config, Direction};
+///
+/// let config = Config::from_toml_str(
+///     r#"
+///     node_id = "edge-01"
+///
+///     [[bridge]]
+///     name = "regional"
+///     addresses = ["10.0.0.5:1883", "[fd00::5]:1883"]
+///     forward = [ { filter = "sensors/#", remote_prefix = "site-1/" } ]
+///     "#,
+/// )?;
+/// let bridge = &config.bridges[0];
+/// assert_eq!(bridge.client_id, "edge-01-regional");
+/// assert_eq!(bridge.addresses[1].host, "fd00::5");
+/// assert_eq!(bridge.addresses[1].to_string(), "[fd00::5]:1883");
+/// assert_eq!(bridge.protocol, BridgeProtocol::V5);
+/// assert_eq!(bridge.keepalive, Duration::from_secs(30));
+/// assert_eq!(bridge.forward[0].direction, Direction::Out);
+/// assert_eq!(bridge.forward[0].qos, 1);
+/// # Ok::<(), ferrymq_config::ConfigErrors>(())
+/// ```
+///
+/// A bridge built in code starts from [`Bridge::default()`], which is not
+/// valid until `name`, `addresses`, `client_id` and `forward` are set:
+///
+/// ```
+/// use ferrymq_config::{Bridge, BridgeAddress, Config, Forward};
+///
+/// let mut config = Config::default();
+/// config.bridges.push(Bridge {
+///     name: "regional".into(),
+///     addresses: vec![BridgeAddress { host: "broker.example.com".into(), port: 1883 }],
+///     client_id: "edge-01-regional".into(),
+///     forward: vec![Forward { filter: "sensors/#".into(), ..Forward::default() }],
+///     ..Bridge::default()
+/// });
+/// assert_eq!(config.validate(), Ok(()));
+///
+/// config.bridges[0].forward[0].filter = "sensors/#/temp".into();
+/// assert_eq!(
+///     config.validate().expect_err("bad filter").to_string(),
+///     "bridge[0].forward[0].filter: \"sensors/#/temp\" is not a valid topic filter: \
+///      '#' must be the whole last level of a filter"
+/// );
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Bridge {
+    /// `name` (required): names the bridge in logs, metrics and its queue,
+    /// and in the default `client_id`. Unique among bridges; 1 to 64 of
+    /// `A-Z a-z 0-9 _ -`.
+    pub name: String,
+    /// `addresses` (required, at least one): the upstream broker as
+    /// `"host:port"` strings (host: a DNS name, an IPv4 address or an IPv6
+    /// address in brackets, `"[fd00::5]:1883"`; the port is required). They
+    /// are tried in order, moving to the next when one fails.
+    pub addresses: Vec<BridgeAddress>,
+    /// `kind`: what the upstream speaks. Default: `"mqtt"`.
+    pub kind: BridgeKind,
+    /// `protocol`: the MQTT version spoken to the upstream, `"5"` or
+    /// `"3.1.1"`. Default: `"5"`.
+    pub protocol: BridgeProtocol,
+    /// `client_id`: the bridge's MQTT client identifier upstream, and so the
+    /// name of its session there. Default (also when written `""`):
+    /// `"{node_id}-{name}"`. 1 to 65535 bytes of UTF-8 without U+0000;
+    /// a 3.1.1 upstream may refuse identifiers longer than 23 characters or
+    /// outside `0-9 a-z A-Z` (its spec only guarantees those).
+    pub client_id: String,
+    /// `username`: sent in CONNECT when set. Default: none.
+    pub username: Option<String>,
+    /// `password`: sent in CONNECT when set. MQTT 3.1.1 forbids a password
+    /// without a username. The file holds it in clear: keep the file
+    /// readable by ferrymq only. Default: none.
+    pub password: Option<String>,
+    /// `keepalive_secs`: the MQTT keepalive asked of the upstream. The
+    /// bridge relies on it to notice a half-open link, so 0 (off) is
+    /// refused. Default: 30 s. Range: 1 ..= 65535 seconds.
+    pub keepalive: Duration,
+    /// `connect_timeout_secs`: how long one connection attempt (TCP, TLS,
+    /// CONNECT to CONNACK) may take before the next address is tried.
+    /// Default: 10 s. Range: 1 ..= 300 seconds.
+    pub connect_timeout: Duration,
+    /// `session_expiry_secs`: the Session Expiry Interval of the bridge's
+    /// session upstream, so the upstream keeps messages for this node while
+    /// the link is down. 0 ends the session at each disconnect;
+    /// 4294967295 means never. A 3.1.1 upstream has no expiry: any value
+    /// above 0 asks it for a persistent session (clean session 0).
+    /// Default: 7 days. Range: 0 ..= 4294967295 seconds.
+    pub session_expiry: Duration,
+    /// `inflight`: the most QoS 1/2 publishes sent upstream and not yet
+    /// acknowledged; the bridge also keeps below the upstream's Receive
+    /// Maximum. Default: 100. Range: 1 ..= 65535.
+    pub inflight: u16,
+    /// `drain_rate`: the most messages per second forwarded upstream, so a
+    /// node that reconnects after a long outage cannot flood the upstream
+    /// with its backlog. 0 means unlimited. Default: 0. Range: 0 ..=
+    /// 10000000 messages per second.
+    pub drain_rate: u32,
+    /// `ramp_secs`: after each reconnect, the forwarding rate rises from 10%
+    /// of `drain_rate` (of an internal rate when `drain_rate` is 0) to the
+    /// full rate over this time; 0 starts at the full rate. Default: 10 s.
+    /// Range: 0 ..= 3600 seconds.
+    pub ramp: Duration,
+    /// `reconnect_min_ms`: the shortest wait before reconnecting. Waits grow
+    /// exponentially from here to `reconnect_max_ms`, each drawn at random
+    /// below its bound (full jitter), so many nodes that lose the same
+    /// upstream do not return at once. Default: 500 ms. Range: 10 ..=
+    /// 3600000 milliseconds.
+    pub reconnect_min: Duration,
+    /// `reconnect_max_ms`: the longest wait before reconnecting; at least
+    /// `reconnect_min_ms`. Default: 60 s. Range: 10 ..= 86400000
+    /// milliseconds.
+    pub reconnect_max: Duration,
+    /// `max_queued_messages`: the most messages the bridge's durable
+    /// outbound queue holds (messages waiting to go upstream while the link
+    /// is down or slow). Default: 10000000. Range: 1 ..= 1000000000.
+    pub max_queued_messages: u32,
+    /// `max_queued_bytes` (bytes; `"1GiB"` style accepted): the most payload
+    /// bytes in the bridge's durable outbound queue. Default: 1 GiB. Range:
+    /// 1 KiB ..= 1 PiB.
+    pub max_queued_bytes: u64,
+    /// `[bridge.tls]`: when present, the link to the upstream uses TLS.
+    /// Default: none (plain TCP).
+    pub tls: Option<BridgeTls>,
+    /// `[[bridge.forward]]` (or `forward = [ { ... } ]`, the same TOML):
+    /// which topics cross the bridge, in which direction. At least one.
+    pub forward: Vec<Forward>,
+}
+
+/// One upstream address of a [`Bridge`]: `"host:port"` in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BridgeAddress {
+    /// A DNS name (resolved at each connection attempt), an IPv4 address,
+    /// or an IPv6 address (without the brackets of the file form).
+    pub host: String,
+    /// The TCP port, 1 ..= 65535.
+    pub port: u16,
+}
+
+/// `[bridge.tls]`: TLS towards the upstream. Relative paths are relative to
+/// the working directory of the broker, as `data_dir` is (not to the config
+/// file). Validation checks that each file is a readable regular file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeTls {
+    /// `ca_file` (required): PEM certificates of the authorities trusted to
+    /// sign the upstream's certificate.
+    pub ca_file: PathBuf,
+    /// `cert_file`: PEM certificate chain presented to the upstream (mutual
+    /// TLS). Set with `key_file` or not at all. Default: none.
+    pub cert_file: Option<PathBuf>,
+    /// `key_file`: PEM private key of `cert_file`. Set with `cert_file` or
+    /// not at all. Default: none.
+    pub key_file: Option<PathBuf>,
+    /// `server_name`: the name the upstream's certificate must carry (and
+    /// the SNI sent). Default: none, meaning the host of each address.
+    pub server_name: Option<String>,
+}
+
+/// One `[[bridge.forward]]` rule, with Mosquitto's bridge semantics: the
+/// local subscription is `local_prefix + filter`, the upstream subscription
+/// is `remote_prefix + filter`, and a forwarded message's topic has the one
+/// prefix replaced by the other. With `local_prefix = ""`,
+/// `remote_prefix = "site-1/"` and `filter = "sensors/#"`, a local
+/// `sensors/t1` goes upstream as `site-1/sensors/t1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// `filter` (required): an MQTT topic filter (`+` and `#` wildcards
+    /// allowed; `$share/` filters are not).
+    pub filter: String,
+    /// `direction`: `"out"` (local to upstream), `"in"` (upstream to local)
+    /// or `"both"`. Default: `"out"`.
+    pub direction: Direction,
+    /// `qos`: the QoS of the subscriptions on both sides, and so the highest
+    /// QoS forwarded. 0, 1 or 2. Default: 1.
+    pub qos: u8,
+    /// `local_prefix`: prepended to `filter` on this node's side; no
+    /// wildcards and no U+0000. Usually ends with `/`. Default: `""`.
+    pub local_prefix: String,
+    /// `remote_prefix`: prepended to `filter` on the upstream's side; no
+    /// wildcards and no U+0000. Usually ends with `/`. Default: `""`.
+    pub remote_prefix: String,
+}
+
+/// `kind`: what the upstream of a bridge speaks. The contract also names
+/// `"ferrymq"` (batched, deduplicated, with state sync); it is refused with
+/// a clear message until it is built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum BridgeKind {
+    /// Plain MQTT, to any broker (`"mqtt"`).
+    #[default]
+    Mqtt,
+}
+
+/// `protocol`: the MQTT version a bridge speaks to its upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum BridgeProtocol {
+    /// MQTT 5.0 (`"5"`).
+    #[default]
+    V5,
+    /// MQTT 3.1.1 (`"3.1.1"`).
+    V311,
+}
+
+/// `direction`: which way a [`Forward`] rule carries messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From this node to the upstream (`"out"`).
+    #[default]
+    Out,
+    /// From the upstream to this node (`"in"`).
+    In,
+    /// Both ways (`"both"`).
+    Both,
+}
+
 impl Default for Config {
     /// The embedded defaults; the same values as [`default_config_toml`].
     fn default() -> Self {
@@ -222,6 +453,7 @@ impl Default for Config {
             auth: Auth::default(),
             limits: Limits::default(),
             storage: Storage::default(),
+            bridges: Vec::new(),
         }
     }
 }
@@ -270,6 +502,164 @@ impl Default for Storage {
             sync_interval: Duration::from_millis(100),
             max_disk_bytes: 8 << 30,
         }
+    }
+}
+
+impl Default for Bridge {
+    /// The file's defaults for every key that has one; `name`, `addresses`,
+    /// `client_id` and `forward` are empty, so a default bridge is not valid
+    /// until they are set.
+    fn default() -> Self {
+        Bridge {
+            name: String::new(),
+            addresses: Vec::new(),
+            kind: BridgeKind::Mqtt,
+            protocol: BridgeProtocol::V5,
+            client_id: String::new(),
+            username: None,
+            password: None,
+            keepalive: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            session_expiry: Duration::from_secs(7 * 24 * 3600),
+            inflight: 100,
+            drain_rate: 0,
+            ramp: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(60),
+            max_queued_messages: 10_000_000,
+            max_queued_bytes: 1 << 30,
+            tls: None,
+            forward: Vec::new(),
+        }
+    }
+}
+
+/// Every field, with the password replaced by `"<redacted>"` so that logging
+/// a config does not leak it.
+impl fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field cannot be forgotten here.
+        let Bridge {
+            name,
+            addresses,
+            kind,
+            protocol,
+            client_id,
+            username,
+            password,
+            keepalive,
+            connect_timeout,
+            session_expiry,
+            inflight,
+            drain_rate,
+            ramp,
+            reconnect_min,
+            reconnect_max,
+            max_queued_messages,
+            max_queued_bytes,
+            tls,
+            forward,
+        } = self;
+        f.debug_struct("Bridge")
+            .field("name", name)
+            .field("addresses", addresses)
+            .field("kind", kind)
+            .field("protocol", protocol)
+            .field("client_id", client_id)
+            .field("username", username)
+            .field("password", &password.as_ref().map(|_| "<redacted>"))
+            .field("keepalive", keepalive)
+            .field("connect_timeout", connect_timeout)
+            .field("session_expiry", session_expiry)
+            .field("inflight", inflight)
+            .field("drain_rate", drain_rate)
+            .field("ramp", ramp)
+            .field("reconnect_min", reconnect_min)
+            .field("reconnect_max", reconnect_max)
+            .field("max_queued_messages", max_queued_messages)
+            .field("max_queued_bytes", max_queued_bytes)
+            .field("tls", tls)
+            .field("forward", forward)
+            .finish()
+    }
+}
+
+/// `host:port`, with an IPv6 host in brackets: `[fd00::5]:1883`.
+impl fmt::Display for BridgeAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Default for Forward {
+    /// The file's defaults: direction out, QoS 1, no prefixes. The filter
+    /// is empty, so a default rule is not valid until it is set.
+    fn default() -> Self {
+        Forward {
+            filter: String::new(),
+            direction: Direction::Out,
+            qos: 1,
+            local_prefix: String::new(),
+            remote_prefix: String::new(),
+        }
+    }
+}
+
+impl BridgeKind {
+    /// The name used in the config file, e.g. `"mqtt"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BridgeKind::Mqtt => "mqtt",
+        }
+    }
+}
+
+impl fmt::Display for BridgeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl BridgeProtocol {
+    /// Every version, in the order error messages list them.
+    pub(crate) const ALL: [BridgeProtocol; 2] = [BridgeProtocol::V5, BridgeProtocol::V311];
+
+    /// The name used in the config file, e.g. `"3.1.1"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BridgeProtocol::V5 => "5",
+            BridgeProtocol::V311 => "3.1.1",
+        }
+    }
+}
+
+impl fmt::Display for BridgeProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Direction {
+    /// Every direction, in the order error messages list them.
+    pub(crate) const ALL: [Direction; 3] = [Direction::Out, Direction::In, Direction::Both];
+
+    /// The name used in the config file, e.g. `"out"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Out => "out",
+            Direction::In => "in",
+            Direction::Both => "both",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

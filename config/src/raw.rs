@@ -7,7 +7,7 @@
 //! `serde_ignored` collects every one instead.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,8 +18,8 @@ use toml::de::{DeTable, DeValue};
 use crate::size::RawSize;
 use crate::validate::{self, IntRange};
 use crate::{
-    Auth, Config, ConfigError, Durability, Limits, Listener, ListenerProtocol, QueueFull, Storage,
-    hint,
+    Auth, Bridge, BridgeAddress, BridgeKind, BridgeProtocol, BridgeTls, Config, ConfigError,
+    Direction, Durability, Forward, Limits, Listener, ListenerProtocol, QueueFull, Storage, hint,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -31,6 +31,7 @@ pub(crate) struct RawConfig {
     auth: Option<RawAuth>,
     limits: Option<RawLimits>,
     storage: Option<RawStorage>,
+    bridge: Option<Vec<RawBridge>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +72,49 @@ struct RawStorage {
     max_disk_bytes: Option<RawSize>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a [[bridge]] table")]
+struct RawBridge {
+    name: Option<String>,
+    addresses: Option<Vec<String>>,
+    kind: Option<String>,
+    protocol: Option<String>,
+    client_id: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    keepalive_secs: Option<Int>,
+    connect_timeout_secs: Option<Int>,
+    session_expiry_secs: Option<Int>,
+    inflight: Option<Int>,
+    drain_rate: Option<Int>,
+    ramp_secs: Option<Int>,
+    reconnect_min_ms: Option<Int>,
+    reconnect_max_ms: Option<Int>,
+    max_queued_messages: Option<Int>,
+    max_queued_bytes: Option<RawSize>,
+    tls: Option<RawBridgeTls>,
+    forward: Option<Vec<RawForward>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a [bridge.tls] table")]
+struct RawBridgeTls {
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    server_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a [[bridge.forward]] table")]
+struct RawForward {
+    filter: Option<String>,
+    direction: Option<String>,
+    qos: Option<Int>,
+    local_prefix: Option<String>,
+    remote_prefix: Option<String>,
+}
+
 /// One table of the file, for unknown-key hints.
 pub(crate) struct Table {
     /// How the table is written in a file, e.g. `[limits]`.
@@ -88,9 +132,9 @@ pub(crate) const TABLES: &[Table] = &[
         header: "the top level",
         path: &[],
         keys: &[
-            "node_id", "data_dir", "listener", "auth", "limits", "storage",
+            "node_id", "data_dir", "listener", "auth", "limits", "storage", "bridge",
         ],
-        planned: &["bridge", "state", "metrics"],
+        planned: &["state", "metrics"],
     },
     Table {
         header: "[[listener]]",
@@ -130,6 +174,50 @@ pub(crate) const TABLES: &[Table] = &[
             "durability",
             "sync_interval_ms",
             "max_disk_bytes",
+        ],
+        planned: &[],
+    },
+    Table {
+        header: "[[bridge]]",
+        path: &["bridge"],
+        keys: &[
+            "name",
+            "addresses",
+            "kind",
+            "protocol",
+            "client_id",
+            "username",
+            "password",
+            "keepalive_secs",
+            "connect_timeout_secs",
+            "session_expiry_secs",
+            "inflight",
+            "drain_rate",
+            "ramp_secs",
+            "reconnect_min_ms",
+            "reconnect_max_ms",
+            "max_queued_messages",
+            "max_queued_bytes",
+            "tls",
+            "forward",
+        ],
+        planned: &[],
+    },
+    Table {
+        header: "[bridge.tls]",
+        path: &["bridge", "tls"],
+        keys: &["ca_file", "cert_file", "key_file", "server_name"],
+        planned: &[],
+    },
+    Table {
+        header: "[[bridge.forward]]",
+        path: &["bridge", "forward"],
+        keys: &[
+            "filter",
+            "direction",
+            "qos",
+            "local_prefix",
+            "remote_prefix",
         ],
         planned: &[],
     },
@@ -252,10 +340,31 @@ fn type_error(err: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError 
     let path = err.path().to_string();
     let key = if path == "." { String::new() } else { path };
     let mut message = err.inner().message().to_owned();
-    if key == "listener" && message.contains("expected a sequence") {
-        message.push_str(" (write each listener as [[listener]], with double brackets)");
+    if message.contains("expected a sequence") {
+        let hint = match table_key(&key).as_str() {
+            "listener" => " (write each listener as [[listener]], with double brackets)",
+            "bridge" => " (write each bridge as [[bridge]], with double brackets)",
+            "bridge.forward" => {
+                " (write each rule as [[bridge.forward]], with double brackets, or as \
+                 forward = [ { filter = \"...\" } ])"
+            }
+            "bridge.addresses" => " (write a list, like addresses = [\"broker.example.com:1883\"])",
+            _ => "",
+        };
+        message.push_str(hint);
+    }
+    if table_key(&key) == "bridge.protocol" && message.starts_with("invalid type") {
+        // `protocol = 5` is the likely slip.
+        message.push_str(" (write protocol = \"5\" or \"3.1.1\", in quotes)");
     }
     ConfigError::new(key, message)
+}
+
+/// `key` without its indices: `bridge[0].forward[1]` -> `bridge.forward`.
+fn table_key(key: &str) -> String {
+    key.split('[')
+        .map(|part| part.split_once(']').map_or(part, |(_, rest)| rest))
+        .collect()
 }
 
 /// One segment of a key path.
@@ -351,8 +460,16 @@ impl RawConfig {
                 })
                 .collect(),
         };
+        let node_id = self.node_id.unwrap_or(defaults.node_id);
+        let bridges = self
+            .bridge
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw)| raw.into_bridge(i, &node_id, errors))
+            .collect();
         let config = Config {
-            node_id: self.node_id.unwrap_or(defaults.node_id),
+            node_id,
             data_dir: self.data_dir.map_or(defaults.data_dir, PathBuf::from),
             listeners,
             auth: self.auth.unwrap_or_default().into_auth(defaults.auth),
@@ -364,6 +481,7 @@ impl RawConfig {
                 .storage
                 .unwrap_or_default()
                 .into_storage(defaults.storage, errors),
+            bridges,
         };
         (config, unusable_binds)
     }
@@ -506,18 +624,20 @@ impl RawStorage {
                 defaults.max_queued_bytes,
                 errors,
             ),
-            queue_full: policy(
+            queue_full: choice(
                 self.queue_full.as_deref(),
                 "storage.queue_full",
+                "policy",
                 &QueueFull::ALL,
                 QueueFull::as_str,
                 defaults.queue_full,
                 errors,
             ),
             queue_qos0: self.queue_qos0.unwrap_or(defaults.queue_qos0),
-            durability: policy(
+            durability: choice(
                 self.durability.as_deref(),
                 "storage.durability",
+                "policy",
                 &Durability::ALL,
                 Durability::as_str,
                 defaults.durability,
@@ -541,13 +661,287 @@ impl RawStorage {
     }
 }
 
-/// The policy spelt `text` among `all` (named by `name`), or `default` when
-/// the key is missing. An unknown spelling is reported with the policies
-/// listed (and a "did you mean" when `text` is close to one), and replaced
-/// by `default`.
-fn policy<T: Copy>(
+impl RawBridge {
+    /// The bridge at `bridge[index]`. Only what the [`Bridge`] types cannot
+    /// hold is reported here; stage 2 checks the rest, for configs built in
+    /// code too. A missing `name`, `addresses`, `forward` or `filter` is
+    /// left empty, for stage 2 to report.
+    fn into_bridge(self, index: usize, node_id: &str, errors: &mut Vec<ConfigError>) -> Bridge {
+        let defaults = Bridge::default();
+        let key = |name: &str| format!("bridge[{index}].{name}");
+        let name = self.name.unwrap_or_default();
+        let client_id = match self.client_id {
+            Some(id) if !id.is_empty() => id,
+            _ => format!("{node_id}-{name}"),
+        };
+        let addresses = self
+            .addresses
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(j, text)| {
+                parse_address(text).unwrap_or_else(|message| {
+                    errors.push(ConfigError::new(key(&format!("addresses[{j}]")), message));
+                    // Reported; a valid stand-in keeps stage 2 quiet about it.
+                    BridgeAddress {
+                        host: "localhost".to_owned(),
+                        port: 1883,
+                    }
+                })
+            })
+            .collect();
+        let kind = match self.kind.as_deref() {
+            None | Some("mqtt") => BridgeKind::Mqtt,
+            Some(other) => {
+                let message = if other == "ferrymq" {
+                    "\"ferrymq\" is not available yet; use \"mqtt\" (it works with any MQTT \
+                     broker, ferrymq included)"
+                        .to_owned()
+                } else {
+                    format!(
+                        "unknown kind \"{other}\"; expected \"mqtt\" or \"ferrymq\" (only \
+                         \"mqtt\" is available in this version)"
+                    )
+                };
+                errors.push(ConfigError::new(key("kind"), message));
+                defaults.kind
+            }
+        };
+        let protocol = match self.protocol.as_deref() {
+            // "5" is one edit away from these, but they mean 3.1.1 (whose
+            // protocol level in CONNECT is 4).
+            Some(text @ ("3" | "4")) => {
+                let why = if text == "4" {
+                    ", whose protocol level is 4"
+                } else {
+                    ""
+                };
+                errors.push(ConfigError::new(
+                    key("protocol"),
+                    format!(
+                        "unknown protocol \"{text}\" (did you mean \"3.1.1\"{why}?); expected one \
+                         of \"5\", \"3.1.1\""
+                    ),
+                ));
+                defaults.protocol
+            }
+            text => choice(
+                text,
+                &key("protocol"),
+                "protocol",
+                &BridgeProtocol::ALL,
+                BridgeProtocol::as_str,
+                defaults.protocol,
+                errors,
+            ),
+        };
+        Bridge {
+            name,
+            addresses,
+            kind,
+            protocol,
+            client_id,
+            username: self.username,
+            password: self.password,
+            keepalive: Duration::from_secs(narrow(
+                self.keepalive_secs.map(|Int(v)| v),
+                &key("keepalive_secs"),
+                &validate::BRIDGE_KEEPALIVE_SECS,
+                defaults.keepalive.as_secs(),
+                errors,
+            )),
+            connect_timeout: Duration::from_secs(narrow(
+                self.connect_timeout_secs.map(|Int(v)| v),
+                &key("connect_timeout_secs"),
+                &validate::BRIDGE_CONNECT_TIMEOUT_SECS,
+                defaults.connect_timeout.as_secs(),
+                errors,
+            )),
+            session_expiry: Duration::from_secs(narrow(
+                self.session_expiry_secs.map(|Int(v)| v),
+                &key("session_expiry_secs"),
+                &validate::BRIDGE_SESSION_EXPIRY_SECS,
+                defaults.session_expiry.as_secs(),
+                errors,
+            )),
+            inflight: narrow(
+                self.inflight.map(|Int(v)| v),
+                &key("inflight"),
+                &validate::BRIDGE_INFLIGHT,
+                defaults.inflight,
+                errors,
+            ),
+            drain_rate: narrow(
+                self.drain_rate.map(|Int(v)| v),
+                &key("drain_rate"),
+                &validate::BRIDGE_DRAIN_RATE,
+                defaults.drain_rate,
+                errors,
+            ),
+            ramp: Duration::from_secs(narrow(
+                self.ramp_secs.map(|Int(v)| v),
+                &key("ramp_secs"),
+                &validate::BRIDGE_RAMP_SECS,
+                defaults.ramp.as_secs(),
+                errors,
+            )),
+            reconnect_min: Duration::from_millis(narrow(
+                self.reconnect_min_ms.map(|Int(v)| v),
+                &key("reconnect_min_ms"),
+                &validate::BRIDGE_RECONNECT_MIN_MS,
+                whole_millis(defaults.reconnect_min),
+                errors,
+            )),
+            reconnect_max: Duration::from_millis(narrow(
+                self.reconnect_max_ms.map(|Int(v)| v),
+                &key("reconnect_max_ms"),
+                &validate::BRIDGE_RECONNECT_MAX_MS,
+                whole_millis(defaults.reconnect_max),
+                errors,
+            )),
+            max_queued_messages: narrow(
+                self.max_queued_messages.map(|Int(v)| v),
+                &key("max_queued_messages"),
+                &validate::BRIDGE_MAX_QUEUED_MESSAGES,
+                defaults.max_queued_messages,
+                errors,
+            ),
+            max_queued_bytes: narrow(
+                self.max_queued_bytes.map(|RawSize(v)| i128::from(v)),
+                &key("max_queued_bytes"),
+                &validate::BRIDGE_MAX_QUEUED_BYTES,
+                defaults.max_queued_bytes,
+                errors,
+            ),
+            tls: self.tls.map(RawBridgeTls::into_tls),
+            forward: self
+                .forward
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(j, raw)| raw.into_forward(&key(&format!("forward[{j}]")), errors))
+                .collect(),
+        }
+    }
+}
+
+impl RawBridgeTls {
+    /// A missing `ca_file` is left empty, for stage 2 to report.
+    fn into_tls(self) -> BridgeTls {
+        BridgeTls {
+            ca_file: self.ca_file.map(PathBuf::from).unwrap_or_default(),
+            cert_file: self.cert_file.map(PathBuf::from),
+            key_file: self.key_file.map(PathBuf::from),
+            server_name: self.server_name,
+        }
+    }
+}
+
+impl RawForward {
+    /// The rule at `key` (`bridge[i].forward[j]`). A missing `filter` is left
+    /// empty, for stage 2 to report.
+    fn into_forward(self, key: &str, errors: &mut Vec<ConfigError>) -> Forward {
+        let defaults = Forward::default();
+        Forward {
+            filter: self.filter.unwrap_or_default(),
+            direction: choice(
+                self.direction.as_deref(),
+                &format!("{key}.direction"),
+                "direction",
+                &Direction::ALL,
+                Direction::as_str,
+                defaults.direction,
+                errors,
+            ),
+            qos: narrow(
+                self.qos.map(|Int(v)| v),
+                &format!("{key}.qos"),
+                &validate::QOS,
+                defaults.qos,
+                errors,
+            ),
+            local_prefix: self.local_prefix.unwrap_or_default(),
+            remote_prefix: self.remote_prefix.unwrap_or_default(),
+        }
+    }
+}
+
+/// Splits `"host:port"` into a [`BridgeAddress`], or says what is wrong with
+/// its form. Only the form is checked here (brackets, a port that fits 16
+/// bits); the host's own rules and port 0 are stage 2's, which also sees
+/// configs built in code.
+fn parse_address(text: &str) -> Result<BridgeAddress, String> {
+    if text.is_empty() {
+        return Err("empty; write \"host:port\", like \"broker.example.com:1883\"".to_owned());
+    }
+    if let Some((scheme, rest)) = text.split_once("://") {
+        return Err(format!(
+            "\"{text}\": write \"host:port\" without \"{scheme}://\", like \"{rest}\""
+        ));
+    }
+    let no_port = |host: &str| {
+        format!(
+            "\"{text}\" has no port; write \"host:port\", like \"{host}:1883\" (8883 is usual \
+             with TLS)"
+        )
+    };
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let Some((host, after)) = rest.split_once(']') else {
+            return Err(format!("\"{text}\" has no closing ']'"));
+        };
+        if host.parse::<Ipv6Addr>().is_err() {
+            return Err(format!(
+                "\"{text}\": brackets are for IPv6 addresses, and \"{host}\" is not one"
+            ));
+        }
+        match after.strip_prefix(':') {
+            Some(port) => (host, port),
+            None if after.is_empty() => return Err(no_port(&format!("[{host}]"))),
+            None => {
+                return Err(format!(
+                    "\"{text}\" is not \"host:port\"; write an IPv6 address like \"[{host}]:1883\""
+                ));
+            }
+        }
+    } else {
+        match text.split_once(':') {
+            None => return Err(no_port(text)),
+            Some((_, after)) if after.contains(':') => {
+                // Several colons: an IPv6 address without brackets. Which
+                // part is the port cannot be told, so the example is fixed.
+                return Err(format!(
+                    "\"{text}\": an IPv6 address goes in brackets, with the port after them, \
+                     like \"[fd00::5]:1883\""
+                ));
+            }
+            Some(split) => split,
+        }
+    };
+    if port.is_empty() {
+        return Err(no_port(&text[..text.len() - 1]));
+    }
+    let port = if port.bytes().all(|b| b.is_ascii_digit()) {
+        port.parse::<u16>()
+            .map_err(|_| format!("\"{text}\": port must be between 1 and 65535, got {port}"))?
+    } else {
+        return Err(format!(
+            "\"{text}\": port must be between 1 and 65535, got \"{port}\""
+        ));
+    };
+    Ok(BridgeAddress {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// The value spelt `text` among `all` (named by `name`), or `default` when
+/// the key is missing. An unknown spelling is reported as an unknown `what`
+/// (`"policy"`, `"protocol"`, ...) with the values listed (and a "did you
+/// mean" when `text` is close to one), and replaced by `default`.
+fn choice<T: Copy>(
     text: Option<&str>,
     key: &str,
+    what: &str,
     all: &[T],
     name: fn(T) -> &'static str,
     default: T,
@@ -556,18 +950,21 @@ fn policy<T: Copy>(
     let Some(text) = text else {
         return default;
     };
-    if let Some(&policy) = all.iter().find(|&&p| name(p) == text) {
-        return policy;
+    if let Some(&value) = all.iter().find(|&&v| name(v) == text) {
+        return value;
     }
     let names: Vec<&str> = all.iter().map(|&p| name(p)).collect();
-    let hint = hint::closest(text, &names)
+    // Any short name is "close" to an empty text: no hint for one.
+    let hint = Some(text)
+        .filter(|text| !text.is_empty())
+        .and_then(|text| hint::closest(text, &names))
         .map(|name| format!(" (did you mean \"{name}\"?)"))
         .unwrap_or_default();
     let expected: Vec<String> = names.iter().map(|name| format!("\"{name}\"")).collect();
     errors.push(ConfigError::new(
         key,
         format!(
-            "unknown policy \"{text}\"{hint}; expected one of {}",
+            "unknown {what} \"{text}\"{hint}; expected one of {}",
             expected.join(", ")
         ),
     ));
@@ -663,6 +1060,9 @@ mod tests {
             fields_of::<RawAuth>(),
             fields_of::<RawLimits>(),
             fields_of::<RawStorage>(),
+            fields_of::<RawBridge>(),
+            fields_of::<RawBridgeTls>(),
+            fields_of::<RawForward>(),
         ];
         let actual: Vec<&[&str]> = TABLES.iter().map(|t| t.keys).collect();
         assert_eq!(actual, expected);

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::{
-    Auth, Config, ConfigError, ConfigErrors, Durability, Limits, Listener, ListenerProtocol,
-    QueueFull, Storage, default_config_toml,
+    Auth, Bridge, BridgeAddress, BridgeKind, BridgeProtocol, BridgeTls, Config, ConfigError,
+    ConfigErrors, Direction, Durability, Forward, Limits, Listener, ListenerProtocol, QueueFull,
+    Storage, default_config_toml,
 };
 
 /// `toml` must parse to the defaults changed by `edit`.
@@ -38,6 +39,40 @@ fn tcp(bind: &str) -> Listener {
     Listener {
         bind: addr(bind),
         protocol: ListenerProtocol::Tcp,
+    }
+}
+
+fn address(host: &str, port: u16) -> BridgeAddress {
+    BridgeAddress {
+        host: host.into(),
+        port,
+    }
+}
+
+/// A directory of its own for one test's files, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("ferrymq-config-{test}-{}", std::process::id()));
+        // Left over from an interrupted run, if anything.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    /// Creates `name` (a small PEM-looking file) and returns its path.
+    fn file(&self, name: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, "-----BEGIN CERTIFICATE-----\n").expect("write test file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -78,6 +113,7 @@ fn defaults() {
             max_disk_bytes: 8_589_934_592,
         }
     );
+    assert_eq!(config.bridges, []);
     assert_eq!(QueueFull::default(), QueueFull::DropOldest);
     assert_eq!(Durability::default(), Durability::GroupCommit);
     assert_eq!(config.validate(), Ok(()));
@@ -875,7 +911,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         [storage]
         max_connections = 10
         topic_alias_maximum = 0
-        [bridge]
+        [state]
         "#,
         &[
             "max_connections: unknown key; `max_connections` belongs in [limits]",
@@ -887,7 +923,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
             "limits.durability: unknown key; `durability` belongs in [storage]",
             "storage.max_connections: unknown key; `max_connections` belongs in [limits]",
             "storage.topic_alias_maximum: unknown key; `topic_alias_maximum` belongs in [limits]",
-            "bridge: unknown key; `bridge` is not available yet in this version",
+            "state: unknown key; `state` is not available yet in this version",
         ],
     );
 }
@@ -997,28 +1033,64 @@ fn syntax_error() {
     );
 }
 
-#[test]
-fn default_config_toml_round_trip() {
-    let text = default_config_toml();
-    // node_id is commented out: its default is the host name.
-    assert!(text.contains("# node_id = "));
-    assert_eq!(Config::from_toml_str(text), Ok(Config::default()));
+/// `text` with every commented-out setting (`# key = value`, `# [table]`)
+/// uncommented; prose comments stay.
+fn uncomment_settings(text: &str) -> String {
+    let is_setting = |line: &str| {
+        line.starts_with('[')
+            || line.split_once(" = ").is_some_and(|(key, _)| {
+                !key.is_empty()
+                    && key
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            })
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(setting) if is_setting(setting) => setting,
+            _ => line,
+        })
+        .collect();
+    lines.join("\n")
+}
 
-    // It shows every key the code accepts, and nothing else.
-    let uncommented = text.replace("# node_id = ", "node_id = ");
-    let table: toml::Table = uncommented.parse().expect("default.toml parses");
-    let mut shown = Vec::new();
-    for (key, value) in &table {
-        shown.push(key.clone());
+/// Every key path in `table`, tables and the first table of arrays of
+/// tables included: `bridge`, `bridge.tls`, `bridge.tls.ca_file`, ...
+fn key_paths(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
         let nested = match value {
             toml::Value::Table(nested) => Some(nested),
             toml::Value::Array(items) => items.first().and_then(toml::Value::as_table),
             _ => None,
         };
-        for inner in nested.into_iter().flat_map(|t| t.keys()) {
-            shown.push(format!("{key}.{inner}"));
+        if let Some(nested) = nested {
+            key_paths(&path, nested, out);
         }
+        out.push(path);
     }
+}
+
+#[test]
+fn default_config_toml_round_trip() {
+    let text = default_config_toml();
+    // node_id is commented out: its default is the host name. So is the
+    // example bridge: there is none by default.
+    assert!(text.contains("# node_id = "));
+    assert!(text.contains("# [[bridge]]"));
+    assert_eq!(Config::from_toml_str(text), Ok(Config::default()));
+
+    // With its settings uncommented, it shows every key the code accepts,
+    // and nothing else.
+    let uncommented = uncomment_settings(text);
+    let table: toml::Table = uncommented.parse().expect("default.toml parses");
+    let mut shown = Vec::new();
+    key_paths("", &table, &mut shown);
     shown.sort();
     let mut accepted: Vec<String> = Vec::new();
     for table in crate::raw::TABLES {
@@ -1029,6 +1101,54 @@ fn default_config_toml_round_trip() {
     }
     accepted.sort();
     assert_eq!(shown, accepted);
+}
+
+#[test]
+fn default_config_toml_example_bridge() {
+    // The example, uncommented, is a valid bridge whose keys that have a
+    // default show it.
+    let dir = TempDir::new("example-bridge");
+    for name in ["regional-ca.pem", "edge-01.pem", "edge-01.key"] {
+        dir.file(name);
+    }
+    let uncommented = uncomment_settings(default_config_toml())
+        .replace("/etc/ferrymq/", &format!("{}/", dir.0.display()));
+    let config = match Config::from_toml_str(&uncommented) {
+        Ok(config) => config,
+        Err(errors) => panic!("example bridge refused:\n{errors}"),
+    };
+    assert_eq!(
+        config.bridges,
+        [Bridge {
+            name: "regional".into(),
+            addresses: vec![
+                address("10.0.0.5", 8883),
+                address("regional-2.example.com", 8883)
+            ],
+            client_id: format!("{}-regional", config.node_id),
+            username: Some("edge-01".into()),
+            password: Some("change-me".into()),
+            tls: Some(BridgeTls {
+                ca_file: dir.0.join("regional-ca.pem"),
+                cert_file: Some(dir.0.join("edge-01.pem")),
+                key_file: Some(dir.0.join("edge-01.key")),
+                server_name: Some("regional.example.com".into()),
+            }),
+            forward: vec![
+                Forward {
+                    filter: "sensors/#".into(),
+                    remote_prefix: "site-1/".into(),
+                    ..Forward::default()
+                },
+                Forward {
+                    filter: "commands/edge-01/#".into(),
+                    direction: Direction::In,
+                    ..Forward::default()
+                },
+            ],
+            ..Bridge::default()
+        }]
+    );
 }
 
 #[test]
@@ -1179,5 +1299,1338 @@ fn from_file_reads_and_validates() {
     assert_eq!(
         refused.expect_err("invalid").to_string(),
         "limits.max_connections: must be between 1 and 4294967295, got 0"
+    );
+}
+
+/// A file with one valid bridge (`regional()`), `extra` written among its
+/// keys; `extra` may end with a `[bridge.tls]` table.
+fn bridge_toml(extra: &str) -> String {
+    format!(
+        "node_id = \"edge-01\"\n[[bridge]]\nname = \"regional\"\n\
+         addresses = [\"10.0.0.5:1883\"]\n{extra}\n[[bridge.forward]]\nfilter = \"sensors/#\"\n"
+    )
+}
+
+/// A file with one bridge whose only forward rule is `{ rule }`.
+fn forward_toml(rule: &str) -> String {
+    format!(
+        "node_id = \"edge-01\"\n[[bridge]]\nname = \"regional\"\n\
+         addresses = [\"10.0.0.5:1883\"]\nforward = [ {{ {rule} }} ]\n"
+    )
+}
+
+/// The bridge of `bridge_toml("")`.
+fn regional() -> Bridge {
+    Bridge {
+        name: "regional".into(),
+        addresses: vec![address("10.0.0.5", 1883)],
+        client_id: "edge-01-regional".into(),
+        forward: vec![Forward {
+            filter: "sensors/#".into(),
+            ..Forward::default()
+        }],
+        ..Bridge::default()
+    }
+}
+
+/// `toml` must parse to the defaults with node_id "edge-01" and the one
+/// bridge `regional()` changed by `edit`.
+fn check_bridge_ok(toml: &str, edit: impl FnOnce(&mut Bridge)) {
+    let mut bridge = regional();
+    edit(&mut bridge);
+    check_ok(toml, |c| {
+        c.node_id = "edge-01".into();
+        c.bridges = vec![bridge];
+    });
+}
+
+#[test]
+fn bridge_defaults() {
+    assert_eq!(
+        Bridge::default(),
+        Bridge {
+            name: String::new(),
+            addresses: Vec::new(),
+            kind: BridgeKind::Mqtt,
+            protocol: BridgeProtocol::V5,
+            client_id: String::new(),
+            username: None,
+            password: None,
+            keepalive: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            session_expiry: Duration::from_secs(604_800),
+            inflight: 100,
+            drain_rate: 0,
+            ramp: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_millis(60_000),
+            max_queued_messages: 10_000_000,
+            max_queued_bytes: 1_073_741_824,
+            tls: None,
+            forward: Vec::new(),
+        }
+    );
+    assert_eq!(
+        Forward::default(),
+        Forward {
+            filter: String::new(),
+            direction: Direction::Out,
+            qos: 1,
+            local_prefix: String::new(),
+            remote_prefix: String::new(),
+        }
+    );
+    assert_eq!(BridgeKind::default(), BridgeKind::Mqtt);
+    assert_eq!(BridgeProtocol::default(), BridgeProtocol::V5);
+    assert_eq!(Direction::default(), Direction::Out);
+
+    check_bridge_ok(&bridge_toml(""), |_| {});
+    // An empty client_id is the default too.
+    check_bridge_ok(&bridge_toml("client_id = \"\""), |_| {});
+    // `forward = [ { ... } ]` is the same TOML as [[bridge.forward]].
+    check_bridge_ok(&forward_toml("filter = \"sensors/#\""), |_| {});
+
+    // The default client_id follows the node_id, default or not.
+    let config = Config::from_toml_str(
+        "[[bridge]]\nname = \"up\"\naddresses = [\"h:1\"]\nforward = [ { filter = \"#\" } ]",
+    )
+    .expect("valid");
+    assert_eq!(
+        config.bridges[0].client_id,
+        format!("{}-up", config.node_id)
+    );
+}
+
+#[test]
+fn every_bridge_key_parsed() {
+    let dir = TempDir::new("every-bridge-key");
+    let ca = dir.file("ca.pem");
+    let cert = dir.file("edge.pem");
+    let key = dir.file("edge.key");
+    let toml = format!(
+        r##"
+        node_id = "edge-01"
+
+        [[bridge]]
+        name = "regional"
+        addresses = ["10.0.0.5:8883", "[fd00::5]:8883", "regional.example.com:8884"]
+        kind = "mqtt"
+        protocol = "3.1.1"
+        client_id = "gateway-7"
+        username = "edge"
+        password = "secret"
+        keepalive_secs = 15
+        connect_timeout_secs = 5
+        session_expiry_secs = 0
+        inflight = 20
+        drain_rate = 500
+        ramp_secs = 0
+        reconnect_min_ms = 100
+        reconnect_max_ms = 100
+        max_queued_messages = 1000
+        max_queued_bytes = "10MiB"
+
+        [bridge.tls]
+        ca_file = "{ca}"
+        cert_file = "{cert}"
+        key_file = "{key}"
+        server_name = "regional.example.com"
+
+        [[bridge.forward]]
+        filter = "sensors/+/temp"
+        direction = "both"
+        qos = 2
+        local_prefix = "local/"
+        remote_prefix = "site-1/"
+
+        [[bridge.forward]]
+        filter = "#"
+        direction = "in"
+        qos = 0
+        local_prefix = "from-regional/"
+
+        [[bridge]]
+        name = "cloud_2"
+        addresses = ["cloud.example.com:1883"]
+        forward = [ {{ filter = "alarms/#", direction = "out" }} ]
+        "##,
+        ca = ca.display(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    check_ok(&toml, |c| {
+        c.node_id = "edge-01".into();
+        c.bridges = vec![
+            Bridge {
+                name: "regional".into(),
+                addresses: vec![
+                    address("10.0.0.5", 8883),
+                    address("fd00::5", 8883),
+                    address("regional.example.com", 8884),
+                ],
+                kind: BridgeKind::Mqtt,
+                protocol: BridgeProtocol::V311,
+                client_id: "gateway-7".into(),
+                username: Some("edge".into()),
+                password: Some("secret".into()),
+                keepalive: Duration::from_secs(15),
+                connect_timeout: Duration::from_secs(5),
+                session_expiry: Duration::ZERO,
+                inflight: 20,
+                drain_rate: 500,
+                ramp: Duration::ZERO,
+                reconnect_min: Duration::from_millis(100),
+                reconnect_max: Duration::from_millis(100),
+                max_queued_messages: 1000,
+                max_queued_bytes: 10 << 20,
+                tls: Some(BridgeTls {
+                    ca_file: ca.clone(),
+                    cert_file: Some(cert.clone()),
+                    key_file: Some(key.clone()),
+                    server_name: Some("regional.example.com".into()),
+                }),
+                forward: vec![
+                    Forward {
+                        filter: "sensors/+/temp".into(),
+                        direction: Direction::Both,
+                        qos: 2,
+                        local_prefix: "local/".into(),
+                        remote_prefix: "site-1/".into(),
+                    },
+                    Forward {
+                        filter: "#".into(),
+                        direction: Direction::In,
+                        qos: 0,
+                        local_prefix: "from-regional/".into(),
+                        remote_prefix: String::new(),
+                    },
+                ],
+            },
+            Bridge {
+                name: "cloud_2".into(),
+                addresses: vec![address("cloud.example.com", 1883)],
+                client_id: "edge-01-cloud_2".into(),
+                forward: vec![Forward {
+                    filter: "alarms/#".into(),
+                    ..Forward::default()
+                }],
+                ..Bridge::default()
+            },
+        ];
+    });
+}
+
+#[test]
+fn bridge_enums() {
+    for (text, protocol) in [("5", BridgeProtocol::V5), ("3.1.1", BridgeProtocol::V311)] {
+        check_bridge_ok(&bridge_toml(&format!("protocol = \"{text}\"")), |b| {
+            b.protocol = protocol;
+        });
+        assert_eq!(protocol.as_str(), text);
+        assert_eq!(protocol.to_string(), text);
+    }
+    for (text, direction) in [
+        ("out", Direction::Out),
+        ("in", Direction::In),
+        ("both", Direction::Both),
+    ] {
+        check_bridge_ok(
+            &forward_toml(&format!("filter = \"sensors/#\", direction = \"{text}\"")),
+            |b| b.forward[0].direction = direction,
+        );
+        assert_eq!(direction.as_str(), text);
+        assert_eq!(direction.to_string(), text);
+    }
+    check_bridge_ok(&bridge_toml("kind = \"mqtt\""), |_| {});
+    assert_eq!(BridgeKind::Mqtt.as_str(), "mqtt");
+    assert_eq!(BridgeKind::Mqtt.to_string(), "mqtt");
+}
+
+#[test]
+fn bridge_kind() {
+    check_err(
+        &bridge_toml("kind = \"ferrymq\""),
+        &[
+            "bridge[0].kind: \"ferrymq\" is not available yet; use \"mqtt\" (it works with any \
+           MQTT broker, ferrymq included)",
+        ],
+    );
+    check_err(
+        &bridge_toml("kind = \"amqp\""),
+        &[
+            "bridge[0].kind: unknown kind \"amqp\"; expected \"mqtt\" or \"ferrymq\" (only \
+           \"mqtt\" is available in this version)",
+        ],
+    );
+}
+
+#[test]
+fn bridge_protocol() {
+    let expected = "expected one of \"5\", \"3.1.1\"";
+    for (text, hint) in [
+        ("5.0", " (did you mean \"5\"?)"),
+        ("v5", " (did you mean \"5\"?)"),
+        ("3.1", " (did you mean \"3.1.1\"?)"),
+        ("311", " (did you mean \"3.1.1\"?)"),
+        ("4", " (did you mean \"3.1.1\", whose protocol level is 4?)"),
+        ("3", " (did you mean \"3.1.1\"?)"),
+        ("6", " (did you mean \"5\"?)"),
+        ("mqttv5", ""),
+        ("", ""),
+    ] {
+        check_err(
+            &bridge_toml(&format!("protocol = \"{text}\"")),
+            &[&format!(
+                "bridge[0].protocol: unknown protocol \"{text}\"{hint}; {expected}"
+            )],
+        );
+    }
+    check_err(
+        &bridge_toml("protocol = 5"),
+        &[
+            "bridge[0].protocol: invalid type: integer `5`, expected a string (write protocol = \
+           \"5\" or \"3.1.1\", in quotes)",
+        ],
+    );
+}
+
+#[test]
+fn bridge_names() {
+    let name_rule = "1 to 64 of A-Z a-z 0-9 _ -";
+    check_bridge_ok(
+        &bridge_toml("").replace("\"regional\"", &format!("\"{}\"", "a".repeat(64))),
+        |b| {
+            b.name = "a".repeat(64);
+            b.client_id = format!("edge-01-{}", "a".repeat(64));
+        },
+    );
+    check_bridge_ok(
+        &bridge_toml("").replace("\"regional\"", "\"Up_link-2\""),
+        |b| {
+            b.name = "Up_link-2".into();
+            b.client_id = "edge-01-Up_link-2".into();
+        },
+    );
+    for bad in ["bad name", "up/1", "été", "a.b", &"a".repeat(65)] {
+        check_err(
+            &bridge_toml("").replace("\"regional\"", &format!("\"{bad}\"")),
+            &[&format!(
+                "bridge[0].name: \"{bad}\" is not a valid bridge name: use {name_rule}"
+            )],
+        );
+    }
+    let missing =
+        format!("bridge[0].name: missing or empty; every [[bridge]] needs a name: {name_rule}");
+    check_err(
+        &bridge_toml("").replace("\"regional\"", "\"\""),
+        &[&missing],
+    );
+    check_err(
+        &bridge_toml("").replace("name = \"regional\"\n", ""),
+        &[&missing],
+    );
+    check_err(
+        r##"
+        [[bridge]]
+        name = "a"
+        addresses = ["h:1"]
+        forward = [ { filter = "#" } ]
+        [[bridge]]
+        name = "b"
+        addresses = ["h:1"]
+        forward = [ { filter = "#" } ]
+        [[bridge]]
+        name = "a"
+        addresses = ["h:1"]
+        forward = [ { filter = "#" } ]
+        [[bridge]]
+        name = "b"
+        addresses = ["h:1"]
+        forward = [ { filter = "#" } ]
+        "##,
+        &[
+            "bridge[2].name: \"a\" is already used by bridge[0]",
+            "bridge[3].name: \"b\" is already used by bridge[1]",
+        ],
+    );
+}
+
+#[test]
+fn bridge_addresses() {
+    for (text, host, port) in [
+        ("10.0.0.5:8883", "10.0.0.5", 8883),
+        ("[::1]:1883", "::1", 1883),
+        ("[fd00::5]:1", "fd00::5", 1),
+        ("[::ffff:10.0.0.5]:1883", "::ffff:10.0.0.5", 1883),
+        ("broker.example.com:65535", "broker.example.com", 65535),
+        ("localhost:1883", "localhost", 1883),
+        ("my_broker:1883", "my_broker", 1883),
+        ("Broker-1.Example.COM:1883", "Broker-1.Example.COM", 1883),
+        ("1a.example:1883", "1a.example", 1883),
+    ] {
+        check_bridge_ok(&bridge_toml("").replace("10.0.0.5:1883", text), |b| {
+            b.addresses = vec![address(host, port)]
+        });
+        assert_eq!(address(host, port).to_string(), text);
+    }
+
+    let no_port = |text: &str, like: &str| {
+        format!(
+            "\"{text}\" has no port; write \"host:port\", like \"{like}:1883\" (8883 is usual \
+             with TLS)"
+        )
+    };
+    let not_host = |host: &str| {
+        format!(
+            "\"{host}\" is not a host name (dot-separated labels of 1 to 63 letters, digits, '-' \
+             or '_', not starting or ending with '-'), an IPv4 address or an IPv6 address"
+        )
+    };
+    let ipv6 = |text: &str| {
+        format!(
+            "\"{text}\": an IPv6 address goes in brackets, with the port after them, like \
+             \"[fd00::5]:1883\""
+        )
+    };
+    let long_label = "a".repeat(64);
+    let long_name = ["a".repeat(63).as_str(); 4].join(".");
+    for (text, expected) in [
+        ("10.0.0.5", no_port("10.0.0.5", "10.0.0.5")),
+        ("broker", no_port("broker", "broker")),
+        ("broker:", no_port("broker:", "broker")),
+        ("[::1]", no_port("[::1]", "[::1]")),
+        ("[::1]:", no_port("[::1]:", "[::1]")),
+        ("::1:1883", ipv6("::1:1883")),
+        ("fd00::5", ipv6("fd00::5")),
+        (
+            "[1.2.3.4]:1883",
+            "\"[1.2.3.4]:1883\": brackets are for IPv6 addresses, and \"1.2.3.4\" is not one"
+                .into(),
+        ),
+        (
+            "[broker]:1883",
+            "\"[broker]:1883\": brackets are for IPv6 addresses, and \"broker\" is not one".into(),
+        ),
+        ("[::1:1883", "\"[::1:1883\" has no closing ']'".into()),
+        (
+            "[::1]1883",
+            "\"[::1]1883\" is not \"host:port\"; write an IPv6 address like \"[::1]:1883\"".into(),
+        ),
+        (
+            "mqtt://broker:1883",
+            "\"mqtt://broker:1883\": write \"host:port\" without \"mqtt://\", like \
+             \"broker:1883\""
+                .into(),
+        ),
+        (
+            "broker:0",
+            "\"broker:0\": port must be between 1 and 65535, got 0".into(),
+        ),
+        (
+            "broker:65536",
+            "\"broker:65536\": port must be between 1 and 65535, got 65536".into(),
+        ),
+        (
+            "broker:99999999999999999999999",
+            "\"broker:99999999999999999999999\": port must be between 1 and 65535, got \
+             99999999999999999999999"
+                .into(),
+        ),
+        (
+            "broker:http",
+            "\"broker:http\": port must be between 1 and 65535, got \"http\"".into(),
+        ),
+        (
+            "broker:+1883",
+            "\"broker:+1883\": port must be between 1 and 65535, got \"+1883\"".into(),
+        ),
+        (
+            "broker: 1883",
+            "\"broker: 1883\": port must be between 1 and 65535, got \" 1883\"".into(),
+        ),
+        (
+            "",
+            "empty; write \"host:port\", like \"broker.example.com:1883\"".into(),
+        ),
+        (
+            ":1883",
+            "\":1883\": no host; write \"host:port\", like \"broker.example.com:1883\"".into(),
+        ),
+        (
+            "999.1.1.1:1883",
+            "\"999.1.1.1:1883\": \"999.1.1.1\" is not an IPv4 address".into(),
+        ),
+        (
+            "10.0.0:1883",
+            "\"10.0.0:1883\": \"10.0.0\" is not an IPv4 address".into(),
+        ),
+        (
+            "foo bar:1883",
+            format!("\"foo bar:1883\": {}", not_host("foo bar")),
+        ),
+        (
+            "-bad.example.com:1883",
+            format!(
+                "\"-bad.example.com:1883\": {}",
+                not_host("-bad.example.com")
+            ),
+        ),
+        (
+            "bad-.example.com:1883",
+            format!(
+                "\"bad-.example.com:1883\": {}",
+                not_host("bad-.example.com")
+            ),
+        ),
+        ("a..b:1883", format!("\"a..b:1883\": {}", not_host("a..b"))),
+        (
+            "example.com.:1883",
+            format!("\"example.com.:1883\": {}", not_host("example.com.")),
+        ),
+        (
+            &format!("{long_label}:1883"),
+            format!("\"{long_label}:1883\": {}", not_host(&long_label)),
+        ),
+        (
+            &format!("{long_name}:1883"),
+            format!("\"{long_name}:1883\": {}", not_host(&long_name)),
+        ),
+    ] {
+        check_err(
+            &bridge_toml("").replace("10.0.0.5:1883", text),
+            &[&format!("bridge[0].addresses[0]: {expected}")],
+        );
+    }
+    // 63-character labels, 251 bytes in all: the longest name accepted.
+    let longest = ["a".repeat(63).as_str(); 3]
+        .into_iter()
+        .chain(["a".repeat(59).as_str()])
+        .collect::<Vec<_>>()
+        .join(".");
+    assert_eq!(longest.len(), 251);
+    check_bridge_ok(&bridge_toml("").replace("10.0.0.5", &longest), |b| {
+        b.addresses = vec![address(&longest, 1883)]
+    });
+
+    // Each bad address is reported with its index; good ones are kept.
+    check_err(
+        &bridge_toml("").replace(
+            "[\"10.0.0.5:1883\"]",
+            "[\"10.0.0.5:1883\", \"nowhere\", \"h:0\", \"[::1]:1883\"]",
+        ),
+        &[
+            &format!("bridge[0].addresses[1]: {}", no_port("nowhere", "nowhere")),
+            "bridge[0].addresses[2]: \"h:0\": port must be between 1 and 65535, got 0",
+        ],
+    );
+
+    let missing = "bridge[0].addresses: missing or empty; every [[bridge]] needs at least one \
+                   address, like addresses = [\"broker.example.com:1883\"]";
+    check_err(
+        &bridge_toml("").replace("addresses = [\"10.0.0.5:1883\"]\n", ""),
+        &[missing],
+    );
+    check_err(
+        &bridge_toml("").replace("[\"10.0.0.5:1883\"]", "[]"),
+        &[missing],
+    );
+}
+
+#[test]
+fn bridge_client_id_and_credentials() {
+    check_bridge_ok(&bridge_toml("client_id = \"gw-7\""), |b| {
+        b.client_id = "gw-7".into();
+    });
+    let longest = "x".repeat(65_535);
+    check_bridge_ok(&bridge_toml(&format!("client_id = \"{longest}\"")), |b| {
+        b.client_id = longest.clone();
+    });
+    check_err(
+        &bridge_toml(&format!("client_id = \"{longest}x\"")),
+        &["bridge[0].client_id: must be at most 65535 bytes, got 65536"],
+    );
+    check_err(
+        &bridge_toml("client_id = \"a\\u0000b\""),
+        &["bridge[0].client_id: must not contain U+0000"],
+    );
+    check_err(
+        &bridge_toml("username = \"a\\u0000b\""),
+        &["bridge[0].username: must not contain U+0000"],
+    );
+    check_err(
+        &bridge_toml(&format!("password = \"{longest}x\"")),
+        &["bridge[0].password: must be at most 65535 bytes, got 65536"],
+    );
+
+    // A password without a username: fine in MQTT 5, refused in 3.1.1.
+    check_bridge_ok(&bridge_toml("password = \"secret\""), |b| {
+        b.password = Some("secret".into());
+    });
+    check_bridge_ok(
+        &bridge_toml("protocol = \"3.1.1\"\nusername = \"\"\npassword = \"secret\""),
+        |b| {
+            b.protocol = BridgeProtocol::V311;
+            b.username = Some(String::new());
+            b.password = Some("secret".into());
+        },
+    );
+    check_bridge_ok(
+        &bridge_toml("protocol = \"3.1.1\"\nusername = \"edge\""),
+        |b| {
+            b.protocol = BridgeProtocol::V311;
+            b.username = Some("edge".into());
+        },
+    );
+    check_err(
+        &bridge_toml("protocol = \"3.1.1\"\npassword = \"secret\""),
+        &[
+            "bridge[0].password: MQTT 3.1.1 does not allow a password without a username; set \
+           username too, or use protocol \"5\"",
+        ],
+    );
+}
+
+#[test]
+fn bridge_debug_hides_the_password() {
+    let bridge = Bridge {
+        password: Some("hunter2".into()),
+        ..regional()
+    };
+    let debug = format!("{bridge:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    assert!(debug.contains("password: Some(\"<redacted>\")"), "{debug}");
+    assert!(debug.contains("name: \"regional\""), "{debug}");
+    assert!(
+        format!("{regional:?}", regional = regional()).contains("password: None"),
+        "no password"
+    );
+}
+
+#[test]
+fn bridge_numbers_at_their_bounds() {
+    check_bridge_ok(
+        &bridge_toml(
+            "keepalive_secs = 1\nconnect_timeout_secs = 1\nsession_expiry_secs = 0\n\
+             inflight = 1\ndrain_rate = 0\nramp_secs = 0\nreconnect_min_ms = 10\n\
+             reconnect_max_ms = 10\nmax_queued_messages = 1\nmax_queued_bytes = \"1KiB\"",
+        ),
+        |b| {
+            b.keepalive = Duration::from_secs(1);
+            b.connect_timeout = Duration::from_secs(1);
+            b.session_expiry = Duration::ZERO;
+            b.inflight = 1;
+            b.drain_rate = 0;
+            b.ramp = Duration::ZERO;
+            b.reconnect_min = Duration::from_millis(10);
+            b.reconnect_max = Duration::from_millis(10);
+            b.max_queued_messages = 1;
+            b.max_queued_bytes = 1024;
+        },
+    );
+    check_bridge_ok(
+        &bridge_toml(
+            "keepalive_secs = 65535\nconnect_timeout_secs = 300\n\
+             session_expiry_secs = 4294967295\ninflight = 65535\ndrain_rate = 10000000\n\
+             ramp_secs = 3600\nreconnect_min_ms = 3600000\nreconnect_max_ms = 86400000\n\
+             max_queued_messages = 1000000000\nmax_queued_bytes = \"1024TiB\"",
+        ),
+        |b| {
+            b.keepalive = Duration::from_secs(65_535);
+            b.connect_timeout = Duration::from_secs(300);
+            b.session_expiry = Duration::from_secs(u64::from(u32::MAX));
+            b.inflight = 65_535;
+            b.drain_rate = 10_000_000;
+            b.ramp = Duration::from_secs(3600);
+            b.reconnect_min = Duration::from_secs(3600);
+            b.reconnect_max = Duration::from_secs(86_400);
+            b.max_queued_messages = 1_000_000_000;
+            b.max_queued_bytes = 1 << 50;
+        },
+    );
+}
+
+#[test]
+fn bridge_ranges() {
+    for (key, value, range) in [
+        ("keepalive_secs", "65536", "between 1 and 65535 seconds"),
+        ("keepalive_secs", "-1", "between 1 and 65535 seconds"),
+        ("connect_timeout_secs", "0", "between 1 and 300 seconds"),
+        ("connect_timeout_secs", "301", "between 1 and 300 seconds"),
+        (
+            "session_expiry_secs",
+            "-1",
+            "between 0 and 4294967295 seconds",
+        ),
+        (
+            "session_expiry_secs",
+            "4294967296",
+            "between 0 and 4294967295 seconds",
+        ),
+        ("inflight", "0", "between 1 and 65535"),
+        ("inflight", "65536", "between 1 and 65535"),
+        (
+            "drain_rate",
+            "-1",
+            "between 0 and 10000000 messages per second",
+        ),
+        (
+            "drain_rate",
+            "10000001",
+            "between 0 and 10000000 messages per second",
+        ),
+        (
+            "drain_rate",
+            "4294967296",
+            "between 0 and 10000000 messages per second",
+        ),
+        ("ramp_secs", "-1", "between 0 and 3600 seconds"),
+        ("ramp_secs", "3601", "between 0 and 3600 seconds"),
+        (
+            "reconnect_min_ms",
+            "9",
+            "between 10 and 3600000 milliseconds",
+        ),
+        (
+            "reconnect_min_ms",
+            "3600001",
+            "between 10 and 3600000 milliseconds",
+        ),
+        (
+            "reconnect_max_ms",
+            "86400001",
+            "between 10 and 86400000 milliseconds",
+        ),
+        (
+            "reconnect_max_ms",
+            "-1",
+            "between 10 and 86400000 milliseconds",
+        ),
+        ("max_queued_messages", "0", "between 1 and 1000000000"),
+        (
+            "max_queued_messages",
+            "1000000001",
+            "between 1 and 1000000000",
+        ),
+        (
+            "max_queued_bytes",
+            "1023",
+            "between 1024 and 1125899906842624 bytes",
+        ),
+        (
+            "max_queued_bytes",
+            "1125899906842625",
+            "between 1024 and 1125899906842624 bytes",
+        ),
+    ] {
+        check_err(
+            &bridge_toml(&format!("{key} = {value}")),
+            &[&format!("bridge[0].{key}: must be {range}, got {value}")],
+        );
+    }
+    check_err(
+        &bridge_toml("keepalive_secs = 0"),
+        &[
+            "bridge[0].keepalive_secs: must be between 1 and 65535 seconds, got 0: the bridge \
+           needs a keepalive to notice a half-open link to the upstream",
+        ],
+    );
+    check_err(
+        &bridge_toml("max_queued_bytes = \"2 gib\""),
+        &[
+            "bridge[0].max_queued_bytes: invalid size \"2 gib\": unknown unit \"gib\" (units are \
+           case-sensitive: did you mean \"GiB\"?); units are B, KB, MB, GB, TB, KiB, MiB, GiB, \
+           TiB",
+        ],
+    );
+    check_bridge_ok(&bridge_toml("max_queued_bytes = \"500MB\""), |b| {
+        b.max_queued_bytes = 500_000_000;
+    });
+}
+
+#[test]
+fn bridge_reconnect_max_at_least_min() {
+    check_err(
+        &bridge_toml("reconnect_min_ms = 1000\nreconnect_max_ms = 999"),
+        &["bridge[0].reconnect_max_ms: must be at least reconnect_min_ms (1000), got 999"],
+    );
+    // Against the default minimum, 500 ms.
+    check_err(
+        &bridge_toml("reconnect_max_ms = 100"),
+        &["bridge[0].reconnect_max_ms: must be at least reconnect_min_ms (500), got 100"],
+    );
+    // A minimum above the default maximum needs a maximum too.
+    check_err(
+        &bridge_toml("reconnect_min_ms = 120000"),
+        &["bridge[0].reconnect_max_ms: must be at least reconnect_min_ms (120000), got 60000"],
+    );
+    check_bridge_ok(
+        &bridge_toml("reconnect_min_ms = 120000\nreconnect_max_ms = 120000"),
+        |b| {
+            b.reconnect_min = Duration::from_secs(120);
+            b.reconnect_max = Duration::from_secs(120);
+        },
+    );
+    // A minimum out of range is one error, not two.
+    check_err(
+        &bridge_toml("reconnect_min_ms = 3600001\nreconnect_max_ms = 1000"),
+        &["bridge[0].reconnect_min_ms: must be between 10 and 3600000 milliseconds, got 3600001"],
+    );
+}
+
+#[test]
+fn bridge_tls() {
+    let dir = TempDir::new("bridge-tls");
+    let ca = dir.file("ca.pem");
+    let cert = dir.file("edge.pem");
+    let key = dir.file("edge.key");
+    let tls = |keys: &str| bridge_toml(&format!("[bridge.tls]\n{keys}"));
+    let ca_line = format!("ca_file = \"{}\"", ca.display());
+
+    check_bridge_ok(&tls(&ca_line), |b| {
+        b.tls = Some(BridgeTls {
+            ca_file: ca.clone(),
+            cert_file: None,
+            key_file: None,
+            server_name: None,
+        });
+    });
+    // Relative paths are kept as written and read from the working
+    // directory (the crate's directory under `cargo test`), like data_dir.
+    check_bridge_ok(
+        &tls("ca_file = \"Cargo.toml\"\nserver_name = \"10.0.0.5\""),
+        |b| {
+            b.tls = Some(BridgeTls {
+                ca_file: "Cargo.toml".into(),
+                cert_file: None,
+                key_file: None,
+                server_name: Some("10.0.0.5".into()),
+            });
+        },
+    );
+
+    check_err(
+        &tls(""),
+        &[
+            "bridge[0].tls.ca_file: missing or empty; [bridge.tls] needs ca_file, the CA \
+           certificates (PEM) that sign the upstream's certificate",
+        ],
+    );
+    check_err(
+        &tls(&format!("{ca_line}\ncert_file = \"{}\"", cert.display())),
+        &[
+            "bridge[0].tls.key_file: missing; cert_file is set, and mutual TLS needs both \
+           cert_file and key_file",
+        ],
+    );
+    check_err(
+        &tls(&format!("{ca_line}\nkey_file = \"{}\"", key.display())),
+        &[
+            "bridge[0].tls.cert_file: missing; key_file is set, and mutual TLS needs both \
+           cert_file and key_file",
+        ],
+    );
+    let missing = dir.0.join("missing.pem");
+    check_err(
+        &tls(&format!(
+            "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+            missing.display(),
+            cert.display(),
+            dir.0.display()
+        )),
+        &[
+            &format!(
+                "bridge[0].tls.ca_file: cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            ),
+            &format!(
+                "bridge[0].tls.key_file: {} is not a regular file",
+                dir.0.display()
+            ),
+        ],
+    );
+    check_err(
+        &tls("ca_file = \"no-such-ca.pem\""),
+        &[
+            "bridge[0].tls.ca_file: cannot read no-such-ca.pem: No such file or directory (os \
+           error 2)",
+        ],
+    );
+    check_err(
+        &tls(&format!("{ca_line}\ncert_file = \"\"\nkey_file = \"\"")),
+        &[
+            "bridge[0].tls.cert_file: must not be empty",
+            "bridge[0].tls.key_file: must not be empty",
+        ],
+    );
+    check_err(
+        &tls(&format!("{ca_line}\nserver_name = \"\"")),
+        &[
+            "bridge[0].tls.server_name: must not be empty; leave it out to use the host of each \
+           address",
+        ],
+    );
+    check_err(
+        &tls(&format!("{ca_line}\nserver_name = \"bad name\"")),
+        &[
+            "bridge[0].tls.server_name: \"bad name\" is not a host name (dot-separated labels of 1 \
+           to 63 letters, digits, '-' or '_', not starting or ending with '-'), an IPv4 address \
+           or an IPv6 address",
+        ],
+    );
+}
+
+#[test]
+fn bridge_forward_rules() {
+    let missing = "bridge[0].forward: missing or empty; every [[bridge]] needs at least one \
+                   forward rule, like forward = [ { filter = \"sensors/#\" } ]";
+    check_err(
+        "[[bridge]]\nname = \"regional\"\naddresses = [\"10.0.0.5:1883\"]",
+        &[missing],
+    );
+    check_err(
+        "[[bridge]]\nname = \"regional\"\naddresses = [\"10.0.0.5:1883\"]\nforward = []",
+        &[missing],
+    );
+    check_err(
+        &forward_toml("qos = 0"),
+        &[
+            "bridge[0].forward[0].filter: missing or empty; every forward rule needs a topic \
+           filter, like \"sensors/#\"",
+        ],
+    );
+
+    for filter in [
+        "#",
+        "+",
+        "a/+/b/#",
+        "/",
+        "a//b",
+        "$SYS/#",
+        "$share",
+        "sensors/t 1",
+    ] {
+        check_bridge_ok(&forward_toml(&format!("filter = \"{filter}\"")), |b| {
+            b.forward[0].filter = filter.into();
+        });
+    }
+    let longest = "a".repeat(65_535);
+    check_bridge_ok(&forward_toml(&format!("filter = \"{longest}\"")), |b| {
+        b.forward[0].filter = longest.clone();
+    });
+    let hash = "is not a valid topic filter: '#' must be the whole last level of a filter";
+    let plus = "is not a valid topic filter: '+' must occupy a whole level of a filter";
+    for (filter, expected) in [
+        (
+            "",
+            "missing or empty; every forward rule needs a topic filter, like \"sensors/#\"".into(),
+        ),
+        ("a/#/b", format!("\"a/#/b\" {hash}")),
+        ("a#", format!("\"a#\" {hash}")),
+        ("#/", format!("\"#/\" {hash}")),
+        ("a+/b", format!("\"a+/b\" {plus}")),
+        ("a/+b", format!("\"a/+b\" {plus}")),
+        (
+            "$share/group/sensors/#",
+            "\"$share/group/sensors/#\" is a shared subscription, which a bridge cannot use; \
+             write the filter without \"$share/{group}/\""
+                .into(),
+        ),
+        ("a\\u0000b", "must not contain U+0000".into()),
+        (
+            &format!("{longest}a"),
+            "must be at most 65535 bytes, got 65536".into(),
+        ),
+    ] {
+        check_err(
+            &forward_toml(&format!("filter = \"{filter}\"")),
+            &[&format!("bridge[0].forward[0].filter: {expected}")],
+        );
+    }
+
+    for qos in [0, 1, 2] {
+        check_bridge_ok(
+            &forward_toml(&format!("filter = \"sensors/#\", qos = {qos}")),
+            |b| b.forward[0].qos = qos,
+        );
+    }
+    for qos in ["3", "-1", "256"] {
+        check_err(
+            &forward_toml(&format!("filter = \"sensors/#\", qos = {qos}")),
+            &[&format!(
+                "bridge[0].forward[0].qos: must be between 0 and 2, got {qos}"
+            )],
+        );
+    }
+
+    let expected = "expected one of \"out\", \"in\", \"both\"";
+    for (text, hint) in [
+        ("Out", " (did you mean \"out\"?)"),
+        ("bot", " (did you mean \"both\"?)"),
+        ("outbound", ""),
+        ("", ""),
+    ] {
+        check_err(
+            &forward_toml(&format!("filter = \"sensors/#\", direction = \"{text}\"")),
+            &[&format!(
+                "bridge[0].forward[0].direction: unknown direction \"{text}\"{hint}; {expected}"
+            )],
+        );
+    }
+}
+
+#[test]
+fn bridge_forward_prefixes() {
+    check_bridge_ok(
+        &forward_toml(
+            "filter = \"+/temp\", local_prefix = \"local/\", remote_prefix = \"site-1/edge/\"",
+        ),
+        |b| {
+            b.forward[0] = Forward {
+                filter: "+/temp".into(),
+                local_prefix: "local/".into(),
+                remote_prefix: "site-1/edge/".into(),
+                ..Forward::default()
+            };
+        },
+    );
+    // Without a wildcard at the joint, a prefix need not end with '/'.
+    check_bridge_ok(
+        &forward_toml("filter = \"-temp/#\", remote_prefix = \"site-1\""),
+        |b| {
+            b.forward[0].filter = "-temp/#".into();
+            b.forward[0].remote_prefix = "site-1".into();
+        },
+    );
+    for (name, prefix, filter, expected) in [
+        (
+            "local_prefix",
+            "a/+/",
+            "#",
+            "\"a/+/\" must not contain the wildcards '+' or '#'".to_owned(),
+        ),
+        (
+            "remote_prefix",
+            "#",
+            "#",
+            "\"#\" must not contain the wildcards '+' or '#'".into(),
+        ),
+        (
+            "local_prefix",
+            "a\\u0000/",
+            "#",
+            "must not contain U+0000".into(),
+        ),
+        (
+            "remote_prefix",
+            "site-1",
+            "#",
+            "\"site-1\" + filter \"#\" = \"site-1#\", which is not a valid topic filter: '#' must \
+             be the whole last level of a filter; end the prefix with '/'"
+                .into(),
+        ),
+        (
+            "local_prefix",
+            "site-1",
+            "+/temp",
+            "\"site-1\" + filter \"+/temp\" = \"site-1+/temp\", which is not a valid topic \
+             filter: '+' must occupy a whole level of a filter; end the prefix with '/'"
+                .into(),
+        ),
+        (
+            "remote_prefix",
+            "$share/g/",
+            "sensors/#",
+            "\"$share/g/\" + filter \"sensors/#\" = \"$share/g/sensors/#\", a shared \
+             subscription, which a bridge cannot use"
+                .into(),
+        ),
+        (
+            "remote_prefix",
+            &format!("{}/", "p".repeat(65_533)),
+            "ab",
+            "with the filter, makes a topic filter of 65536 bytes; the most is 65535".into(),
+        ),
+    ] {
+        check_err(
+            &forward_toml(&format!("filter = \"{filter}\", {name} = \"{prefix}\"")),
+            &[&format!("bridge[0].forward[0].{name}: {expected}")],
+        );
+    }
+    // A bad filter is reported once, not again at each prefix.
+    check_err(
+        &forward_toml("filter = \"a#\", local_prefix = \"x\", remote_prefix = \"y/\""),
+        &[
+            "bridge[0].forward[0].filter: \"a#\" is not a valid topic filter: '#' must be the \
+           whole last level of a filter",
+        ],
+    );
+}
+
+#[test]
+fn bridge_unknown_keys() {
+    check_err(
+        r#"
+        node_id = "edge-01"
+        bridges = 1
+        name = "x"
+
+        [[bridge]]
+        name = "regional"
+        adresses = ["10.0.0.5:1883"]
+        keepalive = 30
+        clientid = "x"
+        ca_file = "ca.pem"
+        filter = "x"
+
+        [bridge.tls]
+        cafile = "ca.pem"
+        sni = "x"
+
+        [[bridge.forward]]
+        filter = "a/#"
+        directon = "in"
+        prefix = "x"
+        qos = 1
+        "#,
+        &[
+            "bridges: unknown key; did you mean `bridge`?",
+            "name: unknown key; `name` belongs in [[bridge]]",
+            "bridge[0].adresses: unknown key; did you mean `addresses`?",
+            "bridge[0].keepalive: unknown key",
+            "bridge[0].clientid: unknown key; did you mean `client_id`?",
+            "bridge[0].ca_file: unknown key; `ca_file` belongs in [bridge.tls]",
+            "bridge[0].filter: unknown key; `filter` belongs in [[bridge.forward]]",
+            "bridge[0].tls.cafile: unknown key; did you mean `ca_file`?",
+            "bridge[0].tls.sni: unknown key",
+            "bridge[0].forward[0].directon: unknown key; did you mean `direction`?",
+            "bridge[0].forward[0].prefix: unknown key",
+            "bridge[0].addresses: missing or empty; every [[bridge]] needs at least one address, \
+             like addresses = [\"broker.example.com:1883\"]",
+            "bridge[0].tls.ca_file: missing or empty; [bridge.tls] needs ca_file, the CA \
+             certificates (PEM) that sign the upstream's certificate",
+        ],
+    );
+    // Inline rules are checked the same way.
+    check_err(
+        &forward_toml("filter = \"a/#\", quos = 1"),
+        &["bridge[0].forward[0].quos: unknown key; did you mean `qos`?"],
+    );
+}
+
+#[test]
+fn bridge_type_errors() {
+    check_err(
+        "[bridge]\nname = \"regional\"",
+        &[
+            "bridge: invalid type: map, expected a sequence (write each bridge as [[bridge]], \
+           with double brackets)",
+        ],
+    );
+    check_err(
+        "[[bridge]]\nname = \"regional\"\n[bridge.forward]\nfilter = \"a\"",
+        &[
+            "bridge[0].forward: invalid type: map, expected a sequence (write each rule as \
+           [[bridge.forward]], with double brackets, or as forward = [ { filter = \"...\" } ])",
+        ],
+    );
+    check_err(
+        "[[bridge]]\naddresses = \"10.0.0.5:1883\"",
+        &[
+            "bridge[0].addresses: invalid type: string \"10.0.0.5:1883\", expected a sequence \
+           (write a list, like addresses = [\"broker.example.com:1883\"])",
+        ],
+    );
+    check_err(
+        "[[bridge]]\naddresses = [1883]",
+        &["bridge[0].addresses[0]: invalid type: integer `1883`, expected a string"],
+    );
+    check_err(
+        "[[bridge]]\ntls = true",
+        &["bridge[0].tls: invalid type: boolean `true`, expected a [bridge.tls] table"],
+    );
+    check_err(
+        "[[bridge]]\nforward = [\"a/#\"]",
+        &[
+            "bridge[0].forward[0]: invalid type: string \"a/#\", expected a [[bridge.forward]] \
+           table",
+        ],
+    );
+    check_err(
+        "[[bridge]]\nforward = [ { filter = \"a\", qos = \"1\" } ]",
+        &["bridge[0].forward[0].qos: invalid type: string \"1\", expected an integer"],
+    );
+    check_err(
+        "[[bridge]]\nkeepalive_secs = 1.5",
+        &["bridge[0].keepalive_secs: invalid type: floating point `1.5`, expected an integer"],
+    );
+}
+
+#[test]
+fn every_bridge_problem_reported_at_once() {
+    let dir = TempDir::new("every-bridge-problem");
+    let missing = dir.0.join("edge.pem");
+    let toml = format!(
+        r#"
+        node_id = "edge-01"
+
+        [[bridge]]
+        name = "up 1"
+        addresses = ["10.0.0.5", "[::1]:1883", "h:0"]
+        kind = "ferrymq"
+        protocol = "3.1.1"
+        password = "secret"
+        keepalive_secs = 0
+        reconnect_min_ms = 2000
+        reconnect_max_ms = 1000
+        max_queued_bytes = "10B"
+        inflight = 70000
+        nme = "x"
+
+        [bridge.tls]
+        cert_file = "{missing}"
+
+        [[bridge.forward]]
+        filter = "a/#/b"
+        qos = 3
+        direction = "sideways"
+        remote_prefix = "x/+"
+
+        [[bridge.forward]]
+        filtre = "x"
+
+        [[bridge]]
+        name = "up-2"
+        addresses = []
+
+        [[bridge]]
+        name = "up-2"
+        addresses = ["h:1"]
+        forward = [ {{ filter = "$share/g/#" }} ]
+        "#,
+        missing = missing.display(),
+    );
+    check_err(
+        &toml,
+        &[
+            "bridge[0].nme: unknown key; did you mean `name`?",
+            "bridge[0].forward[1].filtre: unknown key; did you mean `filter`?",
+            // Stage 1: what the types cannot hold.
+            "bridge[0].addresses[0]: \"10.0.0.5\" has no port; write \"host:port\", like \
+             \"10.0.0.5:1883\" (8883 is usual with TLS)",
+            "bridge[0].kind: \"ferrymq\" is not available yet; use \"mqtt\" (it works with any \
+             MQTT broker, ferrymq included)",
+            "bridge[0].inflight: must be between 1 and 65535, got 70000",
+            "bridge[0].forward[0].direction: unknown direction \"sideways\"; expected one of \
+             \"out\", \"in\", \"both\"",
+            // Stage 2: the rules.
+            "bridge[0].name: \"up 1\" is not a valid bridge name: use 1 to 64 of A-Z a-z 0-9 _ -",
+            "bridge[0].addresses[2]: \"h:0\": port must be between 1 and 65535, got 0",
+            "bridge[0].password: MQTT 3.1.1 does not allow a password without a username; set \
+             username too, or use protocol \"5\"",
+            "bridge[0].keepalive_secs: must be between 1 and 65535 seconds, got 0: the bridge \
+             needs a keepalive to notice a half-open link to the upstream",
+            "bridge[0].reconnect_max_ms: must be at least reconnect_min_ms (2000), got 1000",
+            "bridge[0].max_queued_bytes: must be between 1024 and 1125899906842624 bytes, got 10",
+            "bridge[0].tls.ca_file: missing or empty; [bridge.tls] needs ca_file, the CA \
+             certificates (PEM) that sign the upstream's certificate",
+            "bridge[0].tls.key_file: missing; cert_file is set, and mutual TLS needs both \
+             cert_file and key_file",
+            &format!(
+                "bridge[0].tls.cert_file: cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            ),
+            "bridge[0].forward[0].filter: \"a/#/b\" is not a valid topic filter: '#' must be the \
+             whole last level of a filter",
+            "bridge[0].forward[0].qos: must be between 0 and 2, got 3",
+            "bridge[0].forward[0].remote_prefix: \"x/+\" must not contain the wildcards '+' or \
+             '#'",
+            "bridge[0].forward[1].filter: missing or empty; every forward rule needs a topic \
+             filter, like \"sensors/#\"",
+            "bridge[1].addresses: missing or empty; every [[bridge]] needs at least one address, \
+             like addresses = [\"broker.example.com:1883\"]",
+            "bridge[1].forward: missing or empty; every [[bridge]] needs at least one forward \
+             rule, like forward = [ { filter = \"sensors/#\" } ]",
+            "bridge[2].name: \"up-2\" is already used by bridge[1]",
+            "bridge[2].forward[0].filter: \"$share/g/#\" is a shared subscription, which a \
+             bridge cannot use; write the filter without \"$share/{group}/\"",
+        ],
+    );
+}
+
+#[test]
+fn validate_bridge_built_in_code() {
+    let mut config = Config::default();
+    config.bridges.push(regional());
+    assert_eq!(config.validate(), Ok(()));
+
+    config.bridges.push(Bridge {
+        name: "regional".into(),
+        addresses: vec![
+            address("", 1883),
+            address("::1", 0),
+            address("[::1]", 1),
+            address("::1", 1),
+        ],
+        client_id: String::new(),
+        keepalive: Duration::from_millis(999),
+        connect_timeout: Duration::from_secs(301),
+        session_expiry: Duration::from_secs(u64::from(u32::MAX) + 1),
+        ramp: Duration::from_secs(3601),
+        reconnect_min: Duration::from_micros(9_999),
+        reconnect_max: Duration::from_secs(86_401),
+        inflight: 0,
+        drain_rate: 10_000_001,
+        max_queued_messages: 0,
+        max_queued_bytes: (1 << 50) + 1,
+        tls: Some(BridgeTls {
+            ca_file: PathBuf::new(),
+            cert_file: Some(PathBuf::new()),
+            key_file: None,
+            server_name: Some(String::new()),
+        }),
+        forward: vec![Forward {
+            qos: 3,
+            ..Forward::default()
+        }],
+        ..Bridge::default()
+    });
+    let errors = config.validate().expect_err("invalid");
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        lines,
+        [
+            "bridge[1].name: \"regional\" is already used by bridge[0]",
+            "bridge[1].addresses[0]: \":1883\": no host; write \"host:port\", like \
+             \"broker.example.com:1883\"",
+            "bridge[1].addresses[1]: \"[::1]:0\": port must be between 1 and 65535, got 0",
+            "bridge[1].addresses[2]: \"[[::1]]:1\": \"[::1]\" is not an IPv6 address",
+            "bridge[1].client_id: must not be empty (a config file that leaves it out gets \
+             \"{node_id}-{name}\")",
+            "bridge[1].keepalive_secs: must be between 1 and 65535 seconds, got 0: the bridge \
+             needs a keepalive to notice a half-open link to the upstream",
+            "bridge[1].connect_timeout_secs: must be between 1 and 300 seconds, got 301",
+            "bridge[1].session_expiry_secs: must be between 0 and 4294967295 seconds, got \
+             4294967296",
+            "bridge[1].inflight: must be between 1 and 65535, got 0",
+            "bridge[1].drain_rate: must be between 0 and 10000000 messages per second, got \
+             10000001",
+            "bridge[1].ramp_secs: must be between 0 and 3600 seconds, got 3601",
+            "bridge[1].reconnect_min_ms: must be between 10 and 3600000 milliseconds, got 9",
+            "bridge[1].reconnect_max_ms: must be between 10 and 86400000 milliseconds, got \
+             86401000",
+            "bridge[1].max_queued_messages: must be between 1 and 1000000000, got 0",
+            "bridge[1].max_queued_bytes: must be between 1024 and 1125899906842624 bytes, got \
+             1125899906842625",
+            "bridge[1].tls.ca_file: missing or empty; [bridge.tls] needs ca_file, the CA \
+             certificates (PEM) that sign the upstream's certificate",
+            "bridge[1].tls.key_file: missing; cert_file is set, and mutual TLS needs both \
+             cert_file and key_file",
+            "bridge[1].tls.cert_file: must not be empty",
+            "bridge[1].tls.server_name: must not be empty; leave it out to use the host of each \
+             address",
+            "bridge[1].forward[0].filter: missing or empty; every forward rule needs a topic \
+             filter, like \"sensors/#\"",
+            "bridge[1].forward[0].qos: must be between 0 and 2, got 3",
+        ]
     );
 }

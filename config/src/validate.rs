@@ -1,7 +1,14 @@
 //! Stage 2: rules on a whole [`Config`], shared by parsed files and configs
 //! built in code. Every problem is collected, keyed by its TOML key.
 
-use crate::{Config, ConfigError};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::time::Duration;
+
+use ferrymq_codec::TopicError;
+use ferrymq_codec::topic::{SHARED_PREFIX, validate_topic_filter};
+
+use crate::{Bridge, BridgeProtocol, BridgeTls, Config, ConfigError, Forward};
 
 /// The allowed values of an integer key, with the unit shown in messages.
 pub(crate) struct IntRange {
@@ -118,6 +125,84 @@ pub(crate) const MAX_DISK_BYTES: IntRange = IntRange {
     unit: " bytes",
 };
 
+/// MQTT keepalive is a 16-bit number of seconds; a bridge needs one (0,
+/// off, is refused with its own message).
+pub(crate) const BRIDGE_KEEPALIVE_SECS: IntRange = IntRange {
+    lo: 1,
+    hi: 65_535,
+    unit: " seconds",
+};
+
+pub(crate) const BRIDGE_CONNECT_TIMEOUT_SECS: IntRange = IntRange {
+    lo: 1,
+    hi: 300,
+    unit: " seconds",
+};
+
+/// As [`MAX_SESSION_EXPIRY_SECS`]: MQTT's 32-bit seconds.
+pub(crate) const BRIDGE_SESSION_EXPIRY_SECS: IntRange = IntRange {
+    lo: 0,
+    hi: u32::MAX as u64,
+    unit: " seconds",
+};
+
+/// Bounded like a Receive Maximum: 16 bits, not 0.
+pub(crate) const BRIDGE_INFLIGHT: IntRange = IntRange {
+    lo: 1,
+    hi: 65_535,
+    unit: "",
+};
+
+/// 0 means unlimited.
+pub(crate) const BRIDGE_DRAIN_RATE: IntRange = IntRange {
+    lo: 0,
+    hi: 10_000_000,
+    unit: " messages per second",
+};
+
+pub(crate) const BRIDGE_RAMP_SECS: IntRange = IntRange {
+    lo: 0,
+    hi: 3600,
+    unit: " seconds",
+};
+
+/// 10 ms ..= 1 hour.
+pub(crate) const BRIDGE_RECONNECT_MIN_MS: IntRange = IntRange {
+    lo: 10,
+    hi: 3_600_000,
+    unit: " milliseconds",
+};
+
+/// 10 ms ..= 1 day.
+pub(crate) const BRIDGE_RECONNECT_MAX_MS: IntRange = IntRange {
+    lo: 10,
+    hi: 86_400_000,
+    unit: " milliseconds",
+};
+
+pub(crate) const BRIDGE_MAX_QUEUED_MESSAGES: IntRange = IntRange {
+    lo: 1,
+    hi: 1_000_000_000,
+    unit: "",
+};
+
+/// 1 KiB ..= 1 PiB.
+pub(crate) const BRIDGE_MAX_QUEUED_BYTES: IntRange = IntRange {
+    lo: 1 << 10,
+    hi: 1 << 50,
+    unit: " bytes",
+};
+
+pub(crate) const QOS: IntRange = IntRange {
+    lo: 0,
+    hi: 2,
+    unit: "",
+};
+
+/// The longest MQTT string (client identifier, topic filter, user name)
+/// and binary data (password), in bytes.
+const MAX_MQTT_STRING: usize = 65_535;
+
 /// Checks every rule on `config`, pushing one error per problem.
 /// `unusable_binds` lists listeners whose `bind` was already reported as
 /// unusable (a placeholder stands in), so address rules skip them.
@@ -131,6 +216,9 @@ pub(crate) fn check(config: &Config, unusable_binds: &[usize], errors: &mut Vec<
     check_listeners(config, unusable_binds, errors);
     check_limits(config, errors);
     check_storage(config, errors);
+    for (i, bridge) in config.bridges.iter().enumerate() {
+        check_bridge(config, i, bridge, errors);
+    }
 }
 
 fn check_listeners(config: &Config, unusable_binds: &[usize], errors: &mut Vec<ConfigError>) {
@@ -249,26 +337,389 @@ fn check_storage(config: &Config, errors: &mut Vec<ConfigError>) {
     MAX_DISK_BYTES.check("storage.max_disk_bytes", storage.max_disk_bytes, errors);
 }
 
+/// Checks `bridge[index]`, in the order of its keys.
+fn check_bridge(config: &Config, index: usize, bridge: &Bridge, errors: &mut Vec<ConfigError>) {
+    let key = |name: &str| format!("bridge[{index}].{name}");
+    let name = &bridge.name;
+    if name.is_empty() {
+        errors.push(ConfigError::new(
+            key("name"),
+            "missing or empty; every [[bridge]] needs a name: 1 to 64 of A-Z a-z 0-9 _ -",
+        ));
+    } else if name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        errors.push(ConfigError::new(
+            key("name"),
+            format!("\"{name}\" is not a valid bridge name: use 1 to 64 of A-Z a-z 0-9 _ -"),
+        ));
+    } else if let Some(first) = config.bridges[..index]
+        .iter()
+        .position(|other| other.name == *name)
+    {
+        errors.push(ConfigError::new(
+            key("name"),
+            format!("\"{name}\" is already used by bridge[{first}]"),
+        ));
+    }
+
+    if bridge.addresses.is_empty() {
+        errors.push(ConfigError::new(
+            key("addresses"),
+            "missing or empty; every [[bridge]] needs at least one address, like \
+             addresses = [\"broker.example.com:1883\"]",
+        ));
+    }
+    for (j, address) in bridge.addresses.iter().enumerate() {
+        let problem = if let Err(problem) = host_problem(&address.host) {
+            Some(problem)
+        } else if address.port == 0 {
+            Some("port must be between 1 and 65535, got 0".to_owned())
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            errors.push(ConfigError::new(
+                key(&format!("addresses[{j}]")),
+                format!("\"{address}\": {problem}"),
+            ));
+        }
+    }
+
+    let client_id = &bridge.client_id;
+    if client_id.is_empty() {
+        errors.push(ConfigError::new(
+            key("client_id"),
+            "must not be empty (a config file that leaves it out gets \"{node_id}-{name}\")",
+        ));
+    } else {
+        check_mqtt_string(&key("client_id"), client_id, errors);
+    }
+    if let Some(username) = &bridge.username {
+        check_mqtt_string(&key("username"), username, errors);
+    }
+    if let Some(password) = &bridge.password {
+        // Binary data in MQTT: any bytes, U+0000 included.
+        if password.len() > MAX_MQTT_STRING {
+            errors.push(ConfigError::new(
+                key("password"),
+                format!(
+                    "must be at most {MAX_MQTT_STRING} bytes, got {}",
+                    password.len()
+                ),
+            ));
+        }
+        if bridge.protocol == BridgeProtocol::V311 && bridge.username.is_none() {
+            errors.push(ConfigError::new(
+                key("password"),
+                "MQTT 3.1.1 does not allow a password without a username; set username too, \
+                 or use protocol \"5\"",
+            ));
+        }
+    }
+
+    if bridge.keepalive.as_secs() == 0 {
+        errors.push(ConfigError::new(
+            key("keepalive_secs"),
+            "must be between 1 and 65535 seconds, got 0: the bridge needs a keepalive to \
+             notice a half-open link to the upstream",
+        ));
+    } else {
+        check_secs(
+            &BRIDGE_KEEPALIVE_SECS,
+            &key("keepalive_secs"),
+            bridge.keepalive,
+            errors,
+        );
+    }
+    check_secs(
+        &BRIDGE_CONNECT_TIMEOUT_SECS,
+        &key("connect_timeout_secs"),
+        bridge.connect_timeout,
+        errors,
+    );
+    check_secs(
+        &BRIDGE_SESSION_EXPIRY_SECS,
+        &key("session_expiry_secs"),
+        bridge.session_expiry,
+        errors,
+    );
+    BRIDGE_INFLIGHT.check(&key("inflight"), u64::from(bridge.inflight), errors);
+    BRIDGE_DRAIN_RATE.check(&key("drain_rate"), u64::from(bridge.drain_rate), errors);
+    check_secs(&BRIDGE_RAMP_SECS, &key("ramp_secs"), bridge.ramp, errors);
+    let before = errors.len();
+    check_millis(
+        &BRIDGE_RECONNECT_MIN_MS,
+        &key("reconnect_min_ms"),
+        bridge.reconnect_min,
+        errors,
+    );
+    check_millis(
+        &BRIDGE_RECONNECT_MAX_MS,
+        &key("reconnect_max_ms"),
+        bridge.reconnect_max,
+        errors,
+    );
+    // Compared only when both are in range, so one mistake is one error.
+    if errors.len() == before && bridge.reconnect_max < bridge.reconnect_min {
+        errors.push(ConfigError::new(
+            key("reconnect_max_ms"),
+            format!(
+                "must be at least reconnect_min_ms ({}), got {}",
+                bridge.reconnect_min.as_millis(),
+                bridge.reconnect_max.as_millis()
+            ),
+        ));
+    }
+    BRIDGE_MAX_QUEUED_MESSAGES.check(
+        &key("max_queued_messages"),
+        u64::from(bridge.max_queued_messages),
+        errors,
+    );
+    BRIDGE_MAX_QUEUED_BYTES.check(&key("max_queued_bytes"), bridge.max_queued_bytes, errors);
+
+    if let Some(tls) = &bridge.tls {
+        check_tls(&key("tls"), tls, errors);
+    }
+
+    if bridge.forward.is_empty() {
+        errors.push(ConfigError::new(
+            key("forward"),
+            "missing or empty; every [[bridge]] needs at least one forward rule, like \
+             forward = [ { filter = \"sensors/#\" } ]",
+        ));
+    }
+    for (j, rule) in bridge.forward.iter().enumerate() {
+        check_forward(&key(&format!("forward[{j}]")), rule, errors);
+    }
+}
+
+/// Checks `[bridge.tls]` at `key` (`bridge[i].tls`), files included.
+fn check_tls(key: &str, tls: &BridgeTls, errors: &mut Vec<ConfigError>) {
+    if tls.ca_file.as_os_str().is_empty() {
+        errors.push(ConfigError::new(
+            format!("{key}.ca_file"),
+            "missing or empty; [bridge.tls] needs ca_file, the CA certificates (PEM) that sign \
+             the upstream's certificate",
+        ));
+    } else {
+        check_file(&format!("{key}.ca_file"), &tls.ca_file, errors);
+    }
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(_), None) => errors.push(ConfigError::new(
+            format!("{key}.key_file"),
+            "missing; cert_file is set, and mutual TLS needs both cert_file and key_file",
+        )),
+        (None, Some(_)) => errors.push(ConfigError::new(
+            format!("{key}.cert_file"),
+            "missing; key_file is set, and mutual TLS needs both cert_file and key_file",
+        )),
+        _ => {}
+    }
+    if let Some(cert_file) = &tls.cert_file {
+        check_file(&format!("{key}.cert_file"), cert_file, errors);
+    }
+    if let Some(key_file) = &tls.key_file {
+        check_file(&format!("{key}.key_file"), key_file, errors);
+    }
+    if let Some(server_name) = &tls.server_name {
+        if server_name.is_empty() {
+            errors.push(ConfigError::new(
+                format!("{key}.server_name"),
+                "must not be empty; leave it out to use the host of each address",
+            ));
+        } else if let Err(problem) = host_problem(server_name) {
+            errors.push(ConfigError::new(format!("{key}.server_name"), problem));
+        }
+    }
+}
+
+/// `path` must be a regular file we can open for reading. Relative paths
+/// are relative to the working directory.
+fn check_file(key: &str, path: &Path, errors: &mut Vec<ConfigError>) {
+    if path.as_os_str().is_empty() {
+        errors.push(ConfigError::new(key, "must not be empty"));
+        return;
+    }
+    let problem = match std::fs::metadata(path) {
+        Err(err) => Some(format!("cannot read {}: {err}", path.display())),
+        Ok(meta) if !meta.is_file() => Some(format!("{} is not a regular file", path.display())),
+        Ok(_) => std::fs::File::open(path)
+            .err()
+            .map(|err| format!("cannot read {}: {err}", path.display())),
+    };
+    if let Some(problem) = problem {
+        errors.push(ConfigError::new(key, problem));
+    }
+}
+
+/// Checks one `[[bridge.forward]]` rule at `key` (`bridge[i].forward[j]`).
+fn check_forward(key: &str, rule: &Forward, errors: &mut Vec<ConfigError>) {
+    let filter = &rule.filter;
+    let filter_ok = if filter.is_empty() {
+        errors.push(ConfigError::new(
+            format!("{key}.filter"),
+            "missing or empty; every forward rule needs a topic filter, like \"sensors/#\"",
+        ));
+        false
+    } else if let Err(problem) = filter_problem(filter) {
+        let message = match problem {
+            FilterProblem::Nul => "must not contain U+0000".to_owned(),
+            FilterProblem::TooLong(len) => {
+                format!("must be at most {MAX_MQTT_STRING} bytes, got {len}")
+            }
+            problem => format!("\"{filter}\" {problem}"),
+        };
+        errors.push(ConfigError::new(format!("{key}.filter"), message));
+        false
+    } else {
+        true
+    };
+    QOS.check(&format!("{key}.qos"), u64::from(rule.qos), errors);
+    for (name, prefix) in [
+        ("local_prefix", &rule.local_prefix),
+        ("remote_prefix", &rule.remote_prefix),
+    ] {
+        let prefix_key = format!("{key}.{name}");
+        if prefix.contains('\0') {
+            errors.push(ConfigError::new(prefix_key, "must not contain U+0000"));
+        } else if prefix.contains(['+', '#']) {
+            errors.push(ConfigError::new(
+                prefix_key,
+                format!("\"{prefix}\" must not contain the wildcards '+' or '#'"),
+            ));
+        } else if filter_ok && !prefix.is_empty() {
+            // Both valid alone; the joint can still break a rule, as
+            // "site-1" + "#" does.
+            let joined = format!("{prefix}{filter}");
+            if let Err(problem) = filter_problem(&joined) {
+                let joint = format!("\"{prefix}\" + filter \"{filter}\" = \"{joined}\"");
+                let message = match problem {
+                    FilterProblem::TooLong(len) => format!(
+                        "with the filter, makes a topic filter of {len} bytes; the most is \
+                         {MAX_MQTT_STRING}"
+                    ),
+                    FilterProblem::Invalid(_) => {
+                        format!("{joint}, which {problem}; end the prefix with '/'")
+                    }
+                    FilterProblem::Shared => {
+                        format!("{joint}, a shared subscription, which a bridge cannot use")
+                    }
+                    // The prefix and the filter were checked for U+0000.
+                    FilterProblem::Nul => format!("{joint}, which {problem}"),
+                };
+                errors.push(ConfigError::new(prefix_key, message));
+            }
+        }
+    }
+}
+
+/// Why a non-empty string cannot be a bridge's topic filter.
+enum FilterProblem {
+    /// A `$share/` filter: a bridge is one client, so there is nothing to
+    /// share with.
+    Shared,
+    Nul,
+    TooLong(usize),
+    Invalid(TopicError),
+}
+
+/// Completes a sentence that starts with the filter: `"a/#/b" is not ...`.
+impl std::fmt::Display for FilterProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FilterProblem::Shared => write!(
+                f,
+                "is a shared subscription, which a bridge cannot use; write the filter without \
+                 \"{SHARED_PREFIX}{{group}}/\""
+            ),
+            FilterProblem::Nul => f.write_str("contains U+0000"),
+            FilterProblem::TooLong(len) => {
+                write!(f, "is {len} bytes long; the most is {MAX_MQTT_STRING}")
+            }
+            FilterProblem::Invalid(err) => write!(f, "is not a valid topic filter: {err}"),
+        }
+    }
+}
+
+fn filter_problem(filter: &str) -> Result<(), FilterProblem> {
+    if filter.starts_with(SHARED_PREFIX) {
+        return Err(FilterProblem::Shared);
+    }
+    if filter.contains('\0') {
+        return Err(FilterProblem::Nul);
+    }
+    if filter.len() > MAX_MQTT_STRING {
+        return Err(FilterProblem::TooLong(filter.len()));
+    }
+    validate_topic_filter(filter).map_err(FilterProblem::Invalid)
+}
+
+/// An MQTT UTF-8 string: at most 65535 bytes, no U+0000.
+fn check_mqtt_string(key: &str, value: &str, errors: &mut Vec<ConfigError>) {
+    if value.len() > MAX_MQTT_STRING {
+        errors.push(ConfigError::new(
+            key,
+            format!(
+                "must be at most {MAX_MQTT_STRING} bytes, got {}",
+                value.len()
+            ),
+        ));
+    }
+    if value.contains('\0') {
+        errors.push(ConfigError::new(key, "must not contain U+0000"));
+    }
+}
+
+/// What is wrong with `host` (a bridge address's host or a TLS server
+/// name): it must be an IPv6 address (without brackets), an IPv4 address,
+/// or a DNS name of dot-separated labels of 1 to 63 letters, digits, `-` or
+/// `_`, not starting or ending with `-`, 253 bytes at most.
+fn host_problem(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("no host; write \"host:port\", like \"broker.example.com:1883\"".to_owned());
+    }
+    if host.contains(':') {
+        return host
+            .parse::<Ipv6Addr>()
+            .map(drop)
+            .map_err(|_| format!("\"{host}\" is not an IPv6 address"));
+    }
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return host
+            .parse::<Ipv4Addr>()
+            .map(drop)
+            .map_err(|_| format!("\"{host}\" is not an IPv4 address"));
+    }
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(format!(
+            "\"{host}\" is not a host name (dot-separated labels of 1 to 63 letters, digits, \
+             '-' or '_', not starting or ending with '-'), an IPv4 address or an IPv6 address"
+        ));
+    }
+    Ok(())
+}
+
 /// Durations are whole seconds in the file; one built in code with a
 /// fraction is checked on its whole seconds, and one below a second fails.
-fn check_secs(
-    range: &IntRange,
-    key: &str,
-    value: std::time::Duration,
-    errors: &mut Vec<ConfigError>,
-) {
+fn check_secs(range: &IntRange, key: &str, value: Duration, errors: &mut Vec<ConfigError>) {
     range.check(key, value.as_secs(), errors);
 }
 
 /// Durations are whole milliseconds in the file; one built in code with a
 /// fraction is checked on its whole milliseconds, and one below a
 /// millisecond fails.
-fn check_millis(
-    range: &IntRange,
-    key: &str,
-    value: std::time::Duration,
-    errors: &mut Vec<ConfigError>,
-) {
+fn check_millis(range: &IntRange, key: &str, value: Duration, errors: &mut Vec<ConfigError>) {
     // Any `Duration` in milliseconds fits in an `i128` (below 2^75).
     let millis = i128::try_from(value.as_millis()).unwrap_or(i128::MAX);
     range.check_wide(key, millis, errors);
