@@ -715,3 +715,25 @@ async fn rumqttc_persistent_sessions_and_qos2_in_both_versions() {
     assert_eq!(got, ["rq/v5 0", "rq/v5 1", "rq/v5 2"]);
     drop(client5);
 }
+
+#[test]
+fn network_clients_cannot_use_a_bridge_client_id() {
+    let broker = Broker::start("");
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let mut raw = Raw::open(broker.addr, protocol);
+        raw.send(&Packet::Connect(Box::new(connect_packet(
+            protocol,
+            "$bridge/regional",
+        ))));
+        match raw.recv() {
+            Some(Packet::ConnAck(ack)) => {
+                assert_eq!(
+                    ack.reason_code,
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    "{protocol:?}"
+                )
+            }
+            other => panic!("{protocol:?}: {other:?}"),
+        }
+    }
+}

@@ -115,6 +115,9 @@ pub struct Received {
     pub dup: bool,
     /// The packet identifier (QoS 1/2), which [`Client::ack`] answers.
     pub packet_id: u16,
+    /// With [`ClientOptions::message_ids`]: when it was queued, in broker
+    /// time ([`crate::Broker::now_ms`]).
+    pub queued_ms: Option<u64>,
 }
 
 enum Command {
@@ -151,6 +154,7 @@ pub(crate) async fn connect(
     tokio::spawn(async move {
         let (reader, writer) = tokio::io::split(theirs);
         let serve = crate::connection::ServeOptions {
+            in_process: true,
             message_ids: options.message_ids,
         };
         crate::connection::serve(reader, writer, peer, shared, serve).await;
@@ -554,14 +558,25 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
     }
 
     fn incoming_publish(&mut self, p: Publish) {
+        let mut properties = p.properties;
+        let mut queued_ms = None;
+        properties.user_properties.retain(|(key, value)| {
+            if key.as_str() == crate::message::QUEUED_AT_PROPERTY {
+                queued_ms = value.as_str().parse().ok();
+                false
+            } else {
+                true
+            }
+        });
         let received = Received {
             topic: p.topic,
             payload: p.payload,
             qos: p.qos,
             retain: p.retain,
-            properties: p.properties,
+            properties,
             dup: p.dup,
             packet_id: p.packet_id,
+            queued_ms,
         };
         if self.manual_acks {
             // QoS 2: delivered once per packet id until its PUBREL.

@@ -234,8 +234,35 @@ fn connect_level(buf: &[u8]) -> Option<u8> {
 /// in-process client, never by a network peer).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct ServeOptions {
+    /// An in-process client (the only kind that may use a reserved
+    /// `$bridge/` client identifier).
+    pub(crate) in_process: bool,
     /// Stamp stored messages sent to this client with their message id.
     pub(crate) message_ids: bool,
+}
+
+/// The client identifier of a bridge's local session.
+pub fn bridge_client_id(name: &str) -> String {
+    format!("{BRIDGE_CLIENT_PREFIX}{name}")
+}
+
+/// Client identifiers reserved for bridges (in-process only).
+pub const BRIDGE_CLIENT_PREFIX: &str = "$bridge/";
+
+/// Queue bounds of a session of its own (a bridge's), if it has them.
+pub(crate) fn session_bounds(shared: &Shared, client_id: &str) -> Option<(usize, usize)> {
+    let name = client_id.strip_prefix(BRIDGE_CLIENT_PREFIX)?;
+    shared
+        .config
+        .bridges
+        .iter()
+        .find(|b| b.name == name)
+        .map(|b| {
+            (
+                b.max_queued_messages as usize,
+                usize::try_from(b.max_queued_bytes).unwrap_or(usize::MAX),
+            )
+        })
 }
 
 pub(crate) async fn serve<R, W>(
@@ -378,6 +405,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         } else if !shared.config.auth.allow_anonymous {
             // No credential store exists in this version: nobody can log in.
             Some(ReasonCode::NOT_AUTHORIZED)
+        } else if !options.in_process && connect.client_id.starts_with(BRIDGE_CLIENT_PREFIX) {
+            // Reserved: a network client must never take a bridge's queue.
+            Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID)
         } else if connect.client_id.is_empty() && protocol == Protocol::V311 && !connect.clean_start
         {
             // [MQTT-3.1.3-8]: an empty id needs a clean session in 3.1.1.
@@ -424,6 +454,13 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             ))
             .min(max_expiry),
         };
+        // A bridge's queue lives as long as the node: an outage of any
+        // length, even with the broker down, must not expire it.
+        let expiry = if options.in_process && client_id.starts_with(BRIDGE_CLIENT_PREFIX) {
+            Duration::from_secs(u64::from(u32::MAX))
+        } else {
+            expiry
+        };
         let control = Control::new(connection);
         let attached = shared
             .sessions
@@ -453,6 +490,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         state.expiry = expiry;
         state.outbox.set_persistent(state.is_persistent());
         state.outbox.set_online(true);
+        if let Some((messages, bytes)) = session_bounds(shared, &client_id) {
+            state.outbox.set_bounds(messages, bytes);
+        }
         let _ = was_expiry;
         if state.is_persistent() {
             // Online now: no offline time, no will waiting.

@@ -448,11 +448,15 @@ impl Engine {
             }
             if let (Some(uuid), true) = (self.limits.message_ids, d.stored) {
                 let id = crate::message::MessageId::new(uuid, d.queue, d.seq);
-                if let Ok(value) = MqttString::new(&id.to_string()) {
-                    properties.user_properties.push((
-                        MqttString::from_static(crate::message::MESSAGE_ID_PROPERTY),
-                        value,
-                    ));
+                for (key, value) in [
+                    (crate::message::MESSAGE_ID_PROPERTY, id.to_string()),
+                    (crate::message::QUEUED_AT_PROPERTY, d.queued_ms.to_string()),
+                ] {
+                    if let Ok(value) = MqttString::new(&value) {
+                        properties
+                            .user_properties
+                            .push((MqttString::from_static(key), value));
+                    }
                 }
             }
         }
@@ -776,6 +780,7 @@ mod tests {
             stored,
             identifiers: None,
             group: None,
+            queued_ms: 0,
         }
     }
 

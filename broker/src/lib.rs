@@ -61,6 +61,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 pub use client::{Client, ClientError, ClientOptions, Received};
+pub use connection::{BRIDGE_CLIENT_PREFIX, bridge_client_id};
 pub use data_dir::DataDir;
 pub use ferrymq_codec::QoS;
 pub use message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
@@ -124,6 +125,8 @@ pub(crate) struct Shared {
     pub(crate) boot_id: u64,
     /// This node's identity and run (the store's).
     pub(crate) identity: storage::NodeIdentity,
+    /// Broker time (the store's clock).
+    pub(crate) clock: Arc<storage::BrokerClock>,
     /// Becomes `true` when the broker stops; every task watches it.
     pub(crate) shutdown_rx: watch::Receiver<bool>,
     /// Rate limit for "session queue full" warnings.
@@ -217,6 +220,7 @@ impl Broker {
         };
         let recovered = store.load()?;
         let identity = store.identity();
+        let clock = store.clock();
         let listeners = server::bind(&config.listeners).await?;
         let local_addrs = listeners
             .iter()
@@ -242,6 +246,7 @@ impl Broker {
             next_session: AtomicU64::new(first_session),
             boot_id,
             identity,
+            clock,
             shutdown_rx,
             drop_log: stats::LogLimiter::new(Duration::from_secs(10)),
             refuse_log: stats::LogLimiter::new(Duration::from_secs(10)),
@@ -267,6 +272,12 @@ impl Broker {
     /// The bound address of each listener, in config order (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// Broker time in milliseconds: continues across restarts, never jumps
+    /// with the wall clock ([`Received::queued_ms`] is on this scale).
+    pub fn now_ms(&self) -> u64 {
+        self.shared.clock.now_ms()
     }
 
     /// The broker's counters.
@@ -413,6 +424,11 @@ fn restore(shared: &Shared, recovered: Recovered) {
             store.clone(),
             shared.identity.first_seq(),
         );
+        if let Some((messages, bytes)) =
+            connection::session_bounds(shared, s.record.client_id.as_str())
+        {
+            outbox.set_bounds(messages, bytes);
+        }
         let mut state = SessionState::new(s.record.client_id.clone(), number, outbox.clone());
         state.expiry = expiry;
         state.stored = true;
@@ -430,6 +446,7 @@ fn restore(shared: &Shared, recovered: Recovered) {
                     group: (inflight.queue != number)
                         .then(|| shared.groups.by_number(inflight.queue))
                         .flatten(),
+                    queued_ms: body.queued_ms,
                 }),
                 // Its message is gone (acknowledged before the crash, or
                 // unreadable): nothing to resend.

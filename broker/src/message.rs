@@ -57,6 +57,11 @@ impl Message {
 /// The user property that carries a [`MessageId`] (`ferry-id`).
 pub const MESSAGE_ID_PROPERTY: &str = "ferry-id";
 
+/// Between the broker and its in-process clients only: when a delivered
+/// message was queued (broker ms). The client turns it into
+/// `Received::queued_ms` and never shows it as a user property.
+pub(crate) const QUEUED_AT_PROPERTY: &str = "ferry-queued-ms";
+
 /// A message's stable identity when it leaves the node: the node, the
 /// queue it waited in, the run that queued it and its place in that queue.
 /// Written `UUID:QUEUE:EPOCH:N` (UUID as 32 hex digits). The same message

@@ -46,6 +46,8 @@ pub struct Delivery {
     /// The shared subscription group it was pulled from, if any (an
     /// unacknowledged QoS 1 message goes back there when the session ends).
     pub group: Option<Arc<crate::shared_sub::SharedGroup>>,
+    /// When it was queued (broker time, ms).
+    pub queued_ms: u64,
 }
 
 impl Delivery {
@@ -190,6 +192,9 @@ struct Queue {
     tail_bytes: usize,
     next_seq: u64,
     closed: bool,
+    /// Bounds set for this session alone (a bridge's), replacing the
+    /// configured per-session ones: (messages, bytes).
+    bounds: Option<(usize, usize)>,
 }
 
 impl Queue {
@@ -345,10 +350,22 @@ impl Outbox {
         self.is_persistent() && (qos != QoS::AtMostOnce || self.limits.queue_qos0)
     }
 
+    /// Gives this queue its own bounds (messages, payload bytes) instead of
+    /// the configured per-session ones.
+    pub fn set_bounds(&self, max_messages: usize, max_bytes: usize) {
+        self.queue.lock().bounds = Some((max_messages, max_bytes));
+    }
+
+    fn bounds(&self, q: &Queue) -> (usize, usize) {
+        q.bounds
+            .unwrap_or((self.limits.max_messages, self.limits.max_bytes))
+    }
+
     /// Whether one more delivery of `size` bytes fits now.
     pub fn has_room(&self, size: usize) -> bool {
         let q = self.queue.lock();
-        q.count() < self.limits.max_messages && q.total_bytes() + size <= self.limits.max_bytes
+        let (max_messages, max_bytes) = self.bounds(&q);
+        q.count() < max_messages && q.total_bytes() + size <= max_bytes
     }
 
     /// Reads the next page of the backlog into memory, if there is one and
@@ -398,6 +415,7 @@ impl Outbox {
                 stored: true,
                 identifiers: record.identifiers,
                 group: None,
+                queued_ms: record.queued_ms,
             });
         }
         // A short page read everything below `limit`.
@@ -434,7 +452,8 @@ impl Outbox {
             {
                 return Pushed::Skipped;
             }
-            if size > limits.max_bytes {
+            let (max_messages, max_bytes) = self.bounds(&q);
+            if size > max_bytes {
                 // Larger than the whole budget: no eviction can make room.
                 return Pushed::DroppedFull;
             }
@@ -443,10 +462,7 @@ impl Outbox {
             let stored = self.stores(delivery.qos) || (q.disk.is_some() && self.is_persistent());
             let mut evicted = Vec::new();
             let mut must_evict = budget_full && stored;
-            while must_evict
-                || q.count() >= limits.max_messages
-                || q.total_bytes() + size > limits.max_bytes
-            {
+            while must_evict || q.count() >= max_messages || q.total_bytes() + size > max_bytes {
                 match limits.policy {
                     QueueFull::DropOldest => {
                         self.refill(&mut q);
@@ -645,6 +661,7 @@ mod tests {
             stored: true,
             identifiers: None,
             group: None,
+            queued_ms: 0,
         }
     }
 

@@ -143,6 +143,7 @@ fn targets(routes: &[Route], origin: SessionId) -> impl Iterator<Item = &Route> 
 }
 
 fn push_all(shared: &Shared, mut p: Parked, mut batch: Batch<'_>) -> Routing {
+    let queued_ms = shared.clock.now_ms();
     while p.next < p.routes.len() {
         let route = &p.routes[p.next];
         if route.no_local && route.session == p.message.origin {
@@ -160,6 +161,7 @@ fn push_all(shared: &Shared, mut p: Parked, mut batch: Batch<'_>) -> Routing {
             stored: false,
             identifiers: route.identifiers.clone(),
             group: None,
+            queued_ms,
         };
         match push(shared, &route.outbox, delivery, &mut batch) {
             PushResult::Done => {
@@ -274,6 +276,7 @@ pub(crate) fn deliver_retained(
         return;
     }
     let mut batch = Batch::new(shared.store.as_ref());
+    let queued_ms = shared.clock.now_ms();
     for entry in entries {
         let qos = entry.message.qos.min(granted);
         let delivery = Delivery {
@@ -286,6 +289,7 @@ pub(crate) fn deliver_retained(
             ticket: entry.ticket,
             identifiers: identifiers.clone(),
             group: None,
+            queued_ms,
         };
         // Never blocks: a subscriber's own retained messages that do not
         // fit its queue are dropped (counted).

@@ -39,7 +39,7 @@ struct State {
 }
 
 impl State {
-    fn apply(&mut self, op: StoreOp) {
+    fn apply(&mut self, op: StoreOp, now_ms: u64) {
         use StoreOp as O;
         match op {
             O::SessionPut(record) => {
@@ -77,6 +77,7 @@ impl State {
                     retain,
                     identifiers,
                     message,
+                    queued_ms: now_ms,
                 };
                 self.queues.entry(number).or_default().insert(seq, record);
             }
@@ -255,8 +256,9 @@ impl Store for MemoryStore {
             pending.waiting.remove(&next)
         } {
             let mut state = self.state.lock();
+            let now_ms = self.clock.now_ms();
             for op in ops {
-                state.apply(op);
+                state.apply(op, now_ms);
             }
             applied = Some(pending.next);
             pending.next += 1;

@@ -251,6 +251,8 @@ pub struct QueuedRecord {
     pub identifiers: Option<Arc<[u32]>>,
     /// The message.
     pub message: Arc<Message>,
+    /// When it was queued (broker time, ms).
+    pub queued_ms: u64,
 }
 
 /// An outbound exchange as recovered.

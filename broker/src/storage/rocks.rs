@@ -642,6 +642,7 @@ impl RocksStore {
             retain: q.retain,
             identifiers: q.identifiers,
             message: q.message,
+            queued_ms: q.queued_at_ms,
         })
     }
 
@@ -719,6 +720,7 @@ impl Store for RocksStore {
                     retain: q.retain,
                     identifiers: q.identifiers,
                     message: q.message,
+                    queued_ms: q.queued_at_ms,
                 }),
                 Err(e) => warn!(
                     queue = number,
