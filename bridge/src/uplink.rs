@@ -19,11 +19,11 @@
 mod session;
 mod transport;
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -31,7 +31,7 @@ use ferrymq_codec::{
     Connect, ConnectProperties, DecodeError, EncodeError, MqttString, Packet, PacketType, Protocol,
     Publish, QoS, ReasonCode, SubscribeProperties, Subscription, UnsubscribeProperties, decode,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -640,6 +640,7 @@ impl Uplink {
 
     /// [`Uplink::ack`] with a reason code (5.0): a failure (e.g. 0x97 Quota
     /// exceeded) refuses the message, and the upstream will not resend it.
+    /// 3.1.1 acknowledgements carry no code: there it is a plain `ack`.
     pub fn ack_with_reason(
         &mut self,
         packet_id: u16,
@@ -781,20 +782,17 @@ impl Uplink {
 
     /// One read into `read_buf`; `Ready(Ok)` when bytes arrived.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UplinkError>> {
-        let start = self.read_buf.len();
-        self.read_buf.resize(start + READ_CHUNK, 0);
-        let mut buf = ReadBuf::new(&mut self.read_buf[start..]);
-        let result = Pin::new(&mut self.stream).poll_read(cx, &mut buf);
-        let n = buf.filled().len();
-        self.read_buf.truncate(start + n);
-        match result {
-            Poll::Ready(Ok(())) if n == 0 => Poll::Ready(Err(UplinkError::Closed)),
-            Poll::Ready(Ok(())) => {
+        self.read_buf.reserve(READ_CHUNK);
+        // A fresh `read_buf` future per poll: it reads nothing unless it
+        // completes, so dropping it when Pending loses nothing.
+        let read = self.stream.read_buf(&mut self.read_buf);
+        match ready!(std::pin::pin!(read).poll(cx)) {
+            Ok(0) => Poll::Ready(Err(UplinkError::Closed)),
+            Ok(_) => {
                 self.session.received(Instant::now());
                 Poll::Ready(Ok(()))
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(self.io_error(e))),
-            Poll::Pending => Poll::Pending,
+            Err(e) => Poll::Ready(Err(self.io_error(e))),
         }
     }
 
@@ -953,7 +951,8 @@ async fn establish(
             Ok(None) => {}
             Err(e) => return Err(UplinkError::Protocol(e.into())),
         }
-        let n = tokio::io::AsyncReadExt::read_buf(&mut stream, &mut read_buf)
+        let n = stream
+            .read_buf(&mut read_buf)
             .await
             .map_err(|e| io_error(e, &server_name))?;
         if n == 0 {

@@ -348,9 +348,11 @@ impl Session {
     /// (0 for QoS 0). Nothing changes when it is refused.
     pub(crate) fn publish(&mut self, mut publish: Publish) -> Result<u16, RequestError> {
         publish.packet_id = 0;
+        // A first attempt under this id, whatever the message went through
+        // before ([MQTT-3.3.1-1]: DUP marks re-deliveries only).
+        publish.dup = false;
         self.check_publish(&mut publish)?;
         if publish.qos == QoS::AtMostOnce {
-            publish.dup = false;
             self.send_publish(&publish)?;
             return Ok(0);
         }
@@ -457,8 +459,9 @@ impl Session {
     }
 
     /// The owner made an inbound QoS 1/2 message durable: PUBACK (QoS 1)
-    /// or PUBREC (QoS 2) with `reason_code`. A failure code (0x80 and
-    /// above) ends a QoS 2 exchange at PUBREC.
+    /// or PUBREC (QoS 2) with `reason_code`. In 5.0 a failure code (0x80
+    /// and above) ends a QoS 2 exchange at PUBREC; 3.1.1 acknowledgements
+    /// carry no code, so there it is an acceptance like any other.
     pub(crate) fn ack(
         &mut self,
         packet_id: u16,
@@ -471,7 +474,7 @@ impl Session {
                 Ok(())
             }
             Some(Inbound::Qos2) => {
-                if reason_code.is_error() {
+                if reason_code.is_error() && self.limits.protocol == Protocol::V5 {
                     self.inbound.remove(&packet_id);
                 } else {
                     self.inbound.insert(packet_id, Inbound::Qos2Received);
@@ -1185,6 +1188,32 @@ mod tests {
         s.handle(inbound(QoS::AtLeastOnce, 1)).unwrap();
         s.ack(1, ReasonCode::SUCCESS).unwrap();
         assert_eq!(s.output(), [0x40, 2, 0, 1]);
+        sent(&mut s);
+        // A refusal cannot be said in 3.1.1: the PUBREC accepts, and the
+        // exchange goes on to PUBREL / PUBCOMP.
+        s.handle(inbound(QoS::ExactlyOnce, 2)).unwrap();
+        s.ack(2, ReasonCode::QUOTA_EXCEEDED).unwrap();
+        assert_eq!(sent(&mut s), [Packet::PubRec(PubAck::new(2))]);
+        s.handle(Packet::PubRel(PubAck::new(2))).unwrap();
+        assert_eq!(sent(&mut s), [Packet::PubComp(PubAck::new(2))]);
+        assert!(s.is_idle());
+    }
+
+    #[test]
+    fn a_new_publish_is_a_first_attempt_and_a_republish_is_not() {
+        let mut s = session();
+        let mut forwarded = message(QoS::AtLeastOnce);
+        forwarded.dup = true;
+        s.publish(forwarded.clone()).unwrap();
+        s.republish(9, message(QoS::AtLeastOnce)).unwrap();
+        let dups: Vec<bool> = sent(&mut s)
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p.dup,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(dups, [false, true]);
     }
 
     #[test]
