@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain, when it is
-# missing: Debian's mosquitto clients, Python paho-mqtt (pinned), and
+# missing: Debian's mosquitto broker and clients, Python paho-mqtt (pinned), and
 # cargo-nextest / cargo-fuzz. Idempotent and quick when all is present.
 set -euo pipefail
 
@@ -14,6 +14,10 @@ as_root() {
 apt_packages=()
 command -v mosquitto_pub >/dev/null || apt_packages+=(mosquitto-clients)
 command -v mosquitto_sub >/dev/null || apt_packages+=(mosquitto-clients)
+# The broker: the bridge's uplink tests start private instances of it on
+# free loopback ports (they never use the system service the package starts
+# on port 1883). mosquitto_passwd comes with it.
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || apt_packages+=(mosquitto)
 command -v stdbuf >/dev/null || apt_packages+=(coreutils)
 # The rocksdb crate runs bindgen, which needs libclang (libclang1 alone
 # lacks the headers it parses).
