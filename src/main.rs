@@ -37,6 +37,19 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Inspect the bridges to upstream brokers.
+    Bridge {
+        #[command(subcommand)]
+        command: BridgeCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BridgeCommand {
+    /// Print each bridge's state: connected or not (and to which address),
+    /// backlog (messages, bytes, oldest), drain rate, last error. Read from
+    /// the running ferrymq of --config's data directory.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -85,6 +98,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Bridge {
+            command: BridgeCommand::Status,
+        }) => {
+            let config = match load(&cli.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            bridge_status(&config)
+        }
         None => {
             init_logging();
             let config = match load(&cli.config) {
@@ -98,6 +120,33 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn bridge_status(config: &Config) -> ExitCode {
+    if config.bridges.is_empty() {
+        println!("no bridge is configured");
+        return ExitCode::SUCCESS;
+    }
+    if !ferrymq_broker::DataDir::is_in_use(&config.data_dir) {
+        eprintln!(
+            "ferrymq is not running on {}: no live bridge status (`ferrymq queue stats` shows what is queued)",
+            config.data_dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    match ferrymq_bridge::read_status(&config.data_dir) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "ferrymq bridge status: cannot read {}: {e}",
+                config.data_dir.join(ferrymq_bridge::STATUS_FILE).display()
+            );
+            ExitCode::FAILURE
         }
     }
 }
@@ -134,7 +183,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        ferrymq_broker::run(config, shutdown_signal()).await?;
+        ferrymq_bridge::run(config, shutdown_signal()).await?;
         Ok(())
     })
 }

@@ -49,8 +49,15 @@
 
 #![warn(missing_docs)]
 
+pub mod link;
+pub mod node;
+pub mod pace;
+pub mod status;
 pub mod uplink;
 
+pub use link::{BridgeHandle, BridgeMonitor, DEAD_LETTER_PREFIX};
+pub use node::{Node, NodeError, STATUS_FILE, read_status, run};
+pub use status::BridgeStatus;
 pub use uplink::{
     Connected, Event, ProtocolError, RequestError, TlsOptions, Uplink, UplinkError, UplinkOptions,
 };

@@ -291,6 +291,14 @@ impl Client {
         }
     }
 
+    /// A handle that publishes on this client's session from elsewhere
+    /// (another task, or beside [`Client::recv`]).
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            commands: self.commands.clone(),
+        }
+    }
+
     /// Acknowledges a received QoS 1/2 message (with
     /// [`ClientOptions::manual_acks`]; otherwise messages are acknowledged
     /// when taken and this does nothing).
@@ -371,6 +379,54 @@ impl Client {
             let _ = wait.await;
         }
         let _ = self.task.await;
+    }
+}
+
+/// Publishes on a [`Client`]'s session ([`Client::publisher`]).
+#[derive(Clone)]
+pub struct Publisher {
+    commands: mpsc::Sender<Command>,
+}
+
+/// The broker's answer to a publish handed over by [`Publisher::submit`].
+pub struct PublishAck(oneshot::Receiver<Result<Packet, ClientError>>);
+
+impl std::future::Future for PublishAck {
+    type Output = Result<(), ClientError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| match r {
+            Ok(Ok(Packet::PubAck(ack) | Packet::PubComp(ack) | Packet::PubRec(ack)))
+                if ack.reason_code.is_error() =>
+            {
+                Err(ClientError::Refused(ack.reason_code))
+            }
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Closed),
+        })
+    }
+}
+
+impl Publisher {
+    /// Hands a PUBLISH to the session (publishes leave in the order they
+    /// are submitted) and returns the future of its acknowledgement, so a
+    /// caller can have many in flight.
+    pub async fn submit(&self, publish: Publish) -> Result<PublishAck, ClientError> {
+        codec::topic::validate_topic_name(&publish.topic)
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let (done, result) = oneshot::channel();
+        self.commands
+            .send(Command::Send(
+                Box::new(Packet::Publish(publish)),
+                Some(done),
+            ))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        Ok(PublishAck(result))
     }
 }
 

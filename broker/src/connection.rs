@@ -493,6 +493,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         if let Some((messages, bytes)) = session_bounds(shared, &client_id) {
             state.outbox.set_bounds(messages, bytes);
         }
+        shared.sessions.set_outbox(&client_id, state.outbox.clone());
         let _ = was_expiry;
         if state.is_persistent() {
             // Online now: no offline time, no will waiting.

@@ -60,11 +60,12 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-pub use client::{Client, ClientError, ClientOptions, Received};
+pub use client::{Client, ClientError, ClientOptions, PublishAck, Publisher, Received};
 pub use connection::{BRIDGE_CLIENT_PREFIX, bridge_client_id};
 pub use data_dir::DataDir;
 pub use ferrymq_codec::QoS;
 pub use message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
+pub use outbox::QueueDepth;
 pub use stats::Stats;
 pub use storage::{MemoryStore, RocksOptions, RocksStore, Store, SyncSummary};
 
@@ -161,6 +162,46 @@ impl Shared {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often offline sessions are checked for expiry.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+
+/// See [`Broker::handle`].
+#[derive(Clone)]
+pub struct BrokerHandle {
+    shared: Arc<Shared>,
+    /// The broker's connection permits (an in-process client takes one).
+    connections: Arc<Semaphore>,
+}
+
+impl BrokerHandle {
+    /// Connects an in-process client ([`Broker::connect`]).
+    pub async fn connect(&self, options: ClientOptions) -> Result<Client, ClientError> {
+        let permit = self
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ClientError::Refused(ferrymq_codec::ReasonCode::SERVER_BUSY))?;
+        client::connect(self.shared.clone(), options, permit).await
+    }
+
+    /// [`Broker::queue_depth`].
+    pub fn queue_depth(&self, client_id: &str) -> Option<QueueDepth> {
+        self.shared.sessions.outbox(client_id).map(|o| o.depth())
+    }
+
+    /// [`Broker::now_ms`].
+    pub fn now_ms(&self) -> u64 {
+        self.shared.clock.now_ms()
+    }
+
+    /// This node's random identity (the uuid part of every [`MessageId`]).
+    pub fn node_uuid(&self) -> [u8; 16] {
+        self.shared.identity.uuid
+    }
+
+    /// The broker's configuration.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+}
 
 /// A running broker.
 pub struct Broker {
@@ -280,6 +321,12 @@ impl Broker {
         self.shared.clock.now_ms()
     }
 
+    /// How much the queue of `client_id`'s session holds, if the session
+    /// exists (connected or not).
+    pub fn queue_depth(&self, client_id: &str) -> Option<QueueDepth> {
+        self.shared.sessions.outbox(client_id).map(|o| o.depth())
+    }
+
     /// The broker's counters.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
@@ -293,12 +340,16 @@ impl Broker {
     /// Connects an in-process client: a session like any other, without a
     /// socket. Counts against `max_connections`.
     pub async fn connect(&self, options: ClientOptions) -> Result<Client, ClientError> {
-        let permit = self
-            .connections
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ClientError::Refused(ferrymq_codec::ReasonCode::SERVER_BUSY))?;
-        client::connect(self.shared.clone(), options, permit).await
+        self.handle().connect(options).await
+    }
+
+    /// A cheap, cloneable handle for tasks that run beside the broker
+    /// (bridges): in-process connections, queue depths, broker time.
+    pub fn handle(&self) -> BrokerHandle {
+        BrokerHandle {
+            shared: self.shared.clone(),
+            connections: self.connections.clone(),
+        }
     }
 
     /// Stops accepting, tells every client (MQTT 5.0: DISCONNECT 0x8B

@@ -57,6 +57,18 @@ impl Delivery {
     }
 }
 
+/// How much one queue holds ([`crate::Broker::queue_depth`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueDepth {
+    /// Messages queued, in memory and on disk (not those in flight).
+    pub messages: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// When the oldest one held in memory was queued (broker ms); `None`
+    /// when nothing is in memory (an empty queue, or all of it on disk).
+    pub oldest_queued_ms: Option<u64>,
+}
+
 /// What [`Outbox::pop_ready`] found.
 #[derive(Debug)]
 pub enum Pop {
@@ -590,6 +602,17 @@ impl Outbox {
         drop(q);
         self.space.notify_waiters();
         Pop::Got(d)
+    }
+
+    /// What is queued: messages and payload bytes (memory and disk), and
+    /// when the first one in memory was queued (broker ms).
+    pub fn depth(&self) -> QueueDepth {
+        let q = self.queue.lock();
+        QueueDepth {
+            messages: q.count() as u64,
+            bytes: q.total_bytes() as u64,
+            oldest_queued_ms: q.items.front().or(q.tail.front()).map(|d| d.queued_ms),
+        }
     }
 
     /// Refuses further pushes and returns what was queued in memory (the

@@ -147,6 +147,9 @@ struct Slot {
     holder: Option<Arc<Control>>,
     /// When the session went offline (for expiry).
     offline_since: Instant,
+    /// The session's queue while a connection holds the state (for
+    /// [`Sessions::outbox`]).
+    outbox: Option<Arc<Outbox>>,
 }
 
 /// Client identifier -> session.
@@ -185,6 +188,7 @@ impl Sessions {
                 state: None,
                 holder: None,
                 offline_since: Instant::now(),
+                outbox: None,
             });
             slot.holder.replace(control.clone())
         };
@@ -231,6 +235,24 @@ impl Sessions {
         control.finish();
     }
 
+    /// Records the queue of the session a connection now holds.
+    pub fn set_outbox(&self, client_id: &MqttString, outbox: Arc<Outbox>) {
+        if let Some(slot) = self.slots.lock().get_mut(client_id) {
+            slot.outbox = Some(outbox);
+        }
+    }
+
+    /// The queue of `client_id`'s session, online or offline.
+    pub fn outbox(&self, client_id: &str) -> Option<Arc<Outbox>> {
+        let key = MqttString::new(client_id).ok()?;
+        let slots = self.slots.lock();
+        let slot = slots.get(&key)?;
+        slot.state
+            .as_ref()
+            .map(|s| s.outbox.clone())
+            .or_else(|| slot.outbox.clone())
+    }
+
     /// Inserts a session recovered from the store, offline since
     /// `offline_since`.
     pub fn insert_offline(&self, state: SessionState, offline_since: Instant) {
@@ -240,6 +262,7 @@ impl Sessions {
                 state: Some(state),
                 holder: None,
                 offline_since,
+                outbox: None,
             },
         );
     }

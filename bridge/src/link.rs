@@ -1,0 +1,853 @@
+//! One bridge: the durable session `$bridge/{name}` in the local broker
+//! (its subscriptions are the `out` rules; its queue is the outbox) and
+//! an [`Uplink`] to the upstream broker.
+//!
+//! Outbound, the local broker delivers the queued messages in order, at
+//! most `inflight` unacknowledged, each stamped with its stable
+//! [`MessageId`] (`ferry-id`). The bridge publishes them upstream (QoS 1
+//! at most: at-least-once, the id lets consumers drop duplicates) and
+//! acknowledges each to the local broker only when the upstream
+//! acknowledged it; only then does it leave the queue on disk. After a
+//! reconnect everything unacknowledged is sent again, in order: a message
+//! can be duplicated upstream only if it was in flight when the link
+//! dropped (at most the in-flight window per reconnect). One FIFO for
+//! backlog and live traffic: order per origin is kept, and a live message
+//! waits for the backlog ahead of it.
+//!
+//! Inbound, the `in` rules are subscribed upstream in a persistent session
+//! (Clean Start 0, `session_expiry_secs`), so the upstream keeps what is
+//! meant for this node while the link is down; each message is published
+//! locally and acknowledged upstream only once the local broker made it
+//! durable. Loops with `both`: No Local on the local session and on the
+//! uplink (MQTT 5), and a message carrying this node's own id is never
+//! taken back in.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrymq_broker::{
+    BrokerHandle, Client, ClientError, ClientOptions, MESSAGE_ID_PROPERTY, MessageId, PublishAck,
+    Publisher, Received, bridge_client_id,
+};
+use ferrymq_codec::{
+    MqttString, Protocol, Publish, QoS, ReasonCode, RetainHandling, SubscribeProperties,
+    Subscription, SubscriptionOptions, topic,
+};
+use ferrymq_config::{Bridge, BridgeAddress, BridgeProtocol, Direction};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::pace::{Backoff, Pace, Rng};
+use crate::status::BridgeStatus;
+use crate::uplink::{Event, RequestError, TlsOptions, Uplink, UplinkError, UplinkOptions};
+
+/// Topic prefix under which messages the upstream refused for good are
+/// kept (`$dead/{bridge}/{topic}`), in the durable session
+/// `$bridge/{bridge}/dead`.
+pub const DEAD_LETTER_PREFIX: &str = "$dead/";
+
+/// While connected to a fallback address, how often the first one is
+/// tried again (at least; `reconnect_max_ms` when larger, at most a minute).
+const FAILBACK_PROBE_MIN: Duration = Duration::from_secs(1);
+const FAILBACK_PROBE_MAX: Duration = Duration::from_secs(60);
+
+/// A running bridge.
+pub struct BridgeHandle {
+    shared: Arc<Shared>,
+    stop_tx: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// What the bridge task and its handle share.
+struct Shared {
+    name: String,
+    client_id: String,
+    broker: BrokerHandle,
+    live: Mutex<Live>,
+}
+
+/// Counters and state the task updates.
+#[derive(Default)]
+struct Live {
+    connected: bool,
+    address: Option<String>,
+    last_error: Option<String>,
+    forwarded: u64,
+    received: u64,
+    dead_lettered: u64,
+    connects: u64,
+    /// Received from the local queue, not yet acknowledged upstream.
+    pending_messages: u64,
+    pending_bytes: u64,
+    /// When the oldest of those was queued (broker ms).
+    pending_oldest_ms: Option<u64>,
+    /// (when, forwarded so far): samples for the drain rate, last ~10 s.
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl BridgeHandle {
+    /// The bridge's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// What the bridge is doing now.
+    pub fn status(&self) -> BridgeStatus {
+        self.shared.status()
+    }
+
+    /// Something that reads the status without the handle (for a task
+    /// that reports it).
+    pub fn monitor(&self) -> BridgeMonitor {
+        BridgeMonitor(self.shared.clone())
+    }
+
+    /// Stops the bridge: disconnects from the upstream normally; what is
+    /// not acknowledged stays queued.
+    pub async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Reads a bridge's status ([`BridgeHandle::monitor`]).
+#[derive(Clone)]
+pub struct BridgeMonitor(Arc<Shared>);
+
+impl BridgeMonitor {
+    /// [`BridgeHandle::status`].
+    pub fn status(&self) -> BridgeStatus {
+        self.0.status()
+    }
+}
+
+impl Shared {
+    fn status(&self) -> BridgeStatus {
+        let depth = self.broker.queue_depth(&self.client_id).unwrap_or_default();
+        let now_ms = self.broker.now_ms();
+        let live = self.live.lock();
+        let oldest = [live.pending_oldest_ms, depth.oldest_queued_ms]
+            .into_iter()
+            .flatten()
+            .min();
+        let drained_per_sec = match (live.samples.front(), live.samples.back()) {
+            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => {
+                (n1 - n0) as f64 / (*t1 - *t0).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        BridgeStatus {
+            name: self.name.clone(),
+            connected: live.connected,
+            address: live.address.clone(),
+            last_error: live.last_error.clone(),
+            backlog_messages: depth.messages + live.pending_messages,
+            backlog_bytes: depth.bytes + live.pending_bytes,
+            oldest_queued: oldest.map(|ms| Duration::from_millis(now_ms.saturating_sub(ms))),
+            drained_per_sec,
+            forwarded: live.forwarded,
+            received: live.received,
+            dead_lettered: live.dead_lettered,
+            connects: live.connects,
+        }
+    }
+}
+
+/// Starts `config`'s bridge beside the broker of `broker`.
+pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle, ClientError> {
+    let client_id = bridge_client_id(&config.name);
+    let forever = Duration::from_secs(u64::from(u32::MAX));
+    let mut options = ClientOptions::new(&client_id)
+        .persistent(forever)
+        .manual_acks()
+        .message_ids();
+    options.receive_capacity = config.inflight;
+    let local = broker.connect(options).await?;
+    for rule in config
+        .forward
+        .iter()
+        .filter(|r| r.direction != Direction::In)
+    {
+        local
+            .subscribe_with(
+                &format!("{}{}", rule.local_prefix, rule.filter),
+                SubscriptionOptions {
+                    qos: qos(rule.qos),
+                    no_local: true,
+                    retain_as_published: true,
+                    retain_handling: RetainHandling::SendIfNew,
+                },
+            )
+            .await?;
+    }
+    // The dead-letter queue: a durable session that keeps what the
+    // upstream refused for good, for `ferrymq queue stats` to show.
+    let dead = broker
+        .connect(ClientOptions::new(format!("{client_id}/dead")).persistent(forever))
+        .await?;
+    dead.subscribe(
+        &format!("{DEAD_LETTER_PREFIX}{}/#", config.name),
+        QoS::AtLeastOnce,
+    )
+    .await?;
+    dead.disconnect().await;
+    let shared = Arc::new(Shared {
+        name: config.name.clone(),
+        client_id,
+        broker: broker.clone(),
+        live: Mutex::new(Live::default()),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let runner = Runner {
+        publisher: local.publisher(),
+        local,
+        node_uuid: broker.node_uuid(),
+        shared: shared.clone(),
+        backoff: Backoff::new(config.reconnect_min, config.reconnect_max, Rng::from_os()),
+        quota: Backoff::new(config.reconnect_min, config.reconnect_max, Rng::from_os()),
+        config,
+        outbox: Outbox::default(),
+        stop_rx,
+    };
+    let task = tokio::spawn(runner.run());
+    Ok(BridgeHandle {
+        shared,
+        stop_tx,
+        task,
+    })
+}
+
+fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// A message from the local queue on its way upstream.
+struct Entry {
+    received: Received,
+    /// Its upstream packet id on the current connection, once sent.
+    sent: Option<u16>,
+    /// Its payload size (status).
+    size: u64,
+}
+
+/// The messages taken from the local queue and not yet acknowledged
+/// upstream, in queue order (at most `inflight`).
+#[derive(Default)]
+struct Outbox {
+    entries: BTreeMap<u64, Entry>,
+    next_key: u64,
+    /// Upstream packet id -> entry.
+    by_packet_id: HashMap<u16, u64>,
+    /// The first entry not sent on this connection.
+    first_unsent: u64,
+}
+
+impl Outbox {
+    fn push(&mut self, received: Received) {
+        let size = received.payload.len() as u64;
+        self.entries.insert(
+            self.next_key,
+            Entry {
+                received,
+                sent: None,
+                size,
+            },
+        );
+        self.next_key += 1;
+    }
+
+    fn next_unsent(&self) -> Option<(u64, &Entry)> {
+        self.entries
+            .range(self.first_unsent..)
+            .find(|(_, e)| e.sent.is_none())
+            .map(|(k, e)| (*k, e))
+    }
+
+    fn mark_sent(&mut self, key: u64, packet_id: u16) {
+        if let Some(e) = self.entries.get_mut(&key) {
+            e.sent = Some(packet_id);
+            self.by_packet_id.insert(packet_id, key);
+        }
+        self.first_unsent = key + 1;
+    }
+
+    /// The entry sent under `packet_id`, taken out.
+    fn take(&mut self, packet_id: u16) -> Option<Entry> {
+        let key = self.by_packet_id.remove(&packet_id)?;
+        self.entries.remove(&key)
+    }
+
+    /// Back to unsent, to be sent again (after a refusal to retry).
+    fn unsend(&mut self, packet_id: u16) {
+        if let Some(key) = self.by_packet_id.remove(&packet_id) {
+            if let Some(e) = self.entries.get_mut(&key) {
+                e.sent = None;
+            }
+            self.first_unsent = self.first_unsent.min(key);
+        }
+    }
+
+    /// A new connection: nothing is sent on it yet.
+    fn reset(&mut self) {
+        self.by_packet_id.clear();
+        for e in self.entries.values_mut() {
+            e.sent = None;
+        }
+        self.first_unsent = self.entries.keys().next().copied().unwrap_or(self.next_key);
+    }
+}
+
+/// How a connection ended.
+enum Ended {
+    /// Stop requested (or the broker is going away).
+    Stop,
+    /// The link failed or the upstream disconnected us; reconnect.
+    Lost(String, Option<String>),
+    /// The first address is reachable again: leave the fallback.
+    FailBack,
+}
+
+struct Runner {
+    local: Client,
+    /// Publishes inbound messages on the bridge's own session (so No Local
+    /// keeps them from going back upstream).
+    publisher: Publisher,
+    node_uuid: [u8; 16],
+    shared: Arc<Shared>,
+    config: Bridge,
+    backoff: Backoff,
+    /// Waits after an upstream "quota exceeded" (0x97).
+    quota: Backoff,
+    outbox: Outbox,
+    stop_rx: watch::Receiver<bool>,
+}
+
+impl Runner {
+    async fn run(mut self) {
+        let mut index = 0usize;
+        let mut redirect: Option<BridgeAddress> = None;
+        loop {
+            if *self.stop_rx.borrow() {
+                break;
+            }
+            let address = redirect
+                .take()
+                .unwrap_or_else(|| self.config.addresses[index].clone());
+            let options = self.uplink_options(&address);
+            self.update(|l| l.address = Some(address.to_string()));
+            let mut stop = self.stop_rx.clone();
+            let connected = tokio::select! {
+                // Dropping a connect in progress closes its socket: safe.
+                r = Uplink::connect(&options) => r,
+                () = stopped(&mut stop) => break,
+            };
+            let outcome = match connected {
+                Ok((uplink, connected)) => {
+                    info!(bridge = %self.config.name, %address, session_present = connected.session_present, "uplink connected");
+                    self.update(|l| {
+                        l.connected = true;
+                        l.connects += 1;
+                    });
+                    self.backoff.reset();
+                    let on_fallback = index != 0;
+                    let ended = self
+                        .serve(uplink, connected.receive_maximum, on_fallback)
+                        .await;
+                    self.update(|l| l.connected = false);
+                    self.outbox.reset();
+                    ended
+                }
+                Err(e) => {
+                    let reference = match &e {
+                        UplinkError::Refused {
+                            server_reference, ..
+                        } => server_reference.clone(),
+                        _ => None,
+                    };
+                    // Next address; after a full round, wait.
+                    index = (index + 1) % self.config.addresses.len();
+                    Ended::Lost(e.to_string(), reference)
+                }
+            };
+            match outcome {
+                Ended::Stop => break,
+                Ended::FailBack => {
+                    info!(bridge = %self.config.name, "first address reachable again: failing back");
+                    index = 0;
+                    continue;
+                }
+                Ended::Lost(why, reference) => {
+                    warn!(bridge = %self.config.name, %address, "uplink: {why}");
+                    self.update(|l| l.last_error = Some(why));
+                    if let Some(reference) = reference.as_deref().and_then(parse_reference) {
+                        info!(bridge = %self.config.name, to = %reference, "the upstream refers us to another server");
+                        redirect = Some(reference);
+                        continue;
+                    }
+                    if index != 0 {
+                        // Try the next address at once: failover.
+                        continue;
+                    }
+                    let delay = self.backoff.next_delay();
+                    debug!(bridge = %self.config.name, ?delay, "reconnecting after");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        () = stopped(&mut stop) => break,
+                    }
+                }
+            }
+        }
+        self.local.disconnect().await;
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Live)) {
+        f(&mut self.shared.live.lock());
+    }
+
+    fn uplink_options(&self, address: &BridgeAddress) -> UplinkOptions {
+        let c = &self.config;
+        let mut o = UplinkOptions::new(address.host.clone(), address.port, c.client_id.clone());
+        o.protocol = match c.protocol {
+            BridgeProtocol::V5 => Protocol::V5,
+            BridgeProtocol::V311 => Protocol::V311,
+        };
+        o.username = c.username.clone();
+        o.password = c.password.clone();
+        o.keepalive = c.keepalive;
+        o.connect_timeout = c.connect_timeout;
+        let expiry = u32::try_from(c.session_expiry.as_secs()).unwrap_or(u32::MAX);
+        o.clean_start = expiry == 0;
+        o.session_expiry_secs = expiry;
+        // 3.1.1 upstreams cannot be told a Receive Maximum: accept what a
+        // broker commonly sends unacknowledged.
+        o.receive_maximum = c.inflight.max(1024);
+        o.tls = c.tls.as_ref().map(|t| TlsOptions {
+            ca_file: t.ca_file.clone(),
+            cert_file: t.cert_file.clone(),
+            key_file: t.key_file.clone(),
+            server_name: t.server_name.clone(),
+        });
+        o
+    }
+
+    /// Runs one upstream connection until it ends.
+    async fn serve(
+        &mut self,
+        mut uplink: Uplink,
+        receive_maximum: u16,
+        on_fallback: bool,
+    ) -> Ended {
+        uplink.set_window_cap(usize::from(self.config.inflight.min(receive_maximum)));
+        let v5 = uplink.protocol() == Protocol::V5;
+        let subscriptions: Vec<Subscription> = self
+            .config
+            .forward
+            .iter()
+            .filter(|r| r.direction != Direction::Out)
+            .filter_map(|r| {
+                Some(Subscription {
+                    filter: MqttString::new(&format!("{}{}", r.remote_prefix, r.filter)).ok()?,
+                    options: SubscriptionOptions {
+                        qos: qos(r.qos),
+                        no_local: v5,
+                        retain_as_published: v5,
+                        retain_handling: RetainHandling::SendAtSubscribe,
+                    },
+                })
+            })
+            .collect();
+        if !subscriptions.is_empty()
+            && let Err(e) = uplink.subscribe(subscriptions, SubscribeProperties::default())
+        {
+            return Ended::Lost(format!("cannot subscribe upstream: {e}"), None);
+        }
+        let mut pace = Pace::new(self.config.drain_rate, self.config.ramp, Instant::now());
+        let mut paced_until: Option<Instant> = None;
+        let mut paused_until: Option<Instant> = None;
+        // Local publishes of inbound messages, oldest first, with the
+        // upstream packet id to acknowledge once each is durable.
+        let mut inbound: VecDeque<(u16, PublishAck)> = VecDeque::new();
+        let probe_every = self
+            .config
+            .reconnect_max
+            .clamp(FAILBACK_PROBE_MIN, FAILBACK_PROBE_MAX);
+        let mut probe = tokio::time::interval_at(Instant::now() + probe_every, probe_every);
+        let mut sample = tokio::time::interval(Duration::from_secs(1));
+        let capacity = usize::from(self.config.inflight);
+        let mut stop = self.stop_rx.clone();
+        loop {
+            // Send what the window, the pace and a quota pause allow.
+            let now = Instant::now();
+            if paused_until.is_some_and(|t| t <= now) {
+                paused_until = None;
+            }
+            if paced_until.is_some_and(|t| t <= now) {
+                paced_until = None;
+            }
+            while paused_until.is_none() && paced_until.is_none() && uplink.can_publish() {
+                let Some((key, entry)) = self.outbox.next_unsent() else {
+                    break;
+                };
+                if let Err(at) = pace.take(now) {
+                    paced_until = Some(at);
+                    break;
+                }
+                let publish = self.upstream_publish(&entry.received);
+                let at_most_once = publish.qos == QoS::AtMostOnce;
+                match uplink.publish(publish) {
+                    Ok(packet_id) if at_most_once => {
+                        let _ = packet_id;
+                        if let Some(entry) = self.outbox.entries.remove(&key) {
+                            self.outbox.first_unsent = key + 1;
+                            self.forwarded(&entry).await;
+                        }
+                    }
+                    Ok(packet_id) => self.outbox.mark_sent(key, packet_id),
+                    Err(RequestError::WindowFull { .. } | RequestError::OutputFull { .. }) => break,
+                    Err(e) => {
+                        // This message can never go to this upstream (too
+                        // large, a QoS or retain it does not support).
+                        if let Some(entry) = self.outbox.entries.remove(&key) {
+                            self.dead_letter(entry, &e.to_string()).await;
+                        }
+                    }
+                }
+            }
+            self.update_pending();
+            let wake_at = [paused_until, paced_until].into_iter().flatten().min();
+            tokio::select! {
+                // Cancel-safe: next_event keeps its progress in `uplink`.
+                event = uplink.next_event() => match event {
+                    Ok(Event::Acked { packet_id, reason_code, reason_string }) => {
+                        if reason_code == ReasonCode::QUOTA_EXCEEDED {
+                            // Keep it and back off; it goes again later.
+                            self.outbox.unsend(packet_id);
+                            let delay = self.quota.next_delay().max(Duration::from_millis(100));
+                            warn!(bridge = %self.config.name, ?delay, "the upstream is over quota (0x97): backing off");
+                            paused_until = Some(Instant::now() + delay);
+                        } else if let Some(entry) = self.outbox.take(packet_id) {
+                            if reason_code.is_error() {
+                                let why = format!("refused by the upstream: {reason_code}{}", reason_string.map(|s| format!(" ({s})")).unwrap_or_default());
+                                self.dead_letter(entry, &why).await;
+                            } else {
+                                self.quota.reset();
+                                self.forwarded(&entry).await;
+                            }
+                        }
+                    }
+                    Ok(Event::Received { .. } | Event::UnsubAck { .. }) => {}
+                    Ok(Event::SubAck { reason_codes, .. }) => {
+                        if reason_codes.iter().any(|c| c.is_error()) {
+                            warn!(bridge = %self.config.name, ?reason_codes, "the upstream refused some inbound subscriptions");
+                        }
+                    }
+                    Ok(Event::Message(publish)) => {
+                        if let Some(ended) = self.inbound(&mut uplink, publish, &mut inbound).await {
+                            return ended;
+                        }
+                    }
+                    Err(e) => {
+                        let reference = match &e {
+                            UplinkError::Disconnected { server_reference, .. } => server_reference.clone(),
+                            _ => None,
+                        };
+                        return Ended::Lost(e.to_string(), reference);
+                    }
+                },
+                // Cancel-safe: mpsc receive loses nothing when not chosen.
+                received = self.local.recv(), if self.outbox.entries.len() < capacity => match received {
+                    Some(received) => self.outbox.push(received),
+                    None => return Ended::Stop,
+                },
+                // Polls the oldest local publish in place (a oneshot, cancel-safe).
+                done = front_ack(&mut inbound), if !inbound.is_empty() => {
+                    let packet_id = inbound.pop_front().map(|(id, _)| id);
+                    match (done, packet_id) {
+                        (Ok(()), Some(packet_id)) => {
+                            if packet_id != 0 && let Err(e) = uplink.ack(packet_id) {
+                                return Ended::Lost(format!("cannot acknowledge upstream: {e}"), None);
+                            }
+                            self.update(|l| l.received += 1);
+                        }
+                        (Err(e), _) => {
+                            // Not durable here: the upstream must keep it.
+                            // Reconnecting makes it send again.
+                            return Ended::Lost(format!("the local broker refused an inbound message: {e}"), None);
+                        }
+                        (Ok(()), None) => {}
+                    }
+                }
+                _ = sleep_until(wake_at), if wake_at.is_some() => {}
+                _ = probe.tick(), if on_fallback => {
+                    if self.first_address_reachable().await {
+                        let _ = uplink.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
+                        return Ended::FailBack;
+                    }
+                }
+                _ = sample.tick() => {
+                    let now = Instant::now();
+                    self.update(|l| {
+                        l.samples.push_back((now, l.forwarded));
+                        while l.samples.len() > 11 {
+                            l.samples.pop_front();
+                        }
+                    });
+                }
+                () = stopped(&mut stop) => {
+                    let _ = uplink.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
+                    return Ended::Stop;
+                }
+            }
+        }
+    }
+
+    fn update_pending(&self) {
+        let (mut count, mut bytes, mut oldest) = (0u64, 0u64, None::<u64>);
+        for e in self.outbox.entries.values() {
+            count += 1;
+            bytes += e.size;
+            if let Some(ms) = e.received.queued_ms {
+                oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+            }
+        }
+        self.update(|l| {
+            l.pending_messages = count;
+            l.pending_bytes = bytes;
+            l.pending_oldest_ms = oldest;
+        });
+    }
+
+    /// The PUBLISH for the upstream: topic remapped, QoS at most 1, the
+    /// message id and all properties kept.
+    fn upstream_publish(&self, received: &Received) -> Publish {
+        let (topic, rule_qos) = self.outbound_route(received.topic.as_str());
+        let mut properties = received.properties.clone();
+        properties.subscription_identifiers.clear();
+        properties.topic_alias = None;
+        Publish {
+            dup: false,
+            qos: received.qos.min(rule_qos).min(QoS::AtLeastOnce),
+            retain: received.retain,
+            topic,
+            packet_id: 0,
+            payload: received.payload.clone(),
+            properties,
+        }
+    }
+
+    /// The upstream topic and QoS of a local topic (the first `out` rule
+    /// that matches).
+    fn outbound_route(&self, local: &str) -> (MqttString, QoS) {
+        for rule in self
+            .config
+            .forward
+            .iter()
+            .filter(|r| r.direction != Direction::In)
+        {
+            let filter = format!("{}{}", rule.local_prefix, rule.filter);
+            if topic::matches(&filter, local) {
+                let rest = local.strip_prefix(&rule.local_prefix).unwrap_or(local);
+                let remote = format!("{}{rest}", rule.remote_prefix);
+                if let Ok(t) = MqttString::new(&remote) {
+                    return (t, qos(rule.qos));
+                }
+            }
+        }
+        // Matched a subscription of an earlier config: send it unchanged.
+        (MqttString::new(local).unwrap_or_default(), QoS::AtLeastOnce)
+    }
+
+    /// An upstream message: published locally (acknowledged upstream once
+    /// durable here), or dropped if it is one of ours coming back.
+    async fn inbound(
+        &mut self,
+        uplink: &mut Uplink,
+        publish: Publish,
+        waiting: &mut VecDeque<(u16, PublishAck)>,
+    ) -> Option<Ended> {
+        let packet_id = if publish.qos == QoS::AtMostOnce {
+            0
+        } else {
+            publish.packet_id
+        };
+        let ours = publish
+            .properties
+            .user_properties
+            .iter()
+            .filter(|(k, _)| k.as_str() == MESSAGE_ID_PROPERTY)
+            .filter_map(|(_, v)| v.as_str().parse::<MessageId>().ok())
+            .any(|id| id.uuid == self.node_uuid);
+        let route = self.inbound_route(publish.topic.as_str());
+        let Some((topic, rule_qos)) = route.filter(|_| !ours) else {
+            // Ours (a loop) or matching no rule: taken, not published.
+            if packet_id != 0
+                && let Err(e) = uplink.ack(packet_id)
+            {
+                return Some(Ended::Lost(
+                    format!("cannot acknowledge upstream: {e}"),
+                    None,
+                ));
+            }
+            return None;
+        };
+        let local = Publish {
+            dup: false,
+            qos: publish.qos.min(rule_qos),
+            retain: publish.retain,
+            topic,
+            packet_id: 0,
+            payload: publish.payload,
+            properties: ferrymq_codec::PublishProperties {
+                topic_alias: None,
+                subscription_identifiers: Vec::new(),
+                ..publish.properties
+            },
+        };
+        match self.publisher.submit(local).await {
+            Ok(ack) => {
+                waiting.push_back((packet_id, ack));
+                None
+            }
+            Err(e) => Some(Ended::Lost(
+                format!("cannot publish an inbound message locally: {e}"),
+                None,
+            )),
+        }
+    }
+
+    /// The local topic and QoS of an upstream topic (the first `in` rule
+    /// that matches).
+    fn inbound_route(&self, remote: &str) -> Option<(MqttString, QoS)> {
+        self.config
+            .forward
+            .iter()
+            .filter(|r| r.direction != Direction::Out)
+            .find(|r| topic::matches(&format!("{}{}", r.remote_prefix, r.filter), remote))
+            .and_then(|r| {
+                let rest = remote.strip_prefix(&r.remote_prefix).unwrap_or(remote);
+                MqttString::new(&format!("{}{rest}", r.local_prefix))
+                    .ok()
+                    .map(|t| (t, qos(r.qos)))
+            })
+    }
+
+    /// The upstream has it: it leaves the local queue.
+    async fn forwarded(&mut self, entry: &Entry) {
+        let _ = self.local.ack(&entry.received).await;
+        self.update(|l| l.forwarded += 1);
+    }
+
+    /// The upstream will never take it: kept under `$dead/{bridge}/...`
+    /// (durably, before it leaves the queue), counted and logged.
+    async fn dead_letter(&mut self, entry: Entry, why: &str) {
+        warn!(bridge = %self.config.name, topic = %entry.received.topic, "dead-lettered: {why}");
+        let topic = format!(
+            "{DEAD_LETTER_PREFIX}{}/{}",
+            self.config.name, entry.received.topic
+        );
+        let publish = Publish {
+            qos: QoS::AtLeastOnce,
+            topic: MqttString::new(&topic).unwrap_or_default(),
+            payload: entry.received.payload.clone(),
+            properties: entry.received.properties.clone(),
+            ..Publish::default()
+        };
+        let kept = match self.publisher.submit(publish).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        if kept {
+            let _ = self.local.ack(&entry.received).await;
+        }
+        self.update(|l| l.dead_lettered += 1);
+    }
+
+    async fn first_address_reachable(&self) -> bool {
+        let first = &self.config.addresses[0];
+        let target = (first.host.as_str(), first.port);
+        matches!(
+            tokio::time::timeout(
+                self.config.connect_timeout,
+                tokio::net::TcpStream::connect(target)
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+/// Waits for the oldest local publish's acknowledgement, in place.
+async fn front_ack(waiting: &mut VecDeque<(u16, PublishAck)>) -> Result<(), ClientError> {
+    match waiting.front_mut() {
+        Some((_, ack)) => ack.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once a stop is requested (never if the sender is gone). Does
+/// not hold the watch's guard across an await, so the task stays `Send`.
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A Server Reference ("host:port", or a host alone meaning port 1883;
+/// several separated by spaces: the first).
+fn parse_reference(reference: &str) -> Option<BridgeAddress> {
+    let first = reference.split_whitespace().next()?;
+    if let Ok(addr) = first.parse::<std::net::SocketAddr>() {
+        return Some(BridgeAddress {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        });
+    }
+    match first.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => Some(BridgeAddress {
+            host: host.to_string(),
+            port: port.parse().ok()?,
+        }),
+        _ => Some(BridgeAddress {
+            host: first.trim_matches(|c| c == '[' || c == ']').to_string(),
+            port: 1883,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_references_name_the_next_address() {
+        let r = |s| parse_reference(s).map(|a| a.to_string());
+        assert_eq!(r("10.0.0.7:8883").as_deref(), Some("10.0.0.7:8883"));
+        assert_eq!(
+            r("regional-2:1884 other:1").as_deref(),
+            Some("regional-2:1884")
+        );
+        assert_eq!(r("regional-3").as_deref(), Some("regional-3:1883"));
+        assert_eq!(r("[fd00::5]:8883").as_deref(), Some("[fd00::5]:8883"));
+        assert_eq!(r(""), None);
+    }
+}

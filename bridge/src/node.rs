@@ -1,0 +1,154 @@
+//! [`Node`]: the broker and its bridges, started and stopped together;
+//! what the `ferrymq` command runs, and what gateway firmware embeds.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferrymq_broker::{Broker, ClientError, StartError};
+use ferrymq_config::Config;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::link::{self, BridgeHandle, BridgeMonitor};
+use crate::status::BridgeStatus;
+
+/// The file in `data_dir` where a running node writes its bridges' status
+/// every second, for `ferrymq bridge status`.
+pub const STATUS_FILE: &str = "bridge-status.txt";
+
+/// How often the status file is rewritten.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The broker could not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// A bridge could not attach to the broker.
+    #[error("bridge {name}: {source}")]
+    Bridge {
+        /// The bridge.
+        name: String,
+        /// Why.
+        source: ClientError,
+    },
+}
+
+/// A running broker with its bridges.
+pub struct Node {
+    broker: Broker,
+    bridges: Vec<BridgeHandle>,
+    /// Stops the status writer.
+    stop_tx: watch::Sender<bool>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts the broker of `config` (state in `data_dir`), then every
+    /// `[[bridge]]`.
+    pub async fn start(config: Config) -> Result<Node, NodeError> {
+        let broker = Broker::start(config).await?;
+        Node::with_broker(broker).await
+    }
+
+    /// Starts the bridges of an already started broker (one built with a
+    /// custom store or authentication methods).
+    pub async fn with_broker(broker: Broker) -> Result<Node, NodeError> {
+        let handle = broker.handle();
+        let mut bridges = Vec::new();
+        for config in handle.config().bridges.clone() {
+            let name = config.name.clone();
+            match link::start(handle.clone(), config).await {
+                Ok(bridge) => bridges.push(bridge),
+                Err(source) => {
+                    for b in bridges {
+                        b.stop().await;
+                    }
+                    broker.shutdown().await;
+                    return Err(NodeError::Bridge { name, source });
+                }
+            }
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let writer = (!bridges.is_empty()).then(|| {
+            let monitors: Vec<BridgeMonitor> = bridges.iter().map(|b| b.monitor()).collect();
+            let path = handle.config().data_dir.join(STATUS_FILE);
+            tokio::spawn(write_status(monitors, path, stop_rx))
+        });
+        Ok(Node {
+            broker,
+            bridges,
+            stop_tx,
+            writer,
+        })
+    }
+
+    /// The broker (in-process clients, stats, the store).
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// Every bridge's status, in config order.
+    pub fn bridges(&self) -> Vec<BridgeStatus> {
+        self.bridges.iter().map(BridgeHandle::status).collect()
+    }
+
+    /// Stops the bridges (what is not acknowledged upstream stays queued),
+    /// then the broker.
+    pub async fn shutdown(self) {
+        let _ = self.stop_tx.send(true);
+        if let Some(writer) = self.writer {
+            let _ = writer.await;
+        }
+        for bridge in self.bridges {
+            bridge.stop().await;
+        }
+        self.broker.shutdown().await;
+    }
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let node = Node::start(config).await?;
+    shutdown.await;
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Rewrites the status file every second (write, then rename: a reader
+/// never sees half a file).
+async fn write_status(
+    monitors: Vec<BridgeMonitor>,
+    path: PathBuf,
+    mut stop_rx: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            // Cancel-safe: nothing is in progress between ticks.
+            () = crate::link::stopped(&mut stop_rx) => break,
+        }
+        let text: String = monitors.iter().map(|m| m.status().to_string()).collect();
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written
+            && !warned
+        {
+            warn!(path = %path.display(), "cannot write the bridge status file: {e}");
+            warned = true;
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// The status a running node wrote in `data_dir`.
+pub fn read_status(data_dir: &Path) -> std::io::Result<String> {
+    std::fs::read_to_string(data_dir.join(STATUS_FILE))
+}
