@@ -166,24 +166,9 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
         .manual_acks()
         .message_ids();
     options.receive_capacity = config.inflight;
+    // The broker created the session and its `out` subscriptions at
+    // start (before accepting anyone): this resumes it.
     let local = broker.connect(options).await?;
-    for rule in config
-        .forward
-        .iter()
-        .filter(|r| r.direction != Direction::In)
-    {
-        local
-            .subscribe_with(
-                &format!("{}{}", rule.local_prefix, rule.filter),
-                SubscriptionOptions {
-                    qos: qos(rule.qos),
-                    no_local: true,
-                    retain_as_published: true,
-                    retain_handling: RetainHandling::SendIfNew,
-                },
-            )
-            .await?;
-    }
     // The dead-letter queue: a durable session that keeps what the
     // upstream refused for good, for `ferrymq queue stats` to show.
     let dead = broker
@@ -510,7 +495,10 @@ impl Runner {
                             self.forwarded(&entry).await;
                         }
                     }
-                    Ok(packet_id) => self.outbox.mark_sent(key, packet_id),
+                    Ok(packet_id) => {
+                        tracing::trace!(bridge = %self.config.name, key, packet_id, "sent upstream");
+                        self.outbox.mark_sent(key, packet_id);
+                    }
                     Err(RequestError::WindowFull { .. } | RequestError::OutputFull { .. }) => break,
                     Err(e) => {
                         // This message can never go to this upstream (too
@@ -527,6 +515,7 @@ impl Runner {
                 // Cancel-safe: next_event keeps its progress in `uplink`.
                 event = uplink.next_event() => match event {
                     Ok(Event::Acked { packet_id, reason_code, reason_string }) => {
+                        tracing::trace!(bridge = %self.config.name, packet_id, %reason_code, "acknowledged upstream");
                         if reason_code == ReasonCode::QUOTA_EXCEEDED {
                             // Keep it and back off; it goes again later.
                             self.outbox.unsend(packet_id);
@@ -564,7 +553,10 @@ impl Runner {
                 },
                 // Cancel-safe: mpsc receive loses nothing when not chosen.
                 received = self.local.recv(), if self.outbox.entries.len() < capacity => match received {
-                    Some(received) => self.outbox.push(received),
+                    Some(received) => {
+                        tracing::trace!(bridge = %self.config.name, key = self.outbox.next_key, local_id = received.packet_id, dup = received.dup, payload = ?received.payload, "from the local queue");
+                        self.outbox.push(received);
+                    }
                     None => return Ended::Stop,
                 },
                 // Polls the oldest local publish in place (a oneshot, cancel-safe).

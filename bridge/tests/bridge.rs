@@ -189,3 +189,49 @@ async fn messages_cross_the_bridge_both_ways_with_their_ids() {
     assert!(status.connected, "{status}");
     node.shutdown().await;
 }
+
+/// Regression: the bridge subscribed its `out` rules only after the
+/// broker was already accepting clients, so messages published in the
+/// first moments after the very first start were acknowledged and never
+/// forwarded. The broker now creates the bridge's queue before it accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_queue_takes_messages_from_the_first_moment_before_the_bridge_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    // No bridge task at all: only the broker with a [[bridge]] config.
+    let config = node_config(&dir, bridge_to(&[1]));
+    let broker = ferrymq_broker::Broker::start(config.clone()).await.unwrap();
+    let app = broker.connect(ClientOptions::new("app")).await.unwrap();
+    app.publish("data/early", "first", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    app.publish("cmd/not-out", "x", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    let depth = broker.queue_depth("$bridge/regional").unwrap();
+    assert_eq!(depth.messages, 1, "queued for the bridge: {depth:?}");
+    drop(app);
+    broker.shutdown().await;
+    // A rule removed from the config is unsubscribed at the next start;
+    // what it queued stays.
+    let mut config = config;
+    config.bridges[0].forward.retain(|r| r.filter != "data/#");
+    config.bridges[0].forward.push(Forward {
+        filter: "other/#".into(),
+        ..Forward::default()
+    });
+    let broker = ferrymq_broker::Broker::start(config).await.unwrap();
+    let app = broker.connect(ClientOptions::new("app")).await.unwrap();
+    app.publish("data/late", "dropped rule", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    app.publish("other/x", "new rule", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    let depth = broker.queue_depth("$bridge/regional").unwrap();
+    assert_eq!(
+        depth.messages, 2,
+        "the old message and the new rule's: {depth:?}"
+    );
+    drop(app);
+    broker.shutdown().await;
+}

@@ -32,6 +32,7 @@
 //! The packet codec is its own crate, `ferrymq-codec`.
 
 pub mod auth;
+mod bridge_session;
 mod client;
 mod connection;
 mod data_dir;
@@ -563,6 +564,7 @@ fn restore(shared: &Shared, recovered: Recovered) {
     }
     shared.groups.prune_empty(shared, &mut cleanup);
     cleanup.submit();
+    bridge_session::ensure(shared);
     for message in due_wills {
         connection::publish_will_message(shared, message, &mut router::RouteCache::default());
     }

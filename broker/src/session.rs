@@ -235,6 +235,20 @@ impl Sessions {
         control.finish();
     }
 
+    /// Takes the state of `client_id`'s session if it is offline (held by
+    /// no connection); the caller puts it back with
+    /// [`Sessions::insert_offline`].
+    pub fn take_offline(&self, client_id: &MqttString) -> Option<SessionState> {
+        let mut slots = self.slots.lock();
+        let slot = slots.get_mut(client_id)?;
+        if slot.holder.is_some() {
+            return None;
+        }
+        let state = slot.state.take();
+        slots.remove(client_id);
+        state
+    }
+
     /// Records the queue of the session a connection now holds.
     pub fn set_outbox(&self, client_id: &MqttString, outbox: Arc<Outbox>) {
         if let Some(slot) = self.slots.lock().get_mut(client_id) {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod link;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -69,7 +71,11 @@ impl Broker {
         let mut child = Command::new(binary())
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "info,ferrymq_broker=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("FERRYMQ_TEST_LOG")
+                    .unwrap_or_else(|_| "info,ferrymq_broker=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,144 @@
+//! The local side of each configured bridge: its durable session
+//! `$bridge/{name}`, whose subscriptions are the bridge's `out` rules and
+//! whose queue is the bridge's outbox. The broker sets them up at start,
+//! before any listener accepts, so a message published from the first
+//! moment on is queued for the bridge before its publisher is
+//! acknowledged; the bridge (crate ferrymq-bridge) then drains the session
+//! through an in-process client. Rules removed from the config are
+//! unsubscribed here; what they queued already still goes upstream.
+
+use std::time::Duration;
+
+use ferrymq_codec::{MqttString, RetainHandling, SubscriptionOptions};
+use ferrymq_config::Direction;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::Shared;
+use crate::connection::bridge_client_id;
+use crate::message::SessionId;
+use crate::publish;
+use crate::router::Subscriber;
+use crate::session::SessionState;
+use crate::storage::{Batch, SessionRecord, StoreOp, SubscriptionRecord};
+
+/// A bridge session never expires.
+pub(crate) const NEVER: Duration = Duration::from_secs(u32::MAX as u64);
+
+/// The subscription options of an `out` rule on the bridge session: No
+/// Local (what the bridge publishes locally, inbound, never goes back up),
+/// RETAIN kept, retained messages queued only for a new rule.
+pub(crate) fn out_options(qos: u8) -> SubscriptionOptions {
+    SubscriptionOptions {
+        qos: match qos {
+            0 => ferrymq_codec::QoS::AtMostOnce,
+            1 => ferrymq_codec::QoS::AtLeastOnce,
+            _ => ferrymq_codec::QoS::ExactlyOnce,
+        },
+        no_local: true,
+        retain_as_published: true,
+        retain_handling: RetainHandling::SendIfNew,
+    }
+}
+
+/// Creates or updates every configured bridge's session (offline until
+/// the bridge attaches).
+pub(crate) fn ensure(shared: &Shared) {
+    for bridge in &shared.config.bridges {
+        let Ok(client_id) = MqttString::new(&bridge_client_id(&bridge.name)) else {
+            warn!(bridge = %bridge.name, "cannot name the bridge's session");
+            continue;
+        };
+        let mut batch = Batch::new(shared.store.as_ref());
+        let mut state = match shared.sessions.take_offline(&client_id) {
+            Some(state) => state,
+            None => {
+                let number = shared.next_session_number();
+                let outbox = shared.new_outbox(number);
+                let mut state = SessionState::new(client_id.clone(), number, outbox);
+                state.expiry = NEVER;
+                state.stored = true;
+                batch.push(StoreOp::SessionPut(SessionRecord {
+                    client_id: client_id.clone(),
+                    number,
+                    expiry_secs: u32::MAX,
+                    offline_since_ms: Some(shared.clock.now_ms()),
+                    pending_will: None,
+                }));
+                info!(bridge = %bridge.name, "created the bridge's queue");
+                state
+            }
+        };
+        state.outbox.set_persistent(true);
+        if let Some((messages, bytes)) =
+            crate::connection::session_bounds(shared, client_id.as_str())
+        {
+            state.outbox.set_bounds(messages, bytes);
+        }
+        let wanted: Vec<(MqttString, SubscriptionOptions)> = bridge
+            .forward
+            .iter()
+            .filter(|r| r.direction != Direction::In)
+            .filter_map(|r| {
+                let filter = MqttString::new(&format!("{}{}", r.local_prefix, r.filter)).ok()?;
+                Some((filter, out_options(r.qos)))
+            })
+            .collect();
+        let stale: Vec<MqttString> = state
+            .subscriptions
+            .keys()
+            .filter(|f| !wanted.iter().any(|(w, _)| w == *f))
+            .cloned()
+            .collect();
+        for filter in stale {
+            state.subscriptions.remove(&filter);
+            shared.router.unsubscribe(&filter, SessionId(state.number));
+            batch.push(StoreOp::SubscriptionDelete {
+                number: state.number,
+                filter: filter.clone(),
+            });
+            info!(bridge = %bridge.name, %filter, "rule no longer configured: unsubscribed");
+        }
+        let mut retained = Vec::new();
+        for (filter, options) in wanted {
+            let record = SubscriptionRecord {
+                options,
+                identifier: None,
+            };
+            let existing = state.subscriptions.insert(filter.clone(), record);
+            if existing == Some(record) {
+                continue;
+            }
+            shared.router.subscribe(
+                &filter,
+                Subscriber {
+                    session: SessionId(state.number),
+                    outbox: state.outbox.clone(),
+                    qos: options.qos,
+                    no_local: options.no_local,
+                    retain_as_published: options.retain_as_published,
+                    identifier: None,
+                    group: None,
+                },
+            );
+            batch.push(StoreOp::SubscriptionPut {
+                number: state.number,
+                filter: filter.clone(),
+                subscription: record,
+            });
+            if existing.is_none() {
+                let mut entries = Vec::new();
+                shared.retained.matching(&filter, &mut entries);
+                let now = Instant::now();
+                entries.retain(|e| !e.message.is_expired(now));
+                retained.push((entries, options.qos));
+            }
+        }
+        batch.submit();
+        let outbox = state.outbox.clone();
+        shared.sessions.insert_offline(state, Instant::now());
+        for (entries, granted) in retained {
+            publish::deliver_retained(shared, &outbox, entries, granted, None);
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Store-and-forward with the real binary: an edge ferrymq bridged through
+//! a test link (pass / cut / blackhole) to a real Mosquitto upstream,
+//! SIGKILLed while the link is down. Every message the edge acknowledged
+//! must reach the upstream, in order per publisher, with duplicates only
+//! from a reconnect and at most the in-flight window each.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "../bridge/tests/common/mosquitto.rs"]
+#[allow(dead_code)]
+mod mosquitto;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::link::{Link, Mode};
+use common::*;
+use ferrymq_broker::MessageId;
+use ferrymq_codec::{
+    Packet, Protocol, PubAck, Publish, QoS, Subscribe, Subscription, SubscriptionOptions,
+};
+use mosquitto::Mosquitto;
+
+const INFLIGHT: usize = 50;
+
+fn edge_config(link_port: u16) -> String {
+    format!(
+        r#"
+[[bridge]]
+name = "regional"
+addresses = ["127.0.0.1:{link_port}"]
+client_id = "edge-1"
+inflight = {INFLIGHT}
+keepalive_secs = 2
+connect_timeout_secs = 2
+reconnect_min_ms = 50
+reconnect_max_ms = 500
+drain_rate = 2000
+ramp_secs = 0
+
+[[bridge.forward]]
+filter = "data/#"
+remote_prefix = "site/"
+"#
+    )
+}
+
+/// What the upstream observer saw: (number, ferry-id) in arrival order.
+type Seen = Arc<Mutex<Vec<(u32, MessageId)>>>;
+
+/// An MQTT 5 subscriber on the upstream, in a thread, acknowledging all.
+fn observe(
+    upstream: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> (Seen, std::thread::JoinHandle<()>) {
+    let seen: Seen = Arc::default();
+    let mut raw = Raw::connect(upstream, Protocol::V5, "observer");
+    raw.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        subscriptions: vec![Subscription {
+            filter: s("site/#"),
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            },
+        }],
+        properties: Default::default(),
+    }));
+    assert!(matches!(raw.recv(), Some(Packet::SubAck(_))));
+    let thread = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if let Some(Packet::Publish(p)) = raw.recv_or_silence(Duration::from_millis(200)) {
+                    raw.send(&Packet::PubAck(PubAck::new(p.packet_id)));
+                    let n: u32 = std::str::from_utf8(&p.payload).unwrap().parse().unwrap();
+                    let id: MessageId = p
+                        .properties
+                        .user_properties
+                        .iter()
+                        .find(|(k, _)| k.as_str() == "ferry-id")
+                        .map(|(_, v)| v.as_str().parse().unwrap())
+                        .expect("every forwarded message carries a ferry-id");
+                    seen.lock().unwrap().push((n, id));
+                }
+            }
+        })
+    };
+    (seen, thread)
+}
+
+/// Publishes `range` as QoS 1 to the edge, one at a time; all must be
+/// acknowledged (the link being down does not matter: the edge stores).
+fn publish(edge: std::net::SocketAddr, range: std::ops::Range<u32>) {
+    let mut raw = Raw::connect(edge, Protocol::V311, "sensor");
+    for n in range {
+        let id = (n % 60_000) as u16 + 1;
+        raw.send(&Packet::Publish(Publish {
+            qos: QoS::AtLeastOnce,
+            packet_id: id,
+            topic: s("data/temp"),
+            payload: Bytes::from(n.to_string()),
+            ..Publish::default()
+        }));
+        assert_eq!(
+            raw.recv(),
+            Some(Packet::PubAck(PubAck::new(id))),
+            "message {n}"
+        );
+    }
+}
+
+fn distinct(seen: &Seen) -> usize {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+fn wait_for(seen: &Seen, count: usize, what: &str, data: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while distinct(seen) < count {
+        if Instant::now() > deadline {
+            let got: std::collections::BTreeSet<u32> =
+                seen.lock().unwrap().iter().map(|(n, _)| *n).collect();
+            let missing: Vec<u32> = (0..count as u32)
+                .filter(|n| !got.contains(n))
+                .take(20)
+                .collect();
+            let status =
+                std::fs::read_to_string(data.join("bridge-status.txt")).unwrap_or_default();
+            panic!(
+                "{what}: {} of {count} arrived upstream; missing e.g. {missing:?}\n{status}",
+                got.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The outage scenario, with `trouble` (cut or blackhole) mid-drain.
+fn outage(trouble: Mode) {
+    const N: u32 = 1600;
+    let upstream = Mosquitto::start("");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, observer) = observe(upstream.addr(), stop.clone());
+    let link = Link::new(upstream.addr(), Mode::Down);
+    let data = tempfile::tempdir().unwrap();
+    let config = edge_config(link.port());
+    let edge = Broker::start_at(data.path(), &config);
+    publish(edge.addr, 0..N / 2);
+    // Killed with its whole backlog on disk, restarted.
+    if std::env::var_os("FERRYMQ_TEST_LOG").is_some() {
+        eprintln!("--- first edge ---\n{}", edge.log());
+    }
+    edge.kill();
+    let edge = Broker::start_at(data.path(), &config);
+    publish(edge.addr, N / 2..N);
+    assert_eq!(distinct(&seen), 0, "nothing crossed a link that is down");
+
+    link.set(Mode::Pass);
+    wait_for(
+        &seen,
+        N as usize / 3,
+        "first part of the drain",
+        data.path(),
+    );
+    link.set(trouble);
+    std::thread::sleep(Duration::from_millis(if trouble == Mode::Blackhole {
+        4500
+    } else {
+        300
+    }));
+    link.set(Mode::Pass);
+    wait_for(&seen, N as usize, "the whole backlog", data.path());
+    // Let late duplicates arrive, then stop observing.
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    observer.join().unwrap();
+
+    let seen = seen.lock().unwrap().clone();
+    // One id per message, whatever the resends.
+    let mut ids: BTreeMap<u32, MessageId> = BTreeMap::new();
+    for (n, id) in &seen {
+        assert_eq!(
+            *ids.entry(*n).or_insert(*id),
+            *id,
+            "message {n} came with two ids"
+        );
+    }
+    assert_eq!(ids.len(), N as usize, "every acknowledged message arrived");
+    // Order per publisher: first arrivals in publish order.
+    let mut first = Vec::new();
+    let mut met = std::collections::BTreeSet::new();
+    for (n, _) in &seen {
+        if met.insert(*n) {
+            first.push(*n);
+        }
+    }
+    assert!(
+        first.windows(2).all(|w| w[0] < w[1]),
+        "order broken: {:?}",
+        first.windows(2).find(|w| w[0] > w[1])
+    );
+    // Duplicates: only from reconnects, at most the window each.
+    let duplicates = seen.len() - N as usize;
+    let connects = upstream.log().matches("as edge-1").count();
+    assert!(
+        connects >= 2,
+        "the link came back at least once: {connects}"
+    );
+    assert!(
+        duplicates <= INFLIGHT * (connects - 1),
+        "{duplicates} duplicates for {connects} connections of window {INFLIGHT}"
+    );
+    eprintln!(
+        "{trouble:?}: {N} delivered, {duplicates} duplicates, {connects} upstream connections"
+    );
+    drop(edge);
+}
+
+#[test]
+fn an_outage_with_a_crash_and_a_cut_link_loses_nothing() {
+    outage(Mode::Down);
+}
+
+#[test]
+fn an_outage_with_a_crash_and_a_blackholed_link_loses_nothing() {
+    outage(Mode::Blackhole);
+}
