@@ -9,11 +9,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::fake::{Fake, Script};
 use common::mosquitto::Mosquitto;
+use common::pki::Pki;
 use ferrymq_bridge::{BridgeStatus, Event, Node, Uplink, UplinkOptions};
 use ferrymq_broker::{ClientOptions, MessageId, QoS};
 use ferrymq_codec::{MqttString, Publish, SubscribeProperties, Subscription, SubscriptionOptions};
-use ferrymq_config::{Bridge, BridgeAddress, Config, Direction, Forward};
+use ferrymq_config::{Bridge, BridgeAddress, BridgeTls, Config, Direction, Forward};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -234,4 +236,255 @@ async fn a_bridge_queue_takes_messages_from_the_first_moment_before_the_bridge_r
     );
     drop(app);
     broker.shutdown().await;
+}
+
+/// Publishes `count` QoS 1 messages `0..count` on `topic` at the edge.
+async fn publish_local(node: &Node, topic: &str, count: u32) {
+    let app = node
+        .broker()
+        .connect(ClientOptions::new("app"))
+        .await
+        .unwrap();
+    for n in 0..count {
+        app.publish(topic, n.to_string(), QoS::AtLeastOnce, false)
+            .await
+            .unwrap();
+    }
+    app.disconnect().await;
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_over_quota_loses_nothing_and_the_bridge_backs_off() {
+    let fake = Fake::start(Script {
+        receive_maximum: 100,
+        refuse_first: 20,
+        ack_delay: Duration::from_millis(1),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge = bridge_to(&[fake.port()]);
+    bridge.reconnect_min = Duration::from_millis(200);
+    let node = Node::start(node_config(&dir, bridge)).await.unwrap();
+    publish_local(&node, "data/x", 200).await;
+    wait_until("every message accepted upstream", || {
+        let seen = fake.seen();
+        let distinct: std::collections::BTreeSet<_> = seen.accepted.iter().collect();
+        distinct.len() == 200
+    })
+    .await;
+    let seen = fake.seen();
+    assert_eq!(seen.connections, 1, "0x97 keeps the connection");
+    // After the first refusal the bridge paused before sending again.
+    let first = seen
+        .arrivals
+        .iter()
+        .position(|(_, refused)| *refused)
+        .unwrap();
+    let gap = seen
+        .arrivals
+        .iter()
+        .skip(first)
+        .find(|(_, r)| !*r)
+        .map(|(t, _)| *t - seen.arrivals[first].0);
+    assert!(
+        gap.is_some_and(|g| g >= Duration::from_millis(90)),
+        "no back-off after 0x97: {gap:?}"
+    );
+    let status = eventually(&node, |s| s.forwarded >= 200).await;
+    assert_eq!(status.dead_lettered, 0);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_upstream_receive_maximum_is_never_exceeded() {
+    let fake = Fake::start(Script {
+        receive_maximum: 3,
+        refuse_first: 0,
+        ack_delay: Duration::from_millis(5),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge = bridge_to(&[fake.port()]);
+    bridge.inflight = 100;
+    let node = Node::start(node_config(&dir, bridge)).await.unwrap();
+    publish_local(&node, "data/x", 100).await;
+    wait_until("all accepted", || fake.seen().accepted.len() >= 100).await;
+    let seen = fake.seen();
+    assert_eq!(
+        seen.max_in_flight, 3,
+        "the window is the upstream's 3, used fully"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_the_second_address_and_back_to_the_first() {
+    let mut first = Mosquitto::start("");
+    let second = Mosquitto::start("");
+    let mut on_first = observer(first.port(), "site/#").await;
+    let mut on_second = observer(second.port(), "site/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge = bridge_to(&[first.port(), second.port()]);
+    bridge.reconnect_max = Duration::from_millis(1000);
+    let node = Node::start(node_config(&dir, bridge)).await.unwrap();
+    publish_local(&node, "data/a", 5).await;
+    assert_eq!(collect(&mut on_first, 5).await.len(), 5);
+    // The first upstream dies: the bridge moves to the second.
+    first.kill();
+    publish_local(&node, "data/b", 5).await;
+    let got = collect(&mut on_second, 5).await;
+    assert!(got.iter().all(|(t, _, _)| t == "site/data/b"), "{got:?}");
+    assert_eq!(
+        node.bridges()[0].address.as_deref(),
+        Some(format!("127.0.0.1:{}", second.port()).as_str())
+    );
+    // It comes back: the bridge returns to it (probing every second).
+    first.restart();
+    let mut on_first = observer(first.port(), "site/#").await;
+    let back = format!("127.0.0.1:{}", first.port());
+    eventually(&node, |s| {
+        s.connected && s.address.as_deref() == Some(back.as_str())
+    })
+    .await;
+    publish_local(&node, "data/c", 5).await;
+    let got = collect(&mut on_first, 5).await;
+    assert!(got.iter().all(|(t, _, _)| t == "site/data/c"), "{got:?}");
+    node.shutdown().await;
+}
+
+async fn tls_round_trip(mutual: bool) {
+    let pki = Pki::generate();
+    let upstream = Mosquitto::start(&pki.mosquitto_options(mutual));
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge = bridge_to(&[upstream.port()]);
+    bridge.tls = Some(BridgeTls {
+        ca_file: pki.ca.clone(),
+        cert_file: mutual.then(|| pki.client_cert.clone()),
+        key_file: mutual.then(|| pki.client_key.clone()),
+        server_name: None,
+    });
+    let node = Node::start(node_config(&dir, bridge)).await.unwrap();
+    eventually(&node, |s| s.connected).await;
+    publish_local(&node, "data/secure", 3).await;
+    eventually(&node, |s| s.forwarded >= 3).await;
+    node.shutdown().await;
+    assert!(upstream.log().contains("as edge-1"), "{}", upstream.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_upstream_with_a_test_ca() {
+    tls_round_trip(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_to_the_upstream() {
+    tls_round_trip(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_messages_queued_upstream_while_the_edge_was_away_arrive_when_it_returns() {
+    let upstream = Mosquitto::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let config = node_config(&dir, bridge_to(&[upstream.port()]));
+    // First run: the edge's session upstream (and a local persistent
+    // listener) exist.
+    let node = Node::start(config.clone()).await.unwrap();
+    let listener_options = || ClientOptions::new("listener").persistent(Duration::from_secs(3600));
+    let listener = node.broker().connect(listener_options()).await.unwrap();
+    listener.subscribe("cmd/#", QoS::AtLeastOnce).await.unwrap();
+    listener.disconnect().await;
+    eventually(&node, |s| s.connected).await;
+    // Let the upstream SUBACK land before leaving.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.shutdown().await;
+    // While the edge is away, the cloud sends it commands.
+    let mut cloud = observer(upstream.port(), "unused/#").await;
+    for n in 0..5 {
+        cloud
+            .publish(Publish {
+                qos: QoS::AtLeastOnce,
+                topic: MqttString::from_static("site/cmd/run"),
+                payload: n.to_string().into(),
+                ..Publish::default()
+            })
+            .unwrap();
+    }
+    cloud.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Back: they arrive.
+    let node = Node::start(config).await.unwrap();
+    let mut listener = node.broker().connect(listener_options()).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let m = tokio::time::timeout(WAIT, listener.recv())
+            .await
+            .expect("queued commands arrive")
+            .unwrap();
+        got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+    }
+    assert_eq!(got, ["0", "1", "2", "3", "4"]);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_directions_never_loop() {
+    let upstream = Mosquitto::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge = bridge_to(&[upstream.port()]);
+    bridge.forward = vec![Forward {
+        filter: "sync/#".into(),
+        direction: Direction::Both,
+        qos: 1,
+        ..Forward::default()
+    }];
+    let node = Node::start(node_config(&dir, bridge)).await.unwrap();
+    eventually(&node, |s| s.connected).await;
+    let mut cloud = observer(upstream.port(), "sync/#").await;
+    let mut local = node
+        .broker()
+        .connect(ClientOptions::new("local"))
+        .await
+        .unwrap();
+    local.subscribe("sync/#", QoS::AtLeastOnce).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Edge -> cloud, once; never back to the edge a second time.
+    local
+        .publish("sync/from-edge", "e", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    // Cloud -> edge, once; never back to the cloud.
+    cloud
+        .publish(Publish {
+            qos: QoS::AtLeastOnce,
+            topic: MqttString::from_static("sync/from-cloud"),
+            payload: "c".into(),
+            ..Publish::default()
+        })
+        .unwrap();
+    let mut at_cloud = Vec::new();
+    let mut at_edge = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            e = cloud.next_event() => if let Ok(Event::Message(p)) = e {
+                cloud.ack(p.packet_id).unwrap();
+                at_cloud.push(p.topic.to_string());
+            },
+            m = local.recv() => at_edge.push(m.unwrap().topic.to_string()),
+            _ = tokio::time::sleep_until(end) => break,
+        }
+    }
+    at_cloud.sort();
+    at_edge.sort();
+    assert_eq!(at_cloud, ["sync/from-cloud", "sync/from-edge"]);
+    assert_eq!(at_edge, ["sync/from-cloud", "sync/from-edge"]);
+    node.shutdown().await;
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod fake;
 pub mod mosquitto;
 pub mod pki;
 pub mod proxy;

@@ -126,6 +126,25 @@ impl Mosquitto {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
+    /// Starts it again (after [`Mosquitto::kill`]) on the same port with
+    /// the same config.
+    pub fn restart(&mut self) {
+        self.kill();
+        let config_path = self.dir.path().join("mosquitto.conf");
+        let log_path = self.dir.path().join("mosquitto.log");
+        self.child = Command::new(binary())
+            .arg("-c")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart mosquitto");
+        if let Err(why) = wait_until_listening(&mut self.child, self.port, &log_path) {
+            panic!("mosquitto did not restart: {why}");
+        }
+    }
+
     /// SIGKILLs the broker (connections drop without DISCONNECT).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
