@@ -234,3 +234,47 @@ fn an_outage_with_a_crash_and_a_cut_link_loses_nothing() {
 fn an_outage_with_a_crash_and_a_blackholed_link_loses_nothing() {
     outage(Mode::Blackhole);
 }
+
+#[test]
+fn bridge_status_shows_the_backlog_and_why_the_link_is_down() {
+    let dead = mosquitto::free_port();
+    let data = tempfile::tempdir().unwrap();
+    let edge = Broker::start_at(data.path(), &edge_config(dead));
+    publish(edge.addr, 0..25);
+    // A copy: the broker's own file goes with it.
+    let config = data.path().join("edge.toml");
+    std::fs::copy(edge.dir.path().join("ferrymq.toml"), &config).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let out = std::process::Command::new(binary())
+            .args(["bridge", "status", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.contains("backlog: 25 messages") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(text.contains("bridge regional: disconnected"), "{text}");
+    assert!(text.contains("last error:"), "{text}");
+    // Stopped: no live status, and it says where to look instead.
+    drop(edge);
+    let out = std::process::Command::new(binary())
+        .args(["bridge", "status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is not running") && stderr.contains("queue stats"),
+        "{stderr}"
+    );
+}

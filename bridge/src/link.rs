@@ -329,10 +329,9 @@ impl Runner {
             let options = self.uplink_options(&address);
             self.update(|l| l.address = Some(address.to_string()));
             let mut stop = self.stop_rx.clone();
-            let connected = tokio::select! {
-                // Dropping a connect in progress closes its socket: safe.
-                r = Uplink::connect(&options) => r,
-                () = stopped(&mut stop) => break,
+            let connecting = Uplink::connect(&options);
+            let Some(connected) = self.meanwhile(connecting, &mut stop).await else {
+                break;
             };
             let outcome = match connected {
                 Ok((uplink, connected)) => {
@@ -383,14 +382,45 @@ impl Runner {
                     }
                     let delay = self.backoff.next_delay();
                     debug!(bridge = %self.config.name, ?delay, "reconnecting after");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        () = stopped(&mut stop) => break,
+                    if self
+                        .meanwhile(tokio::time::sleep(delay), &mut stop)
+                        .await
+                        .is_none()
+                    {
+                        break;
                     }
                 }
             }
         }
         self.local.disconnect().await;
+    }
+
+    /// Runs `work` (a connection attempt, a wait) while still taking
+    /// messages from the local queue up to the window, so the status
+    /// counts them (and their age) while the link is down. `None` when a
+    /// stop was requested first.
+    async fn meanwhile<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<T> {
+        tokio::pin!(work);
+        let capacity = usize::from(self.config.inflight);
+        loop {
+            tokio::select! {
+                // Dropping a connect in progress closes its socket: safe.
+                out = &mut work => return Some(out),
+                // Cancel-safe: mpsc receive loses nothing when not chosen.
+                received = self.local.recv(), if self.outbox.entries.len() < capacity => match received {
+                    Some(received) => {
+                        self.outbox.push(received);
+                        self.update_pending();
+                    }
+                    None => return None,
+                },
+                () = stopped(stop) => return None,
+            }
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut Live)) {

@@ -488,3 +488,27 @@ async fn both_directions_never_loop() {
     assert_eq!(at_edge, ["sync/from-cloud", "sync/from-edge"]);
     node.shutdown().await;
 }
+
+/// Regression: while the link was down the bridge stopped taking messages
+/// from its local queue, and those already handed to it were counted
+/// nowhere, so the status showed an empty backlog with 10 messages waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_counts_the_whole_backlog_while_the_link_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead_port = common::mosquitto::free_port();
+    let node = Node::start(node_config(&dir, bridge_to(&[dead_port])))
+        .await
+        .unwrap();
+    publish_local(&node, "data/x", 150).await;
+    let status = eventually(&node, |s| s.backlog_messages == 150).await;
+    assert!(!status.connected);
+    assert_eq!(
+        status.backlog_bytes,
+        (0..150)
+            .map(|n: u32| n.to_string().len() as u64)
+            .sum::<u64>()
+    );
+    assert!(status.oldest_queued.is_some(), "{status}");
+    assert!(status.last_error.is_some(), "{status}");
+    node.shutdown().await;
+}
