@@ -641,3 +641,45 @@ async fn a_reconnect_right_after_disconnect_never_overtakes_the_acks_sent_before
     }
     broker.shutdown().await;
 }
+
+/// Regression: the in-process client sent as many QoS 1 publishes as it
+/// was given, and the broker closed it for exceeding its Receive Maximum
+/// (a 1,000,000-message backlog benchmark died at the 1,025th).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_beyond_the_broker_receive_maximum_wait_their_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&dir);
+    config.limits.receive_maximum = 10;
+    let broker = Broker::start_with_store(config, MemoryStore::new())
+        .await
+        .unwrap();
+    let mut sub = broker.connect(ClientOptions::new("sub")).await.unwrap();
+    sub.subscribe("pipe/#", QoS::AtLeastOnce).await.unwrap();
+    let app = broker.connect(ClientOptions::new("app")).await.unwrap();
+    let publisher = app.publisher();
+    let mut acks = Vec::new();
+    for n in 0..100 {
+        acks.push(
+            publisher
+                .submit(Publish {
+                    qos: QoS::AtLeastOnce,
+                    topic: s("pipe/x"),
+                    payload: Bytes::from(format!("{n}")),
+                    ..Publish::default()
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("acknowledged, not cut off");
+    }
+    for n in 0..100 {
+        assert_eq!(
+            recv(&mut sub).await.payload,
+            Bytes::from(format!("{n}")),
+            "in order"
+        );
+    }
+    broker.shutdown().await;
+}

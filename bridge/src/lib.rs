@@ -1,8 +1,30 @@
 //! ferrymq-bridge: store-and-forward from an edge ferrymq to upstream
-//! brokers. For now it holds the uplink client, [`Uplink`]: a client-side
-//! MQTT 3.1.1 / 5.0 session on our own codec, in which the owner (the
-//! bridge's durable outbox) sees and controls packet ids and in-flight
-//! state, and which never replays anything by itself after a reconnect.
+//! brokers.
+//!
+//! - [`Node`]: the broker and its `[[bridge]]`s, started and stopped
+//!   together (what the `ferrymq` command and gateway firmware run), with
+//!   each bridge's [`BridgeStatus`].
+//! - [`link`]: one bridge: its durable outbox is the broker session
+//!   `$bridge/{name}`; messages go upstream in order and leave the queue
+//!   only when the upstream acknowledged them.
+//! - [`Uplink`]: the client towards the upstream, a client-side MQTT 3.1.1
+//!   / 5.0 session on our own codec, in which the owner sees and controls
+//!   packet ids and in-flight state, and which never replays anything by
+//!   itself after a reconnect.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ferrymq_config::Config::from_file("ferrymq.toml".as_ref())?;
+//! let node = ferrymq_bridge::Node::start(config).await?;
+//! for status in node.bridges() {
+//!     print!("{status}");
+//! }
+//! node.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The uplink client on its own:
 //!
 //! One task owns an [`Uplink`]: requests are synchronous and only queue
 //! bytes; [`Uplink::next_event`] does the I/O and is cancel-safe, so it

@@ -122,10 +122,7 @@ pub struct Received {
 
 enum Command {
     Ack(u16, QoS),
-    Send(
-        Box<Packet>,
-        Option<oneshot::Sender<Result<Packet, ClientError>>>,
-    ),
+    Send(Box<Packet>, Option<Done>),
     Disconnect(oneshot::Sender<()>),
 }
 
@@ -220,6 +217,9 @@ pub(crate) async fn connect(
             backlog: VecDeque::new(),
             capacity,
             manual_acks: options.manual_acks,
+            receive_maximum: usize::from(connack.properties.receive_maximum.unwrap_or(u16::MAX)),
+            publishes_in_flight: 0,
+            held: VecDeque::new(),
         }
         .run(commands_rx, incoming_tx),
     );
@@ -430,9 +430,14 @@ impl Publisher {
     }
 }
 
+/// Where a request's answer goes.
+type Done = oneshot::Sender<Result<Packet, ClientError>>;
+
 /// What an outstanding request waits for.
 struct Waiting {
-    done: oneshot::Sender<Result<Packet, ClientError>>,
+    done: Done,
+    /// A QoS 1/2 PUBLISH (counts against the broker's Receive Maximum).
+    publish: bool,
 }
 
 /// The client side of the connection.
@@ -452,6 +457,13 @@ struct Driver<R, W> {
     capacity: usize,
     /// Acknowledgements wait for [`Command::Ack`].
     manual_acks: bool,
+    /// The broker's Receive Maximum: QoS 1/2 publishes it takes
+    /// unacknowledged (more is a protocol error, so more wait in `held`).
+    receive_maximum: usize,
+    publishes_in_flight: usize,
+    /// QoS 1/2 publishes waiting for room in the broker's window, in order
+    /// (bounded by the command channel and its callers).
+    held: VecDeque<(Packet, Option<Done>)>,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
@@ -540,11 +552,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
         }
     }
 
-    fn send(
-        &mut self,
-        mut packet: Packet,
-        done: Option<oneshot::Sender<Result<Packet, ClientError>>>,
-    ) {
+    fn send(&mut self, packet: Packet, done: Option<Done>) {
+        let publish = matches!(&packet, Packet::Publish(p) if p.qos != QoS::AtMostOnce);
+        if publish && (self.publishes_in_flight >= self.receive_maximum || !self.held.is_empty()) {
+            self.held.push_back((packet, done));
+            return;
+        }
+        self.send_now(packet, done, publish);
+    }
+
+    /// Encodes a request (`publish`: a QoS 1/2 PUBLISH that fits the
+    /// broker's window).
+    fn send_now(&mut self, mut packet: Packet, done: Option<Done>, publish: bool) {
         let needs_id = match &packet {
             Packet::Publish(p) => p.qos != QoS::AtMostOnce,
             Packet::Subscribe(_) | Packet::Unsubscribe(_) => true,
@@ -563,9 +582,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
             }
             return;
         }
+        if publish {
+            self.publishes_in_flight += 1;
+        }
         match done {
             Some(done) if needs_id => {
-                self.waiting.insert(id, Waiting { done });
+                self.waiting.insert(id, Waiting { done, publish });
             }
             // QoS 0: done once handed over.
             Some(done) => {
@@ -578,6 +600,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Driver<R, W> {
     fn complete(&mut self, packet_id: u16, packet: Packet) {
         if let Some(waiting) = self.waiting.remove(&packet_id) {
             let _ = waiting.done.send(Ok(packet));
+            if waiting.publish {
+                self.publishes_in_flight = self.publishes_in_flight.saturating_sub(1);
+                while self.publishes_in_flight < self.receive_maximum {
+                    let Some((packet, done)) = self.held.pop_front() else {
+                        break;
+                    };
+                    self.send_now(packet, done, true);
+                }
+            }
         }
     }
 

@@ -1,0 +1,339 @@
+//! Store-and-forward drain: how fast a bridge empties a large backlog into
+//! a Mosquitto upstream once the link returns, and how long live messages
+//! published during the drain take to arrive (one FIFO: a live message
+//! waits for the backlog queued before it).
+//!
+//! Scenario: an edge node (the library: broker + bridge, RocksDB with
+//! group commit) bridged to Mosquitto 2 (Debian's `mosquitto`, started
+//! here on a free loopback port) through a link this program holds down
+//! while the backlog is published in-process (64-byte payloads, QoS 1).
+//! Then the link comes up; a subscriber on Mosquitto counts every message
+//! by its `ferry-id` (duplicates are counted apart), while a live
+//! publisher sends one timestamped message every 10 ms at the edge.
+//! Bridge settings: `inflight = 1000`, `drain_rate = 0` (no cap),
+//! `ramp_secs = 0`; Mosquitto `max_inflight_messages 1000`.
+//!
+//! Run:
+//!   cargo bench --bench drain                       # 1,000,000 messages
+//!   cargo bench --bench drain -- --messages 200000
+//!
+//! Under `cargo test --benches` (and nextest) a 2,000-message smoke run
+//! checks that nothing is lost.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferrymq_bridge::{Event, Node, Uplink, UplinkOptions};
+use ferrymq_broker::{ClientOptions, QoS};
+use ferrymq_codec::{MqttString, Publish, SubscribeProperties, Subscription, SubscriptionOptions};
+use ferrymq_config::{Bridge, BridgeAddress, Config, Direction, Forward};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+/// A link that refuses connections until it is brought up.
+struct Link {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+}
+
+impl Link {
+    async fn start(upstream: SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind link");
+        let addr = listener.local_addr().expect("link address");
+        let up = Arc::new(AtomicBool::new(false));
+        let flag = up.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    let _ = client.shutdown().await;
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Link { addr, up }
+    }
+}
+
+/// The broker, its config directory (kept while it runs), its port.
+struct Mosquitto(
+    std::process::Child,
+    #[allow(dead_code)] tempfile::TempDir,
+    u16,
+);
+
+impl Mosquitto {
+    fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 1000\npersistence false\nuser root\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto (apt install mosquitto)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Mosquitto(child, dir, port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+async fn run(messages: u64) {
+    let upstream = Mosquitto::start();
+    let link = Link::start(SocketAddr::from(([127, 0, 0, 1], upstream.2))).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config {
+        data_dir: dir.path().join("data"),
+        ..Config::default()
+    };
+    config.listeners[0].bind = "127.0.0.1:0".parse().expect("addr");
+    config.bridges.push(Bridge {
+        name: "regional".into(),
+        addresses: vec![BridgeAddress {
+            host: "127.0.0.1".into(),
+            port: link.addr.port(),
+        }],
+        client_id: "drain-edge".into(),
+        inflight: 1000,
+        drain_rate: 0,
+        ramp: Duration::ZERO,
+        reconnect_min: Duration::from_millis(20),
+        reconnect_max: Duration::from_millis(100),
+        max_queued_messages: 100_000_000,
+        max_queued_bytes: 64 << 30,
+        forward: vec![Forward {
+            filter: "#".into(),
+            direction: Direction::Out,
+            qos: 1,
+            ..Forward::default()
+        }],
+        ..Bridge::default()
+    });
+    let node = Node::start(config).await.expect("start the edge");
+
+    // The backlog, published while the link is down.
+    let filled = Instant::now();
+    let app = node
+        .broker()
+        .connect(ClientOptions::new("backlog"))
+        .await
+        .expect("connect");
+    let publisher = app.publisher();
+    let mut acks = std::collections::VecDeque::new();
+    let payload = Bytes::from(vec![b'x'; 64]);
+    for n in 0..messages {
+        let mut body = payload.to_vec();
+        let tag = n.to_string();
+        body[..tag.len()].copy_from_slice(tag.as_bytes());
+        let ack = publisher
+            .submit(Publish {
+                qos: QoS::AtLeastOnce,
+                topic: MqttString::from_static("backlog/data"),
+                payload: Bytes::from(body),
+                ..Publish::default()
+            })
+            .await
+            .expect("submit");
+        acks.push_back(ack);
+        if acks.len() >= 2000 {
+            acks.pop_front().expect("ack").await.expect("acknowledged");
+        }
+    }
+    for ack in acks {
+        ack.await.expect("acknowledged");
+    }
+    let fill_time = filled.elapsed();
+    println!(
+        "backlog: {messages} messages of 64 bytes queued in {:.1} s ({:.0} msg/s, link down)",
+        fill_time.as_secs_f64(),
+        messages as f64 / fill_time.as_secs_f64()
+    );
+
+    // The upstream subscriber.
+    let mut options = UplinkOptions::new("127.0.0.1", upstream.2, "drain-observer");
+    options.receive_maximum = u16::MAX;
+    let (mut observer, _) = Uplink::connect(&options).await.expect("observer");
+    observer
+        .subscribe(
+            vec![Subscription {
+                filter: MqttString::from_static("#"),
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..SubscriptionOptions::default()
+                },
+            }],
+            SubscribeProperties::default(),
+        )
+        .expect("subscribe");
+    loop {
+        if let Ok(Event::SubAck { .. }) = observer.next_event().await {
+            break;
+        }
+    }
+
+    // The live publisher: one message every 10 ms, stamped.
+    let live_on = Arc::new(AtomicBool::new(true));
+    let started = Instant::now();
+    let live = {
+        let live_on = live_on.clone();
+        let client = node
+            .broker()
+            .connect(ClientOptions::new("live"))
+            .await
+            .expect("connect");
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut sent = 0u64;
+            while live_on.load(Ordering::SeqCst) {
+                tick.tick().await;
+                let at = started.elapsed().as_nanos() as u64;
+                if client
+                    .publish("live/data", at.to_string(), QoS::AtLeastOnce, false)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        })
+    };
+
+    link.up.store(true, Ordering::SeqCst);
+    let mut ids = HashSet::new();
+    let mut duplicates = 0u64;
+    let mut backlog_seen = 0u64;
+    let mut live_latency = Vec::new();
+    let mut drained_at = None;
+    let mut quiet = 0;
+    loop {
+        let event = match tokio::time::timeout(Duration::from_secs(5), observer.next_event()).await
+        {
+            Ok(Ok(event)) => event,
+            Ok(Err(e)) => panic!("observer: {e}"),
+            Err(_) => {
+                quiet += 1;
+                if quiet > 2 {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Event::Message(p) = event else { continue };
+        if p.qos != QoS::AtMostOnce {
+            observer.ack(p.packet_id).expect("ack");
+        }
+        let id = p
+            .properties
+            .user_properties
+            .iter()
+            .find(|(k, _)| k.as_str() == "ferry-id")
+            .map(|(_, v)| v.to_string())
+            .expect("ferry-id");
+        if !ids.insert(id) {
+            duplicates += 1;
+            continue;
+        }
+        if p.topic.as_str() == "backlog/data" {
+            backlog_seen += 1;
+            if backlog_seen == messages {
+                drained_at = Some(started.elapsed());
+                live_on.store(false, Ordering::SeqCst);
+            }
+        } else if let Ok(at) = std::str::from_utf8(&p.payload).unwrap_or("").parse::<u64>() {
+            live_latency.push(started.elapsed().saturating_sub(Duration::from_nanos(at)));
+            if drained_at.is_some() {
+                break;
+            }
+        }
+    }
+    let live_sent = live.await.expect("live publisher");
+    let drained = drained_at.unwrap_or_else(|| {
+        panic!("only {backlog_seen} of {messages} backlog messages arrived upstream")
+    });
+    live_latency.sort();
+    println!(
+        "drain: {messages} messages upstream in {:.1} s = {:.0} msg/s; {duplicates} duplicates",
+        drained.as_secs_f64(),
+        messages as f64 / drained.as_secs_f64()
+    );
+    println!(
+        "live during the drain: {} received of {live_sent} sent, latency p50 {:.2} s, p99 {:.2} s, max {:.2} s",
+        live_latency.len(),
+        percentile(&live_latency, 0.5).as_secs_f64(),
+        percentile(&live_latency, 0.99).as_secs_f64(),
+        live_latency
+            .last()
+            .copied()
+            .unwrap_or_default()
+            .as_secs_f64()
+    );
+    app.disconnect().await;
+    node.shutdown().await;
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        if !args.iter().any(|a| a == "--ignored") {
+            println!("smoke: test");
+        }
+        return;
+    }
+    let bench = args.iter().any(|a| a == "--bench");
+    let messages = if bench {
+        args.iter()
+            .position(|a| a == "--messages")
+            .and_then(|i| args.get(i + 1))
+            .map_or(1_000_000, |v| v.parse().expect("--messages N"))
+    } else {
+        2_000
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run(messages));
+}
