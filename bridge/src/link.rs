@@ -79,6 +79,7 @@ struct Live {
     forwarded: u64,
     received: u64,
     dead_lettered: u64,
+    expired: u64,
     connects: u64,
     /// Received from the local queue, not yet acknowledged upstream.
     pending_messages: u64,
@@ -152,6 +153,7 @@ impl Shared {
             forwarded: live.forwarded,
             received: live.received,
             dead_lettered: live.dead_lettered,
+            expired: live.expired,
             connects: live.connects,
         }
     }
@@ -221,6 +223,8 @@ struct Entry {
     sent: Option<u16>,
     /// Its payload size (status).
     size: u64,
+    /// When the bridge took it (its Message Expiry Interval counts on).
+    taken: Instant,
 }
 
 /// The messages taken from the local queue and not yet acknowledged
@@ -244,6 +248,7 @@ impl Outbox {
                 received,
                 sent: None,
                 size,
+                taken: Instant::now(),
             },
         );
         self.next_key += 1;
@@ -515,7 +520,15 @@ impl Runner {
                     paced_until = Some(at);
                     break;
                 }
-                let publish = self.upstream_publish(&entry.received);
+                let Some(publish) = self.upstream_publish(entry, now) else {
+                    // Expired while waiting here: it goes nowhere.
+                    if let Some(entry) = self.outbox.entries.remove(&key) {
+                        self.outbox.first_unsent = key + 1;
+                        let _ = self.local.ack(&entry.received).await;
+                        self.update(|l| l.expired += 1);
+                    }
+                    continue;
+                };
                 let at_most_once = publish.qos == QoS::AtMostOnce;
                 match uplink.publish(publish) {
                     Ok(packet_id) if at_most_once => {
@@ -648,13 +661,20 @@ impl Runner {
     }
 
     /// The PUBLISH for the upstream: topic remapped, QoS at most 1, the
-    /// message id and all properties kept.
-    fn upstream_publish(&self, received: &Received) -> Publish {
+    /// message id and all properties kept, the Message Expiry Interval
+    /// reduced by the time it waited here; `None` if that expired it.
+    fn upstream_publish(&self, entry: &Entry, now: Instant) -> Option<Publish> {
+        let received = &entry.received;
         let (topic, rule_qos) = self.outbound_route(received.topic.as_str());
         let mut properties = received.properties.clone();
         properties.subscription_identifiers.clear();
         properties.topic_alias = None;
-        Publish {
+        if let Some(interval) = properties.message_expiry_interval {
+            let waited = now.saturating_duration_since(entry.taken).as_secs();
+            let left = u64::from(interval).checked_sub(waited).filter(|l| *l > 0)?;
+            properties.message_expiry_interval = Some(u32::try_from(left).unwrap_or(u32::MAX));
+        }
+        Some(Publish {
             dup: false,
             qos: received.qos.min(rule_qos).min(QoS::AtLeastOnce),
             retain: received.retain,
@@ -662,7 +682,7 @@ impl Runner {
             packet_id: 0,
             payload: received.payload.clone(),
             properties,
-        }
+        })
     }
 
     /// The upstream topic and QoS of a local topic (the first `out` rule

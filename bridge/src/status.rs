@@ -30,6 +30,9 @@ pub struct BridgeStatus {
     pub received: u64,
     /// Messages the upstream refused for good, kept under `$dead/`.
     pub dead_lettered: u64,
+    /// Messages whose Message Expiry Interval ran out while they waited
+    /// here (not forwarded; the local queue drops the others it holds).
+    pub expired: u64,
     /// Successful connections since start.
     pub connects: u64,
 }
@@ -61,8 +64,13 @@ impl fmt::Display for BridgeStatus {
         )?;
         writeln!(
             f,
-            "  drained: {:.0} msg/s; forwarded {}, received {}, dead-lettered {}, connects {}",
-            self.drained_per_sec, self.forwarded, self.received, self.dead_lettered, self.connects
+            "  drained: {:.0} msg/s; forwarded {}, received {}, dead-lettered {}, expired {}, connects {}",
+            self.drained_per_sec,
+            self.forwarded,
+            self.received,
+            self.dead_lettered,
+            self.expired,
+            self.connects
         )?;
         if let Some(e) = &self.last_error {
             writeln!(f, "  last error: {e}")?;
@@ -100,11 +108,12 @@ mod tests {
             forwarded: 10,
             received: 2,
             dead_lettered: 0,
+            expired: 0,
             connects: 1,
         };
         assert_eq!(
             s.to_string(),
-            "bridge regional: disconnected (trying 10.0.0.5:1883)\n  backlog: 1200 messages, 76800 bytes, oldest queued 1 h 2 min\n  drained: 0 msg/s; forwarded 10, received 2, dead-lettered 0, connects 1\n  last error: connection closed by the upstream\n"
+            "bridge regional: disconnected (trying 10.0.0.5:1883)\n  backlog: 1200 messages, 76800 bytes, oldest queued 1 h 2 min\n  drained: 0 msg/s; forwarded 10, received 2, dead-lettered 0, expired 0, connects 1\n  last error: connection closed by the upstream\n"
         );
     }
 }

@@ -267,6 +267,7 @@ async fn an_upstream_over_quota_loses_nothing_and_the_bridge_backs_off() {
         receive_maximum: 100,
         refuse_first: 20,
         ack_delay: Duration::from_millis(1),
+        ..Script::default()
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -309,6 +310,7 @@ async fn a_small_upstream_receive_maximum_is_never_exceeded() {
         receive_maximum: 3,
         refuse_first: 0,
         ack_delay: Duration::from_millis(5),
+        ..Script::default()
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -510,5 +512,76 @@ async fn the_status_counts_the_whole_backlog_while_the_link_is_down() {
     );
     assert!(status.oldest_queued.is_some(), "{status}");
     assert!(status.last_error.is_some(), "{status}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_reference_sends_the_bridge_to_another_upstream() {
+    let target = Fake::start(Script::default()).await;
+    let reference: &'static str =
+        Box::leak(format!("127.0.0.1:{}", target.port()).into_boxed_str());
+    let referrer = Fake::start(Script {
+        refer_to: Some(reference),
+        ..Script::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(node_config(&dir, bridge_to(&[referrer.port()])))
+        .await
+        .unwrap();
+    publish_local(&node, "data/x", 3).await;
+    wait_until("forwarded to the referred server", || {
+        target.seen().accepted.len() == 3
+    })
+    .await;
+    assert!(referrer.seen().connections >= 1);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_expiry_counts_on_while_messages_wait_for_the_link() {
+    // The upstream's port, taken and released: nothing listens yet.
+    let port = common::mosquitto::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(node_config(&dir, bridge_to(&[port])))
+        .await
+        .unwrap();
+    let app = node
+        .broker()
+        .connect(ClientOptions::new("app"))
+        .await
+        .unwrap();
+    for (payload, expiry) in [("short", 1), ("long", 60)] {
+        app.publish_packet(Publish {
+            qos: QoS::AtLeastOnce,
+            topic: MqttString::from_static("data/x"),
+            payload: payload.into(),
+            properties: ferrymq_codec::PublishProperties {
+                message_expiry_interval: Some(expiry),
+                ..Default::default()
+            },
+            ..Publish::default()
+        })
+        .await
+        .unwrap();
+    }
+    // Both wait in the bridge (taken from the local queue) past the
+    // short one's expiry.
+    eventually(&node, |s| s.backlog_messages == 2).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let upstream = Fake::start_at(port, Script::default()).await;
+    wait_until("the long one forwarded", || {
+        upstream.seen().accepted.len() == 1
+    })
+    .await;
+    let seen = upstream.seen();
+    assert_eq!(seen.accepted, [bytes::Bytes::from_static(b"long")]);
+    let left = seen.expiry[0].expect("an expiry interval");
+    assert!(
+        (55..=58).contains(&left),
+        "60 s minus the time it waited: {left}"
+    );
+    let status = eventually(&node, |s| s.expired == 1).await;
+    assert_eq!(status.backlog_messages, 0, "{status}");
     node.shutdown().await;
 }

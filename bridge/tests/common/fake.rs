@@ -23,6 +23,20 @@ pub struct Script {
     pub refuse_first: usize,
     /// Each PUBACK is sent this long after its PUBLISH.
     pub ack_delay: Duration,
+    /// Refuse every CONNECT with 0x9C (Use another server) and this
+    /// Server Reference.
+    pub refer_to: Option<&'static str>,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script {
+            receive_maximum: 100,
+            refuse_first: 0,
+            ack_delay: Duration::from_millis(1),
+            refer_to: None,
+        }
+    }
 }
 
 /// What the fake saw.
@@ -30,6 +44,8 @@ pub struct Script {
 pub struct Seen {
     /// Payloads of accepted publishes, in arrival order (duplicates too).
     pub accepted: Vec<Bytes>,
+    /// Their Message Expiry Intervals.
+    pub expiry: Vec<Option<u32>>,
     /// When each publish arrived, and whether it was refused.
     pub arrivals: Vec<(Instant, bool)>,
     /// Most publishes unacknowledged at once.
@@ -47,7 +63,12 @@ pub struct Fake {
 
 impl Fake {
     pub async fn start(script: Script) -> Fake {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Fake::start_at(0, script).await
+    }
+
+    /// On a given port (0: any free one).
+    pub async fn start_at(port: u16, script: Script) -> Fake {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Seen::default()));
         let refused = Arc::new(Mutex::new(0usize));
@@ -94,16 +115,25 @@ async fn serve(
             match decode(&mut input, protocol, u32::MAX) {
                 Ok(Some(Packet::Connect(c))) => {
                     protocol = c.protocol;
-                    let connack = ConnAck {
+                    let mut connack = ConnAck {
                         properties: ConnAckProperties {
                             receive_maximum: Some(script.receive_maximum),
                             ..Default::default()
                         },
                         ..ConnAck::default()
                     };
+                    if let Some(reference) = script.refer_to {
+                        connack.reason_code = ReasonCode::USE_ANOTHER_SERVER;
+                        connack.properties.server_reference =
+                            Some(ferrymq_codec::MqttString::new(reference).unwrap());
+                    }
                     Packet::ConnAck(Box::new(connack))
                         .encode(protocol, &mut out)
                         .unwrap();
+                    if script.refer_to.is_some() {
+                        let _ = stream.write_all(&out).await;
+                        return;
+                    }
                 }
                 Ok(Some(Packet::Publish(p))) if p.qos == QoS::AtLeastOnce => {
                     let refuse = {
@@ -117,6 +147,7 @@ async fn serve(
                     s.arrivals.push((Instant::now(), refuse));
                     if !refuse {
                         s.accepted.push(p.payload.clone());
+                        s.expiry.push(p.properties.message_expiry_interval);
                     }
                     s.max_in_flight = s.max_in_flight.max(acks.len());
                 }
