@@ -50,6 +50,14 @@ enum BridgeCommand {
     /// backlog (messages, bytes, oldest), drain rate, last error. Read from
     /// the running ferrymq of --config's data directory.
     Status,
+    /// Put a bridge's dead letters (messages the upstream refused for
+    /// good, kept in `$bridge/NAME/dead`) back on their topics, so they
+    /// go upstream again: done by the running ferrymq within a second, or
+    /// at its next start.
+    ReplayDead {
+        /// The bridge's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -98,14 +106,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Bridge {
-            command: BridgeCommand::Status,
-        }) => {
+        Some(Command::Bridge { command }) => {
             let config = match load(&cli.config) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            bridge_status(&config)
+            match command {
+                BridgeCommand::Status => bridge_status(&config),
+                BridgeCommand::ReplayDead { name } => replay_dead(&config, &name),
+            }
         }
         None => {
             init_logging();
@@ -146,6 +155,36 @@ fn bridge_status(config: &Config) -> ExitCode {
                 "ferrymq bridge status: cannot read {}: {e}",
                 config.data_dir.join(ferrymq_bridge::STATUS_FILE).display()
             );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn replay_dead(config: &Config, name: &str) -> ExitCode {
+    if !config.bridges.iter().any(|b| b.name == name) {
+        eprintln!("ferrymq bridge replay-dead: no bridge named {name:?} in the config");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
+        eprintln!(
+            "ferrymq bridge replay-dead: {}: {e}",
+            config.data_dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    match ferrymq_bridge::request_replay(&config.data_dir, name) {
+        Ok(_) if ferrymq_broker::DataDir::is_in_use(&config.data_dir) => {
+            println!(
+                "replay of {name}'s dead letters requested: the running ferrymq does it within a second"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(_) => {
+            println!("replay of {name}'s dead letters requested: ferrymq does it when it starts");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferrymq bridge replay-dead: cannot write the request: {e}");
             ExitCode::FAILURE
         }
     }

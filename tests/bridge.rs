@@ -278,3 +278,31 @@ fn bridge_status_shows_the_backlog_and_why_the_link_is_down() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bridge_replay_dead_refuses_an_unknown_bridge_and_leaves_a_request_for_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("edge.toml");
+    let text = edge_config(mosquitto::free_port()).replace(
+        "[[bridge]]",
+        &format!("data_dir = {:?}\n\n[[bridge]]", data.display().to_string()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let run = |name: &str| {
+        std::process::Command::new(binary())
+            .args(["bridge", "replay-dead", name, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = run("nowhere");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no bridge named \"nowhere\""), "{stderr}");
+    let out = run("regional");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("when it starts"), "{stdout}");
+    assert!(data.join("replay-dead-letters.regional").exists());
+}

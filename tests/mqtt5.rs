@@ -527,3 +527,53 @@ async fn rumqttc_v5_sees_subscription_identifiers_and_message_expiry() {
         [("origin".to_string(), "rumqttc".to_string())]
     );
 }
+
+#[test]
+fn clients_cannot_publish_to_the_bridges_dead_letter_and_replay_topics() {
+    let broker = Broker::start("");
+    let (mut watcher, _) = open(broker.addr, v5("watch-reserved"));
+    subscribe(&mut watcher, "$dead/#", QoS::AtLeastOnce, None);
+    subscribe(&mut watcher, "$replay/#", QoS::AtLeastOnce, None);
+    let (mut v5_client, _) = open(broker.addr, v5("inject5"));
+    for (id, topic) in [(1, "$dead/up/x"), (2, "$replay/up/x")] {
+        assert_eq!(
+            publish(
+                &mut v5_client,
+                message(topic, "forged", QoS::AtLeastOnce, id)
+            ),
+            ReasonCode::NOT_AUTHORIZED,
+            "{topic}"
+        );
+    }
+    // 3.1.1 cannot be told no: acknowledged and dropped.
+    let mut old = Raw::open(broker.addr, Protocol::V311);
+    old.send(&Packet::Connect(Box::new(connect_packet(
+        Protocol::V311,
+        "inject3",
+    ))));
+    assert!(matches!(old.recv(), Some(Packet::ConnAck(_))));
+    old.send(&Packet::Publish(message(
+        "$replay/up/x",
+        "forged",
+        QoS::AtLeastOnce,
+        7,
+    )));
+    assert_eq!(old.recv(), Some(Packet::PubAck(PubAck::new(7))));
+    // A will cannot get there either.
+    let mut will = v5("will-reserved");
+    will.will = Some(Will {
+        topic: s("$dead/up/will"),
+        payload: Bytes::from_static(b"forged"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: WillProperties::default(),
+    });
+    let (dying, _) = open(broker.addr, will);
+    drop(dying);
+    watcher.expect_silence(QUIET);
+    // The connections stay usable.
+    assert_eq!(
+        publish(&mut v5_client, message("nobody", "x", QoS::AtLeastOnce, 3)),
+        ReasonCode::NO_MATCHING_SUBSCRIBERS
+    );
+}

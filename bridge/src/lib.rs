@@ -77,8 +77,11 @@ pub mod pace;
 pub mod status;
 pub mod uplink;
 
-pub use link::{BridgeHandle, BridgeMonitor, DEAD_LETTER_PREFIX};
-pub use node::{Node, NodeError, STATUS_FILE, read_status, run};
+pub use ferrymq_broker::DEAD_LETTER_PREFIX;
+pub use link::{BridgeHandle, BridgeMonitor, replay_dead_letters};
+pub use node::{
+    Node, NodeError, REPLAY_REQUEST_PREFIX, STATUS_FILE, read_status, request_replay, run,
+};
 pub use status::BridgeStatus;
 pub use uplink::{
     Connected, Event, ProtocolError, RequestError, TlsOptions, Uplink, UplinkError, UplinkOptions,

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrymq_broker::{
-    BrokerHandle, Client, ClientError, ClientOptions, MESSAGE_ID_PROPERTY, MessageId, PublishAck,
-    Publisher, Received, bridge_client_id,
+    BrokerHandle, Client, ClientError, ClientOptions, DEAD_LETTER_PREFIX, MESSAGE_ID_PROPERTY,
+    MessageId, PublishAck, Publisher, REPLAY_PREFIX, Received, bridge_client_id,
 };
 use ferrymq_codec::{
     MqttString, Protocol, Publish, QoS, ReasonCode, RetainHandling, SubscribeProperties,
@@ -44,11 +44,6 @@ use tracing::{debug, info, warn};
 use crate::pace::{Backoff, Pace, Rng};
 use crate::status::BridgeStatus;
 use crate::uplink::{Event, RequestError, TlsOptions, Uplink, UplinkError, UplinkOptions};
-
-/// Topic prefix under which messages the upstream refused for good are
-/// kept (`$dead/{bridge}/{topic}`), in the durable session
-/// `$bridge/{bridge}/dead`.
-pub const DEAD_LETTER_PREFIX: &str = "$dead/";
 
 /// While connected to a fallback address, how often the first one is
 /// tried again (at least; `reconnect_max_ms` when larger, at most a minute).
@@ -123,6 +118,11 @@ impl BridgeMonitor {
     /// [`BridgeHandle::status`].
     pub fn status(&self) -> BridgeStatus {
         self.0.status()
+    }
+
+    /// The bridge's name.
+    pub fn name(&self) -> &str {
+        &self.0.name
     }
 }
 
@@ -206,6 +206,61 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
         stop_tx,
         task,
     })
+}
+
+/// Puts the dead letters of bridge `name` back on their original topics
+/// (so they go upstream again if a rule still matches them), oldest
+/// first, each removed from the dead-letter queue only once it is queued
+/// again. Returns how many were replayed.
+pub async fn replay_dead_letters(broker: &BrokerHandle, name: &str) -> Result<u64, ClientError> {
+    let client_id = format!("{}/dead", bridge_client_id(name));
+    let forever = Duration::from_secs(u64::from(u32::MAX));
+    let mut dead = broker
+        .connect(
+            ClientOptions::new(&client_id)
+                .persistent(forever)
+                .manual_acks(),
+        )
+        .await?;
+    let publisher = dead.publisher();
+    let prefix = format!("{DEAD_LETTER_PREFIX}{name}/");
+    let mut replayed = 0;
+    // The session's queue is delivered at once on connect: a quiet half
+    // second means it is empty.
+    while let Ok(Some(letter)) = tokio::time::timeout(Duration::from_millis(500), dead.recv()).await
+    {
+        let Some(topic) = letter
+            .topic
+            .as_str()
+            .strip_prefix(&prefix)
+            .and_then(|t| MqttString::new(&format!("{REPLAY_PREFIX}{name}/{t}")).ok())
+        else {
+            dead.ack(&letter).await?;
+            continue;
+        };
+        let mut properties = letter.properties.clone();
+        // It gets a new id when it is queued again.
+        properties
+            .user_properties
+            .retain(|(k, _)| k.as_str() != MESSAGE_ID_PROPERTY);
+        properties.subscription_identifiers.clear();
+        publisher
+            .submit(Publish {
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic,
+                payload: letter.payload.clone(),
+                properties,
+                ..Publish::default()
+            })
+            .await?
+            .await?;
+        dead.ack(&letter).await?;
+        replayed += 1;
+    }
+    dead.disconnect().await;
+    info!(bridge = %name, replayed, "dead letters replayed");
+    Ok(replayed)
 }
 
 fn qos(level: u8) -> QoS {
@@ -688,6 +743,9 @@ impl Runner {
     /// The upstream topic and QoS of a local topic (the first `out` rule
     /// that matches).
     fn outbound_route(&self, local: &str) -> (MqttString, QoS) {
+        // A replayed dead letter: routed as its original topic.
+        let replay = format!("{REPLAY_PREFIX}{}/", self.config.name);
+        let local = local.strip_prefix(&replay).unwrap_or(local);
         for rule in self
             .config
             .forward

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferrymq_broker::{Broker, ClientError, StartError};
+use ferrymq_broker::{Broker, BrokerHandle, ClientError, StartError};
 use ferrymq_config::Config;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -17,8 +17,21 @@ use crate::status::BridgeStatus;
 /// every second, for `ferrymq bridge status`.
 pub const STATUS_FILE: &str = "bridge-status.txt";
 
-/// How often the status file is rewritten.
+/// How often the status file is rewritten (and replay requests looked for).
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// A file `data_dir/replay-dead-letters.{bridge}` asks the running node to
+/// replay that bridge's dead letters (`ferrymq bridge replay-dead`); it is
+/// removed once the replay starts. Also honoured at start.
+pub const REPLAY_REQUEST_PREFIX: &str = "replay-dead-letters.";
+
+/// Asks the node running on `data_dir` to replay the dead letters of
+/// bridge `name` (within a second, or at its next start).
+pub fn request_replay(data_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let path = data_dir.join(format!("{REPLAY_REQUEST_PREFIX}{name}"));
+    std::fs::write(&path, b"")?;
+    Ok(path)
+}
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +87,7 @@ impl Node {
         let (stop_tx, stop_rx) = watch::channel(false);
         let writer = (!bridges.is_empty()).then(|| {
             let monitors: Vec<BridgeMonitor> = bridges.iter().map(|b| b.monitor()).collect();
-            let path = handle.config().data_dir.join(STATUS_FILE);
-            tokio::spawn(write_status(monitors, path, stop_rx))
+            tokio::spawn(write_status(monitors, handle.clone(), stop_rx))
         });
         Ok(Node {
             broker,
@@ -124,9 +136,11 @@ pub async fn run(
 /// never sees half a file).
 async fn write_status(
     monitors: Vec<BridgeMonitor>,
-    path: PathBuf,
+    broker: BrokerHandle,
     mut stop_rx: watch::Receiver<bool>,
 ) {
+    let data_dir = broker.config().data_dir.clone();
+    let path = data_dir.join(STATUS_FILE);
     let mut tick = tokio::time::interval(STATUS_EVERY);
     let mut warned = false;
     loop {
@@ -134,6 +148,18 @@ async fn write_status(
             _ = tick.tick() => {}
             // Cancel-safe: nothing is in progress between ticks.
             () = crate::link::stopped(&mut stop_rx) => break,
+        }
+        for monitor in &monitors {
+            let name = monitor.name().to_owned();
+            let request = data_dir.join(format!("{REPLAY_REQUEST_PREFIX}{name}"));
+            if std::fs::remove_file(&request).is_ok() {
+                let broker = broker.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = crate::link::replay_dead_letters(&broker, &name).await {
+                        warn!(bridge = %name, "replaying dead letters failed: {e}");
+                    }
+                });
+            }
         }
         let text: String = monitors.iter().map(|m| m.status().to_string()).collect();
         let tmp = path.with_extension("tmp");

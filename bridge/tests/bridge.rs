@@ -585,3 +585,48 @@ async fn message_expiry_counts_on_while_messages_wait_for_the_link() {
     assert_eq!(status.backlog_messages, 0, "{status}");
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_kept_and_replayed_on_request() {
+    let fake = Fake::start(Script {
+        refuse_first: 3,
+        refuse_with: ferrymq_codec::ReasonCode::NOT_AUTHORIZED,
+        ..Script::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = node_config(&dir, bridge_to(&[fake.port()]));
+    let node = Node::start(config.clone()).await.unwrap();
+    let mut local = node
+        .broker()
+        .connect(ClientOptions::new("local"))
+        .await
+        .unwrap();
+    local.subscribe("data/#", QoS::AtLeastOnce).await.unwrap();
+    publish_local(&node, "data/x", 5).await;
+    eventually(&node, |s| s.dead_lettered == 3 && s.forwarded == 2).await;
+    let dead = node.broker().queue_depth("$bridge/regional/dead").unwrap();
+    assert_eq!(dead.messages, 3, "kept for ferrymq queue stats: {dead:?}");
+    // The operator asks for a replay (what `ferrymq bridge replay-dead`
+    // does); the upstream now takes them.
+    ferrymq_bridge::request_replay(&config.data_dir, "regional").unwrap();
+    wait_until("the dead letters went upstream", || {
+        let distinct: std::collections::BTreeSet<_> = fake.seen().accepted.into_iter().collect();
+        distinct.len() == 5
+    })
+    .await;
+    wait_until("the dead-letter queue is empty", || {
+        node.broker()
+            .queue_depth("$bridge/regional/dead")
+            .is_some_and(|d| d.messages == 0)
+    })
+    .await;
+    // Local subscribers saw each message once: the replay went to the
+    // bridge only.
+    let mut local_copies = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), local.recv()).await {
+        local_copies += 1;
+    }
+    assert_eq!(local_copies, 5);
+    node.shutdown().await;
+}

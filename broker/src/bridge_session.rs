@@ -22,6 +22,23 @@ use crate::router::Subscriber;
 use crate::session::SessionState;
 use crate::storage::{Batch, SessionRecord, StoreOp, SubscriptionRecord};
 
+/// Topic prefix on which a bridge's replayed dead letters are published
+/// (`$replay/{bridge}/{original topic}`): only the bridge's session takes
+/// them, so local subscribers do not see them twice.
+pub const REPLAY_PREFIX: &str = "$replay/";
+
+/// Topic prefix under which a bridge keeps the messages the upstream
+/// refused for good (`$dead/{bridge}/{topic}`).
+pub const DEAD_LETTER_PREFIX: &str = "$dead/";
+
+/// Whether network clients are kept from publishing to `topic`: the
+/// bridges' dead-letter and replay topics are written by the bridges only
+/// (anything published there would go upstream or into the dead letters
+/// unchecked). Subscribing to them is allowed, to look at dead letters.
+pub fn is_reserved(topic: &str) -> bool {
+    topic.starts_with(REPLAY_PREFIX) || topic.starts_with(DEAD_LETTER_PREFIX)
+}
+
 /// A bridge session never expires.
 pub(crate) const NEVER: Duration = Duration::from_secs(u32::MAX as u64);
 
@@ -75,7 +92,7 @@ pub(crate) fn ensure(shared: &Shared) {
         {
             state.outbox.set_bounds(messages, bytes);
         }
-        let wanted: Vec<(MqttString, SubscriptionOptions)> = bridge
+        let mut wanted: Vec<(MqttString, SubscriptionOptions)> = bridge
             .forward
             .iter()
             .filter(|r| r.direction != Direction::In)
@@ -84,6 +101,11 @@ pub(crate) fn ensure(shared: &Shared) {
                 Some((filter, out_options(r.qos)))
             })
             .collect();
+        // Replayed dead letters come back through here (and to no other
+        // local subscriber).
+        if let Ok(filter) = MqttString::new(&format!("{REPLAY_PREFIX}{}/#", bridge.name)) {
+            wanted.push((filter, out_options(1)));
+        }
         let stale: Vec<MqttString> = state
             .subscriptions
             .keys()

@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 
 use crate::Shared;
 use crate::auth::{AuthExchange, AuthMethod, AuthStep};
+use crate::bridge_session;
 use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish};
 use crate::message::{Message, SessionId};
 use crate::outbox::Delivery;
@@ -342,6 +343,9 @@ struct Conn<'a, R, W> {
     auth_method: Option<(MqttString, Arc<dyn AuthMethod>)>,
     /// A re-authentication in progress.
     reauth: Option<Box<dyn AuthExchange>>,
+    /// An in-process client (the bridges, gateway firmware): trusted with
+    /// the bridges' reserved topics.
+    in_process: bool,
 }
 
 /// How draining the outbox ended.
@@ -486,7 +490,6 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             }
         };
         connack.session_present = resumed;
-        let was_expiry = state.expiry;
         state.expiry = expiry;
         state.outbox.set_persistent(state.is_persistent());
         state.outbox.set_online(true);
@@ -494,7 +497,6 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             state.outbox.set_bounds(messages, bytes);
         }
         shared.sessions.set_outbox(&client_id, state.outbox.clone());
-        let _ = was_expiry;
         if state.is_persistent() {
             // Online now: no offline time, no will waiting.
             batch.push(StoreOp::SessionPut(SessionRecord {
@@ -586,6 +588,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             packets: Vec::new(),
             auth_method,
             reauth: None,
+            in_process: options.in_process,
         };
         if resumed {
             conn.engine
@@ -861,6 +864,12 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         match self.engine.publish(publish, Instant::now()) {
             Err(v) => Some(Close::Protocol(v.reason, v.why)),
             Ok(InboundPublish::Answered) => None,
+            Ok(InboundPublish::Route { message, .. })
+                if !self.in_process && bridge_session::is_reserved(message.topic.as_str()) =>
+            {
+                self.engine.not_authorized(qos, packet_id);
+                None
+            }
             Ok(InboundPublish::Route { message, hold_qos2 }) => {
                 Stats::add(&self.shared.stats.messages_received, 1);
                 let persistent = self.engine.state.is_persistent();
@@ -1274,6 +1283,10 @@ pub(crate) fn publish_will_message(
     message: Arc<Message>,
     routes: &mut RouteCache,
 ) {
+    if bridge_session::is_reserved(message.topic.as_str()) {
+        warn!(topic = %message.topic, "will dropped: its topic is reserved for the bridges");
+        return;
+    }
     Stats::add(&shared.stats.messages_received, 1);
     // A will never blocks its (gone) publisher: under `block` a full queue
     // keeps it waiting in a task of its own.

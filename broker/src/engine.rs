@@ -308,6 +308,24 @@ impl Engine {
         self.answer(qos, packet_id, outcome, code);
     }
 
+    /// Answers a publish to a topic the client may not publish to. 5.0
+    /// says so with 0x87; 3.1.1 has no way to, so the publish is
+    /// acknowledged as usual and dropped [MQTT-3.3.5-2].
+    pub fn not_authorized(&mut self, qos: QoS, packet_id: u16) {
+        let v5 = self.v5();
+        let outcome = RouteOutcome {
+            ticket: 0,
+            matched: 0,
+            refused: v5,
+        };
+        let code = if v5 {
+            ReasonCode::NOT_AUTHORIZED
+        } else {
+            ReasonCode::SUCCESS
+        };
+        self.answer(qos, packet_id, outcome, code);
+    }
+
     /// Queues the acknowledgement of an inbound publish.
     fn answer(&mut self, qos: QoS, packet_id: u16, outcome: RouteOutcome, code: ReasonCode) {
         let v5 = self.v5();

@@ -61,6 +61,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+pub use bridge_session::{DEAD_LETTER_PREFIX, REPLAY_PREFIX, is_reserved};
 pub use client::{Client, ClientError, ClientOptions, PublishAck, Publisher, Received};
 pub use connection::{BRIDGE_CLIENT_PREFIX, bridge_client_id};
 pub use data_dir::DataDir;

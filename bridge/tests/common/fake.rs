@@ -19,8 +19,10 @@ use tokio::time::Instant;
 pub struct Script {
     /// Announced in CONNACK.
     pub receive_maximum: u16,
-    /// The first this many QoS 1 publishes get PUBACK 0x97.
+    /// The first this many QoS 1 publishes get a refusing PUBACK...
     pub refuse_first: usize,
+    /// ... with this code (default 0x97 Quota exceeded).
+    pub refuse_with: ReasonCode,
     /// Each PUBACK is sent this long after its PUBLISH.
     pub ack_delay: Duration,
     /// Refuse every CONNECT with 0x9C (Use another server) and this
@@ -33,6 +35,7 @@ impl Default for Script {
         Script {
             receive_maximum: 100,
             refuse_first: 0,
+            refuse_with: ReasonCode::QUOTA_EXCEEDED,
             ack_delay: Duration::from_millis(1),
             refer_to: None,
         }
@@ -182,7 +185,7 @@ async fn serve(
                     acks.pop_front();
                     let mut ack = PubAck::new(id);
                     if refuse {
-                        ack.reason_code = ReasonCode::QUOTA_EXCEEDED;
+                        ack.reason_code = script.refuse_with;
                     }
                     Packet::PubAck(ack).encode(protocol, &mut out).unwrap();
                 }
