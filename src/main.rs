@@ -50,14 +50,6 @@ enum BridgeCommand {
     /// backlog (messages, bytes, oldest), drain rate, last error. Read from
     /// the running ferrymq of --config's data directory.
     Status,
-    /// Put a bridge's dead letters (messages the upstream refused for
-    /// good, kept in `$bridge/NAME/dead`) back on their topics, so they
-    /// go upstream again: done by the running ferrymq within a second, or
-    /// at its next start.
-    ReplayDead {
-        /// The bridge's name.
-        name: String,
-    },
 }
 
 #[derive(Subcommand)]
@@ -65,6 +57,31 @@ enum QueueCommand {
     /// Print every persistent session and shared group with its queue
     /// depth, bytes and oldest-message age, and the retained count.
     Stats,
+    /// List the oldest messages queued for a persistent session: sequence,
+    /// age, QoS, size, topic and the start of the payload.
+    List {
+        /// The session's client identifier.
+        client_id: String,
+        /// List at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// List a bridge's dead letters (messages its upstream refused for
+    /// good, kept in the session `$bridge/NAME/dead`).
+    Dead {
+        /// The bridge's name.
+        name: String,
+        /// List at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Put a bridge's dead letters back on their topics, through the
+    /// bridge only, so they go upstream again: done by the running ferrymq
+    /// within a second, or at its next start.
+    ReplayDead {
+        /// The bridge's name.
+        name: String,
+    },
 }
 
 /// Exit status for an invalid configuration.
@@ -87,34 +104,36 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Some(Command::Queue {
-            command: QueueCommand::Stats,
-        }) => {
-            let config = match load(&cli.config) {
-                Ok(config) => config,
-                Err(code) => return code,
-            };
-            let running = ferrymq_broker::DataDir::is_in_use(&config.data_dir);
-            match ferrymq_broker::storage::queue_stats(&config.data_dir, running) {
-                Ok(report) => {
-                    print!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ferrymq queue stats: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Some(Command::Bridge { command }) => {
+        Some(Command::Queue { command }) => {
             let config = match load(&cli.config) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
             match command {
-                BridgeCommand::Status => bridge_status(&config),
-                BridgeCommand::ReplayDead { name } => replay_dead(&config, &name),
+                QueueCommand::Stats => queue_stats(&config),
+                QueueCommand::List { client_id, limit } => queue_list(&config, &client_id, limit),
+                QueueCommand::Dead { name, limit } => {
+                    if !config.bridges.iter().any(|b| b.name == name) {
+                        eprintln!("ferrymq queue dead: no bridge named {name:?} in the config");
+                        return ExitCode::FAILURE;
+                    }
+                    queue_list(
+                        &config,
+                        &ferrymq_bridge::dead_letter_client_id(&name),
+                        limit,
+                    )
+                }
+                QueueCommand::ReplayDead { name } => replay_dead(&config, &name),
             }
+        }
+        Some(Command::Bridge {
+            command: BridgeCommand::Status,
+        }) => {
+            let config = match load(&cli.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            bridge_status(&config)
         }
         None => {
             init_logging();
@@ -129,6 +148,44 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn queue_stats(config: &Config) -> ExitCode {
+    let running = ferrymq_broker::DataDir::is_in_use(&config.data_dir);
+    match ferrymq_broker::storage::queue_stats(&config.data_dir, running) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferrymq queue stats: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn queue_list(config: &Config, client_id: &str, limit: usize) -> ExitCode {
+    let running = ferrymq_broker::DataDir::is_in_use(&config.data_dir);
+    match ferrymq_broker::storage::queue_list(&config.data_dir, running, client_id, limit) {
+        Ok(Some((messages, total))) => {
+            println!("{client_id}: {total} messages queued");
+            for m in &messages {
+                print!("{m}");
+            }
+            if total > messages.len() as u64 {
+                println!("... {} more (--limit)", total - messages.len() as u64);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!("ferrymq queue list: no persistent session {client_id:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("ferrymq queue list: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -162,12 +219,12 @@ fn bridge_status(config: &Config) -> ExitCode {
 
 fn replay_dead(config: &Config, name: &str) -> ExitCode {
     if !config.bridges.iter().any(|b| b.name == name) {
-        eprintln!("ferrymq bridge replay-dead: no bridge named {name:?} in the config");
+        eprintln!("ferrymq queue replay-dead: no bridge named {name:?} in the config");
         return ExitCode::FAILURE;
     }
     if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
         eprintln!(
-            "ferrymq bridge replay-dead: {}: {e}",
+            "ferrymq queue replay-dead: {}: {e}",
             config.data_dir.display()
         );
         return ExitCode::FAILURE;
@@ -184,7 +241,7 @@ fn replay_dead(config: &Config, name: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("ferrymq bridge replay-dead: cannot write the request: {e}");
+            eprintln!("ferrymq queue replay-dead: cannot write the request: {e}");
             ExitCode::FAILURE
         }
     }

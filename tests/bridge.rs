@@ -280,7 +280,7 @@ fn bridge_status_shows_the_backlog_and_why_the_link_is_down() {
 }
 
 #[test]
-fn bridge_replay_dead_refuses_an_unknown_bridge_and_leaves_a_request_for_the_next_start() {
+fn queue_replay_dead_refuses_an_unknown_bridge_and_leaves_a_request_for_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("edge.toml");
@@ -291,7 +291,7 @@ fn bridge_replay_dead_refuses_an_unknown_bridge_and_leaves_a_request_for_the_nex
     std::fs::write(&config, text).unwrap();
     let run = |name: &str| {
         std::process::Command::new(binary())
-            .args(["bridge", "replay-dead", name, "--config"])
+            .args(["queue", "replay-dead", name, "--config"])
             .arg(&config)
             .output()
             .unwrap()
@@ -305,4 +305,57 @@ fn bridge_replay_dead_refuses_an_unknown_bridge_and_leaves_a_request_for_the_nex
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("when it starts"), "{stdout}");
     assert!(data.join("replay-dead-letters.regional").exists());
+}
+
+#[test]
+fn queue_dead_lists_what_the_upstream_could_never_take() {
+    // Mosquitto announces a Maximum Packet Size of 300 bytes.
+    let upstream = Mosquitto::start("max_packet_size 300\n");
+    let data = tempfile::tempdir().unwrap();
+    let edge = Broker::start_at(data.path(), &edge_config(upstream.port()));
+    let mut raw = Raw::connect(edge.addr, Protocol::V311, "sensor");
+    for (id, topic, size) in [(1, "data/big", 1000), (2, "data/small", 10)] {
+        raw.send(&Packet::Publish(Publish {
+            qos: QoS::AtLeastOnce,
+            packet_id: id,
+            topic: s(topic),
+            payload: Bytes::from(vec![b'x'; size]),
+            ..Publish::default()
+        }));
+        assert_eq!(raw.recv(), Some(Packet::PubAck(PubAck::new(id))));
+    }
+    let config = data.path().join("edge.toml");
+    std::fs::copy(edge.dir.path().join("ferrymq.toml"), &config).unwrap();
+    let dead = |name: &str| {
+        std::process::Command::new(binary())
+            .args(["queue", "dead", name, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let out = dead("regional");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.contains("1 messages queued") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let line = text
+        .lines()
+        .find(|l| l.contains("$dead/regional/data/big"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("1000 B") && line.contains("xxxx..."),
+        "{line}"
+    );
+    assert!(!text.contains("data/small"), "{text}");
+    let out = dead("elsewhere");
+    assert!(!out.status.success());
 }

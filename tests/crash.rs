@@ -221,7 +221,7 @@ fn sessions_expire_across_a_restart_when_the_wall_clock_measures_the_downtime() 
 }
 
 #[test]
-fn queue_stats_reports_what_is_stored() {
+fn queue_stats_and_queue_list_report_what_is_stored() {
     let data = tempfile::tempdir().unwrap();
     let broker = Broker::start_at(data.path(), "");
     subscribe_persistent(broker.addr, "stats-sub", "stats/#");
@@ -238,14 +238,40 @@ fn queue_stats_reports_what_is_stored() {
     }
     let config = data.path().join("stats.toml");
     std::fs::write(&config, format!("data_dir = {:?}\n", data.path())).unwrap();
-    let run = || {
+    let command = |args: &[&str]| {
         std::process::Command::new(binary())
-            .args(["queue", "stats", "--config"])
+            .args(["queue"])
+            .args(args)
+            .arg("--config")
             .arg(&config)
             .output()
             .unwrap()
     };
+    let run = || command(&["stats"]);
+    let list = |limit: &str| {
+        let out = command(&["list", "stats-sub", "--limit", limit]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
     // While the broker runs: a snapshot.
+    let text = list("100");
+    assert!(text.starts_with("stats-sub: 3 messages queued"), "{text}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("stats/t")).collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("qos 1") && l.ends_with("12345")),
+        "{text}"
+    );
+    let out = command(&["list", "nobody"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no persistent session \"nobody\""));
     let out = run();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
@@ -264,6 +290,14 @@ fn queue_stats_reports_what_is_stored() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(!text.contains("a broker is running"), "{text}");
     assert!(text.contains("1 queues, 3 messages"), "{text}");
+    // Stopped: read directly; --limit keeps to the oldest.
+    let text = list("1");
+    assert_eq!(
+        text.lines().filter(|l| l.contains("stats/t")).count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("... 2 more"), "{text}");
 }
 
 /// The same promise checked by an independent client: paho decides what

@@ -78,7 +78,7 @@ pub mod status;
 pub mod uplink;
 
 pub use ferrymq_broker::DEAD_LETTER_PREFIX;
-pub use link::{BridgeHandle, BridgeMonitor, replay_dead_letters};
+pub use link::{BridgeHandle, BridgeMonitor, dead_letter_client_id, replay_dead_letters};
 pub use node::{
     Node, NodeError, REPLAY_REQUEST_PREFIX, STATUS_FILE, read_status, request_replay, run,
 };

@@ -174,7 +174,7 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
     // The dead-letter queue: a durable session that keeps what the
     // upstream refused for good, for `ferrymq queue stats` to show.
     let dead = broker
-        .connect(ClientOptions::new(format!("{client_id}/dead")).persistent(forever))
+        .connect(ClientOptions::new(dead_letter_client_id(&config.name)).persistent(forever))
         .await?;
     dead.subscribe(
         &format!("{DEAD_LETTER_PREFIX}{}/#", config.name),
@@ -208,12 +208,17 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
     })
 }
 
+/// The durable session that keeps bridge `name`'s dead letters.
+pub fn dead_letter_client_id(name: &str) -> String {
+    format!("{}/dead", bridge_client_id(name))
+}
+
 /// Puts the dead letters of bridge `name` back on their original topics
 /// (so they go upstream again if a rule still matches them), oldest
 /// first, each removed from the dead-letter queue only once it is queued
 /// again. Returns how many were replayed.
 pub async fn replay_dead_letters(broker: &BrokerHandle, name: &str) -> Result<u64, ClientError> {
-    let client_id = format!("{}/dead", bridge_client_id(name));
+    let client_id = dead_letter_client_id(name);
     let forever = Duration::from_secs(u64::from(u32::MAX));
     let mut dead = broker
         .connect(

@@ -21,7 +21,7 @@ pub const STATUS_FILE: &str = "bridge-status.txt";
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// A file `data_dir/replay-dead-letters.{bridge}` asks the running node to
-/// replay that bridge's dead letters (`ferrymq bridge replay-dead`); it is
+/// replay that bridge's dead letters (`ferrymq queue replay-dead`); it is
 /// removed once the replay starts. Also honoured at start.
 pub const REPLAY_REQUEST_PREFIX: &str = "replay-dead-letters.";
 

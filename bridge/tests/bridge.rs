@@ -607,7 +607,7 @@ async fn dead_letters_are_kept_and_replayed_on_request() {
     eventually(&node, |s| s.dead_lettered == 3 && s.forwarded == 2).await;
     let dead = node.broker().queue_depth("$bridge/regional/dead").unwrap();
     assert_eq!(dead.messages, 3, "kept for ferrymq queue stats: {dead:?}");
-    // The operator asks for a replay (what `ferrymq bridge replay-dead`
+    // The operator asks for a replay (what `ferrymq queue replay-dead`
     // does); the upstream now takes them.
     ferrymq_bridge::request_replay(&config.data_dir, "regional").unwrap();
     wait_until("the dead letters went upstream", || {

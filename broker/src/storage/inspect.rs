@@ -1,17 +1,21 @@
-//! `ferrymq queue stats`: what the store holds, read from the data
+//! `ferrymq queue stats` and `queue list`: what the store holds, read from the data
 //! directory without a running broker's help. The database is opened
 //! read-only, which RocksDB allows next to a running broker (the figures
 //! are then a snapshot of that moment).
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use ferrymq_codec::QoS;
 
 use rocksdb::{DB, Direction, IteratorMode, ReadOptions};
 
 use super::record;
 use super::rocks::{options, read_stats_value};
 use super::{BrokerClock, StoreError};
+use crate::message::Message;
 
 /// One queue in the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,42 +47,179 @@ pub struct QueueReport {
     pub running: bool,
 }
 
-/// Reads the report from the store in `data_dir`.
-pub fn queue_stats(data_dir: &Path, running: bool) -> Result<QueueReport, StoreError> {
-    let path = data_dir.join("db");
-    if !path.exists() {
-        return Err(StoreError(format!("no store at {}", path.display())));
+/// The store of `data_dir`, opened for reading: next to a running broker
+/// as a secondary instance that follows its files (with a scratch
+/// directory, removed when this is dropped), otherwise read-only.
+struct Reader {
+    db: Option<DB>,
+    scratch: std::path::PathBuf,
+}
+
+impl Reader {
+    fn open(data_dir: &Path, running: bool) -> Result<Reader, StoreError> {
+        let path = data_dir.join("db");
+        if !path.exists() {
+            return Err(StoreError(format!("no store at {}", path.display())));
+        }
+        let (mut db_options, _) = options();
+        // Descriptors carry the merge operators the statistics need.
+        let descriptors = || options().1;
+        let cannot = |e: rocksdb::Error| {
+            StoreError(format!("cannot read the store at {}: {e}", path.display()))
+        };
+        let scratch = tempfile_dir()?;
+        let db = if running {
+            db_options.set_max_open_files(-1);
+            DB::open_cf_descriptors_as_secondary(&db_options, &path, &scratch, descriptors())
+                .and_then(|db| db.try_catch_up_with_primary().map(|()| db))
+        } else {
+            DB::open_cf_descriptors_read_only(&db_options, &path, descriptors(), false)
+        };
+        match db {
+            Ok(db) => Ok(Reader {
+                db: Some(db),
+                scratch,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&scratch);
+                Err(cannot(e))
+            }
+        }
     }
-    let (mut db_options, _) = options();
-    // Descriptors carry the merge operators the statistics need.
-    let descriptors = || options().1;
-    let cannot =
-        |e: rocksdb::Error| StoreError(format!("cannot read the store at {}: {e}", path.display()));
-    // Next to a running broker, a secondary instance follows its files
-    // (its own scratch directory, removed afterwards); otherwise a plain
-    // read-only open.
-    let scratch = tempfile_dir()?;
-    let db = if running {
-        db_options.set_max_open_files(-1);
-        let db = DB::open_cf_descriptors_as_secondary(&db_options, &path, &scratch, descriptors())
-            .map_err(cannot)?;
-        db.try_catch_up_with_primary().map_err(cannot)?;
-        db
-    } else {
-        DB::open_cf_descriptors_read_only(&db_options, &path, descriptors(), false)
-            .map_err(cannot)?
-    };
+
+    fn db(&self) -> &DB {
+        self.db
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("set until drop"))
+    }
+
+    /// Broker time as last saved (the running broker saves it every 10 s).
+    fn now_ms(&self) -> u64 {
+        let db = self.db();
+        db.cf_handle("meta")
+            .and_then(|meta| db.get_cf(meta, b"clock").ok().flatten())
+            .and_then(|v| v.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()))
+            .map_or(0, u64::from_be_bytes)
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        drop(self.db.take());
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// One queued message, as `ferrymq queue list` shows it.
+#[derive(Debug, Clone)]
+pub struct ListedMessage {
+    /// Position in its queue.
+    pub seq: u64,
+    /// How long it has been queued.
+    pub age: Duration,
+    /// Delivery QoS.
+    pub qos: QoS,
+    /// The message.
+    pub message: Arc<Message>,
+}
+
+/// The oldest `limit` messages queued for session `client_id` (a bridge's
+/// dead letters: `$bridge/{name}/dead`), and how many it holds in all.
+/// `Ok(None)` when there is no persistent session of that name.
+pub fn queue_list(
+    data_dir: &Path,
+    running: bool,
+    client_id: &str,
+    limit: usize,
+) -> Result<Option<(Vec<ListedMessage>, u64)>, StoreError> {
+    let reader = Reader::open(data_dir, running)?;
+    let db = reader.db();
     let cf = |name: &str| {
         db.cf_handle(name)
             .ok_or_else(|| StoreError(format!("column family {name} is missing")))
     };
-    // Broker time as last saved (the running broker saves it every 10 s).
-    let now_ms = db
-        .get_cf(cf("meta")?, b"clock")
-        .ok()
-        .flatten()
-        .and_then(|v| v.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()))
-        .map_or(0, u64::from_be_bytes);
+    let now_ms = reader.now_ms();
+    let clock = BrokerClock::starting_at(now_ms);
+    let mut number = None;
+    for item in db.iterator_cf(cf("sessions")?, IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| StoreError(e.to_string()))?;
+        let Some(n) = k
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+        else {
+            continue;
+        };
+        if record::decode_session(n, &v, &clock).is_ok_and(|s| s.client_id.as_str() == client_id) {
+            number = Some(n);
+        }
+    }
+    let Some(number) = number else {
+        return Ok(None);
+    };
+    let mut read = ReadOptions::default();
+    read.set_iterate_upper_bound(number.saturating_add(1).to_be_bytes().to_vec());
+    let start = number.to_be_bytes();
+    let mut listed = Vec::new();
+    let mut total = 0;
+    for item in db.iterator_cf_opt(
+        cf("queues")?,
+        read,
+        IteratorMode::From(&start, Direction::Forward),
+    ) {
+        let (k, v) = item.map_err(|e| StoreError(e.to_string()))?;
+        total += 1;
+        if listed.len() >= limit {
+            continue;
+        }
+        let seq = k
+            .get(8..16)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_be_bytes);
+        let q = record::decode_queued(&v, &clock)
+            .map_err(|e| StoreError(format!("queued message {seq} of {client_id}: {e:?}")))?;
+        listed.push(ListedMessage {
+            seq,
+            age: Duration::from_millis(now_ms.saturating_sub(q.queued_at_ms)),
+            qos: q.qos,
+            message: q.message,
+        });
+    }
+    Ok(Some((listed, total)))
+}
+
+/// How `ferrymq queue list` prints a message: position (`EPOCH:N`), age, QoS, size,
+/// topic, and the start of the payload (escaped).
+impl fmt::Display for ListedMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const PREVIEW: usize = 40;
+        let payload = &self.message.payload;
+        let shown = &payload[..payload.len().min(PREVIEW)];
+        let more = if payload.len() > PREVIEW { "..." } else { "" };
+        let shift = super::SEQ_EPOCH_SHIFT;
+        // As in a `ferry-id`: the run that queued it, and its number.
+        let position = format!("{}:{}", self.seq >> shift, self.seq & ((1 << shift) - 1));
+        writeln!(
+            f,
+            "{position:>10}  {:>8} ago  qos {}  {:>9}  {}  {}{more}",
+            human_duration(self.age),
+            self.qos as u8,
+            human_bytes(payload.len() as u64),
+            self.message.topic,
+            shown.escape_ascii(),
+        )
+    }
+}
+
+/// Reads the report from the store in `data_dir`.
+pub fn queue_stats(data_dir: &Path, running: bool) -> Result<QueueReport, StoreError> {
+    let reader = Reader::open(data_dir, running)?;
+    let db = reader.db();
+    let cf = |name: &str| {
+        db.cf_handle(name)
+            .ok_or_else(|| StoreError(format!("column family {name} is missing")))
+    };
+    let now_ms = reader.now_ms();
     let clock = BrokerClock::starting_at(now_ms);
     let mut report = QueueReport {
         running,
@@ -152,8 +293,6 @@ pub fn queue_stats(data_dir: &Path, running: bool) -> Result<QueueReport, StoreE
         });
     }
     report.retained = db.iterator_cf(cf("retained")?, IteratorMode::Start).count() as u64;
-    drop(db);
-    let _ = std::fs::remove_dir_all(&scratch);
     Ok(report)
 }
 

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::message::Message;
 
-pub use inspect::{QueueLine, QueueReport, queue_stats};
+pub use inspect::{ListedMessage, QueueLine, QueueReport, queue_list, queue_stats};
 pub use memory::MemoryStore;
 pub use record::TimeBase;
 pub use rocks::{RocksOptions, RocksStore, SyncSummary};
