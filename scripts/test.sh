@@ -18,6 +18,10 @@ step() { printf '\n== %s\n' "$*"; }
 step "build: tests, benches and examples (one profile)"
 cargo build --workspace --all-targets --locked
 
+step "build: the rumqttd runner of the load harness (a cargo project of its own)"
+CARGO_TARGET_DIR="$CARGO_TARGET_DIR/peers" \
+  cargo build --manifest-path benches/rumqttd/Cargo.toml --locked
+
 step "tests"
 cargo nextest run --workspace --all-targets --locked --no-fail-fast
 
