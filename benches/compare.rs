@@ -437,45 +437,7 @@ impl Conn {
 
     /// The next complete frame in the input, if any.
     fn frame(&mut self) -> Option<Frame> {
-        let mut len = 0usize;
-        let mut shift = 0;
-        let mut header = 1;
-        loop {
-            let byte = *self.input.get(header)?;
-            len |= usize::from(byte & 0x7F) << shift;
-            header += 1;
-            if byte & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
-        }
-        if self.input.len() < header + len {
-            return None;
-        }
-        let first = self.input[0];
-        self.input.advance(header);
-        let mut body = self.input.split_to(len);
-        Some(match first >> 4 {
-            2 => Frame::ConnAck(body.get(1).copied().unwrap_or(0xFF)),
-            9 => Frame::SubAck,
-            4 => Frame::PubAck,
-            3 => {
-                let qos = (first >> 1) & 0b11;
-                let topic_len = usize::from(body.get_u16());
-                body.advance(topic_len);
-                let packet_id = if qos > 0 { body.get_u16() } else { 0 };
-                if body.len() < 20 {
-                    Frame::Other
-                } else {
-                    Frame::Publish {
-                        qos,
-                        packet_id,
-                        stamp: (body.get_u32(), body.get_u64(), body.get_u64()),
-                    }
-                }
-            }
-            _ => Frame::Other,
-        })
+        take_frame(&mut self.input)
     }
 
     async fn next_frame(&mut self) -> Option<Frame> {
@@ -494,6 +456,94 @@ impl Conn {
         self.flush().await;
         let _ = self.stream.shutdown().await;
     }
+
+    /// The connection for a plain thread (blocking, with a read timeout).
+    fn into_sync(self) -> SyncConn {
+        let stream = self.stream.into_std().expect("a std stream");
+        stream.set_nonblocking(false).expect("blocking mode");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("read timeout");
+        SyncConn {
+            stream,
+            input: self.input,
+        }
+    }
+}
+
+/// A connection driven by a plain thread: the fixed-rate scenario needs
+/// send times far finer than the runtime's millisecond timer.
+struct SyncConn {
+    stream: std::net::TcpStream,
+    input: BytesMut,
+}
+
+impl SyncConn {
+    /// Reads more bytes: `Some(false)` when the connection closed, `None`
+    /// when nothing came within the read timeout.
+    fn fill(&mut self) -> Option<bool> {
+        use std::io::Read;
+        let mut buf = [0u8; 16 * 1024];
+        match self.stream.read(&mut buf) {
+            Ok(0) => Some(false),
+            Ok(n) => {
+                self.input.extend_from_slice(&buf[..n]);
+                Some(true)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(_) => Some(false),
+        }
+    }
+}
+
+/// The next complete frame in `input`, if any.
+fn take_frame(input: &mut BytesMut) -> Option<Frame> {
+    let mut len = 0usize;
+    let mut shift = 0;
+    let mut header = 1;
+    loop {
+        let byte = *input.get(header)?;
+        len |= usize::from(byte & 0x7F) << shift;
+        header += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    if input.len() < header + len {
+        return None;
+    }
+    let first = input[0];
+    input.advance(header);
+    let mut body = input.split_to(len);
+    Some(match first >> 4 {
+        2 => Frame::ConnAck(body.get(1).copied().unwrap_or(0xFF)),
+        9 => Frame::SubAck,
+        4 => Frame::PubAck,
+        3 => {
+            let qos = (first >> 1) & 0b11;
+            let topic_len = usize::from(body.get_u16());
+            body.advance(topic_len);
+            let packet_id = if qos > 0 { body.get_u16() } else { 0 };
+            if body.len() < 20 {
+                Frame::Other
+            } else {
+                Frame::Publish {
+                    qos,
+                    packet_id,
+                    stamp: (body.get_u32(), body.get_u64(), body.get_u64()),
+                }
+            }
+        }
+        _ => Frame::Other,
+    })
 }
 
 fn nanos_since(epoch: Instant) -> u64 {
@@ -526,14 +576,12 @@ struct Plan {
     /// QoS 1 publishes in flight at most.
     window: usize,
     until: Until,
-    /// Fixed rate: the first send time and the period between sends.
-    schedule: Option<(Instant, Duration)>,
     /// Time zero of the payload timestamps.
     epoch: Instant,
 }
 
 /// Publishes as fast as the broker takes them (QoS 0: batches of 64 per
-/// write; QoS 1: up to `window` in flight), or on a fixed schedule.
+/// write; QoS 1: up to `window` in flight).
 async fn publisher(mut conn: Conn, plan: Plan) -> Sent {
     let Plan {
         number,
@@ -541,7 +589,6 @@ async fn publisher(mut conn: Conn, plan: Plan) -> Sent {
         qos,
         window,
         until,
-        schedule,
         epoch,
     } = plan;
     let mut seq = 0u64;
@@ -552,9 +599,7 @@ async fn publisher(mut conn: Conn, plan: Plan) -> Sent {
         Until::Time(t) => Instant::now() < t,
         Until::Count(n) => seq < n,
     };
-    let scheduled = |seq: u64| schedule.map(|(start, period)| start + period * seq as u32);
     loop {
-        let now = Instant::now();
         if open(seq) {
             if qos == 0 {
                 let stamp_ns = nanos_since(epoch);
@@ -565,12 +610,8 @@ async fn publisher(mut conn: Conn, plan: Plan) -> Sent {
                 conn.flush().await;
                 continue;
             }
+            let stamp_ns = nanos_since(epoch);
             while inflight < window && open(seq) {
-                let stamp_ns = match scheduled(seq) {
-                    Some(at) if at > now => break,
-                    Some(at) => at.duration_since(epoch).as_nanos() as u64,
-                    None => nanos_since(epoch),
-                };
                 let id = (seq % 65_535) as u16 + 1;
                 put_publish(&mut conn.output, &topic, qos, id, (number, seq, stamp_ns));
                 seq += 1;
@@ -580,7 +621,6 @@ async fn publisher(mut conn: Conn, plan: Plan) -> Sent {
         } else if inflight == 0 {
             break;
         }
-        let next = scheduled(seq).filter(|_| open(seq) && inflight < window);
         tokio::select! {
             more = conn.fill() => {
                 if !more {
@@ -594,7 +634,6 @@ async fn publisher(mut conn: Conn, plan: Plan) -> Sent {
                     }
                 }
             }
-            () = tokio::time::sleep_until(next.unwrap_or(now + STALL).into()), if next.is_some() => {}
             () = tokio::time::sleep_until((last_progress + STALL).into()) => {
                 eprintln!("publisher {number}: no PUBACK for {STALL:?}, {inflight} in flight");
                 break;
@@ -746,7 +785,7 @@ async fn run_traffic(server: &Server, scenario: Scenario, load: &Load, metrics: 
     let topic: Arc<[u8]> = Arc::from(&b"bench/site-1/sensors/temperature"[..]);
     let (publishers, subscribers, qos) = match scenario {
         Scenario::Qos0FanIn => (load.publishers, 1, 0),
-        Scenario::Qos1FanIn | Scenario::FixedRate => (load.publishers, 1, 1),
+        Scenario::Qos1FanIn => (load.publishers, 1, 1),
         Scenario::FanOut => (1, load.fanout, 0),
         _ => unreachable!("traffic scenarios only"),
     };
@@ -762,24 +801,15 @@ async fn run_traffic(server: &Server, scenario: Scenario, load: &Load, metrics: 
         conns.push(Conn::open(addr, &format!("pub-{n}"), true).await);
     }
     let start = Instant::now();
-    let until = match scenario {
-        Scenario::FixedRate => load.rate_seconds,
-        _ => load.seconds,
-    };
-    let until = Until::Time(start + Duration::from_secs_f64(until));
+    let until = Until::Time(start + Duration::from_secs_f64(load.seconds));
     let mut pubs = Vec::new();
     for (n, conn) in conns.into_iter().enumerate() {
-        let schedule = (scenario == Scenario::FixedRate).then(|| {
-            let period = Duration::from_secs_f64(f64::from(publishers) / f64::from(load.rate));
-            (start + period * n as u32 / publishers, period)
-        });
         let plan = Plan {
             number: n as u32,
             topic: topic.clone(),
             qos,
             window: load.window,
             until,
-            schedule,
             epoch,
         };
         pubs.push(tokio::spawn(publisher(conn, plan)));
@@ -799,6 +829,160 @@ async fn run_traffic(server: &Server, scenario: Scenario, load: &Load, metrics: 
     }
     metrics.set("sent", sent.sent as f64);
     delivery(metrics, &tallies, per_sub * u64::from(subscribers), start);
+}
+
+/// QoS 1 at a fixed rate, paced by a plain thread (`thread::sleep` is
+/// precise to tens of µs; the runtime's timer to a millisecond): message
+/// `k` goes to publisher `k % P` at `start + k / rate`, stamped with that
+/// scheduled time, and waits (its latency growing) while that publisher's
+/// window is full. How late the pacer itself was is reported as well.
+fn run_fixed_rate(
+    server: &Server,
+    load: &Load,
+    metrics: &mut Metrics,
+    rt: &tokio::runtime::Runtime,
+) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    let epoch = Instant::now();
+    let addr = server.addr;
+    let publishers = load.publishers as usize;
+    let (sub, pubs) = rt.block_on(async {
+        let mut sub = Conn::open(addr, "sub-0", true).await;
+        sub.subscribe("bench/#", 1).await;
+        let mut pubs = Vec::new();
+        for n in 0..publishers {
+            pubs.push(
+                Conn::open(addr, &format!("pub-{n}"), true)
+                    .await
+                    .into_sync(),
+            );
+        }
+        (sub.into_sync(), pubs)
+    });
+    let expected = Arc::new(AtomicU64::new(u64::MAX));
+    let subscriber = {
+        let expected = expected.clone();
+        std::thread::spawn(move || {
+            let mut sub = sub;
+            let mut tally = Tally::default();
+            let mut acks = BytesMut::new();
+            let mut last_activity = Instant::now();
+            loop {
+                match sub.fill() {
+                    Some(false) => break,
+                    Some(true) => {
+                        let now = Instant::now();
+                        last_activity = now;
+                        while let Some(frame) = take_frame(&mut sub.input) {
+                            if let Frame::Publish {
+                                qos,
+                                packet_id,
+                                stamp,
+                            } = frame
+                            {
+                                if qos == 1 {
+                                    acks.put_slice(&[0x40, 0x02]);
+                                    acks.put_u16(packet_id);
+                                }
+                                tally.record(stamp, epoch, now);
+                            }
+                        }
+                        if !acks.is_empty() {
+                            let _ = sub.stream.write_all(&acks);
+                            acks.clear();
+                        }
+                    }
+                    None => {}
+                }
+                let want = expected.load(Ordering::Relaxed);
+                let done = want != u64::MAX;
+                if done && tally.unique >= want {
+                    break;
+                }
+                let idle = last_activity.elapsed();
+                if (done && idle > QUIET) || idle > STALL {
+                    break;
+                }
+            }
+            let _ = sub.stream.write_all(&[0xE0, 0x00]);
+            tally
+        })
+    };
+    let inflight: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..publishers).map(|_| AtomicUsize::new(0)).collect());
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for (i, mut conn) in pubs.into_iter().enumerate() {
+        writers.push(conn.stream.try_clone().expect("a second handle"));
+        let (inflight, acked, stop) = (inflight.clone(), acked.clone(), stop.clone());
+        readers.push(std::thread::spawn(move || {
+            loop {
+                match conn.fill() {
+                    Some(false) => break,
+                    Some(true) => {
+                        while let Some(frame) = take_frame(&mut conn.input) {
+                            if let Frame::PubAck = frame {
+                                inflight[i].fetch_sub(1, Ordering::Relaxed);
+                                acked.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    None => {}
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        }));
+    }
+    let total = (f64::from(load.rate) * load.rate_seconds) as u64;
+    let period = Duration::from_secs_f64(1.0 / f64::from(load.rate));
+    let topic = b"bench/site-1/sensors/temperature";
+    let start = Instant::now() + Duration::from_millis(10);
+    let mut late_us = Vec::with_capacity(total as usize);
+    let mut out = BytesMut::with_capacity(256);
+    for k in 0..total {
+        let i = (k % publishers as u64) as usize;
+        let seq = k / publishers as u64;
+        let at = start + period.mul_f64(k as f64);
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+        let waited = Instant::now();
+        while inflight[i].load(Ordering::Relaxed) >= load.window {
+            assert!(waited.elapsed() < STALL, "no PUBACK for {STALL:?}");
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        inflight[i].fetch_add(1, Ordering::Relaxed);
+        let stamp_ns = at.duration_since(epoch).as_nanos() as u64;
+        let id = (seq % 65_535) as u16 + 1;
+        put_publish(&mut out, topic, 1, id, (i as u32, seq, stamp_ns));
+        writers[i].write_all(&out).expect("write to the broker");
+        out.clear();
+        late_us.push(u32::try_from(at.elapsed().as_micros()).unwrap_or(u32::MAX));
+    }
+    let waited = Instant::now();
+    while acked.load(Ordering::Relaxed) < total && waited.elapsed() < STALL {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let acked = acked.load(Ordering::Relaxed);
+    expected.store(acked, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    for mut w in writers {
+        let _ = w.write_all(&[0xE0, 0x00]);
+    }
+    for r in readers {
+        r.join().expect("ack reader");
+    }
+    let tally = subscriber.join().expect("subscriber");
+    late_us.sort_unstable();
+    metrics.set("sent", total as f64);
+    metrics.set("pacer_late_p99_ms", percentile(&late_us, 0.99));
+    delivery(metrics, std::slice::from_ref(&tally), acked, start);
 }
 
 async fn run_idle(server: &Server, load: &Load, metrics: &mut Metrics) {
@@ -858,7 +1042,6 @@ async fn run_durable(server: &Server, load: &Load, metrics: &mut Metrics) {
             qos: 1,
             window: load.window,
             until: Until::Count(load.durable_messages),
-            schedule: None,
             epoch,
         };
         pubs.push(tokio::spawn(publisher(conn, plan)));
@@ -894,13 +1077,12 @@ fn run(kind: Kind, scenario: Scenario, load: &Load) -> Metrics {
     let pid = server.pid().to_string();
     let (cpu0, own0, wall0) = (cpu_time(&pid), cpu_time("self"), Instant::now());
     let mut metrics = Metrics::default();
-    rt.block_on(async {
-        match scenario {
-            Scenario::Idle => run_idle(&server, load, &mut metrics).await,
-            Scenario::Durable => run_durable(&server, load, &mut metrics).await,
-            _ => run_traffic(&server, scenario, load, &mut metrics).await,
-        }
-    });
+    match scenario {
+        Scenario::FixedRate => run_fixed_rate(&server, load, &mut metrics, &rt),
+        Scenario::Idle => rt.block_on(run_idle(&server, load, &mut metrics)),
+        Scenario::Durable => rt.block_on(run_durable(&server, load, &mut metrics)),
+        _ => rt.block_on(run_traffic(&server, scenario, load, &mut metrics)),
+    }
     let wall = wall0.elapsed().as_secs_f64();
     let broker_cpu = (cpu_time(&pid) - cpu0).as_secs_f64();
     let own_cpu = (cpu_time("self") - own0).as_secs_f64();
@@ -1287,6 +1469,16 @@ fn main() {
                             fmt_value(get("drain_per_s")),
                             get("lost"),
                             get("duplicates")
+                        ),
+                        Scenario::FixedRate => format!(
+                            "delivered {}/s, lost {}, dup {}, p50 {} ms, p99 {} ms, p99.9 {} ms (pacer late p99 {} ms)",
+                            fmt_value(get("delivered_per_s")),
+                            get("lost"),
+                            get("duplicates"),
+                            fmt_value(get("latency_p50_ms")),
+                            fmt_value(get("latency_p99_ms")),
+                            fmt_value(get("latency_p999_ms")),
+                            fmt_value(get("pacer_late_p99_ms"))
                         ),
                         _ => format!(
                             "delivered {}/s, lost {}, dup {}, reordered {}, p50 {} ms, p99 {} ms",

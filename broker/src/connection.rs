@@ -45,8 +45,16 @@ use crate::storage::{self, Batch, Durable, SessionRecord, StoreOp, SubscriptionR
 /// Above this many bytes waiting to be written, stop reading from the
 /// client and stop draining its outbox.
 const OUT_HIGH_WATER: usize = 256 * 1024;
-/// Read buffer growth step.
-const READ_CHUNK: usize = 8 * 1024;
+/// The free space a read is offered adapts to the traffic: it starts at
+/// `READ_MIN` and doubles while reads fill it, up to `READ_MAX` (a busy
+/// publisher is read 64 KiB at a time); reads far smaller than it halve
+/// it again.
+const READ_MIN: usize = 256;
+const READ_MAX: usize = 64 * 1024;
+/// An idle connection (nothing to read, write or send) lets go of write
+/// buffers larger than this: thousands of idle connections should cost a
+/// few hundred bytes each, not their largest burst.
+const OUT_KEEP: usize = 4 * 1024;
 /// Acknowledgements waiting for the store before the connection stops
 /// reading more packets (a bound on per-connection memory).
 const PENDING_ACKS_LIMIT: usize = 4096;
@@ -112,12 +120,40 @@ struct Io<R, W> {
     /// Encoded packets not yet written: everything owed to the client at
     /// one moment goes out in one write.
     out: BytesMut,
+    /// The free space the next read is offered (`READ_MIN..=READ_MAX`).
+    read_chunk: usize,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
-    fn reserve_read(&mut self) {
-        if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK / 2 {
-            self.inbuf.reserve(READ_CHUNK);
+    /// Makes room for the next read; returns the free space offered.
+    fn reserve_read(&mut self) -> usize {
+        if self.inbuf.capacity() - self.inbuf.len() < self.read_chunk / 2 {
+            self.inbuf.reserve(self.read_chunk);
+        }
+        self.inbuf.capacity() - self.inbuf.len()
+    }
+
+    /// Adapts the read size after a read of `n` bytes into `offered`.
+    fn after_read(&mut self, n: usize, offered: usize) {
+        if n >= offered {
+            self.read_chunk = (self.read_chunk * 2).min(READ_MAX);
+        } else if n < self.read_chunk / 8 {
+            self.read_chunk = (self.read_chunk / 2).max(READ_MIN);
+        }
+    }
+
+    /// Lets go of buffers an idle connection does not need: an empty read
+    /// buffer once reads are small again, an empty write buffer larger
+    /// than `OUT_KEEP`.
+    fn trim(&mut self) {
+        if self.inbuf.is_empty()
+            && self.read_chunk == READ_MIN
+            && self.inbuf.capacity() > 2 * READ_MIN
+        {
+            self.inbuf = BytesMut::new();
+        }
+        if self.out.is_empty() && self.out.capacity() > OUT_KEEP {
+            self.out = BytesMut::new();
         }
     }
 
@@ -161,7 +197,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                     return Err(error.to_string());
                 }
             }
-            self.reserve_read();
+            let _ = self.reserve_read();
             match self.reader.read_buf(&mut self.inbuf).await {
                 Ok(0) => return Err("closed before CONNECT".into()),
                 Ok(_) => {}
@@ -179,7 +215,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            self.reserve_read();
+            let _ = self.reserve_read();
             match self.reader.read_buf(&mut self.inbuf).await {
                 Ok(0) => return Err("closed during authentication".into()),
                 Ok(_) => {}
@@ -282,11 +318,12 @@ pub(crate) async fn serve<R, W>(
         writer,
         inbuf: BytesMut::new(),
         out: BytesMut::new(),
+        read_chunk: READ_MIN,
     };
     let connect_timeout = shared.config.limits.connect_timeout;
     let connect = tokio::select! {
         // Dropping the read future is safe: bytes already read stay in `inbuf`.
-        r = tokio::time::timeout(connect_timeout, io.read_connect(&shared)) => r,
+        r = tokio::time::timeout(connect_timeout, Box::pin(io.read_connect(&shared))) => r,
         _ = shutdown.wait_for(|stop| *stop) => return,
     };
     let connect = match connect {
@@ -301,7 +338,15 @@ pub(crate) async fn serve<R, W>(
             return;
         }
     };
-    let Some(mut conn) = Conn::accept(*connect, io, &shared, options).await else {
+    // The phases before and after `run` are boxed: a task's size is its
+    // largest state, and an idle connection should cost only `run`'s.
+    // Out of its box here, so that the box is freed now and not when
+    // this connection ends.
+    let connect = {
+        let boxed = connect;
+        *boxed
+    };
+    let Some(mut conn) = Box::pin(Conn::accept(connect, io, &shared, options)).await else {
         return;
     };
     debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
@@ -315,7 +360,7 @@ pub(crate) async fn serve<R, W>(
         Close::Io(e) => debug!(%peer, %client_id, "stream error: {e}"),
         other => debug!(%peer, %client_id, "closing: {other:?}"),
     }
-    conn.finish(close).await;
+    Box::pin(conn.finish(close)).await;
 }
 
 /// What a connected client needs, beyond its engine.
@@ -325,7 +370,9 @@ struct Conn<'a, R, W> {
     engine: Engine,
     control: Arc<Control>,
     /// The will, published if the connection ends abnormally.
-    will: Option<Will>,
+    /// (Boxed: most connections have none, and an idle connection's size
+    /// is what thousands of them cost.)
+    will: Option<Box<Will>>,
     /// 1.5 x the keep alive; `None` when keep alive is 0.
     keep_alive: Option<Duration>,
     /// Topic -> routes memo for this client's publishes.
@@ -447,7 +494,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             }
             assigned
         } else {
-            connect.client_id.clone()
+            // Kept for the session's life: not the read buffer with it.
+            connect.client_id.detached()
         };
         let max_expiry = shared.config.storage.max_session_expiry;
         let expiry = match protocol {
@@ -578,7 +626,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             io,
             engine,
             control,
-            will: connect.will,
+            will: connect.will.map(Box::new),
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             routes: RouteCache::default(),
@@ -626,11 +674,33 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 && self.parked.is_none()
                 && self.engine.wants_input()
                 && self.engine.pending_acks() < PENDING_ACKS_LIMIT;
-            self.io.reserve_read();
+            if drain == Drain::Empty
+                && self.io.out.is_empty()
+                && self.io.inbuf.is_empty()
+                && self.parked.is_none()
+            {
+                self.io.trim();
+                self.packets.shrink_to_fit();
+                self.ops.shrink_to_fit();
+            }
+            let offered = self.io.reserve_read();
             let parked_outbox = self
                 .parked
                 .as_ref()
                 .map(|(p, _, _)| (p.outbox().clone(), p.size()));
+            // The waits most turns do not need (durability, room in a full
+            // queue) are one boxed future, made only when needed: inline,
+            // they would add to every idle connection's size.
+            let mut rare = (need_durable || parked_outbox.is_some()).then(|| {
+                let durable = &mut self.durable;
+                Box::pin(async move {
+                    tokio::select! {
+                        _ = durable.changed(), if need_durable => false,
+                        () = wait_for_room(parked_outbox) => true,
+                    }
+                })
+            });
+            let mut room_made = false;
             // Every branch is cancel-safe: `read_buf` and `write` do no I/O
             // unless they complete, `kicked` and `ready` keep their permit
             // when dropped, `wait_for`/`changed` only observe values, the
@@ -657,14 +727,23 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 read = self.io.reader.read_buf(&mut self.io.inbuf), if can_read => {
                     match read {
                         Ok(0) => return Close::Eof,
-                        Ok(_) => last_packet = Instant::now(),
+                        Ok(n) => {
+                            last_packet = Instant::now();
+                            self.io.after_read(n, offered);
+                        }
                         Err(e) => return Close::Io(e),
                     }
                 }
                 // Also woken by shared groups with something to pull.
                 _ = outbox.ready(), if drain != Drain::OutFull && room => {}
-                _ = self.durable.changed(), if need_durable => {}
-                _ = wait_for_room(parked_outbox), if self.parked.is_some() => self.resume_parked(),
+                made = async { match rare.as_mut() {
+                    Some(wait) => wait.await,
+                    None => std::future::pending().await,
+                } }, if rare.is_some() => room_made = made,
+            }
+            drop(rare);
+            if room_made {
+                self.resume_parked();
             }
         }
     }
@@ -905,7 +984,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let mut batch = Batch::new(shared.store.as_ref());
         let mut reason_codes = Vec::with_capacity(subscribe.subscriptions.len());
         let mut retained = Vec::new();
-        for s in subscribe.subscriptions {
+        for mut s in subscribe.subscriptions {
+            // Kept for the session's life: not the read buffer with it.
+            s.filter = s.filter.detached();
             let mut options = s.options;
             if !v5 {
                 options = codec::SubscriptionOptions {
@@ -1125,7 +1206,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     .filter(|_| protocol == Protocol::V5)
                     .unwrap_or(0),
             ));
-            let message = will_message(will, SessionId(state.number));
+            let message = will_message(*will, SessionId(state.number));
             if delay.is_zero() || !state.is_persistent() {
                 // Without a delay, or when the session ends now anyway.
                 publish_will_message(shared, message, &mut self.routes);

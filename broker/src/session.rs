@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ferrymq_codec::MqttString;
 use parking_lot::Mutex;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::outbox::{Delivery, Outbox};
@@ -110,8 +110,11 @@ pub struct Control {
     /// Set by the connection taking over when it resumes the session
     /// (then the old connection's will is not published).
     resumed: AtomicBool,
-    /// Set to `true` when the connection has handed its session back.
-    done_tx: watch::Sender<bool>,
+    /// Set when the connection has handed its session back; `finished`
+    /// wakes whoever waits for that. (Not a watch channel: that costs
+    /// about 400 bytes per connection.)
+    done: AtomicBool,
+    finished: Notify,
 }
 
 impl Control {
@@ -121,7 +124,8 @@ impl Control {
             connection,
             kicked: Notify::new(),
             resumed: AtomicBool::new(false),
-            done_tx: watch::Sender::new(false),
+            done: AtomicBool::new(false),
+            finished: Notify::new(),
         })
     }
 
@@ -135,8 +139,23 @@ impl Control {
         self.resumed.load(Ordering::Acquire)
     }
 
+    /// Resolves once the connection has handed its session back.
+    async fn handed_back(&self) {
+        loop {
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            // Registered before the check, so a finish in between wakes it.
+            finished.as_mut().enable();
+            if self.done.load(Ordering::Acquire) {
+                return;
+            }
+            finished.await;
+        }
+    }
+
     fn finish(&self) {
-        self.done_tx.send_replace(true);
+        self.done.store(true, Ordering::Release);
+        self.finished.notify_waiters();
     }
 }
 
@@ -196,10 +215,9 @@ impl Sessions {
         if let Some(old) = previous_holder {
             old.resumed.store(resume, Ordering::Release);
             old.kicked.notify_one();
-            let mut done = old.done_tx.subscribe();
             // A timeout only means the old task is slow to notice; its
             // session comes back whenever it finishes.
-            let _ = tokio::time::timeout(TAKEOVER_WAIT, done.wait_for(|d| *d)).await;
+            let _ = tokio::time::timeout(TAKEOVER_WAIT, old.handed_back()).await;
         }
         let previous = self
             .slots

@@ -38,6 +38,13 @@ impl MqttString {
         Self::from_bytes(Bytes::copy_from_slice(text.as_bytes()))
     }
 
+    /// A copy in an allocation of its own. A decoded string shares the
+    /// buffer its packet was read into; one kept for long (a client id, a
+    /// subscription filter) should not keep that whole buffer alive.
+    pub fn detached(&self) -> Self {
+        Self(Bytes::copy_from_slice(&self.0))
+    }
+
     /// Wraps a string constant without copying.
     ///
     /// # Panics
