@@ -32,6 +32,9 @@
 //! The packet codec is its own crate, `ferrymq-codec`.
 
 pub mod auth;
+// For benches/router.rs only; not a stable API.
+#[doc(hidden)]
+pub mod bench_support;
 mod bridge_session;
 mod client;
 mod connection;
