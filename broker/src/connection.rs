@@ -49,7 +49,7 @@ const OUT_HIGH_WATER: usize = 256 * 1024;
 /// `READ_MIN` and doubles while reads fill it, up to `READ_MAX` (a busy
 /// publisher is read 64 KiB at a time); reads far smaller than it halve
 /// it again.
-const READ_MIN: usize = 256;
+const READ_MIN: usize = 128;
 const READ_MAX: usize = 64 * 1024;
 /// An idle connection (nothing to read, write or send) lets go of write
 /// buffers larger than this: thousands of idle connections should cost a
@@ -350,7 +350,7 @@ pub(crate) async fn serve<R, W>(
         return;
     };
     debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
-    let close = conn.run(&mut shutdown).await;
+    let close = conn.run(&shutdown).await;
     let client_id = conn.engine.state.client_id.clone();
     match &close {
         Close::Protocol(code, why) => {
@@ -376,18 +376,21 @@ struct Conn<'a, R, W> {
     /// 1.5 x the keep alive; `None` when keep alive is 0.
     keep_alive: Option<Duration>,
     /// Topic -> routes memo for this client's publishes.
-    routes: RouteCache,
+    /// (Made on the first publish: subscribers never need one.)
+    routes: Option<Box<RouteCache>>,
     /// The store's durability watermark.
     durable: watch::Receiver<Durable>,
     /// A publish waiting for room in a full queue (policy `block`), with
     /// its QoS and packet identifier; no other packet is read meanwhile.
-    parked: Option<(Parked, QoS, u16)>,
+    /// (Boxed, like the other rarely used parts: an idle connection's
+    /// size is what thousands of them cost.)
+    parked: Option<Box<(Parked, QoS, u16)>>,
     /// Store ops to submit at the end of this turn (nobody waits for them).
     ops: Vec<StoreOp>,
     /// Packets to encode at the end of this turn.
     packets: Vec<Packet>,
     /// The enhanced authentication method the client connected with.
-    auth_method: Option<(MqttString, Arc<dyn AuthMethod>)>,
+    auth_method: Option<Box<(MqttString, Arc<dyn AuthMethod>)>>,
     /// A re-authentication in progress.
     reauth: Option<Box<dyn AuthExchange>>,
     /// An in-process client (the bridges, gateway firmware): trusted with
@@ -445,7 +448,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     {
                         Ok(AuthStep::Success(data)) => {
                             auth_result = Some((name.clone(), data));
-                            auth_method = Some((name.clone(), method.clone()));
+                            auth_method = Some(Box::new((name.clone(), method.clone())));
                             None
                         }
                         Ok(AuthStep::Failure(code)) => Some(code),
@@ -629,7 +632,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             will: connect.will.map(Box::new),
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
-            routes: RouteCache::default(),
+            routes: None,
             durable,
             parked: None,
             ops: Vec::new(),
@@ -646,7 +649,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     }
 
     /// The connection's main loop; returns why it ended.
-    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Close {
+    async fn run(&mut self, shutdown: &watch::Receiver<bool>) -> Close {
         let control = self.control.clone();
         let outbox = self.engine.state.outbox.clone();
         let mut last_packet = Instant::now();
@@ -655,6 +658,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             tokio::time::sleep(keep_alive.unwrap_or(Duration::from_secs(86_400)));
         tokio::pin!(keep_alive_timer);
         loop {
+            // A shutdown kicks every connection holding a session; one
+            // that attached after that sees the flag here.
+            if *shutdown.borrow() {
+                return Close::Shutdown;
+            }
             // Everything that needs no waiting, then one wait.
             if let Some(close) = self.process_input() {
                 return close;
@@ -687,7 +695,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             let parked_outbox = self
                 .parked
                 .as_ref()
-                .map(|(p, _, _)| (p.outbox().clone(), p.size()));
+                .map(|parked| (parked.0.outbox().clone(), parked.0.size()));
             // The waits most turns do not need (durability, room in a full
             // queue) are one boxed future, made only when needed: inline,
             // they would add to every idle connection's size.
@@ -703,12 +711,17 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             let mut room_made = false;
             // Every branch is cancel-safe: `read_buf` and `write` do no I/O
             // unless they complete, `kicked` and `ready` keep their permit
-            // when dropped, `wait_for`/`changed` only observe values, the
-            // timer is re-armed each turn, and `wait_for_room` only waits.
+            // when dropped, `changed` only observes values, the timer is
+            // re-armed each turn, and `wait_for_room` only waits.
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => return Close::Shutdown,
-                _ = control.kicked() => return Close::TakenOver,
+                _ = control.kicked() => {
+                    return if *shutdown.borrow() {
+                        Close::Shutdown
+                    } else {
+                        Close::TakenOver
+                    };
+                }
                 _ = &mut keep_alive_timer, if keep_alive.is_some() => {
                     let limit = keep_alive.unwrap_or(Duration::MAX / 4);
                     let deadline = last_packet + limit;
@@ -886,7 +899,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     fn reauthenticate(&mut self, auth: Auth) -> Option<Close> {
         let protocol_error =
             |why: &str| Some(Close::Protocol(ReasonCode::PROTOCOL_ERROR, why.into()));
-        let Some((name, method)) = &self.auth_method else {
+        let Some((name, method)) = self.auth_method.as_deref() else {
             // AUTH is only valid after CONNECT named an authentication method.
             return protocol_error("AUTH without an authentication method in CONNECT");
         };
@@ -954,13 +967,15 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 let persistent = self.engine.state.is_persistent();
                 match publish::route(
                     self.shared,
-                    &mut self.routes,
+                    self.routes.get_or_insert_default(),
                     message,
                     hold_qos2,
                     persistent,
                 ) {
                     Routing::Done(outcome) => self.engine.routed(qos, packet_id, outcome),
-                    Routing::Blocked(parked) => self.parked = Some((parked, qos, packet_id)),
+                    Routing::Blocked(parked) => {
+                        self.parked = Some(Box::new((parked, qos, packet_id)));
+                    }
                 }
                 None
             }
@@ -968,12 +983,12 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     }
 
     fn resume_parked(&mut self) {
-        let Some((parked, qos, packet_id)) = self.parked.take() else {
+        let Some((parked, qos, packet_id)) = self.parked.take().map(|b| *b) else {
             return;
         };
         match publish::resume(self.shared, parked) {
             Routing::Done(outcome) => self.engine.routed(qos, packet_id, outcome),
-            Routing::Blocked(parked) => self.parked = Some((parked, qos, packet_id)),
+            Routing::Blocked(parked) => self.parked = Some(Box::new((parked, qos, packet_id))),
         }
     }
 
@@ -1209,7 +1224,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             let message = will_message(*will, SessionId(state.number));
             if delay.is_zero() || !state.is_persistent() {
                 // Without a delay, or when the session ends now anyway.
-                publish_will_message(shared, message, &mut self.routes);
+                publish_will_message(shared, message, self.routes.get_or_insert_default());
             } else {
                 stored_will = Some((message, delay));
             }
@@ -1416,7 +1431,7 @@ pub(crate) fn end_session(shared: &Shared, mut state: SessionState, batch: &mut 
                 .push(d);
         }
     }
-    for (_, (group, member)) in state.groups.drain() {
+    for (_, (group, member)) in std::mem::take(&mut state.groups) {
         shared.groups.leave(shared, &group, member.session);
     }
     for (group, mut deliveries) in returned.into_values() {

@@ -126,14 +126,22 @@ pub struct Engine {
     pending: VecDeque<PendingAck>,
     /// QoS 1 publishes whose PUBACK has not been sent.
     pending_qos1: usize,
-    /// Topic aliases the client defined on this connection (index alias - 1).
-    aliases_in: Vec<Option<MqttString>>,
-    /// Topic aliases we defined towards the client on this connection.
-    aliases_out: HashMap<MqttString, u16>,
+    /// Topic aliases of this connection, made on first use (most
+    /// connections use none, and every byte here is paid per connection).
+    aliases: Option<Box<Aliases>>,
+}
+
+/// The topic aliases of one connection, both ways.
+#[derive(Debug, Default)]
+struct Aliases {
+    /// Topic aliases the client defined (index alias - 1).
+    inbound: Vec<Option<MqttString>>,
+    /// Topic aliases we defined towards the client.
+    outbound: HashMap<MqttString, u16>,
     /// The topic of each alias we use (index alias - 1), for reuse.
-    alias_topics: Vec<MqttString>,
+    topics: Vec<MqttString>,
     /// The next alias to reassign once all are in use.
-    next_alias_reuse: usize,
+    next_reuse: usize,
 }
 
 impl Engine {
@@ -145,10 +153,7 @@ impl Engine {
             limits,
             pending: VecDeque::new(),
             pending_qos1: 0,
-            aliases_in: Vec::new(),
-            aliases_out: HashMap::new(),
-            alias_topics: Vec::new(),
-            next_alias_reuse: 0,
+            aliases: None,
         }
     }
 
@@ -276,8 +281,9 @@ impl Engine {
             ));
         }
         let index = usize::from(alias - 1);
+        let aliases = self.aliases.get_or_insert_default();
         if publish.topic.is_empty() {
-            match self.aliases_in.get(index).cloned().flatten() {
+            match aliases.inbound.get(index).cloned().flatten() {
                 Some(topic) => publish.topic = topic,
                 None => {
                     return Err(violation(
@@ -287,10 +293,10 @@ impl Engine {
                 }
             }
         } else {
-            if self.aliases_in.len() <= index {
-                self.aliases_in.resize(index + 1, None);
+            if aliases.inbound.len() <= index {
+                aliases.inbound.resize(index + 1, None);
             }
-            self.aliases_in[index] = Some(publish.topic.clone());
+            aliases.inbound[index] = Some(publish.topic.clone());
         }
         Ok(())
     }
@@ -498,24 +504,25 @@ impl Engine {
         if max == 0 {
             return;
         }
-        if let Some(&alias) = self.aliases_out.get(&publish.topic) {
+        let aliases = self.aliases.get_or_insert_default();
+        if let Some(&alias) = aliases.outbound.get(&publish.topic) {
             publish.properties.topic_alias = Some(alias);
             publish.topic = MqttString::default();
             return;
         }
-        let alias = if self.alias_topics.len() < max {
-            self.alias_topics.push(publish.topic.clone());
-            self.alias_topics.len()
+        let alias = if aliases.topics.len() < max {
+            aliases.topics.push(publish.topic.clone());
+            aliases.topics.len()
         } else {
-            let index = self.next_alias_reuse;
-            self.next_alias_reuse = (index + 1) % max;
-            let old = std::mem::replace(&mut self.alias_topics[index], publish.topic.clone());
-            self.aliases_out.remove(&old);
+            let index = aliases.next_reuse;
+            aliases.next_reuse = (index + 1) % max;
+            let old = std::mem::replace(&mut aliases.topics[index], publish.topic.clone());
+            aliases.outbound.remove(&old);
             index + 1
         };
         // `alias` is at most `max`, a u16.
         let alias = u16::try_from(alias).unwrap_or(u16::MAX);
-        self.aliases_out.insert(publish.topic.clone(), alias);
+        aliases.outbound.insert(publish.topic.clone(), alias);
         publish.properties.topic_alias = Some(alias);
     }
 

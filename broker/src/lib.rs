@@ -362,6 +362,7 @@ impl Broker {
     pub async fn shutdown(self) {
         info!("shutting down");
         self.shutdown_tx.send_replace(true);
+        self.shared.sessions.kick_all();
         for task in self.tasks {
             task.abort();
             let _ = task.await;

@@ -197,7 +197,9 @@ struct Queue {
     /// Bytes of `items`.
     bytes: usize,
     /// A recovered backlog still on disk, logically after `items`.
-    disk: Option<OnDisk>,
+    /// (Boxed: most queues never have one, and every connection has a
+    /// queue.)
+    disk: Option<Box<OnDisk>>,
     /// Queued since the backlog was recovered, logically after `disk`.
     tail: VecDeque<Delivery>,
     /// Bytes of `tail`.
@@ -320,7 +322,7 @@ impl Outbox {
         let outbox = Outbox {
             queue: Mutex::new(Queue {
                 next_seq: summary.next_seq.max(first_seq).max(1),
-                disk: (summary.count > 0).then_some(disk),
+                disk: (summary.count > 0).then(|| Box::new(disk)),
                 ..Queue::default()
             }),
             ready: Notify::new(),
@@ -523,7 +525,7 @@ impl Outbox {
                     ..OnDisk::default()
                 };
                 disk.append(seq, size, store_ticket.max(delivery.ticket));
-                q.disk = Some(disk);
+                q.disk = Some(Box::new(disk));
             } else {
                 q.bytes += size;
                 q.items.push_back(delivery);
