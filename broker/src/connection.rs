@@ -848,9 +848,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 None => delivery,
             };
             match self.engine.deliver(delivery, now, &mut self.ops) {
-                Delivered::Send(publish) => {
-                    if let Err(e) = publish.encode(self.engine.protocol, &mut self.io.out) {
-                        warn!(topic = %publish.topic, "could not encode a delivery: {e}");
+                Delivered::Send(out) => {
+                    if let Err(e) = out.view().encode(self.engine.protocol, &mut self.io.out) {
+                        warn!(topic = %out.message.topic, "could not encode a delivery: {e}");
                     }
                     sent += 1;
                 }

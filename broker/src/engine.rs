@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use ferrymq_codec::{
     AckProperties, MqttString, Packet, PayloadFormat, Protocol, PubAck, Publish, PublishProperties,
-    QoS, ReasonCode,
+    PublishRef, QoS, ReasonCode,
 };
 use tokio::time::Instant;
 
@@ -88,11 +88,50 @@ pub enum InboundPublish {
 #[allow(clippy::large_enum_variant)] // `Send` is the common case: boxing it would allocate per delivery.
 pub enum Delivered {
     /// Send this PUBLISH.
-    Send(Publish),
+    Send(Outgoing),
     /// Larger than the client's Maximum Packet Size: not sent, removed.
     TooLarge,
     /// Its Message Expiry Interval passed while queued: not sent, removed.
     Expired,
+}
+
+/// A PUBLISH to send, encoded from the stored message it delivers (see
+/// [`Outgoing::view`]): no copy of its topic or payload is made.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The message.
+    pub message: Arc<Message>,
+    /// DUP.
+    pub dup: bool,
+    /// Delivery QoS.
+    pub qos: QoS,
+    /// RETAIN.
+    pub retain: bool,
+    /// Packet identifier (0 at QoS 0).
+    pub packet_id: u16,
+    /// What it is sent with (5.0).
+    pub properties: PublishProperties,
+    /// The topic is left out: a Topic Alias the client knows stands for it.
+    pub alias_only: bool,
+}
+
+impl Outgoing {
+    /// The packet, to encode.
+    pub fn view(&self) -> PublishRef<'_> {
+        PublishRef {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: if self.alias_only {
+                ""
+            } else {
+                self.message.topic.as_str()
+            },
+            packet_id: self.packet_id,
+            payload: &self.message.payload,
+            properties: &self.properties,
+        }
+    }
 }
 
 /// The outcome of routing one inbound message.
@@ -460,6 +499,19 @@ impl Engine {
 
     /// The PUBLISH for a delivery, without topic alias.
     fn publish_packet(&self, d: &Delivery, packet_id: u16, dup: bool, now: Instant) -> Publish {
+        Publish {
+            dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic: d.message.topic.clone(),
+            packet_id,
+            payload: d.message.payload.clone(),
+            properties: self.outgoing_properties(d, now),
+        }
+    }
+
+    /// The properties a delivery is sent with (5.0; none in 3.1.1).
+    fn outgoing_properties(&self, d: &Delivery, now: Instant) -> PublishProperties {
         let mut properties = if self.v5() {
             d.message.properties.clone()
         } else {
@@ -484,46 +536,39 @@ impl Engine {
                 }
             }
         }
-        Publish {
-            dup,
-            qos: d.qos,
-            retain: d.retain,
-            topic: d.message.topic.clone(),
-            packet_id,
-            payload: d.message.payload.clone(),
-            properties,
-        }
+        properties
     }
 
     /// Replaces the topic by an alias where the client allows aliases:
     /// the first use of a topic sends it with its new alias, later uses
     /// send the alias alone. When every alias is taken, the oldest
     /// assignment is reused.
-    fn apply_alias(&mut self, publish: &mut Publish) {
+    fn apply_alias(&mut self, out: &mut Outgoing) {
         let max = usize::from(self.limits.client_topic_aliases);
         if max == 0 {
             return;
         }
+        let topic = &out.message.topic;
         let aliases = self.aliases.get_or_insert_default();
-        if let Some(&alias) = aliases.outbound.get(&publish.topic) {
-            publish.properties.topic_alias = Some(alias);
-            publish.topic = MqttString::default();
+        if let Some(&alias) = aliases.outbound.get(topic) {
+            out.properties.topic_alias = Some(alias);
+            out.alias_only = true;
             return;
         }
         let alias = if aliases.topics.len() < max {
-            aliases.topics.push(publish.topic.clone());
+            aliases.topics.push(topic.clone());
             aliases.topics.len()
         } else {
             let index = aliases.next_reuse;
             aliases.next_reuse = (index + 1) % max;
-            let old = std::mem::replace(&mut aliases.topics[index], publish.topic.clone());
+            let old = std::mem::replace(&mut aliases.topics[index], topic.clone());
             aliases.outbound.remove(&old);
             index + 1
         };
         // `alias` is at most `max`, a u16.
         let alias = u16::try_from(alias).unwrap_or(u16::MAX);
-        aliases.outbound.insert(publish.topic.clone(), alias);
-        publish.properties.topic_alias = Some(alias);
+        aliases.outbound.insert(topic.clone(), alias);
+        out.properties.topic_alias = Some(alias);
     }
 
     /// Turns a delivery from the outbox into the PUBLISH to send at `now`,
@@ -545,26 +590,49 @@ impl Engine {
             forget(&d, ops);
             return Delivered::Expired;
         }
-        let mut publish = self.publish_packet(&d, 1, false, now);
+        let properties = self.outgoing_properties(&d, now);
+        let (qos, retain) = (d.qos, d.retain);
+        let qos0 = qos == QoS::AtMostOnce;
+        if qos0 {
+            // Leaves the queue now, sent or not: its message moves into
+            // the packet (no reference count touched).
+            forget(&d, ops);
+        }
+        // QoS 0: the delivery is done with; QoS 1/2: kept for in-flight.
+        let (message, keep) = if qos0 {
+            (d.message, None)
+        } else {
+            (d.message.clone(), Some(d))
+        };
+        let mut out = Outgoing {
+            dup: false,
+            qos,
+            retain,
+            packet_id: 1,
+            properties,
+            alias_only: false,
+            message,
+        };
         // Sized with its topic, the largest form it can take.
-        let size = publish.encoded_len(self.protocol).unwrap_or(usize::MAX)
+        let size = out.view().encoded_len(self.protocol).unwrap_or(usize::MAX)
             + if self.limits.client_topic_aliases > 0 {
                 3
             } else {
                 0
             };
         if size > self.limits.client_max_packet {
-            forget(&d, ops);
+            if let Some(d) = &keep {
+                forget(d, ops);
+            }
             return Delivered::TooLarge;
         }
-        self.apply_alias(&mut publish);
-        if d.qos == QoS::AtMostOnce {
-            forget(&d, ops);
-            publish.packet_id = 0;
-            return Delivered::Send(publish);
-        }
+        self.apply_alias(&mut out);
+        let Some(d) = keep else {
+            out.packet_id = 0;
+            return Delivered::Send(out);
+        };
         let packet_id = self.next_packet_id();
-        publish.packet_id = packet_id;
+        out.packet_id = packet_id;
         if d.stored {
             ops.push(StoreOp::InflightPut {
                 number,
@@ -575,7 +643,7 @@ impl Engine {
             });
         }
         self.state.inflight.insert(packet_id, Inflight::Sent(d));
-        Delivered::Send(publish)
+        Delivered::Send(out)
     }
 
     /// PUBACK from the client: the QoS 1 message is delivered.
@@ -770,7 +838,18 @@ mod tests {
     impl Delivered {
         fn sent(self) -> Publish {
             match self {
-                Delivered::Send(p) => p,
+                Delivered::Send(o) => {
+                    let v = o.view();
+                    Publish {
+                        dup: v.dup,
+                        qos: v.qos,
+                        retain: v.retain,
+                        topic: MqttString::new(v.topic).expect("a topic"),
+                        packet_id: v.packet_id,
+                        payload: bytes::Bytes::copy_from_slice(v.payload),
+                        properties: v.properties.clone(),
+                    }
+                }
                 other => panic!("not sent: {other:?}"),
             }
         }

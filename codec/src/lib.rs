@@ -44,8 +44,8 @@ mod wire;
 pub use error::{DecodeError, EncodeError, StringError, TopicError};
 pub use packet::{
     Auth, ConnAck, Connect, Disconnect, Packet, PacketType, Protocol, PubAck, PubComp, PubRec,
-    PubRel, Publish, QoS, RetainHandling, SubAck, Subscribe, Subscription, SubscriptionOptions,
-    UnsubAck, Unsubscribe, Will, decode,
+    PubRel, Publish, PublishRef, QoS, RetainHandling, SubAck, Subscribe, Subscription,
+    SubscriptionOptions, UnsubAck, Unsubscribe, Will, decode,
 };
 pub use properties::{
     AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties,

@@ -15,7 +15,7 @@ use crate::wire::{self, MAX_VARINT, Reader};
 
 pub use ack::{Auth, Disconnect, PubAck, PubComp, PubRec, PubRel, SubAck, UnsubAck};
 pub use connect::{ConnAck, Connect, Will};
-pub use publish::Publish;
+pub use publish::{Publish, PublishRef};
 pub use subscribe::{RetainHandling, Subscribe, Subscription, SubscriptionOptions, Unsubscribe};
 
 /// The protocol version of a connection, fixed by its CONNECT.

@@ -65,6 +65,54 @@ impl Publish {
         })
     }
 
+    /// The same packet with borrowed parts, to encode.
+    pub fn as_ref(&self) -> PublishRef<'_> {
+        PublishRef {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: &self.topic,
+            packet_id: self.packet_id,
+            payload: &self.payload,
+            properties: &self.properties,
+        }
+    }
+
+    /// Appends the encoded packet to `buf`, returning its size. For MQTT
+    /// 3.1.1 the properties are left out.
+    pub fn encode(&self, protocol: Protocol, buf: &mut BytesMut) -> Result<usize, EncodeError> {
+        self.as_ref().encode(protocol, buf)
+    }
+
+    /// The encoded size, fixed header included.
+    pub fn encoded_len(&self, protocol: Protocol) -> Result<usize, EncodeError> {
+        self.as_ref().encoded_len(protocol)
+    }
+}
+
+/// A PUBLISH to encode from borrowed parts. A broker sending one message
+/// to many subscribers encodes each copy from the one stored message,
+/// without cloning its topic and payload for every copy (each clone is an
+/// atomic update of a reference count that every copy shares).
+#[derive(Debug, Clone, Copy)]
+pub struct PublishRef<'a> {
+    /// DUP (left out at QoS 0).
+    pub dup: bool,
+    /// QoS level.
+    pub qos: QoS,
+    /// RETAIN.
+    pub retain: bool,
+    /// Topic Name. Empty only in MQTT 5.0 with a Topic Alias.
+    pub topic: &'a str,
+    /// Packet Identifier: non-zero at QoS 1 and 2, ignored at QoS 0.
+    pub packet_id: u16,
+    /// The payload.
+    pub payload: &'a [u8],
+    /// MQTT 5.0 properties.
+    pub properties: &'a PublishProperties,
+}
+
+impl PublishRef<'_> {
     /// The first byte of the fixed header.
     fn first_byte(&self) -> u8 {
         (PacketType::Publish as u8) << 4
@@ -98,9 +146,9 @@ fn check_topic(
     topic::validate_topic_name(topic)
 }
 
-impl Body for Publish {
+impl Body for PublishRef<'_> {
     fn sizes(&self, protocol: Protocol) -> Result<(usize, [usize; 2]), EncodeError> {
-        check_topic(&self.topic, &self.properties, protocol).map_err(EncodeError::InvalidTopic)?;
+        check_topic(self.topic, self.properties, protocol).map_err(EncodeError::InvalidTopic)?;
         if self.qos != QoS::AtMostOnce && self.packet_id == 0 {
             return Err(EncodeError::ZeroPacketId(PacketType::Publish));
         }
@@ -111,20 +159,20 @@ impl Body for Publish {
         let mut props = 0;
         if protocol == Protocol::V5 {
             properties::check_response_topic(&self.properties.response_topic)?;
-            props = properties::encoded_len(&self.properties)?;
+            props = properties::encoded_len(self.properties)?;
             len += properties::block_len(props);
         }
         Ok((len, [props, 0]))
     }
 
     fn write(&self, protocol: Protocol, props: [usize; 2], buf: &mut BytesMut) {
-        wire::put_string(buf, &self.topic);
+        wire::put_string(buf, self.topic);
         if self.qos != QoS::AtMostOnce {
             buf.put_u16(self.packet_id);
         }
         if protocol == Protocol::V5 {
-            properties::encode(&self.properties, props[0], buf);
+            properties::encode(self.properties, props[0], buf);
         }
-        buf.put_slice(&self.payload);
+        buf.put_slice(self.payload);
     }
 }
