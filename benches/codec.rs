@@ -1,5 +1,6 @@
 //! Codec micro-benchmarks: decode and encode of the packets on the hot
 //! path (PUBLISH at several sizes, in both versions; acknowledgements),
+//! of a typical packet of every other type in both versions,
 //! and the same 3.1.1 PUBLISH through rumqttc's codec (`mqttbytes`) as a
 //! peer measured in the same run.
 //!
@@ -10,7 +11,11 @@ use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ferrymq_codec::{MqttString, Packet, Protocol, PubAck, Publish, QoS, decode};
+use ferrymq_codec::{
+    AckProperties, Auth, AuthProperties, Connect, ConnectProperties, Disconnect, MqttString,
+    Packet, Protocol, PubAck, Publish, QoS, ReasonCode, SubAck, Subscribe, SubscribeProperties,
+    Subscription, SubscriptionOptions, UnsubAck, Unsubscribe, UnsubscribeProperties, decode,
+};
 
 fn publish(payload: usize, protocol: Protocol) -> Publish {
     let mut p = Publish {
@@ -35,27 +40,21 @@ fn codec(c: &mut Criterion) {
     for protocol in [Protocol::V311, Protocol::V5] {
         for size in [64usize, 1024, 16 * 1024] {
             let packet = Packet::Publish(publish(size, protocol));
-            let mut wire = BytesMut::new();
-            packet.encode(protocol, &mut wire).expect("encodes");
-            let wire = wire.freeze();
             let id = format!("{protocol:?}/{size}B");
-            group.throughput(Throughput::Bytes(wire.len() as u64));
-            group.bench_with_input(BenchmarkId::new("decode", &id), &wire, |b, wire| {
-                b.iter(|| {
-                    let mut buf = BytesMut::from(&wire[..]);
-                    black_box(decode(&mut buf, protocol, u32::MAX).expect("decodes"))
-                })
-            });
-            let mut out = BytesMut::with_capacity(wire.len() * 2);
-            group.bench_with_input(BenchmarkId::new("encode", &id), &packet, |b, packet| {
-                b.iter(|| {
-                    out.clear();
-                    black_box(packet.encode(protocol, &mut out).expect("encodes"))
-                })
-            });
+            let wire = decode_and_encode(&mut group, &id, &packet, protocol, true);
             if protocol == Protocol::V311 {
                 peer_rumqttc(&mut group, &wire, &id);
             }
+        }
+    }
+    group.finish();
+
+    // Every other packet type, in both versions where it exists.
+    let mut group = c.benchmark_group("packet");
+    for protocol in [Protocol::V311, Protocol::V5] {
+        for (name, packet) in other_packets(protocol) {
+            let id = format!("{protocol:?}/{name}");
+            decode_and_encode(&mut group, &id, &packet, protocol, false);
         }
     }
     group.finish();
@@ -82,6 +81,127 @@ fn codec(c: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+/// Benchmarks decoding `packet`'s wire bytes and encoding it (throughput
+/// in bytes or in packets); returns the wire bytes.
+fn decode_and_encode(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: &str,
+    packet: &Packet,
+    protocol: Protocol,
+    per_byte: bool,
+) -> Bytes {
+    let mut wire = BytesMut::new();
+    packet.encode(protocol, &mut wire).expect("encodes");
+    let wire = wire.freeze();
+    group.throughput(if per_byte {
+        Throughput::Bytes(wire.len() as u64)
+    } else {
+        Throughput::Elements(1)
+    });
+    group.bench_with_input(BenchmarkId::new("decode", id), &wire, |b, wire| {
+        b.iter(|| {
+            let mut buf = BytesMut::from(&wire[..]);
+            black_box(decode(&mut buf, protocol, u32::MAX).expect("decodes"))
+        })
+    });
+    let mut out = BytesMut::with_capacity(wire.len() * 2);
+    group.bench_with_input(BenchmarkId::new("encode", id), packet, |b, packet| {
+        b.iter(|| {
+            out.clear();
+            black_box(packet.encode(protocol, &mut out).expect("encodes"))
+        })
+    });
+    wire
+}
+
+/// A typical packet of every type but PUBLISH (AUTH: 5.0 only).
+fn other_packets(protocol: Protocol) -> Vec<(&'static str, Packet)> {
+    let s = MqttString::from_static;
+    let mut connect = Connect {
+        protocol,
+        clean_start: false,
+        keep_alive: 60,
+        client_id: s("gateway-17/boiler-3"),
+        will: None,
+        username: Some(s("boiler-3")),
+        password: Some(Bytes::from_static(b"correct horse battery staple")),
+        properties: ConnectProperties::default(),
+    };
+    if protocol == Protocol::V5 {
+        connect.properties.session_expiry_interval = Some(86_400);
+        connect.properties.receive_maximum = Some(100);
+    }
+    let filters = [s("site-1/sensors/+/temperature"), s("site-1/cmd/#")];
+    let subscribe = Subscribe {
+        packet_id: 7,
+        subscriptions: filters
+            .iter()
+            .map(|f| Subscription {
+                filter: f.clone(),
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..SubscriptionOptions::default()
+                },
+            })
+            .collect(),
+        properties: SubscribeProperties::default(),
+    };
+    let mut packets = vec![
+        ("CONNECT", Packet::Connect(Box::new(connect))),
+        ("CONNACK", Packet::ConnAck(Box::default())),
+        ("PUBACK", Packet::PubAck(PubAck::new(7))),
+        ("PUBREC", Packet::PubRec(PubAck::new(7))),
+        ("PUBREL", Packet::PubRel(PubAck::new(7))),
+        ("PUBCOMP", Packet::PubComp(PubAck::new(7))),
+        ("SUBSCRIBE", Packet::Subscribe(subscribe)),
+        (
+            "SUBACK",
+            Packet::SubAck(SubAck {
+                packet_id: 7,
+                reason_codes: vec![ReasonCode::GRANTED_QOS_1; 2],
+                properties: AckProperties::default(),
+            }),
+        ),
+        (
+            "UNSUBSCRIBE",
+            Packet::Unsubscribe(Unsubscribe {
+                packet_id: 8,
+                filters: filters.to_vec(),
+                properties: UnsubscribeProperties::default(),
+            }),
+        ),
+        (
+            "UNSUBACK",
+            Packet::UnsubAck(UnsubAck {
+                packet_id: 8,
+                reason_codes: if protocol == Protocol::V5 {
+                    vec![ReasonCode::SUCCESS; 2]
+                } else {
+                    Vec::new()
+                },
+                properties: AckProperties::default(),
+            }),
+        ),
+        ("PINGREQ", Packet::PingReq),
+        ("PINGRESP", Packet::PingResp),
+        ("DISCONNECT", Packet::Disconnect(Disconnect::default())),
+    ];
+    if protocol == Protocol::V5 {
+        packets.push((
+            "AUTH",
+            Packet::Auth(Auth {
+                reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
+                properties: AuthProperties {
+                    authentication_method: Some(s("SCRAM-SHA-256")),
+                    authentication_data: Some(Bytes::from_static(&[0x5A; 32])),
+                    ..AuthProperties::default()
+                },
+            }),
+        ));
+    }
+    packets
 }
 
 /// The same wire bytes through rumqttc's 3.1.1 codec.
