@@ -398,6 +398,43 @@ struct Conn<'a, R, W> {
     in_process: bool,
 }
 
+/// What a turn's wait needs to know (see `Conn::turn`).
+#[derive(Debug, Clone, Copy)]
+struct Turn {
+    drain: Drain,
+    /// Something waits for the durability watermark.
+    need_durable: bool,
+    can_read: bool,
+    /// The write buffer is below its high-water mark.
+    room: bool,
+    /// The free space the read is offered.
+    offered: usize,
+}
+
+/// The full outbox a parked publish waits on, and the publish's size.
+type ParkedOn = (Arc<Outbox>, usize);
+
+type RareWait<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;
+
+/// The waits a turn rarely needs, boxed: the durability watermark
+/// moving (resolves `false`), room in a parked publish's full queue
+/// (`true`). `None` when neither is needed.
+fn rare_waits(
+    durable: &mut watch::Receiver<Durable>,
+    need_durable: bool,
+    parked: Option<ParkedOn>,
+) -> Option<RareWait<'_>> {
+    if !need_durable && parked.is_none() {
+        return None;
+    }
+    Some(Box::pin(async move {
+        tokio::select! {
+            _ = durable.changed(), if need_durable => false,
+            () = wait_for_room(parked) => true,
+        }
+    }))
+}
+
 /// How draining the outbox ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drain {
@@ -663,51 +700,24 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             if *shutdown.borrow() {
                 return Close::Shutdown;
             }
-            // Everything that needs no waiting, then one wait.
-            if let Some(close) = self.process_input() {
-                return close;
-            }
-            let state = self.durable.borrow().clone();
-            let durable = state.up_to;
-            self.engine.release_acks(&state, &mut self.packets);
-            self.encode_packets();
-            let drain = self.drain(durable);
-            if !self.ops.is_empty() {
-                storage::write(self.shared.store.as_ref(), std::mem::take(&mut self.ops));
-            }
-            let need_durable = drain == Drain::WaitDurable
-                || self.engine.waiting_for().is_some_and(|t| t > durable);
-            let room = self.io.out.len() < OUT_HIGH_WATER;
-            let can_read = room
-                && self.parked.is_none()
-                && self.engine.wants_input()
-                && self.engine.pending_acks() < PENDING_ACKS_LIMIT;
-            if drain == Drain::Empty
-                && self.io.out.is_empty()
-                && self.io.inbuf.is_empty()
-                && self.parked.is_none()
-            {
-                self.io.trim();
-                self.packets.shrink_to_fit();
-                self.ops.shrink_to_fit();
-            }
-            let offered = self.io.reserve_read();
-            let parked_outbox = self
-                .parked
-                .as_ref()
-                .map(|parked| (parked.0.outbox().clone(), parked.0.size()));
+            // Everything that needs no waiting, then one wait. (The work is
+            // done in a plain function, so its temporaries are not part of
+            // this future's size, which every idle connection pays.)
+            let (turn, parked) = match self.turn() {
+                Ok(turn) => turn,
+                Err(close) => return close,
+            };
+            let Turn {
+                drain,
+                can_read,
+                room,
+                offered,
+                ..
+            } = turn;
             // The waits most turns do not need (durability, room in a full
             // queue) are one boxed future, made only when needed: inline,
             // they would add to every idle connection's size.
-            let mut rare = (need_durable || parked_outbox.is_some()).then(|| {
-                let durable = &mut self.durable;
-                Box::pin(async move {
-                    tokio::select! {
-                        _ = durable.changed(), if need_durable => false,
-                        () = wait_for_room(parked_outbox) => true,
-                    }
-                })
-            });
+            let mut rare = rare_waits(&mut self.durable, turn.need_durable, parked);
             let mut room_made = false;
             // Every branch is cancel-safe: `read_buf` and `write` do no I/O
             // unless they complete, `kicked` and `ready` keep their permit
@@ -759,6 +769,53 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 self.resume_parked();
             }
         }
+    }
+
+    /// One turn's work that needs no waiting: handle what was read,
+    /// release acknowledgements, drain the outbox, submit store ops, trim
+    /// buffers when idle. Returns what the wait needs (with the full outbox
+    /// a parked publish waits on, and its size), or why to close.
+    fn turn(&mut self) -> Result<(Turn, Option<ParkedOn>), Close> {
+        if let Some(close) = self.process_input() {
+            return Err(close);
+        }
+        let state = self.durable.borrow().clone();
+        let durable = state.up_to;
+        self.engine.release_acks(&state, &mut self.packets);
+        self.encode_packets();
+        let drain = self.drain(durable);
+        if !self.ops.is_empty() {
+            storage::write(self.shared.store.as_ref(), std::mem::take(&mut self.ops));
+        }
+        let need_durable =
+            drain == Drain::WaitDurable || self.engine.waiting_for().is_some_and(|t| t > durable);
+        let room = self.io.out.len() < OUT_HIGH_WATER;
+        let can_read = room
+            && self.parked.is_none()
+            && self.engine.wants_input()
+            && self.engine.pending_acks() < PENDING_ACKS_LIMIT;
+        if drain == Drain::Empty
+            && self.io.out.is_empty()
+            && self.io.inbuf.is_empty()
+            && self.parked.is_none()
+        {
+            self.io.trim();
+            self.packets.shrink_to_fit();
+            self.ops.shrink_to_fit();
+        }
+        let offered = self.io.reserve_read();
+        let parked = self
+            .parked
+            .as_ref()
+            .map(|parked| (parked.0.outbox().clone(), parked.0.size()));
+        let turn = Turn {
+            drain,
+            need_durable,
+            can_read,
+            room,
+            offered,
+        };
+        Ok((turn, parked))
     }
 
     /// Decodes and handles every complete packet in the read buffer, while
@@ -1309,7 +1366,7 @@ async fn authenticate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 }
 
 /// Waits until `outbox` has room for `size` bytes. Cancel-safe.
-async fn wait_for_room(target: Option<(Arc<Outbox>, usize)>) {
+async fn wait_for_room(target: Option<ParkedOn>) {
     let Some((outbox, size)) = target else {
         return std::future::pending().await;
     };
