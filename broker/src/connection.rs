@@ -312,7 +312,6 @@ pub(crate) async fn serve<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut shutdown = shared.shutdown_rx.clone();
     let mut io = Io {
         reader,
         writer,
@@ -320,37 +319,16 @@ pub(crate) async fn serve<R, W>(
         out: BytesMut::new(),
         read_chunk: READ_MIN,
     };
-    let connect_timeout = shared.config.limits.connect_timeout;
-    let connect = tokio::select! {
-        // Dropping the read future is safe: bytes already read stay in `inbuf`.
-        r = tokio::time::timeout(connect_timeout, Box::pin(io.read_connect(&shared))) => r,
-        _ = shutdown.wait_for(|stop| *stop) => return,
-    };
-    let connect = match connect {
-        Ok(Ok(connect)) => connect,
-        Ok(Err(reason)) => {
-            debug!(%peer, %reason, "closing before CONNECT completed");
-            io.flush_and_close().await;
-            return;
-        }
-        Err(_) => {
-            debug!(%peer, "no CONNECT within connect_timeout_secs; closing");
-            return;
-        }
-    };
     // The phases before and after `run` are boxed: a task's size is its
     // largest state, and an idle connection should cost only `run`'s.
-    // Out of its box here, so that the box is freed now and not when
-    // this connection ends.
-    let connect = {
-        let boxed = connect;
-        *boxed
+    let Some(connect) = Box::pin(first_connect(&mut io, &shared, &peer)).await else {
+        return;
     };
     let Some(mut conn) = Box::pin(Conn::accept(connect, io, &shared, options)).await else {
         return;
     };
     debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
-    let close = conn.run(&shutdown).await;
+    let close = conn.run(&shared.shutdown_rx).await;
     let client_id = conn.engine.state.client_id.clone();
     match &close {
         Close::Protocol(code, why) => {
@@ -361,6 +339,36 @@ pub(crate) async fn serve<R, W>(
         other => debug!(%peer, %client_id, "closing: {other:?}"),
     }
     Box::pin(conn.finish(close)).await;
+}
+
+/// Phase 1: waits (bounded by `connect_timeout_secs`) for the CONNECT.
+/// `None` if the client closed, sent something else or nothing in time
+/// (any refusal already written), or the broker is shutting down.
+async fn first_connect<R, W>(io: &mut Io<R, W>, shared: &Shared, peer: &str) -> Option<Connect>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut shutdown = shared.shutdown_rx.clone();
+    let connect_timeout = shared.config.limits.connect_timeout;
+    let connect = tokio::select! {
+        // Dropping the read future is safe: bytes already read stay in `inbuf`.
+        r = tokio::time::timeout(connect_timeout, io.read_connect(shared)) => r,
+        _ = shutdown.wait_for(|stop| *stop) => return None,
+    };
+    match connect {
+        // Out of its box: the box is freed now, not when the connection ends.
+        Ok(Ok(connect)) => Some(*connect),
+        Ok(Err(reason)) => {
+            debug!(%peer, %reason, "closing before CONNECT completed");
+            io.flush_and_close().await;
+            None
+        }
+        Err(_) => {
+            debug!(%peer, "no CONNECT within connect_timeout_secs; closing");
+            None
+        }
+    }
 }
 
 /// What a connected client needs, beyond its engine.
@@ -687,12 +695,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
 
     /// The connection's main loop; returns why it ended.
     async fn run(&mut self, shutdown: &watch::Receiver<bool>) -> Close {
-        let control = self.control.clone();
-        let outbox = self.engine.state.outbox.clone();
+        // (No copies of `self`'s fields here: this future's size is what
+        // every idle connection pays.)
         let mut last_packet = Instant::now();
-        let keep_alive = self.keep_alive;
         let keep_alive_timer =
-            tokio::time::sleep(keep_alive.unwrap_or(Duration::from_secs(86_400)));
+            tokio::time::sleep(self.keep_alive.unwrap_or(Duration::from_secs(86_400)));
         tokio::pin!(keep_alive_timer);
         loop {
             // A shutdown kicks every connection holding a session; one
@@ -725,15 +732,15 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             // re-armed each turn, and `wait_for_room` only waits.
             tokio::select! {
                 biased;
-                _ = control.kicked() => {
+                _ = self.control.kicked() => {
                     return if *shutdown.borrow() {
                         Close::Shutdown
                     } else {
                         Close::TakenOver
                     };
                 }
-                _ = &mut keep_alive_timer, if keep_alive.is_some() => {
-                    let limit = keep_alive.unwrap_or(Duration::MAX / 4);
+                _ = &mut keep_alive_timer, if self.keep_alive.is_some() => {
+                    let limit = self.keep_alive.unwrap_or(Duration::MAX / 4);
                     let deadline = last_packet + limit;
                     if Instant::now() >= deadline {
                         return Close::KeepAlive;
@@ -758,7 +765,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     }
                 }
                 // Also woken by shared groups with something to pull.
-                _ = outbox.ready(), if drain != Drain::OutFull && room => {}
+                _ = self.engine.state.outbox.ready(), if drain != Drain::OutFull && room => {}
                 made = async { match rare.as_mut() {
                     Some(wait) => wait.await,
                     None => std::future::pending().await,

@@ -562,8 +562,8 @@ impl Outbox {
     }
 
     /// Waits until the outbox may hold something. Cancel-safe.
-    pub async fn ready(&self) {
-        self.ready.notified().await;
+    pub fn ready(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ready.notified()
     }
 
     /// Wakes the connection draining this outbox.

@@ -132,8 +132,8 @@ impl Control {
     }
 
     /// Resolves when the connection is told to close. Cancel-safe.
-    pub async fn kicked(&self) {
-        self.kicked.notified().await;
+    pub fn kicked(&self) -> tokio::sync::futures::Notified<'_> {
+        self.kicked.notified()
     }
 
     /// Whether the connection that took over resumes the session.
