@@ -93,13 +93,31 @@ impl Reader {
             .unwrap_or_else(|| unreachable!("set until drop"))
     }
 
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db()
+            .cf_handle(name)
+            .ok_or_else(|| StoreError(format!("column family {name} is missing")))
+    }
+
+    /// The records of queue `number` (session or group), oldest first.
+    fn queue(&self, number: u64) -> Result<rocksdb::DBIteratorWithThreadMode<'_, DB>, StoreError> {
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(number.saturating_add(1).to_be_bytes().to_vec());
+        let start = number.to_be_bytes();
+        Ok(self.db().iterator_cf_opt(
+            self.cf("queues")?,
+            read,
+            IteratorMode::From(&start, Direction::Forward),
+        ))
+    }
+
     /// Broker time as last saved (the running broker saves it every 10 s).
     fn now_ms(&self) -> u64 {
         let db = self.db();
         db.cf_handle("meta")
             .and_then(|meta| db.get_cf(meta, b"clock").ok().flatten())
-            .and_then(|v| v.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()))
-            .map_or(0, u64::from_be_bytes)
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0)
     }
 }
 
@@ -134,20 +152,12 @@ pub fn queue_list(
 ) -> Result<Option<(Vec<ListedMessage>, u64)>, StoreError> {
     let reader = Reader::open(data_dir, running)?;
     let db = reader.db();
-    let cf = |name: &str| {
-        db.cf_handle(name)
-            .ok_or_else(|| StoreError(format!("column family {name} is missing")))
-    };
     let now_ms = reader.now_ms();
     let clock = BrokerClock::starting_at(now_ms);
     let mut number = None;
-    for item in db.iterator_cf(cf("sessions")?, IteratorMode::Start) {
+    for item in db.iterator_cf(reader.cf("sessions")?, IteratorMode::Start) {
         let (k, v) = item.map_err(|e| StoreError(e.to_string()))?;
-        let Some(n) = k
-            .get(..8)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_be_bytes)
-        else {
+        let Some(n) = be_u64(&k) else {
             continue;
         };
         if record::decode_session(n, &v, &clock).is_ok_and(|s| s.client_id.as_str() == client_id) {
@@ -157,25 +167,15 @@ pub fn queue_list(
     let Some(number) = number else {
         return Ok(None);
     };
-    let mut read = ReadOptions::default();
-    read.set_iterate_upper_bound(number.saturating_add(1).to_be_bytes().to_vec());
-    let start = number.to_be_bytes();
     let mut listed = Vec::new();
     let mut total = 0;
-    for item in db.iterator_cf_opt(
-        cf("queues")?,
-        read,
-        IteratorMode::From(&start, Direction::Forward),
-    ) {
+    for item in reader.queue(number)? {
         let (k, v) = item.map_err(|e| StoreError(e.to_string()))?;
         total += 1;
         if listed.len() >= limit {
             continue;
         }
-        let seq = k
-            .get(8..16)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map_or(0, u64::from_be_bytes);
+        let seq = k.get(8..).and_then(be_u64).unwrap_or(0);
         let q = record::decode_queued(&v, &clock)
             .map_err(|e| StoreError(format!("queued message {seq} of {client_id}: {e:?}")))?;
         listed.push(ListedMessage {
@@ -215,10 +215,6 @@ impl fmt::Display for ListedMessage {
 pub fn queue_stats(data_dir: &Path, running: bool) -> Result<QueueReport, StoreError> {
     let reader = Reader::open(data_dir, running)?;
     let db = reader.db();
-    let cf = |name: &str| {
-        db.cf_handle(name)
-            .ok_or_else(|| StoreError(format!("column family {name} is missing")))
-    };
     let now_ms = reader.now_ms();
     let clock = BrokerClock::starting_at(now_ms);
     let mut report = QueueReport {
@@ -227,14 +223,7 @@ pub fn queue_stats(data_dir: &Path, running: bool) -> Result<QueueReport, StoreE
     };
     let age = |ms: u64| Duration::from_millis(now_ms.saturating_sub(ms));
     let oldest = |number: u64| -> Option<Duration> {
-        let queues = db.cf_handle("queues")?;
-        let mut read = ReadOptions::default();
-        read.set_iterate_upper_bound(number.saturating_add(1).to_be_bytes().to_vec());
-        let start = number.to_be_bytes();
-        let (_, v) = db
-            .iterator_cf_opt(queues, read, IteratorMode::From(&start, Direction::Forward))
-            .next()?
-            .ok()?;
+        let (_, v) = reader.queue(number).ok()?.next()?.ok()?;
         let q = record::decode_queued(&v, &clock).ok()?;
         Some(age(q.queued_at_ms))
     };
@@ -246,13 +235,9 @@ pub fn queue_stats(data_dir: &Path, running: bool) -> Result<QueueReport, StoreE
                 (count.max(0) as u64, bytes.max(0) as u64)
             })
     };
-    for item in db.iterator_cf(cf("sessions")?, IteratorMode::Start) {
+    for item in db.iterator_cf(reader.cf("sessions")?, IteratorMode::Start) {
         let (k, v) = item.map_err(|e| StoreError(e.to_string()))?;
-        let Some(number) = k
-            .get(..8)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_be_bytes)
-        else {
+        let Some(number) = be_u64(&k) else {
             continue;
         };
         let Ok(session) = record::decode_session(number, &v, &clock) else {
@@ -269,13 +254,9 @@ pub fn queue_stats(data_dir: &Path, running: bool) -> Result<QueueReport, StoreE
             oldest: oldest(number),
         });
     }
-    for item in db.iterator_cf(cf("groups")?, IteratorMode::Start) {
+    for item in db.iterator_cf(reader.cf("groups")?, IteratorMode::Start) {
         let (k, v) = item.map_err(|e| StoreError(e.to_string()))?;
-        let Some(number) = k
-            .get(..8)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_be_bytes)
-        else {
+        let Some(number) = be_u64(&k) else {
             continue;
         };
         let Ok((name, filter)) = record::decode_group(&v) else {
@@ -292,8 +273,19 @@ pub fn queue_stats(data_dir: &Path, running: bool) -> Result<QueueReport, StoreE
             oldest: oldest(number),
         });
     }
-    report.retained = db.iterator_cf(cf("retained")?, IteratorMode::Start).count() as u64;
+    report.retained = db
+        .iterator_cf(reader.cf("retained")?, IteratorMode::Start)
+        .count() as u64;
     Ok(report)
+}
+
+/// The big-endian number at the start of a key or value (session and
+/// group numbers, sequences, times).
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
 }
 
 /// A fresh scratch directory for a secondary instance.
