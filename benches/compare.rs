@@ -44,6 +44,9 @@
 //! Under `cargo test --benches` (and nextest) a short smoke run checks the
 //! harness against ferrymq (every scenario, nothing lost) and rumqttd.
 
+#[allow(dead_code)]
+mod common;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -54,6 +57,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
+use common::{Args, free_port, mosquitto_conf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -173,13 +177,6 @@ struct Server {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 impl Server {
     fn start(kind: Kind, scenario: Scenario, load: &Load) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -209,14 +206,8 @@ impl Server {
             }
             Kind::Mosquitto => {
                 let file = dir.path().join("mosquitto.conf");
-                std::fs::write(
-                    &file,
-                    format!(
-                        "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n\
-                         persistence false\nset_tcp_nodelay true\nuser root\n"
-                    ),
-                )
-                .expect("write mosquitto.conf");
+                std::fs::write(&file, mosquitto_conf(port, "set_tcp_nodelay true\n"))
+                    .expect("write mosquitto.conf");
                 let mut c = Command::new("mosquitto");
                 c.arg("-c").arg(file);
                 c
@@ -1114,123 +1105,49 @@ fn median(values: &mut Vec<f64>) -> f64 {
     }
 }
 
-/// Rows of the table: scenario, metric key, label, lower is better.
-const ROWS: &[(Scenario, &str, &str, bool)] = &[
-    (
-        Scenario::Qos0FanIn,
-        "delivered_per_s",
-        "delivered msg/s",
-        false,
-    ),
-    (Scenario::Qos0FanIn, "lost", "lost (of sent)", true),
-    (
-        Scenario::Qos0FanIn,
-        "cpu_us_per_msg",
-        "broker CPU µs/msg",
-        true,
-    ),
-    (
-        Scenario::Qos0FanIn,
-        "latency_p99_ms",
-        "latency p99 ms",
-        true,
-    ),
-    (
-        Scenario::Qos1FanIn,
-        "delivered_per_s",
-        "delivered msg/s",
-        false,
-    ),
+/// Rows of the table: scenario, metric key, label.
+const ROWS: &[(Scenario, &str, &str)] = &[
+    (Scenario::Qos0FanIn, "delivered_per_s", "delivered msg/s"),
+    (Scenario::Qos0FanIn, "lost", "lost (of sent)"),
+    (Scenario::Qos0FanIn, "cpu_us_per_msg", "broker CPU µs/msg"),
+    (Scenario::Qos0FanIn, "latency_p99_ms", "latency p99 ms"),
+    (Scenario::Qos1FanIn, "delivered_per_s", "delivered msg/s"),
     (
         Scenario::Qos1FanIn,
         "lost",
         "lost (acknowledged, not delivered)",
-        true,
     ),
-    (Scenario::Qos1FanIn, "duplicates", "duplicates", true),
-    (Scenario::Qos1FanIn, "reordered", "reordered", true),
-    (
-        Scenario::Qos1FanIn,
-        "latency_p50_ms",
-        "latency p50 ms",
-        true,
-    ),
-    (
-        Scenario::Qos1FanIn,
-        "latency_p99_ms",
-        "latency p99 ms",
-        true,
-    ),
-    (
-        Scenario::Qos1FanIn,
-        "cpu_us_per_msg",
-        "broker CPU µs/msg",
-        true,
-    ),
+    (Scenario::Qos1FanIn, "duplicates", "duplicates"),
+    (Scenario::Qos1FanIn, "reordered", "reordered"),
+    (Scenario::Qos1FanIn, "latency_p50_ms", "latency p50 ms"),
+    (Scenario::Qos1FanIn, "latency_p99_ms", "latency p99 ms"),
+    (Scenario::Qos1FanIn, "cpu_us_per_msg", "broker CPU µs/msg"),
     (
         Scenario::FanOut,
         "delivered_per_s",
         "delivered msg/s (all subscribers)",
-        false,
     ),
-    (
-        Scenario::FanOut,
-        "lost",
-        "lost (of sent × subscribers)",
-        true,
-    ),
-    (
-        Scenario::FanOut,
-        "cpu_us_per_msg",
-        "broker CPU µs/msg",
-        true,
-    ),
-    (
-        Scenario::FixedRate,
-        "latency_p50_ms",
-        "latency p50 ms",
-        true,
-    ),
-    (
-        Scenario::FixedRate,
-        "latency_p99_ms",
-        "latency p99 ms",
-        true,
-    ),
-    (
-        Scenario::FixedRate,
-        "latency_p999_ms",
-        "latency p99.9 ms",
-        true,
-    ),
-    (Scenario::FixedRate, "lost", "lost", true),
-    (
-        Scenario::FixedRate,
-        "cpu_us_per_msg",
-        "broker CPU µs/msg",
-        true,
-    ),
+    (Scenario::FanOut, "lost", "lost (of sent × subscribers)"),
+    (Scenario::FanOut, "cpu_us_per_msg", "broker CPU µs/msg"),
+    (Scenario::FixedRate, "latency_p50_ms", "latency p50 ms"),
+    (Scenario::FixedRate, "latency_p99_ms", "latency p99 ms"),
+    (Scenario::FixedRate, "latency_p999_ms", "latency p99.9 ms"),
+    (Scenario::FixedRate, "lost", "lost"),
+    (Scenario::FixedRate, "cpu_us_per_msg", "broker CPU µs/msg"),
     (
         Scenario::Idle,
         "kib_per_connection",
         "broker RSS KiB per connection",
-        true,
     ),
     (
         Scenario::Durable,
         "queued_per_s",
         "queued (acknowledged) msg/s",
-        false,
     ),
-    (Scenario::Durable, "drain_per_s", "drain msg/s", false),
-    (Scenario::Durable, "lost", "lost", true),
-    (Scenario::Durable, "duplicates", "duplicates", true),
-    (
-        Scenario::Durable,
-        "cpu_us_per_msg",
-        "broker CPU µs/msg",
-        true,
-    ),
+    (Scenario::Durable, "drain_per_s", "drain msg/s"),
+    (Scenario::Durable, "lost", "lost"),
+    (Scenario::Durable, "duplicates", "duplicates"),
+    (Scenario::Durable, "cpu_us_per_msg", "broker CPU µs/msg"),
 ];
 
 fn fmt_value(v: f64) -> String {
@@ -1292,7 +1209,7 @@ fn report(runs: &Runs, load: &Load, kinds: &[Kind], header: &str) -> String {
         s.dedup();
         s
     };
-    for (scenario, key, label, _) in ROWS.iter().filter(|r| scenarios.contains(&r.0)) {
+    for (scenario, key, label) in ROWS.iter().filter(|r| scenarios.contains(&r.0)) {
         let _ = write!(md, "| {} | {label} |", scenario.title(load));
         for k in kinds {
             let _ = write!(md, " {} |", fmt_value(medians(runs, *scenario, *k, key)));
@@ -1387,21 +1304,11 @@ fn target_dir() -> PathBuf {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    // The libtest protocol, enough for nextest: one test named `smoke`.
-    if args.iter().any(|a| a == "--list") {
-        if !args.iter().any(|a| a == "--ignored") {
-            println!("smoke: test");
-        }
+    let Some(args) = Args::from_env() else {
         return;
-    }
-    let bench = args.iter().any(|a| a == "--bench");
-    let value = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
     };
+    let bench = args.bench();
+    let value = |name: &str| args.value(name);
     let mut load = Load {
         publishers: 10,
         window: 100,

@@ -20,6 +20,9 @@
 //! Under `cargo test --benches` (and nextest) a 2,000-message smoke run
 //! checks that nothing is lost.
 
+#[allow(dead_code)]
+mod common;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{Args, Mosquitto};
 use ferrymq_bridge::{Event, Node, Uplink, UplinkOptions};
 use ferrymq_broker::{ClientOptions, QoS};
 use ferrymq_codec::{MqttString, Publish, SubscribeProperties, Subscription, SubscriptionOptions};
@@ -65,51 +69,6 @@ impl Link {
     }
 }
 
-/// The broker, its config directory (kept while it runs), its port.
-struct Mosquitto(
-    std::process::Child,
-    #[allow(dead_code)] tempfile::TempDir,
-    u16,
-);
-
-impl Mosquitto {
-    fn start() -> Mosquitto {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 1000\npersistence false\nuser root\n"
-            ),
-        )
-        .expect("write mosquitto.conf");
-        let child = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mosquitto (apt install mosquitto)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Mosquitto(child, dir, port)
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -119,8 +78,8 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 }
 
 async fn run(messages: u64) {
-    let upstream = Mosquitto::start();
-    let link = Link::start(SocketAddr::from(([127, 0, 0, 1], upstream.2))).await;
+    let upstream = Mosquitto::start("max_inflight_messages 1000\n");
+    let link = Link::start(upstream.addr()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = Config {
         data_dir: dir.path().join("data"),
@@ -190,7 +149,7 @@ async fn run(messages: u64) {
     );
 
     // The upstream subscriber.
-    let mut options = UplinkOptions::new("127.0.0.1", upstream.2, "drain-observer");
+    let mut options = UplinkOptions::new("127.0.0.1", upstream.addr().port(), "drain-observer");
     options.receive_maximum = u16::MAX;
     let (mut observer, _) = Uplink::connect(&options).await.expect("observer");
     observer
@@ -324,7 +283,7 @@ async fn run(messages: u64) {
     // The peer in the same run: one client publishing the same messages
     // straight into Mosquitto with the same window, no edge in between.
     let direct = messages.min(300_000);
-    let mut options = UplinkOptions::new("127.0.0.1", upstream.2, "direct-publisher");
+    let mut options = UplinkOptions::new("127.0.0.1", upstream.addr().port(), "direct-publisher");
     options.receive_maximum = u16::MAX;
     let (mut publisher, _) = Uplink::connect(&options).await.expect("publisher");
     publisher.set_window_cap(1000);
@@ -365,18 +324,11 @@ async fn run(messages: u64) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--list") {
-        if !args.iter().any(|a| a == "--ignored") {
-            println!("smoke: test");
-        }
+    let Some(args) = Args::from_env() else {
         return;
-    }
-    let bench = args.iter().any(|a| a == "--bench");
-    let messages = if bench {
-        args.iter()
-            .position(|a| a == "--messages")
-            .and_then(|i| args.get(i + 1))
+    };
+    let messages = if args.bench() {
+        args.value("--messages")
             .map_or(1_000_000, |v| v.parse().expect("--messages N"))
     } else {
         2_000

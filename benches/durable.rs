@@ -27,11 +27,15 @@
 //! Under `cargo test --benches` (and nextest) it runs a small smoke load
 //! that checks nothing is lost, Mosquitto left out.
 
+#[allow(dead_code)]
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use common::{Args, Mosquitto};
 use ferrymq_broker::{Broker, MemoryStore, RocksOptions, RocksStore, Store, SyncSummary};
 use ferrymq_codec::{
     Connect, ConnectProperties, Disconnect, MqttString, Packet, Protocol, PubAck, Publish, QoS,
@@ -333,25 +337,21 @@ enum Target {
         rocks: Option<Arc<RocksStore>>,
         _dir: tempfile::TempDir,
     },
-    Mosquitto {
-        child: std::process::Child,
-        addr: std::net::SocketAddr,
-        _dir: tempfile::TempDir,
-    },
+    Mosquitto(Mosquitto),
 }
 
 impl Target {
     fn addr(&self) -> std::net::SocketAddr {
         match self {
             Target::Ferrymq { broker, .. } => broker.local_addrs()[0],
-            Target::Mosquitto { addr, .. } => *addr,
+            Target::Mosquitto(m) => m.addr(),
         }
     }
 
     fn pid(&self) -> u32 {
         match self {
             Target::Ferrymq { .. } => std::process::id(),
-            Target::Mosquitto { child, .. } => child.id(),
+            Target::Mosquitto(m) => m.pid(),
         }
     }
 }
@@ -373,38 +373,7 @@ fn bench_config(data_dir: &Path) -> Config {
 fn start(mode: Mode, rt: &tokio::runtime::Runtime) -> Target {
     let dir = tempfile::tempdir().expect("temp dir");
     match mode {
-        Mode::Mosquitto => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
-            let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n"
-                ),
-            )
-            .expect("write mosquitto.conf");
-            let child = std::process::Command::new("mosquitto")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("mosquitto (apt install mosquitto)");
-            let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(addr).is_err() {
-                assert!(Instant::now() < deadline, "mosquitto did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Target::Mosquitto {
-                child,
-                addr,
-                _dir: dir,
-            }
-        }
+        Mode::Mosquitto => Target::Mosquitto(Mosquitto::start("")),
         Mode::Memory | Mode::Rocks(_) => {
             let mut config = bench_config(&dir.path().join("data"));
             let (store, rocks): (Arc<dyn Store>, _) = match mode {
@@ -439,10 +408,7 @@ fn start(mode: Mode, rt: &tokio::runtime::Runtime) -> Target {
 fn stop(target: Target, rt: &tokio::runtime::Runtime) {
     match target {
         Target::Ferrymq { broker, .. } => rt.block_on(broker.shutdown()),
-        Target::Mosquitto { mut child, .. } => {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        Target::Mosquitto(m) => drop(m),
     }
 }
 
@@ -456,7 +422,7 @@ fn run(mode: Mode, load: Load, broker_rt: &tokio::runtime::Runtime) -> Outcome {
         .expect("load runtime");
     let syncs_before = match &target {
         Target::Ferrymq { broker, .. } => Some(broker.store().wal_syncs()),
-        Target::Mosquitto { .. } => None,
+        Target::Mosquitto(_) => None,
     };
     let io_before = device_write_bytes(target.pid());
     let epoch = Instant::now();
@@ -484,7 +450,7 @@ fn run(mode: Mode, load: Load, broker_rt: &tokio::runtime::Runtime) -> Outcome {
             syncs_before.map(|b| broker.store().wal_syncs() - b),
             rocks.as_ref().map(|r| r.sync_times()),
         ),
-        Target::Mosquitto { .. } => (None, None),
+        Target::Mosquitto(_) => (None, None),
     };
     stop(target, broker_rt);
     Outcome {
@@ -630,21 +596,11 @@ fn walk_size(path: &Path) -> u64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    // The libtest protocol, enough for nextest: one test named `smoke`.
-    if args.iter().any(|a| a == "--list") {
-        if !args.iter().any(|a| a == "--ignored") {
-            println!("smoke: test");
-        }
+    let Some(args) = Args::from_env() else {
         return;
-    }
-    let bench = args.iter().any(|a| a == "--bench");
-    let value = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
     };
+    let bench = args.bench();
+    let value = |name: &str| args.value(name);
     let mut load = Load {
         publishers: 10,
         window: 100,
