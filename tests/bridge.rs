@@ -235,6 +235,30 @@ fn an_outage_with_a_crash_and_a_blackholed_link_loses_nothing() {
     outage(Mode::Blackhole);
 }
 
+/// Runs `ferrymq ARGS --config CONFIG` until it succeeds with `want` in
+/// its output (20 s at most); returns that output.
+fn cli_until(args: &[&str], config: &std::path::Path, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = std::process::Command::new(binary())
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.contains(want) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn bridge_status_shows_the_backlog_and_why_the_link_is_down() {
     let dead = mosquitto::free_port();
@@ -244,24 +268,7 @@ fn bridge_status_shows_the_backlog_and_why_the_link_is_down() {
     // A copy: the broker's own file goes with it.
     let config = data.path().join("edge.toml");
     std::fs::copy(edge.dir.path().join("ferrymq.toml"), &config).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let text = loop {
-        let out = std::process::Command::new(binary())
-            .args(["bridge", "status", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        if out.status.success() && text.contains("backlog: 25 messages") {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let text = cli_until(&["bridge", "status"], &config, "backlog: 25 messages");
     assert!(text.contains("bridge regional: disconnected"), "{text}");
     assert!(text.contains("last error:"), "{text}");
     // Stopped: no live status, and it says where to look instead.
@@ -333,20 +340,7 @@ fn queue_dead_lists_what_the_upstream_could_never_take() {
             .output()
             .unwrap()
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let text = loop {
-        let out = dead("regional");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        if out.status.success() && text.contains("1 messages queued") {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let text = cli_until(&["queue", "dead", "regional"], &config, "1 messages queued");
     let line = text
         .lines()
         .find(|l| l.contains("$dead/regional/data/big"))

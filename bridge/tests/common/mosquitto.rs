@@ -59,20 +59,7 @@ impl Mosquitto {
             std::fs::write(&config_path, Self::config(port, extra, dir.path()))
                 .expect("write mosquitto.conf");
             let _ = std::fs::remove_file(&log_path);
-            let mut child = Command::new(binary())
-                .arg("-c")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "cannot run {} ({e}); install Debian's mosquitto \
-                         (scripts/install-test-deps.sh)",
-                        binary().display()
-                    )
-                });
+            let mut child = spawn(&config_path);
             match wait_until_listening(&mut child, port, &log_path) {
                 Ok(()) => return Mosquitto { child, port, dir },
                 Err(why) => log = why,
@@ -132,14 +119,7 @@ impl Mosquitto {
         self.kill();
         let config_path = self.dir.path().join("mosquitto.conf");
         let log_path = self.dir.path().join("mosquitto.log");
-        self.child = Command::new(binary())
-            .arg("-c")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("restart mosquitto");
+        self.child = spawn(&config_path);
         if let Err(why) = wait_until_listening(&mut self.child, self.port, &log_path) {
             panic!("mosquitto did not restart: {why}");
         }
@@ -179,6 +159,24 @@ fn wait_until_listening(child: &mut Child, port: u16, log: &Path) -> Result<(), 
 }
 
 /// A loopback port nobody listens on right now.
+/// Starts Mosquitto on `config`, quiet (it logs to its own file).
+fn spawn(config: &Path) -> Child {
+    Command::new(binary())
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}); install Debian's mosquitto \
+                 (scripts/install-test-deps.sh)",
+                binary().display()
+            )
+        })
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
