@@ -254,21 +254,33 @@ impl Outbox {
     /// store behind it (tests).
     #[cfg(test)]
     pub fn new(session_number: u64, limits: QueueLimits, first_seq: u64) -> Arc<Self> {
-        Arc::new(Outbox {
-            queue: Mutex::new(Queue {
-                next_seq: first_seq,
-                ..Queue::default()
-            }),
+        let queue = Queue {
+            next_seq: first_seq,
+            ..Queue::default()
+        };
+        Arc::new(Self::with(session_number, limits, queue, None, false))
+    }
+
+    /// An outbox holding `queue`, backed by `store` if given.
+    fn with(
+        session_number: u64,
+        limits: QueueLimits,
+        queue: Queue,
+        store: Option<Arc<dyn Store>>,
+        persistent: bool,
+    ) -> Outbox {
+        Outbox {
+            queue: Mutex::new(queue),
             ready: Notify::new(),
             space: Notify::new(),
             limits,
             session_number,
-            persistent: AtomicBool::new(false),
+            persistent: AtomicBool::new(persistent),
             online: AtomicBool::new(false),
-            store: None,
-            durable_rx: None,
-            spill: false,
-        })
+            spill: store.as_ref().is_some_and(|s| s.pages_queues()),
+            durable_rx: store.as_ref().map(|s| s.durable()),
+            store,
+        }
     }
 
     /// An empty outbox backed by `store`: when the store pages queues, a
@@ -279,21 +291,17 @@ impl Outbox {
         first_seq: u64,
         store: Arc<dyn Store>,
     ) -> Arc<Self> {
-        Arc::new(Outbox {
-            queue: Mutex::new(Queue {
-                next_seq: first_seq,
-                ..Queue::default()
-            }),
-            ready: Notify::new(),
-            space: Notify::new(),
-            limits,
+        let queue = Queue {
+            next_seq: first_seq,
+            ..Queue::default()
+        };
+        Arc::new(Self::with(
             session_number,
-            persistent: AtomicBool::new(false),
-            online: AtomicBool::new(false),
-            spill: store.pages_queues(),
-            durable_rx: Some(store.durable()),
-            store: Some(store),
-        })
+            limits,
+            queue,
+            Some(store),
+            false,
+        ))
     }
 
     /// An outbox for a queue recovered from `store`: its `summary.count`
@@ -319,22 +327,12 @@ impl Outbox {
             safe_until: summary.next_seq,
             pending: VecDeque::new(),
         };
-        let outbox = Outbox {
-            queue: Mutex::new(Queue {
-                next_seq: summary.next_seq.max(first_seq).max(1),
-                disk: (summary.count > 0).then(|| Box::new(disk)),
-                ..Queue::default()
-            }),
-            ready: Notify::new(),
-            space: Notify::new(),
-            limits,
-            session_number,
-            persistent: AtomicBool::new(true),
-            online: AtomicBool::new(false),
-            spill: store.pages_queues(),
-            durable_rx: Some(store.durable()),
-            store: Some(store),
+        let queue = Queue {
+            next_seq: summary.next_seq.max(first_seq).max(1),
+            disk: (summary.count > 0).then(|| Box::new(disk)),
+            ..Queue::default()
         };
+        let outbox = Self::with(session_number, limits, queue, Some(store), true);
         outbox.ready.notify_one();
         Arc::new(outbox)
     }
