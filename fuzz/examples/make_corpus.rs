@@ -491,6 +491,43 @@ fn seeds() -> Vec<(String, u8, Vec<u8>)> {
         }),
     );
     packet("v5-subscribe", V5, Packet::Subscribe(subscribe_v5()));
+
+    // Deep topics and filters: a retained publish of 20,000 levels and the
+    // `+/+/.../#` filter that, together, once overflowed the broker's stack;
+    // the deepest topic a string can carry; a deep will.
+    let deep = |levels: usize| vec!["a"; levels].join("/");
+    let deep_wildcard = |plus: usize| format!("{}#", "+/".repeat(plus));
+    for (name, protocol) in [("v311", V311), ("v5", V5)] {
+        let mut p = publish(QoS::AtMostOnce, 0, &deep(20_000), b"deep");
+        p.retain = true;
+        packet(&format!("{name}-publish-deep-topic"), protocol, Packet::Publish(p));
+        packet(
+            &format!("{name}-publish-deepest-topic"),
+            protocol,
+            Packet::Publish(publish(QoS::AtLeastOnce, 7, &"/".repeat(65_535), b"")),
+        );
+        for (kind, filter) in [("wildcard", deep_wildcard(19_999)), ("exact", deep(20_000))] {
+            packet(
+                &format!("{name}-subscribe-deep-{kind}"),
+                protocol,
+                Packet::Subscribe(Subscribe {
+                    packet_id: 9,
+                    subscriptions: vec![Subscription {
+                        filter: s(&filter),
+                        options: SubscriptionOptions::default(),
+                    }],
+                    properties: SubscribeProperties::default(),
+                }),
+            );
+        }
+        let mut c = connect_v311_will();
+        c.protocol = protocol;
+        c.client_id = s("deep-will");
+        if let Some(will) = c.will.as_mut() {
+            will.topic = s(&deep(20_000));
+        }
+        packet(&format!("{name}-connect-deep-will"), protocol, Packet::Connect(Box::new(c)));
+    }
     packet(
         "v5-suback",
         V5,
