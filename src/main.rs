@@ -154,7 +154,11 @@ fn main() -> ExitCode {
 
 fn queue_stats(config: &Config) -> ExitCode {
     let running = ferrymq_broker::DataDir::is_in_use(&config.data_dir);
-    match ferrymq_broker::storage::queue_stats(&config.data_dir, running) {
+    match ferrymq_broker::storage::queue_stats(
+        &config.data_dir,
+        running,
+        config.limits.max_topic_levels,
+    ) {
         Ok(report) => {
             print!("{report}");
             ExitCode::SUCCESS

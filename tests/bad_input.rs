@@ -294,3 +294,265 @@ fn server_only_packets_from_a_client_are_protocol_errors() {
     );
     ok.still_work();
 }
+
+/// `a/a/.../a`, `levels` levels.
+fn deep_topic(levels: usize) -> String {
+    vec!["a"; levels].join("/")
+}
+
+/// `+/+/.../+/#`: matches every topic of at least `plus` levels.
+fn deep_wildcard(plus: usize) -> String {
+    format!("{}#", "+/".repeat(plus))
+}
+
+fn subscribe_packet(packet_id: u16, filter: &str) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id,
+        subscriptions: vec![Subscription {
+            filter: s(filter),
+            options: SubscriptionOptions::default(),
+        }],
+        properties: Default::default(),
+    })
+}
+
+fn publish_packet(topic: &str, qos: ferrymq_codec::QoS, retain: bool) -> Packet {
+    Packet::Publish(Publish {
+        topic: s(topic),
+        qos,
+        retain,
+        packet_id: u16::from(qos != ferrymq_codec::QoS::AtMostOnce),
+        payload: Bytes::from_static(b"deep"),
+        ..Publish::default()
+    })
+}
+
+fn suback_codes(packet: Option<Packet>) -> Vec<ReasonCode> {
+    match packet {
+        Some(Packet::SubAck(ack)) => ack.reason_codes,
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+/// The deep pairs of issue "any client can crash the broker for good": a
+/// 20,000-level topic (the crash began near 14,600 levels on 2 MiB worker
+/// stacks), and the deepest topic MQTT can carry, 65,535 separators, with
+/// a wildcard filter as long as a string allows. (100,000 levels cannot be
+/// sent: an MQTT topic has at most 65,535 bytes; the router and retained
+/// set are walked at 100,000 levels by the broker's small-stack tests.)
+fn deep_pairs() -> [(String, String); 2] {
+    [
+        (deep_topic(20_000), deep_wildcard(19_999)),
+        ("/".repeat(65_535), deep_wildcard(32_767)),
+    ]
+}
+
+/// Publishes each deep topic retained (unless `stored`: they are already),
+/// subscribes with its deep wildcard and with the topic itself, and checks
+/// that exactly the retained messages each filter matches come back.
+fn retained_deep_then_deep_wildcard(broker: &Broker, ok: &mut Bystanders, stored: bool) {
+    let mut attacker = Raw::connect(broker.addr, Protocol::V5, "deep-attacker");
+    let pairs = deep_pairs();
+    let mut retained: Vec<&str> = Vec::new();
+    if stored {
+        retained.extend(pairs.iter().map(|(t, _)| t.as_str()));
+    }
+    for (topic, filter) in &pairs {
+        if !stored {
+            attacker.send(&publish_packet(
+                topic,
+                ferrymq_codec::QoS::AtLeastOnce,
+                true,
+            ));
+            match attacker.recv() {
+                Some(Packet::PubAck(ack)) => assert!(!ack.reason_code.is_error(), "{ack:?}"),
+                other => panic!("expected PUBACK, got {other:?}"),
+            }
+            retained.push(topic);
+        }
+        for (id, f) in [(2, filter), (3, topic)] {
+            attacker.send(&subscribe_packet(id, f));
+            assert_eq!(suback_codes(attacker.recv()), [ReasonCode::SUCCESS]);
+            let mut expected: Vec<&str> = retained
+                .iter()
+                .copied()
+                .filter(|t| ferrymq_codec::topic::matches(f, t))
+                .collect();
+            let mut got: Vec<String> = expected
+                .iter()
+                .map(|_| match attacker.recv() {
+                    Some(Packet::Publish(p)) => {
+                        assert!(p.retain);
+                        p.topic.to_string()
+                    }
+                    other => panic!("expected a retained message, got {other:?}"),
+                })
+                .collect();
+            expected.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(
+                got,
+                expected,
+                "retained messages for a {}-byte filter",
+                f.len()
+            );
+        }
+        attacker.send(&Packet::Unsubscribe(ferrymq_codec::Unsubscribe {
+            packet_id: 4,
+            filters: vec![s(filter), s(topic)],
+            properties: Default::default(),
+        }));
+        match attacker.recv() {
+            Some(Packet::UnsubAck(ack)) => {
+                assert_eq!(ack.reason_codes, [ReasonCode::SUCCESS, ReasonCode::SUCCESS])
+            }
+            other => panic!("expected UNSUBACK, got {other:?}"),
+        }
+        ok.still_work();
+    }
+}
+
+#[test]
+fn a_retained_deep_topic_then_a_deep_wildcard_subscription_no_longer_crashes_the_broker() {
+    let data = tempfile::tempdir().unwrap();
+    let no_limit = "[limits]\nmax_topic_levels = 0";
+    let broker = Broker::start_at(data.path(), no_limit);
+    let mut ok = Bystanders::new(&broker);
+    retained_deep_then_deep_wildcard(&broker, &mut ok, false);
+    assert!(broker.terminate().success());
+
+    // The retained messages come back at start and are walked again.
+    let broker = Broker::start_at(data.path(), no_limit);
+    let mut ok = Bystanders::new(&broker);
+    retained_deep_then_deep_wildcard(&broker, &mut ok, true);
+    assert!(broker.terminate().success());
+
+    // With the limit (the default, 200), the stored deep retained messages
+    // are skipped at start, counted, reported by `queue stats`, kept on disk.
+    let broker = Broker::start_at(data.path(), "");
+    broker.wait_for_log("skipped stored retained messages", WAIT);
+    assert!(broker.log().contains("records=2"), "{}", broker.log());
+    let stats = std::process::Command::new(binary())
+        .args(["queue", "stats", "--config"])
+        .arg(broker.dir.path().join("ferrymq.toml"))
+        .output()
+        .unwrap();
+    let stats = String::from_utf8_lossy(&stats.stdout);
+    assert!(stats.contains("2 retained messages"), "{stats}");
+    assert!(
+        stats.contains("2 retained messages or subscriptions have more topic levels"),
+        "{stats}"
+    );
+    let mut ok = Bystanders::new(&broker);
+    let mut attacker = Raw::connect(broker.addr, Protocol::V5, "deep-attacker");
+    attacker.send(&subscribe_packet(1, "+/#"));
+    assert_eq!(suback_codes(attacker.recv()), [ReasonCode::SUCCESS]);
+    attacker.expect_silence(Duration::from_millis(300));
+    ok.still_work();
+}
+
+#[test]
+fn topics_over_max_topic_levels_are_refused_with_their_reason_codes() {
+    let broker = Broker::start("[limits]\nmax_topic_levels = 8");
+    let mut ok = Bystanders::new(&broker);
+    let nine = deep_topic(9);
+    let (topic, filter) = deep_pairs().into_iter().next().unwrap();
+    // 5.0: SUBACK 0x8F for that filter only, PUBACK / PUBREC 0x90, a
+    // QoS 0 publish dropped, UNSUBACK 0x8F; the connection stays.
+    let mut v5 = Raw::connect(broker.addr, Protocol::V5, "deep-5");
+    v5.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        subscriptions: [filter.as_str(), "a/#", "+/+/+/+/+/+/+/+/#"]
+            .into_iter()
+            .map(|f| Subscription {
+                filter: s(f),
+                options: SubscriptionOptions::default(),
+            })
+            .collect(),
+        properties: Default::default(),
+    }));
+    assert_eq!(
+        suback_codes(v5.recv()),
+        [
+            ReasonCode::TOPIC_FILTER_INVALID,
+            ReasonCode::SUCCESS,
+            ReasonCode::TOPIC_FILTER_INVALID
+        ]
+    );
+    for (qos, is_rec) in [
+        (ferrymq_codec::QoS::AtLeastOnce, false),
+        (ferrymq_codec::QoS::ExactlyOnce, true),
+    ] {
+        v5.send(&publish_packet(&topic, qos, true));
+        match v5.recv() {
+            Some(Packet::PubAck(ack)) if !is_rec => {
+                assert_eq!(ack.reason_code, ReasonCode::TOPIC_NAME_INVALID)
+            }
+            Some(Packet::PubRec(ack)) if is_rec => {
+                assert_eq!(ack.reason_code, ReasonCode::TOPIC_NAME_INVALID)
+            }
+            other => panic!("expected a 0x90 acknowledgement, got {other:?}"),
+        }
+    }
+    v5.send(&publish_packet(
+        &nine,
+        ferrymq_codec::QoS::AtMostOnce,
+        false,
+    ));
+    v5.send(&Packet::Unsubscribe(ferrymq_codec::Unsubscribe {
+        packet_id: 2,
+        filters: vec![s(&nine), s("a/#")],
+        properties: Default::default(),
+    }));
+    match v5.recv() {
+        Some(Packet::UnsubAck(ack)) => assert_eq!(
+            ack.reason_codes,
+            [ReasonCode::TOPIC_FILTER_INVALID, ReasonCode::SUCCESS]
+        ),
+        other => panic!("expected UNSUBACK (the QoS 0 publish sent nothing), got {other:?}"),
+    }
+    // Eight levels are fine.
+    v5.send(&publish_packet(
+        &deep_topic(8),
+        ferrymq_codec::QoS::AtLeastOnce,
+        false,
+    ));
+    match v5.recv() {
+        Some(Packet::PubAck(ack)) => assert!(!ack.reason_code.is_error(), "{ack:?}"),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    ok.still_work();
+
+    // 3.1.1: SUBACK 0x80 for that filter; a deep PUBLISH closes the
+    // connection (3.1.1 has no way to refuse one).
+    let mut v3 = Raw::connect(broker.addr, Protocol::V311, "deep-3");
+    v3.send(&subscribe_packet(1, &nine));
+    assert_eq!(suback_codes(v3.recv()), [ReasonCode(0x80)]);
+    v3.send(&publish_packet(
+        &nine,
+        ferrymq_codec::QoS::AtLeastOnce,
+        false,
+    ));
+    assert_eq!(v3.until_closed(), []);
+    ok.still_work();
+
+    // A deep will: refused at CONNECT (5.0 0x90, 3.1.1 "not authorized").
+    for (protocol, code) in [(Protocol::V5, 0x90), (Protocol::V311, 0x87)] {
+        let mut c = connect_packet(protocol, "deep-will");
+        c.will = Some(ferrymq_codec::Will {
+            topic: s(&nine),
+            payload: Bytes::from_static(b"gone"),
+            qos: ferrymq_codec::QoS::AtMostOnce,
+            retain: true,
+            properties: Default::default(),
+        });
+        let mut raw = Raw::open(broker.addr, protocol);
+        raw.send(&Packet::Connect(Box::new(c)));
+        match raw.until_closed().as_slice() {
+            [Packet::ConnAck(ack)] => assert_eq!(ack.reason_code.0, code, "{protocol:?}"),
+            other => panic!("expected a refusing CONNACK, got {other:?}"),
+        }
+    }
+    ok.still_work();
+    broker.wait_for_log("more levels than limits.max_topic_levels", WAIT);
+}

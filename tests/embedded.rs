@@ -683,3 +683,125 @@ async fn pipelined_publishes_beyond_the_broker_receive_maximum_wait_their_turn()
     }
     broker.shutdown().await;
 }
+
+/// An authentication method with a bug: it panics when the client's data
+/// is 0xEE, at CONNECT or when re-authenticating.
+struct Buggy;
+
+struct BuggyExchange;
+
+impl ferrymq_broker::auth::AuthMethod for Buggy {
+    fn name(&self) -> &str {
+        "BUGGY"
+    }
+
+    fn begin(
+        &self,
+        _client_id: &str,
+        data: Option<Bytes>,
+    ) -> (
+        Box<dyn ferrymq_broker::auth::AuthExchange>,
+        ferrymq_broker::auth::AuthStep,
+    ) {
+        assert_ne!(data.as_deref(), Some(&[0xEE][..]), "a bug in the method");
+        (
+            Box::new(BuggyExchange),
+            ferrymq_broker::auth::AuthStep::Success(None),
+        )
+    }
+}
+
+impl ferrymq_broker::auth::AuthExchange for BuggyExchange {
+    fn step(&mut self, _data: Option<Bytes>) -> ferrymq_broker::auth::AuthStep {
+        ferrymq_broker::auth::AuthStep::Success(None)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_one_connection_closes_that_connection_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::builder(config(&dir))
+        .auth_method(Buggy)
+        .start()
+        .await
+        .unwrap();
+    let addr = broker.local_addrs()[0];
+    let mut bystander = broker
+        .connect(ClientOptions::new("bystander"))
+        .await
+        .unwrap();
+    bystander
+        .subscribe("alive/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        let connect = |data: u8| {
+            let mut c = connect_packet(Protocol::V5, "buggy");
+            c.clean_start = false;
+            c.properties.session_expiry_interval = Some(600);
+            c.properties.authentication_method = Some(s("BUGGY"));
+            c.properties.authentication_data = Some(Bytes::from(vec![data]));
+            c
+        };
+        // A panic while accepting: that connection is closed.
+        let mut raw = Raw::open(addr, Protocol::V5);
+        raw.send(&Packet::Connect(Box::new(connect(0xEE))));
+        assert_eq!(raw.until_closed(), []);
+        // A panic while connected: DISCONNECT 0x83, the session is handed
+        // back, and the client resumes it.
+        let mut raw = Raw::open(addr, Protocol::V5);
+        raw.send(&Packet::Connect(Box::new(connect(1))));
+        assert!(
+            matches!(raw.recv(), Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::SUCCESS)
+        );
+        raw.send(&Packet::Subscribe(ferrymq_codec::Subscribe {
+            packet_id: 1,
+            subscriptions: vec![ferrymq_codec::Subscription {
+                filter: s("alive/#"),
+                options: Default::default(),
+            }],
+            properties: Default::default(),
+        }));
+        assert!(matches!(raw.recv(), Some(Packet::SubAck(_))));
+        raw.send(&Packet::Auth(ferrymq_codec::Auth {
+            reason_code: ReasonCode::RE_AUTHENTICATE,
+            properties: ferrymq_codec::AuthProperties {
+                authentication_method: Some(s("BUGGY")),
+                authentication_data: Some(Bytes::from_static(&[0xEE])),
+                ..Default::default()
+            },
+        }));
+        match raw.until_closed().as_slice() {
+            [Packet::Disconnect(d)] => {
+                assert_eq!(d.reason_code, ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR)
+            }
+            other => panic!("expected DISCONNECT 0x83, got {other:?}"),
+        }
+        let mut raw = Raw::open(addr, Protocol::V5);
+        raw.send(&Packet::Connect(Box::new(connect(2))));
+        match raw.recv() {
+            Some(Packet::ConnAck(a)) => {
+                assert_eq!(a.reason_code, ReasonCode::SUCCESS);
+                assert!(a.session_present, "the session survived the panic");
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        ferrymq_broker::Stats::get(&broker.stats().connection_panics),
+        2
+    );
+    // Everyone else went on.
+    let publisher = broker
+        .connect(ClientOptions::new("publisher"))
+        .await
+        .unwrap();
+    publisher
+        .publish("alive/yes", "1", QoS::AtLeastOnce, false)
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut bystander).await.payload, "1");
+    broker.shutdown().await;
+}

@@ -26,7 +26,9 @@ use ferrymq_codec::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
+
+use codec::topic::exceeds_levels;
 
 use crate::Shared;
 use crate::auth::{AuthExchange, AuthMethod, AuthStep};
@@ -79,6 +81,10 @@ enum Close {
     TakenOver,
     /// The broker is stopping.
     Shutdown,
+    /// Handling this connection panicked (a bug): this connection closes
+    /// (DISCONNECT 0x83 in 5.0), its session is handed back, the broker
+    /// goes on.
+    Panicked(String),
 }
 
 impl Close {
@@ -90,6 +96,7 @@ impl Close {
             Close::KeepAlive => Some(ReasonCode::KEEP_ALIVE_TIMEOUT),
             Close::TakenOver => Some(ReasonCode::SESSION_TAKEN_OVER),
             Close::Shutdown => Some(ReasonCode::SERVER_SHUTTING_DOWN),
+            Close::Panicked(_) => Some(ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR),
         }
     }
 
@@ -321,24 +328,80 @@ pub(crate) async fn serve<R, W>(
     };
     // The phases before and after `run` are boxed: a task's size is its
     // largest state, and an idle connection should cost only `run`'s.
-    let Some(connect) = Box::pin(first_connect(&mut io, &shared, &peer)).await else {
-        return;
+    // A panic in any phase (a bug) is caught here: it ends this
+    // connection only, and is logged with the client id once known.
+    let panicked = |client_id: &str, phase: &str, why: String| {
+        Stats::add(&shared.stats.connection_panics, 1);
+        error!(%peer, %client_id, "connection {phase} panicked, closing this connection only: {why}");
     };
-    let Some(mut conn) = Box::pin(Conn::accept(connect, io, &shared, options)).await else {
-        return;
+    let connect = match CatchPanic(Box::pin(first_connect(&mut io, &shared, &peer))).await {
+        Ok(Some(connect)) => connect,
+        Ok(None) => return,
+        Err(why) => return panicked("", "CONNECT", why),
+    };
+    let client_id = connect.client_id.clone();
+    let mut conn = match CatchPanic(Box::pin(Conn::accept(connect, io, &shared, options))).await {
+        Ok(Some(conn)) => conn,
+        Ok(None) => return,
+        Err(why) => return panicked(&client_id, "accept", why),
     };
     debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
-    let close = conn.run(&shared.shutdown_rx).await;
+    // Boxed to be `Unpin` for `CatchPanic`: the task holds a pointer where
+    // it held `run`'s state, which moves to the box (one more allocation,
+    // the same bytes).
+    let close = match CatchPanic(Box::pin(conn.run(&shared.shutdown_rx))).await {
+        Ok(close) => close,
+        Err(why) => Close::Panicked(why),
+    };
     let client_id = conn.engine.state.client_id.clone();
     match &close {
         Close::Protocol(code, why) => {
             Stats::add(&shared.stats.protocol_errors, 1);
             warn!(%peer, %client_id, reason = %code, "closing: {why}");
         }
+        Close::Panicked(why) => panicked(&client_id, "handler", why.clone()),
         Close::Io(e) => debug!(%peer, %client_id, "stream error: {e}"),
         other => debug!(%peer, %client_id, "closing: {other:?}"),
     }
-    Box::pin(conn.finish(close)).await;
+    if let Err(why) = CatchPanic(Box::pin(conn.finish(close))).await {
+        panicked(&client_id, "close", why);
+    }
+}
+
+/// Polls a future, turning a panic inside it into `Err` with the panic's
+/// message; the future is not polled again after that. Tokio would catch
+/// it too, but then the task is gone with no word of which client it
+/// served, and the session it held would never be handed back.
+struct CatchPanic<F>(F);
+
+impl<F: std::future::Future + Unpin> std::future::Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::panic::{AssertUnwindSafe, catch_unwind};
+        use std::task::Poll;
+        let inner = &mut self.0;
+        // Unwind safety: after a panic the future is dropped, never polled
+        // again; the state it shared is left as the unwinding left it
+        // (parking_lot locks are released, not poisoned).
+        match catch_unwind(AssertUnwindSafe(|| std::pin::Pin::new(inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(payload) => Poll::Ready(Err(panic_message(payload.as_ref()))),
+        }
+    }
+}
+
+/// The message of a panic payload (`&str` or `String`, as `panic!` makes).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// Phase 1: waits (bounded by `connect_timeout_secs`) for the CONNECT.
@@ -501,6 +564,19 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     }
                 }
             }
+        } else if let Some(will) = connect
+            .will
+            .as_ref()
+            .filter(|w| exceeds_levels(&w.topic, limits.max_topic_levels))
+        {
+            too_many_levels(shared, &connect.client_id, "will topic", &will.topic);
+            // 3.1.1 has no "topic invalid" CONNACK; "not authorized" is
+            // the nearest of its five, and tells the client not to retry.
+            Some(if protocol == Protocol::V5 {
+                ReasonCode::TOPIC_NAME_INVALID
+            } else {
+                ReasonCode::NOT_AUTHORIZED
+            })
         } else if !shared.config.auth.allow_anonymous {
             // No credential store exists in this version: nobody can log in.
             Some(ReasonCode::NOT_AUTHORIZED)
@@ -662,6 +738,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 .properties
                 .request_problem_information
                 .unwrap_or(true),
+            max_topic_levels: limits.max_topic_levels,
             message_ids: options.message_ids.then_some(shared.identity.uuid),
         };
         let mut durable = shared.store.durable();
@@ -1020,6 +1097,21 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         match self.engine.publish(publish, Instant::now()) {
             Err(v) => Some(Close::Protocol(v.reason, v.why)),
             Ok(InboundPublish::Answered) => None,
+            Ok(InboundPublish::TooManyLevels { topic, close }) => {
+                let shared = self.shared;
+                too_many_levels(
+                    shared,
+                    &self.engine.state.client_id,
+                    "PUBLISH topic",
+                    &topic,
+                );
+                close.then(|| {
+                    Close::Protocol(
+                        ReasonCode::TOPIC_NAME_INVALID,
+                        "PUBLISH topic with more levels than limits.max_topic_levels".into(),
+                    )
+                })
+            }
             Ok(InboundPublish::Route { message, .. })
                 if !self.in_process && bridge_session::is_reserved(message.topic.as_str()) =>
             {
@@ -1064,6 +1156,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let mut reason_codes = Vec::with_capacity(subscribe.subscriptions.len());
         let mut retained = Vec::new();
         for mut s in subscribe.subscriptions {
+            if exceeds_levels(&s.filter, shared.config.limits.max_topic_levels) {
+                too_many_levels(shared, &state.client_id, "SUBSCRIBE filter", &s.filter);
+                reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            }
             // Kept for the session's life: not the read buffer with it.
             s.filter = s.filter.detached();
             let mut options = s.options;
@@ -1185,6 +1282,12 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let mut batch = Batch::new(shared.store.as_ref());
         let mut reason_codes = Vec::with_capacity(unsubscribe.filters.len());
         for filter in &unsubscribe.filters {
+            if exceeds_levels(filter, shared.config.limits.max_topic_levels) {
+                // Never subscribed in this run: no subscription that deep exists.
+                too_many_levels(shared, &state.client_id, "UNSUBSCRIBE filter", filter);
+                reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            }
             let existed = state.subscriptions.remove(filter).is_some();
             if existed {
                 match state.groups.remove(filter) {
@@ -1386,6 +1489,22 @@ async fn wait_for_room(target: Option<ParkedOn>) {
             return;
         }
         space.await;
+    }
+}
+
+/// Counts a topic or filter refused for having more levels than
+/// `max_topic_levels`, and logs it (rate-limited, with its start only).
+pub(crate) fn too_many_levels(shared: &Shared, client_id: &str, what: &str, topic: &str) {
+    Stats::add(&shared.stats.topic_levels_refused, 1);
+    if shared.levels_log.allow() {
+        let levels = topic.split('/').count();
+        let start: String = topic.chars().take(64).collect();
+        warn!(
+            %client_id,
+            levels,
+            max = shared.config.limits.max_topic_levels,
+            "refused a {what} with more levels than limits.max_topic_levels: {start}..."
+        );
     }
 }
 

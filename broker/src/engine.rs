@@ -61,6 +61,9 @@ pub struct EngineLimits {
     /// Whether the client wants reason strings on acknowledgements (5.0
     /// Request Problem Information).
     pub problem_information: bool,
+    /// `max_topic_levels`: the most levels a published topic may have
+    /// (0: no limit).
+    pub max_topic_levels: u32,
     /// Stamp each stored message sent with its [`crate::MessageId`] (a
     /// `ferry-id` user property), from this node identity (bridge uplinks).
     pub message_ids: Option<[u8; 16]>,
@@ -81,6 +84,16 @@ pub enum InboundPublish {
     /// already accepted (acknowledged again), or a QoS 1/2 message refused
     /// with a reason code (e.g. 0x99, payload not UTF-8 as announced).
     Answered,
+    /// The topic has more levels than `max_topic_levels`; nothing to
+    /// route. A 5.0 QoS 1/2 publish is answered 0x90 (Topic Name invalid),
+    /// a QoS 0 one dropped. 3.1.1 has no way to say so: `close` is set, and
+    /// the connection closes. The connection counts and logs it.
+    TooManyLevels {
+        /// The topic, for the log.
+        topic: MqttString,
+        /// Close the connection (3.1.1).
+        close: bool,
+    },
 }
 
 /// What became of a delivery taken from the outbox.
@@ -249,6 +262,19 @@ impl Engine {
                 ));
             }
         }
+        if ferrymq_codec::topic::exceeds_levels(&publish.topic, self.limits.max_topic_levels) {
+            if !self.v5() {
+                return Ok(InboundPublish::TooManyLevels {
+                    topic: publish.topic,
+                    close: true,
+                });
+            }
+            self.refuse(&publish, ReasonCode::TOPIC_NAME_INVALID);
+            return Ok(InboundPublish::TooManyLevels {
+                topic: publish.topic,
+                close: false,
+            });
+        }
         if publish.qos == QoS::ExactlyOnce && self.state.qos2_received.contains(&publish.packet_id)
         {
             // A resend of a QoS 2 publish already accepted: acknowledge
@@ -279,17 +305,7 @@ impl Engine {
                     "payload announced as UTF-8 is not UTF-8",
                 ));
             }
-            let outcome = RouteOutcome {
-                ticket: 0,
-                matched: 0,
-                refused: true,
-            };
-            self.answer(
-                publish.qos,
-                publish.packet_id,
-                outcome,
-                ReasonCode::PAYLOAD_FORMAT_INVALID,
-            );
+            self.refuse(&publish, ReasonCode::PAYLOAD_FORMAT_INVALID);
             return Ok(InboundPublish::Answered);
         }
         let hold_qos2 = (publish.qos == QoS::ExactlyOnce).then_some(publish.packet_id);
@@ -304,6 +320,17 @@ impl Engine {
             expires_at,
         });
         Ok(InboundPublish::Route { message, hold_qos2 })
+    }
+
+    /// Refuses an inbound publish with `code` (5.0; 3.1.1 gets no
+    /// acknowledgement), queued in order behind earlier acknowledgements.
+    fn refuse(&mut self, publish: &Publish, code: ReasonCode) {
+        let outcome = RouteOutcome {
+            ticket: 0,
+            matched: 0,
+            refused: true,
+        };
+        self.answer(publish.qos, publish.packet_id, outcome, code);
     }
 
     /// Applies a Topic Alias from the client: defines it (topic given) or
@@ -804,6 +831,7 @@ mod tests {
                 topic_alias_maximum: 4,
                 client_topic_aliases: 0,
                 problem_information: true,
+                max_topic_levels: 3,
                 message_ids: None,
             },
         )
@@ -831,7 +859,7 @@ mod tests {
                     refused: false,
                 },
             ),
-            InboundPublish::Answered => {}
+            InboundPublish::Answered | InboundPublish::TooManyLevels { .. } => {}
         }
     }
 
@@ -1227,6 +1255,59 @@ mod tests {
                 .reason,
             ReasonCode::PROTOCOL_ERROR
         );
+    }
+
+    #[test]
+    fn a_topic_over_max_topic_levels_is_refused_with_0x90_in_v5_and_closes_in_v311() {
+        let deep = |qos, id| Publish {
+            topic: MqttString::from_static("a/b/c/d"),
+            ..publish(qos, id)
+        };
+        let mut e = engine(Protocol::V5, false);
+        for (qos, id) in [
+            (QoS::AtMostOnce, 0),
+            (QoS::AtLeastOnce, 1),
+            (QoS::ExactlyOnce, 2),
+        ] {
+            assert!(matches!(
+                e.publish(deep(qos, id), Instant::now()),
+                Ok(InboundPublish::TooManyLevels { close: false, .. })
+            ));
+        }
+        let codes: Vec<(u16, ReasonCode)> = acks(&mut e, 0)
+            .into_iter()
+            .map(|p| match p {
+                Packet::PubAck(a) | Packet::PubRec(a) => (a.packet_id, a.reason_code),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                (1, ReasonCode::TOPIC_NAME_INVALID),
+                (2, ReasonCode::TOPIC_NAME_INVALID)
+            ]
+        );
+        assert_eq!(
+            e.inbound_unacknowledged(),
+            0,
+            "a refused QoS 2 id is not held"
+        );
+        // At the limit is fine.
+        let at_limit = Publish {
+            topic: MqttString::from_static("a/b/c"),
+            ..publish(QoS::AtLeastOnce, 3)
+        };
+        assert!(matches!(
+            e.publish(at_limit, Instant::now()),
+            Ok(InboundPublish::Route { .. })
+        ));
+        let mut e = engine(Protocol::V311, false);
+        assert!(matches!(
+            e.publish(deep(QoS::AtLeastOnce, 1), Instant::now()),
+            Ok(InboundPublish::TooManyLevels { close: true, .. })
+        ));
+        assert!(acks(&mut e, 0).is_empty(), "3.1.1 gets no acknowledgement");
     }
 
     fn routed_topic(step: Result<InboundPublish, ProtocolViolation>) -> String {

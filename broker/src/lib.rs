@@ -39,7 +39,10 @@ mod bridge_session;
 mod client;
 mod connection;
 mod data_dir;
+#[cfg(test)]
+mod deep_tests;
 mod engine;
+mod level_tree;
 mod message;
 mod outbox;
 mod publish;
@@ -139,6 +142,8 @@ pub(crate) struct Shared {
     pub(crate) drop_log: stats::LogLimiter,
     /// Rate limit for "max_connections reached" warnings.
     pub(crate) refuse_log: stats::LogLimiter,
+    /// Rate limit for "too many topic levels" warnings.
+    pub(crate) levels_log: stats::LogLimiter,
     /// This, for tasks spawned from borrowed contexts.
     pub(crate) this: Weak<Shared>,
 }
@@ -296,6 +301,7 @@ impl Broker {
             shutdown_rx,
             drop_log: stats::LogLimiter::new(Duration::from_secs(10)),
             refuse_log: stats::LogLimiter::new(Duration::from_secs(10)),
+            levels_log: stats::LogLimiter::new(Duration::from_secs(10)),
             this: this.clone(),
         });
         restore(&shared, recovered);
@@ -421,7 +427,19 @@ fn restore(shared: &Shared, recovered: Recovered) {
     if recovered.corrupt > 0 {
         Stats::add(&shared.stats.corrupt_records, recovered.corrupt);
     }
+    // Records deeper than `max_topic_levels` (written with a higher limit,
+    // or none) are skipped, never loaded into a tree; they stay on disk.
+    let max_levels = shared.config.limits.max_topic_levels;
+    let mut over_limit = 0u64;
+    let mut too_deep = |topic: &str| {
+        let over = ferrymq_codec::topic::exceeds_levels(topic, max_levels);
+        over_limit += u64::from(over);
+        over
+    };
     for message in recovered.retained {
+        if too_deep(&message.topic) {
+            continue;
+        }
         if message.is_expired(now) {
             cleanup.push(storage::StoreOp::RetainedDelete(message.topic.clone()));
         } else {
@@ -437,6 +455,9 @@ fn restore(shared: &Shared, recovered: Recovered) {
     }
     let limits = connection::queue_limits(shared);
     for g in recovered.groups {
+        if too_deep(&g.filter) {
+            continue;
+        }
         let skip = in_flight.remove(&g.number).unwrap_or_default();
         let outbox = Outbox::recovered(
             g.number,
@@ -461,7 +482,11 @@ fn restore(shared: &Shared, recovered: Recovered) {
             .unwrap_or(recovered.previous_run_ms);
         let offline_ms = now_ms.saturating_sub(offline_since_ms);
         let expiry = Duration::from_secs(u64::from(s.record.expiry_secs));
-        let will = s.record.pending_will.clone();
+        let will = s
+            .record
+            .pending_will
+            .clone()
+            .filter(|w| !too_deep(&w.message.topic));
         if s.record.expiry_secs != u32::MAX && u128::from(offline_ms) >= expiry.as_millis() {
             info!(client_id = %s.record.client_id, "session expired while the broker was down");
             Stats::add(&shared.stats.sessions_expired, 1);
@@ -517,6 +542,9 @@ fn restore(shared: &Shared, recovered: Recovered) {
         }
         state.qos2_received = s.qos2_received.into_iter().collect();
         for (filter, sub) in s.subscriptions {
+            if too_deep(&filter) {
+                continue;
+            }
             if let Some((name, inner)) = ferrymq_codec::topic::shared_subscription(&filter) {
                 let (Ok(name), Ok(inner)) = (MqttString::new(name), MqttString::new(inner)) else {
                     continue;
@@ -566,6 +594,15 @@ fn restore(shared: &Shared, recovered: Recovered) {
             .checked_sub(Duration::from_millis(offline_ms))
             .unwrap_or(now);
         shared.sessions.insert_offline(state, offline_since);
+    }
+    if over_limit > 0 {
+        Stats::add(&shared.stats.records_over_level_limit, over_limit);
+        warn!(
+            records = over_limit,
+            max = max_levels,
+            "skipped stored retained messages, subscriptions or wills with more topic levels \
+             than limits.max_topic_levels; they stay on disk (raise the limit to load them)"
+        );
     }
     shared.groups.prune_empty(shared, &mut cleanup);
     cleanup.submit();

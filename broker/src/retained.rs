@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
+use crate::level_tree::{self, LevelNode};
 use crate::message::Message;
 use crate::storage::Ticket;
 
@@ -26,8 +27,38 @@ struct Node {
 }
 
 impl Node {
+    #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.entry.is_none()
+    }
+}
+
+impl LevelNode for Node {
+    fn child(&self, level: &str) -> Option<&Node> {
+        self.children.get(level)
+    }
+
+    fn child_mut(&mut self, level: &str) -> Option<&mut Node> {
+        self.children.get_mut(level)
+    }
+
+    fn only_path_to(&self, next: Option<&str>) -> bool {
+        self.entry.is_none() && self.children.len() == usize::from(next.is_some())
+    }
+
+    fn remove_child(&mut self, level: &str) -> Option<Node> {
+        self.children.remove(level)
+    }
+}
+
+/// A retained topic can be as deep as a client's publish: dropping the
+/// tree must not recurse once per level (see the router's `Node`).
+impl Drop for Node {
+    fn drop(&mut self) {
+        let mut stack: Vec<Node> = self.children.drain().map(|(_, n)| n).collect();
+        while let Some(mut node) = stack.pop() {
+            stack.extend(node.children.drain().map(|(_, n)| n));
+        }
     }
 }
 
@@ -44,8 +75,7 @@ impl Retained {
     pub fn set(&self, message: Arc<Message>, ticket: Ticket) -> bool {
         let mut tree = self.tree.write();
         if message.payload.is_empty() {
-            let levels: Vec<&str> = message.topic.split('/').collect();
-            return remove(&mut tree, &levels);
+            return remove(&mut tree, &message.topic);
         }
         let mut node = &mut *tree;
         for level in message.topic.split('/') {
@@ -74,8 +104,7 @@ impl Retained {
         {
             return false;
         }
-        let levels: Vec<&str> = topic.split('/').collect();
-        remove(&mut tree, &levels)
+        remove(&mut tree, topic)
     }
 
     /// Appends every retained message matching the (valid, non-shared)
@@ -83,16 +112,17 @@ impl Retained {
     pub fn matching(&self, filter: &str, out: &mut Vec<RetainedEntry>) {
         let tree = self.tree.read();
         let levels: Vec<&str> = filter.split('/').collect();
-        collect(&tree, &levels, true, out);
+        collect(&tree, &levels, out);
     }
 
     /// Number of retained messages.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        fn count(n: &Node) -> usize {
-            usize::from(n.entry.is_some()) + n.children.values().map(count).sum::<usize>()
-        }
-        count(&self.tree.read())
+        let mut n = 0;
+        for_each_below(&self.tree.read(), |e| {
+            n += usize::from(e.is_some());
+        });
+        n
     }
 
     /// True when no message is retained.
@@ -102,64 +132,69 @@ impl Retained {
     }
 }
 
-fn remove(node: &mut Node, levels: &[&str]) -> bool {
-    let Some((first, rest)) = levels.split_first() else {
-        return node.entry.take().is_some();
-    };
-    let Some(child) = node.children.get_mut(*first) else {
+/// Clears the entry of `topic` and prunes the nodes left empty.
+fn remove(root: &mut Node, topic: &str) -> bool {
+    let levels: Vec<&str> = topic.split('/').collect();
+    let Some(node) = level_tree::descend_mut(root, &levels) else {
         return false;
     };
-    let removed = remove(child, rest);
-    if child.is_empty() {
-        node.children.remove(*first);
+    if node.entry.take().is_none() {
+        return false;
     }
-    removed
+    // Dropped without recursion (see `Drop for Node`).
+    drop(level_tree::prune(root, &levels));
+    true
 }
 
-/// Walks `levels` of a filter from `node`. `root` marks the first level,
-/// where wildcards do not match topics starting with `$` [MQTT-4.7.2-1].
-fn collect(node: &Node, levels: &[&str], root: bool, out: &mut Vec<RetainedEntry>) {
-    let Some((first, rest)) = levels.split_first() else {
-        out.extend(node.entry.iter().cloned());
-        return;
-    };
-    let visible = |name: &str| !(root && name.starts_with('$'));
-    match *first {
-        "#" => {
-            // `a/#` also matches `a` itself.
-            if !root {
-                out.extend(node.entry.iter().cloned());
-            }
-            for (name, child) in &node.children {
-                if visible(name) {
-                    everything(child, out);
+/// Appends the retained messages matching a filter's `levels` below
+/// `root`. The frontier is a heap stack, so a filter of any depth costs
+/// heap, never call stack; the work is one step per tree node the filter
+/// reaches. Wildcards at the first level skip topics starting with `$`
+/// [MQTT-4.7.2-1].
+fn collect(root: &Node, levels: &[&str], out: &mut Vec<RetainedEntry>) {
+    let mut stack = vec![(root, 0usize)];
+    while let Some((node, depth)) = stack.pop() {
+        let Some(level) = levels.get(depth) else {
+            out.extend(node.entry.iter().cloned());
+            continue;
+        };
+        let at_root = depth == 0;
+        let visible = |name: &str| !(at_root && name.starts_with('$'));
+        match *level {
+            "#" => {
+                // `a/#` also matches `a` itself.
+                if !at_root {
+                    out.extend(node.entry.iter().cloned());
+                }
+                for (name, child) in &node.children {
+                    if visible(name) {
+                        for_each_below(child, |e| out.extend(e.iter().cloned()));
+                    }
                 }
             }
-        }
-        "+" => {
-            for (name, child) in &node.children {
-                if visible(name) {
-                    collect(child, rest, false, out);
-                }
-            }
-        }
-        literal => {
-            if let Some(child) = node.children.get(literal) {
-                collect(child, rest, false, out);
-            }
+            "+" => stack.extend(
+                node.children
+                    .iter()
+                    .filter(|(name, _)| visible(name))
+                    .map(|(_, child)| (child, depth + 1)),
+            ),
+            literal => stack.extend(node.children.get(literal).map(|child| (child, depth + 1))),
         }
     }
 }
 
-fn everything(node: &Node, out: &mut Vec<RetainedEntry>) {
-    out.extend(node.entry.iter().cloned());
-    for child in node.children.values() {
-        everything(child, out);
+/// Calls `f` with the entry slot of `node` and of every node below it,
+/// depth first, with a heap stack.
+fn for_each_below(node: &Node, mut f: impl FnMut(&Option<RetainedEntry>)) {
+    let mut stack = vec![node];
+    while let Some(node) = stack.pop() {
+        f(&node.entry);
+        stack.extend(node.children.values());
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::message::SessionId;
     use bytes::Bytes;
@@ -167,7 +202,8 @@ mod tests {
     use ferrymq_codec::{MqttString, PublishProperties, QoS};
     use proptest::prelude::*;
 
-    fn message(topic: &str, payload: &'static str) -> Arc<Message> {
+    /// A retained message (also for `deep_tests`).
+    pub(crate) fn message(topic: &str, payload: &'static str) -> Arc<Message> {
         Arc::new(Message {
             topic: MqttString::new(topic).expect("topic"),
             payload: Bytes::from_static(payload.as_bytes()),

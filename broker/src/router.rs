@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ferrymq_codec::QoS;
 use parking_lot::RwLock;
 
+use crate::level_tree::{self, LevelNode};
 use crate::message::SessionId;
 use crate::outbox::Outbox;
 use crate::shared_sub::SharedGroup;
@@ -80,6 +81,57 @@ impl Node {
             && self.plus.is_none()
             && self.here.is_empty()
             && self.hash.is_empty()
+    }
+}
+
+impl LevelNode for Node {
+    /// The child for one filter level (`+` or a literal).
+    fn child(&self, level: &str) -> Option<&Node> {
+        if level == "+" {
+            self.plus.as_deref()
+        } else {
+            self.children.get(level)
+        }
+    }
+
+    fn child_mut(&mut self, level: &str) -> Option<&mut Node> {
+        if level == "+" {
+            self.plus.as_deref_mut()
+        } else {
+            self.children.get_mut(level)
+        }
+    }
+
+    fn only_path_to(&self, next: Option<&str>) -> bool {
+        let no_subscribers = self.here.is_empty() && self.hash.is_empty();
+        match next {
+            None => self.is_empty(),
+            Some("+") => no_subscribers && self.children.is_empty(),
+            Some(_) => no_subscribers && self.plus.is_none() && self.children.len() == 1,
+        }
+    }
+
+    fn remove_child(&mut self, level: &str) -> Option<Node> {
+        if level == "+" {
+            self.plus.take().map(|b| *b)
+        } else {
+            self.children.remove(level)
+        }
+    }
+}
+
+/// Dropping a tree as deep as a client's filter must not recurse once
+/// per level: the default drop glue would, and a filter of a few
+/// thousand levels would overflow the stack. Children are moved onto a
+/// heap stack instead, so every node is dropped with no children left.
+impl Drop for Node {
+    fn drop(&mut self) {
+        let mut stack: Vec<Node> = self.children.drain().map(|(_, n)| n).collect();
+        stack.extend(self.plus.take().map(|b| *b));
+        while let Some(mut node) = stack.pop() {
+            stack.extend(node.children.drain().map(|(_, n)| n));
+            stack.extend(node.plus.take().map(|b| *b));
+        }
     }
 }
 
@@ -148,8 +200,7 @@ impl Router {
     /// Removes a session's subscription to `filter`. Returns whether it existed.
     pub fn unsubscribe(&self, filter: &str, session: SessionId) -> bool {
         let mut tree = self.tree.write();
-        let levels: Vec<&str> = filter.split('/').collect();
-        let removed = remove_path(&mut tree, &levels, session);
+        let removed = remove_path(&mut tree, filter, session);
         if removed {
             self.generation.fetch_add(1, Ordering::Release);
         }
@@ -169,7 +220,7 @@ impl Router {
             let levels: Vec<&str> = topic.split('/').collect();
             // [MQTT-4.7.2-1]: a wildcard first level does not match `$` topics.
             let dollar = topic.starts_with('$');
-            collect(&tree, &levels, 0, !dollar, out);
+            collect(&tree, &levels, !dollar, out);
         }
         merge_by_session(out, start);
     }
@@ -177,13 +228,15 @@ impl Router {
     /// Number of subscriptions in the tree.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        fn count(node: &Node) -> usize {
-            node.here.len()
-                + node.hash.len()
-                + node.children.values().map(count).sum::<usize>()
-                + node.plus.as_deref().map_or(0, count)
+        let tree = self.tree.read();
+        let mut stack = vec![&*tree];
+        let mut n = 0;
+        while let Some(node) = stack.pop() {
+            n += node.here.len() + node.hash.len();
+            stack.extend(node.children.values());
+            stack.extend(node.plus.as_deref());
         }
-        count(&self.tree.read())
+        n
     }
 
     /// True when nobody is subscribed.
@@ -205,20 +258,27 @@ fn to_route(s: &Subscriber) -> Route {
     }
 }
 
-fn collect(node: &Node, levels: &[&str], depth: usize, wildcards: bool, out: &mut Vec<Route>) {
-    if wildcards {
-        // `a/#` matches `a` and everything below it.
-        out.extend(node.hash.iter().map(to_route));
-    }
-    let Some(level) = levels.get(depth) else {
-        out.extend(node.here.iter().map(to_route));
-        return;
-    };
-    if let Some(child) = node.children.get(*level) {
-        collect(child, levels, depth + 1, true, out);
-    }
-    if let (true, Some(plus)) = (wildcards, &node.plus) {
-        collect(plus, levels, depth + 1, true, out);
+/// Collects the subscriptions matching a topic's `levels`. The walk keeps
+/// its frontier in a heap stack, never in the call stack, so its depth is
+/// bounded by nothing a client sends; the work is one step per tree node
+/// the topic reaches. `wildcards` is false at the root of a `$` topic.
+fn collect(root: &Node, levels: &[&str], wildcards: bool, out: &mut Vec<Route>) {
+    let mut stack = vec![(root, 0usize, wildcards)];
+    while let Some((node, depth, wildcards)) = stack.pop() {
+        if wildcards {
+            // `a/#` matches `a` and everything below it.
+            out.extend(node.hash.iter().map(to_route));
+        }
+        let Some(level) = levels.get(depth) else {
+            out.extend(node.here.iter().map(to_route));
+            continue;
+        };
+        if let Some(child) = node.children.get(*level) {
+            stack.push((child, depth + 1, true));
+        }
+        if let (true, Some(plus)) = (wildcards, &node.plus) {
+            stack.push((plus, depth + 1, true));
+        }
     }
 }
 
@@ -259,34 +319,33 @@ fn merge_by_session(out: &mut Vec<Route>, start: usize) {
     out.truncate(write + 1);
 }
 
-fn remove_path(node: &mut Node, levels: &[&str], session: SessionId) -> bool {
-    let Some((first, rest)) = levels.split_first() else {
+/// Removes `session`'s subscription to `filter`, then prunes the nodes
+/// the filter leaves empty.
+fn remove_path(root: &mut Node, filter: &str, session: SessionId) -> bool {
+    let levels: Vec<&str> = filter.split('/').collect();
+    let Some((&last, path)) = levels.split_last() else {
         return false;
     };
-    if *first == "#" {
-        return remove(&mut node.hash, session);
-    }
-    let child = if *first == "+" {
-        node.plus.as_deref_mut()
+    // The node the subscription sits on: the filter's parent for `#`.
+    let (path, last_is_hash) = if last == "#" {
+        (path, true)
     } else {
-        node.children.get_mut(*first)
+        (&levels[..], false)
     };
-    let Some(child) = child else {
+    let Some(node) = level_tree::descend_mut(root, path) else {
         return false;
     };
-    let removed = if rest.is_empty() {
-        remove(&mut child.here, session)
+    let list = if last_is_hash {
+        &mut node.hash
     } else {
-        remove_path(child, rest, session)
+        &mut node.here
     };
-    if removed && child.is_empty() {
-        if *first == "+" {
-            node.plus = None;
-        } else {
-            node.children.remove(*first);
-        }
+    if !remove(list, session) {
+        return false;
     }
-    removed
+    // Dropped without recursion (see `Drop for Node`).
+    drop(level_tree::prune(root, path));
+    true
 }
 
 /// A connection's memo of topic -> routes, valid for one router generation.
@@ -332,14 +391,15 @@ impl RouteCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::outbox::QueueLimits;
     use ferrymq_codec::topic::matches;
     use ferrymq_config::QueueFull;
     use proptest::prelude::*;
 
-    fn sub(session: u64, qos: QoS) -> Subscriber {
+    /// A subscriber with a tiny outbox (also for `deep_tests`).
+    pub(crate) fn sub(session: u64, qos: QoS) -> Subscriber {
         Subscriber {
             session: SessionId(session),
             outbox: Outbox::new(

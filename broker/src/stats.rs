@@ -28,6 +28,17 @@ pub struct Stats {
     pub sessions_expired: AtomicU64,
     /// Stored records that could not be read at start (skipped).
     pub corrupt_records: AtomicU64,
+    /// Connections closed because handling them panicked (a bug; the
+    /// broker went on).
+    pub connection_panics: AtomicU64,
+    /// Topics and filters refused for having more levels than
+    /// `max_topic_levels` (publishes, wills, subscriptions, unsubscriptions).
+    pub topic_levels_refused: AtomicU64,
+    /// Stored retained messages, subscriptions and wills skipped at start
+    /// (and queued messages skipped when paged in) for having more levels
+    /// than `max_topic_levels`: written by a run with a higher limit or
+    /// none. They stay on disk.
+    pub records_over_level_limit: AtomicU64,
 }
 
 impl Stats {

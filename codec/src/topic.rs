@@ -70,6 +70,19 @@ pub fn shared_subscription(filter: &str) -> Option<(&str, &str)> {
     split_shared(filter).ok().flatten()
 }
 
+/// Whether a topic name or filter has more than `max_levels` levels
+/// (`a/b/c` has three); `max_levels` 0 means no limit. A shared
+/// subscription's levels are those of its filter, without `$share/{name}/`.
+pub fn exceeds_levels(topic: &str, max_levels: u32) -> bool {
+    if max_levels == 0 {
+        return false;
+    }
+    let inner = shared_subscription(topic).map_or(topic, |(_, filter)| filter);
+    let separators = inner.bytes().filter(|&b| b == b'/').count();
+    // Levels are separators + 1.
+    u64::try_from(separators).map_or(true, |s| s >= u64::from(max_levels))
+}
+
 /// Whether a (valid, non-shared) topic filter matches a topic name,
 /// including the rule that a filter starting with a wildcard does not match
 /// a topic starting with `$` [MQTT-4.7.2-1].
@@ -148,6 +161,24 @@ mod tests {
         }
         assert_eq!(shared_subscription("$share/g/a/+"), Some(("g", "a/+")));
         assert_eq!(shared_subscription("a/b"), None);
+    }
+
+    #[test]
+    fn level_limits() {
+        let cases = [
+            ("a", 1, false),
+            ("a/b", 1, true),
+            ("a/b", 2, false),
+            ("/", 1, true),
+            ("/", 2, false),
+            ("a/b/c/d", 3, true),
+            ("a/b/c/d", 0, false),
+            ("$share/g/a/b", 2, false),
+            ("$share/g/a/b/c", 2, true),
+        ];
+        for (topic, max, over) in cases {
+            assert_eq!(exceeds_levels(topic, max), over, "{topic:?} max {max}");
+        }
     }
 
     #[test]

@@ -143,6 +143,12 @@ pub struct Limits {
     /// 5 client, never more than the client's own Topic Alias Maximum. 0
     /// means we never send topic aliases. Default: 16. Range: 0 ..= 65535.
     pub server_topic_aliases: u16,
+    /// `max_topic_levels`: the most levels (`/`-separated parts) a topic
+    /// name or filter may have: in a PUBLISH, a will, a SUBSCRIBE or
+    /// UNSUBSCRIBE, from a bridge, and in a bridge's forward rules. Bounds
+    /// the memory and time one topic can cost the topic trees. 0 means no
+    /// limit. Default: 200 (Mosquitto's fixed limit). Range: 0 ..= 65536.
+    pub max_topic_levels: u32,
 }
 
 /// `[storage]`: session lifetime, the bounds on each session's queue of
@@ -486,6 +492,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             topic_alias_maximum: 64,
             server_topic_aliases: 16,
+            max_topic_levels: 200,
         }
     }
 }

@@ -57,6 +57,7 @@ struct RawLimits {
     connect_timeout_secs: Option<Int>,
     topic_alias_maximum: Option<Int>,
     server_topic_aliases: Option<Int>,
+    max_topic_levels: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,6 +160,7 @@ pub(crate) const TABLES: &[Table] = &[
             "connect_timeout_secs",
             "topic_alias_maximum",
             "server_topic_aliases",
+            "max_topic_levels",
         ],
         planned: &[],
     },
@@ -594,6 +596,13 @@ impl RawLimits {
                 "limits.server_topic_aliases",
                 &validate::SERVER_TOPIC_ALIASES,
                 defaults.server_topic_aliases,
+                errors,
+            ),
+            max_topic_levels: narrow(
+                self.max_topic_levels.map(|Int(v)| v),
+                "limits.max_topic_levels",
+                &validate::MAX_TOPIC_LEVELS,
+                defaults.max_topic_levels,
                 errors,
             ),
         }

@@ -98,6 +98,7 @@ fn defaults() {
             connect_timeout: Duration::from_secs(10),
             topic_alias_maximum: 64,
             server_topic_aliases: 16,
+            max_topic_levels: 200,
         }
     );
     assert_eq!(
@@ -151,6 +152,7 @@ fn every_key_parsed() {
         connect_timeout_secs = 3
         topic_alias_maximum = 10
         server_topic_aliases = 4
+        max_topic_levels = 32
 
         [storage]
         max_session_expiry_secs = 86400
@@ -175,6 +177,7 @@ fn every_key_parsed() {
                 connect_timeout: Duration::from_secs(3),
                 topic_alias_maximum: 10,
                 server_topic_aliases: 4,
+                max_topic_levels: 32,
             };
             c.storage = Storage {
                 max_session_expiry: Duration::from_secs(86_400),
@@ -758,6 +761,8 @@ fn limit_ranges() {
         ),
         ("server_topic_aliases", "-1", "between 0 and 65535"),
         ("server_topic_aliases", "65536", "between 0 and 65535"),
+        ("max_topic_levels", "-1", "between 0 and 65536"),
+        ("max_topic_levels", "65537", "between 0 and 65536"),
         (
             "server_topic_aliases",
             "99999999999999999999",
@@ -2633,4 +2638,36 @@ fn validate_bridge_built_in_code() {
             "bridge[1].forward[0].qos: must be between 0 and 2, got 3",
         ]
     );
+}
+
+#[test]
+fn bridge_forward_rules_within_the_topic_level_limit() {
+    let limits = "[limits]\nmax_topic_levels = 3\n";
+    check_err(
+        &format!(
+            "{}{limits}",
+            forward_toml("filter = \"a/b/c/#\", remote_prefix = \"x/\"")
+        ),
+        &[
+            "bridge[0].forward[0].filter: the filter has 4 topic levels, more than \
+           limits.max_topic_levels (3)",
+        ],
+    );
+    check_err(
+        &format!(
+            "{}{limits}",
+            forward_toml("filter = \"a/#\", remote_prefix = \"site/edge/\"")
+        ),
+        &[
+            "bridge[0].forward[0].remote_prefix: remote_prefix + the filter has 4 topic \
+           levels, more than limits.max_topic_levels (3)",
+        ],
+    );
+    // 0 is no limit.
+    let deep = vec!["a"; 300].join("/");
+    let config = Config::from_toml_str(&format!(
+        "{}[limits]\nmax_topic_levels = 0\n",
+        forward_toml(&format!("filter = \"{deep}\""))
+    ));
+    assert!(config.is_ok(), "{config:?}");
 }

@@ -82,6 +82,14 @@ pub(crate) const TOPIC_ALIAS_MAXIMUM: IntRange = IntRange {
     unit: "",
 };
 
+/// A topic of 65,535 bytes (the longest MQTT string) has at most 65,536
+/// levels; 0 means no limit.
+pub(crate) const MAX_TOPIC_LEVELS: IntRange = IntRange {
+    lo: 0,
+    hi: 65_536,
+    unit: "",
+};
+
 /// Aliases we send are bounded by the client's 16-bit Topic Alias Maximum;
 /// 0 means we never send one.
 pub(crate) const SERVER_TOPIC_ALIASES: IntRange = IntRange {
@@ -310,6 +318,11 @@ fn check_limits(config: &Config, errors: &mut Vec<ConfigError>) {
         u64::from(limits.server_topic_aliases),
         errors,
     );
+    MAX_TOPIC_LEVELS.check(
+        "limits.max_topic_levels",
+        u64::from(limits.max_topic_levels),
+        errors,
+    );
 }
 
 fn check_storage(config: &Config, errors: &mut Vec<ConfigError>) {
@@ -492,7 +505,9 @@ fn check_bridge(config: &Config, index: usize, bridge: &Bridge, errors: &mut Vec
         ));
     }
     for (j, rule) in bridge.forward.iter().enumerate() {
-        check_forward(&key(&format!("forward[{j}]")), rule, errors);
+        let rule_key = key(&format!("forward[{j}]"));
+        check_forward(&rule_key, rule, errors);
+        check_forward_levels(&rule_key, rule, config.limits.max_topic_levels, errors);
     }
 }
 
@@ -612,6 +627,34 @@ fn check_forward(key: &str, rule: &Forward, errors: &mut Vec<ConfigError>) {
                 };
                 errors.push(ConfigError::new(prefix_key, message));
             }
+        }
+    }
+}
+
+/// A forward rule's filter, with either prefix, must stay within
+/// `limits.max_topic_levels`: the broker would refuse its subscription,
+/// and its messages could never be forwarded.
+fn check_forward_levels(key: &str, rule: &Forward, max_levels: u32, errors: &mut Vec<ConfigError>) {
+    for (name, prefix) in [
+        ("local_prefix", &rule.local_prefix),
+        ("remote_prefix", &rule.remote_prefix),
+    ] {
+        let joined = format!("{prefix}{}", rule.filter);
+        if ferrymq_codec::topic::exceeds_levels(&joined, max_levels) {
+            let levels = joined.split('/').count();
+            let (what, at) = if prefix.is_empty() {
+                ("the filter".to_owned(), format!("{key}.filter"))
+            } else {
+                (format!("{name} + the filter"), format!("{key}.{name}"))
+            };
+            errors.push(ConfigError::new(
+                at,
+                format!(
+                    "{what} has {levels} topic levels, more than limits.max_topic_levels \
+                     ({max_levels})"
+                ),
+            ));
+            return;
         }
     }
 }

@@ -43,6 +43,9 @@ pub struct QueueReport {
     pub queues: Vec<QueueLine>,
     /// Retained messages.
     pub retained: u64,
+    /// Retained messages and subscriptions with more topic levels than
+    /// `max_topic_levels`: a broker with that limit skips them at start.
+    pub over_level_limit: u64,
     /// Whether a running broker holds the data directory (a snapshot).
     pub running: bool,
 }
@@ -212,7 +215,13 @@ impl fmt::Display for ListedMessage {
 }
 
 /// Reads the report from the store in `data_dir`.
-pub fn queue_stats(data_dir: &Path, running: bool) -> Result<QueueReport, StoreError> {
+/// `max_topic_levels` (0: none) is the limit the report counts records
+/// beyond, as a broker with that limit would skip them at start.
+pub fn queue_stats(
+    data_dir: &Path,
+    running: bool,
+    max_topic_levels: u32,
+) -> Result<QueueReport, StoreError> {
     let reader = Reader::open(data_dir, running)?;
     let db = reader.db();
     let now_ms = reader.now_ms();
@@ -273,9 +282,18 @@ pub fn queue_stats(data_dir: &Path, running: bool) -> Result<QueueReport, StoreE
             oldest: oldest(number),
         });
     }
-    report.retained = db
-        .iterator_cf(reader.cf("retained")?, IteratorMode::Start)
-        .count() as u64;
+    let too_deep = |topic: &[u8]| {
+        ferrymq_codec::topic::exceeds_levels(&String::from_utf8_lossy(topic), max_topic_levels)
+    };
+    for item in db.iterator_cf(reader.cf("retained")?, IteratorMode::Start) {
+        let (topic, _) = item.map_err(|e| StoreError(e.to_string()))?;
+        report.retained += 1;
+        report.over_level_limit += u64::from(too_deep(&topic));
+    }
+    for item in db.iterator_cf(reader.cf("subscriptions")?, IteratorMode::Start) {
+        let (key, _) = item.map_err(|e| StoreError(e.to_string()))?;
+        report.over_level_limit += u64::from(key.get(8..).is_some_and(too_deep));
+    }
     Ok(report)
 }
 
@@ -361,6 +379,15 @@ impl fmt::Display for QueueReport {
             total,
             human_bytes(bytes),
             self.retained
-        )
+        )?;
+        if self.over_level_limit > 0 {
+            writeln!(
+                f,
+                "{} retained messages or subscriptions have more topic levels than \
+                 limits.max_topic_levels: skipped at start, kept on disk",
+                self.over_level_limit
+            )?;
+        }
+        Ok(())
     }
 }
