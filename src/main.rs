@@ -278,7 +278,23 @@ fn init_logging() {
         .init();
 }
 
+/// How often free heap memory is handed back to the system.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn serve(config: Config) -> anyhow::Result<()> {
+    // The allocator gives memory back after a burst (see
+    // ferrymq_broker::memory): a fixed mmap threshold from the start, and
+    // free pages returned every few seconds by a thread of its own, so the
+    // heap walk never holds up a connection.
+    ferrymq_broker::memory::configure();
+    std::thread::Builder::new()
+        .name("ferrymq-trim".into())
+        .spawn(|| {
+            loop {
+                std::thread::sleep(TRIM_EVERY);
+                ferrymq_broker::memory::trim();
+            }
+        })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -486,3 +486,72 @@ fn sigterm_disconnects_clients_with_0x8b_and_exits_cleanly() {
     );
     assert_eq!(v3.until_closed(), []);
 }
+
+/// `ListenOverflows` + `ListenDrops` of this network namespace
+/// (`/proc/net/netstat`, TcpExt).
+fn listen_queue_drops() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .filter(|(name, _)| matches!(*name, "ListenOverflows" | "ListenDrops"))
+        .map(|(_, v)| v.parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The soft limit on open files of this process.
+fn open_files_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Regression for "connect bursts overflow a 128-entry listen queue": a
+/// fleet reconnecting at once is 5,000 connection attempts in a burst.
+#[test]
+fn a_burst_of_5000_connections_overflows_no_listen_queue_and_all_are_connacked() {
+    const BURST: usize = 5_000;
+    if open_files_limit() < BURST as u64 + 500 {
+        eprintln!(
+            "skipped: this process may open only {} files, the burst needs {}",
+            open_files_limit(),
+            BURST + 500
+        );
+        return;
+    }
+    let broker = Broker::start("[limits]\nconnect_timeout_secs = 60");
+    let before = listen_queue_drops();
+    let mut streams: Vec<std::net::TcpStream> = (0..BURST)
+        .map(|_| std::net::TcpStream::connect(broker.addr).unwrap())
+        .collect();
+    let after_connects = listen_queue_drops();
+    let mut raws: Vec<Raw> = streams
+        .drain(..)
+        .enumerate()
+        .map(|(i, stream)| {
+            let mut raw = Raw::over(stream, Protocol::V311);
+            raw.send(&Packet::Connect(Box::new(connect_packet(
+                Protocol::V311,
+                &format!("fleet-{i}"),
+            ))));
+            raw
+        })
+        .collect();
+    for raw in &mut raws {
+        match raw.recv_within(Duration::from_secs(60)) {
+            Some(Packet::ConnAck(ack)) => assert_eq!(ack.reason_code, ReasonCode::SUCCESS),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        after_connects - before,
+        0,
+        "the kernel dropped or overflowed the listen queue"
+    );
+}

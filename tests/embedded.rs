@@ -805,3 +805,63 @@ async fn a_panic_in_one_connection_closes_that_connection_only() {
     assert_eq!(recv(&mut bystander).await.payload, "1");
     broker.shutdown().await;
 }
+
+/// The in-process client gets every retained message too (regression for
+/// "a new subscriber gets 10,000 of 200,000 retained messages").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_process_subscriber_gets_every_one_of_200000_retained_messages() {
+    const RETAINED: usize = 200_000;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(config(&dir)).await.unwrap();
+    let publisher = broker
+        .connect(ClientOptions::new("retainer"))
+        .await
+        .unwrap()
+        .publisher();
+    let mut acks = Vec::with_capacity(RETAINED);
+    for i in 0..RETAINED {
+        let ack = publisher
+            .submit(Publish {
+                topic: s(&format!("shadow/{i:06}")),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                payload: Bytes::from_static(&[b'v'; 100]),
+                ..Publish::default()
+            })
+            .await
+            .unwrap();
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let mut options = ClientOptions::new("dashboard");
+    options.receive_capacity = 16;
+    let mut dashboard = broker.connect(options).await.unwrap();
+    dashboard
+        .subscribe("shadow/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut previous = String::new();
+    for i in 0..RETAINED {
+        let m = recv(&mut dashboard).await;
+        assert!(m.retain);
+        assert_eq!(
+            m.topic.as_str(),
+            format!("shadow/{i:06}"),
+            "after {previous}"
+        );
+        previous = m.topic.to_string();
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), dashboard.recv())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+    assert_eq!(
+        ferrymq_broker::Stats::get(&broker.stats().messages_dropped_queue_full),
+        0
+    );
+    broker.shutdown().await;
+}

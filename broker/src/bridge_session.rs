@@ -149,18 +149,14 @@ pub(crate) fn ensure(shared: &Shared) {
                 subscription: record,
             });
             if existing.is_none() {
-                let mut entries = Vec::new();
-                shared.retained.matching(&filter, &mut entries);
-                let now = Instant::now();
-                entries.retain(|e| !e.message.is_expired(now));
-                retained.push((entries, options.qos));
+                retained.push((filter.clone(), options.qos));
             }
         }
         batch.submit();
         let outbox = state.outbox.clone();
         shared.sessions.insert_offline(state, Instant::now());
-        for (entries, granted) in retained {
-            publish::deliver_retained(shared, &outbox, entries, granted, None);
+        for (filter, granted) in retained {
+            publish::queue_retained(shared, &outbox, &filter, granted);
         }
     }
 }

@@ -933,6 +933,14 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     /// client's window and the buffer allow: first from the session's own
     /// outbox, then pulled from the shared subscription groups it belongs to.
     fn drain(&mut self, durable: Ticket) -> Drain {
+        if self.engine.state.replaying() {
+            // Retained messages of new subscriptions go first: live ones
+            // wait in the queue behind them (see `replay.rs`).
+            match self.drain_replays(durable) {
+                Drain::Empty => {}
+                waiting => return waiting,
+            }
+        }
         let own = self.engine.state.outbox.clone();
         let mut result = self.drain_from(&own, durable, None);
         if !self.engine.state.groups.is_empty() && result != Drain::OutFull {
@@ -948,6 +956,76 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             }
         }
         result
+    }
+
+    /// Sends retained messages of new subscriptions while the store, the
+    /// client's window and the write buffer allow.
+    fn drain_replays(&mut self, durable: Ticket) -> Drain {
+        let shared = self.shared;
+        // Out of the session while the engine is used beside it.
+        let Some(mut replays) = self.engine.state.replays.take() else {
+            return Drain::Empty;
+        };
+        let now = Instant::now();
+        let now_ms = shared.clock.now_ms();
+        let mut expired = Vec::new();
+        let mut sent = 0;
+        let state = loop {
+            if self.io.out.len() >= OUT_HIGH_WATER {
+                break Drain::OutFull;
+            }
+            let engine = &self.engine;
+            let delivery = match replays.pop_ready(
+                &shared.retained,
+                durable,
+                now,
+                now_ms,
+                |qos| engine.can_send(qos),
+                &mut expired,
+            ) {
+                Pop::Got(d) => d,
+                Pop::Empty => break Drain::Empty,
+                Pop::WaitDurable => break Drain::WaitDurable,
+                Pop::WaitWindow => break Drain::WaitWindow,
+            };
+            if self.send(delivery, now) {
+                sent += 1;
+            }
+        };
+        self.engine.state.replays = Some(replays);
+        Stats::add(&shared.stats.messages_sent, sent);
+        if !expired.is_empty() {
+            // Expired retained messages are never sent, and go.
+            let mut batch = Batch::new(shared.store.as_ref());
+            for topic in expired {
+                if shared.retained.remove_expired(&topic, now) {
+                    batch.push(StoreOp::RetainedDelete(topic));
+                }
+            }
+            batch.submit();
+        }
+        state
+    }
+
+    /// Hands a delivery to the engine and encodes what it sends; whether
+    /// it was sent (not dropped as too large or expired, counted).
+    fn send(&mut self, delivery: Delivery, now: Instant) -> bool {
+        match self.engine.deliver(delivery, now, &mut self.ops) {
+            Delivered::Send(out) => {
+                if let Err(e) = out.view().encode(self.engine.protocol, &mut self.io.out) {
+                    warn!(topic = %out.message.topic, "could not encode a delivery: {e}");
+                }
+                true
+            }
+            Delivered::TooLarge => {
+                Stats::add(&self.shared.stats.messages_dropped_too_large, 1);
+                false
+            }
+            Delivered::Expired => {
+                Stats::add(&self.shared.stats.messages_expired, 1);
+                false
+            }
+        }
     }
 
     fn drain_from(
@@ -988,15 +1066,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 }
                 None => delivery,
             };
-            match self.engine.deliver(delivery, now, &mut self.ops) {
-                Delivered::Send(out) => {
-                    if let Err(e) = out.view().encode(self.engine.protocol, &mut self.io.out) {
-                        warn!(topic = %out.message.topic, "could not encode a delivery: {e}");
-                    }
-                    sent += 1;
-                }
-                Delivered::TooLarge => Stats::add(&self.shared.stats.messages_dropped_too_large, 1),
-                Delivered::Expired => Stats::add(&self.shared.stats.messages_expired, 1),
+            if self.send(delivery, now) {
+                sent += 1;
             }
         };
         Stats::add(&self.shared.stats.messages_sent, sent);
@@ -1245,18 +1316,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 codec::RetainHandling::DoNotSend => false,
             };
             if send_retained {
-                let mut entries = Vec::new();
-                shared.retained.matching(&s.filter, &mut entries);
-                // Expired retained messages are never sent, and go.
-                let now = Instant::now();
-                entries.retain(|e| {
-                    let expired = e.message.is_expired(now);
-                    if expired && shared.retained.remove_expired(&e.message.topic, now) {
-                        batch.push(StoreOp::RetainedDelete(e.message.topic.clone()));
-                    }
-                    !expired
-                });
-                retained.push((entries, options.qos, identifier));
+                retained.push((s.filter.clone(), options.qos, identifier));
             }
             reason_codes.push(ReasonCode(options.qos as u8));
         }
@@ -1267,11 +1327,12 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             properties: Default::default(),
         };
         // The SUBACK leaves once the subscription is durable; the retained
-        // messages queue behind it in the outbox.
-        let outbox = state.outbox.clone();
+        // messages are streamed after it (`replay.rs`), from a cursor made
+        // now that the subscriptions are in the router.
         self.engine.reply_after(ticket, Packet::SubAck(suback));
-        for (entries, granted, identifier) in retained {
-            publish::deliver_retained(shared, &outbox, entries, granted, identifier);
+        for (filter, granted, identifier) in retained {
+            let replays = self.engine.state.replays.get_or_insert_default();
+            replays.start(&shared.retained, &filter, granted, identifier, ticket);
         }
         None
     }
@@ -1289,6 +1350,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 continue;
             }
             let existed = state.subscriptions.remove(filter).is_some();
+            if let Some(replays) = state.replays.as_mut() {
+                replays.cancel(filter);
+            }
             if existed {
                 match state.groups.remove(filter) {
                     Some((group, _)) => {

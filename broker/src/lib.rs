@@ -43,9 +43,11 @@ mod data_dir;
 mod deep_tests;
 mod engine;
 mod level_tree;
+pub mod memory;
 mod message;
 mod outbox;
 mod publish;
+mod replay;
 mod retained;
 mod router;
 mod server;
@@ -272,7 +274,7 @@ impl Broker {
         let recovered = store.load()?;
         let identity = store.identity();
         let clock = store.clock();
-        let listeners = server::bind(&config.listeners).await?;
+        let listeners = server::bind(&config.listeners)?;
         let local_addrs = listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())

@@ -12,7 +12,6 @@ use crate::Shared;
 use crate::engine::RouteOutcome;
 use crate::message::{Message, SessionId};
 use crate::outbox::{Delivery, Outbox, Pushed};
-use crate::retained::RetainedEntry;
 use crate::router::{Route, RouteCache};
 use crate::stats::Stats;
 use crate::storage::{Batch, StoreOp, Ticket};
@@ -261,41 +260,37 @@ fn dropped(shared: &Shared, outbox: &Outbox) {
     }
 }
 
-/// Queues the retained messages `entries` for a session that just
-/// subscribed with granted QoS `granted` (and Subscription Identifier
-/// `identifier`), with the RETAIN flag set.
-pub(crate) fn deliver_retained(
-    shared: &Shared,
-    outbox: &Outbox,
-    entries: Vec<RetainedEntry>,
-    granted: QoS,
-    identifier: Option<u32>,
-) {
-    let identifiers: Option<Arc<[u32]>> = identifier.map(|id| Arc::from([id]));
-    if entries.is_empty() {
-        return;
-    }
-    let mut batch = Batch::new(shared.store.as_ref());
-    let queued_ms = shared.clock.now_ms();
-    for entry in entries {
-        let qos = entry.message.qos.min(granted);
-        let delivery = Delivery {
-            stored: false,
-            queue: 0,
-            message: entry.message,
-            qos,
-            retain: true,
-            seq: 0,
-            ticket: entry.ticket,
-            identifiers: identifiers.clone(),
-            group: None,
-            queued_ms,
-        };
-        // Never blocks: a subscriber's own retained messages that do not
-        // fit its queue are dropped (counted).
-        if let PushResult::Full = push(shared, outbox, delivery, &mut batch) {
-            dropped(shared, outbox);
+/// Queues the retained messages matching `filter` into a bridge's queue
+/// (its outbox is durable and bounded far above a session's; what does not
+/// fit is dropped and counted), read from the retained set a page at a
+/// time. Network clients get theirs streamed instead (`replay.rs`).
+pub(crate) fn queue_retained(shared: &Shared, outbox: &Outbox, filter: &str, granted: QoS) {
+    let mut cursor = shared.retained.cursor(filter);
+    let mut page = Vec::new();
+    let now = tokio::time::Instant::now();
+    while !cursor.is_done() {
+        page.clear();
+        shared.retained.next_page(&mut cursor, 256, &mut page);
+        let mut batch = Batch::new(shared.store.as_ref());
+        let queued_ms = shared.clock.now_ms();
+        for entry in page.drain(..).filter(|e| !e.message.is_expired(now)) {
+            let qos = entry.message.qos.min(granted);
+            let delivery = Delivery {
+                stored: false,
+                queue: 0,
+                message: entry.message,
+                qos,
+                retain: true,
+                seq: 0,
+                ticket: entry.ticket,
+                identifiers: None,
+                group: None,
+                queued_ms,
+            };
+            if let PushResult::Full = push(shared, outbox, delivery, &mut batch) {
+                dropped(shared, outbox);
+            }
         }
+        batch.submit();
     }
-    batch.submit();
 }

@@ -1,8 +1,18 @@
 //! Retained messages: the last retained message of each topic, in a tree
 //! of topic levels so that a subscription's filter finds its matches
 //! without scanning every topic.
+//!
+//! The children of a node are kept in order (a B-tree), so the matches of
+//! a filter come out in one deterministic order (topic levels compared
+//! byte-wise, a topic before the topics below it) and a walk can stop
+//! after a page and resume after the last topic it returned
+//! ([`RetainedCursor`]): a new subscription is sent its retained messages
+//! a page at a time, as fast as its client takes them, without a copy of
+//! the matching set.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::collections::btree_map;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -18,11 +28,14 @@ pub struct RetainedEntry {
     pub message: Arc<Message>,
     /// Deliveries of it wait for this ticket.
     pub ticket: Ticket,
+    /// When it was set, in the set's own sequence: a cursor skips entries
+    /// set after it was made (those reach a subscriber as live messages).
+    pub version: u64,
 }
 
 #[derive(Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
+    children: BTreeMap<Box<str>, Node>,
     entry: Option<RetainedEntry>,
 }
 
@@ -55,18 +68,53 @@ impl LevelNode for Node {
 /// tree must not recurse once per level (see the router's `Node`).
 impl Drop for Node {
     fn drop(&mut self) {
-        let mut stack: Vec<Node> = self.children.drain().map(|(_, n)| n).collect();
+        let mut stack: Vec<Node> = std::mem::take(&mut self.children).into_values().collect();
         while let Some(mut node) = stack.pop() {
-            stack.extend(node.children.drain().map(|(_, n)| n));
+            stack.extend(std::mem::take(&mut node.children).into_values());
         }
     }
+}
+
+/// The tree and the sequence that versions its entries.
+#[derive(Default)]
+struct Tree {
+    root: Node,
+    /// The version of the last entry set.
+    version: u64,
 }
 
 /// All retained messages. Written by retained publishes, read by subscribes.
 #[derive(Default)]
 pub struct Retained {
-    /// The tree; write-locked per retained publish, read-locked per subscribe.
-    tree: RwLock<Node>,
+    /// The tree; write-locked per retained publish, read-locked per page
+    /// of a subscription's retained messages.
+    tree: RwLock<Tree>,
+}
+
+/// Where a walk over the retained messages matching one filter stands.
+/// Made by [`Retained::cursor`], advanced by [`Retained::next_page`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedCursor {
+    /// The (valid, non-shared) filter.
+    filter: Box<str>,
+    /// The topic of the last entry returned: the walk resumes after it.
+    after: Option<Box<str>>,
+    /// Entries of a higher version were set after the cursor was made.
+    up_to_version: u64,
+    /// Every match has been returned.
+    done: bool,
+}
+
+impl RetainedCursor {
+    /// Whether every match has been returned.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The filter it walks.
+    pub fn filter(&self) -> &str {
+        &self.filter
+    }
 }
 
 impl Retained {
@@ -75,14 +123,20 @@ impl Retained {
     pub fn set(&self, message: Arc<Message>, ticket: Ticket) -> bool {
         let mut tree = self.tree.write();
         if message.payload.is_empty() {
-            return remove(&mut tree, &message.topic);
+            return remove(&mut tree.root, &message.topic);
         }
-        let mut node = &mut *tree;
+        tree.version += 1;
+        let version = tree.version;
+        let mut node = &mut tree.root;
         for level in message.topic.split('/') {
             node = node.children.entry(level.into()).or_default();
         }
         node.entry
-            .replace(RetainedEntry { message, ticket })
+            .replace(RetainedEntry {
+                message,
+                ticket,
+                version,
+            })
             .is_some()
     }
 
@@ -90,7 +144,7 @@ impl Retained {
     /// returns whether it did.
     pub fn remove_expired(&self, topic: &str, now: tokio::time::Instant) -> bool {
         let mut tree = self.tree.write();
-        let mut node = &*tree;
+        let mut node = &tree.root;
         for level in topic.split('/') {
             match node.children.get(level) {
                 Some(child) => node = child,
@@ -104,31 +158,69 @@ impl Retained {
         {
             return false;
         }
-        remove(&mut tree, topic)
+        remove(&mut tree.root, topic)
+    }
+
+    /// A cursor over the retained messages matching the (valid,
+    /// non-shared) `filter` now: messages set later are not returned by
+    /// it.
+    pub fn cursor(&self, filter: &str) -> RetainedCursor {
+        RetainedCursor {
+            filter: filter.into(),
+            after: None,
+            up_to_version: self.tree.read().version,
+            done: false,
+        }
+    }
+
+    /// Appends up to `max` of the cursor's next matches to `out`, in topic
+    /// order, and moves the cursor past them. Matches cleared or replaced
+    /// since the cursor was made are not returned.
+    pub fn next_page(&self, cursor: &mut RetainedCursor, max: usize, out: &mut Vec<RetainedEntry>) {
+        if cursor.done {
+            return;
+        }
+        let tree = self.tree.read();
+        let filter: Vec<&str> = cursor.filter.split('/').collect();
+        let after: Option<Vec<&str>> = cursor.after.as_deref().map(|t| t.split('/').collect());
+        let walk = Walk {
+            filter: &filter,
+            after: after.as_deref().unwrap_or_default(),
+            up_to_version: cursor.up_to_version,
+        };
+        let start = out.len();
+        let last = walk.run(&tree.root, after.is_some(), max, out);
+        match last {
+            Some(topic) if out.len() - start >= max => cursor.after = Some(topic.into()),
+            _ => cursor.done = true,
+        }
     }
 
     /// Appends every retained message matching the (valid, non-shared)
-    /// `filter` to `out`.
+    /// `filter` to `out`, in topic order.
+    #[cfg(test)]
     pub fn matching(&self, filter: &str, out: &mut Vec<RetainedEntry>) {
-        let tree = self.tree.read();
-        let levels: Vec<&str> = filter.split('/').collect();
-        collect(&tree, &levels, out);
+        let mut cursor = self.cursor(filter);
+        self.next_page(&mut cursor, usize::MAX, out);
     }
 
     /// Number of retained messages.
     #[cfg(test)]
     pub fn len(&self) -> usize {
+        let tree = self.tree.read();
+        let mut stack = vec![&tree.root];
         let mut n = 0;
-        for_each_below(&self.tree.read(), |e| {
-            n += usize::from(e.is_some());
-        });
+        while let Some(node) = stack.pop() {
+            n += usize::from(node.entry.is_some());
+            stack.extend(node.children.values());
+        }
         n
     }
 
     /// True when no message is retained.
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.tree.read().root.is_empty()
     }
 }
 
@@ -146,51 +238,143 @@ fn remove(root: &mut Node, topic: &str) -> bool {
     true
 }
 
-/// Appends the retained messages matching a filter's `levels` below
-/// `root`. The frontier is a heap stack, so a filter of any depth costs
-/// heap, never call stack; the work is one step per tree node the filter
-/// reaches. Wildcards at the first level skip topics starting with `$`
-/// [MQTT-4.7.2-1].
-fn collect(root: &Node, levels: &[&str], out: &mut Vec<RetainedEntry>) {
-    let mut stack = vec![(root, 0usize)];
-    while let Some((node, depth)) = stack.pop() {
-        let Some(level) = levels.get(depth) else {
-            out.extend(node.entry.iter().cloned());
-            continue;
-        };
-        let at_root = depth == 0;
-        let visible = |name: &str| !(at_root && name.starts_with('$'));
-        match *level {
-            "#" => {
-                // `a/#` also matches `a` itself.
-                if !at_root {
-                    out.extend(node.entry.iter().cloned());
-                }
-                for (name, child) in &node.children {
-                    if visible(name) {
-                        for_each_below(child, |e| out.extend(e.iter().cloned()));
+/// One page of a walk: a filter's levels, the levels of the topic the
+/// walk resumes after (empty: from the start), and the newest version
+/// to return.
+struct Walk<'f> {
+    filter: &'f [&'f str],
+    after: &'f [&'f str],
+    up_to_version: u64,
+}
+
+/// What a frame of the walk matches below its node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The filter's remaining levels.
+    Filter,
+    /// Everything (below a `#`).
+    Everything,
+}
+
+/// A node being walked, with the children still to visit.
+struct Frame<'t> {
+    node: &'t Node,
+    depth: usize,
+    /// The node lies on the resumed topic's path (it and its ancestors
+    /// equal that topic's first levels): it comes before the resume point.
+    on_path: bool,
+    mode: Mode,
+    /// `None` until the node itself has been looked at.
+    children: Option<btree_map::Range<'t, Box<str>, Node>>,
+}
+
+impl<'f> Walk<'f> {
+    /// Walks depth first, a node's entry before its children, children in
+    /// order, from after the resume point, appending up to `max` matches.
+    /// A heap stack, not recursion: a topic may have 65,536 levels. The
+    /// work is the path down to the resume point plus one step per node
+    /// visited. Returns the topic of the last entry appended.
+    fn run<'t>(
+        &self,
+        root: &'t Node,
+        resuming: bool,
+        max: usize,
+        out: &mut Vec<RetainedEntry>,
+    ) -> Option<&'t str> {
+        let mut stack = vec![Frame {
+            node: root,
+            depth: 0,
+            on_path: resuming,
+            mode: Mode::Filter,
+            children: None,
+        }];
+        let mut taken = 0;
+        let mut last = None;
+        while let Some(frame) = stack.last_mut() {
+            if frame.children.is_none() {
+                if let Some(entry) = self.emits(frame) {
+                    out.push(entry.clone());
+                    last = Some(entry.message.topic.as_str());
+                    taken += 1;
+                    if taken >= max {
+                        return last;
                     }
                 }
+                frame.children = Some(self.children(frame));
             }
-            "+" => stack.extend(
-                node.children
-                    .iter()
-                    .filter(|(name, _)| visible(name))
-                    .map(|(_, child)| (child, depth + 1)),
-            ),
-            literal => stack.extend(node.children.get(literal).map(|child| (child, depth + 1))),
+            let (depth, on_path, mode) = (frame.depth, frame.on_path, frame.mode);
+            let next = frame.children.as_mut().and_then(Iterator::next);
+            let Some((name, child)) = next else {
+                stack.pop();
+                continue;
+            };
+            let level = self.filter.get(depth).copied();
+            // [MQTT-4.7.2-1]: a wildcard first level does not match `$` topics.
+            if depth == 0 && matches!(level, Some("+" | "#")) && name.starts_with('$') {
+                continue;
+            }
+            stack.push(Frame {
+                node: child,
+                depth: depth + 1,
+                on_path: on_path && self.after.get(depth) == Some(&&**name),
+                mode: if level == Some("#") {
+                    Mode::Everything
+                } else {
+                    mode
+                },
+                children: None,
+            });
+        }
+        last
+    }
+
+    /// The frame's own entry, if it matches and comes after the resume
+    /// point.
+    fn emits<'t>(&self, frame: &Frame<'t>) -> Option<&'t RetainedEntry> {
+        let matches = match frame.mode {
+            Mode::Everything => true,
+            // `a/#` matches `a` itself (the root holds no entry).
+            Mode::Filter => {
+                frame.depth == self.filter.len() || self.filter.get(frame.depth) == Some(&"#")
+            }
+        };
+        let entry = frame.node.entry.as_ref()?;
+        (matches && !frame.on_path && entry.version <= self.up_to_version).then_some(entry)
+    }
+
+    /// The children of the frame's node the walk visits: those its filter
+    /// level allows, from the resume point's level on (when on its path).
+    fn children<'t>(&self, frame: &Frame<'t>) -> btree_map::Range<'t, Box<str>, Node> {
+        let children = &frame.node.children;
+        let from = match self.after.get(frame.depth) {
+            Some(level) if frame.on_path => Bound::Included(*level),
+            _ => Bound::Unbounded,
+        };
+        let level = match frame.mode {
+            Mode::Everything => None,
+            Mode::Filter => match self.filter.get(frame.depth) {
+                // The filter ends here: nothing below matches.
+                None => return children.range::<str, _>(empty()),
+                Some(&("+" | "#")) => None,
+                Some(literal) => Some(*literal),
+            },
+        };
+        match (level, from) {
+            (None, from) => children.range::<str, _>((from, Bound::Unbounded)),
+            (Some(literal), Bound::Included(resume)) if literal < resume => {
+                children.range::<str, _>(empty())
+            }
+            (Some(literal), _) => {
+                children.range::<str, _>((Bound::Included(literal), Bound::Included(literal)))
+            }
         }
     }
 }
 
-/// Calls `f` with the entry slot of `node` and of every node below it,
-/// depth first, with a heap stack.
-fn for_each_below(node: &Node, mut f: impl FnMut(&Option<RetainedEntry>)) {
-    let mut stack = vec![node];
-    while let Some(node) = stack.pop() {
-        f(&node.entry);
-        stack.extend(node.children.values());
-    }
+/// A range no key is in (a B-tree range's bounds must not be equal and
+/// both excluded, nor crossed).
+fn empty<'a>() -> (Bound<&'a str>, Bound<&'a str>) {
+    (Bound::Excluded(""), Bound::Included(""))
 }
 
 #[cfg(test)]
@@ -233,7 +417,10 @@ pub(crate) mod tests {
         assert_eq!(out[0].message.payload, "2");
         assert!(r.set(message("a/b", ""), 0));
         assert!(r.is_empty());
-        assert!(r.tree.read().is_empty(), "cleared topics leave no nodes");
+        assert!(
+            r.tree.read().root.is_empty(),
+            "cleared topics leave no nodes"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrymq_config::Listener;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
@@ -14,19 +14,43 @@ use crate::{Shared, StartError};
 
 /// Binds every configured listener. Nothing is accepted until
 /// [`accept_loop`] runs, so a failure here leaves nothing half-started.
-pub(crate) async fn bind(listeners: &[Listener]) -> Result<Vec<TcpListener>, StartError> {
+pub(crate) fn bind(listeners: &[Listener]) -> Result<Vec<TcpListener>, StartError> {
     let mut bound = Vec::with_capacity(listeners.len());
     for (index, l) in listeners.iter().enumerate() {
-        let socket = TcpListener::bind(l.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                key: format!("listener[{index}].bind"),
-                addr: l.bind,
-                source,
-            })?;
+        let backlog = l.backlog.unwrap_or_else(system_backlog);
+        let socket = listen(l.bind, backlog).map_err(|source| StartError::Bind {
+            key: format!("listener[{index}].bind"),
+            addr: l.bind,
+            source,
+        })?;
         bound.push(socket);
     }
     Ok(bound)
+}
+
+/// Binds `addr` and listens with a queue of `backlog` connections (the
+/// kernel caps it at `net.core.somaxconn`). Address reuse as tokio's own
+/// `bind` sets it, so a restarted broker can bind while old connections
+/// linger in TIME_WAIT.
+fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The system's largest listen backlog: `net.core.somaxconn`, or 4096
+/// (Linux's default since 5.4) where it cannot be read.
+fn system_backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&v: &u32| v > 0)
+        .unwrap_or(4096)
 }
 
 /// Accepts connections until shutdown. Each connection holds a permit of

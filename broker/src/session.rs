@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::outbox::{Delivery, Outbox};
+use crate::replay::Replays;
 use crate::shared_sub::{Member, SharedGroup};
 use crate::storage::SubscriptionRecord;
 
@@ -64,6 +65,9 @@ pub struct SessionState {
     /// The shared subscription groups it is a member of, with its
     /// membership (by the `$share/...` filter it subscribed with).
     pub groups: BTreeMap<MqttString, (Arc<SharedGroup>, Member)>,
+    /// Retained messages still to send to new subscriptions (boxed on
+    /// first use: most sessions have none most of the time).
+    pub replays: Option<Box<Replays>>,
 }
 
 /// A will whose publication waits for its delay. Dropping it cancels the
@@ -93,7 +97,13 @@ impl SessionState {
             stored: false,
             pending_will: None,
             groups: BTreeMap::new(),
+            replays: None,
         }
+    }
+
+    /// Whether retained messages wait to be sent to a new subscription.
+    pub fn replaying(&self) -> bool {
+        self.replays.as_ref().is_some_and(|r| !r.is_empty())
     }
 
     /// Whether the session outlives its connection.

@@ -92,6 +92,12 @@ pub struct Listener {
     pub bind: SocketAddr,
     /// `protocol`: default `"tcp"`.
     pub protocol: ListenerProtocol,
+    /// `backlog`: how many connections the kernel queues for this listener
+    /// before they are accepted, so a fleet reconnecting at once (after a
+    /// power cut) is not dropped. `None` (the default): the system's
+    /// maximum (`/proc/sys/net/core/somaxconn`). Range: 1 ..= 65535 (the
+    /// kernel caps it at its maximum).
+    pub backlog: Option<u32>,
 }
 
 /// What a listener speaks. The contract names `tls`, `ws` and `wss` too;
@@ -470,6 +476,7 @@ impl Default for Listener {
         Listener {
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 1883)),
             protocol: ListenerProtocol::Tcp,
+            backlog: None,
         }
     }
 }

@@ -39,6 +39,7 @@ pub(crate) struct RawConfig {
 struct RawListener {
     bind: Option<String>,
     protocol: Option<String>,
+    backlog: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,7 +141,7 @@ pub(crate) const TABLES: &[Table] = &[
     Table {
         header: "[[listener]]",
         path: &["listener"],
-        keys: &["bind", "protocol"],
+        keys: &["bind", "protocol", "backlog"],
         planned: &["cert", "key", "client_ca"],
     },
     Table {
@@ -530,9 +531,20 @@ impl RawListener {
                 ListenerProtocol::Tcp
             }
         };
+        // The range is checked with the whole config (`validate`); here
+        // only what does not fit the type.
+        let backlog = self.backlog.and_then(|Int(v)| {
+            u32::try_from(v)
+                .map_err(|_| {
+                    let key = format!("listener[{index}].backlog");
+                    errors.push(validate::LISTEN_BACKLOG.error(&key, v));
+                })
+                .ok()
+        });
         let listener = Listener {
             bind: bind.unwrap_or(fallback.bind),
             protocol,
+            backlog,
         };
         (listener, bind.is_some())
     }

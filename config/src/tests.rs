@@ -39,6 +39,7 @@ fn tcp(bind: &str) -> Listener {
     Listener {
         bind: addr(bind),
         protocol: ListenerProtocol::Tcp,
+        backlog: None,
     }
 }
 
@@ -137,6 +138,7 @@ fn every_key_parsed() {
         [[listener]]
         bind = "127.0.0.1:1884"
         protocol = "tcp"
+        backlog = 512
 
         [[listener]]
         bind = "[::1]:0"
@@ -167,7 +169,13 @@ fn every_key_parsed() {
         |c| {
             c.node_id = "edge-01".into();
             c.data_dir = "/var/lib/ferrymq".into();
-            c.listeners = vec![tcp("127.0.0.1:1884"), tcp("[::1]:0")];
+            c.listeners = vec![
+                Listener {
+                    backlog: Some(512),
+                    ..tcp("127.0.0.1:1884")
+                },
+                tcp("[::1]:0"),
+            ];
             c.auth.allow_anonymous = false;
             c.limits = Limits {
                 max_connections: 5,
@@ -632,6 +640,18 @@ fn listener_bind() {
             r#"listener[0].bind: missing; every [[listener]] needs an address like "127.0.0.1:1883""#,
         ],
     );
+}
+
+#[test]
+fn listener_backlog() {
+    for (value, expected) in [("0", "0"), ("65536", "65536"), ("-1", "-1")] {
+        check_err(
+            &format!("[[listener]]\nbind = \"127.0.0.1:1883\"\nbacklog = {value}"),
+            &[&format!(
+                "listener[0].backlog: must be between 1 and 65535, got {expected}"
+            )],
+        );
+    }
 }
 
 #[test]

@@ -82,6 +82,14 @@ pub(crate) const TOPIC_ALIAS_MAXIMUM: IntRange = IntRange {
     unit: "",
 };
 
+/// A listen backlog: at least one, and what `listen(2)` takes (the kernel
+/// caps it at `net.core.somaxconn`).
+pub(crate) const LISTEN_BACKLOG: IntRange = IntRange {
+    lo: 1,
+    hi: 65_535,
+    unit: "",
+};
+
 /// A topic of 65,535 bytes (the longest MQTT string) has at most 65,536
 /// levels; 0 means no limit.
 pub(crate) const MAX_TOPIC_LEVELS: IntRange = IntRange {
@@ -235,6 +243,15 @@ fn check_listeners(config: &Config, unusable_binds: &[usize], errors: &mut Vec<C
             "listener",
             "at least one [[listener]] is required",
         ));
+    }
+    for (i, listener) in config.listeners.iter().enumerate() {
+        if let Some(backlog) = listener.backlog {
+            LISTEN_BACKLOG.check(
+                &format!("listener[{i}].backlog"),
+                u64::from(backlog),
+                errors,
+            );
+        }
     }
     let usable: Vec<(usize, std::net::SocketAddr)> = config
         .listeners

@@ -172,7 +172,11 @@ pub const WAIT: Duration = Duration::from_secs(5);
 impl Raw {
     /// Opens a TCP connection without sending anything.
     pub fn open(addr: SocketAddr, protocol: Protocol) -> Raw {
-        let stream = TcpStream::connect(addr).expect("connect");
+        Raw::over(TcpStream::connect(addr).expect("connect"), protocol)
+    }
+
+    /// A raw client on a connection opened already.
+    pub fn over(stream: TcpStream, protocol: Protocol) -> Raw {
         stream.set_nodelay(true).unwrap();
         Raw {
             stream,
