@@ -2,7 +2,7 @@
 //! of topic levels so that a subscription's filter finds its matches
 //! without scanning every topic.
 //!
-//! The children of a node are kept in order (a B-tree), so the matches of
+//! The children of a node are kept in order ([`Children`]), so the matches of
 //! a filter come out in one deterministic order (topic levels compared
 //! byte-wise, a topic before the topics below it) and a walk can stop
 //! after a page and resume after the last topic it returned
@@ -35,8 +35,149 @@ pub struct RetainedEntry {
 
 #[derive(Default)]
 struct Node {
-    children: BTreeMap<Box<str>, Node>,
+    children: Children,
     entry: Option<RetainedEntry>,
+}
+
+/// Children at most this many are a sorted vector; more, a B-tree.
+const FEW: usize = 16;
+
+/// The children of a node, in order of their names. Most nodes of a
+/// retained tree have one child or none (`sensors/42/temp`: one per
+/// level below the wide one), so a few children are a sorted vector
+/// sized exactly (a one-child node costs its child, 80 bytes); a B-tree
+/// (whose smallest node holds 11 slots, about 900 bytes) only serves
+/// wide nodes, where a vector's inserts would be linear.
+enum Children {
+    Few(Vec<(Box<str>, Node)>),
+    Many(BTreeMap<Box<str>, Node>),
+}
+
+impl Default for Children {
+    fn default() -> Self {
+        Children::Few(Vec::new())
+    }
+}
+
+/// Children in order, from [`Children::range`].
+enum ChildIter<'t> {
+    Few(std::slice::Iter<'t, (Box<str>, Node)>),
+    Many(btree_map::Range<'t, Box<str>, Node>),
+}
+
+impl<'t> Iterator for ChildIter<'t> {
+    type Item = (&'t str, &'t Node);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            ChildIter::Few(it) => it.next().map(|(k, v)| (&**k, v)),
+            ChildIter::Many(it) => it.next().map(|(k, v)| (&**k, v)),
+        }
+    }
+}
+
+impl Children {
+    fn len(&self) -> usize {
+        match self {
+            Children::Few(v) => v.len(),
+            Children::Many(m) => m.len(),
+        }
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, name: &str) -> Option<&Node> {
+        match self {
+            Children::Few(v) => v
+                .binary_search_by(|(k, _)| (**k).cmp(name))
+                .ok()
+                .map(|i| &v[i].1),
+            Children::Many(m) => m.get(name),
+        }
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut Node> {
+        match self {
+            Children::Few(v) => v
+                .binary_search_by(|(k, _)| (**k).cmp(name))
+                .ok()
+                .map(|i| &mut v[i].1),
+            Children::Many(m) => m.get_mut(name),
+        }
+    }
+
+    /// The child `name`, made empty if missing.
+    fn get_or_insert(&mut self, name: &str) -> &mut Node {
+        if let Children::Few(v) = self
+            && v.len() >= FEW
+            && v.binary_search_by(|(k, _)| (**k).cmp(name)).is_err()
+        {
+            *self = Children::Many(std::mem::take(v).into_iter().collect());
+        }
+        match self {
+            Children::Few(v) => {
+                let i = match v.binary_search_by(|(k, _)| (**k).cmp(name)) {
+                    Ok(i) => i,
+                    Err(i) => {
+                        // Exactly sized: a vector would double.
+                        v.reserve_exact(1);
+                        v.insert(i, (name.into(), Node::default()));
+                        i
+                    }
+                };
+                &mut v[i].1
+            }
+            Children::Many(m) => m.entry(name.into()).or_default(),
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Node> {
+        match self {
+            Children::Few(v) => {
+                let i = v.binary_search_by(|(k, _)| (**k).cmp(name)).ok()?;
+                let (_, node) = v.remove(i);
+                v.shrink_to_fit();
+                Some(node)
+            }
+            Children::Many(m) => m.remove(name),
+        }
+    }
+
+    /// Every child, moved out (for an iterative drop).
+    fn take_all(&mut self) -> Vec<Node> {
+        match std::mem::take(self) {
+            Children::Few(v) => v.into_iter().map(|(_, n)| n).collect(),
+            Children::Many(m) => m.into_values().collect(),
+        }
+    }
+
+    #[cfg(test)]
+    fn values(&self) -> ChildIter<'_> {
+        self.range(Bound::Unbounded, Bound::Unbounded)
+    }
+
+    /// The children whose names are within the bounds, in order.
+    fn range<'t>(&'t self, from: Bound<&str>, to: Bound<&str>) -> ChildIter<'t> {
+        match self {
+            Children::Few(v) => {
+                let start = match from {
+                    Bound::Included(f) => v.partition_point(|(k, _)| &**k < f),
+                    Bound::Excluded(f) => v.partition_point(|(k, _)| &**k <= f),
+                    Bound::Unbounded => 0,
+                };
+                let end = match to {
+                    Bound::Included(t) => v.partition_point(|(k, _)| &**k <= t),
+                    Bound::Excluded(t) => v.partition_point(|(k, _)| &**k < t),
+                    Bound::Unbounded => v.len(),
+                };
+                ChildIter::Few(v[start..end.max(start)].iter())
+            }
+            Children::Many(m) => ChildIter::Many(m.range::<str, _>((from, to))),
+        }
+    }
 }
 
 impl Node {
@@ -68,9 +209,9 @@ impl LevelNode for Node {
 /// tree must not recurse once per level (see the router's `Node`).
 impl Drop for Node {
     fn drop(&mut self) {
-        let mut stack: Vec<Node> = std::mem::take(&mut self.children).into_values().collect();
+        let mut stack: Vec<Node> = self.children.take_all();
         while let Some(mut node) = stack.pop() {
-            stack.extend(std::mem::take(&mut node.children).into_values());
+            stack.extend(node.children.take_all());
         }
     }
 }
@@ -129,7 +270,7 @@ impl Retained {
         let version = tree.version;
         let mut node = &mut tree.root;
         for level in message.topic.split('/') {
-            node = node.children.entry(level.into()).or_default();
+            node = node.children.get_or_insert(level);
         }
         node.entry
             .replace(RetainedEntry {
@@ -212,7 +353,7 @@ impl Retained {
         let mut n = 0;
         while let Some(node) = stack.pop() {
             n += usize::from(node.entry.is_some());
-            stack.extend(node.children.values());
+            stack.extend(node.children.values().map(|(_, n)| n));
         }
         n
     }
@@ -265,7 +406,7 @@ struct Frame<'t> {
     on_path: bool,
     mode: Mode,
     /// `None` until the node itself has been looked at.
-    children: Option<btree_map::Range<'t, Box<str>, Node>>,
+    children: Option<ChildIter<'t>>,
 }
 
 impl<'f> Walk<'f> {
@@ -316,7 +457,7 @@ impl<'f> Walk<'f> {
             stack.push(Frame {
                 node: child,
                 depth: depth + 1,
-                on_path: on_path && self.after.get(depth) == Some(&&**name),
+                on_path: on_path && self.after.get(depth) == Some(&name),
                 mode: if level == Some("#") {
                     Mode::Everything
                 } else {
@@ -344,7 +485,7 @@ impl<'f> Walk<'f> {
 
     /// The children of the frame's node the walk visits: those its filter
     /// level allows, from the resume point's level on (when on its path).
-    fn children<'t>(&self, frame: &Frame<'t>) -> btree_map::Range<'t, Box<str>, Node> {
+    fn children<'t>(&self, frame: &Frame<'t>) -> ChildIter<'t> {
         let children = &frame.node.children;
         let from = match self.after.get(frame.depth) {
             Some(level) if frame.on_path => Bound::Included(*level),
@@ -354,27 +495,21 @@ impl<'f> Walk<'f> {
             Mode::Everything => None,
             Mode::Filter => match self.filter.get(frame.depth) {
                 // The filter ends here: nothing below matches.
-                None => return children.range::<str, _>(empty()),
+                None => return children.range(Bound::Excluded(""), Bound::Included("")),
                 Some(&("+" | "#")) => None,
                 Some(literal) => Some(*literal),
             },
         };
         match (level, from) {
-            (None, from) => children.range::<str, _>((from, Bound::Unbounded)),
+            (None, from) => children.range(from, Bound::Unbounded),
             (Some(literal), Bound::Included(resume)) if literal < resume => {
-                children.range::<str, _>(empty())
+                children.range(Bound::Excluded(""), Bound::Included(""))
             }
             (Some(literal), _) => {
-                children.range::<str, _>((Bound::Included(literal), Bound::Included(literal)))
+                children.range(Bound::Included(literal), Bound::Included(literal))
             }
         }
     }
-}
-
-/// A range no key is in (a B-tree range's bounds must not be equal and
-/// both excluded, nor crossed).
-fn empty<'a>() -> (Bound<&'a str>, Bound<&'a str>) {
-    (Bound::Excluded(""), Bound::Included(""))
 }
 
 #[cfg(test)]
@@ -405,6 +540,39 @@ pub(crate) mod tests {
         let mut t: Vec<String> = out.iter().map(|e| e.message.topic.to_string()).collect();
         t.sort();
         t
+    }
+
+    #[test]
+    fn children_stay_ordered_as_a_vector_and_as_a_b_tree() {
+        for count in [3, super::FEW, super::FEW + 1, 40] {
+            let mut children = Children::default();
+            // Inserted out of order; every other name twice.
+            let names: Vec<String> = (0..count)
+                .map(|i| format!("n{:02}", (i * 7) % count))
+                .collect();
+            for name in names.iter().chain(names.iter().step_by(2)) {
+                children.get_or_insert(name);
+            }
+            assert_eq!(children.len(), count);
+            assert_eq!(matches!(children, Children::Many(_)), count > super::FEW);
+            let all: Vec<&str> = children.values().map(|(k, _)| k).collect();
+            let mut sorted = all.clone();
+            sorted.sort_unstable();
+            assert_eq!(all, sorted);
+            let from_two: Vec<&str> = children
+                .range(Bound::Included("n02"), Bound::Unbounded)
+                .map(|(k, _)| k)
+                .collect();
+            assert_eq!(from_two.len(), count - 2);
+            let one: Vec<&str> = children
+                .range(Bound::Included("n01"), Bound::Included("n01"))
+                .map(|(k, _)| k)
+                .collect();
+            assert_eq!(one, ["n01"]);
+            assert!(children.get("n00").is_some() && children.get("x").is_none());
+            assert!(children.remove("n00").is_some() && children.get("n00").is_none());
+            assert_eq!(children.len(), count - 1);
+        }
     }
 
     #[test]
