@@ -319,7 +319,7 @@ pub(crate) async fn serve<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut io = Io {
+    let io = Io {
         reader,
         writer,
         inbuf: BytesMut::new(),
@@ -328,50 +328,78 @@ pub(crate) async fn serve<R, W>(
     };
     // The phases before and after `run` are boxed: a task's size is its
     // largest state, and an idle connection should cost only `run`'s.
-    // A panic in any phase (a bug) is caught here: it ends this
-    // connection only, and is logged with the client id once known.
-    let panicked = |client_id: &str, phase: &str, why: String| {
-        Stats::add(&shared.stats.connection_panics, 1);
-        error!(%peer, %client_id, "connection {phase} panicked, closing this connection only: {why}");
-    };
-    let connect = match CatchPanic(Box::pin(first_connect(&mut io, &shared, &peer))).await {
-        Ok(Some(connect)) => connect,
-        Ok(None) => return,
-        Err(why) => return panicked("", "CONNECT", why),
-    };
-    let client_id = connect.client_id.clone();
-    let mut conn = match CatchPanic(Box::pin(Conn::accept(connect, io, &shared, options))).await {
-        Ok(Some(conn)) => conn,
-        Ok(None) => return,
-        Err(why) => return panicked(&client_id, "accept", why),
+    let Some(mut conn) = Box::pin(open(io, &shared, &peer, options)).await else {
+        return;
     };
     debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
-    // Boxed to be `Unpin` for `CatchPanic`: the task holds a pointer where
-    // it held `run`'s state, which moves to the box (one more allocation,
-    // the same bytes).
-    let close = match CatchPanic(Box::pin(conn.run(&shared.shutdown_rx))).await {
-        Ok(close) => close,
-        Err(why) => Close::Panicked(why),
+    // A panic while handling a packet is caught in `run` (around `turn`,
+    // without boxing `run`, whose state every idle connection pays).
+    let close = conn.run(&shared.shutdown_rx).await;
+    Box::pin(close_connection(conn, close, &peer)).await;
+}
+
+/// Phases 1 and 2: the CONNECT, then accepting it. A panic in either (a
+/// bug) ends this connection only, logged with the client id once known.
+async fn open<'a, R, W>(
+    mut io: Io<R, W>,
+    shared: &'a Shared,
+    peer: &str,
+    options: ServeOptions,
+) -> Option<Conn<'a, R, W>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let connect = match CatchPanic(Box::pin(first_connect(&mut io, shared, peer))).await {
+        Ok(connect) => connect?,
+        Err(why) => {
+            panicked(shared, peer, "", "CONNECT", why);
+            return None;
+        }
     };
+    let client_id = connect.client_id.to_string();
+    match CatchPanic(Box::pin(Conn::accept(connect, io, shared, options))).await {
+        Ok(conn) => conn,
+        Err(why) => {
+            panicked(shared, peer, &client_id, "accept", why);
+            None
+        }
+    }
+}
+
+/// The last phase: logs why the connection ends, then closes it (the will,
+/// the session handed back or ended).
+async fn close_connection<R, W>(conn: Conn<'_, R, W>, close: Close, peer: &str)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let shared = conn.shared;
     let client_id = conn.engine.state.client_id.clone();
     match &close {
         Close::Protocol(code, why) => {
             Stats::add(&shared.stats.protocol_errors, 1);
             warn!(%peer, %client_id, reason = %code, "closing: {why}");
         }
-        Close::Panicked(why) => panicked(&client_id, "handler", why.clone()),
+        Close::Panicked(why) => panicked(shared, peer, &client_id, "handler", why.clone()),
         Close::Io(e) => debug!(%peer, %client_id, "stream error: {e}"),
         other => debug!(%peer, %client_id, "closing: {other:?}"),
     }
     if let Err(why) = CatchPanic(Box::pin(conn.finish(close))).await {
-        panicked(&client_id, "close", why);
+        panicked(shared, peer, &client_id, "close", why);
     }
 }
 
-/// Polls a future, turning a panic inside it into `Err` with the panic's
-/// message; the future is not polled again after that. Tokio would catch
-/// it too, but then the task is gone with no word of which client it
-/// served, and the session it held would never be handed back.
+/// Counts and logs a panic that ended one connection.
+fn panicked(shared: &Shared, peer: &str, client_id: &str, phase: &str, why: String) {
+    Stats::add(&shared.stats.connection_panics, 1);
+    error!(%peer, %client_id, "connection {phase} panicked, closing this connection only: {why}");
+}
+
+/// Polls a (boxed) future, turning a panic inside it into `Err` with the
+/// panic's message; the future is not polled again after that. Tokio would
+/// catch it too, but then the task is gone with no word of which client
+/// it served, and the session it held would never be handed back.
 struct CatchPanic<F>(F);
 
 impl<F: std::future::Future + Unpin> std::future::Future for CatchPanic<F> {
@@ -787,9 +815,15 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             // Everything that needs no waiting, then one wait. (The work is
             // done in a plain function, so its temporaries are not part of
             // this future's size, which every idle connection pays.)
-            let (turn, parked) = match self.turn() {
-                Ok(turn) => turn,
-                Err(close) => return close,
+            // Every packet is handled inside `turn`: a panic there (a bug)
+            // ends this connection only, which then closes as usual (its
+            // session handed back). Unwind safety: the connection is not
+            // used again but to close it.
+            let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn()));
+            let (turn, parked) = match turn {
+                Ok(Ok(turn)) => turn,
+                Ok(Err(close)) => return close,
+                Err(payload) => return Close::Panicked(panic_message(payload.as_ref())),
             };
             let Turn {
                 drain,
@@ -992,7 +1026,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 sent += 1;
             }
         };
-        self.engine.state.replays = Some(replays);
+        // Kept while any is left; a finished one frees its box.
+        self.engine.state.replays = (!replays.is_empty()).then_some(replays);
         Stats::add(&shared.stats.messages_sent, sent);
         if !expired.is_empty() {
             // Expired retained messages are never sent, and go.
