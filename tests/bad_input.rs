@@ -556,3 +556,56 @@ fn topics_over_max_topic_levels_are_refused_with_their_reason_codes() {
     ok.still_work();
     broker.wait_for_log("more levels than limits.max_topic_levels", WAIT);
 }
+
+/// Regression (seen as EPIPE / ECONNRESET in a Python client): after a
+/// DISCONNECT with a reason code the broker closed its socket while the
+/// client was still writing, so the close was a reset and the client's
+/// kernel threw away the DISCONNECT it had not read yet. Now the broker
+/// shuts its write side and reads (and discards) until the client closes,
+/// for a second at most.
+#[test]
+fn a_client_still_writing_reads_the_disconnect_that_closed_it() {
+    let broker = Broker::start("[limits]\nreceive_maximum = 2");
+    let mut ok = Bystanders::new(&broker);
+    let mut eager = Raw::connect(broker.addr, Protocol::V5, "eager");
+    let publish = |id: u16| {
+        Packet::Publish(Publish {
+            topic: s("eager/t"),
+            qos: ferrymq_codec::QoS::AtLeastOnce,
+            packet_id: id,
+            payload: Bytes::from(vec![b'p'; 4096]),
+            ..Publish::default()
+        })
+    };
+    // More than Receive Maximum at once, then it keeps writing for a while
+    // without reading, as a client that has not noticed yet.
+    let mut out = bytes::BytesMut::new();
+    for id in 1..=50 {
+        publish(id).encode(Protocol::V5, &mut out).unwrap();
+    }
+    eager.send_bytes(&out);
+    // By now the broker has sent its DISCONNECT and closed. The client's
+    // writes still succeed (the broker reads and discards them): a reset
+    // would make them fail with EPIPE / ECONNRESET, and a client such as
+    // paho stops there, never reading the DISCONNECT.
+    std::thread::sleep(Duration::from_millis(100));
+    for id in 51..=70 {
+        let mut more = bytes::BytesMut::new();
+        publish(id).encode(Protocol::V5, &mut more).unwrap();
+        if let Err(e) = std::io::Write::write_all(&mut eager.stream, &more) {
+            panic!("write {id} after the DISCONNECT failed: {e}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let got = eager.until_closed();
+    match got.last() {
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED)
+        }
+        other => panic!(
+            "the DISCONNECT was lost: last packet {other:?} of {}",
+            got.len()
+        ),
+    }
+    ok.still_work();
+}

@@ -332,6 +332,53 @@ fn one_delivery_carries_every_matching_subscription_identifier() {
     assert_eq!(got.properties.subscription_identifiers, [11]);
 }
 
+/// Regression (found by a third-party client suite): a No Local
+/// subscription still added its Subscription Identifier, and raised the
+/// QoS, on the publisher's own message arriving through another,
+/// overlapping subscription. A subscription No Local excludes does not
+/// match at all (MQTT 5 3.8.3.1).
+#[test]
+fn a_no_local_subscription_adds_no_identifier_or_qos_to_the_publishers_own_message() {
+    let broker = Broker::start("");
+    let (mut me, _) = open(broker.addr, v5("nl-self"));
+    me.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        subscriptions: vec![Subscription {
+            filter: s("nl/+"),
+            options: SubscriptionOptions {
+                qos: QoS::ExactlyOnce,
+                no_local: true,
+                ..Default::default()
+            },
+        }],
+        properties: SubscribeProperties {
+            subscription_identifier: Some(1),
+            user_properties: vec![],
+        },
+    }));
+    assert!(matches!(me.recv(), Some(Packet::SubAck(_))));
+    subscribe(&mut me, "nl/x", QoS::AtMostOnce, Some(2));
+    me.send(&Packet::Publish(message(
+        "nl/x",
+        "mine",
+        QoS::AtMostOnce,
+        0,
+    )));
+    let got = match me.recv() {
+        Some(Packet::Publish(p)) => p,
+        other => panic!("expected my own message through nl/x, got {other:?}"),
+    };
+    assert_eq!(got.qos, QoS::AtMostOnce);
+    assert_eq!(got.properties.subscription_identifiers, [2]);
+    me.expect_silence(QUIET);
+    // Another publisher's message matches both.
+    let (mut other, _) = open(broker.addr, v5("nl-other"));
+    publish(&mut other, message("nl/x", "theirs", QoS::AtLeastOnce, 1));
+    let got = expect_publish(&mut me);
+    assert_eq!(got.qos, QoS::AtLeastOnce);
+    assert_eq!(got.properties.subscription_identifiers, [1, 2]);
+}
+
 #[test]
 fn shared_subscriptions_split_the_load_and_hand_back_unacknowledged_messages() {
     let broker = Broker::start("");

@@ -634,3 +634,55 @@ async fn dead_letters_are_kept_and_replayed_on_request() {
     assert_eq!(local_copies, 5);
     node.shutdown().await;
 }
+
+/// A message from upstream deeper than the edge's `max_topic_levels` is
+/// refused by the edge broker for good: the bridge takes it from the
+/// upstream (acknowledges it, counted by the broker) instead of
+/// reconnecting and getting it again for ever, and what follows arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_message_deeper_than_the_level_limit_is_dropped_not_retried() {
+    let upstream = Mosquitto::start("");
+    let mut watch = observer(upstream.port(), "site/data/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = node_config(&dir, bridge_to(&[upstream.port()]));
+    config.limits.max_topic_levels = 4;
+    let node = Node::start(config).await.unwrap();
+    let mut listener = node
+        .broker()
+        .connect(ClientOptions::new("listener"))
+        .await
+        .unwrap();
+    listener.subscribe("cmd/#", QoS::AtLeastOnce).await.unwrap();
+    eventually(&node, |s| s.connected).await;
+    let connects = node.bridges()[0].connects;
+    for topic in ["site/cmd/a/b/c/d", "site/cmd/ok"] {
+        watch
+            .publish(Publish {
+                qos: QoS::AtLeastOnce,
+                topic: MqttString::new(topic).unwrap(),
+                payload: "x".into(),
+                ..Publish::default()
+            })
+            .unwrap();
+    }
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            tokio::select! {
+                m = listener.recv() => break m.unwrap(),
+                _ = watch.next_event() => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.topic.as_str(), "cmd/ok");
+    let stats = node.broker().stats();
+    assert_eq!(
+        ferrymq_broker::Stats::get(&stats.topic_levels_refused),
+        1,
+        "the deep one was refused once"
+    );
+    let status = node.bridges().remove(0);
+    assert!(status.connected && status.connects == connects, "{status}");
+    node.shutdown().await;
+}

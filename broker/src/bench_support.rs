@@ -17,6 +17,10 @@ use crate::outbox::{Outbox, QueueLimits};
 use crate::router::{Route, RouteCache, Router, Subscriber};
 use crate::storage::{MemoryStore, Store};
 
+/// The publisher the benchmark's routes are asked for: a session that
+/// subscribes to nothing.
+const NO_PUBLISHER: SessionId = SessionId(u64::MAX);
+
 /// A subscriber: a session number and its own (empty) outbox, made as the
 /// broker makes a session's outbox.
 pub struct BenchSession {
@@ -95,13 +99,13 @@ impl BenchRouter {
     /// reached, overlapping subscriptions merged.
     pub fn routes(&mut self, topic: &str) -> usize {
         self.scratch.clear();
-        self.router.routes(topic, &mut self.scratch);
+        self.router.routes(topic, NO_PUBLISHER, &mut self.scratch);
         self.scratch.len()
     }
 
     /// The routes of `topic` through the route cache, as the publish path
     /// asks for them, and returns their number.
     pub fn cached_routes(&mut self, topic: &str) -> usize {
-        self.cache.routes(&self.router, topic).len()
+        self.cache.routes(&self.router, topic, NO_PUBLISHER).len()
     }
 }

@@ -62,6 +62,11 @@ const OUT_KEEP: usize = 4 * 1024;
 const PENDING_ACKS_LIMIT: usize = 4096;
 /// How long a closing connection may take to flush its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+/// How long a closing connection keeps reading (and discarding) what the
+/// client still sends, so that its close is not a reset.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// ... and at most this much of it.
+const CLOSE_LINGER_BYTES: usize = 1 << 20;
 
 /// Why a connection ends. Decides the DISCONNECT sent (MQTT 5.0) and
 /// whether the will is published.
@@ -174,10 +179,37 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
 
     /// Writes what is left (bounded in time) and closes the stream.
     async fn flush_and_close(&mut self) {
+        self.flush_and_shutdown().await;
+        self.linger().await;
+    }
+
+    /// Writes what is pending (a DISCONNECT or refusing CONNACK last) and
+    /// shuts the write side: the client reads it, then the end of stream.
+    async fn flush_and_shutdown(&mut self) {
         let out = std::mem::take(&mut self.out);
         let _ = tokio::time::timeout(CLOSE_FLUSH, async {
             self.writer.write_all(&out).await?;
             self.writer.shutdown().await
+        })
+        .await;
+    }
+
+    /// Reads and discards what the client still sends, until it closes,
+    /// for at most [`CLOSE_LINGER`] and [`CLOSE_LINGER_BYTES`]. Closing a
+    /// socket with unread bytes resets the connection, and a reset makes
+    /// the client's kernel discard what the client has not read yet: the
+    /// DISCONNECT with its reason code, just sent (seen as EPIPE or
+    /// ECONNRESET by a client still writing).
+    async fn linger(&mut self) {
+        let mut scratch = [0u8; 512];
+        let mut left = CLOSE_LINGER_BYTES;
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while left > 0 {
+                match self.reader.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
         })
         .await;
     }
@@ -1475,7 +1507,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         if !self.ops.is_empty() {
             storage::write(self.shared.store.as_ref(), std::mem::take(&mut self.ops));
         }
-        self.io.flush_and_close().await;
+        // The stream is closed last (`linger`), after the will and the
+        // session's hand-back, which must not wait for the client.
+        self.io.flush_and_shutdown().await;
         let shared = self.shared;
         let publish_will = close.publishes_will(&self.control, self.engine.state.is_persistent());
         let mut state = self.engine.into_state();
@@ -1525,6 +1559,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             batch.submit();
             shared.sessions.detach(&client_id, &self.control, None);
         }
+        self.io.linger().await;
     }
 }
 

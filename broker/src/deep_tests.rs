@@ -80,7 +80,7 @@ fn walk(depth: usize, seed: u64, hash: bool, differ: bool) {
     router.subscribe(&topic, subscriber(2));
     router.subscribe("#", subscriber(3));
     let mut routes = Vec::new();
-    router.routes(&topic, &mut routes);
+    router.routes(&topic, SessionId(0), &mut routes);
     let mut sessions: Vec<u64> = routes.iter().map(|r| r.session.0).collect();
     sessions.sort_unstable();
     let mut want = vec![2, 3];
@@ -154,7 +154,7 @@ fn a_retained_deep_topic_and_a_deep_wildcard_filter_walk_without_recursion() {
         let router = Router::default();
         router.subscribe(&filter, subscriber(1));
         let mut routes = Vec::new();
-        router.routes(&deep, &mut routes);
+        router.routes(&deep, SessionId(0), &mut routes);
         assert_eq!(routes.len(), 1);
     });
 }

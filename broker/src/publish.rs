@@ -58,7 +58,7 @@ pub(crate) fn route(
     hold_qos2: Option<u16>,
     persistent: bool,
 ) -> Routing {
-    let routes = cache.routes(&shared.router, &message.topic);
+    let routes = cache.routes(&shared.router, &message.topic, message.origin);
     let origin = message.origin;
     let policy = shared.config.storage.queue_full;
     let size = message.payload.len();

@@ -212,15 +212,19 @@ impl Router {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Appends the routes for `topic` to `out`, one per session.
-    pub fn routes(&self, topic: &str, out: &mut Vec<Route>) {
+    /// Appends the routes for `topic`, published by session `origin`, to
+    /// `out`, one per session. The publisher's own No Local subscriptions
+    /// are left out before its overlapping subscriptions merge: a
+    /// subscription No Local excludes does not match at all (MQTT 5
+    /// 3.8.3.1), so it adds no identifier, QoS or Retain As Published.
+    pub fn routes(&self, topic: &str, origin: SessionId, out: &mut Vec<Route>) {
         let start = out.len();
         {
             let tree = self.tree.read();
             let levels: Vec<&str> = topic.split('/').collect();
             // [MQTT-4.7.2-1]: a wildcard first level does not match `$` topics.
             let dollar = topic.starts_with('$');
-            collect(&tree, &levels, !dollar, out);
+            collect(&tree, &levels, !dollar, origin, out);
         }
         merge_by_session(out, start);
     }
@@ -262,15 +266,16 @@ fn to_route(s: &Subscriber) -> Route {
 /// its frontier in a heap stack, never in the call stack, so its depth is
 /// bounded by nothing a client sends; the work is one step per tree node
 /// the topic reaches. `wildcards` is false at the root of a `$` topic.
-fn collect(root: &Node, levels: &[&str], wildcards: bool, out: &mut Vec<Route>) {
+fn collect(root: &Node, levels: &[&str], wildcards: bool, origin: SessionId, out: &mut Vec<Route>) {
+    let matching = |s: &&Subscriber| !(s.no_local && s.session == origin);
     let mut stack = vec![(root, 0usize, wildcards)];
     while let Some((node, depth, wildcards)) = stack.pop() {
         if wildcards {
             // `a/#` matches `a` and everything below it.
-            out.extend(node.hash.iter().map(to_route));
+            out.extend(node.hash.iter().filter(matching).map(to_route));
         }
         let Some(level) = levels.get(depth) else {
-            out.extend(node.here.iter().map(to_route));
+            out.extend(node.here.iter().filter(matching).map(to_route));
             continue;
         };
         if let Some(child) = node.children.get(*level) {
@@ -348,9 +353,12 @@ fn remove_path(root: &mut Node, filter: &str, session: SessionId) -> bool {
     true
 }
 
-/// A connection's memo of topic -> routes, valid for one router generation.
+/// A connection's memo of topic -> routes, valid for one router generation
+/// and one publishing session.
 pub struct RouteCache {
     generation: u64,
+    /// The publisher the routes were made for (No Local depends on it).
+    origin: SessionId,
     entries: HashMap<Box<str>, Arc<[Route]>>,
     scratch: Vec<Route>,
 }
@@ -363,6 +371,7 @@ impl Default for RouteCache {
     fn default() -> Self {
         RouteCache {
             generation: u64::MAX,
+            origin: SessionId(u64::MAX),
             entries: HashMap::new(),
             scratch: Vec::new(),
         }
@@ -370,17 +379,19 @@ impl Default for RouteCache {
 }
 
 impl RouteCache {
-    /// The routes for `topic`, from the cache or the tree.
-    pub fn routes(&mut self, router: &Router, topic: &str) -> Arc<[Route]> {
+    /// The routes for `topic` published by `origin`, from the cache or the
+    /// tree.
+    pub fn routes(&mut self, router: &Router, topic: &str, origin: SessionId) -> Arc<[Route]> {
         let generation = router.generation();
-        if generation != self.generation {
+        if generation != self.generation || origin != self.origin {
             self.entries.clear();
             self.generation = generation;
+            self.origin = origin;
         } else if let Some(routes) = self.entries.get(topic) {
             return routes.clone();
         }
         self.scratch.clear();
-        router.routes(topic, &mut self.scratch);
+        router.routes(topic, origin, &mut self.scratch);
         let routes: Arc<[Route]> = self.scratch.drain(..).collect();
         if self.entries.len() >= ROUTE_CACHE_ENTRIES {
             self.entries.clear();
@@ -422,7 +433,7 @@ pub(crate) mod tests {
 
     fn sessions(router: &Router, topic: &str) -> Vec<(u64, QoS)> {
         let mut out = Vec::new();
-        router.routes(topic, &mut out);
+        router.routes(topic, SessionId(u64::MAX), &mut out);
         let mut v: Vec<_> = out.iter().map(|r| (r.session.0, r.qos)).collect();
         v.sort();
         v
@@ -456,6 +467,37 @@ pub(crate) mod tests {
         assert_eq!(sessions(&router, "a/b"), [(1, QoS::ExactlyOnce)]);
     }
 
+    /// Regression: a No Local subscription added its Subscription
+    /// Identifier (and could raise the QoS) to the publisher's own message
+    /// that reached it through another, overlapping subscription.
+    #[test]
+    fn a_no_local_subscription_adds_nothing_to_the_publishers_own_message() {
+        let router = Router::default();
+        let own = |id, qos, no_local| Subscriber {
+            qos,
+            no_local,
+            identifier: Some(id),
+            ..sub(1, qos)
+        };
+        router.subscribe("a/+", own(1, QoS::ExactlyOnce, true));
+        router.subscribe("a/b", own(2, QoS::AtMostOnce, false));
+        let mut out = Vec::new();
+        router.routes("a/b", SessionId(1), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].qos, QoS::AtMostOnce);
+        assert_eq!(out[0].identifiers.as_deref(), Some(&[2][..]));
+        assert!(!out[0].no_local);
+        // From anyone else, both match and merge.
+        out.clear();
+        router.routes("a/b", SessionId(7), &mut out);
+        assert_eq!(out[0].qos, QoS::ExactlyOnce);
+        assert_eq!(out[0].identifiers.as_deref(), Some(&[1, 2][..]));
+        // Only No Local subscriptions: the publisher is not reached at all.
+        out.clear();
+        router.routes("a/c", SessionId(1), &mut out);
+        assert!(out.is_empty());
+    }
+
     #[test]
     fn resubscribe_replaces_and_unsubscribe_prunes() {
         let router = Router::default();
@@ -474,11 +516,11 @@ pub(crate) mod tests {
     fn route_cache_follows_the_generation() {
         let router = Router::default();
         let mut cache = RouteCache::default();
-        assert_eq!(cache.routes(&router, "a").len(), 0);
+        assert_eq!(cache.routes(&router, "a", SessionId(9)).len(), 0);
         router.subscribe("a", sub(1, QoS::AtMostOnce));
-        assert_eq!(cache.routes(&router, "a").len(), 1);
+        assert_eq!(cache.routes(&router, "a", SessionId(9)).len(), 1);
         router.unsubscribe("a", SessionId(1));
-        assert_eq!(cache.routes(&router, "a").len(), 0);
+        assert_eq!(cache.routes(&router, "a", SessionId(9)).len(), 0);
     }
 
     fn filter() -> impl Strategy<Value = String> {
