@@ -42,6 +42,24 @@ enum Command {
         #[command(subcommand)]
         command: BridgeCommand,
     },
+    /// Add a user to a password file or change its password (asked twice
+    /// without echo, or read from standard input with --stdin); the file is
+    /// created if missing and always written atomically, mode 0600.
+    Passwd {
+        /// The password file (`[auth] password_file`).
+        file: PathBuf,
+        /// The user name.
+        user: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        stdin: bool,
+        /// Remove the user instead.
+        #[arg(long, conflicts_with = "check")]
+        delete: bool,
+        /// Check the password instead: exit 0 if it is right, 1 if not.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -104,6 +122,13 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Some(Command::Passwd {
+            file,
+            user,
+            stdin,
+            delete,
+            check,
+        }) => passwd(&file, &user, stdin, delete, check),
         Some(Command::Queue { command }) => {
             let config = match load(&cli.config) {
                 Ok(config) => config,
@@ -150,6 +175,73 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `ferrymq passwd`.
+fn passwd(file: &std::path::Path, user: &str, stdin: bool, delete: bool, check: bool) -> ExitCode {
+    use ferrymq_broker::users::{PasswordFile, check_name};
+    let fail = |why: &dyn std::fmt::Display| {
+        eprintln!("ferrymq passwd: {why}");
+        ExitCode::FAILURE
+    };
+    if let Err(e) = check_name(user) {
+        return fail(&e);
+    }
+    let mut users = match PasswordFile::load(file, !check && !delete) {
+        Ok(users) => users,
+        Err(e) => return fail(&format_args!("{}: {e}", file.display())),
+    };
+    if delete {
+        if let Err(e) = users.remove(user) {
+            return fail(&e);
+        }
+    } else {
+        let password = match read_password(stdin, !check) {
+            Ok(p) => p,
+            Err(e) => return fail(&e),
+        };
+        if check {
+            return if users.check(user, &password) {
+                println!("{user}: password ok");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{user}: wrong password or no such user");
+                ExitCode::FAILURE
+            };
+        }
+        if let Err(e) = users.set(user, &password) {
+            return fail(&e);
+        }
+    }
+    match users.save(file) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// A password: the first line of standard input (`stdin`), or asked on the
+/// terminal without echo (twice when `confirm`).
+fn read_password(stdin: bool, confirm: bool) -> Result<String, String> {
+    let password = if stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read standard input: {e}"))?;
+        line.trim_end_matches(['\n', '\r']).to_owned()
+    } else {
+        let first = rpassword::prompt_password("Password: ").map_err(|e| e.to_string())?;
+        if confirm {
+            let again = rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?;
+            if again != first {
+                return Err("the passwords differ".into());
+            }
+        }
+        first
+    };
+    if password.is_empty() {
+        return Err("the password must not be empty".into());
+    }
+    Ok(password)
 }
 
 fn queue_stats(config: &Config) -> ExitCode {

@@ -315,6 +315,9 @@ pub(crate) struct ServeOptions {
     pub(crate) in_process: bool,
     /// Stamp stored messages sent to this client with their message id.
     pub(crate) message_ids: bool,
+    /// The client's address (`None`: in-process), for the anonymous rule
+    /// and the per-address slowdown of failed logins.
+    pub(crate) peer: Option<std::net::IpAddr>,
 }
 
 /// The client identifier of a bridge's local session.
@@ -637,9 +640,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             } else {
                 ReasonCode::NOT_AUTHORIZED
             })
-        } else if !shared.config.auth.allow_anonymous {
-            // No credential store exists in this version: nobody can log in.
-            Some(ReasonCode::NOT_AUTHORIZED)
+        } else if let Some(code) = log_in(shared, &connect, options.peer).await {
+            Some(code)
         } else if !options.in_process && connect.client_id.starts_with(BRIDGE_CLIENT_PREFIX) {
             // Reserved: a network client must never take a bridge's queue.
             Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID)
@@ -1624,6 +1626,41 @@ async fn wait_for_room(target: Option<ParkedOn>) {
         }
         space.await;
     }
+}
+
+/// Checks who the client is (when no enhanced authentication method
+/// did): a user name must come with its password when `[auth]
+/// password_file` is set; without one (or without a password file) the
+/// client is anonymous, allowed with `allow_anonymous` from loopback (or
+/// in-process clients are always let in), and from anywhere only with
+/// `allow_anonymous_remote`.
+/// `Some` is the refusal: 0x86 Bad User Name or Password (3.1.1: 4) for
+/// failed credentials, 0x87 Not authorized (3.1.1: 5) for an anonymous
+/// client that may not connect.
+async fn log_in(
+    shared: &Shared,
+    connect: &Connect,
+    peer: Option<std::net::IpAddr>,
+) -> Option<ReasonCode> {
+    let auth = &shared.config.auth;
+    // In-process clients are the embedding program itself.
+    let ip = peer?;
+    if let (Some(users), Some(name)) = (&shared.users, &connect.username) {
+        let password = connect.password.as_deref().unwrap_or_default();
+        return match users.login(Some(ip), name, password).await {
+            crate::users::Login::Verified | crate::users::Login::Remembered => None,
+            crate::users::Login::Refused => {
+                Stats::add(&shared.stats.auth_failures, 1);
+                if shared.auth_log.allow() {
+                    warn!(%ip, user = %name, "login refused: unknown user or wrong password");
+                }
+                Some(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+            }
+        };
+    }
+    let local = ip.to_canonical().is_loopback();
+    let anonymous_ok = auth.allow_anonymous && (local || auth.allow_anonymous_remote);
+    (!anonymous_ok).then_some(ReasonCode::NOT_AUTHORIZED)
 }
 
 /// Counts a topic or filter refused for having more levels than

@@ -55,6 +55,7 @@ mod session;
 mod shared_sub;
 mod stats;
 pub mod storage;
+pub mod users;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -115,6 +116,14 @@ pub enum StartError {
     /// The store could not be read.
     #[error("store: {0}")]
     Store(#[from] storage::StoreError),
+    /// The password file could not be read or parsed.
+    #[error("auth.password_file: {}: {source}", path.display())]
+    Users {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: users::UsersError,
+    },
 }
 
 /// What every connection task shares.
@@ -127,6 +136,8 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     /// Enhanced authentication methods, by name.
     pub(crate) auth_methods: Vec<Arc<dyn auth::AuthMethod>>,
+    /// The users of `[auth] password_file`, if set.
+    pub(crate) users: Option<users::Users>,
     pub(crate) stats: Stats,
     /// Source of connection numbers.
     next_connection: AtomicU64,
@@ -146,6 +157,8 @@ pub(crate) struct Shared {
     pub(crate) refuse_log: stats::LogLimiter,
     /// Rate limit for "too many topic levels" warnings.
     pub(crate) levels_log: stats::LogLimiter,
+    /// Rate limit for "login refused" warnings.
+    pub(crate) auth_log: stats::LogLimiter,
     /// This, for tasks spawned from borrowed contexts.
     pub(crate) this: Weak<Shared>,
 }
@@ -259,6 +272,21 @@ impl Broker {
         auth_methods: Vec<Arc<dyn auth::AuthMethod>>,
     ) -> Result<Broker, StartError> {
         config.validate()?;
+        let users = match &config.auth.password_file {
+            Some(path) => Some(
+                users::Users::load(path).map_err(|source| StartError::Users {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        if config.auth.allow_anonymous && config.auth.allow_anonymous_remote {
+            warn!(
+                "auth.allow_anonymous_remote = true: clients from any address may connect \
+                 without a user name"
+            );
+        }
         let data_dir = DataDir::open(&config.data_dir)?;
         let store: Arc<dyn Store> = match store {
             Some(store) => store,
@@ -294,6 +322,7 @@ impl Broker {
             groups: shared_sub::Groups::default(),
             store,
             auth_methods,
+            users,
             stats: Stats::default(),
             next_connection: AtomicU64::new(1),
             next_session: AtomicU64::new(first_session),
@@ -304,6 +333,7 @@ impl Broker {
             drop_log: stats::LogLimiter::new(Duration::from_secs(10)),
             refuse_log: stats::LogLimiter::new(Duration::from_secs(10)),
             levels_log: stats::LogLimiter::new(Duration::from_secs(10)),
+            auth_log: stats::LogLimiter::new(Duration::from_secs(10)),
             this: this.clone(),
         });
         restore(&shared, recovered);

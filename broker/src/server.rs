@@ -107,7 +107,10 @@ pub(crate) async fn accept_loop(
                 writer,
                 peer.to_string(),
                 shared,
-                crate::connection::ServeOptions::default(),
+                crate::connection::ServeOptions {
+                    peer: Some(peer.ip()),
+                    ..crate::connection::ServeOptions::default()
+                },
             )
             .await;
             drop(permit);

@@ -28,6 +28,8 @@ pub struct Stats {
     pub sessions_expired: AtomicU64,
     /// Stored records that could not be read at start (skipped).
     pub corrupt_records: AtomicU64,
+    /// Logins refused: unknown user or wrong password.
+    pub auth_failures: AtomicU64,
     /// Connections closed because handling them panicked (a bug; the
     /// broker went on).
     pub connection_panics: AtomicU64,

@@ -112,10 +112,18 @@ pub enum ListenerProtocol {
 /// `[auth]`: who may connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Auth {
-    /// `allow_anonymous`: clients may connect without credentials. Only
-    /// accepted while every listener binds a loopback address, so a default
-    /// install is never open to the network. Default: `true`.
+    /// `allow_anonymous`: clients without a user name may connect from a
+    /// loopback address (from anywhere only with `allow_anonymous_remote`),
+    /// so a default install is never open to the network. Default: `true`.
     pub allow_anonymous: bool,
+    /// `allow_anonymous_remote`: anonymous clients may connect from any
+    /// address, not only loopback. Logged as a warning at every start.
+    /// Default: `false`.
+    pub allow_anonymous_remote: bool,
+    /// `password_file`: `user:hash` lines (argon2id, written by `ferrymq
+    /// passwd FILE USER`); a client naming a user must give its password.
+    /// Relative to the working directory, like `data_dir`. Default: none.
+    pub password_file: Option<PathBuf>,
 }
 
 /// `[limits]`: bounds that keep one node healthy whatever its clients do.
@@ -485,6 +493,8 @@ impl Default for Auth {
     fn default() -> Self {
         Auth {
             allow_anonymous: true,
+            allow_anonymous_remote: false,
+            password_file: None,
         }
     }
 }

@@ -46,6 +46,8 @@ struct RawListener {
 #[serde(expecting = "an [auth] table")]
 struct RawAuth {
     allow_anonymous: Option<bool>,
+    allow_anonymous_remote: Option<bool>,
+    password_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,8 +149,8 @@ pub(crate) const TABLES: &[Table] = &[
     Table {
         header: "[auth]",
         path: &["auth"],
-        keys: &["allow_anonymous"],
-        planned: &["password_file", "acl_file"],
+        keys: &["allow_anonymous", "allow_anonymous_remote", "password_file"],
+        planned: &["acl_file"],
     },
     Table {
         header: "[limits]",
@@ -554,6 +556,13 @@ impl RawAuth {
     fn into_auth(self, defaults: Auth) -> Auth {
         Auth {
             allow_anonymous: self.allow_anonymous.unwrap_or(defaults.allow_anonymous),
+            allow_anonymous_remote: self
+                .allow_anonymous_remote
+                .unwrap_or(defaults.allow_anonymous_remote),
+            password_file: self
+                .password_file
+                .map(PathBuf::from)
+                .or(defaults.password_file),
         }
     }
 }

@@ -86,7 +86,9 @@ fn defaults() {
     assert_eq!(
         config.auth,
         Auth {
-            allow_anonymous: true
+            allow_anonymous: true,
+            allow_anonymous_remote: false,
+            password_file: None,
         }
     );
     assert_eq!(
@@ -696,12 +698,13 @@ fn listener_protocols() {
 }
 
 #[test]
-fn anonymous_only_on_loopback() {
+fn anonymous_only_on_loopback_unless_users_or_remote_anonymous() {
     let message = |offenders: &str| {
         format!(
-            "auth.allow_anonymous: anonymous access is only allowed when every listener binds \
-             a loopback address (127.0.0.1, ::1), but {offenders}; bind loopback addresses \
-             only (password authentication arrives in a later version)"
+            "auth.allow_anonymous: anonymous clients may only connect from loopback \
+             (127.0.0.1, ::1), but {offenders} and no client from elsewhere could log in: set \
+             [auth] password_file (users from `ferrymq passwd FILE USER`), or \
+             allow_anonymous_remote = true to let anyone in"
         )
     };
     check_err(
@@ -720,6 +723,11 @@ fn anonymous_only_on_loopback() {
         &[&message(
             "listener[1] binds 192.168.1.10:1883, listener[2] binds [::]:1883",
         )],
+    );
+    // Without anonymous access the same: nobody could log in remotely.
+    check_err(
+        "[[listener]]\nbind = \"0.0.0.0:1883\"\n[auth]\nallow_anonymous = false",
+        &[&message("listener[0] binds 0.0.0.0:1883")],
     );
     // Loopback in every spelling is fine.
     check_ok(
@@ -742,13 +750,54 @@ fn anonymous_only_on_loopback() {
             ];
         },
     );
-    // Without anonymous access any address is fine.
+    // Anonymous from anywhere, said explicitly.
     check_ok(
-        "[[listener]]\nbind = \"0.0.0.0:1883\"\n[auth]\nallow_anonymous = false",
+        "[[listener]]\nbind = \"0.0.0.0:1883\"\n[auth]\nallow_anonymous_remote = true",
         |c| {
             c.listeners = vec![tcp("0.0.0.0:1883")];
-            c.auth.allow_anonymous = false;
+            c.auth.allow_anonymous_remote = true;
         },
+    );
+    check_err(
+        "[auth]\nallow_anonymous = false\nallow_anonymous_remote = true",
+        &[
+            "auth.allow_anonymous_remote: needs allow_anonymous = true (it widens anonymous \
+           access to every address)",
+        ],
+    );
+    // With users any address is fine.
+    let dir = TempDir::new("passwd");
+    let passwd = dir.0.join("passwd");
+    std::fs::write(
+        &passwd,
+        "# users\nsensor-1:$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA\n",
+    )
+    .expect("write passwd");
+    check_ok(
+        &format!(
+            "[[listener]]\nbind = \"0.0.0.0:1883\"\n[auth]\npassword_file = {:?}",
+            passwd.display().to_string()
+        ),
+        |c| {
+            c.listeners = vec![tcp("0.0.0.0:1883")];
+            c.auth.password_file = Some(passwd.clone());
+        },
+    );
+    std::fs::write(&passwd, "sensor-1:hunter2\n").expect("write passwd");
+    check_err(
+        &format!("[auth]\npassword_file = {:?}", passwd.display().to_string()),
+        &[&format!(
+            "auth.password_file: {} line 1: expected user:$argon2id$... (write users with \
+             `ferrymq passwd`; plaintext passwords are not accepted)",
+            passwd.display()
+        )],
+    );
+    check_err(
+        "[auth]\npassword_file = \"/nonexistent/passwd\"",
+        &[
+            "auth.password_file: cannot read /nonexistent/passwd: No such file or directory (os \
+           error 2)",
+        ],
     );
 }
 
@@ -851,10 +900,11 @@ fn every_problem_reported_at_once() {
             "node_id: must not be empty",
             "data_dir: must not be empty",
             "listener[2].bind: 0.0.0.0:1883 is already used by listener[0]",
-            "auth.allow_anonymous: anonymous access is only allowed when every listener binds \
-             a loopback address (127.0.0.1, ::1), but listener[0] binds 0.0.0.0:1883, \
-             listener[2] binds 0.0.0.0:1883; bind loopback addresses only (password \
-             authentication arrives in a later version)",
+            "auth.allow_anonymous: anonymous clients may only connect from loopback \
+             (127.0.0.1, ::1), but listener[0] binds 0.0.0.0:1883, listener[2] binds \
+             0.0.0.0:1883 and no client from elsewhere could log in: set [auth] password_file \
+             (users from `ferrymq passwd FILE USER`), or allow_anonymous_remote = true to let \
+             anyone in",
             "limits.max_connections: must be between 1 and 4294967295, got 0",
             "limits.max_packet_size: must be between 64 and 268435460 bytes, got 1073741824",
             "limits.receive_maximum: must be between 1 and 65535, got 0",
@@ -929,7 +979,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         bind = "127.0.0.1:1883"
         cert = "server.pem"
         [auth]
-        password_file = "passwd"
+        acl_file = "acl.toml"
         [limits]
         queue_full = "refuse"
         durability = "sync-each"
@@ -942,8 +992,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
             "max_connections: unknown key; `max_connections` belongs in [limits]",
             "listeners: unknown key; did you mean `listener`?",
             "listener[0].cert: unknown key; `cert` is not available yet in this version",
-            "auth.password_file: unknown key; `password_file` is not available yet in this \
-             version",
+            "auth.acl_file: unknown key; `acl_file` is not available yet in this version",
             "limits.queue_full: unknown key; `queue_full` belongs in [storage]",
             "limits.durability: unknown key; `durability` belongs in [storage]",
             "storage.max_connections: unknown key; `max_connections` belongs in [limits]",
@@ -1136,6 +1185,8 @@ fn default_config_toml_example_bridge() {
     for name in ["regional-ca.pem", "edge-01.pem", "edge-01.key"] {
         dir.file(name);
     }
+    // The example password file: no users yet.
+    std::fs::write(dir.0.join("passwd"), "").expect("passwd");
     let uncommented = uncomment_settings(default_config_toml())
         .replace("/etc/ferrymq/", &format!("{}/", dir.0.display()));
     let config = match Config::from_toml_str(&uncommented) {
@@ -1198,10 +1249,11 @@ fn validate_config_built_in_code() {
         [
             "node_id: must not be empty",
             "listener[1].bind: 10.0.0.1:1883 is already used by listener[0]",
-            "auth.allow_anonymous: anonymous access is only allowed when every listener binds \
-             a loopback address (127.0.0.1, ::1), but listener[0] binds 10.0.0.1:1883, \
-             listener[1] binds 10.0.0.1:1883; bind loopback addresses only (password \
-             authentication arrives in a later version)",
+            "auth.allow_anonymous: anonymous clients may only connect from loopback \
+             (127.0.0.1, ::1), but listener[0] binds 10.0.0.1:1883, listener[1] binds \
+             10.0.0.1:1883 and no client from elsewhere could log in: set [auth] password_file \
+             (users from `ferrymq passwd FILE USER`), or allow_anonymous_remote = true to let \
+             anyone in",
             "limits.max_packet_size: must be between 64 and 268435460 bytes, got 10",
             "limits.max_keepalive_secs: must be between 1 and 65535 seconds, got 0",
             "limits.connect_timeout_secs: must be between 1 and 3600 seconds, got 0",

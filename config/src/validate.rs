@@ -230,6 +230,7 @@ pub(crate) fn check(config: &Config, unusable_binds: &[usize], errors: &mut Vec<
         errors.push(ConfigError::new("data_dir", "must not be empty"));
     }
     check_listeners(config, unusable_binds, errors);
+    check_auth(config, errors);
     check_limits(config, errors);
     check_storage(config, errors);
     for (i, bridge) in config.bridges.iter().enumerate() {
@@ -274,22 +275,63 @@ fn check_listeners(config: &Config, unusable_binds: &[usize], errors: &mut Vec<C
         }
     }
 
-    if config.auth.allow_anonymous {
-        let exposed: Vec<String> = usable
-            .iter()
-            .filter(|(_, addr)| !addr.ip().to_canonical().is_loopback())
-            .map(|(i, addr)| format!("listener[{i}] binds {addr}"))
-            .collect();
-        if !exposed.is_empty() {
+    let auth = &config.auth;
+    let remote_login = auth.password_file.is_some() || auth.allow_anonymous_remote;
+    let exposed: Vec<String> = usable
+        .iter()
+        .filter(|(_, addr)| !addr.ip().to_canonical().is_loopback())
+        .map(|(i, addr)| format!("listener[{i}] binds {addr}"))
+        .collect();
+    if !exposed.is_empty() && !remote_login {
+        errors.push(ConfigError::new(
+            "auth.allow_anonymous",
+            format!(
+                "anonymous clients may only connect from loopback (127.0.0.1, ::1), but {} and \
+                 no client from elsewhere could log in: set [auth] password_file (users from \
+                 `ferrymq passwd FILE USER`), or allow_anonymous_remote = true to let anyone in",
+                exposed.join(", ")
+            ),
+        ));
+    }
+}
+
+/// `[auth]`: the password file is readable and made of `user:$argon2id$...`
+/// lines (the broker parses each hash at start); anonymous remote access
+/// needs anonymous access.
+fn check_auth(config: &Config, errors: &mut Vec<ConfigError>) {
+    let auth = &config.auth;
+    if auth.allow_anonymous_remote && !auth.allow_anonymous {
+        errors.push(ConfigError::new(
+            "auth.allow_anonymous_remote",
+            "needs allow_anonymous = true (it widens anonymous access to every address)",
+        ));
+    }
+    let Some(path) = &auth.password_file else {
+        return;
+    };
+    check_file("auth.password_file", path, errors);
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let well_formed = line
+            .split_once(':')
+            .is_some_and(|(user, hash)| !user.is_empty() && hash.starts_with("$argon2id$"));
+        if !well_formed {
             errors.push(ConfigError::new(
-                "auth.allow_anonymous",
+                "auth.password_file",
                 format!(
-                    "anonymous access is only allowed when every listener binds a loopback \
-                     address (127.0.0.1, ::1), but {}; bind loopback addresses only \
-                     (password authentication arrives in a later version)",
-                    exposed.join(", ")
+                    "{} line {}: expected user:$argon2id$... (write users with `ferrymq \
+                     passwd`; plaintext passwords are not accepted)",
+                    path.display(),
+                    i + 1
                 ),
             ));
+            return;
         }
     }
 }
