@@ -31,6 +31,7 @@ use tracing::{debug, error, warn};
 use codec::topic::exceeds_levels;
 
 use crate::Shared;
+use crate::acl::Access;
 use crate::auth::{AuthExchange, AuthMethod, AuthStep};
 use crate::bridge_session;
 use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish};
@@ -530,6 +531,9 @@ struct Conn<'a, R, W> {
     /// An in-process client (the bridges, gateway firmware): trusted with
     /// the bridges' reserved topics.
     in_process: bool,
+    /// What the ACL lets this client do (`None`: no `acl_file`, or an
+    /// in-process client).
+    access: Option<Box<Access>>,
 }
 
 /// What a turn's wait needs to know (see `Conn::turn`).
@@ -642,6 +646,13 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             })
         } else if let Some(code) = log_in(shared, &connect, options.peer).await {
             Some(code)
+        } else if let Some(will) = connect
+            .will
+            .as_ref()
+            .filter(|w| access(shared, &connect, options).is_some_and(|a| !a.may_publish(&w.topic)))
+        {
+            acl_denied(shared, &connect.client_id, "will", &will.topic);
+            Some(ReasonCode::NOT_AUTHORIZED)
         } else if !options.in_process && connect.client_id.starts_with(BRIDGE_CLIENT_PREFIX) {
             // Reserved: a network client must never take a bridge's queue.
             Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID)
@@ -666,6 +677,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             io.flush_and_close().await;
             return None;
         }
+        let acl_access = access(shared, &connect, options).map(Box::new);
         let connection = shared.next_connection();
         let mut connack = ConnAck::default();
         if let Some((method, data)) = auth_result {
@@ -824,6 +836,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             auth_method,
             reauth: None,
             in_process: options.in_process,
+            access: acl_access,
         };
         if resumed {
             conn.engine
@@ -1258,6 +1271,17 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 self.engine.not_authorized(qos, packet_id);
                 None
             }
+            Ok(InboundPublish::Route { message, .. })
+                if self
+                    .access
+                    .as_ref()
+                    .is_some_and(|a| !a.may_publish(&message.topic)) =>
+            {
+                let (shared, client_id) = (self.shared, &self.engine.state.client_id);
+                acl_denied(shared, client_id, "PUBLISH", &message.topic);
+                self.engine.not_authorized(qos, packet_id);
+                None
+            }
             Ok(InboundPublish::Route { message, hold_qos2 }) => {
                 Stats::add(&self.shared.stats.messages_received, 1);
                 let persistent = self.engine.state.is_persistent();
@@ -1300,6 +1324,17 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 too_many_levels(shared, &state.client_id, "SUBSCRIBE filter", &s.filter);
                 reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
+            }
+            if let Some(access) = &self.access {
+                // A shared subscription is checked by its filter.
+                let filter = codec::topic::shared_subscription(&s.filter)
+                    .map_or(s.filter.as_str(), |(_, inner)| inner);
+                if !access.may_subscribe(filter) {
+                    acl_denied(shared, &state.client_id, "SUBSCRIBE", filter);
+                    // 3.1.1 gets 0x80 (its only failure code).
+                    reason_codes.push(ReasonCode::NOT_AUTHORIZED);
+                    continue;
+                }
             }
             // Kept for the session's life: not the read buffer with it.
             s.filter = s.filter.detached();
@@ -1661,6 +1696,23 @@ async fn log_in(
     let local = ip.to_canonical().is_loopback();
     let anonymous_ok = auth.allow_anonymous && (local || auth.allow_anonymous_remote);
     (!anonymous_ok).then_some(ReasonCode::NOT_AUTHORIZED)
+}
+
+/// What the ACL lets a client that passed `log_in` do: `None` without an
+/// `acl_file`, and for in-process clients (the embedding program). Its
+/// user name counts only when a password file verified it.
+fn access(shared: &Shared, connect: &Connect, options: ServeOptions) -> Option<Access> {
+    let acl = shared.acl.as_ref().filter(|_| !options.in_process)?;
+    let user = shared.users.as_ref().and(connect.username.as_deref());
+    Some(Access::for_client(acl, user, &connect.client_id, None))
+}
+
+/// Counts and logs (rate-limited) what the ACL refused.
+fn acl_denied(shared: &Shared, client_id: &str, what: &str, topic: &str) {
+    Stats::add(&shared.stats.acl_denied, 1);
+    if shared.auth_log.allow() {
+        warn!(%client_id, %topic, "not authorized by the ACL: {what}");
+    }
 }
 
 /// Counts a topic or filter refused for having more levels than

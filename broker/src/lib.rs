@@ -31,6 +31,7 @@
 //! `client` (the in-process client), `server` (listeners), `data_dir`.
 //! The packet codec is its own crate, `ferrymq-codec`.
 
+mod acl;
 pub mod auth;
 // For benches/router.rs only; not a stable API.
 #[doc(hidden)]
@@ -138,6 +139,8 @@ pub(crate) struct Shared {
     pub(crate) auth_methods: Vec<Arc<dyn auth::AuthMethod>>,
     /// The users of `[auth] password_file`, if set.
     pub(crate) users: Option<users::Users>,
+    /// The rules of `[auth] acl_file`, if set.
+    pub(crate) acl: Option<ferrymq_config::acl::Acl>,
     pub(crate) stats: Stats,
     /// Source of connection numbers.
     next_connection: AtomicU64,
@@ -281,6 +284,13 @@ impl Broker {
             ),
             None => None,
         };
+        let acl = match &config.auth.acl_file {
+            Some(path) => Some(
+                ferrymq_config::acl::Acl::from_file(path, "auth.acl_file")
+                    .map_err(|errors| StartError::Config(ConfigErrors(errors)))?,
+            ),
+            None => None,
+        };
         if config.auth.allow_anonymous && config.auth.allow_anonymous_remote {
             warn!(
                 "auth.allow_anonymous_remote = true: clients from any address may connect \
@@ -323,6 +333,7 @@ impl Broker {
             store,
             auth_methods,
             users,
+            acl,
             stats: Stats::default(),
             next_connection: AtomicU64::new(1),
             next_session: AtomicU64::new(first_session),

@@ -30,6 +30,8 @@ pub struct Stats {
     pub corrupt_records: AtomicU64,
     /// Logins refused: unknown user or wrong password.
     pub auth_failures: AtomicU64,
+    /// Publishes (wills included) and subscriptions the ACL refused.
+    pub acl_denied: AtomicU64,
     /// Connections closed because handling them panicked (a bug; the
     /// broker went on).
     pub connection_panics: AtomicU64,

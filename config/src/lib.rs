@@ -46,6 +46,7 @@
 //! # Ok::<(), ferrymq_config::ConfigErrors>(())
 //! ```
 
+pub mod acl;
 mod hint;
 mod raw;
 pub mod size;
@@ -124,6 +125,10 @@ pub struct Auth {
     /// passwd FILE USER`); a client naming a user must give its password.
     /// Relative to the working directory, like `data_dir`. Default: none.
     pub password_file: Option<PathBuf>,
+    /// `acl_file`: who may publish and subscribe where ([`acl`]); once set,
+    /// nothing is allowed that no rule grants. Default: none (everything
+    /// allowed to whoever may connect).
+    pub acl_file: Option<PathBuf>,
 }
 
 /// `[limits]`: bounds that keep one node healthy whatever its clients do.
@@ -495,6 +500,7 @@ impl Default for Auth {
             allow_anonymous: true,
             allow_anonymous_remote: false,
             password_file: None,
+            acl_file: None,
         }
     }
 }

@@ -48,6 +48,7 @@ struct RawAuth {
     allow_anonymous: Option<bool>,
     allow_anonymous_remote: Option<bool>,
     password_file: Option<String>,
+    acl_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,8 +150,13 @@ pub(crate) const TABLES: &[Table] = &[
     Table {
         header: "[auth]",
         path: &["auth"],
-        keys: &["allow_anonymous", "allow_anonymous_remote", "password_file"],
-        planned: &["acl_file"],
+        keys: &[
+            "allow_anonymous",
+            "allow_anonymous_remote",
+            "password_file",
+            "acl_file",
+        ],
+        planned: &[],
     },
     Table {
         header: "[limits]",
@@ -563,6 +569,7 @@ impl RawAuth {
                 .password_file
                 .map(PathBuf::from)
                 .or(defaults.password_file),
+            acl_file: self.acl_file.map(PathBuf::from).or(defaults.acl_file),
         }
     }
 }

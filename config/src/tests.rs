@@ -89,6 +89,7 @@ fn defaults() {
             allow_anonymous: true,
             allow_anonymous_remote: false,
             password_file: None,
+            acl_file: None,
         }
     );
     assert_eq!(
@@ -979,7 +980,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         bind = "127.0.0.1:1883"
         cert = "server.pem"
         [auth]
-        acl_file = "acl.toml"
+        password_fil = "passwd"
         [limits]
         queue_full = "refuse"
         durability = "sync-each"
@@ -992,7 +993,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
             "max_connections: unknown key; `max_connections` belongs in [limits]",
             "listeners: unknown key; did you mean `listener`?",
             "listener[0].cert: unknown key; `cert` is not available yet in this version",
-            "auth.acl_file: unknown key; `acl_file` is not available yet in this version",
+            "auth.password_fil: unknown key; did you mean `password_file`?",
             "limits.queue_full: unknown key; `queue_full` belongs in [storage]",
             "limits.durability: unknown key; `durability` belongs in [storage]",
             "storage.max_connections: unknown key; `max_connections` belongs in [limits]",
@@ -1185,8 +1186,9 @@ fn default_config_toml_example_bridge() {
     for name in ["regional-ca.pem", "edge-01.pem", "edge-01.key"] {
         dir.file(name);
     }
-    // The example password file: no users yet.
+    // The example password and ACL files: no users, no rules yet.
     std::fs::write(dir.0.join("passwd"), "").expect("passwd");
+    std::fs::write(dir.0.join("acl.toml"), "").expect("acl");
     let uncommented = uncomment_settings(default_config_toml())
         .replace("/etc/ferrymq/", &format!("{}/", dir.0.display()));
     let config = match Config::from_toml_str(&uncommented) {

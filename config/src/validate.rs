@@ -306,6 +306,11 @@ fn check_auth(config: &Config, errors: &mut Vec<ConfigError>) {
             "needs allow_anonymous = true (it widens anonymous access to every address)",
         ));
     }
+    if let Some(path) = &auth.acl_file
+        && let Err(problems) = crate::acl::Acl::from_file(path, "auth.acl_file")
+    {
+        errors.extend(problems);
+    }
     let Some(path) = &auth.password_file else {
         return;
     };
