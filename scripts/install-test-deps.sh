@@ -19,6 +19,9 @@ command -v mosquitto_sub >/dev/null || apt_packages+=(mosquitto-clients)
 # on port 1883). mosquitto_passwd comes with it.
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || apt_packages+=(mosquitto)
 command -v stdbuf >/dev/null || apt_packages+=(coreutils)
+# openssl s_client: the TLS listener tests check which versions complete a
+# handshake.
+command -v openssl >/dev/null || apt_packages+=(openssl)
 # The rocksdb crate runs bindgen, which needs libclang (libclang1 alone
 # lacks the headers it parses).
 dpkg -s libclang-dev >/dev/null 2>&1 || apt_packages+=(libclang-dev)

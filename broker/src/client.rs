@@ -153,7 +153,7 @@ pub(crate) async fn connect(
         let serve = crate::connection::ServeOptions {
             in_process: true,
             message_ids: options.message_ids,
-            peer: None,
+            ..crate::connection::ServeOptions::default()
         };
         crate::connection::serve(reader, writer, peer, shared, serve).await;
         drop(permit);

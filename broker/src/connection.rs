@@ -309,7 +309,7 @@ fn connect_level(buf: &[u8]) -> Option<u8> {
 /// Serves one client connection until it closes. `peer` names it in logs.
 /// How a connection is served beyond what its CONNECT says (set by the
 /// in-process client, never by a network peer).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct ServeOptions {
     /// An in-process client (the only kind that may use a reserved
     /// `$bridge/` client identifier).
@@ -319,6 +319,10 @@ pub(crate) struct ServeOptions {
     /// The client's address (`None`: in-process), for the anonymous rule
     /// and the per-address slowdown of failed logins.
     pub(crate) peer: Option<std::net::IpAddr>,
+    /// The common name of the client's verified TLS certificate.
+    pub(crate) identity: Option<Box<str>>,
+    /// The identity is the client's user name (`use_identity_as_username`).
+    pub(crate) identity_is_user: bool,
 }
 
 /// The client identifier of a bridge's local session.
@@ -644,13 +648,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             } else {
                 ReasonCode::NOT_AUTHORIZED
             })
-        } else if let Some(code) = log_in(shared, &connect, options.peer).await {
+        } else if let Some(code) = log_in(shared, &connect, &options).await {
             Some(code)
-        } else if let Some(will) = connect
-            .will
-            .as_ref()
-            .filter(|w| access(shared, &connect, options).is_some_and(|a| !a.may_publish(&w.topic)))
-        {
+        } else if let Some(will) = connect.will.as_ref().filter(|w| {
+            access(shared, &connect, &options).is_some_and(|a| !a.may_publish(&w.topic))
+        }) {
             acl_denied(shared, &connect.client_id, "will", &will.topic);
             Some(ReasonCode::NOT_AUTHORIZED)
         } else if !options.in_process && connect.client_id.starts_with(BRIDGE_CLIENT_PREFIX) {
@@ -677,7 +679,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             io.flush_and_close().await;
             return None;
         }
-        let acl_access = access(shared, &connect, options).map(Box::new);
+        let acl_access = access(shared, &connect, &options).map(Box::new);
         let connection = shared.next_connection();
         let mut connack = ConnAck::default();
         if let Some((method, data)) = auth_result {
@@ -1672,14 +1674,14 @@ async fn wait_for_room(target: Option<ParkedOn>) {
 /// `Some` is the refusal: 0x86 Bad User Name or Password (3.1.1: 4) for
 /// failed credentials, 0x87 Not authorized (3.1.1: 5) for an anonymous
 /// client that may not connect.
-async fn log_in(
-    shared: &Shared,
-    connect: &Connect,
-    peer: Option<std::net::IpAddr>,
-) -> Option<ReasonCode> {
+async fn log_in(shared: &Shared, connect: &Connect, options: &ServeOptions) -> Option<ReasonCode> {
     let auth = &shared.config.auth;
     // In-process clients are the embedding program itself.
-    let ip = peer?;
+    let ip = options.peer?;
+    if options.identity_is_user && options.identity.is_some() {
+        // Its certificate, verified in the TLS handshake, says who it is.
+        return None;
+    }
     if let (Some(users), Some(name)) = (&shared.users, &connect.username) {
         let password = connect.password.as_deref().unwrap_or_default();
         return match users.login(Some(ip), name, password).await {
@@ -1701,10 +1703,14 @@ async fn log_in(
 /// What the ACL lets a client that passed `log_in` do: `None` without an
 /// `acl_file`, and for in-process clients (the embedding program). Its
 /// user name counts only when a password file verified it.
-fn access(shared: &Shared, connect: &Connect, options: ServeOptions) -> Option<Access> {
+fn access(shared: &Shared, connect: &Connect, options: &ServeOptions) -> Option<Access> {
     let acl = shared.acl.as_ref().filter(|_| !options.in_process)?;
-    let user = shared.users.as_ref().and(connect.username.as_deref());
-    Some(Access::for_client(acl, user, &connect.client_id, None))
+    let identity = options.identity.as_deref();
+    let user = match (options.identity_is_user, identity) {
+        (true, Some(identity)) => Some(identity),
+        _ => shared.users.as_ref().and(connect.username.as_deref()),
+    };
+    Some(Access::for_client(acl, user, &connect.client_id, identity))
 }
 
 /// Counts and logs (rate-limited) what the ACL refused.

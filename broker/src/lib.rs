@@ -56,6 +56,7 @@ mod session;
 mod shared_sub;
 mod stats;
 pub mod storage;
+mod tls;
 pub mod users;
 
 use std::future::Future;
@@ -117,6 +118,9 @@ pub enum StartError {
     /// The store could not be read.
     #[error("store: {0}")]
     Store(#[from] storage::StoreError),
+    /// A TLS listener's certificate, key or CA file cannot be used.
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
     /// The password file could not be read or parsed.
     #[error("auth.password_file: {}: {source}", path.display())]
     Users {
@@ -312,6 +316,7 @@ impl Broker {
         let recovered = store.load()?;
         let identity = store.identity();
         let clock = store.clock();
+        let tls = server::tls_settings(&config.listeners)?;
         let listeners = server::bind(&config.listeners)?;
         let local_addrs = listeners
             .iter()
@@ -351,7 +356,15 @@ impl Broker {
         let connections = Arc::new(Semaphore::new(max_connections));
         let mut tasks: Vec<JoinHandle<()>> = listeners
             .into_iter()
-            .map(|l| tokio::spawn(server::accept_loop(l, shared.clone(), connections.clone())))
+            .zip(tls)
+            .map(|(l, tls)| {
+                tokio::spawn(server::accept_loop(
+                    l,
+                    tls,
+                    shared.clone(),
+                    connections.clone(),
+                ))
+            })
             .collect();
         tasks.push(tokio::spawn(expire_sessions(shared.clone())));
         Ok(Broker {

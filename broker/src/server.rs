@@ -7,7 +7,9 @@ use std::time::Duration;
 use ferrymq_config::Listener;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+use crate::connection::{ServeOptions, serve};
 
 use crate::stats::Stats;
 use crate::{Shared, StartError};
@@ -58,13 +60,15 @@ fn system_backlog() -> u32 {
 /// are closed at once (and counted) instead of waiting in the backlog.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
+    tls: Option<Tls>,
     shared: Arc<Shared>,
     connections: Arc<Semaphore>,
 ) {
     let mut shutdown = shared.shutdown_rx.clone();
     let mut backoff = Duration::from_millis(5);
     if let Ok(addr) = listener.local_addr() {
-        info!("listening on {addr} (tcp)");
+        let protocol = if tls.is_some() { "tls" } else { "tcp" };
+        info!("listening on {addr} ({protocol})");
     }
     loop {
         let accepted = tokio::select! {
@@ -100,20 +104,78 @@ pub(crate) async fn accept_loop(
             warn!(%peer, "could not set TCP_NODELAY: {e}");
         }
         let shared = shared.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let (reader, writer) = stream.into_split();
-            crate::connection::serve(
-                reader,
-                writer,
-                peer.to_string(),
-                shared,
-                crate::connection::ServeOptions {
-                    peer: Some(peer.ip()),
-                    ..crate::connection::ServeOptions::default()
-                },
-            )
-            .await;
+            let mut options = ServeOptions {
+                peer: Some(peer.ip()),
+                ..ServeOptions::default()
+            };
+            match tls {
+                None => {
+                    let (reader, writer) = stream.into_split();
+                    serve(reader, writer, peer.to_string(), shared, options).await;
+                }
+                Some(tls) => {
+                    // The handshake is bounded like the wait for CONNECT.
+                    let limit = shared.config.limits.connect_timeout;
+                    let stream =
+                        match tokio::time::timeout(limit, tls.acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                Stats::add(&shared.stats.tls_handshakes_failed, 1);
+                                debug!(%peer, "TLS handshake failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                Stats::add(&shared.stats.tls_handshakes_failed, 1);
+                                debug!(%peer, "no TLS handshake within connect_timeout_secs");
+                                return;
+                            }
+                        };
+                    options.identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .and_then(crate::tls::identity)
+                        .map(String::into_boxed_str);
+                    options.identity_is_user = tls.identity_is_user;
+                    let (reader, writer) = tokio::io::split(stream);
+                    serve(reader, writer, peer.to_string(), shared, options).await;
+                }
+            }
             drop(permit);
         });
     }
+}
+
+/// A TLS listener's acceptor and settings.
+#[derive(Clone)]
+pub(crate) struct Tls {
+    /// Runs the handshake with the listener's certificate and client CA.
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    /// The client certificate's common name is its user name.
+    pub(crate) identity_is_user: bool,
+}
+
+/// The TLS settings of every listener (`None` for plain TCP), built from
+/// their files; a problem is named by its key.
+pub(crate) fn tls_settings(
+    listeners: &[Listener],
+) -> Result<Vec<Option<Tls>>, crate::tls::TlsError> {
+    listeners
+        .iter()
+        .enumerate()
+        .map(|(index, l)| {
+            l.tls
+                .as_ref()
+                .map(|tls| {
+                    crate::tls::server_config(index, tls).map(|config| Tls {
+                        acceptor: tokio_rustls::TlsAcceptor::from(config),
+                        identity_is_user: tls.use_identity_as_username,
+                    })
+                })
+                .transpose()
+        })
+        .collect()
 }

@@ -28,6 +28,9 @@ pub struct Stats {
     pub sessions_expired: AtomicU64,
     /// Stored records that could not be read at start (skipped).
     pub corrupt_records: AtomicU64,
+    /// TLS handshakes that failed or timed out (wrong CA, old version, no
+    /// client certificate where one is required, ...).
+    pub tls_handshakes_failed: AtomicU64,
     /// Logins refused: unknown user or wrong password.
     pub auth_failures: AtomicU64,
     /// Publishes (wills included) and subscriptions the ACL refused.

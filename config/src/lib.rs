@@ -99,15 +99,50 @@ pub struct Listener {
     /// maximum (`/proc/sys/net/core/somaxconn`). Range: 1 ..= 65535 (the
     /// kernel caps it at its maximum).
     pub backlog: Option<u32>,
+    /// The TLS settings, for `protocol = "tls"` (and only then).
+    pub tls: Option<ListenerTls>,
 }
 
-/// What a listener speaks. The contract names `tls`, `ws` and `wss` too;
-/// they are refused with a clear message until they are built.
+/// What a listener speaks. The contract names `ws` and `wss` too; they
+/// are refused with a clear message until they are built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum ListenerProtocol {
     /// MQTT over plain TCP (`"tcp"`).
     #[default]
     Tcp,
+    /// MQTT over TLS (`"tls"`).
+    Tls,
+}
+
+/// The lowest TLS version a listener accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum MinTls {
+    /// TLS 1.2 and 1.3 (`"1.2"`).
+    V1_2,
+    /// TLS 1.3 only (`"1.3"`).
+    #[default]
+    V1_3,
+}
+
+/// The TLS keys of a `[[listener]]` with `protocol = "tls"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// `cert`: the server's certificate chain (PEM), leaf first (required).
+    pub cert: PathBuf,
+    /// `key`: its private key (PEM) (required).
+    pub key: PathBuf,
+    /// `client_ca`: CA certificates (PEM) that sign client certificates
+    /// (mutual TLS). Default: none (clients show no certificate).
+    pub client_ca: Option<PathBuf>,
+    /// `require_client_cert`: with `client_ca`, refuse clients without a
+    /// certificate (otherwise one is verified when shown). Default: true.
+    pub require_client_cert: bool,
+    /// `min_tls`: `"1.3"` (default) or `"1.2"`.
+    pub min_tls: MinTls,
+    /// `use_identity_as_username`: with `client_ca`, the common name of
+    /// the client's certificate is its user name (for the ACL), and no
+    /// password is asked. Default: false.
+    pub use_identity_as_username: bool,
 }
 
 /// `[auth]`: who may connect.
@@ -490,6 +525,7 @@ impl Default for Listener {
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 1883)),
             protocol: ListenerProtocol::Tcp,
             backlog: None,
+            tls: None,
         }
     }
 }
@@ -698,6 +734,7 @@ impl ListenerProtocol {
     pub fn as_str(self) -> &'static str {
         match self {
             ListenerProtocol::Tcp => "tcp",
+            ListenerProtocol::Tls => "tls",
         }
     }
 }

@@ -19,7 +19,8 @@ use crate::size::RawSize;
 use crate::validate::{self, IntRange};
 use crate::{
     Auth, Bridge, BridgeAddress, BridgeKind, BridgeProtocol, BridgeTls, Config, ConfigError,
-    Direction, Durability, Forward, Limits, Listener, ListenerProtocol, QueueFull, Storage, hint,
+    Direction, Durability, Forward, Limits, Listener, ListenerProtocol, ListenerTls, MinTls,
+    QueueFull, Storage, hint,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -40,6 +41,12 @@ struct RawListener {
     bind: Option<String>,
     protocol: Option<String>,
     backlog: Option<Int>,
+    cert: Option<String>,
+    key: Option<String>,
+    client_ca: Option<String>,
+    require_client_cert: Option<bool>,
+    min_tls: Option<String>,
+    use_identity_as_username: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,8 +151,19 @@ pub(crate) const TABLES: &[Table] = &[
     Table {
         header: "[[listener]]",
         path: &["listener"],
-        keys: &["bind", "protocol", "backlog"],
-        planned: &["cert", "key", "client_ca"],
+        keys: &[
+            "bind",
+            "protocol",
+            "backlog",
+            "cert",
+            "key",
+            "client_ca",
+            "require_client_cert",
+            "min_tls",
+            "use_identity_as_username",
+        ],
+        // For WebSocket listeners.
+        planned: &["path"],
     },
     Table {
         header: "[auth]",
@@ -523,13 +541,17 @@ impl RawListener {
         };
         let protocol = match self.protocol.as_deref() {
             None | Some("tcp") => ListenerProtocol::Tcp,
+            Some("tls") => ListenerProtocol::Tls,
             Some(other) => {
-                let message = if ["tls", "ws", "wss"].contains(&other) {
-                    format!("\"{other}\" is not available yet in this version; supported: \"tcp\"")
+                let message = if ["ws", "wss"].contains(&other) {
+                    format!(
+                        "\"{other}\" is not available yet in this version; supported: \"tcp\", \
+                         \"tls\""
+                    )
                 } else {
                     format!(
                         "unknown protocol \"{other}\"; expected one of \"tcp\", \"tls\", \"ws\", \
-                         \"wss\" (only \"tcp\" is available in this version)"
+                         \"wss\" (\"ws\" and \"wss\" are not available in this version)"
                     )
                 };
                 errors.push(ConfigError::new(
@@ -549,10 +571,62 @@ impl RawListener {
                 })
                 .ok()
         });
+        let key = |k: &str| format!("listener[{index}].{k}");
+        let min_tls = match self.min_tls.as_deref() {
+            None | Some("1.3") => MinTls::V1_3,
+            Some("1.2") => MinTls::V1_2,
+            Some(other) => {
+                errors.push(ConfigError::new(
+                    key("min_tls"),
+                    format!("unknown TLS version \"{other}\"; expected \"1.3\" or \"1.2\""),
+                ));
+                MinTls::V1_3
+            }
+        };
+        let tls = if protocol == ListenerProtocol::Tls {
+            let required = |value: Option<String>, name: &str, errors: &mut Vec<ConfigError>| {
+                value.map(PathBuf::from).unwrap_or_else(|| {
+                    errors.push(ConfigError::new(
+                        key(name),
+                        "missing; protocol = \"tls\" needs cert and key (PEM files)",
+                    ));
+                    PathBuf::new()
+                })
+            };
+            Some(ListenerTls {
+                cert: required(self.cert, "cert", errors),
+                key: required(self.key, "key", errors),
+                client_ca: self.client_ca.map(PathBuf::from),
+                require_client_cert: self.require_client_cert.unwrap_or(true),
+                min_tls,
+                use_identity_as_username: self.use_identity_as_username.unwrap_or(false),
+            })
+        } else {
+            for (name, given) in [
+                ("cert", self.cert.is_some()),
+                ("key", self.key.is_some()),
+                ("client_ca", self.client_ca.is_some()),
+                ("require_client_cert", self.require_client_cert.is_some()),
+                ("min_tls", self.min_tls.is_some()),
+                (
+                    "use_identity_as_username",
+                    self.use_identity_as_username.is_some(),
+                ),
+            ] {
+                if given {
+                    errors.push(ConfigError::new(
+                        key(name),
+                        "only for protocol = \"tls\" listeners",
+                    ));
+                }
+            }
+            None
+        };
         let listener = Listener {
             bind: bind.unwrap_or(fallback.bind),
             protocol,
             backlog,
+            tls,
         };
         (listener, bind.is_some())
     }

@@ -40,6 +40,7 @@ fn tcp(bind: &str) -> Listener {
         bind: addr(bind),
         protocol: ListenerProtocol::Tcp,
         backlog: None,
+        tls: None,
     }
 }
 
@@ -679,12 +680,12 @@ fn duplicate_listeners() {
 
 #[test]
 fn listener_protocols() {
-    for planned in ["tls", "ws", "wss"] {
+    for planned in ["ws", "wss"] {
         check_err(
             &format!("[[listener]]\nbind = \"127.0.0.1:8883\"\nprotocol = \"{planned}\""),
             &[&format!(
                 "listener[0].protocol: \"{planned}\" is not available yet in this version; \
-                 supported: \"tcp\""
+                 supported: \"tcp\", \"tls\""
             )],
         );
     }
@@ -692,7 +693,7 @@ fn listener_protocols() {
         "[[listener]]\nbind = \"127.0.0.1:1883\"\nprotocol = \"TCP\"",
         &[
             "listener[0].protocol: unknown protocol \"TCP\"; expected one of \"tcp\", \"tls\", \
-             \"ws\", \"wss\" (only \"tcp\" is available in this version)",
+             \"ws\", \"wss\" (\"ws\" and \"wss\" are not available in this version)",
         ],
     );
     assert_eq!(ListenerProtocol::Tcp.to_string(), "tcp");
@@ -889,7 +890,7 @@ fn every_problem_reported_at_once() {
             "limits.max_conections: unknown key; did you mean `max_connections`?",
             "storage.max_queued_message: unknown key; did you mean `max_queued_messages`?",
             "listener[0].protocol: \"wss\" is not available yet in this version; \
-             supported: \"tcp\"",
+             supported: \"tcp\", \"tls\"",
             "listener[1].bind: \"nowhere\" is not an address like 127.0.0.1:1883",
             "limits.topic_alias_maximum: must be between 0 and 65535, got 65536",
             "limits.server_topic_aliases: must be between 0 and 65535, got -1",
@@ -978,7 +979,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         bind = "127.0.0.1:1883"
         [[listener]]
         bind = "127.0.0.1:1883"
-        cert = "server.pem"
+        path = "/mqtt"
         [auth]
         password_fil = "passwd"
         [limits]
@@ -992,7 +993,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         &[
             "max_connections: unknown key; `max_connections` belongs in [limits]",
             "listeners: unknown key; did you mean `listener`?",
-            "listener[0].cert: unknown key; `cert` is not available yet in this version",
+            "listener[0].path: unknown key; `path` is not available yet in this version",
             "auth.password_fil: unknown key; did you mean `password_file`?",
             "limits.queue_full: unknown key; `queue_full` belongs in [storage]",
             "limits.durability: unknown key; `durability` belongs in [storage]",
@@ -1130,8 +1131,9 @@ fn uncomment_settings(text: &str) -> String {
     lines.join("\n")
 }
 
-/// Every key path in `table`, tables and the first table of arrays of
-/// tables included: `bridge`, `bridge.tls`, `bridge.tls.ca_file`, ...
+/// Every key path in `table`, tables and every table of arrays of tables
+/// included (each path once): `bridge`, `bridge.tls`,
+/// `bridge.tls.ca_file`, ...
 fn key_paths(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
     for (key, value) in table {
         let path = if prefix.is_empty() {
@@ -1139,15 +1141,17 @@ fn key_paths(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
         } else {
             format!("{prefix}.{key}")
         };
-        let nested = match value {
-            toml::Value::Table(nested) => Some(nested),
-            toml::Value::Array(items) => items.first().and_then(toml::Value::as_table),
-            _ => None,
+        let nested: Vec<&toml::Table> = match value {
+            toml::Value::Table(nested) => vec![nested],
+            toml::Value::Array(items) => items.iter().filter_map(toml::Value::as_table).collect(),
+            _ => Vec::new(),
         };
-        if let Some(nested) = nested {
+        for nested in nested {
             key_paths(&path, nested, out);
         }
-        out.push(path);
+        if !out.contains(&path) {
+            out.push(path);
+        }
     }
 }
 
@@ -1186,7 +1190,11 @@ fn default_config_toml_example_bridge() {
     for name in ["regional-ca.pem", "edge-01.pem", "edge-01.key"] {
         dir.file(name);
     }
-    // The example password and ACL files: no users, no rules yet.
+    // The example TLS listener's files, and the example password and ACL
+    // files (no users, no rules yet).
+    for name in ["server.pem", "server.key", "clients-ca.pem"] {
+        dir.file(name);
+    }
     std::fs::write(dir.0.join("passwd"), "").expect("passwd");
     std::fs::write(dir.0.join("acl.toml"), "").expect("acl");
     let uncommented = uncomment_settings(default_config_toml())
@@ -2744,4 +2752,70 @@ fn bridge_forward_rules_within_the_topic_level_limit() {
         forward_toml(&format!("filter = \"{deep}\""))
     ));
     assert!(config.is_ok(), "{config:?}");
+}
+
+#[test]
+fn tls_listeners() {
+    let dir = TempDir::new("tls-listener");
+    let (cert, key, ca) = (
+        dir.file("server.pem"),
+        dir.file("server.key"),
+        dir.file("ca.pem"),
+    );
+    check_ok(
+        &format!(
+            "[[listener]]\nbind = \"127.0.0.1:8883\"\nprotocol = \"tls\"\ncert = {:?}\nkey = {:?}\n\
+             client_ca = {:?}\nmin_tls = \"1.2\"\nuse_identity_as_username = true\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+            ca.display().to_string()
+        ),
+        |c| {
+            c.listeners = vec![Listener {
+                protocol: ListenerProtocol::Tls,
+                tls: Some(ferrymq_config_tls(&cert, &key, Some(&ca))),
+                ..tcp("127.0.0.1:8883")
+            }];
+        },
+    );
+    check_err(
+        "[[listener]]\nbind = \"127.0.0.1:8883\"\nprotocol = \"tls\"\nmin_tls = \"1.1\"",
+        &[
+            "listener[0].min_tls: unknown TLS version \"1.1\"; expected \"1.3\" or \"1.2\"",
+            "listener[0].cert: missing; protocol = \"tls\" needs cert and key (PEM files)",
+            "listener[0].key: missing; protocol = \"tls\" needs cert and key (PEM files)",
+        ],
+    );
+    check_err(
+        "[[listener]]\nbind = \"127.0.0.1:1883\"\ncert = \"x.pem\"",
+        &["listener[0].cert: only for protocol = \"tls\" listeners"],
+    );
+    check_err(
+        &format!(
+            "[[listener]]\nbind = \"127.0.0.1:8883\"\nprotocol = \"tls\"\ncert = {:?}\n\
+             key = \"/nonexistent/key.pem\"\nuse_identity_as_username = true\n",
+            cert.display().to_string()
+        ),
+        &[
+            "listener[0].key: cannot read /nonexistent/key.pem: No such file or directory (os \
+             error 2)",
+            "listener[0].use_identity_as_username: needs client_ca: the identity is that of a \
+             verified client certificate",
+        ],
+    );
+}
+
+fn ferrymq_config_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    ca: Option<&std::path::Path>,
+) -> crate::ListenerTls {
+    crate::ListenerTls {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        client_ca: ca.map(std::path::Path::to_path_buf),
+        require_client_cert: true,
+        min_tls: crate::MinTls::V1_2,
+        use_identity_as_username: true,
+    }
 }

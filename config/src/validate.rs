@@ -246,6 +246,24 @@ fn check_listeners(config: &Config, unusable_binds: &[usize], errors: &mut Vec<C
         ));
     }
     for (i, listener) in config.listeners.iter().enumerate() {
+        if let Some(tls) = &listener.tls {
+            let key = |k: &str| format!("listener[{i}].{k}");
+            for (name, path) in [("cert", Some(&tls.cert)), ("key", Some(&tls.key))]
+                .into_iter()
+                .chain([("client_ca", tls.client_ca.as_ref())])
+            {
+                // A missing cert or key was reported when it was parsed.
+                if let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) {
+                    check_file(&key(name), path, errors);
+                }
+            }
+            if tls.use_identity_as_username && tls.client_ca.is_none() {
+                errors.push(ConfigError::new(
+                    key("use_identity_as_username"),
+                    "needs client_ca: the identity is that of a verified client certificate",
+                ));
+            }
+        }
         if let Some(backlog) = listener.backlog {
             LISTEN_BACKLOG.check(
                 &format!("listener[{i}].backlog"),

@@ -1,0 +1,209 @@
+//! TLS listeners with the real binary and Debian's mosquitto_pub /
+//! mosquitto_sub as clients: server authentication, TLS versions, mutual
+//! TLS, a certificate identity as the user name for the ACL, and an
+//! expired certificate refused at start. Certificates are made here
+//! (rcgen).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "../bridge/tests/common/pki.rs"]
+#[allow(dead_code)]
+mod pki;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use pki::Pki;
+
+/// Starts ferrymq with one TLS listener (`extra` keys in its table) and
+/// `more` TOML after it.
+fn tls_broker(pki: &Pki, extra: &str, more: &str) -> Broker {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "data_dir = {:?}\n[[listener]]\nbind = \"127.0.0.1:0\"\nprotocol = \"tls\"\n\
+         cert = {:?}\nkey = {:?}\n{extra}\n{more}\n",
+        dir.path().join("data").display().to_string(),
+        pki.server_cert.display().to_string(),
+        pki.server_key.display().to_string(),
+    );
+    let path = dir.path().join("ferrymq.toml");
+    std::fs::write(&path, config).unwrap();
+    Broker::start_with_file(&path, dir)
+}
+
+/// mosquitto_pub over TLS with `args`; whether it succeeded.
+fn publish(broker: &Broker, ca: &Path, args: &[&str]) -> bool {
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.addr.port().to_string()])
+        .arg("--cafile")
+        .arg(ca)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients)")
+        .success()
+}
+
+#[test]
+fn clients_that_trust_the_ca_connect_over_tls_1_3_and_others_do_not() {
+    let pki = Pki::generate();
+    let broker = tls_broker(&pki, "", "");
+    let msg = ["-t", "tls/t", "-m", "x", "-q", "1"];
+    assert!(publish(&broker, &pki.ca, &msg), "a client with the CA");
+    assert!(!publish(&broker, &pki.other_ca, &msg), "another CA");
+    assert!(
+        !handshake_tls12(&broker, &pki.ca),
+        "TLS 1.2 against a 1.3-only listener"
+    );
+    assert!(!publish_plain(&broker), "plain MQTT on a TLS port");
+    // min_tls = "1.2" lets it in.
+    let broker = tls_broker(&pki, "min_tls = \"1.2\"", "");
+    assert!(handshake_tls12(&broker, &pki.ca));
+}
+
+/// Whether a TLS 1.2-only handshake (openssl s_client -tls1_2) completes:
+/// it prints "New, TLSv1.2, Cipher is ..." only then (its "Protocol"
+/// line names 1.2 either way).
+fn handshake_tls12(broker: &Broker, ca: &Path) -> bool {
+    let out = Command::new("openssl")
+        .args(["s_client", "-tls1_2", "-connect"])
+        .arg(broker.addr.to_string())
+        .arg("-CAfile")
+        .arg(ca)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl (apt-get install openssl)");
+    String::from_utf8_lossy(&out.stdout).contains("New, TLSv1.2, Cipher is")
+}
+
+fn publish_plain(broker: &Broker) -> bool {
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.addr.port().to_string()])
+        .args(["-t", "tls/t", "-m", "x"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn mutual_tls_needs_a_client_certificate_signed_by_the_client_ca() {
+    let pki = Pki::generate();
+    let broker = tls_broker(
+        &pki,
+        &format!("client_ca = {:?}", pki.ca.display().to_string()),
+        "",
+    );
+    let msg = ["-t", "tls/t", "-m", "x", "-q", "1"];
+    assert!(!publish(&broker, &pki.ca, &msg), "no client certificate");
+    let cert = pki.client_cert.display().to_string();
+    let key = pki.client_key.display().to_string();
+    let with_cert: Vec<&str> = ["--cert", cert.as_str(), "--key", key.as_str()]
+        .iter()
+        .chain(&msg)
+        .copied()
+        .collect();
+    assert!(publish(&broker, &pki.ca, &with_cert));
+}
+
+#[test]
+fn a_certificate_identity_stands_in_for_the_user_name_in_the_acl() {
+    let pki = Pki::generate();
+    let acl = pki.dir.path().join("acl.toml");
+    // The client certificate's common name is "edge-01".
+    std::fs::write(
+        &acl,
+        "[[rule]]\nuser = \"edge-01\"\npublish = [\"edge/%u/#\"]\nsubscribe = [\"edge/#\", \
+         \"other/#\"]\n",
+    )
+    .unwrap();
+    let broker = tls_broker(
+        &pki,
+        &format!(
+            "client_ca = {:?}\nuse_identity_as_username = true",
+            pki.ca.display().to_string()
+        ),
+        &format!("[auth]\nacl_file = {:?}", acl.display().to_string()),
+    );
+    let port = broker.addr.port().to_string();
+    let cert = pki.client_cert.display().to_string();
+    let key = pki.client_key.display().to_string();
+    let client = ["--cert", cert.as_str(), "--key", key.as_str()];
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "--cafile"])
+        .arg(&pki.ca)
+        .args(client)
+        .args(["-t", "edge/#", "-t", "other/#", "-v", "-C", "1", "-W", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pub_to = |topic: &str| {
+        let args: Vec<&str> = client
+            .iter()
+            .copied()
+            .chain(["-t", topic, "-m", "m", "-q", "1"])
+            .collect();
+        assert!(publish(&broker, &pki.ca, &args), "{topic}");
+    };
+    // A denied and an allowed publish, again until the subscriber (which
+    // connects meanwhile) has one message.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sub.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the subscriber got nothing"
+        );
+        pub_to("other/edge-01/x");
+        pub_to("edge/edge-01/ok");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = sub.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "edge/edge-01/ok m",
+        "only the publish the ACL grants to user edge-01 arrives"
+    );
+}
+
+#[test]
+fn an_expired_certificate_is_refused_at_start_with_its_key() {
+    use rcgen::{CertificateParams, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.path().join("old.pem"), dir.path().join("old.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let config = dir.path().join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[[listener]]\nbind = \"127.0.0.1:0\"\nprotocol = \"tls\"\n\
+             cert = {:?}\nkey = {:?}\n",
+            dir.path().join("data").display().to_string(),
+            cert_path.display().to_string(),
+            key_path.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listener[0].cert: the certificate in") && err.contains("not now"),
+        "{err}"
+    );
+}
