@@ -207,3 +207,107 @@ fn an_expired_certificate_is_refused_at_start_with_its_key() {
         "{err}"
     );
 }
+
+/// The README's site config (LAN listener with TLS, password file, ACL):
+/// `check-config` accepts it as written (its files made here), and a
+/// broker starts on it (loopback ports instead of its own) and serves a
+/// user over TLS.
+#[test]
+fn the_readme_site_config_checks_and_starts() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## A site: TLS, users and an ACL")
+        .nth(1)
+        .expect("the README's site section");
+    let toml = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("its TOML block");
+    let pki = Pki::generate();
+    let etc = pki.dir.path();
+    // (The PKI's own files are etc/server.pem and etc/server.key.)
+    assert_eq!(pki.server_cert, etc.join("server.pem"));
+    assert_eq!(pki.server_key, etc.join("server.key"));
+    let mut passwd = Command::new(binary())
+        .arg("passwd")
+        .arg(etc.join("passwd"))
+        .args(["sensor-gw", "--stdin"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut passwd.stdin.take().unwrap(), b"gw-secret\n").unwrap();
+    assert!(passwd.wait().unwrap().success());
+    std::fs::write(
+        etc.join("acl.toml"),
+        "[[rule]]\nuser = \"sensor-gw\"\npublish = [\"sensors/#\"]\nsubscribe = [\"cmd/#\"]\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let config = toml
+        .replace("/etc/ferrymq/", &format!("{}/", etc.display()))
+        .replace(
+            "/var/lib/ferrymq",
+            &data.path().join("data").display().to_string(),
+        );
+    let file = etc.join("ferrymq.toml");
+    std::fs::write(&file, &config).unwrap();
+    let check = Command::new(binary())
+        .args(["check-config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    // Started on free loopback ports.
+    let (tcp, tls) = (
+        "bind = \"127.0.0.1:1883\"",
+        "bind = \"0.0.0.0:8883\"\nprotocol = \"tls\"",
+    );
+    assert!(config.contains(tcp) && config.contains(tls), "{config}");
+    let local = config
+        .replace(tcp, "bind = \"127.0.0.1:0\"")
+        .replace(tls, "bind = \"127.0.0.1:0\"\nprotocol = \"tls\"");
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("site.toml");
+    std::fs::write(&started, local).unwrap();
+    let mut broker = Broker::start_with_file(&started, dir);
+    // Both listeners log their address; the TLS one says so.
+    broker.wait_for_log(" (tls)", WAIT);
+    let log = broker.log();
+    let tls_addr = log
+        .lines()
+        .find(|l| l.ends_with(" (tls)"))
+        .and_then(|l| l.split("listening on ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the TLS listener's address");
+    broker.addr = tls_addr.parse().unwrap();
+    let user = [
+        "-u",
+        "sensor-gw",
+        "-P",
+        "gw-secret",
+        "-t",
+        "sensors/a",
+        "-m",
+        "1",
+        "-q",
+        "1",
+    ];
+    assert!(publish(&broker, &pki.ca, &user), "a user over TLS");
+    let wrong = [
+        "-u",
+        "sensor-gw",
+        "-P",
+        "nope",
+        "-t",
+        "sensors/a",
+        "-m",
+        "1",
+    ];
+    assert!(!publish(&broker, &pki.ca, &wrong));
+}

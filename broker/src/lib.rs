@@ -119,7 +119,7 @@ pub enum StartError {
     #[error("store: {0}")]
     Store(#[from] storage::StoreError),
     /// A TLS listener's certificate, key or CA file cannot be used.
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] tls::TlsError),
     /// The password file could not be read or parsed.
     #[error("auth.password_file: {}: {source}", path.display())]
