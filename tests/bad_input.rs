@@ -609,3 +609,73 @@ fn a_client_still_writing_reads_the_disconnect_that_closed_it() {
     }
     ok.still_work();
 }
+
+/// A TCP connection to `addr` from the loopback source address `from`
+/// (all of 127.0.0.0/8 is this machine).
+fn connect_from(from: [u8; 4], addr: std::net::SocketAddr) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from((from, 0)).into())
+        .unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
+}
+
+#[test]
+fn connections_beyond_the_per_address_limit_are_closed_while_other_addresses_go_on() {
+    let broker = Broker::start("[limits]\nmax_connections_per_address = 20");
+    // 20 from one address are served...
+    let mut crowd: Vec<Raw> = (0..20)
+        .map(|i| {
+            let mut raw = Raw::over(connect_from([127, 0, 0, 1], broker.addr), Protocol::V311);
+            raw.send(&Packet::Connect(Box::new(connect_packet(
+                Protocol::V311,
+                &format!("crowd-{i}"),
+            ))));
+            assert!(matches!(raw.recv(), Some(Packet::ConnAck(_))), "{i}");
+            raw
+        })
+        .collect();
+    // ... the next ones are closed at once, unanswered.
+    for _ in 0..5 {
+        let mut extra = Raw::over(connect_from([127, 0, 0, 1], broker.addr), Protocol::V311);
+        assert_eq!(extra.until_closed(), [], "beyond the limit");
+    }
+    // Another address is not affected: it exchanges messages.
+    let mut other = Raw::over(connect_from([127, 0, 0, 2], broker.addr), Protocol::V5);
+    other.send(&Packet::Connect(Box::new(connect_packet(
+        Protocol::V5,
+        "other",
+    ))));
+    assert!(matches!(other.recv(), Some(Packet::ConnAck(_))));
+    other.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        subscriptions: vec![Subscription {
+            filter: s("o/#"),
+            options: SubscriptionOptions::default(),
+        }],
+        properties: Default::default(),
+    }));
+    assert!(matches!(other.recv(), Some(Packet::SubAck(_))));
+    crowd[0].send(&Packet::Publish(Publish {
+        topic: s("o/x"),
+        payload: Bytes::from_static(b"hi"),
+        ..Publish::default()
+    }));
+    assert!(matches!(other.recv(), Some(Packet::Publish(p)) if p.payload == "hi"));
+    // A slot given back is taken again.
+    drop(crowd.pop());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut again = Raw::over(connect_from([127, 0, 0, 1], broker.addr), Protocol::V311);
+        again.send(&Packet::Connect(Box::new(connect_packet(
+            Protocol::V311,
+            "again",
+        ))));
+        if matches!(again.recv(), Some(Packet::ConnAck(_))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed slot never came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

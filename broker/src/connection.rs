@@ -886,6 +886,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             // they would add to every idle connection's size.
             let mut rare = rare_waits(&mut self.durable, turn.need_durable, parked);
             let mut room_made = false;
+            let mut taken_over = false;
             // Every branch is cancel-safe: `read_buf` and `write` do no I/O
             // unless they complete, `kicked` and `ready` keep their permit
             // when dropped, `changed` only observes values, the timer is
@@ -893,11 +894,10 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             tokio::select! {
                 biased;
                 _ = self.control.kicked() => {
-                    return if *shutdown.borrow() {
-                        Close::Shutdown
-                    } else {
-                        Close::TakenOver
-                    };
+                    if *shutdown.borrow() {
+                        return Close::Shutdown;
+                    }
+                    taken_over = true;
                 }
                 _ = &mut keep_alive_timer, if self.keep_alive.is_some() => {
                     let limit = self.keep_alive.unwrap_or(Duration::MAX / 4);
@@ -932,10 +932,27 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 } }, if rare.is_some() => room_made = made,
             }
             drop(rare);
+            if taken_over {
+                // Boxed: rare, and not to grow every idle connection.
+                return Box::pin(self.taken_over()).await;
+            }
             if room_made {
                 self.resume_parked();
             }
         }
+    }
+
+    /// Another connection takes this client id over. What the client sent
+    /// before its new connection came in may be here already, a DISCONNECT
+    /// among it (with its Session Expiry): it is read (one read that does
+    /// not wait) and handled before giving up, as if the takeover came
+    /// after it.
+    async fn taken_over(&mut self) -> Close {
+        // Whatever the read finds (bytes, the end of the stream, nothing
+        // yet), the takeover decides unless a DISCONNECT came first.
+        let _ =
+            tokio::time::timeout(Duration::ZERO, self.io.reader.read_buf(&mut self.io.inbuf)).await;
+        self.process_input().unwrap_or(Close::TakenOver)
     }
 
     /// One turn's work that needs no waiting: handle what was read,

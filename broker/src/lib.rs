@@ -166,6 +166,10 @@ pub(crate) struct Shared {
     pub(crate) levels_log: stats::LogLimiter,
     /// Rate limit for "login refused" warnings.
     pub(crate) auth_log: stats::LogLimiter,
+    /// Open connections per source address, for
+    /// `max_connections_per_address` (only addresses with one open; only
+    /// counted when the limit is set). Locked once per accept and close.
+    pub(crate) per_address: parking_lot::Mutex<HashMap<std::net::IpAddr, u32>>,
     /// This, for tasks spawned from borrowed contexts.
     pub(crate) this: Weak<Shared>,
 }
@@ -350,6 +354,7 @@ impl Broker {
             refuse_log: stats::LogLimiter::new(Duration::from_secs(10)),
             levels_log: stats::LogLimiter::new(Duration::from_secs(10)),
             auth_log: stats::LogLimiter::new(Duration::from_secs(10)),
+            per_address: parking_lot::Mutex::default(),
             this: this.clone(),
         });
         restore(&shared, recovered);

@@ -98,6 +98,14 @@ pub(crate) async fn accept_loop(
             drop(stream);
             continue;
         };
+        let Some(per_address) = PerAddress::take(&shared, peer.ip()) else {
+            Stats::add(&shared.stats.connections_refused, 1);
+            if shared.refuse_log.allow() {
+                warn!(%peer, "max_connections_per_address reached: closing new connections from it");
+            }
+            drop(stream);
+            continue;
+        };
         Stats::add(&shared.stats.connections_accepted, 1);
         // Small MQTT packets must not wait for Nagle's algorithm.
         if let Err(e) = stream.set_nodelay(true) {
@@ -106,7 +114,7 @@ pub(crate) async fn accept_loop(
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let mut options = ServeOptions {
+            let options = ServeOptions {
                 peer: Some(peer.ip()),
                 ..ServeOptions::default()
             };
@@ -115,38 +123,89 @@ pub(crate) async fn accept_loop(
                     let (reader, writer) = stream.into_split();
                     serve(reader, writer, peer.to_string(), shared, options).await;
                 }
-                Some(tls) => {
-                    // The handshake is bounded like the wait for CONNECT.
-                    let limit = shared.config.limits.connect_timeout;
-                    let stream =
-                        match tokio::time::timeout(limit, tls.acceptor.accept(stream)).await {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => {
-                                Stats::add(&shared.stats.tls_handshakes_failed, 1);
-                                debug!(%peer, "TLS handshake failed: {e}");
-                                return;
-                            }
-                            Err(_) => {
-                                Stats::add(&shared.stats.tls_handshakes_failed, 1);
-                                debug!(%peer, "no TLS handshake within connect_timeout_secs");
-                                return;
-                            }
-                        };
-                    options.identity = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|certs| certs.first())
-                        .and_then(crate::tls::identity)
-                        .map(String::into_boxed_str);
-                    options.identity_is_user = tls.identity_is_user;
-                    let (reader, writer) = tokio::io::split(stream);
-                    serve(reader, writer, peer.to_string(), shared, options).await;
-                }
+                // Boxed: a TLS handshake's state is large, and inline it
+                // would size every connection's task, TCP ones too.
+                Some(tls) => Box::pin(serve_tls(stream, peer, tls, shared, options)).await,
             }
+            drop(per_address);
             drop(permit);
         });
     }
+}
+
+/// One connection counted against its source address's share
+/// (`max_connections_per_address`); given back when dropped.
+struct PerAddress {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl PerAddress {
+    /// Counts a new connection from `ip`; `None` when the address is at
+    /// its limit. With no limit nothing is counted.
+    fn take(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<Option<PerAddress>> {
+        let limit = shared.config.limits.max_connections_per_address;
+        if limit == 0 {
+            return Some(None);
+        }
+        let mut open = shared.per_address.lock();
+        let count = open.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(Some(PerAddress {
+            shared: shared.clone(),
+            ip,
+        }))
+    }
+}
+
+impl Drop for PerAddress {
+    fn drop(&mut self) {
+        let mut open = self.shared.per_address.lock();
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Runs the TLS handshake (bounded like the wait for CONNECT), then serves
+/// the connection with the client certificate's identity.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    tls: Tls,
+    shared: Arc<Shared>,
+    mut options: ServeOptions,
+) {
+    let limit = shared.config.limits.connect_timeout;
+    let stream = match tokio::time::timeout(limit, tls.acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            Stats::add(&shared.stats.tls_handshakes_failed, 1);
+            debug!(%peer, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            Stats::add(&shared.stats.tls_handshakes_failed, 1);
+            debug!(%peer, "no TLS handshake within connect_timeout_secs");
+            return;
+        }
+    };
+    options.identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(crate::tls::identity)
+        .map(String::into_boxed_str);
+    options.identity_is_user = tls.identity_is_user;
+    let (reader, writer) = tokio::io::split(stream);
+    serve(reader, writer, peer.to_string(), shared, options).await;
 }
 
 /// A TLS listener's acceptor and settings.

@@ -172,6 +172,11 @@ pub struct Limits {
     /// `max_connections`: caps open client connections, so a flood of
     /// clients cannot exhaust file descriptors or memory. Default: 100000.
     pub max_connections: u32,
+    /// `max_connections_per_address`: caps open connections from one
+    /// source address, so one host cannot take every connection; beyond
+    /// it new connections from that address are closed at once. 0 means no
+    /// limit (the default: clients behind one NAT share an address).
+    pub max_connections_per_address: u32,
     /// `max_packet_size` (bytes; `"1MiB"` style accepted): the largest packet
     /// a client may send us, so one packet cannot take all memory. Announced
     /// as MQTT 5 Maximum Packet Size. Default: 1 MiB. Range: 64 ..=
@@ -545,6 +550,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 100_000,
+            max_connections_per_address: 0,
             max_packet_size: 1 << 20,
             receive_maximum: 1024,
             max_keepalive: Duration::from_secs(3600),

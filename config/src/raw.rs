@@ -62,6 +62,7 @@ struct RawAuth {
 #[serde(expecting = "a [limits] table")]
 struct RawLimits {
     max_connections: Option<Int>,
+    max_connections_per_address: Option<Int>,
     max_packet_size: Option<RawSize>,
     receive_maximum: Option<Int>,
     max_keepalive_secs: Option<Int>,
@@ -181,6 +182,7 @@ pub(crate) const TABLES: &[Table] = &[
         path: &["limits"],
         keys: &[
             "max_connections",
+            "max_connections_per_address",
             "max_packet_size",
             "receive_maximum",
             "max_keepalive_secs",
@@ -656,6 +658,13 @@ impl RawLimits {
                 "limits.max_connections",
                 &validate::MAX_CONNECTIONS,
                 defaults.max_connections,
+                errors,
+            ),
+            max_connections_per_address: narrow(
+                self.max_connections_per_address.map(|Int(v)| v),
+                "limits.max_connections_per_address",
+                &validate::MAX_CONNECTIONS_PER_ADDRESS,
+                defaults.max_connections_per_address,
                 errors,
             ),
             max_packet_size: narrow(

@@ -97,6 +97,7 @@ fn defaults() {
         config.limits,
         Limits {
             max_connections: 100_000,
+            max_connections_per_address: 0,
             max_packet_size: 1_048_576,
             receive_maximum: 1024,
             max_keepalive: Duration::from_secs(3600),
@@ -183,6 +184,7 @@ fn every_key_parsed() {
             c.auth.allow_anonymous = false;
             c.limits = Limits {
                 max_connections: 5,
+                max_connections_per_address: 0,
                 max_packet_size: 65_536,
                 receive_maximum: 10,
                 max_keepalive: Duration::from_secs(60),

@@ -42,6 +42,13 @@ impl IntRange {
     }
 }
 
+/// 0 is no limit.
+pub(crate) const MAX_CONNECTIONS_PER_ADDRESS: IntRange = IntRange {
+    lo: 0,
+    hi: u32::MAX as u64,
+    unit: "",
+};
+
 pub(crate) const MAX_CONNECTIONS: IntRange = IntRange {
     lo: 1,
     hi: u32::MAX as u64,
