@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -36,15 +34,7 @@ fn broker() -> (Broker, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let passwd = dir.path().join("passwd");
     for (user, password) in [("gw", "gw-pass"), ("ops", "ops-pass")] {
-        let mut child = Command::new(binary())
-            .arg("passwd")
-            .arg(&passwd)
-            .args([user, "--stdin"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-        assert!(child.wait().unwrap().success());
+        add_user(&passwd, user, password);
     }
     let acl = dir.path().join("acl.toml");
     std::fs::write(&acl, ACL).unwrap();

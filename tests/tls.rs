@@ -230,15 +230,7 @@ fn the_readme_site_config_checks_and_starts() {
     // (The PKI's own files are etc/server.pem and etc/server.key.)
     assert_eq!(pki.server_cert, etc.join("server.pem"));
     assert_eq!(pki.server_key, etc.join("server.key"));
-    let mut passwd = Command::new(binary())
-        .arg("passwd")
-        .arg(etc.join("passwd"))
-        .args(["sensor-gw", "--stdin"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut passwd.stdin.take().unwrap(), b"gw-secret\n").unwrap();
-    assert!(passwd.wait().unwrap().success());
+    add_user(&etc.join("passwd"), "sensor-gw", "gw-secret");
     std::fs::write(
         etc.join("acl.toml"),
         "[[rule]]\nuser = \"sensor-gw\"\npublish = [\"sensors/#\"]\nsubscribe = [\"cmd/#\"]\n",

@@ -6,41 +6,13 @@
 
 mod common;
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
 use ferrymq_codec::{Packet, Protocol, ReasonCode};
-
-/// Runs `ferrymq passwd FILE USER ARGS...` with `input` on its standard
-/// input; whether it succeeded, and its standard error.
-fn passwd(file: &Path, user: &str, args: &[&str], input: &str) -> (bool, String) {
-    let mut child = Command::new(binary())
-        .arg("passwd")
-        .arg(file)
-        .arg(user)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn passwd_adds_changes_checks_and_deletes_users_in_a_0600_file_of_hashes() {
@@ -86,7 +58,7 @@ fn passwd_adds_changes_checks_and_deletes_users_in_a_0600_file_of_hashes() {
 fn users_broker(extra: &str) -> (Broker, tempfile::TempDir) {
     let users = tempfile::tempdir().unwrap();
     let file = users.path().join("passwd");
-    assert!(passwd(&file, "sensor-1", &["--stdin"], "s3cret\n").0);
+    add_user(&file, "sensor-1", "s3cret");
     let broker = Broker::start(&format!(
         "[auth]\npassword_file = {:?}\n{extra}",
         file.display().to_string()

@@ -121,6 +121,24 @@ async fn collect(uplink: &mut Uplink, count: usize) -> Vec<(String, MessageId, S
     got
 }
 
+/// The next message the local `listener` receives, while the upstream
+/// `watch` client's events (its acknowledgements) are taken meanwhile.
+async fn local_message(
+    listener: &mut ferrymq_broker::Client,
+    watch: &mut Uplink,
+) -> ferrymq_broker::Received {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            tokio::select! {
+                m = listener.recv() => break m.unwrap(),
+                _ = watch.next_event() => {}
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
 /// Waits until the (first) bridge's status satisfies `done`.
 async fn eventually(node: &Node, done: impl Fn(&BridgeStatus) -> bool) -> BridgeStatus {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -174,16 +192,7 @@ async fn messages_cross_the_bridge_both_ways_with_their_ids() {
             ..Publish::default()
         })
         .unwrap();
-    let command = tokio::time::timeout(WAIT, async {
-        loop {
-            tokio::select! {
-                m = listener.recv() => break m.unwrap(),
-                _ = watch.next_event() => {}
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let command = local_message(&mut listener, &mut watch).await;
     assert_eq!(command.topic.as_str(), "cmd/reboot");
     assert_eq!(command.payload, "now");
     // The counters move once the upstream has the acknowledgements.
@@ -665,16 +674,7 @@ async fn an_inbound_message_deeper_than_the_level_limit_is_dropped_not_retried()
             })
             .unwrap();
     }
-    let got = tokio::time::timeout(WAIT, async {
-        loop {
-            tokio::select! {
-                m = listener.recv() => break m.unwrap(),
-                _ = watch.next_event() => {}
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let got = local_message(&mut listener, &mut watch).await;
     assert_eq!(got.topic.as_str(), "cmd/ok");
     let stats = node.broker().stats();
     assert_eq!(

@@ -11,7 +11,8 @@ use proptest::prelude::*;
 use crate::message::SessionId;
 use crate::retained::Retained;
 use crate::retained::tests::message;
-use crate::router::{Router, Subscriber};
+use crate::router::Router;
+use crate::router::tests::sub;
 
 /// Far below tokio's 2 MiB worker stacks.
 const SMALL_STACK: usize = 256 << 10;
@@ -65,10 +66,6 @@ fn filter_for(topic: &str, seed: u64, hash: bool, differ: bool) -> String {
     levels.join("/")
 }
 
-fn subscriber(session: u64) -> Subscriber {
-    crate::router::tests::sub(session, QoS::AtMostOnce)
-}
-
 /// Router and retained set: subscribe, match, unsubscribe, set, match,
 /// clear and drop, with the reference matcher as the oracle.
 fn walk(depth: usize, seed: u64, hash: bool, differ: bool) {
@@ -76,9 +73,9 @@ fn walk(depth: usize, seed: u64, hash: bool, differ: bool) {
     let filter = filter_for(&topic, seed.rotate_left(17), hash, differ);
     let expected = matches(&filter, &topic);
     let router = Router::default();
-    router.subscribe(&filter, subscriber(1));
-    router.subscribe(&topic, subscriber(2));
-    router.subscribe("#", subscriber(3));
+    router.subscribe(&filter, sub(1, QoS::AtMostOnce));
+    router.subscribe(&topic, sub(2, QoS::AtMostOnce));
+    router.subscribe("#", sub(3, QoS::AtMostOnce));
     let mut routes = Vec::new();
     router.routes(&topic, SessionId(0), &mut routes);
     let mut sessions: Vec<u64> = routes.iter().map(|r| r.session.0).collect();
@@ -152,7 +149,7 @@ fn a_retained_deep_topic_and_a_deep_wildcard_filter_walk_without_recursion() {
         let deep = vec!["a"; 100_000].join("/");
         let filter = format!("{}/#", vec!["+"; 99_999].join("/"));
         let router = Router::default();
-        router.subscribe(&filter, subscriber(1));
+        router.subscribe(&filter, sub(1, QoS::AtMostOnce));
         let mut routes = Vec::new();
         router.routes(&deep, SessionId(0), &mut routes);
         assert_eq!(routes.len(), 1);

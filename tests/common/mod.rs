@@ -21,6 +21,38 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_ferrymq")
 }
 
+/// Runs `ferrymq passwd FILE USER ARGS...` with `input` on its standard
+/// input; whether it succeeded, and its standard error.
+pub fn passwd(file: &Path, user: &str, args: &[&str], input: &str) -> (bool, String) {
+    let mut child = Command::new(binary())
+        .arg("passwd")
+        .arg(file)
+        .arg(user)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferrymq passwd");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write the password");
+    let out = child.wait_with_output().expect("ferrymq passwd");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Adds `user` with `password` to the password file `file`.
+pub fn add_user(file: &Path, user: &str, password: &str) {
+    let (ok, err) = passwd(file, user, &["--stdin"], &format!("{password}\n"));
+    assert!(ok, "ferrymq passwd {user}: {err}");
+}
+
 /// A `ferrymq` process with its own data directory, killed on drop.
 pub struct Broker {
     child: Child,
