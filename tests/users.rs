@@ -142,17 +142,20 @@ fn repeated_failures_from_one_address_are_slowed_and_a_right_password_still_work
 fn mosquitto_pub_and_sub_log_in_with_a_user_name_and_password() {
     let (broker, _users) = users_broker("allow_anonymous = false");
     let port = broker.addr.port().to_string();
-    let mut sub = Command::new("mosquitto_sub")
-        .args([
+    let credentials = |password: &'static str| {
+        [
             "-h",
             "127.0.0.1",
             "-p",
-            &port,
+            port.as_str(),
             "-u",
             "sensor-1",
             "-P",
-            "s3cret",
-        ])
+            password,
+        ]
+    };
+    let mut sub = Command::new("mosquitto_sub")
+        .args(credentials("s3cret"))
         .args(["-t", "secure/#", "-C", "1", "-W", "20"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -162,16 +165,7 @@ fn mosquitto_pub_and_sub_log_in_with_a_user_name_and_password() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let out = loop {
         let status = Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-u",
-                "sensor-1",
-                "-P",
-                "s3cret",
-            ])
+            .args(credentials("s3cret"))
             .args(["-t", "secure/door", "-m", "open"])
             .status()
             .unwrap();
@@ -190,16 +184,7 @@ fn mosquitto_pub_and_sub_log_in_with_a_user_name_and_password() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "open");
     // A wrong password: mosquitto_pub fails.
     let status = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-u",
-            "sensor-1",
-            "-P",
-            "nope",
-        ])
+        .args(credentials("nope"))
         .args(["-t", "secure/door", "-m", "x"])
         .stderr(Stdio::null())
         .status()
