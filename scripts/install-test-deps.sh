@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain, when it is
-# missing: Debian's mosquitto broker and clients, Python paho-mqtt (pinned), and
+# missing: Debian's mosquitto broker and clients, Python paho-mqtt (pinned),
+# MQTT.js for node (pinned in tests/interop/mqttjs/package-lock.json), and
 # cargo-nextest / cargo-fuzz. Idempotent and quick when all is present.
 set -euo pipefail
 
@@ -25,6 +26,9 @@ command -v openssl >/dev/null || apt_packages+=(openssl)
 # The rocksdb crate runs bindgen, which needs libclang (libclang1 alone
 # lacks the headers it parses).
 dpkg -s libclang-dev >/dev/null 2>&1 || apt_packages+=(libclang-dev)
+# node and npm: MQTT.js is the WebSocket listener tests' client.
+command -v node >/dev/null || apt_packages+=(nodejs)
+command -v npm >/dev/null || apt_packages+=(npm)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${apt_packages[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -34,6 +38,13 @@ fi
 if ! python3 -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_VERSION')" 2>/dev/null; then
   echo "install-test-deps: pip install paho-mqtt==$PAHO_VERSION"
   python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt==$PAHO_VERSION"
+fi
+
+mqttjs_dir="$(cd "$(dirname "$0")/.." && pwd)/tests/interop/mqttjs"
+mqttjs_version=$(sed -n 's/.*"mqtt": "\(.*\)".*/\1/p' "$mqttjs_dir/package.json")
+if ! node -e "process.exit(require('$mqttjs_dir/node_modules/mqtt/package.json').version === '$mqttjs_version' ? 0 : 1)" 2>/dev/null; then
+  echo "install-test-deps: npm ci (MQTT.js $mqttjs_version) in tests/interop/mqttjs"
+  npm ci --prefix "$mqttjs_dir" --no-audit --no-fund --loglevel=error
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

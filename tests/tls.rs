@@ -23,15 +23,12 @@ use pki::Pki;
 fn tls_broker(pki: &Pki, extra: &str, more: &str) -> Broker {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
-        "data_dir = {:?}\n[[listener]]\nbind = \"127.0.0.1:0\"\nprotocol = \"tls\"\n\
-         cert = {:?}\nkey = {:?}\n{extra}\n{more}\n",
+        "data_dir = {:?}\n[[listener]]\nbind = \"127.0.0.1:0\"\nprotocol = \"tls\"\n{}{extra}\n\
+         {more}\n",
         dir.path().join("data").display().to_string(),
-        pki.server_cert.display().to_string(),
-        pki.server_key.display().to_string(),
+        pki.listener_keys(),
     );
-    let path = dir.path().join("ferrymq.toml");
-    std::fs::write(&path, config).unwrap();
-    Broker::start_with_file(&path, dir)
+    Broker::start_with_config(&config, dir)
 }
 
 /// mosquitto_pub over TLS with `args`; whether it succeeded.
@@ -256,20 +253,26 @@ fn the_readme_site_config_checks_and_starts() {
         String::from_utf8_lossy(&check.stdout)
     );
     // Started on free loopback ports.
-    let (tcp, tls) = (
+    let (tcp, tls, wss) = (
         "bind = \"127.0.0.1:1883\"",
         "bind = \"0.0.0.0:8883\"\nprotocol = \"tls\"",
+        "bind = \"0.0.0.0:8884\"",
     );
-    assert!(config.contains(tcp) && config.contains(tls), "{config}");
+    assert!(
+        config.contains(tcp) && config.contains(tls) && config.contains(wss),
+        "{config}"
+    );
     let local = config
         .replace(tcp, "bind = \"127.0.0.1:0\"")
-        .replace(tls, "bind = \"127.0.0.1:0\"\nprotocol = \"tls\"");
+        .replace(tls, "bind = \"127.0.0.1:0\"\nprotocol = \"tls\"")
+        .replace(wss, "bind = \"127.0.0.1:0\"");
     let dir = tempfile::tempdir().unwrap();
     let started = dir.path().join("site.toml");
     std::fs::write(&started, local).unwrap();
     let mut broker = Broker::start_with_file(&started, dir);
     // Both listeners log their address; the TLS one says so.
     broker.wait_for_log(" (tls)", WAIT);
+    broker.wait_for_log(" (wss, path /mqtt)", WAIT);
     let log = broker.log();
     let tls_addr = log
         .lines()

@@ -58,6 +58,7 @@ mod stats;
 pub mod storage;
 mod tls;
 pub mod users;
+mod websocket;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -170,6 +171,9 @@ pub(crate) struct Shared {
     /// `max_connections_per_address` (only addresses with one open; only
     /// counted when the limit is set). Locked once per accept and close.
     pub(crate) per_address: parking_lot::Mutex<HashMap<std::net::IpAddr, u32>>,
+    /// The TLS settings of each listener (`None` for `tcp` and `ws`), by
+    /// index; a reload replaces them.
+    pub(crate) tls: parking_lot::RwLock<Vec<Option<server::Tls>>>,
     /// This, for tasks spawned from borrowed contexts.
     pub(crate) this: Weak<Shared>,
 }
@@ -355,17 +359,21 @@ impl Broker {
             levels_log: stats::LogLimiter::new(Duration::from_secs(10)),
             auth_log: stats::LogLimiter::new(Duration::from_secs(10)),
             per_address: parking_lot::Mutex::default(),
+            tls: parking_lot::RwLock::new(tls),
             this: this.clone(),
         });
         restore(&shared, recovered);
         let connections = Arc::new(Semaphore::new(max_connections));
+        for (listener, config) in listeners.iter().zip(&shared.config.listeners) {
+            server::announce(listener, config);
+        }
         let mut tasks: Vec<JoinHandle<()>> = listeners
             .into_iter()
-            .zip(tls)
-            .map(|(l, tls)| {
+            .enumerate()
+            .map(|(index, l)| {
                 tokio::spawn(server::accept_loop(
                     l,
-                    tls,
+                    index,
                     shared.clone(),
                     connections.clone(),
                 ))

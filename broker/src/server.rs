@@ -55,21 +55,35 @@ fn system_backlog() -> u32 {
         .unwrap_or(4096)
 }
 
-/// Accepts connections until shutdown. Each connection holds a permit of
-/// `connections` for its whole life; when none is left, new connections
-/// are closed at once (and counted) instead of waiting in the backlog.
+/// Logs where `listener` (configured as `config`) listens. Called in the
+/// order of the config just before the accept loops start, not by each
+/// loop (tasks start in any order): tools and tests read these lines.
+pub(crate) fn announce(listener: &TcpListener, config: &Listener) {
+    if let Ok(addr) = listener.local_addr() {
+        match &config.path {
+            Some(path) => info!("listening on {addr} ({}, path {path})", config.protocol),
+            None => info!("listening on {addr} ({})", config.protocol),
+        }
+    }
+}
+
+/// Accepts connections for `[[listener]]` number `index` until shutdown.
+/// Each connection holds a permit of `connections` for its whole life;
+/// when none is left, new connections are closed at once (and counted)
+/// instead of waiting in the backlog.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
-    tls: Option<Tls>,
+    index: usize,
     shared: Arc<Shared>,
     connections: Arc<Semaphore>,
 ) {
+    let protocol = shared.config.listeners[index].protocol;
+    let path: Option<Arc<str>> = shared.config.listeners[index]
+        .path
+        .as_deref()
+        .map(Arc::from);
     let mut shutdown = shared.shutdown_rx.clone();
     let mut backoff = Duration::from_millis(5);
-    if let Ok(addr) = listener.local_addr() {
-        let protocol = if tls.is_some() { "tls" } else { "tcp" };
-        info!("listening on {addr} ({protocol})");
-    }
     loop {
         let accepted = tokio::select! {
             // Cancelling accept() is safe: a connection not yet accepted
@@ -111,21 +125,27 @@ pub(crate) async fn accept_loop(
         if let Err(e) = stream.set_nodelay(true) {
             warn!(%peer, "could not set TCP_NODELAY: {e}");
         }
+        // The certificates in force now: a reload changes them for new
+        // connections only.
+        let tls = if protocol.is_tls() {
+            shared.tls.read()[index].clone()
+        } else {
+            None
+        };
         let shared = shared.clone();
-        let tls = tls.clone();
+        let path = path.clone();
         tokio::spawn(async move {
             let options = ServeOptions {
                 peer: Some(peer.ip()),
                 ..ServeOptions::default()
             };
-            match tls {
-                None => {
-                    let (reader, writer) = stream.into_split();
-                    serve(reader, writer, peer.to_string(), shared, options).await;
-                }
-                // Boxed: a TLS handshake's state is large, and inline it
+            if tls.is_none() && path.is_none() {
+                let (reader, writer) = stream.into_split();
+                serve(reader, writer, peer.to_string(), shared, options).await;
+            } else {
+                // Boxed: TLS and WebSocket state is large, and inline it
                 // would size every connection's task, TCP ones too.
-                Some(tls) => Box::pin(serve_tls(stream, peer, tls, shared, options)).await,
+                Box::pin(serve_layered(stream, peer, tls, path, shared, options)).await;
             }
             drop(per_address);
             drop(permit);
@@ -173,27 +193,60 @@ impl Drop for PerAddress {
     }
 }
 
-/// Runs the TLS handshake (bounded like the wait for CONNECT), then serves
-/// the connection with the client certificate's identity.
-async fn serve_tls(
+/// Serves a connection of a `tls`, `ws` or `wss` listener: the TLS
+/// handshake if there is one, then the WebSocket upgrade if there is one,
+/// then the MQTT session.
+async fn serve_layered(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-    tls: Tls,
+    tls: Option<Tls>,
+    path: Option<Arc<str>>,
     shared: Arc<Shared>,
     mut options: ServeOptions,
 ) {
+    let Some(tls) = tls else {
+        match path {
+            Some(path) => serve_websocket(stream, peer, &path, shared, options).await,
+            None => {
+                let (reader, writer) = stream.into_split();
+                serve(reader, writer, peer.to_string(), shared, options).await;
+            }
+        }
+        return;
+    };
+    let Some(stream) = tls_handshake(stream, peer, &tls, &shared, &mut options).await else {
+        return;
+    };
+    match path {
+        Some(path) => serve_websocket(stream, peer, &path, shared, options).await,
+        None => {
+            let (reader, writer) = tokio::io::split(stream);
+            serve(reader, writer, peer.to_string(), shared, options).await;
+        }
+    }
+}
+
+/// Runs the TLS handshake (bounded like the wait for CONNECT) and notes
+/// the client certificate's identity in `options`.
+async fn tls_handshake(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    tls: &Tls,
+    shared: &Shared,
+    options: &mut ServeOptions,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
     let limit = shared.config.limits.connect_timeout;
     let stream = match tokio::time::timeout(limit, tls.acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             Stats::add(&shared.stats.tls_handshakes_failed, 1);
             debug!(%peer, "TLS handshake failed: {e}");
-            return;
+            return None;
         }
         Err(_) => {
             Stats::add(&shared.stats.tls_handshakes_failed, 1);
             debug!(%peer, "no TLS handshake within connect_timeout_secs");
-            return;
+            return None;
         }
     };
     options.identity = stream
@@ -204,7 +257,36 @@ async fn serve_tls(
         .and_then(crate::tls::identity)
         .map(String::into_boxed_str);
     options.identity_is_user = tls.identity_is_user;
-    let (reader, writer) = tokio::io::split(stream);
+    Some(stream)
+}
+
+/// Runs the WebSocket upgrade for `path` (bounded like the wait for
+/// CONNECT), then serves the MQTT session over its messages.
+async fn serve_websocket<S>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    path: &str,
+    shared: Arc<Shared>,
+    options: ServeOptions,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let limit = shared.config.limits.connect_timeout;
+    let max_packet = shared.config.limits.max_packet_size;
+    let upgrade = crate::websocket::accept(stream, path, max_packet);
+    let (reader, writer) = match tokio::time::timeout(limit, upgrade).await {
+        Ok(Ok(halves)) => halves,
+        Ok(Err(e)) => {
+            Stats::add(&shared.stats.websocket_upgrades_failed, 1);
+            debug!(%peer, "WebSocket upgrade failed: {e}");
+            return;
+        }
+        Err(_) => {
+            Stats::add(&shared.stats.websocket_upgrades_failed, 1);
+            debug!(%peer, "no WebSocket upgrade within connect_timeout_secs");
+            return;
+        }
+    };
     serve(reader, writer, peer.to_string(), shared, options).await;
 }
 

@@ -31,6 +31,9 @@ pub struct Stats {
     /// TLS handshakes that failed or timed out (wrong CA, old version, no
     /// client certificate where one is required, ...).
     pub tls_handshakes_failed: AtomicU64,
+    /// WebSocket upgrades refused or failed (wrong path or subprotocol,
+    /// not an upgrade request, timed out).
+    pub websocket_upgrades_failed: AtomicU64,
     /// Logins refused: unknown user or wrong password.
     pub auth_failures: AtomicU64,
     /// Publishes (wills included) and subscriptions the ACL refused.

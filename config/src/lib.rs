@@ -99,12 +99,15 @@ pub struct Listener {
     /// maximum (`/proc/sys/net/core/somaxconn`). Range: 1 ..= 65535 (the
     /// kernel caps it at its maximum).
     pub backlog: Option<u32>,
-    /// The TLS settings, for `protocol = "tls"` (and only then).
+    /// The TLS settings, for `protocol = "tls"` and `"wss"` (and only
+    /// then).
     pub tls: Option<ListenerTls>,
+    /// `path`: the HTTP path a WebSocket client asks for, for `protocol =
+    /// "ws"` and `"wss"` (and only then). Default: `"/mqtt"`.
+    pub path: Option<String>,
 }
 
-/// What a listener speaks. The contract names `ws` and `wss` too; they
-/// are refused with a clear message until they are built.
+/// What a listener speaks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum ListenerProtocol {
     /// MQTT over plain TCP (`"tcp"`).
@@ -112,6 +115,10 @@ pub enum ListenerProtocol {
     Tcp,
     /// MQTT over TLS (`"tls"`).
     Tls,
+    /// MQTT over WebSocket (`"ws"`), subprotocol `mqtt`.
+    Ws,
+    /// MQTT over WebSocket over TLS (`"wss"`).
+    Wss,
 }
 
 /// The lowest TLS version a listener accepts.
@@ -124,7 +131,7 @@ pub enum MinTls {
     V1_3,
 }
 
-/// The TLS keys of a `[[listener]]` with `protocol = "tls"`.
+/// The TLS keys of a `[[listener]]` with `protocol = "tls"` or `"wss"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerTls {
     /// `cert`: the server's certificate chain (PEM), leaf first (required).
@@ -531,6 +538,7 @@ impl Default for Listener {
             protocol: ListenerProtocol::Tcp,
             backlog: None,
             tls: None,
+            path: None,
         }
     }
 }
@@ -741,9 +749,24 @@ impl ListenerProtocol {
         match self {
             ListenerProtocol::Tcp => "tcp",
             ListenerProtocol::Tls => "tls",
+            ListenerProtocol::Ws => "ws",
+            ListenerProtocol::Wss => "wss",
         }
     }
+
+    /// Whether the listener runs TLS (`tls`, `wss`).
+    pub fn is_tls(self) -> bool {
+        matches!(self, ListenerProtocol::Tls | ListenerProtocol::Wss)
+    }
+
+    /// Whether the listener speaks WebSocket (`ws`, `wss`).
+    pub fn is_websocket(self) -> bool {
+        matches!(self, ListenerProtocol::Ws | ListenerProtocol::Wss)
+    }
 }
+
+/// The HTTP path of a WebSocket listener without `path`.
+pub const DEFAULT_WEBSOCKET_PATH: &str = "/mqtt";
 
 impl fmt::Display for ListenerProtocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -47,6 +47,7 @@ struct RawListener {
     require_client_cert: Option<bool>,
     min_tls: Option<String>,
     use_identity_as_username: Option<bool>,
+    path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,9 +163,9 @@ pub(crate) const TABLES: &[Table] = &[
             "require_client_cert",
             "min_tls",
             "use_identity_as_username",
+            "path",
         ],
-        // For WebSocket listeners.
-        planned: &["path"],
+        planned: &[],
     },
     Table {
         header: "[auth]",
@@ -544,21 +545,15 @@ impl RawListener {
         let protocol = match self.protocol.as_deref() {
             None | Some("tcp") => ListenerProtocol::Tcp,
             Some("tls") => ListenerProtocol::Tls,
+            Some("ws") => ListenerProtocol::Ws,
+            Some("wss") => ListenerProtocol::Wss,
             Some(other) => {
-                let message = if ["ws", "wss"].contains(&other) {
-                    format!(
-                        "\"{other}\" is not available yet in this version; supported: \"tcp\", \
-                         \"tls\""
-                    )
-                } else {
-                    format!(
-                        "unknown protocol \"{other}\"; expected one of \"tcp\", \"tls\", \"ws\", \
-                         \"wss\" (\"ws\" and \"wss\" are not available in this version)"
-                    )
-                };
                 errors.push(ConfigError::new(
                     format!("listener[{index}].protocol"),
-                    message,
+                    format!(
+                        "unknown protocol \"{other}\"; expected one of \"tcp\", \"tls\", \"ws\", \
+                         \"wss\""
+                    ),
                 ));
                 ListenerProtocol::Tcp
             }
@@ -585,12 +580,14 @@ impl RawListener {
                 MinTls::V1_3
             }
         };
-        let tls = if protocol == ListenerProtocol::Tls {
+        let tls = if protocol.is_tls() {
             let required = |value: Option<String>, name: &str, errors: &mut Vec<ConfigError>| {
                 value.map(PathBuf::from).unwrap_or_else(|| {
                     errors.push(ConfigError::new(
                         key(name),
-                        "missing; protocol = \"tls\" needs cert and key (PEM files)",
+                        format!(
+                            "missing; protocol = \"{protocol}\" needs cert and key (PEM files)"
+                        ),
                     ));
                     PathBuf::new()
                 })
@@ -618,9 +615,23 @@ impl RawListener {
                 if given {
                     errors.push(ConfigError::new(
                         key(name),
-                        "only for protocol = \"tls\" listeners",
+                        "only for protocol = \"tls\" and \"wss\" listeners",
                     ));
                 }
+            }
+            None
+        };
+        let path = if protocol.is_websocket() {
+            Some(
+                self.path
+                    .unwrap_or_else(|| crate::DEFAULT_WEBSOCKET_PATH.to_owned()),
+            )
+        } else {
+            if self.path.is_some() {
+                errors.push(ConfigError::new(
+                    key("path"),
+                    "only for protocol = \"ws\" and \"wss\" listeners",
+                ));
             }
             None
         };
@@ -629,6 +640,7 @@ impl RawListener {
             protocol,
             backlog,
             tls,
+            path,
         };
         (listener, bind.is_some())
     }

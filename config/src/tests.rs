@@ -41,6 +41,7 @@ fn tcp(bind: &str) -> Listener {
         protocol: ListenerProtocol::Tcp,
         backlog: None,
         tls: None,
+        path: None,
     }
 }
 
@@ -682,23 +683,81 @@ fn duplicate_listeners() {
 
 #[test]
 fn listener_protocols() {
-    for planned in ["ws", "wss"] {
+    check_ok(
+        "[[listener]]\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"",
+        |c| {
+            c.listeners = vec![Listener {
+                protocol: ListenerProtocol::Ws,
+                path: Some("/mqtt".into()),
+                ..tcp("127.0.0.1:8080")
+            }];
+        },
+    );
+    check_ok(
+        "[[listener]]\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\npath = \"/\"",
+        |c| {
+            c.listeners = vec![Listener {
+                protocol: ListenerProtocol::Ws,
+                path: Some("/".into()),
+                ..tcp("127.0.0.1:8080")
+            }];
+        },
+    );
+    for (path, shown) in [
+        ("mqtt", "mqtt"),
+        ("", ""),
+        ("/mqtt?x=1", "/mqtt?x=1"),
+        ("/a b", "/a b"),
+        ("/a#b", "/a#b"),
+    ] {
         check_err(
-            &format!("[[listener]]\nbind = \"127.0.0.1:8883\"\nprotocol = \"{planned}\""),
+            &format!("[[listener]]\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\npath = {path:?}"),
             &[&format!(
-                "listener[0].protocol: \"{planned}\" is not available yet in this version; \
-                 supported: \"tcp\", \"tls\""
+                "listener[0].path: \"{shown}\" is not an HTTP path: it starts with \"/\" and \
+                 has no spaces, \"?\" or \"#\" (like \"/mqtt\")"
             )],
         );
     }
     check_err(
+        "[[listener]]\nbind = \"127.0.0.1:8443\"\nprotocol = \"wss\"",
+        &[
+            "listener[0].cert: missing; protocol = \"wss\" needs cert and key (PEM files)",
+            "listener[0].key: missing; protocol = \"wss\" needs cert and key (PEM files)",
+        ],
+    );
+    check_err(
+        "[[listener]]\nbind = \"127.0.0.1:8080\"\nprotocol = \"ws\"\nmin_tls = \"1.3\"",
+        &["listener[0].min_tls: only for protocol = \"tls\" and \"wss\" listeners"],
+    );
+    check_err(
+        "[[listener]]\nbind = \"127.0.0.1:8883\"\nprotocol = \"tls\"\npath = \"/mqtt\"",
+        &[
+            "listener[0].cert: missing; protocol = \"tls\" needs cert and key (PEM files)",
+            "listener[0].key: missing; protocol = \"tls\" needs cert and key (PEM files)",
+            "listener[0].path: only for protocol = \"ws\" and \"wss\" listeners",
+        ],
+    );
+    check_err(
         "[[listener]]\nbind = \"127.0.0.1:1883\"\nprotocol = \"TCP\"",
         &[
             "listener[0].protocol: unknown protocol \"TCP\"; expected one of \"tcp\", \"tls\", \
-             \"ws\", \"wss\" (\"ws\" and \"wss\" are not available in this version)",
+             \"ws\", \"wss\"",
         ],
     );
-    assert_eq!(ListenerProtocol::Tcp.to_string(), "tcp");
+    for protocol in [
+        ListenerProtocol::Tcp,
+        ListenerProtocol::Tls,
+        ListenerProtocol::Ws,
+        ListenerProtocol::Wss,
+    ] {
+        let text = protocol.to_string();
+        assert_eq!(
+            protocol.is_tls(),
+            text.contains('s') && text != "ws",
+            "{text}"
+        );
+        assert_eq!(protocol.is_websocket(), text.starts_with("ws"), "{text}");
+    }
 }
 
 #[test]
@@ -891,8 +950,8 @@ fn every_problem_reported_at_once() {
             "listener[2].bnd: unknown key; did you mean `bind`?",
             "limits.max_conections: unknown key; did you mean `max_connections`?",
             "storage.max_queued_message: unknown key; did you mean `max_queued_messages`?",
-            "listener[0].protocol: \"wss\" is not available yet in this version; \
-             supported: \"tcp\", \"tls\"",
+            "listener[0].cert: missing; protocol = \"wss\" needs cert and key (PEM files)",
+            "listener[0].key: missing; protocol = \"wss\" needs cert and key (PEM files)",
             "listener[1].bind: \"nowhere\" is not an address like 127.0.0.1:1883",
             "limits.topic_alias_maximum: must be between 0 and 65535, got 65536",
             "limits.server_topic_aliases: must be between 0 and 65535, got -1",
@@ -981,7 +1040,6 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         bind = "127.0.0.1:1883"
         [[listener]]
         bind = "127.0.0.1:1883"
-        path = "/mqtt"
         [auth]
         password_fil = "passwd"
         [limits]
@@ -995,7 +1053,6 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         &[
             "max_connections: unknown key; `max_connections` belongs in [limits]",
             "listeners: unknown key; did you mean `listener`?",
-            "listener[0].path: unknown key; `path` is not available yet in this version",
             "auth.password_fil: unknown key; did you mean `password_file`?",
             "limits.queue_full: unknown key; `queue_full` belongs in [storage]",
             "limits.durability: unknown key; `durability` belongs in [storage]",
@@ -2790,7 +2847,7 @@ fn tls_listeners() {
     );
     check_err(
         "[[listener]]\nbind = \"127.0.0.1:1883\"\ncert = \"x.pem\"",
-        &["listener[0].cert: only for protocol = \"tls\" listeners"],
+        &["listener[0].cert: only for protocol = \"tls\" and \"wss\" listeners"],
     );
     check_err(
         &format!(

@@ -245,6 +245,15 @@ pub(crate) fn check(config: &Config, unusable_binds: &[usize], errors: &mut Vec<
     }
 }
 
+/// Whether `path` can be a WebSocket listener's path: absolute, without
+/// a query, a fragment, white space or control characters.
+fn is_websocket_path(path: &str) -> bool {
+    path.starts_with('/')
+        && !path
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+}
+
 fn check_listeners(config: &Config, unusable_binds: &[usize], errors: &mut Vec<ConfigError>) {
     if config.listeners.is_empty() {
         errors.push(ConfigError::new(
@@ -270,6 +279,17 @@ fn check_listeners(config: &Config, unusable_binds: &[usize], errors: &mut Vec<C
                     "needs client_ca: the identity is that of a verified client certificate",
                 ));
             }
+        }
+        if let Some(path) = &listener.path
+            && !is_websocket_path(path)
+        {
+            errors.push(ConfigError::new(
+                format!("listener[{i}].path"),
+                format!(
+                    "\"{path}\" is not an HTTP path: it starts with \"/\" and has no spaces, \
+                     \"?\" or \"#\" (like \"/mqtt\")"
+                ),
+            ));
         }
         if let Some(backlog) = listener.backlog {
             LISTEN_BACKLOG.check(

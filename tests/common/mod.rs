@@ -70,6 +70,12 @@ impl Broker {
             "data_dir = {data:?}\n[[listener]]\nbind = \"127.0.0.1:0\"\n{extra}\n",
             data = dir.path().join("data")
         );
+        Self::start_with_config(&config, dir)
+    }
+
+    /// Starts the broker on `config` (TOML text), written to
+    /// `dir/ferrymq.toml`.
+    pub fn start_with_config(config: &str, dir: tempfile::TempDir) -> Broker {
         let path = dir.path().join("ferrymq.toml");
         std::fs::write(&path, config).expect("write config");
         Self::start_with_file(&path, dir)
@@ -81,9 +87,7 @@ impl Broker {
         let dir = tempfile::tempdir().expect("temp dir");
         let config =
             format!("data_dir = {data:?}\n[[listener]]\nbind = \"127.0.0.1:0\"\n{extra}\n");
-        let path = dir.path().join("ferrymq.toml");
-        std::fs::write(&path, config).expect("write config");
-        Self::start_with_file(&path, dir)
+        Self::start_with_config(&config, dir)
     }
 
     /// The broker's process id.
@@ -142,6 +146,28 @@ impl Broker {
             addr,
             dir,
             log,
+        }
+    }
+
+    /// The address of `[[listener]]` number `index` (as the broker logged
+    /// it when it started listening); [`Broker::addr`] is the first's.
+    pub fn listener_addr(&self, index: usize) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            let found = log
+                .lines()
+                .filter_map(|line| line.split("listening on ").nth(1))
+                .filter_map(|rest| rest.split_whitespace().next())
+                .nth(index);
+            if let Some(addr) = found {
+                return addr.parse().expect("address");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "listener {index} never listened:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

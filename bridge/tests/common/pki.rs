@@ -86,6 +86,16 @@ impl Pki {
         }
     }
 
+    /// The `cert` and `key` keys of a ferrymq TLS listener with this PKI's
+    /// server certificate.
+    pub fn listener_keys(&self) -> String {
+        format!(
+            "cert = {:?}\nkey = {:?}\n",
+            self.server_cert.display().to_string(),
+            self.server_key.display().to_string()
+        )
+    }
+
     /// Mosquitto listener options for TLS with this PKI (mutual when
     /// `require_client_cert`).
     pub fn mosquitto_options(&self, require_client_cert: bool) -> String {
