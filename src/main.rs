@@ -391,24 +391,39 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        ferrymq_bridge::run(config, shutdown_signal()).await?;
+        // Listened for before the start: a SIGHUP must never kill a node.
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate())?;
+        let hangup = signal(SignalKind::hangup())?;
+        let node = ferrymq_bridge::Node::start(config).await?;
+        serve_signals(&node, term, hangup).await;
+        node.shutdown().await;
         Ok(())
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot listen for SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Waits for SIGINT or SIGTERM (then returns, to shut down); on each
+/// SIGHUP reloads the password file, the ACL file and the certificates
+/// (logged part by part; nothing is dropped).
+async fn serve_signals(
+    node: &ferrymq_bridge::Node,
+    mut term: tokio::signal::unix::Signal,
+    mut hangup: tokio::signal::unix::Signal,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT received");
+                return;
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received");
+                return;
+            }
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP received: reloading");
+                node.broker().reload();
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
     }
 }

@@ -202,3 +202,71 @@ fn anonymous_clients_get_only_the_everyone_rules() {
         ReasonCode::NOT_AUTHORIZED
     );
 }
+
+#[test]
+fn a_reload_puts_new_users_and_rules_in_force_without_dropping_clients() {
+    let (broker, dir) = broker();
+    let (acl, users) = (dir.path().join("acl.toml"), dir.path().join("passwd"));
+    let (mut gw, code) = connect(&broker, Protocol::V5, "gw-1", "gw", None);
+    assert_eq!(code, ReasonCode::SUCCESS);
+    assert_eq!(
+        publish(&mut gw, "alerts/1", false),
+        ReasonCode::NOT_AUTHORIZED
+    );
+    assert_eq!(
+        subscribe(&mut gw, &["cmd/gw-1/#"]),
+        [ReasonCode::GRANTED_QOS_1]
+    );
+
+    // New rules: gw may publish alerts/#, and no longer subscribe to
+    // cmd/; a new user, and ops removed.
+    let rules = ACL
+        .replace(
+            "publish = [\"sensors/%c/#\"",
+            "publish = [\"alerts/#\", \"sensors/%c/#\"",
+        )
+        .replace("subscribe = [\"cmd/%c/#\", ", "subscribe = [");
+    assert_ne!(rules, ACL);
+    std::fs::write(&acl, rules).unwrap();
+    add_user(&users, "new", "new-pass");
+    assert!(passwd(&users, "ops", &["--delete"], "").0);
+    broker.reload(2);
+    let log = broker.log();
+    assert!(log.contains("reload: auth.acl_file replaced"), "{log}");
+    assert!(log.contains("reload: auth.password_file replaced"), "{log}");
+
+    // The connected client stays, under the new rules (allowed; nobody
+    // listens to alerts/).
+    assert_eq!(
+        publish(&mut gw, "alerts/1", false),
+        ReasonCode::NO_MATCHING_SUBSCRIBERS
+    );
+    assert_eq!(
+        subscribe(&mut gw, &["cmd/gw-1/x"]),
+        [ReasonCode::NOT_AUTHORIZED]
+    );
+    let (_new, code) = connect(&broker, Protocol::V5, "new-1", "new", None);
+    assert_eq!(code, ReasonCode::SUCCESS);
+    let (_ops, code) = connect(&broker, Protocol::V311, "ops-1", "ops", None);
+    assert_eq!(code, ReasonCode::BAD_USER_NAME_OR_PASSWORD);
+
+    // Broken files are refused, logged, and the rules in force stay.
+    std::fs::write(&acl, "[[rule]\nuser = \"gw\"\n").unwrap();
+    std::fs::write(&users, "new:plaintext\n").unwrap();
+    broker.reload(2);
+    let log = broker.log();
+    assert!(
+        log.contains("the previous auth.acl_file stays in force"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the previous auth.password_file stays in force"),
+        "{log}"
+    );
+    assert_eq!(
+        publish(&mut gw, "alerts/2", false),
+        ReasonCode::NO_MATCHING_SUBSCRIBERS
+    );
+    let (_new, code) = connect(&broker, Protocol::V5, "new-2", "new", None);
+    assert_eq!(code, ReasonCode::SUCCESS);
+}

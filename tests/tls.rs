@@ -167,18 +167,25 @@ fn a_certificate_identity_stands_in_for_the_user_name_in_the_acl() {
     );
 }
 
-#[test]
-fn an_expired_certificate_is_refused_at_start_with_its_key() {
+/// A self-signed certificate for 127.0.0.1 that expired in 2021, and its
+/// key, as PEM.
+fn expired_certificate() -> (String, String) {
     use rcgen::{CertificateParams, KeyPair};
-    let dir = tempfile::tempdir().unwrap();
     let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
     params.not_before = rcgen::date_time_ymd(2020, 1, 1);
     params.not_after = rcgen::date_time_ymd(2021, 1, 1);
     let key = KeyPair::generate().unwrap();
     let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn an_expired_certificate_is_refused_at_start_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = expired_certificate();
     let (cert_path, key_path) = (dir.path().join("old.pem"), dir.path().join("old.key"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
     let config = dir.path().join("ferrymq.toml");
     std::fs::write(
         &config,
@@ -305,4 +312,51 @@ fn the_readme_site_config_checks_and_starts() {
         "1",
     ];
     assert!(!publish(&broker, &pki.ca, &wrong));
+}
+
+#[test]
+fn a_reload_serves_a_new_certificate_to_new_connections_and_keeps_the_old_ones() {
+    let old = Pki::generate();
+    let broker = tls_broker(&old, "", "");
+    let port = broker.addr.port().to_string();
+    // A subscriber connected with the old CA before the reload.
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-i", "kept", "-q", "1"])
+        .args(["-t", "reload/t", "-C", "1", "-W", "30"])
+        .arg("--cafile")
+        .arg(&old.ca)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    broker.wait_for_log("client_id=kept", WAIT);
+
+    // The files at the same paths now hold a certificate of another CA.
+    let new = Pki::generate();
+    std::fs::copy(&new.server_cert, &old.server_cert).unwrap();
+    std::fs::copy(&new.server_key, &old.server_key).unwrap();
+    broker.reload(1);
+    assert!(broker.log().contains("reload: listener[0] replaced"));
+    let msg = ["-t", "reload/t", "-m", "after", "-q", "1", "-r"];
+    assert!(
+        !publish(&broker, &old.ca, &msg),
+        "the old CA no longer fits"
+    );
+    assert!(publish(&broker, &new.ca, &msg), "the new CA does");
+    // The subscriber's connection was never dropped (with only the old CA
+    // it could not have connected again).
+    let out = sub.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "after");
+
+    // An expired certificate is refused; the one in force stays.
+    let (cert, key) = expired_certificate();
+    std::fs::write(&old.server_cert, cert).unwrap();
+    std::fs::write(&old.server_key, key).unwrap();
+    broker.reload(1);
+    let log = broker.log();
+    assert!(
+        log.contains("listener[0].cert: the certificate in")
+            && log.contains("the previous listener[0] stays in force"),
+        "{log}"
+    );
+    assert!(publish(&broker, &new.ca, &msg));
 }

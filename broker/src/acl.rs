@@ -15,6 +15,61 @@
 use ferrymq_codec::topic::matches;
 use ferrymq_config::acl::{Acl, Selector};
 
+use crate::reload::Reloadable;
+
+/// A connected client's [`Access`], rebuilt from the rules in force when a
+/// reload replaced them ([`ClientAccess::refresh`], before each PUBLISH
+/// and SUBSCRIBE).
+#[derive(Debug)]
+pub(crate) struct ClientAccess {
+    access: Access,
+    /// The rules' generation `access` was built from.
+    generation: u64,
+    user: Option<Box<str>>,
+    identity: Option<Box<str>>,
+}
+
+impl ClientAccess {
+    /// The access of a client under the rules in force (see
+    /// [`Access::for_client`]).
+    pub(crate) fn new(
+        rules: &Reloadable<Acl>,
+        user: Option<&str>,
+        client_id: &str,
+        identity: Option<&str>,
+    ) -> ClientAccess {
+        let generation = rules.generation();
+        ClientAccess {
+            access: Access::for_client(&rules.get(), user, client_id, identity),
+            generation,
+            user: user.map(Box::from),
+            identity: identity.map(Box::from),
+        }
+    }
+
+    /// Rebuilds the access if the rules changed since it was built.
+    pub(crate) fn refresh(&mut self, rules: &Reloadable<Acl>, client_id: &str) {
+        let generation = rules.generation();
+        if generation != self.generation {
+            self.access = Access::for_client(
+                &rules.get(),
+                self.user.as_deref(),
+                client_id,
+                self.identity.as_deref(),
+            );
+            self.generation = generation;
+        }
+    }
+}
+
+impl std::ops::Deref for ClientAccess {
+    type Target = Access;
+
+    fn deref(&self) -> &Access {
+        &self.access
+    }
+}
+
 /// The rules that apply to one client, substituted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Access {

@@ -31,7 +31,7 @@ use tracing::{debug, error, warn};
 use codec::topic::exceeds_levels;
 
 use crate::Shared;
-use crate::acl::Access;
+use crate::acl::ClientAccess;
 use crate::auth::{AuthExchange, AuthMethod, AuthStep};
 use crate::bridge_session;
 use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish};
@@ -537,7 +537,7 @@ struct Conn<'a, R, W> {
     in_process: bool,
     /// What the ACL lets this client do (`None`: no `acl_file`, or an
     /// in-process client).
-    access: Option<Box<Access>>,
+    access: Option<Box<ClientAccess>>,
 }
 
 /// What a turn's wait needs to know (see `Conn::turn`).
@@ -1264,7 +1264,15 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         None
     }
 
+    /// Rebuilds the client's ACL access if a reload changed the rules.
+    fn refresh_access(&mut self) {
+        if let (Some(access), Some(rules)) = (&mut self.access, &self.shared.acl) {
+            access.refresh(rules, &self.engine.state.client_id);
+        }
+    }
+
     fn publish(&mut self, publish: ferrymq_codec::Publish) -> Option<Close> {
+        self.refresh_access();
         let (qos, packet_id) = (publish.qos, publish.packet_id);
         match self.engine.publish(publish, Instant::now()) {
             Err(v) => Some(Close::Protocol(v.reason, v.why)),
@@ -1332,6 +1340,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     }
 
     fn subscribe(&mut self, subscribe: Subscribe) -> Option<Close> {
+        self.refresh_access();
         let v5 = self.engine.protocol == Protocol::V5;
         let shared = self.shared;
         let state = &mut self.engine.state;
@@ -1720,14 +1729,14 @@ async fn log_in(shared: &Shared, connect: &Connect, options: &ServeOptions) -> O
 /// What the ACL lets a client that passed `log_in` do: `None` without an
 /// `acl_file`, and for in-process clients (the embedding program). Its
 /// user name counts only when a password file verified it.
-fn access(shared: &Shared, connect: &Connect, options: &ServeOptions) -> Option<Access> {
+fn access(shared: &Shared, connect: &Connect, options: &ServeOptions) -> Option<ClientAccess> {
     let acl = shared.acl.as_ref().filter(|_| !options.in_process)?;
     let identity = options.identity.as_deref();
     let user = match (options.identity_is_user, identity) {
         (true, Some(identity)) => Some(identity),
         _ => shared.users.as_ref().and(connect.username.as_deref()),
     };
-    Some(Access::for_client(acl, user, &connect.client_id, identity))
+    Some(ClientAccess::new(acl, user, &connect.client_id, identity))
 }
 
 /// Counts and logs (rate-limited) what the ACL refused.

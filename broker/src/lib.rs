@@ -48,6 +48,7 @@ pub mod memory;
 mod message;
 mod outbox;
 mod publish;
+mod reload;
 mod replay;
 mod retained;
 mod router;
@@ -80,6 +81,7 @@ pub use data_dir::DataDir;
 pub use ferrymq_codec::QoS;
 pub use message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
 pub use outbox::QueueDepth;
+pub use reload::{Reload, ReloadOutcome};
 pub use stats::Stats;
 pub use storage::{MemoryStore, RocksOptions, RocksStore, Store, SyncSummary};
 
@@ -144,8 +146,8 @@ pub(crate) struct Shared {
     pub(crate) auth_methods: Vec<Arc<dyn auth::AuthMethod>>,
     /// The users of `[auth] password_file`, if set.
     pub(crate) users: Option<users::Users>,
-    /// The rules of `[auth] acl_file`, if set.
-    pub(crate) acl: Option<ferrymq_config::acl::Acl>,
+    /// The rules of `[auth] acl_file`, if set (a reload replaces them).
+    pub(crate) acl: Option<reload::Reloadable<ferrymq_config::acl::Acl>>,
     pub(crate) stats: Stats,
     /// Source of connection numbers.
     next_connection: AtomicU64,
@@ -297,10 +299,10 @@ impl Broker {
             None => None,
         };
         let acl = match &config.auth.acl_file {
-            Some(path) => Some(
+            Some(path) => Some(reload::Reloadable::new(
                 ferrymq_config::acl::Acl::from_file(path, "auth.acl_file")
                     .map_err(|errors| StartError::Config(ConfigErrors(errors)))?,
-            ),
+            )),
             None => None,
         };
         if config.auth.allow_anonymous && config.auth.allow_anonymous_remote {
@@ -410,6 +412,15 @@ impl Broker {
     /// The broker's counters.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// Reads the password file, the ACL file and the TLS listeners'
+    /// certificates again and puts what changed in force for new logins,
+    /// operations and connections, without dropping a connection (what
+    /// SIGHUP does to the `ferrymq` process). A part that cannot be read is
+    /// refused and logged, and the one in force stays.
+    pub fn reload(&self) -> Reload {
+        reload::reload(&self.shared)
     }
 
     /// The store (e.g. for its WAL sync count).

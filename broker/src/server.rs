@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrymq_config::Listener;
+use ferrymq_config::{Listener, ListenerTls};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
@@ -297,26 +297,40 @@ pub(crate) struct Tls {
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
     /// The client certificate's common name is its user name.
     pub(crate) identity_is_user: bool,
+    /// A hash of the files it was built from: a reload that finds the
+    /// same keeps the acceptor (and says so).
+    pub(crate) fingerprint: u64,
 }
 
-/// The TLS settings of every listener (`None` for plain TCP), built from
-/// their files; a problem is named by its key.
+impl Tls {
+    /// Builds the TLS settings of `[[listener]]` number `index` from its
+    /// files; a problem is named by its key.
+    pub(crate) fn build(index: usize, tls: &ListenerTls) -> Result<Tls, crate::tls::TlsError> {
+        use std::hash::{Hash, Hasher};
+        let config = crate::tls::server_config(index, tls)?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for path in [Some(&tls.cert), Some(&tls.key), tls.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::read(path).ok().hash(&mut hasher);
+        }
+        Ok(Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            identity_is_user: tls.use_identity_as_username,
+            fingerprint: hasher.finish(),
+        })
+    }
+}
+
+/// The TLS settings of every listener (`None` for `tcp` and `ws`), built
+/// from their files; a problem is named by its key.
 pub(crate) fn tls_settings(
     listeners: &[Listener],
 ) -> Result<Vec<Option<Tls>>, crate::tls::TlsError> {
     listeners
         .iter()
         .enumerate()
-        .map(|(index, l)| {
-            l.tls
-                .as_ref()
-                .map(|tls| {
-                    crate::tls::server_config(index, tls).map(|config| Tls {
-                        acceptor: tokio_rustls::TlsAcceptor::from(config),
-                        identity_is_user: tls.use_identity_as_username,
-                    })
-                })
-                .transpose()
-        })
+        .map(|(index, l)| l.tls.as_ref().map(|tls| Tls::build(index, tls)).transpose())
         .collect()
 }

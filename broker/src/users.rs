@@ -20,6 +20,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
@@ -258,9 +259,11 @@ struct Failures {
 }
 
 /// The users a broker checks logins against, with the verification cache
-/// and the per-address failure counts.
+/// and the per-address failure counts. A reload replaces the file
+/// ([`Users::replace`]); logins under way finish with the one they began
+/// with.
 pub struct Users {
-    file: PasswordFile,
+    file: parking_lot::RwLock<Arc<PasswordFile>>,
     /// Hash of no user's password: an unknown user costs the same work.
     decoy: String,
     /// Keys of the cache's hash: random per process.
@@ -271,6 +274,10 @@ pub struct Users {
     /// Recent successful logins (keyed hashes of user and password), and
     /// their order for eviction.
     cache: Mutex<(HashSet<u128>, VecDeque<u128>)>,
+    /// Which file the cache holds logins of: bumped (with the cache lock
+    /// held) when a reload replaces it, so a login verified against the
+    /// old file is not remembered under the new one.
+    generation: std::sync::atomic::AtomicU64,
     /// Failures per source address (bounded; forgotten after a while).
     failures: Mutex<HashMap<IpAddr, Failures>>,
     /// One verification per core at a time.
@@ -293,10 +300,11 @@ impl Users {
     pub fn new(file: PasswordFile) -> Result<Users, UsersError> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Users {
-            file,
+            file: parking_lot::RwLock::new(Arc::new(file)),
             decoy: hash_password("no user has this password: it only costs time")?,
             keys: Default::default(),
             cache: Mutex::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
             failures: Mutex::default(),
             verifiers: Arc::new(Semaphore::new(cores)),
         })
@@ -305,6 +313,34 @@ impl Users {
     /// Reads the password file at `path`.
     pub fn load(path: &Path) -> Result<Users, UsersError> {
         Users::new(PasswordFile::load(path, false)?)
+    }
+
+    /// Puts `file` in force for the logins that start from now on, when it
+    /// differs from the one in force; returns whether it did. The cache of
+    /// verified logins is dropped with the old file (a removed user or a
+    /// changed password must not log in from memory); the failure counts
+    /// per address stay.
+    pub fn replace(&self, file: PasswordFile) -> bool {
+        let mut current = self.file.write();
+        if **current == file {
+            return false;
+        }
+        *current = Arc::new(file);
+        let mut cache = self.cache.lock();
+        cache.0.clear();
+        cache.1.clear();
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// How many users the file in force has.
+    pub fn len(&self) -> usize {
+        self.file.read().len()
+    }
+
+    /// Whether the file in force has no user.
+    pub fn is_empty(&self) -> bool {
+        self.file.read().is_empty()
     }
 
     fn cache_key(&self, name: &str, password: &[u8]) -> u128 {
@@ -322,6 +358,10 @@ impl Users {
     /// that earlier failures from that address earned, then verifies off
     /// the async workers; counts the outcome.
     pub async fn login(&self, from: Option<IpAddr>, name: &str, password: &[u8]) -> Login {
+        let (file, generation) = {
+            let file = self.file.read();
+            (file.clone(), self.generation.load(Ordering::Relaxed))
+        };
         let key = self.cache_key(name, password);
         if self.cache.lock().0.contains(&key) {
             if let Some(ip) = from {
@@ -341,7 +381,7 @@ impl Users {
             }
         });
         tokio::time::sleep(delay).await;
-        let hash = self.file.hash_of(name).unwrap_or(&self.decoy).to_owned();
+        let hash = file.hash_of(name).unwrap_or(&self.decoy).to_owned();
         // A password that is not UTF-8 cannot match: verified against the
         // decoy all the same, for the same time.
         let (hash, password) = match std::str::from_utf8(password) {
@@ -349,7 +389,7 @@ impl Users {
             Err(_) => (self.decoy.clone(), String::from("\u{0}")),
         };
         // (The decoy's password must not log in as an unknown user.)
-        let known = self.file.hash_of(name).is_some();
+        let known = file.hash_of(name).is_some();
         let ok = match self.verifiers.clone().acquire_owned().await {
             Ok(permit) => tokio::task::spawn_blocking(move || {
                 let ok = verify_hash(&hash, &password);
@@ -387,7 +427,7 @@ impl Users {
             return Login::Refused;
         }
         let mut cache = self.cache.lock();
-        if cache.0.insert(key) {
+        if self.generation.load(Ordering::Relaxed) == generation && cache.0.insert(key) {
             cache.1.push_back(key);
             if cache.1.len() > CACHE_ENTRIES
                 && let Some(old) = cache.1.pop_front()
@@ -482,5 +522,28 @@ mod tests {
         // A success resets the address.
         assert_eq!(users.login(from, "gw", b"right").await, Login::Remembered);
         assert_eq!(users.failures_from(IpAddr::from([10, 1, 2, 3])), 0);
+    }
+
+    #[tokio::test]
+    async fn a_replaced_file_forgets_the_logins_it_remembered() {
+        let mut file = PasswordFile::default();
+        file.set("gw", "old").expect("set");
+        let users = Users::new(file.clone()).expect("users");
+        assert_eq!(users.login(None, "gw", b"old").await, Login::Verified);
+        assert_eq!(users.login(None, "gw", b"old").await, Login::Remembered);
+        // The same users again: nothing changes, the cache stays.
+        assert!(!users.replace(file.clone()));
+        assert_eq!(users.login(None, "gw", b"old").await, Login::Remembered);
+        // A changed password: the old one no longer logs in, even from
+        // memory; the new one does.
+        file.set("gw", "new").expect("set");
+        assert!(users.replace(file.clone()));
+        assert_eq!(users.login(None, "gw", b"old").await, Login::Refused);
+        assert_eq!(users.login(None, "gw", b"new").await, Login::Verified);
+        // A removed user is gone at once.
+        file.remove("gw").expect("remove");
+        assert!(users.replace(file));
+        assert_eq!(users.login(None, "gw", b"new").await, Login::Refused);
+        assert!(users.is_empty());
     }
 }

@@ -188,6 +188,29 @@ impl Broker {
         panic!("log never contained {needle:?}:\n{}", self.log());
     }
 
+    /// Sends SIGHUP (reload) and waits until the broker logged the reload
+    /// of `count` parts more than before.
+    pub fn reload(&self, parts: usize) {
+        let before = self.log().matches("reload: ").count();
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches("reload: ").count() < before + parts {
+            assert!(
+                Instant::now() < deadline,
+                "no reload logged:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM and waits for the process to exit; returns its status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
