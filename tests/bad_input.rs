@@ -636,12 +636,7 @@ fn connections_beyond_the_per_address_limit_are_closed_while_other_addresses_go_
             raw
         })
         .collect();
-    // ... the next ones are closed at once, unanswered.
-    for _ in 0..5 {
-        let mut extra = Raw::over(connect_from([127, 0, 0, 1], broker.addr), Protocol::V311);
-        assert_eq!(extra.until_closed(), [], "beyond the limit");
-    }
-    // Another address is not affected: it exchanges messages.
+    // Another address is not affected: it exchanges messages...
     let mut other = Raw::over(connect_from([127, 0, 0, 2], broker.addr), Protocol::V5);
     other.send(&Packet::Connect(Box::new(connect_packet(
         Protocol::V5,
@@ -657,12 +652,30 @@ fn connections_beyond_the_per_address_limit_are_closed_while_other_addresses_go_
         properties: Default::default(),
     }));
     assert!(matches!(other.recv(), Some(Packet::SubAck(_))));
-    crowd[0].send(&Packet::Publish(Publish {
-        topic: s("o/x"),
-        payload: Bytes::from_static(b"hi"),
-        ..Publish::default()
-    }));
-    assert!(matches!(other.recv(), Some(Packet::Publish(p)) if p.payload == "hi"));
+    // ... while 1,000 more connections from the crowd's address are
+    // closed at once, unanswered.
+    let addr = broker.addr;
+    let flood = std::thread::spawn(move || {
+        for i in 0..1000 {
+            let mut extra = Raw::over(connect_from([127, 0, 0, 1], addr), Protocol::V311);
+            assert_eq!(extra.until_closed(), [], "connection {i} beyond the limit");
+        }
+    });
+    let mut n = 0;
+    while !flood.is_finished() || n < 10 {
+        let payload = format!("hi {n}");
+        crowd[0].send(&Packet::Publish(Publish {
+            topic: s("o/x"),
+            payload: Bytes::from(payload.clone()),
+            ..Publish::default()
+        }));
+        assert!(
+            matches!(other.recv(), Some(Packet::Publish(p)) if p.payload == payload),
+            "message {n} during the flood"
+        );
+        n += 1;
+    }
+    flood.join().unwrap();
     // A slot given back is taken again.
     drop(crowd.pop());
     let deadline = Instant::now() + WAIT;
@@ -678,4 +691,77 @@ fn connections_beyond_the_per_address_limit_are_closed_while_other_addresses_go_
         assert!(Instant::now() < deadline, "the freed slot never came back");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn subscriptions_beyond_the_per_client_quota_are_refused_in_both_versions() {
+    let broker = Broker::start("[limits]\nmax_subscriptions_per_client = 3");
+    for (protocol, refused) in [
+        (Protocol::V5, ReasonCode::QUOTA_EXCEEDED),
+        (Protocol::V311, ReasonCode(0x80)),
+    ] {
+        let mut c = Raw::connect(broker.addr, protocol, &format!("quota-{protocol:?}"));
+        for (id, filter) in [(1, "a"), (2, "b/+"), (3, "$share/g/c")] {
+            c.send(&subscribe_packet(id, filter));
+            assert_eq!(suback_codes(c.recv()), [ReasonCode(0)], "{filter}");
+        }
+        // A fourth filter is refused; the same one again is granted.
+        c.send(&subscribe_packet(4, "d"));
+        assert_eq!(suback_codes(c.recv()), [refused], "{protocol:?}");
+        c.send(&subscribe_packet(5, "b/+"));
+        assert_eq!(suback_codes(c.recv()), [ReasonCode(0)]);
+        // One given up makes room.
+        c.send(&Packet::Unsubscribe(ferrymq_codec::Unsubscribe {
+            packet_id: 6,
+            filters: vec![s("a")],
+            properties: Default::default(),
+        }));
+        assert!(matches!(c.recv(), Some(Packet::UnsubAck(_))));
+        c.send(&subscribe_packet(7, "d"));
+        assert_eq!(suback_codes(c.recv()), [ReasonCode(0)]);
+    }
+}
+
+#[test]
+fn a_client_over_its_publish_rate_is_slowed_and_others_are_not() {
+    let broker = Broker::start("[limits]\nmax_publish_rate = 20");
+    let mut fast = Raw::connect(broker.addr, Protocol::V5, "fast");
+    let mut other = Raw::connect(broker.addr, Protocol::V311, "other");
+    // 100 QoS 1 publishes at once: a second's worth (20) passes, the rest
+    // at 20 a second.
+    let started = Instant::now();
+    let qos1 = |topic: &str, packet_id: u16| {
+        Packet::Publish(Publish {
+            topic: s(topic),
+            qos: ferrymq_codec::QoS::AtLeastOnce,
+            packet_id,
+            payload: Bytes::from_static(b"x"),
+            ..Publish::default()
+        })
+    };
+    for id in 1..=100u16 {
+        fast.send(&qos1("rate/fast", id));
+    }
+    // Meanwhile another client's publishes are all acknowledged...
+    for id in 1..=20u16 {
+        other.send(&qos1("rate/other", id));
+        assert!(matches!(other.recv(), Some(Packet::PubAck(a)) if a.packet_id == id));
+    }
+    // ... before the fast client is through (it needs 4 s more).
+    let mut acked = 0;
+    while fast.recv_or_silence(Duration::ZERO).is_some() {
+        acked += 1;
+    }
+    assert!(acked < 100, "the fast client was not slowed");
+    while acked < 100 {
+        match fast.recv() {
+            Some(Packet::PubAck(_)) => acked += 1,
+            other => panic!("expected PUBACK {acked}, got {other:?}"),
+        }
+    }
+    // 80 beyond the burst at 20 a second: at least 4 s (a lower bound,
+    // which a slow machine cannot break).
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(3900), "took {took:?}");
+    assert!(broker.log().contains("over limits.max_publish_rate"));
 }

@@ -39,6 +39,7 @@ use crate::message::{Message, SessionId};
 use crate::outbox::Delivery;
 use crate::outbox::{Outbox, Pop, QueueLimits};
 use crate::publish::{self, Parked, Routing};
+use crate::rate::PublishRate;
 use crate::router::{RouteCache, Subscriber};
 use crate::session::{Control, Inflight, SessionState};
 use crate::shared_sub::{Member, SharedGroup};
@@ -538,6 +539,9 @@ struct Conn<'a, R, W> {
     /// What the ACL lets this client do (`None`: no `acl_file`, or an
     /// in-process client).
     access: Option<Box<ClientAccess>>,
+    /// Its publish credit under `max_publish_rate` (`None`: no limit, or
+    /// an in-process client).
+    rate: Option<Box<PublishRate>>,
 }
 
 /// What a turn's wait needs to know (see `Conn::turn`).
@@ -560,19 +564,22 @@ type RareWait<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + S
 
 /// The waits a turn rarely needs, boxed: the durability watermark
 /// moving (resolves `false`), room in a parked publish's full queue
-/// (`true`). `None` when neither is needed.
+/// (`true`), the end of a publish-rate pause (`false`). `None` when none
+/// is needed.
 fn rare_waits(
     durable: &mut watch::Receiver<Durable>,
     need_durable: bool,
     parked: Option<ParkedOn>,
+    throttled: Option<Duration>,
 ) -> Option<RareWait<'_>> {
-    if !need_durable && parked.is_none() {
+    if !need_durable && parked.is_none() && throttled.is_none() {
         return None;
     }
     Some(Box::pin(async move {
         tokio::select! {
             _ = durable.changed(), if need_durable => false,
             () = wait_for_room(parked) => true,
+            () = tokio::time::sleep(throttled.unwrap_or_default()), if throttled.is_some() => false,
         }
     }))
 }
@@ -839,6 +846,12 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             reauth: None,
             in_process: options.in_process,
             access: acl_access,
+            rate: (limits.max_publish_rate > 0 && !options.in_process).then(|| {
+                Box::new(PublishRate::new(
+                    limits.max_publish_rate,
+                    Instant::now().into_std(),
+                ))
+            }),
         };
         if resumed {
             conn.engine
@@ -869,7 +882,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             // session handed back). Unwind safety: the connection is not
             // used again but to close it.
             let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn()));
-            let (turn, parked) = match turn {
+            let (turn, parked, throttled) = match turn {
                 Ok(Ok(turn)) => turn,
                 Ok(Err(close)) => return close,
                 Err(payload) => return Close::Panicked(panic_message(payload.as_ref())),
@@ -884,7 +897,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             // The waits most turns do not need (durability, room in a full
             // queue) are one boxed future, made only when needed: inline,
             // they would add to every idle connection's size.
-            let mut rare = rare_waits(&mut self.durable, turn.need_durable, parked);
+            let mut rare = rare_waits(&mut self.durable, turn.need_durable, parked, throttled);
             let mut room_made = false;
             let mut taken_over = false;
             // Every branch is cancel-safe: `read_buf` and `write` do no I/O
@@ -959,7 +972,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     /// release acknowledgements, drain the outbox, submit store ops, trim
     /// buffers when idle. Returns what the wait needs (with the full outbox
     /// a parked publish waits on, and its size), or why to close.
-    fn turn(&mut self) -> Result<(Turn, Option<ParkedOn>), Close> {
+    fn turn(&mut self) -> Result<(Turn, Option<ParkedOn>, Option<Duration>), Close> {
         if let Some(close) = self.process_input() {
             return Err(close);
         }
@@ -974,8 +987,10 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let need_durable =
             drain == Drain::WaitDurable || self.engine.waiting_for().is_some_and(|t| t > durable);
         let room = self.io.out.len() < OUT_HIGH_WATER;
+        let throttled = self.throttled();
         let can_read = room
             && self.parked.is_none()
+            && throttled.is_none()
             && self.engine.wants_input()
             && self.engine.pending_acks() < PENDING_ACKS_LIMIT;
         if drain == Drain::Empty
@@ -999,14 +1014,21 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             room,
             offered,
         };
-        Ok((turn, parked))
+        Ok((turn, parked, throttled))
+    }
+
+    /// How long the client must wait before it is read again, when it
+    /// went over `max_publish_rate`.
+    fn throttled(&mut self) -> Option<Duration> {
+        let rate = self.rate.as_mut()?;
+        Some(rate.wait(Instant::now().into_std())).filter(|wait| !wait.is_zero())
     }
 
     /// Decodes and handles every complete packet in the read buffer, while
     /// the engine wants input and no publish is parked.
     fn process_input(&mut self) -> Option<Close> {
         let max = self.shared.config.limits.max_packet_size;
-        while self.parked.is_none() && self.engine.wants_input() {
+        while self.parked.is_none() && self.engine.wants_input() && self.throttled().is_none() {
             match codec::decode(&mut self.io.inbuf, self.engine.protocol, max) {
                 Ok(Some(packet)) => {
                     if let Some(close) = self.handle(packet) {
@@ -1273,6 +1295,15 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
 
     fn publish(&mut self, publish: ferrymq_codec::Publish) -> Option<Close> {
         self.refresh_access();
+        if let Some(rate) = &mut self.rate
+            && !rate.charge(Instant::now().into_std()).is_zero()
+        {
+            Stats::add(&self.shared.stats.publishes_throttled, 1);
+            if self.shared.refuse_log.allow() {
+                let client_id = &self.engine.state.client_id;
+                warn!(%client_id, "over limits.max_publish_rate: not reading from it for a while");
+            }
+        }
         let (qos, packet_id) = (publish.qos, publish.packet_id);
         match self.engine.publish(publish, Instant::now()) {
             Err(v) => Some(Close::Protocol(v.reason, v.why)),
@@ -1342,6 +1373,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     fn subscribe(&mut self, subscribe: Subscribe) -> Option<Close> {
         self.refresh_access();
         let v5 = self.engine.protocol == Protocol::V5;
+        let in_process = self.in_process;
         let shared = self.shared;
         let state = &mut self.engine.state;
         let mut batch = Batch::new(shared.store.as_ref());
@@ -1363,6 +1395,20 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     reason_codes.push(ReasonCode::NOT_AUTHORIZED);
                     continue;
                 }
+            }
+            let quota = shared.config.limits.max_subscriptions_per_client as usize;
+            if quota > 0
+                && !in_process
+                && state.subscriptions.len() >= quota
+                && !state.subscriptions.contains_key(&s.filter)
+            {
+                Stats::add(&shared.stats.subscriptions_refused, 1);
+                if shared.refuse_log.allow() {
+                    warn!(client_id = %state.client_id, "limits.max_subscriptions_per_client reached: refusing new filters");
+                }
+                // 3.1.1 gets 0x80 (its only failure code).
+                reason_codes.push(ReasonCode::QUOTA_EXCEEDED);
+                continue;
             }
             // Kept for the session's life: not the read buffer with it.
             s.filter = s.filter.detached();

@@ -48,6 +48,7 @@ pub mod memory;
 mod message;
 mod outbox;
 mod publish;
+mod rate;
 mod reload;
 mod replay;
 mod retained;

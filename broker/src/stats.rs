@@ -36,6 +36,11 @@ pub struct Stats {
     pub websocket_upgrades_failed: AtomicU64,
     /// Logins refused: unknown user or wrong password.
     pub auth_failures: AtomicU64,
+    /// Publishes after which a client was over `max_publish_rate` (and
+    /// was not read from for a while).
+    pub publishes_throttled: AtomicU64,
+    /// Subscriptions refused by `max_subscriptions_per_client`.
+    pub subscriptions_refused: AtomicU64,
     /// Publishes (wills included) and subscriptions the ACL refused.
     pub acl_denied: AtomicU64,
     /// Connections closed because handling them panicked (a bug; the

@@ -215,6 +215,17 @@ pub struct Limits {
     /// the memory and time one topic can cost the topic trees. 0 means no
     /// limit. Default: 200 (Mosquitto's fixed limit). Range: 0 ..= 65536.
     pub max_topic_levels: u32,
+    /// `max_subscriptions_per_client`: the most subscriptions (distinct
+    /// filters, shared ones included) one network client's session may
+    /// hold; a SUBSCRIBE beyond it is refused for the new filters (MQTT 5
+    /// 0x97 Quota exceeded, 3.1.1 0x80), so one client cannot grow the
+    /// topic tree without bound. 0 means no limit. Default: 10000.
+    pub max_subscriptions_per_client: u32,
+    /// `max_publish_rate`: the most PUBLISH packets per second one network
+    /// client may send, with bursts of up to a second's worth; a faster
+    /// client is slowed (its socket is not read until it is within the
+    /// rate again), others are not. 0 means no limit (the default).
+    pub max_publish_rate: u32,
 }
 
 /// `[storage]`: session lifetime, the bounds on each session's queue of
@@ -566,6 +577,8 @@ impl Default for Limits {
             topic_alias_maximum: 64,
             server_topic_aliases: 16,
             max_topic_levels: 200,
+            max_subscriptions_per_client: 10_000,
+            max_publish_rate: 0,
         }
     }
 }

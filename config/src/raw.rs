@@ -71,6 +71,8 @@ struct RawLimits {
     topic_alias_maximum: Option<Int>,
     server_topic_aliases: Option<Int>,
     max_topic_levels: Option<Int>,
+    max_subscriptions_per_client: Option<Int>,
+    max_publish_rate: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,6 +193,8 @@ pub(crate) const TABLES: &[Table] = &[
             "topic_alias_maximum",
             "server_topic_aliases",
             "max_topic_levels",
+            "max_subscriptions_per_client",
+            "max_publish_rate",
         ],
         planned: &[],
     },
@@ -675,7 +679,7 @@ impl RawLimits {
             max_connections_per_address: narrow(
                 self.max_connections_per_address.map(|Int(v)| v),
                 "limits.max_connections_per_address",
-                &validate::MAX_CONNECTIONS_PER_ADDRESS,
+                &validate::COUNT_OR_NO_LIMIT,
                 defaults.max_connections_per_address,
                 errors,
             ),
@@ -726,6 +730,20 @@ impl RawLimits {
                 "limits.max_topic_levels",
                 &validate::MAX_TOPIC_LEVELS,
                 defaults.max_topic_levels,
+                errors,
+            ),
+            max_subscriptions_per_client: narrow(
+                self.max_subscriptions_per_client.map(|Int(v)| v),
+                "limits.max_subscriptions_per_client",
+                &validate::COUNT_OR_NO_LIMIT,
+                defaults.max_subscriptions_per_client,
+                errors,
+            ),
+            max_publish_rate: narrow(
+                self.max_publish_rate.map(|Int(v)| v),
+                "limits.max_publish_rate",
+                &validate::MAX_PUBLISH_RATE,
+                defaults.max_publish_rate,
                 errors,
             ),
         }

@@ -106,6 +106,8 @@ fn defaults() {
             topic_alias_maximum: 64,
             server_topic_aliases: 16,
             max_topic_levels: 200,
+            max_subscriptions_per_client: 10_000,
+            max_publish_rate: 0,
         }
     );
     assert_eq!(
@@ -161,6 +163,8 @@ fn every_key_parsed() {
         topic_alias_maximum = 10
         server_topic_aliases = 4
         max_topic_levels = 32
+        max_subscriptions_per_client = 100
+        max_publish_rate = 50
 
         [storage]
         max_session_expiry_secs = 86400
@@ -193,6 +197,8 @@ fn every_key_parsed() {
                 topic_alias_maximum: 10,
                 server_topic_aliases: 4,
                 max_topic_levels: 32,
+                max_subscriptions_per_client: 100,
+                max_publish_rate: 50,
             };
             c.storage = Storage {
                 max_session_expiry: Duration::from_secs(86_400),
@@ -895,6 +901,21 @@ fn limit_ranges() {
         ("server_topic_aliases", "65536", "between 0 and 65535"),
         ("max_topic_levels", "-1", "between 0 and 65536"),
         ("max_topic_levels", "65537", "between 0 and 65536"),
+        (
+            "max_subscriptions_per_client",
+            "-1",
+            "between 0 and 4294967295",
+        ),
+        (
+            "max_publish_rate",
+            "1000001",
+            "between 0 and 1000000 messages per second",
+        ),
+        (
+            "max_publish_rate",
+            "-5",
+            "between 0 and 1000000 messages per second",
+        ),
         (
             "server_topic_aliases",
             "99999999999999999999",

@@ -42,8 +42,9 @@ impl IntRange {
     }
 }
 
-/// 0 is no limit.
-pub(crate) const MAX_CONNECTIONS_PER_ADDRESS: IntRange = IntRange {
+/// A count of things one client or address may have; 0 is no limit
+/// (`max_connections_per_address`, `max_subscriptions_per_client`).
+pub(crate) const COUNT_OR_NO_LIMIT: IntRange = IntRange {
     lo: 0,
     hi: u32::MAX as u64,
     unit: "",
@@ -103,6 +104,14 @@ pub(crate) const MAX_TOPIC_LEVELS: IntRange = IntRange {
     lo: 0,
     hi: 65_536,
     unit: "",
+};
+
+/// Messages per second; 0 is no limit. A million a second is beyond what
+/// one client can send here, so a larger number is a mistake.
+pub(crate) const MAX_PUBLISH_RATE: IntRange = IntRange {
+    lo: 0,
+    hi: 1_000_000,
+    unit: " messages per second",
 };
 
 /// Aliases we send are bounded by the client's 16-bit Topic Alias Maximum;
@@ -430,6 +439,11 @@ fn check_limits(config: &Config, errors: &mut Vec<ConfigError>) {
     MAX_TOPIC_LEVELS.check(
         "limits.max_topic_levels",
         u64::from(limits.max_topic_levels),
+        errors,
+    );
+    MAX_PUBLISH_RATE.check(
+        "limits.max_publish_rate",
+        u64::from(limits.max_publish_rate),
         errors,
     );
 }
