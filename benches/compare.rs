@@ -57,7 +57,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
-use common::{Args, free_port, mosquitto_conf};
+use common::{Args, cpu_time, free_port, mosquitto_conf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -282,23 +282,6 @@ fn build_rumqttd_runner() -> PathBuf {
     target
         .join(if release { "release" } else { "debug" })
         .join("ferrymq-rumqttd-runner")
-}
-
-/// CPU time (user + system) of a process so far.
-fn cpu_time(pid: &str) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in ")".
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 here;
-    // in clock ticks of 1/100 s (USER_HZ on Linux).
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 /// Resident set size of a process, bytes.
