@@ -109,19 +109,32 @@ fn mutual_tls_needs_a_client_certificate_signed_by_the_client_ca() {
 
 #[test]
 fn a_certificate_identity_stands_in_for_the_user_name_in_the_acl() {
+    // The client certificate's common name.
+    identity_as_user_name("", "edge-01");
+}
+
+#[test]
+fn a_subject_alternative_name_can_be_the_identity() {
+    identity_as_user_name("identity_from = \"san\"", "edge-01.plant.example");
+}
+
+/// With `use_identity_as_username` (and `extra` listener keys) the
+/// client certificate's `name` is the user the ACL grants `edge/%u/#`.
+fn identity_as_user_name(extra: &str, name: &str) {
     let pki = Pki::generate();
     let acl = pki.dir.path().join("acl.toml");
-    // The client certificate's common name is "edge-01".
     std::fs::write(
         &acl,
-        "[[rule]]\nuser = \"edge-01\"\npublish = [\"edge/%u/#\"]\nsubscribe = [\"edge/#\", \
-         \"other/#\"]\n",
+        format!(
+            "[[rule]]\nuser = {name:?}\npublish = [\"edge/%u/#\"]\nsubscribe = [\"edge/#\", \
+             \"other/#\"]\n"
+        ),
     )
     .unwrap();
     let broker = tls_broker(
         &pki,
         &format!(
-            "client_ca = {:?}\nuse_identity_as_username = true",
+            "client_ca = {:?}\nuse_identity_as_username = true\n{extra}",
             pki.ca.display().to_string()
         ),
         &format!("[auth]\nacl_file = {:?}", acl.display().to_string()),
@@ -155,15 +168,15 @@ fn a_certificate_identity_stands_in_for_the_user_name_in_the_acl() {
             std::time::Instant::now() < deadline,
             "the subscriber got nothing"
         );
-        pub_to("other/edge-01/x");
-        pub_to("edge/edge-01/ok");
+        pub_to(&format!("other/{name}/x"));
+        pub_to(&format!("edge/{name}/ok"));
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = sub.wait_with_output().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "edge/edge-01/ok m",
-        "only the publish the ACL grants to user edge-01 arrives"
+        format!("edge/{name}/ok m"),
+        "only the publish the ACL grants to user {name} arrives"
     );
 }
 

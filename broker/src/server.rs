@@ -254,7 +254,7 @@ async fn tls_handshake(
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(crate::tls::identity)
+        .and_then(|cert| crate::tls::identity(cert, tls.identity_from))
         .map(String::into_boxed_str);
     options.identity_is_user = tls.identity_is_user;
     Some(stream)
@@ -295,8 +295,10 @@ async fn serve_websocket<S>(
 pub(crate) struct Tls {
     /// Runs the handshake with the listener's certificate and client CA.
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
-    /// The client certificate's common name is its user name.
+    /// The client certificate's identity is its user name.
     pub(crate) identity_is_user: bool,
+    /// Which name of a client certificate is its identity.
+    pub(crate) identity_from: ferrymq_config::IdentityFrom,
     /// A hash of the files it was built from: a reload that finds the
     /// same keeps the acceptor (and says so).
     pub(crate) fingerprint: u64,
@@ -318,6 +320,7 @@ impl Tls {
         Ok(Tls {
             acceptor: tokio_rustls::TlsAcceptor::from(config),
             identity_is_user: tls.use_identity_as_username,
+            identity_from: tls.identity_from,
             fingerprint: hasher.finish(),
         })
     }

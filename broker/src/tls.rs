@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use ferrymq_config::{ListenerTls, MinTls};
+use ferrymq_config::{IdentityFrom, ListenerTls, MinTls};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -116,13 +116,96 @@ pub fn server_config(index: usize, tls: &ListenerTls) -> Result<Arc<ServerConfig
     Ok(Arc::new(config))
 }
 
-/// The common name of a client certificate (its identity), if any.
-pub fn identity(cert: &CertificateDer<'_>) -> Option<String> {
+/// The identity of a client certificate, if it has the name `from` asks
+/// for: its common name, or its first subject alternative name that is a
+/// DNS name, an email address or a URI.
+pub fn identity(cert: &CertificateDer<'_>, from: IdentityFrom) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
-    parsed
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned)
+    match from {
+        IdentityFrom::CommonName => parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned),
+        IdentityFrom::San => parsed
+            .subject_alternative_name()
+            .ok()
+            .flatten()?
+            .value
+            .general_names
+            .iter()
+            .find_map(|name| match name {
+                GeneralName::DNSName(n) | GeneralName::RFC822Name(n) | GeneralName::URI(n) => {
+                    Some((*n).to_owned())
+                }
+                _ => None,
+            }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use rcgen::{CertificateParams, DnType, KeyPair};
+
+    /// A self-signed certificate with common name `cn` and `sans`.
+    fn cert(cn: Option<&str>, sans: &[&str]) -> CertificateDer<'static> {
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        params
+            .self_signed(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .clone()
+    }
+
+    #[test]
+    fn the_identity_is_the_common_name_or_the_first_usable_alternative_name() {
+        // (common name, alternative names, identity_from, identity)
+        type Case<'a> = (
+            Option<&'a str>,
+            &'a [&'a str],
+            IdentityFrom,
+            Option<&'a str>,
+        );
+        let cases: &[Case] = &[
+            (
+                Some("edge-01"),
+                &[],
+                IdentityFrom::CommonName,
+                Some("edge-01"),
+            ),
+            (Some("edge-01"), &[], IdentityFrom::San, None),
+            (None, &["gw.plant.example"], IdentityFrom::CommonName, None),
+            (
+                Some("edge-01"),
+                &["gw.plant.example", "other.example"],
+                IdentityFrom::San,
+                Some("gw.plant.example"),
+            ),
+            // An IP address is not an identity; the DNS name after it is.
+            (
+                None,
+                &["10.0.0.7", "gw.plant.example"],
+                IdentityFrom::San,
+                Some("gw.plant.example"),
+            ),
+            (None, &["10.0.0.7"], IdentityFrom::San, None),
+        ];
+        for (cn, sans, from, expected) in cases {
+            assert_eq!(
+                identity(&cert(*cn, sans), *from).as_deref(),
+                *expected,
+                "{cn:?} {sans:?} {from:?}"
+            );
+        }
+    }
 }

@@ -146,10 +146,25 @@ pub struct ListenerTls {
     pub require_client_cert: bool,
     /// `min_tls`: `"1.3"` (default) or `"1.2"`.
     pub min_tls: MinTls,
-    /// `use_identity_as_username`: with `client_ca`, the common name of
-    /// the client's certificate is its user name (for the ACL), and no
-    /// password is asked. Default: false.
+    /// `use_identity_as_username`: with `client_ca`, the identity of the
+    /// client's certificate (`identity_from`) is its user name (for the
+    /// ACL), and no password is asked. Default: false.
     pub use_identity_as_username: bool,
+    /// `identity_from`: which name of a client certificate is its
+    /// identity (for ACL `identity` rules and `use_identity_as_username`).
+    /// Default: the common name.
+    pub identity_from: IdentityFrom,
+}
+
+/// Which name of a client certificate is the client's identity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum IdentityFrom {
+    /// The subject's common name (`"common-name"`).
+    #[default]
+    CommonName,
+    /// The first subject alternative name that is a DNS name, an email
+    /// address or a URI (`"san"`).
+    San,
 }
 
 /// `[auth]`: who may connect.

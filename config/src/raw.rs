@@ -19,8 +19,8 @@ use crate::size::RawSize;
 use crate::validate::{self, IntRange};
 use crate::{
     Auth, Bridge, BridgeAddress, BridgeKind, BridgeProtocol, BridgeTls, Config, ConfigError,
-    Direction, Durability, Forward, Limits, Listener, ListenerProtocol, ListenerTls, MinTls,
-    QueueFull, Storage, hint,
+    Direction, Durability, Forward, IdentityFrom, Limits, Listener, ListenerProtocol, ListenerTls,
+    MinTls, QueueFull, Storage, hint,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -47,6 +47,7 @@ struct RawListener {
     require_client_cert: Option<bool>,
     min_tls: Option<String>,
     use_identity_as_username: Option<bool>,
+    identity_from: Option<String>,
     path: Option<String>,
 }
 
@@ -165,6 +166,7 @@ pub(crate) const TABLES: &[Table] = &[
             "require_client_cert",
             "min_tls",
             "use_identity_as_username",
+            "identity_from",
             "path",
         ],
         planned: &[],
@@ -584,6 +586,17 @@ impl RawListener {
                 MinTls::V1_3
             }
         };
+        let identity_from = match self.identity_from.as_deref() {
+            None | Some("common-name") => IdentityFrom::CommonName,
+            Some("san") => IdentityFrom::San,
+            Some(other) => {
+                errors.push(ConfigError::new(
+                    key("identity_from"),
+                    format!("unknown source \"{other}\"; expected \"common-name\" or \"san\""),
+                ));
+                IdentityFrom::CommonName
+            }
+        };
         let tls = if protocol.is_tls() {
             let required = |value: Option<String>, name: &str, errors: &mut Vec<ConfigError>| {
                 value.map(PathBuf::from).unwrap_or_else(|| {
@@ -603,6 +616,7 @@ impl RawListener {
                 require_client_cert: self.require_client_cert.unwrap_or(true),
                 min_tls,
                 use_identity_as_username: self.use_identity_as_username.unwrap_or(false),
+                identity_from,
             })
         } else {
             for (name, given) in [
@@ -615,6 +629,7 @@ impl RawListener {
                     "use_identity_as_username",
                     self.use_identity_as_username.is_some(),
                 ),
+                ("identity_from", self.identity_from.is_some()),
             ] {
                 if given {
                     errors.push(ConfigError::new(

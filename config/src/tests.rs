@@ -2858,6 +2858,32 @@ fn tls_listeners() {
             }];
         },
     );
+    check_ok(
+        &format!(
+            "[[listener]]\nbind = \"127.0.0.1:8883\"\nprotocol = \"tls\"\ncert = {:?}\nkey = {:?}\n\
+             client_ca = {:?}\nmin_tls = \"1.2\"\nuse_identity_as_username = true\n\
+             identity_from = \"san\"\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+            ca.display().to_string()
+        ),
+        |c| {
+            let mut tls = ferrymq_config_tls(&cert, &key, Some(&ca));
+            tls.identity_from = crate::IdentityFrom::San;
+            c.listeners = vec![Listener {
+                protocol: ListenerProtocol::Tls,
+                tls: Some(tls),
+                ..tcp("127.0.0.1:8883")
+            }];
+        },
+    );
+    check_err(
+        "[[listener]]\nbind = \"127.0.0.1:1883\"\nidentity_from = \"cn\"",
+        &[
+            "listener[0].identity_from: unknown source \"cn\"; expected \"common-name\" or \"san\"",
+            "listener[0].identity_from: only for protocol = \"tls\" and \"wss\" listeners",
+        ],
+    );
     check_err(
         "[[listener]]\nbind = \"127.0.0.1:8883\"\nprotocol = \"tls\"\nmin_tls = \"1.1\"",
         &[
@@ -2897,5 +2923,6 @@ fn ferrymq_config_tls(
         require_client_cert: true,
         min_tls: crate::MinTls::V1_2,
         use_identity_as_username: true,
+        identity_from: crate::IdentityFrom::CommonName,
     }
 }

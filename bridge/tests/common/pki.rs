@@ -62,8 +62,12 @@ impl Pki {
             &["127.0.0.1", "localhost"],
             ExtendedKeyUsagePurpose::ServerAuth,
         );
-        let (client_cert, client_key) =
-            leaf(&ca, "edge-01", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        let (client_cert, client_key) = leaf(
+            &ca,
+            "edge-01",
+            &["edge-01.plant.example"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
         let files = [
             ("ca.pem", ca.pem()),
             ("server.pem", server_cert),
