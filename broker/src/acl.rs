@@ -100,7 +100,7 @@ fn substitute(pattern: &str, user: Option<&str>, client_id: &str) -> Option<Stri
 
 /// Whether a client id matches a `client_id` selector (`*`: any run of
 /// characters, possibly empty).
-fn id_matches(pattern: &str, id: &str) -> bool {
+pub(crate) fn id_matches(pattern: &str, id: &str) -> bool {
     let parts: Vec<&str> = pattern.split('*').collect();
     let (first, rest) = parts.split_first().unwrap_or((&"", &[]));
     let Some(mut tail) = id.strip_prefix(first) else {

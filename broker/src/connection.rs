@@ -34,8 +34,8 @@ use crate::Shared;
 use crate::acl::ClientAccess;
 use crate::auth::{AuthExchange, AuthMethod, AuthStep};
 use crate::bridge_session;
-use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish};
-use crate::message::{Message, SessionId};
+use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish, RouteOutcome};
+use crate::message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
 use crate::outbox::Delivery;
 use crate::outbox::{Outbox, Pop, QueueLimits};
 use crate::publish::{self, Parked, Routing};
@@ -536,6 +536,9 @@ struct Conn<'a, R, W> {
     /// An in-process client (the bridges, gateway firmware): trusted with
     /// the bridges' reserved topics.
     in_process: bool,
+    /// A bridge whose message ids are honoured (`[ferry]
+    /// trusted_clients`).
+    trusted: bool,
     /// What the ACL lets this client do (`None`: no `acl_file`, or an
     /// in-process client).
     access: Option<Box<ClientAccess>>,
@@ -704,6 +707,16 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             // Kept for the session's life: not the read buffer with it.
             connect.client_id.detached()
         };
+        // Its message ids are honoured (`[ferry] trusted_clients`); an
+        // assigned id never matches.
+        let trusted = !options.in_process
+            && !connect.client_id.is_empty()
+            && shared
+                .config
+                .ferry
+                .trusted_clients
+                .iter()
+                .any(|pattern| crate::acl::id_matches(pattern, client_id.as_str()));
         let max_expiry = shared.config.storage.max_session_expiry;
         let expiry = match protocol {
             Protocol::V311 if connect.clean_start => Duration::ZERO,
@@ -845,6 +858,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             auth_method,
             reauth: None,
             in_process: options.in_process,
+            trusted,
             access: acl_access,
             rate: (limits.max_publish_rate > 0 && !options.in_process).then(|| {
                 Box::new(PublishRate::new(
@@ -1340,8 +1354,27 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 self.engine.not_authorized(qos, packet_id);
                 None
             }
-            Ok(InboundPublish::Route { message, hold_qos2 }) => {
+            Ok(InboundPublish::Route {
+                mut message,
+                hold_qos2,
+            }) => {
                 Stats::add(&self.shared.stats.messages_received, 1);
+                let id = self.message_id(&mut message);
+                if let Some(id) = &id
+                    && self.shared.dedup.lock().is_taken(id)
+                {
+                    // Taken before: acknowledged once what took it is
+                    // durable (a ticket taken now comes after it).
+                    Stats::add(&self.shared.stats.duplicates_dropped, 1);
+                    let ticket = Batch::new(self.shared.store.as_ref()).submit();
+                    let outcome = RouteOutcome {
+                        ticket,
+                        matched: 1,
+                        refused: false,
+                    };
+                    self.engine.routed(qos, packet_id, outcome);
+                    return None;
+                }
                 let persistent = self.engine.state.is_persistent();
                 match publish::route(
                     self.shared,
@@ -1349,6 +1382,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     message,
                     hold_qos2,
                     persistent,
+                    id,
                 ) {
                     Routing::Done(outcome) => self.engine.routed(qos, packet_id, outcome),
                     Routing::Blocked(parked) => {
@@ -1358,6 +1392,35 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 None
             }
         }
+    }
+
+    /// The `ferry-id` of a message from a trusted bridge (QoS 1 and 2:
+    /// a QoS 0 message is never resent), which de-duplicates it. Other
+    /// clients' ids are removed, so that no client can make a receiver
+    /// further on drop another node's messages by forging ids.
+    fn message_id(&self, message: &mut Arc<Message>) -> Option<MessageId> {
+        let is_id = |(key, _): &(MqttString, MqttString)| key.as_str() == MESSAGE_ID_PROPERTY;
+        if !message.properties.user_properties.iter().any(is_id) {
+            return None;
+        }
+        if !self.trusted {
+            if !self.in_process {
+                Arc::make_mut(message)
+                    .properties
+                    .user_properties
+                    .retain(|p| !is_id(p));
+            }
+            return None;
+        }
+        if message.qos == QoS::AtMostOnce {
+            return None;
+        }
+        message
+            .properties
+            .user_properties
+            .iter()
+            .find(|p| is_id(p))
+            .and_then(|(_, value)| value.as_str().parse().ok())
     }
 
     fn resume_parked(&mut self) {
@@ -1870,7 +1933,7 @@ pub(crate) fn publish_will_message(
     Stats::add(&shared.stats.messages_received, 1);
     // A will never blocks its (gone) publisher: under `block` a full queue
     // keeps it waiting in a task of its own.
-    match publish::route(shared, routes, message, None, false) {
+    match publish::route(shared, routes, message, None, false, None) {
         Routing::Done(_) => {}
         Routing::Blocked(parked) => {
             if let Some(shared) = shared.this.upgrade() {

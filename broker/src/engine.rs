@@ -550,11 +550,19 @@ impl Engine {
                 properties.subscription_identifiers = ids.to_vec();
             }
             if let (Some(uuid), true) = (self.limits.message_ids, d.stored) {
+                // A message that came with an id (from a trusted bridge)
+                // goes on with it, so every hop further up de-duplicates
+                // it by its origin; others get this node's.
+                let has_id = properties
+                    .user_properties
+                    .iter()
+                    .any(|(key, _)| key.as_str() == crate::message::MESSAGE_ID_PROPERTY);
                 let id = crate::message::MessageId::new(uuid, d.queue, d.seq);
-                for (key, value) in [
+                let ids = [
                     (crate::message::MESSAGE_ID_PROPERTY, id.to_string()),
                     (crate::message::QUEUED_AT_PROPERTY, d.queued_ms.to_string()),
-                ] {
+                ];
+                for (key, value) in ids.into_iter().skip(usize::from(has_id)) {
                     if let Ok(value) = MqttString::new(&value) {
                         properties
                             .user_properties

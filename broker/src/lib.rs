@@ -40,6 +40,7 @@ mod bridge_session;
 mod client;
 mod connection;
 mod data_dir;
+mod dedup;
 #[cfg(test)]
 mod deep_tests;
 mod engine;
@@ -79,6 +80,7 @@ pub use bridge_session::{DEAD_LETTER_PREFIX, REPLAY_PREFIX, is_reserved};
 pub use client::{Client, ClientError, ClientOptions, PublishAck, Publisher, Received};
 pub use connection::{BRIDGE_CLIENT_PREFIX, bridge_client_id};
 pub use data_dir::DataDir;
+pub use dedup::DedupOrigin;
 pub use ferrymq_codec::QoS;
 pub use message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
 pub use outbox::QueueDepth;
@@ -174,6 +176,8 @@ pub(crate) struct Shared {
     /// `max_connections_per_address` (only addresses with one open; only
     /// counted when the limit is set). Locked once per accept and close.
     pub(crate) per_address: parking_lot::Mutex<HashMap<std::net::IpAddr, u32>>,
+    /// The message ids taken from trusted bridges (`[ferry]`).
+    pub(crate) dedup: parking_lot::Mutex<dedup::Dedup>,
     /// The TLS settings of each listener (`None` for `tcp` and `ws`), by
     /// index; a reload replaces them.
     pub(crate) tls: parking_lot::RwLock<Vec<Option<server::Tls>>>,
@@ -340,6 +344,8 @@ impl Broker {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let first_session = recovered.next_session_number.max(1);
+        // No more than the Receive Maximum can be in flight from a sender.
+        let dedup_bound = usize::from(config.limits.receive_maximum);
         let shared = Arc::new_cyclic(|this| Shared {
             config,
             router: router::Router::default(),
@@ -362,6 +368,7 @@ impl Broker {
             levels_log: stats::LogLimiter::new(Duration::from_secs(10)),
             auth_log: stats::LogLimiter::new(Duration::from_secs(10)),
             per_address: parking_lot::Mutex::default(),
+            dedup: parking_lot::Mutex::new(dedup::Dedup::new(dedup_bound)),
             tls: parking_lot::RwLock::new(tls),
             this: this.clone(),
         });
@@ -505,6 +512,12 @@ fn restore(shared: &Shared, recovered: Recovered) {
     let now_ms = clock.now_ms();
     let now = tokio::time::Instant::now();
     let mut cleanup = storage::Batch::new(store.as_ref());
+    {
+        let mut dedup = shared.dedup.lock();
+        for origin in &recovered.dedup {
+            dedup.restore(origin.origin, origin.floor, &origin.marks, origin.last_ms);
+        }
+    }
     if recovered.corrupt > 0 {
         Stats::add(&shared.stats.corrupt_records, recovered.corrupt);
     }
@@ -699,6 +712,7 @@ async fn expire_sessions(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        forget_idle_origins(&shared);
         let expired = shared.sessions.take_expired(tokio::time::Instant::now());
         if expired.is_empty() {
             continue;
@@ -711,6 +725,28 @@ async fn expire_sessions(shared: Arc<Shared>) {
         }
         batch.submit();
     }
+}
+
+/// Forgets the de-duplication origins silent for `forget_after_secs`.
+fn forget_idle_origins(shared: &Shared) {
+    let forget_after =
+        u64::try_from(shared.config.ferry.forget_after.as_millis()).unwrap_or(u64::MAX);
+    let Some(before_ms) = shared.clock.now_ms().checked_sub(forget_after) else {
+        return;
+    };
+    let forgotten = shared.dedup.lock().forget_idle(before_ms);
+    if forgotten.is_empty() {
+        return;
+    }
+    info!(
+        origins = forgotten.len(),
+        "forgot idle de-duplication origins (ferry.forget_after_secs)"
+    );
+    let mut batch = storage::Batch::new(shared.store.as_ref());
+    for origin in forgotten {
+        batch.push(storage::StoreOp::DedupForget { origin });
+    }
+    batch.submit();
 }
 
 /// Runs a broker until `shutdown` completes, then stops it gracefully.

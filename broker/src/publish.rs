@@ -10,7 +10,7 @@ use tracing::warn;
 
 use crate::Shared;
 use crate::engine::RouteOutcome;
-use crate::message::{Message, SessionId};
+use crate::message::{Message, MessageId, SessionId};
 use crate::outbox::{Delivery, Outbox, Pushed};
 use crate::router::{Route, RouteCache};
 use crate::stats::Stats;
@@ -26,6 +26,8 @@ pub(crate) struct Parked {
     /// The ticket of the part already routed.
     ticket: Ticket,
     wait: bool,
+    /// A trusted sender's id, taken with the batch that completes it.
+    dedup: Option<MessageId>,
 }
 
 impl Parked {
@@ -49,14 +51,18 @@ pub(crate) enum Routing {
 }
 
 /// Routes a message published by `origin`. `hold_qos2` is the inbound
-/// QoS 2 packet identifier to store in the same batch, and `persistent`
-/// whether the publisher's session is stored.
+/// QoS 2 packet identifier to store in the same batch, `persistent`
+/// whether the publisher's session is stored, and `dedup` the id of a
+/// trusted sender's message: taken (in memory and in the store) with the
+/// batch that completes the routing, which the acknowledgement and the
+/// deliveries then wait for.
 pub(crate) fn route(
     shared: &Shared,
     cache: &mut RouteCache,
     message: Arc<Message>,
     hold_qos2: Option<u16>,
     persistent: bool,
+    dedup: Option<MessageId>,
 ) -> Routing {
     let routes = cache.routes(&shared.router, &message.topic, message.origin);
     let origin = message.origin;
@@ -95,7 +101,7 @@ pub(crate) fn route(
         && targets(&routes, origin).any(|r| r.outbox.stores(message.qos.min(r.qos)));
     let hold = hold_qos2.filter(|_| persistent);
     // Whether deliveries and the acknowledgement wait for the store.
-    let wait = message.retain || hold.is_some() || stored_target;
+    let wait = message.retain || hold.is_some() || stored_target || dedup.is_some();
     let mut batch = Batch::new(shared.store.as_ref());
     let ticket = if wait { batch.ticket() } else { 0 };
     if let Some(packet_id) = hold {
@@ -121,6 +127,7 @@ pub(crate) fn route(
         matched: 0,
         ticket,
         wait,
+        dedup,
     };
     push_all(shared, parked, batch)
 }
@@ -177,6 +184,18 @@ fn push_all(shared: &Shared, mut p: Parked, mut batch: Batch<'_>) -> Routing {
                 batch.submit();
                 return Routing::Blocked(p);
             }
+        }
+    }
+    if let Some(id) = &p.dedup {
+        let taken = shared.dedup.lock().take(id, queued_ms);
+        if let Some((origin, taken)) = taken {
+            batch.push(StoreOp::DedupTake {
+                origin,
+                floor: taken.floor,
+                mark: taken.mark.then_some(id.n),
+                clear: taken.cleared,
+                at_ms: queued_ms,
+            });
         }
     }
     batch.submit();

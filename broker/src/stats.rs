@@ -39,6 +39,9 @@ pub struct Stats {
     /// Publishes after which a client was over `max_publish_rate` (and
     /// was not read from for a while).
     pub publishes_throttled: AtomicU64,
+    /// Messages from trusted bridges dropped (and acknowledged) because
+    /// their `ferry-id` was taken before.
+    pub duplicates_dropped: AtomicU64,
     /// Subscriptions refused by `max_subscriptions_per_client`.
     pub subscriptions_refused: AtomicU64,
     /// Publishes (wills included) and subscriptions the ACL refused.

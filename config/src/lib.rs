@@ -83,6 +83,35 @@ pub struct Config {
     /// `[[bridge]]`: store-and-forward uplinks to upstream MQTT brokers.
     /// Default: none.
     pub bridges: Vec<Bridge>,
+    /// `[ferry]`: this node as the receiving end of other ferrymq nodes'
+    /// bridges.
+    pub ferry: Ferry,
+}
+
+/// `[ferry]`: whose message ids this node honours, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ferry {
+    /// `trusted_clients`: client id patterns (`*` matches any run of
+    /// characters) of the bridges whose message ids (the `ferry-id` user
+    /// property) this node honours: a message whose id it has taken
+    /// before is acknowledged and dropped, so each takes effect once.
+    /// Other clients' ids are removed from their messages, so no client
+    /// can suppress another node's messages by forging ids. Default: none.
+    pub trusted_clients: Vec<String>,
+    /// `forget_after_secs`: an origin (a sending node's queue in one of
+    /// its runs) that sent nothing for this long is forgotten; a resend
+    /// older than that would be taken again. Default: 30 days. Range: 60
+    /// ..= 4294967295 seconds.
+    pub forget_after: Duration,
+}
+
+impl Default for Ferry {
+    fn default() -> Self {
+        Ferry {
+            trusted_clients: Vec::new(),
+            forget_after: Duration::from_secs(30 * 86_400),
+        }
+    }
 }
 
 /// One `[[listener]]`: an address and the protocol spoken on it.
@@ -552,6 +581,7 @@ impl Default for Config {
             limits: Limits::default(),
             storage: Storage::default(),
             bridges: Vec::new(),
+            ferry: Ferry::default(),
         }
     }
 }

@@ -19,8 +19,8 @@ use crate::size::RawSize;
 use crate::validate::{self, IntRange};
 use crate::{
     Auth, Bridge, BridgeAddress, BridgeKind, BridgeProtocol, BridgeTls, Config, ConfigError,
-    Direction, Durability, Forward, IdentityFrom, Limits, Listener, ListenerProtocol, ListenerTls,
-    MinTls, QueueFull, Storage, hint,
+    Direction, Durability, Ferry, Forward, IdentityFrom, Limits, Listener, ListenerProtocol,
+    ListenerTls, MinTls, QueueFull, Storage, hint,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -33,6 +33,14 @@ pub(crate) struct RawConfig {
     limits: Option<RawLimits>,
     storage: Option<RawStorage>,
     bridge: Option<Vec<RawBridge>>,
+    ferry: Option<RawFerry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a [ferry] table")]
+struct RawFerry {
+    trusted_clients: Option<Vec<String>>,
+    forget_after_secs: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,7 +157,7 @@ pub(crate) const TABLES: &[Table] = &[
         header: "the top level",
         path: &[],
         keys: &[
-            "node_id", "data_dir", "listener", "auth", "limits", "storage", "bridge",
+            "node_id", "data_dir", "listener", "auth", "limits", "storage", "bridge", "ferry",
         ],
         planned: &["state", "metrics"],
     },
@@ -257,6 +265,12 @@ pub(crate) const TABLES: &[Table] = &[
             "local_prefix",
             "remote_prefix",
         ],
+        planned: &[],
+    },
+    Table {
+        header: "[ferry]",
+        path: &["ferry"],
+        keys: &["trusted_clients", "forget_after_secs"],
         planned: &[],
     },
 ];
@@ -520,8 +534,27 @@ impl RawConfig {
                 .unwrap_or_default()
                 .into_storage(defaults.storage, errors),
             bridges,
+            ferry: self
+                .ferry
+                .unwrap_or_default()
+                .into_ferry(defaults.ferry, errors),
         };
         (config, unusable_binds)
+    }
+}
+
+impl RawFerry {
+    fn into_ferry(self, defaults: Ferry, errors: &mut Vec<ConfigError>) -> Ferry {
+        Ferry {
+            trusted_clients: self.trusted_clients.unwrap_or(defaults.trusted_clients),
+            forget_after: Duration::from_secs(narrow(
+                self.forget_after_secs.map(|Int(v)| v),
+                "ferry.forget_after_secs",
+                &validate::FORGET_AFTER_SECS,
+                defaults.forget_after.as_secs(),
+                errors,
+            )),
+        }
     }
 }
 
@@ -1228,6 +1261,7 @@ mod tests {
             fields_of::<RawBridge>(),
             fields_of::<RawBridgeTls>(),
             fields_of::<RawForward>(),
+            fields_of::<RawFerry>(),
         ];
         let actual: Vec<&[&str]> = TABLES.iter().map(|t| t.keys).collect();
         assert_eq!(actual, expected);

@@ -2926,3 +2926,28 @@ fn ferrymq_config_tls(
         identity_from: crate::IdentityFrom::CommonName,
     }
 }
+
+#[test]
+fn ferry_trusted_clients_and_forget_after() {
+    check_ok(
+        "[ferry]\ntrusted_clients = [\"edge-*\", \"gw-7\"]\nforget_after_secs = 3600",
+        |c| {
+            c.ferry.trusted_clients = vec!["edge-*".into(), "gw-7".into()];
+            c.ferry.forget_after = Duration::from_secs(3600);
+        },
+    );
+    check_err(
+        "[ferry]\ntrusted_clients = [\"\", \"a\\u0001\"]\nforget_after_secs = 59",
+        &[
+            "ferry.trusted_clients[0]: \"\" is not a client id pattern: it is not empty and has \
+             no control characters (`*` matches any run of characters, like \"edge-*\")",
+            "ferry.trusted_clients[1]: \"a\\u{1}\" is not a client id pattern: it is not empty \
+             and has no control characters (`*` matches any run of characters, like \"edge-*\")",
+            "ferry.forget_after_secs: must be between 60 and 4294967295 seconds, got 59",
+        ],
+    );
+    check_err(
+        "[ferry]\ntrusted_client = [\"edge-*\"]",
+        &["ferry.trusted_client: unknown key; did you mean `trusted_clients`?"],
+    );
+}

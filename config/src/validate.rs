@@ -114,6 +114,14 @@ pub(crate) const MAX_PUBLISH_RATE: IntRange = IntRange {
     unit: " messages per second",
 };
 
+/// At least a minute: an origin forgotten sooner could be forgotten
+/// between a message and its resend.
+pub(crate) const FORGET_AFTER_SECS: IntRange = IntRange {
+    lo: 60,
+    hi: u32::MAX as u64,
+    unit: " seconds",
+};
+
 /// Aliases we send are bounded by the client's 16-bit Topic Alias Maximum;
 /// 0 means we never send one.
 pub(crate) const SERVER_TOPIC_ALIASES: IntRange = IntRange {
@@ -252,6 +260,28 @@ pub(crate) fn check(config: &Config, unusable_binds: &[usize], errors: &mut Vec<
     for (i, bridge) in config.bridges.iter().enumerate() {
         check_bridge(config, i, bridge, errors);
     }
+    check_ferry(config, errors);
+}
+
+fn check_ferry(config: &Config, errors: &mut Vec<ConfigError>) {
+    let ferry = &config.ferry;
+    for (i, pattern) in ferry.trusted_clients.iter().enumerate() {
+        if pattern.is_empty() || pattern.chars().any(char::is_control) {
+            errors.push(ConfigError::new(
+                format!("ferry.trusted_clients[{i}]"),
+                format!(
+                    "{pattern:?} is not a client id pattern: it is not empty and has no control \
+                     characters (`*` matches any run of characters, like \"edge-*\")"
+                ),
+            ));
+        }
+    }
+    check_secs(
+        &FORGET_AFTER_SECS,
+        "ferry.forget_after_secs",
+        ferry.forget_after,
+        errors,
+    );
 }
 
 /// Whether `path` can be a WebSocket listener's path: absolute, without

@@ -289,6 +289,14 @@ impl Raw {
         self.stream.write_all(bytes).expect("write");
     }
 
+    /// Sends `packet`; whether it could be written (the broker may be
+    /// gone).
+    pub fn try_send(&mut self, packet: &Packet) -> bool {
+        let mut out = BytesMut::new();
+        packet.encode(self.protocol, &mut out).expect("encode");
+        self.stream.write_all(&out).is_ok()
+    }
+
     /// The next packet, or `None` if the connection closed first.
     pub fn recv(&mut self) -> Option<Packet> {
         self.recv_within(WAIT)
@@ -302,6 +310,12 @@ impl Raw {
             Polled::Closed => None,
             Polled::Timeout => panic!("no packet within {timeout:?}"),
         }
+    }
+
+    /// The next packet within `quiet`, the end of the connection, or
+    /// nothing yet.
+    pub fn poll_for(&mut self, quiet: Duration) -> Polled {
+        self.poll(Instant::now() + quiet)
     }
 
     fn poll(&mut self, deadline: Instant) -> Polled {
@@ -523,7 +537,7 @@ impl Raw {
 
 /// What [`Raw::poll`] found.
 #[allow(clippy::large_enum_variant)] // short-lived, test only
-enum Polled {
+pub enum Polled {
     Packet(Packet),
     Closed,
     Timeout,

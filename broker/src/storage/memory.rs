@@ -17,6 +17,7 @@ use super::{
     BrokerClock, Durable, InflightRecord, QueueSummary, QueuedRecord, Recovered, RecoveredGroup,
     RecoveredSession, SessionRecord, Store, StoreError, StoreOp, SubscriptionRecord, Ticket,
 };
+use crate::dedup::DedupOrigin;
 use crate::message::Message;
 
 #[derive(Default)]
@@ -36,6 +37,8 @@ struct State {
     retained: HashMap<MqttString, Arc<Message>>,
     /// Above every session number seen.
     next_number: u64,
+    /// De-duplication origins: floor, last take, marks.
+    dedup: BTreeMap<DedupOrigin, (u64, u64, BTreeSet<u64>)>,
 }
 
 impl State {
@@ -123,6 +126,24 @@ impl State {
             O::GroupDelete { number } => {
                 self.groups.remove(&number);
                 self.queues.remove(&number);
+            }
+            O::DedupTake {
+                origin,
+                floor,
+                mark,
+                clear,
+                at_ms,
+            } => {
+                let entry = self.dedup.entry(origin).or_default();
+                entry.0 = floor;
+                entry.1 = at_ms;
+                if clear {
+                    entry.2.retain(|&n| n >= floor);
+                }
+                entry.2.extend(mark);
+            }
+            O::DedupForget { origin } => {
+                self.dedup.remove(&origin);
             }
         }
     }
@@ -326,6 +347,16 @@ impl Store for MemoryStore {
             sessions,
             groups,
             retained: state.retained.values().cloned().collect(),
+            dedup: state
+                .dedup
+                .iter()
+                .map(|(origin, (floor, last_ms, marks))| super::RecoveredOrigin {
+                    origin: *origin,
+                    floor: *floor,
+                    marks: marks.iter().copied().collect(),
+                    last_ms: *last_ms,
+                })
+                .collect(),
             next_session_number: state.next_number,
             corrupt: 0,
             previous_run_ms: self.clock.now_ms(),

@@ -28,6 +28,7 @@ use ferrymq_codec::{MqttString, QoS, SubscriptionOptions};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::dedup::DedupOrigin;
 use crate::message::Message;
 
 pub use inspect::{ListedMessage, QueueLine, QueueReport, queue_list, queue_stats};
@@ -236,6 +237,38 @@ pub enum StoreOp {
         /// Its number.
         number: u64,
     },
+    /// A trusted sender's message id was taken (see `dedup`), in the
+    /// batch that routed the message.
+    DedupTake {
+        /// Its origin queue.
+        origin: DedupOrigin,
+        /// The origin's floor now: every number below it was taken.
+        floor: u64,
+        /// The number, when it stays above the floor.
+        mark: Option<u64>,
+        /// Marks written before went below the floor (delete them).
+        clear: bool,
+        /// When (broker ms), for forgetting idle origins.
+        at_ms: u64,
+    },
+    /// An origin silent for `forget_after_secs` was forgotten.
+    DedupForget {
+        /// The origin.
+        origin: DedupOrigin,
+    },
+}
+
+/// What the store kept of one de-duplication origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredOrigin {
+    /// The origin.
+    pub origin: DedupOrigin,
+    /// Every number below it was taken.
+    pub floor: u64,
+    /// Numbers taken above the floor.
+    pub marks: Vec<u64>,
+    /// When it last took a number (broker ms).
+    pub last_ms: u64,
 }
 
 /// A queued message as recovered.
@@ -321,6 +354,8 @@ pub struct Recovered {
     /// Greater than every session number ever stored (deleted ones
     /// included), so numbers are never reused.
     pub next_session_number: u64,
+    /// De-duplication origins (`[ferry]`).
+    pub dedup: Vec<RecoveredOrigin>,
     /// Records that could not be read and were skipped.
     pub corrupt: u64,
     /// Broker time last saved by the previous run (at most one save

@@ -53,8 +53,10 @@ use tracing::{error, info, warn};
 use super::record::{self, TimeBase};
 use super::{
     BrokerClock, Durable, InflightRecord, NodeIdentity, OutboundPhase, QueueSummary, QueuedRecord,
-    Recovered, RecoveredGroup, RecoveredSession, Store, StoreError, StoreOp, Ticket, random_id,
+    Recovered, RecoveredGroup, RecoveredOrigin, RecoveredSession, Store, StoreError, StoreOp,
+    Ticket, random_id,
 };
+use crate::dedup::DedupOrigin;
 
 /// The schema this version reads and writes.
 const SCHEMA: u32 = 1;
@@ -68,7 +70,10 @@ const INFLIGHT: &str = "inflight";
 const QOS2_IN: &str = "qos2_in";
 const RETAINED: &str = "retained";
 const GROUPS: &str = "groups";
-const FAMILIES: [&str; 9] = [
+/// De-duplication origins: per origin (uuid, queue, epoch: 32 bytes) a
+/// floor record (tag 0: floor, last take) and marks (tag 1, number).
+const DEDUP: &str = "dedup";
+const FAMILIES: [&str; 10] = [
     META,
     SESSIONS,
     SUBSCRIPTIONS,
@@ -78,6 +83,7 @@ const FAMILIES: [&str; 9] = [
     QOS2_IN,
     RETAINED,
     GROUPS,
+    DEDUP,
 ];
 
 /// How often broker time is saved.
@@ -109,6 +115,31 @@ fn big_u64(bytes: &[u8]) -> Option<u64> {
 
 fn key_n(number: u64) -> [u8; 8] {
     number.to_be_bytes()
+}
+
+/// A de-duplication key: the origin, a tag (0: its floor record, 1: a
+/// mark) and, for a mark, the number.
+fn key_dedup(origin: &DedupOrigin, tag: u8, n: u64) -> [u8; 41] {
+    let mut k = [0u8; 41];
+    k[..16].copy_from_slice(&origin.uuid);
+    k[16..24].copy_from_slice(&origin.queue.to_be_bytes());
+    k[24..32].copy_from_slice(&origin.epoch.to_be_bytes());
+    k[32] = tag;
+    k[33..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// The parts of a [`key_dedup`] key.
+fn parse_key_dedup(k: &[u8]) -> Option<(DedupOrigin, u8, u64)> {
+    if k.len() != 41 {
+        return None;
+    }
+    let origin = DedupOrigin {
+        uuid: k[..16].try_into().ok()?,
+        queue: big_u64(&k[16..24])?,
+        epoch: big_u64(&k[24..32])?,
+    };
+    Some((origin, k[32], big_u64(&k[33..])?))
 }
 
 fn key_ns(number: u64, seq: u64) -> [u8; 16] {
@@ -598,6 +629,28 @@ impl RocksStore {
                 Err(e) => skip("group", &k, &e),
             }
         }
+        let mut dedup: BTreeMap<DedupOrigin, RecoveredOrigin> = BTreeMap::new();
+        for item in db.iterator_cf(cf(db, DEDUP)?, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| db_error("reading de-duplication records", e))?;
+            let Some((origin, tag, n)) = parse_key_dedup(&k) else {
+                skip("de-duplication", &k, &"bad key");
+                continue;
+            };
+            let entry = dedup.entry(origin).or_insert(RecoveredOrigin {
+                origin,
+                floor: 1,
+                marks: Vec::new(),
+                last_ms: 0,
+            });
+            match (tag, big_u64(&v), v.get(8..).and_then(big_u64)) {
+                (0, Some(floor), Some(at_ms)) => {
+                    entry.floor = floor;
+                    entry.last_ms = at_ms;
+                }
+                (1, _, _) => entry.marks.push(n),
+                _ => skip("de-duplication", &k, &"bad value"),
+            }
+        }
         let next_session_number = db
             .get_cf(cf(db, META)?, b"next_session")
             .map_err(|e| db_error("reading the session counter", e))?
@@ -610,6 +663,7 @@ impl RocksStore {
             sessions: sessions.into_values().collect(),
             groups,
             retained,
+            dedup: dedup.into_values().collect(),
             next_session_number,
             corrupt,
             previous_run_ms: self.previous_run_ms,
@@ -878,6 +932,36 @@ fn add(
             batch.delete_cf(cf(db, GROUPS)?, key_n(number));
             batch.delete_range_cf(cf(db, QUEUES)?, key_n(number), key_n(number + 1));
             batch.delete_cf(cf(db, QUEUE_STATS)?, key_n(number));
+        }
+        O::DedupTake {
+            origin,
+            floor,
+            mark,
+            clear,
+            at_ms,
+        } => {
+            let family = cf(db, DEDUP)?;
+            let mut value = [0u8; 16];
+            value[..8].copy_from_slice(&floor.to_be_bytes());
+            value[8..].copy_from_slice(&at_ms.to_be_bytes());
+            batch.put_cf(family, key_dedup(&origin, 0, 0), value);
+            if clear {
+                batch.delete_range_cf(
+                    family,
+                    key_dedup(&origin, 1, 0),
+                    key_dedup(&origin, 1, floor),
+                );
+            }
+            if let Some(n) = mark {
+                batch.put_cf(family, key_dedup(&origin, 1, n), []);
+            }
+        }
+        O::DedupForget { origin } => {
+            batch.delete_range_cf(
+                cf(db, DEDUP)?,
+                key_dedup(&origin, 0, 0),
+                key_dedup(&origin, 2, 0),
+            );
         }
     }
     Ok(())
@@ -1236,6 +1320,50 @@ mod tests {
             total = (total.0 + c, total.1 + b, total.2.max(m));
         }
         assert_eq!(total, (1, 20, 9));
+    }
+
+    #[test]
+    fn dedup_floors_and_marks_survive_a_reopen_and_forgotten_origins_go() {
+        use crate::dedup::DedupOrigin;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = RocksStore::open(dir.path(), options(Durability::GroupCommit)).expect("open");
+        let origin = |queue| DedupOrigin {
+            uuid: [9; 16],
+            queue,
+            epoch: 3,
+        };
+        let take = |queue, floor, mark, clear| StoreOp::DedupTake {
+            origin: origin(queue),
+            floor,
+            mark,
+            clear,
+            at_ms: 77,
+        };
+        write_sync(
+            &store,
+            vec![
+                take(1, 2, None, false),
+                take(1, 2, Some(4), false),
+                take(1, 2, Some(6), false),
+                take(2, 2, Some(5), false),
+            ],
+        );
+        // 2 and 3 came: the floor passes 4, whose mark goes; 6 stays.
+        write_sync(&store, vec![take(1, 5, None, true)]);
+        write_sync(&store, vec![StoreOp::DedupForget { origin: origin(2) }]);
+        drop(store);
+        let store = RocksStore::open(dir.path(), options(Durability::GroupCommit)).expect("reopen");
+        let recovered = store.recover().expect("recover");
+        assert_eq!(
+            recovered.dedup,
+            vec![RecoveredOrigin {
+                origin: origin(1),
+                floor: 5,
+                marks: vec![6],
+                last_ms: 77,
+            }]
+        );
+        assert_eq!(recovered.corrupt, 0);
     }
 
     #[test]
