@@ -89,12 +89,7 @@ fn delivered(raw: &mut Raw) -> Vec<(String, Option<String>)> {
     while let Some(packet) = raw.recv_or_silence(Duration::from_millis(400)) {
         if let Packet::Publish(p) = packet {
             raw.send(&Packet::PubAck(PubAck::new(p.packet_id)));
-            let id = p
-                .properties
-                .user_properties
-                .iter()
-                .find(|(k, _)| k.as_str() == "ferry-id")
-                .map(|(_, v)| v.to_string());
+            let id = ferry_id(&p);
             got.push((String::from_utf8(p.payload.to_vec()).unwrap(), id));
         }
     }
@@ -155,13 +150,17 @@ fn a_trusted_bridge_resend_is_taken_once_even_after_the_receiver_is_killed() {
     assert!(regional.log().contains("listening on"));
 }
 
-/// What the regional observer saw, in arrival order: `Some(n)` a message,
-/// `None` a new connection of the observer.
-type Seen = Arc<Mutex<Vec<Option<u32>>>>;
+/// What an observer saw, in arrival order: `Some((n, ferry-id))` a
+/// message, `None` a new connection of the observer.
+type Seen = Arc<Mutex<Vec<Option<(u32, String)>>>>;
 
 /// A persistent MQTT 5 subscriber on the regional node that reconnects
 /// (the node is killed and restarted) until `stop`.
-fn observe(addr: SocketAddr, stop: Arc<AtomicBool>) -> (Seen, std::thread::JoinHandle<()>) {
+fn observe(
+    addr: SocketAddr,
+    filter: &'static str,
+    stop: Arc<AtomicBool>,
+) -> (Seen, std::thread::JoinHandle<()>) {
     let seen: Seen = Arc::default();
     let thread = {
         let seen = seen.clone();
@@ -184,7 +183,7 @@ fn observe(addr: SocketAddr, stop: Arc<AtomicBool>) -> (Seen, std::thread::JoinH
                 raw.try_send(&Packet::Subscribe(Subscribe {
                     packet_id: 1,
                     subscriptions: vec![Subscription {
-                        filter: s("site/#"),
+                        filter: s(filter),
                         options: SubscriptionOptions {
                             qos: QoS::AtLeastOnce,
                             ..Default::default()
@@ -196,7 +195,8 @@ fn observe(addr: SocketAddr, stop: Arc<AtomicBool>) -> (Seen, std::thread::JoinH
                     match raw.poll_for(Duration::from_millis(200)) {
                         Polled::Packet(Packet::Publish(p)) => {
                             let n = std::str::from_utf8(&p.payload).unwrap().parse().unwrap();
-                            seen.lock().unwrap().push(Some(n));
+                            let id = ferry_id(&p).unwrap_or_default();
+                            seen.lock().unwrap().push(Some((n, id)));
                             if !raw.try_send(&Packet::PubAck(PubAck::new(p.packet_id))) {
                                 break;
                             }
@@ -216,6 +216,7 @@ fn distinct(seen: &Seen) -> usize {
         .unwrap()
         .iter()
         .flatten()
+        .map(|(n, _)| *n)
         .collect::<std::collections::BTreeSet<_>>()
         .len()
 }
@@ -230,6 +231,42 @@ fn wait_for(seen: &Seen, count: usize, what: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Asserts that the observer got each of `0..count` taken once by the
+/// node it watches, in order.
+fn taken_once(seen: &[Option<(u32, String)>], count: u32) {
+    // The last hop is QoS 1: after the node's restart the observer may get the head of
+    // its queue again (sent before the kill, its acknowledgement not yet
+    // on disk), always first on a new connection. So on each connection,
+    // messages already seen may come only before the first new one, and
+    // new ones come in publish order; a message taken twice would come
+    // again after newer ones.
+    let mut met = std::collections::BTreeSet::new();
+    let mut last_new = None;
+    for (i, item) in seen.iter().enumerate() {
+        match item {
+            None => last_new = None,
+            Some((n, _)) if met.contains(n) => assert!(
+                last_new.is_none(),
+                "message {n} came again after {last_new:?}, a new one (arrival {i}): \
+                 taken twice"
+            ),
+            Some((n, _)) => {
+                assert!(
+                    last_new.is_none_or(|last| last < *n),
+                    "order broken: {n} after {last_new:?}"
+                );
+                met.insert(*n);
+                last_new = Some(*n);
+            }
+        }
+    }
+    assert_eq!(
+        met.len(),
+        count as usize,
+        "every acknowledged message arrived"
+    );
 }
 
 /// Publishes `range` as QoS 1 to the edge; every one is acknowledged
@@ -249,23 +286,15 @@ fn publish(edge: SocketAddr, range: std::ops::Range<u32>) {
     }
 }
 
-#[test]
-fn an_edge_bridge_into_a_ferrymq_regional_delivers_each_message_once_across_cuts_and_kills() {
-    const N: u32 = 1500;
-    let regional_data = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let regional = node(regional_data.path(), port, TRUSTED);
-    let regional_addr = regional.addr;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (seen, observer) = observe(regional_addr, stop.clone());
-    let link = Link::new(regional_addr, Mode::Down);
-    let edge_data = tempfile::tempdir().unwrap();
-    let bridge = format!(
+/// A `[[bridge]]` named "up" as `client_id` to 127.0.0.1:`port`,
+/// forwarding `filter` out under `prefix`.
+fn bridge_config(client_id: &str, port: u16, filter: &str, prefix: &str) -> String {
+    format!(
         r#"
 [[bridge]]
-name = "regional"
-addresses = ["127.0.0.1:{}"]
-client_id = "edge-1"
+name = "up"
+addresses = ["127.0.0.1:{port}"]
+client_id = "{client_id}"
 inflight = 50
 keepalive_secs = 2
 connect_timeout_secs = 2
@@ -274,11 +303,24 @@ reconnect_max_ms = 300
 ramp_secs = 0
 
 [[bridge.forward]]
-filter = "data/#"
-remote_prefix = "site/"
-"#,
-        link.port()
-    );
+filter = "{filter}"
+remote_prefix = "{prefix}"
+"#
+    )
+}
+
+#[test]
+fn an_edge_bridge_into_a_ferrymq_regional_delivers_each_message_once_across_cuts_and_kills() {
+    const N: u32 = 1500;
+    let regional_data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let regional = node(regional_data.path(), port, TRUSTED);
+    let regional_addr = regional.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, observer) = observe(regional_addr, "site/#", stop.clone());
+    let link = Link::new(regional_addr, Mode::Down);
+    let edge_data = tempfile::tempdir().unwrap();
+    let bridge = bridge_config("edge-1", link.port(), "data/#", "site/");
     let edge = Broker::start_at(edge_data.path(), &bridge);
     publish(edge.addr, 0..N / 2);
     // The edge is killed with its backlog on disk.
@@ -301,38 +343,75 @@ remote_prefix = "site/"
     observer.join().unwrap();
 
     let seen = seen.lock().unwrap().clone();
-    // Each message was taken once by the regional node. The last hop is
-    // QoS 1: after the regional restart the observer may get the head of
-    // its queue again (sent before the kill, its acknowledgement not yet
-    // on disk), always first on a new connection. So on each connection,
-    // messages already seen may come only before the first new one, and
-    // new ones come in publish order; a message taken twice would come
-    // again after newer ones.
-    let mut met = std::collections::BTreeSet::new();
-    let mut last_new = None;
-    for (i, item) in seen.iter().enumerate() {
-        match item {
-            None => last_new = None,
-            Some(n) if met.contains(n) => assert!(
-                last_new.is_none(),
-                "message {n} came again after {last_new:?}, a new one (arrival {i}): \
-                 taken twice"
-            ),
-            Some(n) => {
-                assert!(
-                    last_new.is_none_or(|last| last < *n),
-                    "order broken: {n} after {last_new:?}"
-                );
-                met.insert(*n);
-                last_new = Some(*n);
-            }
-        }
-    }
-    assert_eq!(met.len(), N as usize, "every acknowledged message arrived");
+    taken_once(&seen, N);
     eprintln!(
         "{N} taken once; {} deliveries on {} observer connections",
         seen.iter().flatten().count(),
         seen.iter().filter(|i| i.is_none()).count()
     );
     drop((edge, regional));
+}
+
+#[test]
+fn edge_to_regional_to_central_takes_each_message_once_at_every_hop() {
+    const N: u32 = 1200;
+    let (central_data, regional_data, edge_data) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (central_port, regional_port) = (free_port(), free_port());
+    let central = node(
+        central_data.path(),
+        central_port,
+        "[ferry]\ntrusted_clients = [\"regional-*\"]\n",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, observer) = observe(central.addr, "hq/#", stop.clone());
+    // The regional node trusts the edge and bridges on to the central
+    // one through a link that will be cut.
+    let up = Link::new(central.addr, Mode::Pass);
+    let regional_config = format!(
+        "{TRUSTED}{}",
+        bridge_config("regional-1", up.port(), "site/#", "hq/")
+    );
+    let regional = node(regional_data.path(), regional_port, &regional_config);
+    let edge_config = bridge_config("edge-1", regional_port, "data/#", "site/");
+    let mut at_regional = subscriber(regional.addr, "regional-observer", "site/#");
+    let edge = Broker::start_at(edge_data.path(), &edge_config);
+    publish(edge.addr, 0..N / 3);
+    wait_for(&seen, N as usize / 6, "first part");
+    // The ids the edge gave, as the regional node got them.
+    let edge_ids: Vec<(String, Option<String>)> = delivered(&mut at_regional);
+    assert!(edge_ids.len() >= N as usize / 6);
+    drop(at_regional);
+    up.set(Mode::Down);
+    publish(edge.addr, N / 3..2 * N / 3);
+    // The regional node is killed with messages taken from the edge and
+    // not yet sent on; the link comes back after its restart.
+    regional.kill();
+    let regional = node(regional_data.path(), regional_port, &regional_config);
+    up.set(Mode::Pass);
+    edge.kill();
+    let edge = Broker::start_at(edge_data.path(), &edge_config);
+    publish(edge.addr, 2 * N / 3..N);
+    wait_for(&seen, N as usize, "everything at the central node");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    observer.join().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    taken_once(&seen, N);
+    // The central node saw the edge's ids, not ids the regional node made
+    // up: the same message is the same at every hop.
+    let edge_uuids: std::collections::BTreeSet<String> = seen
+        .iter()
+        .flatten()
+        .map(|(_, id)| id.split(':').next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        edge_uuids.len(),
+        1,
+        "ids from one origin node: {edge_uuids:?}"
+    );
+    drop((edge, regional, central));
 }

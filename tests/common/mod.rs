@@ -385,6 +385,16 @@ pub fn connect_packet(protocol: Protocol, client_id: &str) -> Connect {
     }
 }
 
+/// The `ferry-id` user property of a delivered message, if any.
+pub fn ferry_id(publish: &ferrymq_codec::Publish) -> Option<String> {
+    publish
+        .properties
+        .user_properties
+        .iter()
+        .find(|(k, _)| k.as_str() == "ferry-id")
+        .map(|(_, v)| v.to_string())
+}
+
 pub fn s(text: &str) -> MqttString {
     MqttString::new(text).unwrap()
 }
