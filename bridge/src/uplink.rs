@@ -84,6 +84,9 @@ pub struct UplinkOptions {
     pub output_buffer_limit: usize,
     /// TLS, if the upstream wants it.
     pub tls: Option<TlsOptions>,
+    /// MQTT 5 user properties of the CONNECT (a ferrymq upstream reads
+    /// the ferry capability there). Default: none.
+    pub user_properties: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for UplinkOptions {
@@ -103,6 +106,7 @@ impl std::fmt::Debug for UplinkOptions {
             .field("max_packet_size", &self.max_packet_size)
             .field("output_buffer_limit", &self.output_buffer_limit)
             .field("tls", &self.tls)
+            .field("user_properties", &self.user_properties)
             .finish()
     }
 }
@@ -127,6 +131,7 @@ impl UplinkOptions {
             max_packet_size: 1024 * 1024,
             output_buffer_limit: 256 * 1024,
             tls: None,
+            user_properties: Vec::new(),
         }
     }
 
@@ -182,6 +187,11 @@ impl UplinkOptions {
                 session_expiry_interval: Some(self.session_expiry_secs).filter(|&secs| secs > 0),
                 receive_maximum: Some(self.receive_maximum).filter(|&r| r < u16::MAX),
                 maximum_packet_size: Some(self.max_packet_size),
+                user_properties: self
+                    .user_properties
+                    .iter()
+                    .filter_map(|(k, v)| Some((MqttString::new(k).ok()?, MqttString::new(v).ok()?)))
+                    .collect(),
                 // Topic Alias Maximum is left out: 0, the upstream may not
                 // use topic aliases towards us.
                 ..ConnectProperties::default()
@@ -255,6 +265,9 @@ pub struct Connected {
     pub subscription_identifiers_available: bool,
     /// Shared Subscription Available.
     pub shared_subscription_available: bool,
+    /// User properties of the CONNACK (a ferrymq upstream grants the
+    /// ferry capability there).
+    pub user_properties: Vec<(String, String)>,
 }
 
 /// Something the upstream did that the owner must hear of.
@@ -999,6 +1012,11 @@ async fn establish(
         wildcard_subscription_available: props.wildcard_subscription_available.unwrap_or(true),
         subscription_identifiers_available: props.subscription_identifier_available.unwrap_or(true),
         shared_subscription_available: props.shared_subscription_available.unwrap_or(true),
+        user_properties: props
+            .user_properties
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     };
     let keepalive = match connected.server_keep_alive {
         Some(secs) => Duration::from_secs(u64::from(secs)),

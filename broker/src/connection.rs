@@ -35,6 +35,7 @@ use crate::acl::ClientAccess;
 use crate::auth::{AuthExchange, AuthMethod, AuthStep};
 use crate::bridge_session;
 use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish, RouteOutcome};
+use crate::ferry;
 use crate::message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
 use crate::outbox::Delivery;
 use crate::outbox::{Outbox, Pop, QueueLimits};
@@ -62,6 +63,10 @@ const OUT_KEEP: usize = 4 * 1024;
 /// Acknowledgements waiting for the store before the connection stops
 /// reading more packets (a bound on per-connection memory).
 const PENDING_ACKS_LIMIT: usize = 4096;
+
+/// The most a ferry batch may expand to (32 times `max_packet_size`, and
+/// never more than this), so a compressed frame cannot take all memory.
+const FERRY_BATCH_EXPANDED_MAX: usize = 256 << 20;
 /// How long a closing connection may take to flush its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// How long a closing connection keeps reading (and discarding) what the
@@ -717,6 +722,16 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 .trusted_clients
                 .iter()
                 .any(|pattern| crate::acl::id_matches(pattern, client_id.as_str()));
+        // A trusted bridge that asks for ferry batches gets them.
+        let asks_batches = connect.properties.user_properties.iter().any(|(k, v)| {
+            k.as_str() == ferry::CAPABILITY_PROPERTY && v.as_str() == ferry::CAPABILITY
+        });
+        if trusted && asks_batches && protocol == Protocol::V5 {
+            connack.properties.user_properties.push((
+                MqttString::from_static(ferry::CAPABILITY_PROPERTY),
+                MqttString::from_static(ferry::CAPABILITY),
+            ));
+        }
         let max_expiry = shared.config.storage.max_session_expiry;
         let expiry = match protocol {
             Protocol::V311 if connect.clean_start => Duration::ZERO,
@@ -1338,6 +1353,19 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 })
             }
             Ok(InboundPublish::Route { message, .. })
+                if message.topic.starts_with(ferry::RESERVED_PREFIX) =>
+            {
+                if self.trusted
+                    && message.topic.as_str() == ferry::BATCH_TOPIC
+                    && qos != QoS::AtMostOnce
+                {
+                    self.ferry_batch(&message, qos, packet_id);
+                } else {
+                    self.engine.not_authorized(qos, packet_id);
+                }
+                None
+            }
+            Ok(InboundPublish::Route { message, .. })
                 if !self.in_process && bridge_session::is_reserved(message.topic.as_str()) =>
             {
                 self.engine.not_authorized(qos, packet_id);
@@ -1383,6 +1411,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     hold_qos2,
                     persistent,
                     id,
+                    true,
                 ) {
                     Routing::Done(outcome) => self.engine.routed(qos, packet_id, outcome),
                     Routing::Blocked(parked) => {
@@ -1392,6 +1421,101 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 None
             }
         }
+    }
+
+    /// Routes every record of a ferry batch from a trusted bridge (see
+    /// `ferry.rs`), each de-duplicated by its id, and acknowledges the
+    /// batch once all of them are durable: 0x97 when a queue is full (the
+    /// records before it are taken; the resend skips them), 0x99 when the
+    /// frame does not parse.
+    fn ferry_batch(&mut self, batch: &Message, qos: QoS, packet_id: u16) {
+        let shared = self.shared;
+        let max = usize::try_from(shared.config.limits.max_packet_size)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(32)
+            .min(FERRY_BATCH_EXPANDED_MAX);
+        let records = match ferry::decode_batch(&batch.payload, max) {
+            Ok(records) => records,
+            Err(e) => {
+                Stats::add(&shared.stats.protocol_errors, 1);
+                warn!(client_id = %self.engine.state.client_id, "refused a ferry batch: {e}");
+                self.engine
+                    .refuse_acknowledged(qos, packet_id, ReasonCode::PAYLOAD_FORMAT_INVALID);
+                return;
+            }
+        };
+        let now = Instant::now();
+        let persistent = self.engine.state.is_persistent();
+        let origin = SessionId(self.engine.state.number);
+        let (mut ticket, mut matched, mut refused, mut seen_before) = (0, 0, false, false);
+        for record in records {
+            Stats::add(&shared.stats.messages_received, 1);
+            let topic = record.topic.as_str();
+            let allowed = codec::topic::validate_topic_name(topic).is_ok()
+                && !exceeds_levels(topic, shared.config.limits.max_topic_levels)
+                && !topic.starts_with(ferry::RESERVED_PREFIX)
+                && !bridge_session::is_reserved(topic)
+                && self.access.as_ref().is_none_or(|a| a.may_publish(topic));
+            if !allowed {
+                // Never routable here: dropped (the batch is not
+                // refused for it, or it would come back for ever).
+                Stats::add(&shared.stats.acl_denied, 1);
+                warn!(client_id = %self.engine.state.client_id, %topic, "dropped a ferry batch record this node may not take");
+                continue;
+            }
+            if record
+                .id
+                .is_some_and(|id| shared.dedup.lock().is_taken(&id))
+            {
+                Stats::add(&shared.stats.duplicates_dropped, 1);
+                seen_before = true;
+                continue;
+            }
+            let message = Arc::new(Message {
+                expires_at: Message::expiry_from(record.properties.message_expiry_interval, now),
+                topic: record.topic,
+                payload: record.payload,
+                qos: record.qos.min(QoS::AtLeastOnce),
+                retain: record.retain,
+                properties: record.properties,
+                origin,
+            });
+            let routing = publish::route(
+                shared,
+                self.routes.get_or_insert_default(),
+                message,
+                None,
+                persistent,
+                record.id,
+                false,
+            );
+            match routing {
+                Routing::Done(outcome) if outcome.refused => {
+                    refused = true;
+                    break;
+                }
+                Routing::Done(outcome) => {
+                    ticket = ticket.max(outcome.ticket);
+                    matched += outcome.matched.max(1);
+                }
+                // A queue filled between the check and the push: what was
+                // pushed stays, the rest of the batch comes again.
+                Routing::Blocked(_) => {
+                    refused = true;
+                    break;
+                }
+            }
+        }
+        if seen_before || ticket == 0 {
+            // After whatever took them before is durable.
+            ticket = ticket.max(Batch::new(shared.store.as_ref()).submit());
+        }
+        let outcome = RouteOutcome {
+            ticket,
+            matched: matched.max(1),
+            refused,
+        };
+        self.engine.routed(qos, packet_id, outcome);
     }
 
     /// The `ferry-id` of a message from a trusted bridge (QoS 1 and 2:
@@ -1933,7 +2057,7 @@ pub(crate) fn publish_will_message(
     Stats::add(&shared.stats.messages_received, 1);
     // A will never blocks its (gone) publisher: under `block` a full queue
     // keeps it waiting in a task of its own.
-    match publish::route(shared, routes, message, None, false, None) {
+    match publish::route(shared, routes, message, None, false, None, true) {
         Routing::Done(_) => {}
         Routing::Blocked(parked) => {
             if let Some(shared) = shared.this.upgrade() {

@@ -384,17 +384,19 @@ impl Engine {
     /// says so with 0x87; 3.1.1 has no way to, so the publish is
     /// acknowledged as usual and dropped [MQTT-3.3.5-2].
     pub fn not_authorized(&mut self, qos: QoS, packet_id: u16) {
+        self.refuse_acknowledged(qos, packet_id, ReasonCode::NOT_AUTHORIZED);
+    }
+
+    /// Answers a publish refused with `code`: 5.0 says so; 3.1.1 has no
+    /// way to, so the publish is acknowledged and dropped.
+    pub fn refuse_acknowledged(&mut self, qos: QoS, packet_id: u16, code: ReasonCode) {
         let v5 = self.v5();
         let outcome = RouteOutcome {
             ticket: 0,
             matched: 0,
             refused: v5,
         };
-        let code = if v5 {
-            ReasonCode::NOT_AUTHORIZED
-        } else {
-            ReasonCode::SUCCESS
-        };
+        let code = if v5 { code } else { ReasonCode::SUCCESS };
         self.answer(qos, packet_id, outcome, code);
     }
 

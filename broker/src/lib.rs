@@ -44,6 +44,7 @@ mod dedup;
 #[cfg(test)]
 mod deep_tests;
 mod engine;
+pub mod ferry;
 mod level_tree;
 pub mod memory;
 mod message;

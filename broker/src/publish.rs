@@ -55,7 +55,8 @@ pub(crate) enum Routing {
 /// whether the publisher's session is stored, and `dedup` the id of a
 /// trusted sender's message: taken (in memory and in the store) with the
 /// batch that completes the routing, which the acknowledgement and the
-/// deliveries then wait for.
+/// deliveries then wait for. With `may_block` false a full queue under
+/// `block` refuses the message up front instead of parking it.
 pub(crate) fn route(
     shared: &Shared,
     cache: &mut RouteCache,
@@ -63,6 +64,7 @@ pub(crate) fn route(
     hold_qos2: Option<u16>,
     persistent: bool,
     dedup: Option<MessageId>,
+    may_block: bool,
 ) -> Routing {
     let routes = cache.routes(&shared.router, &message.topic, message.origin);
     let origin = message.origin;
@@ -86,7 +88,8 @@ pub(crate) fn route(
     {
         let full = store_refuses
             || targets(&routes, origin).any(|r| {
-                (policy == QueueFull::Refuse || !r.outbox.is_online()) && !r.outbox.has_room(size)
+                (policy == QueueFull::Refuse || !may_block || !r.outbox.is_online())
+                    && !r.outbox.has_room(size)
             });
         if full {
             Stats::add(&shared.stats.publishes_refused, 1);

@@ -445,9 +445,18 @@ pub struct Bridge {
     /// Default: 7 days. Range: 0 ..= 4294967295 seconds.
     pub session_expiry: Duration,
     /// `inflight`: the most QoS 1/2 publishes sent upstream and not yet
-    /// acknowledged; the bridge also keeps below the upstream's Receive
-    /// Maximum. Default: 100. Range: 1 ..= 65535.
+    /// acknowledged (with `kind = "ferrymq"`: batches); the bridge also
+    /// keeps below the upstream's Receive Maximum. Default: 100. Range: 1
+    /// ..= 65535.
     pub inflight: u16,
+    /// `batch_size`: with `kind = "ferrymq"`, the most messages in one
+    /// batch. Default: 500. Range: 1 ..= 65535.
+    pub batch_size: u16,
+    /// `batch_bytes` (`"256KiB"` style accepted): with `kind = "ferrymq"`,
+    /// the most message bytes in one batch before compression (at least
+    /// one message goes in every batch). Default: 256 KiB. Range: 1 KiB
+    /// ..= 64 MiB.
+    pub batch_bytes: u64,
     /// `drain_rate`: the most messages per second forwarded upstream, so a
     /// node that reconnects after a long outage cannot flood the upstream
     /// with its backlog. 0 means unlimited. Default: 0. Range: 0 ..=
@@ -546,6 +555,10 @@ pub enum BridgeKind {
     /// Plain MQTT, to any broker (`"mqtt"`).
     #[default]
     Mqtt,
+    /// A ferrymq upstream that trusts this bridge (`"ferrymq"`): queued
+    /// messages travel in compressed batches, each taken exactly once.
+    /// Any other upstream gets plain MQTT 5 (with a warning).
+    Ferrymq,
 }
 
 /// `protocol`: the MQTT version a bridge speaks to its upstream.
@@ -660,6 +673,8 @@ impl Default for Bridge {
             connect_timeout: Duration::from_secs(10),
             session_expiry: Duration::from_secs(7 * 24 * 3600),
             inflight: 100,
+            batch_size: 500,
+            batch_bytes: 256 << 10,
             drain_rate: 0,
             ramp: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(500),
@@ -689,6 +704,8 @@ impl fmt::Debug for Bridge {
             connect_timeout,
             session_expiry,
             inflight,
+            batch_size,
+            batch_bytes,
             drain_rate,
             ramp,
             reconnect_min,
@@ -710,6 +727,8 @@ impl fmt::Debug for Bridge {
             .field("connect_timeout", connect_timeout)
             .field("session_expiry", session_expiry)
             .field("inflight", inflight)
+            .field("batch_size", batch_size)
+            .field("batch_bytes", batch_bytes)
             .field("drain_rate", drain_rate)
             .field("ramp", ramp)
             .field("reconnect_min", reconnect_min)
@@ -752,6 +771,7 @@ impl BridgeKind {
     pub fn as_str(self) -> &'static str {
         match self {
             BridgeKind::Mqtt => "mqtt",
+            BridgeKind::Ferrymq => "ferrymq",
         }
     }
 }

@@ -111,6 +111,8 @@ struct RawBridge {
     connect_timeout_secs: Option<Int>,
     session_expiry_secs: Option<Int>,
     inflight: Option<Int>,
+    batch_size: Option<Int>,
+    batch_bytes: Option<RawSize>,
     drain_rate: Option<Int>,
     ramp_secs: Option<Int>,
     reconnect_min_ms: Option<Int>,
@@ -238,6 +240,8 @@ pub(crate) const TABLES: &[Table] = &[
             "connect_timeout_secs",
             "session_expiry_secs",
             "inflight",
+            "batch_size",
+            "batch_bytes",
             "drain_rate",
             "ramp_secs",
             "reconnect_min_ms",
@@ -890,18 +894,12 @@ impl RawBridge {
             .collect();
         let kind = match self.kind.as_deref() {
             None | Some("mqtt") => BridgeKind::Mqtt,
+            Some("ferrymq") => BridgeKind::Ferrymq,
             Some(other) => {
-                let message = if other == "ferrymq" {
-                    "\"ferrymq\" is not available yet; use \"mqtt\" (it works with any MQTT \
-                     broker, ferrymq included)"
-                        .to_owned()
-                } else {
-                    format!(
-                        "unknown kind \"{other}\"; expected \"mqtt\" or \"ferrymq\" (only \
-                         \"mqtt\" is available in this version)"
-                    )
-                };
-                errors.push(ConfigError::new(key("kind"), message));
+                errors.push(ConfigError::new(
+                    key("kind"),
+                    format!("unknown kind \"{other}\"; expected \"mqtt\" or \"ferrymq\""),
+                ));
                 defaults.kind
             }
         };
@@ -967,6 +965,20 @@ impl RawBridge {
                 &key("inflight"),
                 &validate::BRIDGE_INFLIGHT,
                 defaults.inflight,
+                errors,
+            ),
+            batch_size: narrow(
+                self.batch_size.map(|Int(v)| v),
+                &key("batch_size"),
+                &validate::BRIDGE_BATCH_SIZE,
+                defaults.batch_size,
+                errors,
+            ),
+            batch_bytes: narrow(
+                self.batch_bytes.map(|RawSize(v)| i128::from(v)),
+                &key("batch_bytes"),
+                &validate::BRIDGE_BATCH_BYTES,
+                defaults.batch_bytes,
                 errors,
             ),
             drain_rate: narrow(

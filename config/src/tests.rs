@@ -1527,6 +1527,8 @@ fn bridge_defaults() {
             connect_timeout: Duration::from_secs(10),
             session_expiry: Duration::from_secs(604_800),
             inflight: 100,
+            batch_size: 500,
+            batch_bytes: 256 << 10,
             drain_rate: 0,
             ramp: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(500),
@@ -1644,6 +1646,8 @@ fn every_bridge_key_parsed() {
                 connect_timeout: Duration::from_secs(5),
                 session_expiry: Duration::ZERO,
                 inflight: 20,
+                batch_size: 500,
+                batch_bytes: 256 << 10,
                 drain_rate: 500,
                 ramp: Duration::ZERO,
                 reconnect_min: Duration::from_millis(100),
@@ -1715,18 +1719,28 @@ fn bridge_enums() {
 
 #[test]
 fn bridge_kind() {
-    check_err(
-        &bridge_toml("kind = \"ferrymq\""),
-        &[
-            "bridge[0].kind: \"ferrymq\" is not available yet; use \"mqtt\" (it works with any \
-           MQTT broker, ferrymq included)",
-        ],
+    check_ok(
+        &bridge_toml("kind = \"ferrymq\"\nbatch_size = 1000\nbatch_bytes = \"1MiB\""),
+        |c| {
+            let mut b = regional();
+            b.kind = crate::BridgeKind::Ferrymq;
+            b.batch_size = 1000;
+            b.batch_bytes = 1 << 20;
+            c.node_id = "edge-01".into();
+            c.bridges = vec![b];
+        },
     );
     check_err(
         &bridge_toml("kind = \"amqp\""),
+        &["bridge[0].kind: unknown kind \"amqp\"; expected \"mqtt\" or \"ferrymq\""],
+    );
+    check_err(
+        &bridge_toml("kind = \"ferrymq\"\nprotocol = \"3.1.1\"\nbatch_size = 0\nbatch_bytes = 10"),
         &[
-            "bridge[0].kind: unknown kind \"amqp\"; expected \"mqtt\" or \"ferrymq\" (only \
-           \"mqtt\" is available in this version)",
+            "bridge[0].batch_size: must be between 1 and 65535, got 0",
+            "bridge[0].batch_bytes: must be between 1024 and 67108864 bytes, got 10",
+            "bridge[0].kind: \"ferrymq\" needs protocol = \"5\" (batches are negotiated with \
+             MQTT 5 user properties)",
         ],
     );
 }
@@ -2684,8 +2698,6 @@ fn every_bridge_problem_reported_at_once() {
             // Stage 1: what the types cannot hold.
             "bridge[0].addresses[0]: \"10.0.0.5\" has no port; write \"host:port\", like \
              \"10.0.0.5:1883\" (8883 is usual with TLS)",
-            "bridge[0].kind: \"ferrymq\" is not available yet; use \"mqtt\" (it works with any \
-             MQTT broker, ferrymq included)",
             "bridge[0].inflight: must be between 1 and 65535, got 70000",
             "bridge[0].forward[0].direction: unknown direction \"sideways\"; expected one of \
              \"out\", \"in\", \"both\"",
@@ -2696,6 +2708,8 @@ fn every_bridge_problem_reported_at_once() {
              username too, or use protocol \"5\"",
             "bridge[0].keepalive_secs: must be between 1 and 65535 seconds, got 0: the bridge \
              needs a keepalive to notice a half-open link to the upstream",
+            "bridge[0].kind: \"ferrymq\" needs protocol = \"5\" (batches are negotiated with \
+             MQTT 5 user properties)",
             "bridge[0].reconnect_max_ms: must be at least reconnect_min_ms (2000), got 1000",
             "bridge[0].max_queued_bytes: must be between 1024 and 1125899906842624 bytes, got 10",
             "bridge[0].tls.ca_file: missing or empty; [bridge.tls] needs ca_file, the CA \
@@ -2746,6 +2760,8 @@ fn validate_bridge_built_in_code() {
         reconnect_min: Duration::from_micros(9_999),
         reconnect_max: Duration::from_secs(86_401),
         inflight: 0,
+        batch_size: 500,
+        batch_bytes: 256 << 10,
         drain_rate: 10_000_001,
         max_queued_messages: 0,
         max_queued_bytes: (1 << 50) + 1,

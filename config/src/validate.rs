@@ -8,7 +8,7 @@ use std::time::Duration;
 use ferrymq_codec::TopicError;
 use ferrymq_codec::topic::{SHARED_PREFIX, validate_topic_filter};
 
-use crate::{Bridge, BridgeProtocol, BridgeTls, Config, ConfigError, Forward};
+use crate::{Bridge, BridgeKind, BridgeProtocol, BridgeTls, Config, ConfigError, Forward};
 
 /// The allowed values of an integer key, with the unit shown in messages.
 pub(crate) struct IntRange {
@@ -184,6 +184,18 @@ pub(crate) const BRIDGE_SESSION_EXPIRY_SECS: IntRange = IntRange {
     lo: 0,
     hi: u32::MAX as u64,
     unit: " seconds",
+};
+
+pub(crate) const BRIDGE_BATCH_SIZE: IntRange = IntRange {
+    lo: 1,
+    hi: 65_535,
+    unit: "",
+};
+
+pub(crate) const BRIDGE_BATCH_BYTES: IntRange = IntRange {
+    lo: 1024,
+    hi: 64 << 20,
+    unit: " bytes",
 };
 
 /// Bounded like a Receive Maximum: 16 bits, not 0.
@@ -613,6 +625,15 @@ fn check_bridge(config: &Config, index: usize, bridge: &Bridge, errors: &mut Vec
         errors,
     );
     BRIDGE_INFLIGHT.check(&key("inflight"), u64::from(bridge.inflight), errors);
+    BRIDGE_BATCH_SIZE.check(&key("batch_size"), u64::from(bridge.batch_size), errors);
+    BRIDGE_BATCH_BYTES.check(&key("batch_bytes"), bridge.batch_bytes, errors);
+    if bridge.kind == BridgeKind::Ferrymq && bridge.protocol != BridgeProtocol::V5 {
+        errors.push(ConfigError::new(
+            key("kind"),
+            "\"ferrymq\" needs protocol = \"5\" (batches are negotiated with MQTT 5 user \
+             properties)",
+        ));
+    }
     BRIDGE_DRAIN_RATE.check(&key("drain_rate"), u64::from(bridge.drain_rate), errors);
     check_secs(&BRIDGE_RAMP_SECS, &key("ramp_secs"), bridge.ramp, errors);
     let before = errors.len();

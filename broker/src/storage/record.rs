@@ -59,37 +59,37 @@ fn open(value: &[u8]) -> Result<Bytes, Corrupt> {
 }
 
 /// A cursor over a record body whose reads fail instead of panicking.
-struct Cursor(Bytes);
+pub(crate) struct Cursor(pub(crate) Bytes);
 
 impl Cursor {
-    fn need(&self, n: usize) -> Result<(), Corrupt> {
+    pub(crate) fn need(&self, n: usize) -> Result<(), Corrupt> {
         if self.0.len() < n {
             Err(Corrupt("truncated"))
         } else {
             Ok(())
         }
     }
-    fn u8(&mut self) -> Result<u8, Corrupt> {
+    pub(crate) fn u8(&mut self) -> Result<u8, Corrupt> {
         self.need(1)?;
         Ok(self.0.get_u8())
     }
-    fn u16(&mut self) -> Result<u16, Corrupt> {
+    pub(crate) fn u16(&mut self) -> Result<u16, Corrupt> {
         self.need(2)?;
         Ok(self.0.get_u16())
     }
-    fn u32(&mut self) -> Result<u32, Corrupt> {
+    pub(crate) fn u32(&mut self) -> Result<u32, Corrupt> {
         self.need(4)?;
         Ok(self.0.get_u32())
     }
-    fn u64(&mut self) -> Result<u64, Corrupt> {
+    pub(crate) fn u64(&mut self) -> Result<u64, Corrupt> {
         self.need(8)?;
         Ok(self.0.get_u64())
     }
-    fn bytes(&mut self, n: usize) -> Result<Bytes, Corrupt> {
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<Bytes, Corrupt> {
         self.need(n)?;
         Ok(self.0.split_to(n))
     }
-    fn string(&mut self) -> Result<MqttString, Corrupt> {
+    pub(crate) fn string(&mut self) -> Result<MqttString, Corrupt> {
         let n = usize::from(self.u16()?);
         MqttString::from_bytes(self.bytes(n)?).map_err(|_| Corrupt("invalid string"))
     }
@@ -102,7 +102,7 @@ impl Cursor {
     }
 }
 
-fn put_string(buf: &mut BytesMut, s: &str) {
+pub(crate) fn put_string(buf: &mut BytesMut, s: &str) {
     // MqttString guarantees at most 65,535 bytes.
     buf.put_u16(s.len() as u16);
     buf.put_slice(s.as_bytes());
