@@ -6,6 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "../bridge/tests/common/mosquitto.rs"]
+#[allow(dead_code)]
+mod mosquitto;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -287,14 +290,15 @@ fn publish(edge: SocketAddr, range: std::ops::Range<u32>) {
 }
 
 /// A `[[bridge]]` named "up" as `client_id` to 127.0.0.1:`port`,
-/// forwarding `filter` out under `prefix`.
-fn bridge_config(client_id: &str, port: u16, filter: &str, prefix: &str) -> String {
+/// forwarding `filter` out under `prefix`, with `extra` keys.
+fn bridge_config(client_id: &str, port: u16, filter: &str, prefix: &str, extra: &str) -> String {
     format!(
         r#"
 [[bridge]]
 name = "up"
 addresses = ["127.0.0.1:{port}"]
 client_id = "{client_id}"
+{extra}
 inflight = 50
 keepalive_secs = 2
 connect_timeout_secs = 2
@@ -311,6 +315,26 @@ remote_prefix = "{prefix}"
 
 #[test]
 fn an_edge_bridge_into_a_ferrymq_regional_delivers_each_message_once_across_cuts_and_kills() {
+    edge_into_regional("");
+}
+
+#[test]
+fn ferry_batches_into_a_ferrymq_regional_deliver_each_message_once_across_cuts_and_kills() {
+    let edge_status = edge_into_regional("kind = \"ferrymq\"\nbatch_size = 64");
+    // Batches were granted and used.
+    let sent: u64 = edge_status
+        .split("ferry batches: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no batches in the status:\n{edge_status}"));
+    assert!(sent > 0, "{edge_status}");
+}
+
+/// An edge bridge (`kind` keys) into a ferrymq regional node, across a
+/// cut link and kills of both nodes: each of N messages taken once.
+/// Returns the edge's bridge status at the end.
+fn edge_into_regional(kind: &str) -> String {
     const N: u32 = 1500;
     let regional_data = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -320,7 +344,7 @@ fn an_edge_bridge_into_a_ferrymq_regional_delivers_each_message_once_across_cuts
     let (seen, observer) = observe(regional_addr, "site/#", stop.clone());
     let link = Link::new(regional_addr, Mode::Down);
     let edge_data = tempfile::tempdir().unwrap();
-    let bridge = bridge_config("edge-1", link.port(), "data/#", "site/");
+    let bridge = bridge_config("edge-1", link.port(), "data/#", "site/", kind);
     let edge = Broker::start_at(edge_data.path(), &bridge);
     publish(edge.addr, 0..N / 2);
     // The edge is killed with its backlog on disk.
@@ -349,7 +373,10 @@ fn an_edge_bridge_into_a_ferrymq_regional_delivers_each_message_once_across_cuts
         seen.iter().flatten().count(),
         seen.iter().filter(|i| i.is_none()).count()
     );
+    let status =
+        std::fs::read_to_string(edge_data.path().join("bridge-status.txt")).unwrap_or_default();
     drop((edge, regional));
+    status
 }
 
 #[test]
@@ -373,10 +400,10 @@ fn edge_to_regional_to_central_takes_each_message_once_at_every_hop() {
     let up = Link::new(central.addr, Mode::Pass);
     let regional_config = format!(
         "{TRUSTED}{}",
-        bridge_config("regional-1", up.port(), "site/#", "hq/")
+        bridge_config("regional-1", up.port(), "site/#", "hq/", "")
     );
     let regional = node(regional_data.path(), regional_port, &regional_config);
-    let edge_config = bridge_config("edge-1", regional_port, "data/#", "site/");
+    let edge_config = bridge_config("edge-1", regional_port, "data/#", "site/", "");
     let mut at_regional = subscriber(regional.addr, "regional-observer", "site/#");
     let edge = Broker::start_at(edge_data.path(), &edge_config);
     publish(edge.addr, 0..N / 3);
@@ -414,4 +441,42 @@ fn edge_to_regional_to_central_takes_each_message_once_at_every_hop() {
         "ids from one origin node: {edge_uuids:?}"
     );
     drop((edge, regional, central));
+}
+
+#[test]
+fn a_ferry_bridge_to_a_broker_that_is_not_ferrymq_sends_plain_mqtt_5_and_says_so() {
+    let upstream = mosquitto::Mosquitto::start("");
+    let mut observer = subscriber(upstream.addr(), "observer", "site/#");
+    let edge_data = tempfile::tempdir().unwrap();
+    let config = bridge_config(
+        "edge-1",
+        upstream.port(),
+        "data/#",
+        "site/",
+        "kind = \"ferrymq\"",
+    );
+    let edge = Broker::start_at(edge_data.path(), &config);
+    publish(edge.addr, 0..20);
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 20 && Instant::now() < deadline {
+        got.extend(delivered(&mut observer));
+    }
+    let numbers: Vec<String> = (0..20).map(|n| n.to_string()).collect();
+    assert_eq!(
+        got.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+        numbers
+    );
+    assert!(got.iter().all(|(_, id)| id.is_some()), "each with its id");
+    edge.wait_for_log("did not grant ferry batches", Duration::from_secs(10));
+    let status_file = edge_data.path().join("bridge-status.txt");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = std::fs::read_to_string(&status_file).unwrap_or_default();
+        if status.contains("not granted by the upstream") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "status:\n{status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

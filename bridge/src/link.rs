@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferrymq_broker::ferry;
 use ferrymq_broker::{
     BrokerHandle, Client, ClientError, ClientOptions, DEAD_LETTER_PREFIX, MESSAGE_ID_PROPERTY,
     MessageId, PublishAck, Publisher, REPLAY_PREFIX, Received, bridge_client_id,
@@ -34,7 +35,7 @@ use ferrymq_codec::{
     MqttString, Protocol, Publish, QoS, ReasonCode, RetainHandling, SubscribeProperties,
     Subscription, SubscriptionOptions, topic,
 };
-use ferrymq_config::{Bridge, BridgeAddress, BridgeProtocol, Direction};
+use ferrymq_config::{Bridge, BridgeAddress, BridgeKind, BridgeProtocol, Direction};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -60,6 +61,7 @@ pub struct BridgeHandle {
 /// What the bridge task and its handle share.
 struct Shared {
     name: String,
+    kind: BridgeKind,
     client_id: String,
     broker: BrokerHandle,
     live: Mutex<Live>,
@@ -72,6 +74,10 @@ struct Live {
     address: Option<String>,
     last_error: Option<String>,
     forwarded: u64,
+    /// Ferry batches sent (`kind = "ferrymq"`).
+    batches_sent: u64,
+    /// The upstream granted ferry batches on this connection.
+    batches: bool,
     received: u64,
     dead_lettered: u64,
     expired: u64,
@@ -155,6 +161,8 @@ impl Shared {
             dead_lettered: live.dead_lettered,
             expired: live.expired,
             connects: live.connects,
+            batches: (self.kind == BridgeKind::Ferrymq).then_some(live.batches),
+            batches_sent: live.batches_sent,
         }
     }
 }
@@ -167,7 +175,7 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
         .persistent(forever)
         .manual_acks()
         .message_ids();
-    options.receive_capacity = config.inflight;
+    options.receive_capacity = u16::try_from(local_window(&config)).unwrap_or(u16::MAX);
     // The broker created the session and its `out` subscriptions at
     // start (before accepting anyone): this resumes it.
     let local = broker.connect(options).await?;
@@ -184,6 +192,7 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
     dead.disconnect().await;
     let shared = Arc::new(Shared {
         name: config.name.clone(),
+        kind: config.kind,
         client_id,
         broker: broker.clone(),
         live: Mutex::new(Live::default()),
@@ -295,6 +304,8 @@ struct Outbox {
     next_key: u64,
     /// Upstream packet id -> entry.
     by_packet_id: HashMap<u16, u64>,
+    /// Upstream packet id -> the entries of a ferry batch.
+    batches: HashMap<u16, Vec<u64>>,
     /// The first entry not sent on this connection.
     first_unsent: u64,
 }
@@ -335,9 +346,35 @@ impl Outbox {
         self.entries.remove(&key)
     }
 
+    /// Marks `keys` sent as one ferry batch under `packet_id`.
+    fn mark_batch_sent(&mut self, keys: Vec<u64>, packet_id: u16) {
+        for &key in &keys {
+            if let Some(e) = self.entries.get_mut(&key) {
+                e.sent = Some(packet_id);
+            }
+            self.first_unsent = self.first_unsent.max(key + 1);
+        }
+        self.batches.insert(packet_id, keys);
+    }
+
+    /// The entries sent under `packet_id` (one, or a batch's), taken out.
+    fn take_all(&mut self, packet_id: u16) -> Vec<Entry> {
+        match self.batches.remove(&packet_id) {
+            Some(keys) => keys
+                .iter()
+                .filter_map(|key| self.entries.remove(key))
+                .collect(),
+            None => self.take(packet_id).into_iter().collect(),
+        }
+    }
+
     /// Back to unsent, to be sent again (after a refusal to retry).
     fn unsend(&mut self, packet_id: u16) {
-        if let Some(key) = self.by_packet_id.remove(&packet_id) {
+        let keys = match self.batches.remove(&packet_id) {
+            Some(keys) => keys,
+            None => self.by_packet_id.remove(&packet_id).into_iter().collect(),
+        };
+        for key in keys {
             if let Some(e) = self.entries.get_mut(&key) {
                 e.sent = None;
             }
@@ -348,11 +385,44 @@ impl Outbox {
     /// A new connection: nothing is sent on it yet.
     fn reset(&mut self) {
         self.by_packet_id.clear();
+        self.batches.clear();
         for e in self.entries.values_mut() {
             e.sent = None;
         }
         self.first_unsent = self.entries.keys().next().copied().unwrap_or(self.next_key);
     }
+}
+
+/// What [`Runner::send_batch`] did.
+enum Batch {
+    /// A batch went out.
+    Sent,
+    /// Nothing to send.
+    Nothing,
+    /// The window or the output buffer is full.
+    Full,
+    /// The pace allows more only at this time (a batch may have gone).
+    Paced(Instant),
+}
+
+/// How many messages the bridge takes from its local queue at a time:
+/// the in-flight window, in batches with `kind = "ferrymq"`.
+fn local_window(config: &Bridge) -> usize {
+    match config.kind {
+        BridgeKind::Mqtt => usize::from(config.inflight),
+        BridgeKind::Ferrymq => (usize::from(config.inflight) * usize::from(config.batch_size))
+            .clamp(1, usize::from(u16::MAX)),
+    }
+}
+
+/// The id the local broker gave a queued message (`ferry-id`).
+fn message_id(received: &Received) -> Option<MessageId> {
+    received
+        .properties
+        .user_properties
+        .iter()
+        .find(|(k, _)| k.as_str() == MESSAGE_ID_PROPERTY)
+        .and_then(|(_, v)| v.as_str().parse().ok())
 }
 
 /// How a connection ended.
@@ -407,8 +477,16 @@ impl Runner {
                     });
                     self.backoff.reset();
                     let on_fallback = index != 0;
+                    let batches = connected
+                        .user_properties
+                        .iter()
+                        .any(|(k, v)| k == ferry::CAPABILITY_PROPERTY && v == ferry::CAPABILITY);
+                    if self.config.kind == BridgeKind::Ferrymq && !batches {
+                        warn!(bridge = %self.config.name, %address, "the upstream did not grant ferry batches (not ferrymq, or this client id is not in its [ferry] trusted_clients): sending plain MQTT 5, at least once");
+                    }
+                    self.update(|l| l.batches = batches);
                     let ended = self
-                        .serve(uplink, connected.receive_maximum, on_fallback)
+                        .serve(uplink, connected.receive_maximum, on_fallback, batches)
                         .await;
                     self.update(|l| l.connected = false);
                     self.outbox.reset();
@@ -509,6 +587,12 @@ impl Runner {
         // 3.1.1 upstreams cannot be told a Receive Maximum: accept what a
         // broker commonly sends unacknowledged.
         o.receive_maximum = c.inflight.max(1024);
+        if c.kind == BridgeKind::Ferrymq {
+            o.user_properties = vec![(
+                ferry::CAPABILITY_PROPERTY.to_owned(),
+                ferry::CAPABILITY.to_owned(),
+            )];
+        }
         o.tls = c.tls.as_ref().map(|t| TlsOptions {
             ca_file: t.ca_file.clone(),
             cert_file: t.cert_file.clone(),
@@ -524,6 +608,7 @@ impl Runner {
         mut uplink: Uplink,
         receive_maximum: u16,
         on_fallback: bool,
+        batches: bool,
     ) -> Ended {
         uplink.set_window_cap(usize::from(self.config.inflight.min(receive_maximum)));
         let v5 = uplink.protocol() == Protocol::V5;
@@ -561,7 +646,7 @@ impl Runner {
             .clamp(FAILBACK_PROBE_MIN, FAILBACK_PROBE_MAX);
         let mut probe = tokio::time::interval_at(Instant::now() + probe_every, probe_every);
         let mut sample = tokio::time::interval(Duration::from_secs(1));
-        let capacity = usize::from(self.config.inflight);
+        let capacity = local_window(&self.config);
         let mut stop = self.stop_rx.clone();
         loop {
             // Send what the window, the pace and a quota pause allow.
@@ -572,7 +657,22 @@ impl Runner {
             if paced_until.is_some_and(|t| t <= now) {
                 paced_until = None;
             }
-            while paused_until.is_none() && paced_until.is_none() && uplink.can_publish() {
+            while batches && paused_until.is_none() && paced_until.is_none() && uplink.can_publish()
+            {
+                match self.send_batch(&mut uplink, &mut pace, now).await {
+                    Batch::Sent => {}
+                    Batch::Paced(at) => {
+                        paced_until = Some(at);
+                        break;
+                    }
+                    Batch::Nothing | Batch::Full => break,
+                }
+            }
+            while !batches
+                && paused_until.is_none()
+                && paced_until.is_none()
+                && uplink.can_publish()
+            {
                 let Some((key, entry)) = self.outbox.next_unsent() else {
                     break;
                 };
@@ -625,13 +725,18 @@ impl Runner {
                             let delay = self.quota.next_delay().max(Duration::from_millis(100));
                             warn!(bridge = %self.config.name, ?delay, "the upstream is over quota (0x97): backing off");
                             paused_until = Some(Instant::now() + delay);
-                        } else if let Some(entry) = self.outbox.take(packet_id) {
+                        } else {
+                            let entries = self.outbox.take_all(packet_id);
                             if reason_code.is_error() {
                                 let why = format!("refused by the upstream: {reason_code}{}", reason_string.map(|s| format!(" ({s})")).unwrap_or_default());
-                                self.dead_letter(entry, &why).await;
+                                for entry in entries {
+                                    self.dead_letter(entry, &why).await;
+                                }
                             } else {
                                 self.quota.reset();
-                                self.forwarded(&entry).await;
+                                for entry in &entries {
+                                    self.forwarded(entry).await;
+                                }
                             }
                         }
                     }
@@ -710,6 +815,88 @@ impl Runner {
                     let _ = uplink.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
                     return Ended::Stop;
                 }
+            }
+        }
+    }
+
+    /// Sends the next unsent entries (up to `batch_size` messages and
+    /// `batch_bytes`, within the pace) as one ferry batch.
+    async fn send_batch(&mut self, uplink: &mut Uplink, pace: &mut Pace, now: Instant) -> Batch {
+        let (max_count, max_bytes) = (
+            usize::from(self.config.batch_size),
+            usize::try_from(self.config.batch_bytes).unwrap_or(usize::MAX),
+        );
+        let mut records = Vec::new();
+        let mut keys = Vec::new();
+        let mut expired = Vec::new();
+        let mut bytes = 0usize;
+        let mut paced = None;
+        for (&key, entry) in self.outbox.entries.range(self.outbox.first_unsent..) {
+            if entry.sent.is_some() {
+                continue;
+            }
+            if records.len() >= max_count {
+                break;
+            }
+            let Some(publish) = self.upstream_publish(entry, now) else {
+                expired.push(key);
+                continue;
+            };
+            let record = ferry::BatchRecord {
+                id: message_id(&entry.received),
+                topic: publish.topic,
+                qos: publish.qos,
+                retain: publish.retain,
+                properties: publish.properties,
+                payload: publish.payload,
+            };
+            let size = ferry::record_size(&record);
+            if !records.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            if let Err(at) = pace.take(now) {
+                paced = Some(at);
+                break;
+            }
+            bytes += size;
+            records.push(record);
+            keys.push(key);
+        }
+        for key in expired {
+            // Expired while waiting here: it goes nowhere.
+            if let Some(entry) = self.outbox.entries.remove(&key) {
+                let _ = self.local.ack(&entry.received).await;
+                self.update(|l| l.expired += 1);
+            }
+        }
+        if records.is_empty() {
+            return paced.map_or(Batch::Nothing, Batch::Paced);
+        }
+        let publish = Publish {
+            qos: QoS::AtLeastOnce,
+            topic: MqttString::from_static(ferry::BATCH_TOPIC),
+            payload: ferry::encode_batch(&records),
+            ..Publish::default()
+        };
+        match uplink.publish(publish) {
+            Ok(packet_id) => {
+                tracing::trace!(bridge = %self.config.name, packet_id, messages = keys.len(), "batch sent upstream");
+                self.outbox.mark_batch_sent(keys, packet_id);
+                self.update(|l| l.batches_sent += 1);
+                paced.map_or(Batch::Sent, Batch::Paced)
+            }
+            Err(RequestError::WindowFull { .. } | RequestError::OutputFull { .. }) => Batch::Full,
+            Err(e) => {
+                // Larger than the upstream takes (batch_bytes above its
+                // Maximum Packet Size): each goes to the dead letters,
+                // counted and logged, rather than blocking the queue.
+                let why = format!("a ferry batch the upstream cannot take: {e}");
+                for key in keys {
+                    if let Some(entry) = self.outbox.entries.remove(&key) {
+                        self.dead_letter(entry, &why).await;
+                    }
+                }
+                Batch::Sent
             }
         }
     }

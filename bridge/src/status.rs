@@ -35,6 +35,12 @@ pub struct BridgeStatus {
     pub expired: u64,
     /// Successful connections since start.
     pub connects: u64,
+    /// How it sends: `None` plain MQTT (`kind = "mqtt"`), `Some(true)`
+    /// ferry batches, `Some(false)` a `kind = "ferrymq"` bridge whose
+    /// upstream did not grant batches (plain MQTT 5, at least once).
+    pub batches: Option<bool>,
+    /// Ferry batches sent.
+    pub batches_sent: u64,
 }
 
 impl fmt::Display for BridgeStatus {
@@ -72,6 +78,14 @@ impl fmt::Display for BridgeStatus {
             self.expired,
             self.connects
         )?;
+        match self.batches {
+            Some(true) => writeln!(f, "  ferry batches: {} sent", self.batches_sent)?,
+            Some(false) if self.connected => writeln!(
+                f,
+                "  ferry batches: not granted by the upstream; sending plain MQTT 5 (at least once)"
+            )?,
+            _ => {}
+        }
         if let Some(e) = &self.last_error {
             writeln!(f, "  last error: {e}")?;
         }
@@ -110,10 +124,25 @@ mod tests {
             dead_lettered: 0,
             expired: 0,
             connects: 1,
+            batches: None,
+            batches_sent: 0,
         };
         assert_eq!(
             s.to_string(),
             "bridge regional: disconnected (trying 10.0.0.5:1883)\n  backlog: 1200 messages, 76800 bytes, oldest queued 1 h 2 min\n  drained: 0 msg/s; forwarded 10, received 2, dead-lettered 0, expired 0, connects 1\n  last error: connection closed by the upstream\n"
         );
+        let batched = BridgeStatus {
+            connected: true,
+            last_error: None,
+            batches: Some(true),
+            batches_sent: 12,
+            ..s.clone()
+        };
+        assert!(batched.to_string().ends_with("  ferry batches: 12 sent\n"));
+        let plain = BridgeStatus {
+            batches: Some(false),
+            ..batched
+        };
+        assert!(plain.to_string().contains("not granted by the upstream"));
     }
 }
