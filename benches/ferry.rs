@@ -1,0 +1,431 @@
+//! Ferry drain: an edge's backlog of 64-byte QoS 1 messages drained into
+//! a ferrymq regional node, three ways in the same run:
+//! - `ferry batches`: a ferrymq edge with `kind = "ferrymq"` (batches of
+//!   500, zstd);
+//! - `plain MQTT 5`: the same edge with `kind = "mqtt"` (one PUBLISH per
+//!   message, de-duplicated at the regional node by its `ferry-id`);
+//! - `Mosquitto edge`: Mosquitto 2 (Debian's) as the edge, its own MQTT 5
+//!   bridge (`max_queued_messages 0`, `max_inflight_messages 1000`).
+//!
+//! The edge queues the backlog while the link (a proxy here that counts
+//! bytes) is down; then the link comes up and a subscriber on the
+//! regional node (the release `ferrymq` binary, `[ferry] trusted_clients`)
+//! counts every message by its number: drain rate (link up to the last
+//! message), bytes on the wire per message from the edge to the regional
+//! node, lost and duplicated messages. ferrymq edges: the library (broker
+//! and bridge, RocksDB with group commit), `inflight = 1000` (messages,
+//! or batches with `kind = "ferrymq"`), no drain cap.
+//!
+//! Run:
+//!   cargo bench --bench ferry                      # 1,000,000 messages
+//!   cargo bench --bench ferry -- --messages 200000
+//!
+//! Under `cargo test --benches` (and nextest) a 3,000-message smoke run
+//! checks that every way loses and duplicates nothing.
+
+#[allow(dead_code)]
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Args, Mosquitto, cpu_time, free_port, wait_listening};
+use ferrymq_bridge::{Event, Node, Uplink, UplinkOptions};
+use ferrymq_broker::{ClientOptions, QoS};
+use ferrymq_codec::{MqttString, Publish, SubscribeProperties, Subscription, SubscriptionOptions};
+use ferrymq_config::{Bridge, BridgeAddress, BridgeKind, Config, Direction, Forward};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A link that refuses connections until it is brought up, and counts
+/// the bytes it carries towards the upstream.
+struct Link {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    upstream_bytes: Arc<AtomicU64>,
+}
+
+impl Link {
+    async fn start(upstream: SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind link");
+        let addr = listener.local_addr().expect("link address");
+        let up = Arc::new(AtomicBool::new(false));
+        let upstream_bytes = Arc::new(AtomicU64::new(0));
+        let (flag, counter) = (up.clone(), upstream_bytes.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n) = client_read.read(&mut buf).await {
+                            if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            counter.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        let _ = server_write.shutdown().await;
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                        let _ = client_write.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Link {
+            addr,
+            up,
+            upstream_bytes,
+        }
+    }
+}
+
+/// The regional node: the release binary, trusting `edge-*`.
+struct Regional {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Regional {
+    fn start() -> Regional {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let config = format!(
+            "data_dir = {:?}\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n\
+             [ferry]\ntrusted_clients = [\"edge-*\"]\n\
+             [storage]\nmax_queued_messages = 100000000\nmax_queued_bytes = \"64GiB\"\n\
+             max_disk_bytes = \"64GiB\"\n",
+            dir.path().join("data").display().to_string()
+        );
+        let file = dir.path().join("ferrymq.toml");
+        std::fs::write(&file, config).expect("write the config");
+        let child = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the regional ferrymq");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_listening(addr, "the regional ferrymq");
+        Regional {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Regional {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Batches,
+    Plain,
+    Mosquitto,
+}
+
+impl Way {
+    fn name(self) -> &'static str {
+        match self {
+            Way::Batches => "ferry batches (kind = \"ferrymq\")",
+            Way::Plain => "plain MQTT 5 (kind = \"mqtt\")",
+            Way::Mosquitto => "Mosquitto edge (its MQTT 5 bridge)",
+        }
+    }
+}
+
+/// What one drain measured.
+struct Drained {
+    /// CPU of the regional node during the drain, in cores.
+    regional_cores: f64,
+    /// CPU of this process (the ferrymq edge and the subscriber; for the
+    /// Mosquitto edge, the subscriber only), in cores.
+    edge_cores: f64,
+    rate: f64,
+    bytes_per_message: f64,
+    lost: u64,
+    duplicates: u64,
+}
+
+/// The payload of message `n`: 64 bytes starting with its number.
+fn payload(n: u64) -> Bytes {
+    let mut body = vec![b'x'; 64];
+    let tag = n.to_string();
+    body[..tag.len()].copy_from_slice(tag.as_bytes());
+    body[tag.len()] = b' ';
+    Bytes::from(body)
+}
+
+/// A ferrymq edge with its backlog queued; the node stays up.
+async fn ferrymq_edge(link: &Link, kind: BridgeKind, messages: u64) -> (Node, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config {
+        data_dir: dir.path().join("data"),
+        ..Config::default()
+    };
+    config.listeners[0].bind = "127.0.0.1:0".parse().expect("addr");
+    config.bridges.push(Bridge {
+        name: "regional".into(),
+        kind,
+        addresses: vec![BridgeAddress {
+            host: "127.0.0.1".into(),
+            port: link.addr.port(),
+        }],
+        client_id: "edge-1".into(),
+        inflight: if kind == BridgeKind::Ferrymq {
+            16
+        } else {
+            1000
+        },
+        drain_rate: 0,
+        ramp: Duration::ZERO,
+        reconnect_min: Duration::from_millis(20),
+        reconnect_max: Duration::from_millis(100),
+        max_queued_messages: 100_000_000,
+        max_queued_bytes: 64 << 30,
+        forward: vec![Forward {
+            filter: "#".into(),
+            direction: Direction::Out,
+            qos: 1,
+            ..Forward::default()
+        }],
+        ..Bridge::default()
+    });
+    let node = Node::start(config).await.expect("start the edge");
+    let app = node
+        .broker()
+        .connect(ClientOptions::new("backlog"))
+        .await
+        .expect("connect");
+    let publisher = app.publisher();
+    let mut acks = std::collections::VecDeque::new();
+    for n in 0..messages {
+        let ack = publisher
+            .submit(Publish {
+                qos: QoS::AtLeastOnce,
+                topic: MqttString::from_static("backlog/data"),
+                payload: payload(n),
+                ..Publish::default()
+            })
+            .await
+            .expect("submit");
+        acks.push_back(ack);
+        if acks.len() >= 2000 {
+            acks.pop_front().expect("ack").await.expect("acknowledged");
+        }
+    }
+    for ack in acks {
+        ack.await.expect("acknowledged");
+    }
+    app.disconnect().await;
+    (node, dir)
+}
+
+/// Publishes the backlog into a Mosquitto edge whose bridge is down.
+async fn mosquitto_edge(link: &Link, messages: u64) -> Mosquitto {
+    let edge = Mosquitto::start(&format!(
+        "max_inflight_messages 1000\n\
+         connection regional\naddress 127.0.0.1:{}\nbridge_protocol_version mqttv50\n\
+         cleansession false\nlocal_clientid edge-local\nremote_clientid edge-mosquitto\n\
+         restart_timeout 1 1\ntopic # out 1\n",
+        link.addr.port()
+    ));
+    let mut options = UplinkOptions::new("127.0.0.1", edge.addr().port(), "backlog");
+    options.receive_maximum = u16::MAX;
+    let (mut publisher, _) = Uplink::connect(&options).await.expect("publisher");
+    publisher.set_window_cap(1000);
+    let (mut sent, mut acked) = (0u64, 0u64);
+    while acked < messages {
+        while sent < messages && publisher.can_publish() {
+            publisher
+                .publish(Publish {
+                    qos: QoS::AtLeastOnce,
+                    topic: MqttString::from_static("backlog/data"),
+                    payload: payload(sent),
+                    ..Publish::default()
+                })
+                .expect("publish");
+            sent += 1;
+        }
+        if let Ok(Event::Acked { .. }) = publisher.next_event().await {
+            acked += 1;
+        }
+    }
+    edge
+}
+
+/// Counts the backlog at a subscriber on the regional node once the link
+/// is up.
+async fn drain(way: Way, messages: u64) -> Drained {
+    let regional = Regional::start();
+    // The Mosquitto edge's bridge client is trusted too (its messages
+    // carry no ids, so nothing is de-duplicated).
+    let link = Link::start(regional.addr).await;
+    let mut options = UplinkOptions::new("127.0.0.1", regional.addr.port(), "observer");
+    options.receive_maximum = u16::MAX;
+    let (mut observer, _) = Uplink::connect(&options).await.expect("observer");
+    observer
+        .subscribe(
+            vec![Subscription {
+                filter: MqttString::from_static("backlog/#"),
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..SubscriptionOptions::default()
+                },
+            }],
+            SubscribeProperties::default(),
+        )
+        .expect("subscribe");
+    while !matches!(observer.next_event().await, Ok(Event::SubAck { .. })) {}
+    let (edge_node, edge_mosquitto) = match way {
+        Way::Batches => (
+            Some(ferrymq_edge(&link, BridgeKind::Ferrymq, messages).await),
+            None,
+        ),
+        Way::Plain => (
+            Some(ferrymq_edge(&link, BridgeKind::Mqtt, messages).await),
+            None,
+        ),
+        Way::Mosquitto => (None, Some(mosquitto_edge(&link, messages).await)),
+    };
+    let regional_pid = regional.child.id().to_string();
+    let (regional_cpu0, own_cpu0) = (cpu_time(&regional_pid), cpu_time("self"));
+    let started = Instant::now();
+    link.up.store(true, Ordering::SeqCst);
+    let mut seen = HashSet::new();
+    let mut duplicates = 0u64;
+    while (seen.len() as u64) < messages {
+        let event = tokio::time::timeout(Duration::from_secs(20), observer.next_event()).await;
+        let Ok(Ok(event)) = event else {
+            break;
+        };
+        let Event::Message(p) = event else { continue };
+        if p.qos != QoS::AtMostOnce {
+            observer.ack(p.packet_id).expect("ack");
+        }
+        let number = p
+            .payload
+            .split(|b| *b == b' ')
+            .next()
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .and_then(|n| n.parse::<u64>().ok())
+            .expect("a numbered payload");
+        if !seen.insert(number) {
+            duplicates += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    let regional_cores =
+        (cpu_time(&regional_pid) - regional_cpu0).as_secs_f64() / elapsed.as_secs_f64();
+    let edge_cores = (cpu_time("self") - own_cpu0).as_secs_f64() / elapsed.as_secs_f64();
+    // Late duplicates.
+    while let Ok(Ok(event)) =
+        tokio::time::timeout(Duration::from_millis(300), observer.next_event()).await
+    {
+        if let Event::Message(p) = event {
+            observer.ack(p.packet_id).expect("ack");
+            duplicates += 1;
+        }
+    }
+    let bytes = link.upstream_bytes.load(Ordering::Relaxed);
+    if let Some((node, _dir)) = edge_node {
+        node.shutdown().await;
+    }
+    drop(edge_mosquitto);
+    let delivered = seen.len() as u64;
+    Drained {
+        regional_cores,
+        edge_cores,
+        rate: delivered as f64 / elapsed.as_secs_f64(),
+        bytes_per_message: bytes as f64 / delivered.max(1) as f64,
+        lost: messages - delivered,
+        duplicates,
+    }
+}
+
+fn main() {
+    let Some(args) = Args::from_env() else {
+        return;
+    };
+    let bench = args.bench();
+    let messages = if bench {
+        args.value("--messages")
+            .map_or(1_000_000, |v| v.parse().expect("--messages N"))
+    } else {
+        3_000
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut results = Vec::new();
+    for way in [Way::Batches, Way::Plain, Way::Mosquitto] {
+        eprintln!("ferry: {} ...", way.name());
+        let drained = runtime.block_on(drain(way, messages));
+        results.push((way, drained));
+    }
+    let plain_rate = results
+        .iter()
+        .find(|(w, _)| *w == Way::Plain)
+        .map_or(f64::NAN, |(_, d)| d.rate);
+    let plain_bytes = results
+        .iter()
+        .find(|(w, _)| *w == Way::Plain)
+        .map_or(f64::NAN, |(_, d)| d.bytes_per_message);
+    println!(
+        "Drain of {messages} x 64-byte QoS 1 messages into a ferrymq regional node:\n\n\
+         | edge | drain msg/s | x plain | wire bytes/msg (edge -> regional) | x fewer than plain | lost | duplicated | regional CPU (cores) | this process CPU (cores) |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    for (way, d) in &results {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.1} | {:.1} | {} | {} | {:.2} | {:.2} |",
+            way.name(),
+            d.rate,
+            d.rate / plain_rate,
+            d.bytes_per_message,
+            plain_bytes / d.bytes_per_message,
+            d.lost,
+            d.duplicates,
+            d.regional_cores,
+            d.edge_cores
+        );
+    }
+    for (way, d) in &results {
+        if *way != Way::Mosquitto {
+            assert_eq!(
+                (d.lost, d.duplicates),
+                (0, 0),
+                "{}: lost or duplicated",
+                way.name()
+            );
+        }
+    }
+}
