@@ -24,50 +24,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{Args, Mosquitto};
-use ferrymq_bridge::{Event, Node, Uplink, UplinkOptions};
+use common::{Args, Link, Mosquitto, edge_node, payload, queue_backlog};
+use ferrymq_bridge::{Event, Uplink, UplinkOptions};
 use ferrymq_broker::{ClientOptions, QoS};
 use ferrymq_codec::{MqttString, Publish, SubscribeProperties, Subscription, SubscriptionOptions};
-use ferrymq_config::{Bridge, BridgeAddress, Config, Direction, Forward};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-
-/// A link that refuses connections until it is brought up.
-struct Link {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-}
-
-impl Link {
-    async fn start(upstream: SocketAddr) -> Link {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind link");
-        let addr = listener.local_addr().expect("link address");
-        let up = Arc::new(AtomicBool::new(false));
-        let flag = up.clone();
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !flag.load(Ordering::SeqCst) {
-                    let _ = client.shutdown().await;
-                    continue;
-                }
-                tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = client.set_nodelay(true);
-                        let _ = server.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-            }
-        });
-        Link { addr, up }
-    }
-}
+use ferrymq_config::BridgeKind;
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
@@ -80,67 +45,11 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 async fn run(messages: u64) {
     let upstream = Mosquitto::start("max_inflight_messages 1000\n");
     let link = Link::start(upstream.addr()).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = Config {
-        data_dir: dir.path().join("data"),
-        ..Config::default()
-    };
-    config.listeners[0].bind = "127.0.0.1:0".parse().expect("addr");
-    config.bridges.push(Bridge {
-        name: "regional".into(),
-        addresses: vec![BridgeAddress {
-            host: "127.0.0.1".into(),
-            port: link.addr.port(),
-        }],
-        client_id: "drain-edge".into(),
-        inflight: 1000,
-        drain_rate: 0,
-        ramp: Duration::ZERO,
-        reconnect_min: Duration::from_millis(20),
-        reconnect_max: Duration::from_millis(100),
-        max_queued_messages: 100_000_000,
-        max_queued_bytes: 64 << 30,
-        forward: vec![Forward {
-            filter: "#".into(),
-            direction: Direction::Out,
-            qos: 1,
-            ..Forward::default()
-        }],
-        ..Bridge::default()
-    });
-    let node = Node::start(config).await.expect("start the edge");
+    let (node, _dir) = edge_node(link.addr.port(), BridgeKind::Mqtt, 1000).await;
 
     // The backlog, published while the link is down.
     let filled = Instant::now();
-    let app = node
-        .broker()
-        .connect(ClientOptions::new("backlog"))
-        .await
-        .expect("connect");
-    let publisher = app.publisher();
-    let mut acks = std::collections::VecDeque::new();
-    let payload = Bytes::from(vec![b'x'; 64]);
-    for n in 0..messages {
-        let mut body = payload.to_vec();
-        let tag = n.to_string();
-        body[..tag.len()].copy_from_slice(tag.as_bytes());
-        let ack = publisher
-            .submit(Publish {
-                qos: QoS::AtLeastOnce,
-                topic: MqttString::from_static("backlog/data"),
-                payload: Bytes::from(body),
-                ..Publish::default()
-            })
-            .await
-            .expect("submit");
-        acks.push_back(ack);
-        if acks.len() >= 2000 {
-            acks.pop_front().expect("ack").await.expect("acknowledged");
-        }
-    }
-    for ack in acks {
-        ack.await.expect("acknowledged");
-    }
+    queue_backlog(&node, "backlog/data", messages).await;
     let fill_time = filled.elapsed();
     println!(
         "backlog: {messages} messages of 64 bytes queued in {:.1} s ({:.0} msg/s, link down)",
@@ -277,7 +186,6 @@ async fn run(messages: u64) {
             .unwrap_or_default()
             .as_secs_f64()
     );
-    app.disconnect().await;
     node.shutdown().await;
 
     // The peer in the same run: one client publishing the same messages
@@ -291,14 +199,11 @@ async fn run(messages: u64) {
     let (mut sent, mut received) = (0u64, 0u64);
     while received < direct {
         while sent < direct && publisher.can_publish() {
-            let mut body = payload.to_vec();
-            let tag = sent.to_string();
-            body[..tag.len()].copy_from_slice(tag.as_bytes());
             publisher
                 .publish(Publish {
                     qos: QoS::AtLeastOnce,
                     topic: MqttString::from_static("direct/data"),
-                    payload: Bytes::from(body),
+                    payload: payload(sent),
                     ..Publish::default()
                 })
                 .expect("publish");

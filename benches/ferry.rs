@@ -29,74 +29,16 @@ mod common;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{Args, Mosquitto, cpu_time, free_port, wait_listening};
+use common::{
+    Args, Link, Mosquitto, cpu_time, edge_node, free_port, payload, queue_backlog, wait_listening,
+};
 use ferrymq_bridge::{Event, Node, Uplink, UplinkOptions};
-use ferrymq_broker::{ClientOptions, QoS};
+use ferrymq_broker::QoS;
 use ferrymq_codec::{MqttString, Publish, SubscribeProperties, Subscription, SubscriptionOptions};
-use ferrymq_config::{Bridge, BridgeAddress, BridgeKind, Config, Direction, Forward};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A link that refuses connections until it is brought up, and counts
-/// the bytes it carries towards the upstream.
-struct Link {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    upstream_bytes: Arc<AtomicU64>,
-}
-
-impl Link {
-    async fn start(upstream: SocketAddr) -> Link {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind link");
-        let addr = listener.local_addr().expect("link address");
-        let up = Arc::new(AtomicBool::new(false));
-        let upstream_bytes = Arc::new(AtomicU64::new(0));
-        let (flag, counter) = (up.clone(), upstream_bytes.clone());
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                if !flag.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let _ = client.set_nodelay(true);
-                    let _ = server.set_nodelay(true);
-                    let (mut client_read, mut client_write) = client.into_split();
-                    let (mut server_read, mut server_write) = server.into_split();
-                    let up = async move {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        while let Ok(n) = client_read.read(&mut buf).await {
-                            if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                            counter.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                        let _ = server_write.shutdown().await;
-                    };
-                    let down = async move {
-                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-                        let _ = client_write.shutdown().await;
-                    };
-                    tokio::join!(up, down);
-                });
-            }
-        });
-        Link {
-            addr,
-            up,
-            upstream_bytes,
-        }
-    }
-}
+use ferrymq_config::BridgeKind;
 
 /// The regional node: the release binary, trusting `edge-*`.
 struct Regional {
@@ -173,77 +115,15 @@ struct Drained {
     duplicates: u64,
 }
 
-/// The payload of message `n`: 64 bytes starting with its number.
-fn payload(n: u64) -> Bytes {
-    let mut body = vec![b'x'; 64];
-    let tag = n.to_string();
-    body[..tag.len()].copy_from_slice(tag.as_bytes());
-    body[tag.len()] = b' ';
-    Bytes::from(body)
-}
-
 /// A ferrymq edge with its backlog queued; the node stays up.
 async fn ferrymq_edge(link: &Link, kind: BridgeKind, messages: u64) -> (Node, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = Config {
-        data_dir: dir.path().join("data"),
-        ..Config::default()
+    let inflight = if kind == BridgeKind::Ferrymq {
+        16
+    } else {
+        1000
     };
-    config.listeners[0].bind = "127.0.0.1:0".parse().expect("addr");
-    config.bridges.push(Bridge {
-        name: "regional".into(),
-        kind,
-        addresses: vec![BridgeAddress {
-            host: "127.0.0.1".into(),
-            port: link.addr.port(),
-        }],
-        client_id: "edge-1".into(),
-        inflight: if kind == BridgeKind::Ferrymq {
-            16
-        } else {
-            1000
-        },
-        drain_rate: 0,
-        ramp: Duration::ZERO,
-        reconnect_min: Duration::from_millis(20),
-        reconnect_max: Duration::from_millis(100),
-        max_queued_messages: 100_000_000,
-        max_queued_bytes: 64 << 30,
-        forward: vec![Forward {
-            filter: "#".into(),
-            direction: Direction::Out,
-            qos: 1,
-            ..Forward::default()
-        }],
-        ..Bridge::default()
-    });
-    let node = Node::start(config).await.expect("start the edge");
-    let app = node
-        .broker()
-        .connect(ClientOptions::new("backlog"))
-        .await
-        .expect("connect");
-    let publisher = app.publisher();
-    let mut acks = std::collections::VecDeque::new();
-    for n in 0..messages {
-        let ack = publisher
-            .submit(Publish {
-                qos: QoS::AtLeastOnce,
-                topic: MqttString::from_static("backlog/data"),
-                payload: payload(n),
-                ..Publish::default()
-            })
-            .await
-            .expect("submit");
-        acks.push_back(ack);
-        if acks.len() >= 2000 {
-            acks.pop_front().expect("ack").await.expect("acknowledged");
-        }
-    }
-    for ack in acks {
-        ack.await.expect("acknowledged");
-    }
-    app.disconnect().await;
+    let (node, dir) = edge_node(link.addr.port(), kind, inflight).await;
+    queue_backlog(&node, "backlog/data", messages).await;
     (node, dir)
 }
 

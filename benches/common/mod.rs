@@ -1,9 +1,17 @@
 //! What the load programs in `benches/` share: the libtest protocol that
 //! lets nextest run each as one `smoke` test, their options, free loopback
-//! ports, and a private Mosquitto to measure against.
+//! ports, a private Mosquitto to measure against, and the edge node of the
+//! drain programs (its bridge, its backlog, the link it drains through).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferrymq_config::{Bridge, BridgeAddress, BridgeKind, Config, Direction, Forward};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 /// The program's command line.
 pub struct Args(Vec<String>);
@@ -125,4 +133,144 @@ impl Drop for Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A link that refuses connections until it is brought up, and counts
+/// the bytes it carries towards the upstream.
+pub struct Link {
+    pub addr: SocketAddr,
+    pub up: Arc<AtomicBool>,
+    pub upstream_bytes: Arc<AtomicU64>,
+}
+
+impl Link {
+    pub async fn start(upstream: SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind link");
+        let addr = listener.local_addr().expect("link address");
+        let up = Arc::new(AtomicBool::new(false));
+        let upstream_bytes = Arc::new(AtomicU64::new(0));
+        let (flag, counter) = (up.clone(), upstream_bytes.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n) = client_read.read(&mut buf).await {
+                            if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            counter.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        let _ = server_write.shutdown().await;
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                        let _ = client_write.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Link {
+            addr,
+            up,
+            upstream_bytes,
+        }
+    }
+}
+
+/// The payload of message `n`: 64 bytes starting with its number.
+pub fn payload(n: u64) -> Bytes {
+    let mut body = vec![b'x'; 64];
+    let tag = n.to_string();
+    body[..tag.len()].copy_from_slice(tag.as_bytes());
+    body[tag.len()] = b' ';
+    Bytes::from(body)
+}
+
+/// An edge node (the library: broker and one bridge `regional` as
+/// client id `edge-1` to 127.0.0.1:`port`, forwarding everything out at
+/// QoS 1, no drain cap, quick reconnects), with its data in a temporary
+/// directory.
+pub async fn edge_node(
+    port: u16,
+    kind: BridgeKind,
+    inflight: u16,
+) -> (ferrymq_bridge::Node, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config {
+        data_dir: dir.path().join("data"),
+        ..Config::default()
+    };
+    config.listeners[0].bind = "127.0.0.1:0".parse().expect("addr");
+    config.bridges.push(Bridge {
+        name: "regional".into(),
+        kind,
+        addresses: vec![BridgeAddress {
+            host: "127.0.0.1".into(),
+            port,
+        }],
+        client_id: "edge-1".into(),
+        inflight,
+        drain_rate: 0,
+        ramp: Duration::ZERO,
+        reconnect_min: Duration::from_millis(20),
+        reconnect_max: Duration::from_millis(100),
+        max_queued_messages: 100_000_000,
+        max_queued_bytes: 64 << 30,
+        forward: vec![Forward {
+            filter: "#".into(),
+            direction: Direction::Out,
+            qos: 1,
+            ..Forward::default()
+        }],
+        ..Bridge::default()
+    });
+    let node = ferrymq_bridge::Node::start(config)
+        .await
+        .expect("start the edge");
+    (node, dir)
+}
+
+/// Publishes `messages` numbered QoS 1 messages on `topic` in-process,
+/// 2,000 in flight; returns once all are acknowledged (on disk).
+pub async fn queue_backlog(node: &ferrymq_bridge::Node, topic: &'static str, messages: u64) {
+    let app = node
+        .broker()
+        .connect(ferrymq_broker::ClientOptions::new("backlog"))
+        .await
+        .expect("connect");
+    let publisher = app.publisher();
+    let mut acks = std::collections::VecDeque::new();
+    for n in 0..messages {
+        let ack = publisher
+            .submit(ferrymq_codec::Publish {
+                qos: ferrymq_broker::QoS::AtLeastOnce,
+                topic: ferrymq_codec::MqttString::from_static(topic),
+                payload: payload(n),
+                ..ferrymq_codec::Publish::default()
+            })
+            .await
+            .expect("submit");
+        acks.push_back(ack);
+        if acks.len() >= 2000 {
+            acks.pop_front().expect("ack").await.expect("acknowledged");
+        }
+    }
+    for ack in acks {
+        ack.await.expect("acknowledged");
+    }
+    app.disconnect().await;
 }
