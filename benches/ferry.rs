@@ -265,8 +265,22 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // `--ways batches,plain,mosquitto`: which to run (all by default).
+    let ways: Vec<Way> = args.value("--ways").map_or_else(
+        || vec![Way::Batches, Way::Plain, Way::Mosquitto],
+        |v| {
+            v.split(',')
+                .map(|w| match w {
+                    "batches" => Way::Batches,
+                    "plain" => Way::Plain,
+                    "mosquitto" => Way::Mosquitto,
+                    other => panic!("--ways: unknown way {other:?}"),
+                })
+                .collect()
+        },
+    );
     let mut results = Vec::new();
-    for way in [Way::Batches, Way::Plain, Way::Mosquitto] {
+    for way in ways {
         eprintln!("ferry: {} ...", way.name());
         let drained = runtime.block_on(drain(way, messages));
         results.push((way, drained));

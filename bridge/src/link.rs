@@ -308,11 +308,15 @@ struct Outbox {
     batches: HashMap<u16, Vec<u64>>,
     /// The first entry not sent on this connection.
     first_unsent: u64,
+    /// The payload bytes of the entries (for the status, without walking
+    /// them: with `kind = "ferrymq"` there are thousands).
+    bytes: u64,
 }
 
 impl Outbox {
     fn push(&mut self, received: Received) {
         let size = received.payload.len() as u64;
+        self.bytes += size;
         self.entries.insert(
             self.next_key,
             Entry {
@@ -343,7 +347,14 @@ impl Outbox {
     /// The entry sent under `packet_id`, taken out.
     fn take(&mut self, packet_id: u16) -> Option<Entry> {
         let key = self.by_packet_id.remove(&packet_id)?;
-        self.entries.remove(&key)
+        self.remove(key)
+    }
+
+    /// The entry at `key`, taken out.
+    fn remove(&mut self, key: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&key)?;
+        self.bytes -= entry.size;
+        Some(entry)
     }
 
     /// Marks `keys` sent as one ferry batch under `packet_id`.
@@ -360,10 +371,7 @@ impl Outbox {
     /// The entries sent under `packet_id` (one, or a batch's), taken out.
     fn take_all(&mut self, packet_id: u16) -> Vec<Entry> {
         match self.batches.remove(&packet_id) {
-            Some(keys) => keys
-                .iter()
-                .filter_map(|key| self.entries.remove(key))
-                .collect(),
+            Some(keys) => keys.iter().filter_map(|&key| self.remove(key)).collect(),
             None => self.take(packet_id).into_iter().collect(),
         }
     }
@@ -548,7 +556,7 @@ impl Runner {
         stop: &mut watch::Receiver<bool>,
     ) -> Option<T> {
         tokio::pin!(work);
-        let capacity = usize::from(self.config.inflight);
+        let capacity = local_window(&self.config);
         loop {
             tokio::select! {
                 // Dropping a connect in progress closes its socket: safe.
@@ -682,7 +690,7 @@ impl Runner {
                 }
                 let Some(publish) = self.upstream_publish(entry, now) else {
                     // Expired while waiting here: it goes nowhere.
-                    if let Some(entry) = self.outbox.entries.remove(&key) {
+                    if let Some(entry) = self.outbox.remove(key) {
                         self.outbox.first_unsent = key + 1;
                         let _ = self.local.ack(&entry.received).await;
                         self.update(|l| l.expired += 1);
@@ -693,7 +701,7 @@ impl Runner {
                 match uplink.publish(publish) {
                     Ok(packet_id) if at_most_once => {
                         let _ = packet_id;
-                        if let Some(entry) = self.outbox.entries.remove(&key) {
+                        if let Some(entry) = self.outbox.remove(key) {
                             self.outbox.first_unsent = key + 1;
                             self.forwarded(&entry).await;
                         }
@@ -706,7 +714,7 @@ impl Runner {
                     Err(e) => {
                         // This message can never go to this upstream (too
                         // large, a QoS or retain it does not support).
-                        if let Some(entry) = self.outbox.entries.remove(&key) {
+                        if let Some(entry) = self.outbox.remove(key) {
                             self.dead_letter(entry, &e.to_string()).await;
                         }
                     }
@@ -864,7 +872,7 @@ impl Runner {
         }
         for key in expired {
             // Expired while waiting here: it goes nowhere.
-            if let Some(entry) = self.outbox.entries.remove(&key) {
+            if let Some(entry) = self.outbox.remove(key) {
                 let _ = self.local.ack(&entry.received).await;
                 self.update(|l| l.expired += 1);
             }
@@ -892,7 +900,7 @@ impl Runner {
                 // counted and logged, rather than blocking the queue.
                 let why = format!("a ferry batch the upstream cannot take: {e}");
                 for key in keys {
-                    if let Some(entry) = self.outbox.entries.remove(&key) {
+                    if let Some(entry) = self.outbox.remove(key) {
                         self.dead_letter(entry, &why).await;
                     }
                 }
@@ -902,14 +910,14 @@ impl Runner {
     }
 
     fn update_pending(&self) {
-        let (mut count, mut bytes, mut oldest) = (0u64, 0u64, None::<u64>);
-        for e in self.outbox.entries.values() {
-            count += 1;
-            bytes += e.size;
-            if let Some(ms) = e.received.queued_ms {
-                oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
-            }
-        }
+        // Entries are in queue order: the first was queued first.
+        let (count, bytes) = (self.outbox.entries.len() as u64, self.outbox.bytes);
+        let oldest = self
+            .outbox
+            .entries
+            .values()
+            .next()
+            .and_then(|e| e.received.queued_ms);
         self.update(|l| {
             l.pending_messages = count;
             l.pending_bytes = bytes;

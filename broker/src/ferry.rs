@@ -116,7 +116,21 @@ pub fn encode_batch(records: &[BatchRecord]) -> Bytes {
         raw.put_u32(u32::try_from(r.payload.len()).unwrap_or(u32::MAX));
         raw.put_slice(&r.payload);
     }
-    let compressed = zstd::bulk::compress(&raw, LEVEL).unwrap_or_default();
+    // One compression context per thread, kept: making one per batch
+    // costs more than compressing a small batch.
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let compressed = COMPRESSOR
+        .with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_none() {
+                *cell = zstd::bulk::Compressor::new(LEVEL).ok();
+            }
+            cell.as_mut().and_then(|c| c.compress(&raw).ok())
+        })
+        .unwrap_or_default();
     let mut frame = BytesMut::with_capacity(compressed.len() + 5);
     frame.put_u8(FORMAT);
     frame.put_u32(u32::try_from(raw.len()).unwrap_or(u32::MAX));
