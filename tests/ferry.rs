@@ -1,7 +1,11 @@
-//! Receiving other ferrymq nodes' bridges (`[ferry]`) with the real
+//! Between ferrymq nodes (`[ferry]`, `kind = "ferrymq"`) with the real
 //! binary: a message with a `ferry-id` from a trusted bridge takes effect
 //! once at the receiving node, across resends, link cuts and SIGKILLs of
-//! either node; ids from other clients are removed and never honoured.
+//! either node, over plain MQTT 5 and in ferry batches, at every hop of
+//! edge -> regional -> central; ids from other clients are removed and
+//! never honoured; a ferry bridge to another broker falls back to plain
+//! MQTT 5 and says so; a fleet of 500 bridges comes back spread out after
+//! the regional node restarts, and drains.
 
 #![allow(clippy::unwrap_used)]
 
@@ -479,4 +483,135 @@ fn a_ferry_bridge_to_a_broker_that_is_not_ferrymq_sends_plain_mqtt_5_and_says_so
         assert!(Instant::now() < deadline, "status:\n{status}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_fleet_of_500_bridges_comes_back_spread_out_and_drains_after_the_regional_restarts() {
+    const EDGES: u32 = 500;
+    const EACH: u32 = 10;
+    let regional_data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let regional = node(regional_data.path(), port, TRUSTED);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // 500 edges in this process (in-memory stores), each bridged straight
+    // to the regional node.
+    let dirs: Vec<tempfile::TempDir> = (0..EDGES).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<ferrymq_bridge::Node> = runtime.block_on(async {
+        let mut nodes = Vec::new();
+        for (i, dir) in dirs.iter().enumerate() {
+            let text = format!(
+                "data_dir = {:?}\n[[listener]]\nbind = \"127.0.0.1:0\"\n{}",
+                dir.path().join("data").display().to_string(),
+                // Backoff as a fleet would have it: 200 ms to 3 s, full jitter.
+                bridge_config(&format!("edge-{i}"), port, "data/#", "site/", "").replace(
+                    "reconnect_min_ms = 50\nreconnect_max_ms = 300",
+                    "reconnect_min_ms = 200\nreconnect_max_ms = 3000"
+                )
+            );
+            let config = ferrymq_config::Config::from_toml_str(&text).unwrap();
+            let broker = ferrymq_broker::Broker::builder(config)
+                .store(ferrymq_broker::storage::MemoryStore::new())
+                .start()
+                .await
+                .unwrap();
+            nodes.push(ferrymq_bridge::Node::with_broker(broker).await.unwrap());
+        }
+        nodes
+    });
+    let connected = |count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while nodes.iter().filter(|n| n.bridges()[0].connected).count() < count {
+            assert!(Instant::now() < deadline, "not all bridges connected");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    connected(EDGES as usize);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, observer) = observe(regional.addr, "site/#", stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The regional node goes away; every edge queues its messages.
+    regional.kill();
+    runtime.block_on(async {
+        for (i, node) in nodes.iter().enumerate() {
+            let client = node
+                .broker()
+                .connect(ferrymq_broker::ClientOptions::new("sensor"))
+                .await
+                .unwrap();
+            for n in 0..EACH {
+                let number = i as u32 * 1000 + n;
+                client
+                    .publish("data/t", number.to_string(), QoS::AtLeastOnce, false)
+                    .await
+                    .unwrap();
+            }
+            client.disconnect().await;
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let regional = node(regional_data.path(), port, TRUSTED);
+    let back = Instant::now();
+    connected(EDGES as usize);
+    let total = (EDGES * EACH) as usize;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while distinct(&seen) < total {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {total} drained",
+            distinct(&seen)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::SeqCst);
+    observer.join().unwrap();
+
+    // When the edges came back (the regional node logs each connection):
+    // spread by their jittered backoff, none refused.
+    let log = regional.log();
+    let restarted = log.rfind("listening on").unwrap();
+    let times: Vec<f64> = log[restarted..]
+        .lines()
+        .filter(|l| l.contains(" connected ") && l.contains("client_id=edge-"))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|stamp| {
+            let time = stamp.split('T').nth(1)?.trim_end_matches('Z');
+            let mut parts = time.split(':');
+            let (h, m, s): (f64, f64, f64) = (
+                parts.next()?.parse().ok()?,
+                parts.next()?.parse().ok()?,
+                parts.next()?.parse().ok()?,
+            );
+            Some(h * 3600.0 + m * 60.0 + s)
+        })
+        .collect();
+    assert!(
+        times.len() >= EDGES as usize,
+        "{} reconnections logged",
+        times.len()
+    );
+    let first = times.iter().copied().fold(f64::MAX, f64::min);
+    let mut histogram = std::collections::BTreeMap::new();
+    for t in &times {
+        *histogram.entry(((t - first) * 4.0) as u32).or_insert(0u32) += 1;
+    }
+    let busiest = histogram.values().copied().max().unwrap_or(0);
+    eprintln!(
+        "reconnections per 250 ms after the restart: {histogram:?}; all drained {:?} after it",
+        back.elapsed()
+    );
+    assert!(
+        busiest < EDGES / 2,
+        "half the fleet came back in one 250 ms: {histogram:?}"
+    );
+    assert!(!log.contains("max_connections"), "a connection was refused");
+    runtime.block_on(async {
+        for node in nodes {
+            node.shutdown().await;
+        }
+    });
 }
