@@ -615,3 +615,61 @@ fn a_fleet_of_500_bridges_comes_back_spread_out_and_drains_after_the_regional_re
         }
     });
 }
+
+#[test]
+fn live_lane_messages_overtake_the_backlog() {
+    const BACKLOG: u32 = 3000;
+    let regional_data = tempfile::tempdir().unwrap();
+    let regional = node(regional_data.path(), free_port(), TRUSTED);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, observer) = observe(regional.addr, "site/#", stop.clone());
+    let link = Link::new(regional.addr, Mode::Down);
+    let edge_data = tempfile::tempdir().unwrap();
+    // The backlog drains at 500 msg/s (6 s); alarms have a lane of their
+    // own.
+    let config = format!(
+        "{}\n[[bridge.forward]]\nfilter = \"alarm/#\"\nremote_prefix = \"site/\"\nlane = \"live\"\n",
+        bridge_config(
+            "edge-1",
+            link.port(),
+            "data/#",
+            "site/",
+            "kind = \"ferrymq\"\ndrain_rate = 500"
+        )
+    );
+    let edge = Broker::start_at(edge_data.path(), &config);
+    publish(edge.addr, 0..BACKLOG);
+    link.set(Mode::Pass);
+    wait_for(&seen, 10, "the drain started");
+    let mut alarms = Raw::connect(edge.addr, Protocol::V311, "alarms");
+    for k in 0..5u32 {
+        alarms.send(&Packet::Publish(Publish {
+            qos: QoS::AtLeastOnce,
+            packet_id: k as u16 + 1,
+            topic: s("alarm/fire"),
+            payload: Bytes::from((100_000 + k).to_string()),
+            ..Publish::default()
+        }));
+        assert!(matches!(alarms.recv(), Some(Packet::PubAck(_))));
+    }
+    wait_for(&seen, BACKLOG as usize + 5, "everything");
+    stop.store(true, Ordering::SeqCst);
+    observer.join().unwrap();
+    let order: Vec<u32> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|(n, _)| *n)
+        .collect();
+    let last_alarm = order.iter().rposition(|n| *n >= 100_000).unwrap();
+    let backlog_before = order[..last_alarm].iter().filter(|n| **n < BACKLOG).count();
+    // In one FIFO every alarm would come after the whole backlog; in its
+    // lane the last one comes while most of the backlog still waits.
+    assert!(
+        backlog_before < BACKLOG as usize / 2,
+        "the last alarm came after {backlog_before} of {BACKLOG} backlog messages"
+    );
+    eprintln!("the last alarm came after {backlog_before} of {BACKLOG} backlog messages");
+    drop((edge, regional));
+}

@@ -30,12 +30,13 @@ use ferrymq_broker::ferry;
 use ferrymq_broker::{
     BrokerHandle, Client, ClientError, ClientOptions, DEAD_LETTER_PREFIX, MESSAGE_ID_PROPERTY,
     MessageId, PublishAck, Publisher, REPLAY_PREFIX, Received, bridge_client_id,
+    bridge_live_client_id,
 };
 use ferrymq_codec::{
     MqttString, Protocol, Publish, QoS, ReasonCode, RetainHandling, SubscribeProperties,
     Subscription, SubscriptionOptions, topic,
 };
-use ferrymq_config::{Bridge, BridgeAddress, BridgeKind, BridgeProtocol, Direction};
+use ferrymq_config::{Bridge, BridgeAddress, BridgeKind, BridgeProtocol, Direction, Lane};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -62,6 +63,8 @@ pub struct BridgeHandle {
 struct Shared {
     name: String,
     kind: BridgeKind,
+    /// The live lane's local session, when the bridge has one.
+    live_client_id: Option<String>,
     client_id: String,
     broker: BrokerHandle,
     live: Mutex<Live>,
@@ -134,7 +137,19 @@ impl BridgeMonitor {
 
 impl Shared {
     fn status(&self) -> BridgeStatus {
-        let depth = self.broker.queue_depth(&self.client_id).unwrap_or_default();
+        let mut depth = self.broker.queue_depth(&self.client_id).unwrap_or_default();
+        if let Some(live) = self
+            .live_client_id
+            .as_ref()
+            .and_then(|id| self.broker.queue_depth(id))
+        {
+            depth.messages += live.messages;
+            depth.bytes += live.bytes;
+            depth.oldest_queued_ms = match (depth.oldest_queued_ms, live.oldest_queued_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         let now_ms = self.broker.now_ms();
         let live = self.live.lock();
         let oldest = [live.pending_oldest_ms, depth.oldest_queued_ms]
@@ -179,6 +194,19 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
     // The broker created the session and its `out` subscriptions at
     // start (before accepting anyone): this resumes it.
     let local = broker.connect(options).await?;
+    let live = if config.forward.iter().any(|r| r.lane == Lane::Live) {
+        let mut options = ClientOptions::new(bridge_live_client_id(&config.name))
+            .persistent(forever)
+            .manual_acks()
+            .message_ids();
+        options.receive_capacity = u16::try_from(local_window(&config)).unwrap_or(u16::MAX);
+        Some(LaneState {
+            client: broker.connect(options).await?,
+            outbox: Outbox::default(),
+        })
+    } else {
+        None
+    };
     // The dead-letter queue: a durable session that keeps what the
     // upstream refused for good, for `ferrymq queue stats` to show.
     let dead = broker
@@ -193,6 +221,7 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
     let shared = Arc::new(Shared {
         name: config.name.clone(),
         kind: config.kind,
+        live_client_id: live.is_some().then(|| bridge_live_client_id(&config.name)),
         client_id,
         broker: broker.clone(),
         live: Mutex::new(Live::default()),
@@ -207,6 +236,7 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
         quota: Backoff::new(config.reconnect_min, config.reconnect_max, Rng::from_os()),
         config,
         outbox: Outbox::default(),
+        live,
         stop_rx,
     };
     let task = tokio::spawn(runner.run());
@@ -350,6 +380,12 @@ impl Outbox {
         self.remove(key)
     }
 
+    /// Whether a message (or batch) of this outbox is in flight under
+    /// `packet_id`.
+    fn owns(&self, packet_id: u16) -> bool {
+        self.by_packet_id.contains_key(&packet_id) || self.batches.contains_key(&packet_id)
+    }
+
     /// The entry at `key`, taken out.
     fn remove(&mut self, key: u64) -> Option<Entry> {
         let entry = self.entries.remove(&key)?;
@@ -413,6 +449,15 @@ enum Batch {
     Paced(Instant),
 }
 
+/// The next message of the live lane's local session while its outbox
+/// has room (pending otherwise, and without a live lane).
+async fn recv_live(live: &mut Option<LaneState>, capacity: usize) -> Option<Received> {
+    match live {
+        Some(live) if live.outbox.entries.len() < capacity => live.client.recv().await,
+        _ => std::future::pending().await,
+    }
+}
+
 /// How many messages the bridge takes from its local queue at a time:
 /// the in-flight window, in batches with `kind = "ferrymq"`.
 fn local_window(config: &Bridge) -> usize {
@@ -455,10 +500,30 @@ struct Runner {
     /// Waits after an upstream "quota exceeded" (0x97).
     quota: Backoff,
     outbox: Outbox,
+    /// The live lane (`lane = "live"` rules): its own local session and
+    /// outbox, sent ahead of the backlog. While the code below handles
+    /// the live lane, it is swapped into `local` / `outbox`
+    /// ([`Runner::swap_lanes`]), so one path serves both.
+    live: Option<LaneState>,
     stop_rx: watch::Receiver<bool>,
 }
 
+/// A lane's local session and what it took from it.
+struct LaneState {
+    client: Client,
+    outbox: Outbox,
+}
+
 impl Runner {
+    /// Swaps the live lane with the backlog in `local` / `outbox` (no-op
+    /// without a live lane). Always called in pairs.
+    fn swap_lanes(&mut self) {
+        if let Some(live) = &mut self.live {
+            std::mem::swap(&mut self.local, &mut live.client);
+            std::mem::swap(&mut self.outbox, &mut live.outbox);
+        }
+    }
+
     async fn run(mut self) {
         let mut index = 0usize;
         let mut redirect: Option<BridgeAddress> = None;
@@ -498,6 +563,9 @@ impl Runner {
                         .await;
                     self.update(|l| l.connected = false);
                     self.outbox.reset();
+                    if let Some(live) = &mut self.live {
+                        live.outbox.reset();
+                    }
                     ended
                 }
                 Err(e) => {
@@ -544,6 +612,9 @@ impl Runner {
             }
         }
         self.local.disconnect().await;
+        if let Some(live) = self.live.take() {
+            live.client.disconnect().await;
+        }
     }
 
     /// Runs `work` (a connection attempt, a wait) while still taking
@@ -665,59 +736,76 @@ impl Runner {
             if paced_until.is_some_and(|t| t <= now) {
                 paced_until = None;
             }
-            while batches && paused_until.is_none() && paced_until.is_none() && uplink.can_publish()
-            {
-                match self.send_batch(&mut uplink, &mut pace, now).await {
-                    Batch::Sent => {}
-                    Batch::Paced(at) => {
+            // The live lane first, then the backlog, in the same window.
+            for live_lane in [true, false] {
+                if live_lane {
+                    if self.live.is_none() {
+                        continue;
+                    }
+                    self.swap_lanes();
+                }
+                while batches
+                    && paused_until.is_none()
+                    && paced_until.is_none()
+                    && uplink.can_publish()
+                {
+                    match self.send_batch(&mut uplink, &mut pace, now).await {
+                        Batch::Sent => {}
+                        Batch::Paced(at) => {
+                            paced_until = Some(at);
+                            break;
+                        }
+                        Batch::Nothing | Batch::Full => break,
+                    }
+                }
+                while !batches
+                    && paused_until.is_none()
+                    && paced_until.is_none()
+                    && uplink.can_publish()
+                {
+                    let Some((key, entry)) = self.outbox.next_unsent() else {
+                        break;
+                    };
+                    if let Err(at) = pace.take(now) {
                         paced_until = Some(at);
                         break;
                     }
-                    Batch::Nothing | Batch::Full => break,
-                }
-            }
-            while !batches
-                && paused_until.is_none()
-                && paced_until.is_none()
-                && uplink.can_publish()
-            {
-                let Some((key, entry)) = self.outbox.next_unsent() else {
-                    break;
-                };
-                if let Err(at) = pace.take(now) {
-                    paced_until = Some(at);
-                    break;
-                }
-                let Some(publish) = self.upstream_publish(entry, now) else {
-                    // Expired while waiting here: it goes nowhere.
-                    if let Some(entry) = self.outbox.remove(key) {
-                        self.outbox.first_unsent = key + 1;
-                        let _ = self.local.ack(&entry.received).await;
-                        self.update(|l| l.expired += 1);
-                    }
-                    continue;
-                };
-                let at_most_once = publish.qos == QoS::AtMostOnce;
-                match uplink.publish(publish) {
-                    Ok(packet_id) if at_most_once => {
-                        let _ = packet_id;
+                    let Some(publish) = self.upstream_publish(entry, now) else {
+                        // Expired while waiting here: it goes nowhere.
                         if let Some(entry) = self.outbox.remove(key) {
                             self.outbox.first_unsent = key + 1;
-                            self.forwarded(&entry).await;
+                            let _ = self.local.ack(&entry.received).await;
+                            self.update(|l| l.expired += 1);
+                        }
+                        continue;
+                    };
+                    let at_most_once = publish.qos == QoS::AtMostOnce;
+                    match uplink.publish(publish) {
+                        Ok(packet_id) if at_most_once => {
+                            let _ = packet_id;
+                            if let Some(entry) = self.outbox.remove(key) {
+                                self.outbox.first_unsent = key + 1;
+                                self.forwarded(&entry).await;
+                            }
+                        }
+                        Ok(packet_id) => {
+                            tracing::trace!(bridge = %self.config.name, key, packet_id, "sent upstream");
+                            self.outbox.mark_sent(key, packet_id);
+                        }
+                        Err(RequestError::WindowFull { .. } | RequestError::OutputFull { .. }) => {
+                            break;
+                        }
+                        Err(e) => {
+                            // This message can never go to this upstream (too
+                            // large, a QoS or retain it does not support).
+                            if let Some(entry) = self.outbox.remove(key) {
+                                self.dead_letter(entry, &e.to_string()).await;
+                            }
                         }
                     }
-                    Ok(packet_id) => {
-                        tracing::trace!(bridge = %self.config.name, key, packet_id, "sent upstream");
-                        self.outbox.mark_sent(key, packet_id);
-                    }
-                    Err(RequestError::WindowFull { .. } | RequestError::OutputFull { .. }) => break,
-                    Err(e) => {
-                        // This message can never go to this upstream (too
-                        // large, a QoS or retain it does not support).
-                        if let Some(entry) = self.outbox.remove(key) {
-                            self.dead_letter(entry, &e.to_string()).await;
-                        }
-                    }
+                }
+                if live_lane {
+                    self.swap_lanes();
                 }
             }
             self.update_pending();
@@ -727,6 +815,10 @@ impl Runner {
                 event = uplink.next_event() => match event {
                     Ok(Event::Acked { packet_id, reason_code, reason_string }) => {
                         tracing::trace!(bridge = %self.config.name, packet_id, %reason_code, "acknowledged upstream");
+                        let live_lane = self.live.as_ref().is_some_and(|l| l.outbox.owns(packet_id));
+                        if live_lane {
+                            self.swap_lanes();
+                        }
                         if reason_code == ReasonCode::QUOTA_EXCEEDED {
                             // Keep it and back off; it goes again later.
                             self.outbox.unsend(packet_id);
@@ -746,6 +838,9 @@ impl Runner {
                                     self.forwarded(entry).await;
                                 }
                             }
+                        }
+                        if live_lane {
+                            self.swap_lanes();
                         }
                     }
                     Ok(Event::Received { .. } | Event::UnsubAck { .. }) => {}
@@ -772,6 +867,15 @@ impl Runner {
                     Some(received) => {
                         tracing::trace!(bridge = %self.config.name, key = self.outbox.next_key, local_id = received.packet_id, dup = received.dup, payload = ?received.payload, "from the local queue");
                         self.outbox.push(received);
+                    }
+                    None => return Ended::Stop,
+                },
+                // Cancel-safe as the branch above.
+                received = recv_live(&mut self.live, capacity), if self.live.is_some() => match received {
+                    Some(received) => {
+                        if let Some(live) = &mut self.live {
+                            live.outbox.push(received);
+                        }
                     }
                     None => return Ended::Stop,
                 },

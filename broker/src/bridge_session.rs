@@ -10,12 +10,12 @@
 use std::time::Duration;
 
 use ferrymq_codec::{MqttString, RetainHandling, SubscriptionOptions};
-use ferrymq_config::Direction;
+use ferrymq_config::{Direction, Lane};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::Shared;
-use crate::connection::bridge_client_id;
+use crate::connection::{bridge_client_id, bridge_live_client_id};
 use crate::message::SessionId;
 use crate::publish;
 use crate::router::Subscriber;
@@ -58,105 +58,132 @@ pub(crate) fn out_options(qos: u8) -> SubscriptionOptions {
     }
 }
 
-/// Creates or updates every configured bridge's session (offline until
-/// the bridge attaches).
+/// Creates or updates every configured bridge's sessions (offline until
+/// the bridge attaches): `$bridge/{name}` for its `out` rules of the
+/// backlog lane (and replayed dead letters), and `$bridge/{name}/live`
+/// for its `lane = "live"` rules, when it has any (or had: a live queue
+/// left from an earlier config is kept, its rules gone, until the bridge
+/// drains it).
 pub(crate) fn ensure(shared: &Shared) {
     for bridge in &shared.config.bridges {
-        let Ok(client_id) = MqttString::new(&bridge_client_id(&bridge.name)) else {
-            warn!(bridge = %bridge.name, "cannot name the bridge's session");
-            continue;
+        let rules = |lane: Lane| -> Vec<(MqttString, SubscriptionOptions)> {
+            bridge
+                .forward
+                .iter()
+                .filter(|r| r.direction != Direction::In && r.lane == lane)
+                .filter_map(|r| {
+                    let filter =
+                        MqttString::new(&format!("{}{}", r.local_prefix, r.filter)).ok()?;
+                    Some((filter, out_options(r.qos)))
+                })
+                .collect()
         };
-        let mut batch = Batch::new(shared.store.as_ref());
-        let mut state = match shared.sessions.take_offline(&client_id) {
-            Some(state) => state,
-            None => {
-                let number = shared.next_session_number();
-                let outbox = shared.new_outbox(number);
-                let mut state = SessionState::new(client_id.clone(), number, outbox);
-                state.expiry = NEVER;
-                state.stored = true;
-                batch.push(StoreOp::SessionPut(SessionRecord {
-                    client_id: client_id.clone(),
-                    number,
-                    expiry_secs: u32::MAX,
-                    offline_since_ms: Some(shared.clock.now_ms()),
-                    pending_will: None,
-                }));
-                info!(bridge = %bridge.name, "created the bridge's queue");
-                state
-            }
-        };
-        state.outbox.set_persistent(true);
-        if let Some((messages, bytes)) =
-            crate::connection::session_bounds(shared, client_id.as_str())
-        {
-            state.outbox.set_bounds(messages, bytes);
-        }
-        let mut wanted: Vec<(MqttString, SubscriptionOptions)> = bridge
-            .forward
-            .iter()
-            .filter(|r| r.direction != Direction::In)
-            .filter_map(|r| {
-                let filter = MqttString::new(&format!("{}{}", r.local_prefix, r.filter)).ok()?;
-                Some((filter, out_options(r.qos)))
-            })
-            .collect();
+        let mut backlog = rules(Lane::Backlog);
         // Replayed dead letters come back through here (and to no other
         // local subscriber).
         if let Ok(filter) = MqttString::new(&format!("{REPLAY_PREFIX}{}/#", bridge.name)) {
-            wanted.push((filter, out_options(1)));
+            backlog.push((filter, out_options(1)));
         }
-        let stale: Vec<MqttString> = state
-            .subscriptions
-            .keys()
-            .filter(|f| !wanted.iter().any(|(w, _)| w == *f))
-            .cloned()
-            .collect();
-        for filter in stale {
-            state.subscriptions.remove(&filter);
-            shared.router.unsubscribe(&filter, SessionId(state.number));
-            batch.push(StoreOp::SubscriptionDelete {
-                number: state.number,
-                filter: filter.clone(),
-            });
-            info!(bridge = %bridge.name, %filter, "rule no longer configured: unsubscribed");
+        ensure_session(
+            shared,
+            &bridge.name,
+            &bridge_client_id(&bridge.name),
+            backlog,
+        );
+        let live = rules(Lane::Live);
+        let live_id = bridge_live_client_id(&bridge.name);
+        let had_live =
+            MqttString::new(&live_id).is_ok_and(|id| shared.sessions.outbox(id.as_str()).is_some());
+        if !live.is_empty() || had_live {
+            ensure_session(shared, &bridge.name, &live_id, live);
         }
-        let mut retained = Vec::new();
-        for (filter, options) in wanted {
-            let record = SubscriptionRecord {
-                options,
-                identifier: None,
-            };
-            let existing = state.subscriptions.insert(filter.clone(), record);
-            if existing == Some(record) {
-                continue;
-            }
-            shared.router.subscribe(
-                &filter,
-                Subscriber {
-                    session: SessionId(state.number),
-                    outbox: state.outbox.clone(),
-                    qos: options.qos,
-                    no_local: options.no_local,
-                    retain_as_published: options.retain_as_published,
-                    identifier: None,
-                    group: None,
-                },
-            );
-            batch.push(StoreOp::SubscriptionPut {
-                number: state.number,
-                filter: filter.clone(),
-                subscription: record,
-            });
-            if existing.is_none() {
-                retained.push((filter.clone(), options.qos));
-            }
+    }
+}
+
+/// Creates or updates one bridge session `client_id` with exactly the
+/// subscriptions `wanted`.
+fn ensure_session(
+    shared: &Shared,
+    name: &str,
+    client_id: &str,
+    wanted: Vec<(MqttString, SubscriptionOptions)>,
+) {
+    let bridge = name;
+    let Ok(client_id) = MqttString::new(client_id) else {
+        warn!(%bridge, "cannot name the bridge's session");
+        return;
+    };
+    let mut batch = Batch::new(shared.store.as_ref());
+    let mut state = match shared.sessions.take_offline(&client_id) {
+        Some(state) => state,
+        None => {
+            let number = shared.next_session_number();
+            let outbox = shared.new_outbox(number);
+            let mut state = SessionState::new(client_id.clone(), number, outbox);
+            state.expiry = NEVER;
+            state.stored = true;
+            batch.push(StoreOp::SessionPut(SessionRecord {
+                client_id: client_id.clone(),
+                number,
+                expiry_secs: u32::MAX,
+                offline_since_ms: Some(shared.clock.now_ms()),
+                pending_will: None,
+            }));
+            info!(%bridge, %client_id, "created the bridge's queue");
+            state
         }
-        batch.submit();
-        let outbox = state.outbox.clone();
-        shared.sessions.insert_offline(state, Instant::now());
-        for (filter, granted) in retained {
-            publish::queue_retained(shared, &outbox, &filter, granted);
+    };
+    state.outbox.set_persistent(true);
+    if let Some((messages, bytes)) = crate::connection::session_bounds(shared, client_id.as_str()) {
+        state.outbox.set_bounds(messages, bytes);
+    }
+    let stale: Vec<MqttString> = state
+        .subscriptions
+        .keys()
+        .filter(|f| !wanted.iter().any(|(w, _)| w == *f))
+        .cloned()
+        .collect();
+    for filter in stale {
+        state.subscriptions.remove(&filter);
+        shared.router.unsubscribe(&filter, SessionId(state.number));
+        batch.push(StoreOp::SubscriptionDelete {
+            number: state.number,
+            filter: filter.clone(),
+        });
+        info!(%bridge, %filter, "rule no longer configured: unsubscribed");
+    }
+    let mut retained = Vec::new();
+    for (filter, options) in wanted {
+        let record = SubscriptionRecord {
+            options,
+            identifier: None,
+        };
+        let existing = state.subscriptions.insert(filter.clone(), record);
+        if existing == Some(record) {
+            continue;
         }
+        shared.router.subscribe(
+            &filter,
+            Subscriber::of_session(
+                SessionId(state.number),
+                state.outbox.clone(),
+                &options,
+                None,
+            ),
+        );
+        batch.push(StoreOp::SubscriptionPut {
+            number: state.number,
+            filter: filter.clone(),
+            subscription: record,
+        });
+        if existing.is_none() {
+            retained.push((filter.clone(), options.qos));
+        }
+    }
+    batch.submit();
+    let outbox = state.outbox.clone();
+    shared.sessions.insert_offline(state, Instant::now());
+    for (filter, granted) in retained {
+        publish::queue_retained(shared, &outbox, &filter, granted);
     }
 }

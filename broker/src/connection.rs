@@ -339,9 +339,16 @@ pub fn bridge_client_id(name: &str) -> String {
 /// Client identifiers reserved for bridges (in-process only).
 pub const BRIDGE_CLIENT_PREFIX: &str = "$bridge/";
 
+/// The client identifier of bridge `name`'s live lane (`lane = "live"`
+/// rules): `$bridge/{name}/live` (bridge names have no `/`).
+pub fn bridge_live_client_id(name: &str) -> String {
+    format!("{BRIDGE_CLIENT_PREFIX}{name}/live")
+}
+
 /// Queue bounds of a session of its own (a bridge's), if it has them.
 pub(crate) fn session_bounds(shared: &Shared, client_id: &str) -> Option<(usize, usize)> {
     let name = client_id.strip_prefix(BRIDGE_CLIENT_PREFIX)?;
+    let name = name.strip_suffix("/live").unwrap_or(name);
     shared
         .config
         .bridges
@@ -1655,15 +1662,12 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 .is_some();
             shared.router.subscribe(
                 &s.filter,
-                Subscriber {
-                    session: SessionId(state.number),
-                    outbox: state.outbox.clone(),
-                    qos: options.qos,
-                    no_local: options.no_local,
-                    retain_as_published: options.retain_as_published,
+                Subscriber::of_session(
+                    SessionId(state.number),
+                    state.outbox.clone(),
+                    &options,
                     identifier,
-                    group: None,
-                },
+                ),
             );
             if state.is_persistent() {
                 batch.push(StoreOp::SubscriptionPut {

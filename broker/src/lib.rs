@@ -79,7 +79,7 @@ use tracing::{info, warn};
 
 pub use bridge_session::{DEAD_LETTER_PREFIX, REPLAY_PREFIX, is_reserved};
 pub use client::{Client, ClientError, ClientOptions, PublishAck, Publisher, Received};
-pub use connection::{BRIDGE_CLIENT_PREFIX, bridge_client_id};
+pub use connection::{BRIDGE_CLIENT_PREFIX, bridge_client_id, bridge_live_client_id};
 pub use data_dir::DataDir;
 pub use dedup::DedupOrigin;
 pub use ferrymq_codec::QoS;
@@ -658,15 +658,12 @@ fn restore(shared: &Shared, recovered: Recovered) {
             }
             shared.router.subscribe(
                 &filter,
-                Subscriber {
-                    session: SessionId(number),
-                    outbox: outbox.clone(),
-                    qos: sub.options.qos,
-                    no_local: sub.options.no_local,
-                    retain_as_published: sub.options.retain_as_published,
-                    identifier: sub.identifier,
-                    group: None,
-                },
+                Subscriber::of_session(
+                    SessionId(number),
+                    outbox.clone(),
+                    &sub.options,
+                    sub.identifier,
+                ),
             );
             state.subscriptions.insert(filter, sub);
         }

@@ -41,6 +41,27 @@ pub struct Subscriber {
     pub group: Option<Arc<SharedGroup>>,
 }
 
+impl Subscriber {
+    /// A session's own subscription (not a shared group's) with the
+    /// client's `options` and `identifier`.
+    pub(crate) fn of_session(
+        session: SessionId,
+        outbox: Arc<Outbox>,
+        options: &ferrymq_codec::SubscriptionOptions,
+        identifier: Option<u32>,
+    ) -> Subscriber {
+        Subscriber {
+            session,
+            outbox,
+            qos: options.qos,
+            no_local: options.no_local,
+            retain_as_published: options.retain_as_published,
+            identifier,
+            group: None,
+        }
+    }
+}
+
 /// Where one message goes: one entry per session, overlapping
 /// subscriptions already merged (highest QoS; No Local only if every
 /// matching subscription has it; Retain As Published if any has it).

@@ -545,11 +545,37 @@ pub struct Forward {
     /// `remote_prefix`: prepended to `filter` on the upstream's side; no
     /// wildcards and no U+0000. Usually ends with `/`. Default: `""`.
     pub remote_prefix: String,
+    /// `lane`: `"backlog"` (one queue with the bridge's other rules, in
+    /// order) or `"live"` (a queue of its own that goes up ahead of the
+    /// backlog, for alarms that must not wait behind an outage's worth of
+    /// readings). Only for `direction = "out"`. Default: `"backlog"`.
+    pub lane: Lane,
 }
 
-/// `kind`: what the upstream of a bridge speaks. The contract also names
-/// `"ferrymq"` (batched, deduplicated, with state sync); it is refused with
-/// a clear message until it is built.
+/// `lane` of a forward rule: which of a bridge's two queues it feeds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// The bridge's queue, in order (`"backlog"`).
+    #[default]
+    Backlog,
+    /// A queue that goes up ahead of the backlog (`"live"`).
+    Live,
+}
+
+impl Lane {
+    /// Every lane, in the order error messages list them.
+    pub(crate) const ALL: [Lane; 2] = [Lane::Backlog, Lane::Live];
+
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Backlog => "backlog",
+            Lane::Live => "live",
+        }
+    }
+}
+
+/// `kind`: what the upstream of a bridge speaks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum BridgeKind {
     /// Plain MQTT, to any broker (`"mqtt"`).
@@ -762,6 +788,7 @@ impl Default for Forward {
             qos: 1,
             local_prefix: String::new(),
             remote_prefix: String::new(),
+            lane: Lane::Backlog,
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::size::RawSize;
 use crate::validate::{self, IntRange};
 use crate::{
     Auth, Bridge, BridgeAddress, BridgeKind, BridgeProtocol, BridgeTls, Config, ConfigError,
-    Direction, Durability, Ferry, Forward, IdentityFrom, Limits, Listener, ListenerProtocol,
+    Direction, Durability, Ferry, Forward, IdentityFrom, Lane, Limits, Listener, ListenerProtocol,
     ListenerTls, MinTls, QueueFull, Storage, hint,
 };
 
@@ -140,6 +140,7 @@ struct RawForward {
     qos: Option<Int>,
     local_prefix: Option<String>,
     remote_prefix: Option<String>,
+    lane: Option<String>,
 }
 
 /// One table of the file, for unknown-key hints.
@@ -268,6 +269,7 @@ pub(crate) const TABLES: &[Table] = &[
             "qos",
             "local_prefix",
             "remote_prefix",
+            "lane",
         ],
         planned: &[],
     },
@@ -1072,6 +1074,15 @@ impl RawForward {
             ),
             local_prefix: self.local_prefix.unwrap_or_default(),
             remote_prefix: self.remote_prefix.unwrap_or_default(),
+            lane: choice(
+                self.lane.as_deref(),
+                &format!("{key}.lane"),
+                "lane",
+                &Lane::ALL,
+                Lane::as_str,
+                defaults.lane,
+                errors,
+            ),
         }
     }
 }

@@ -1547,6 +1547,7 @@ fn bridge_defaults() {
             qos: 1,
             local_prefix: String::new(),
             remote_prefix: String::new(),
+            lane: crate::Lane::Backlog,
         }
     );
     assert_eq!(BridgeKind::default(), BridgeKind::Mqtt);
@@ -1667,6 +1668,7 @@ fn every_bridge_key_parsed() {
                         qos: 2,
                         local_prefix: "local/".into(),
                         remote_prefix: "site-1/".into(),
+                        lane: crate::Lane::Backlog,
                     },
                     Forward {
                         filter: "#".into(),
@@ -1674,6 +1676,7 @@ fn every_bridge_key_parsed() {
                         qos: 0,
                         local_prefix: "from-regional/".into(),
                         remote_prefix: String::new(),
+                        lane: crate::Lane::Backlog,
                     },
                 ],
             },
@@ -2965,5 +2968,36 @@ fn ferry_trusted_clients_and_forget_after() {
     check_err(
         "[ferry]\ntrusted_client = [\"edge-*\"]",
         &["ferry.trusted_client: unknown key; did you mean `trusted_clients`?"],
+    );
+}
+
+#[test]
+fn forward_lanes() {
+    check_ok(
+        &forward_toml("filter = \"alarms/#\", lane = \"live\""),
+        |c| {
+            c.node_id = "edge-01".into();
+            let mut b = regional();
+            b.forward = vec![Forward {
+                filter: "alarms/#".into(),
+                lane: crate::Lane::Live,
+                ..Forward::default()
+            }];
+            c.bridges = vec![b];
+        },
+    );
+    check_err(
+        &forward_toml("filter = \"cmd/#\", direction = \"in\", lane = \"live\""),
+        &[
+            "bridge[0].forward[0].lane: \"live\" is only for direction = \"out\", not \"in\" \
+           (what comes in is published here at once)",
+        ],
+    );
+    check_err(
+        &forward_toml("filter = \"a\", lane = \"fast\""),
+        &[
+            "bridge[0].forward[0].lane: unknown lane \"fast\"; expected one of \"backlog\", \
+           \"live\"",
+        ],
     );
 }

@@ -746,6 +746,16 @@ fn check_file(key: &str, path: &Path, errors: &mut Vec<ConfigError>) {
 
 /// Checks one `[[bridge.forward]]` rule at `key` (`bridge[i].forward[j]`).
 fn check_forward(key: &str, rule: &Forward, errors: &mut Vec<ConfigError>) {
+    if rule.lane == crate::Lane::Live && rule.direction != crate::Direction::Out {
+        errors.push(ConfigError::new(
+            format!("{key}.lane"),
+            format!(
+                "\"live\" is only for direction = \"out\", not \"{}\" (what comes in is \
+                 published here at once)",
+                rule.direction
+            ),
+        ));
+    }
     let filter = &rule.filter;
     let filter_ok = if filter.is_empty() {
         errors.push(ConfigError::new(
