@@ -45,7 +45,7 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 async fn run(messages: u64) {
     let upstream = Mosquitto::start("max_inflight_messages 1000\n");
     let link = Link::start(upstream.addr()).await;
-    let (node, _dir) = edge_node(link.addr.port(), BridgeKind::Mqtt, 1000).await;
+    let (node, _dir) = edge_node(link.addr.port(), BridgeKind::Mqtt, 1000, false).await;
 
     // The backlog, published while the link is down.
     let filled = Instant::now();

@@ -12,7 +12,10 @@
 //! regional node (the release `ferrymq` binary, `[ferry] trusted_clients`)
 //! counts every message by its number: drain rate (link up to the last
 //! message), bytes on the wire per message from the edge to the regional
-//! node, lost and duplicated messages. ferrymq edges: the library (broker
+//! node, lost and duplicated messages. During the drain the edge also
+//! gets a live message every 10 ms on `live/data` (ferrymq edges: a
+//! `lane = "live"` rule; Mosquitto: the same bridge, one FIFO), whose
+//! latency to the regional subscriber is measured. ferrymq edges: the library (broker
 //! and bridge, RocksDB with group commit), `inflight = 1000` (messages,
 //! or batches with `kind = "ferrymq"`), no drain cap.
 //!
@@ -29,9 +32,11 @@ mod common;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::{
     Args, Link, Mosquitto, cpu_time, edge_node, free_port, payload, queue_backlog, wait_listening,
 };
@@ -104,6 +109,10 @@ impl Way {
 
 /// What one drain measured.
 struct Drained {
+    /// Latency of the live messages sent during the drain.
+    live_p50: Duration,
+    live_p99: Duration,
+    live_count: usize,
     /// CPU of the regional node during the drain, in cores.
     regional_cores: f64,
     /// CPU of this process (the ferrymq edge and the subscriber; for the
@@ -122,7 +131,7 @@ async fn ferrymq_edge(link: &Link, kind: BridgeKind, messages: u64) -> (Node, te
     } else {
         1000
     };
-    let (node, dir) = edge_node(link.addr.port(), kind, inflight).await;
+    let (node, dir) = edge_node(link.addr.port(), kind, inflight, true).await;
     queue_backlog(&node, "backlog/data", messages).await;
     (node, dir)
 }
@@ -160,6 +169,48 @@ async fn mosquitto_edge(link: &Link, messages: u64) -> Mosquitto {
     edge
 }
 
+/// Publishes a message on `live/data` every 10 ms (its send time in ns
+/// since `started`) at a ferrymq edge (in-process) or a Mosquitto edge,
+/// until `on` goes false.
+async fn live_publisher(
+    ferrymq: Option<ferrymq_broker::BrokerHandle>,
+    mosquitto: Option<SocketAddr>,
+    started: Instant,
+    on: Arc<AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    if let Some(broker) = ferrymq {
+        let client = broker
+            .connect(ferrymq_broker::ClientOptions::new("live"))
+            .await
+            .expect("connect");
+        while on.load(Ordering::SeqCst) {
+            tick.tick().await;
+            let at = started.elapsed().as_nanos() as u64;
+            let _ = client
+                .publish("live/data", at.to_string(), QoS::AtLeastOnce, false)
+                .await;
+        }
+    } else if let Some(addr) = mosquitto {
+        let options = UplinkOptions::new("127.0.0.1", addr.port(), "live");
+        let (mut publisher, _) = Uplink::connect(&options).await.expect("live publisher");
+        while on.load(Ordering::SeqCst) {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let at = started.elapsed().as_nanos() as u64;
+                    let _ = publisher.publish(Publish {
+                        qos: QoS::AtLeastOnce,
+                        topic: MqttString::from_static("live/data"),
+                        payload: Bytes::from(at.to_string()),
+                        ..Publish::default()
+                    });
+                }
+                _ = publisher.next_event() => {}
+            }
+        }
+    }
+}
+
 /// Counts the backlog at a subscriber on the regional node once the link
 /// is up.
 async fn drain(way: Way, messages: u64) -> Drained {
@@ -173,7 +224,7 @@ async fn drain(way: Way, messages: u64) -> Drained {
     observer
         .subscribe(
             vec![Subscription {
-                filter: MqttString::from_static("backlog/#"),
+                filter: MqttString::from_static("#"),
                 options: SubscriptionOptions {
                     qos: QoS::AtLeastOnce,
                     ..SubscriptionOptions::default()
@@ -198,8 +249,17 @@ async fn drain(way: Way, messages: u64) -> Drained {
     let (regional_cpu0, own_cpu0) = (cpu_time(&regional_pid), cpu_time("self"));
     let started = Instant::now();
     link.up.store(true, Ordering::SeqCst);
+    // A live message every 10 ms at the edge during the drain, stamped.
+    let live_on = Arc::new(AtomicBool::new(true));
+    let live = tokio::spawn(live_publisher(
+        edge_node.as_ref().map(|(node, _)| node.broker().handle()),
+        edge_mosquitto.as_ref().map(Mosquitto::addr),
+        started,
+        live_on.clone(),
+    ));
     let mut seen = HashSet::new();
     let mut duplicates = 0u64;
+    let mut live_latency = Vec::new();
     while (seen.len() as u64) < messages {
         let event = tokio::time::timeout(Duration::from_secs(20), observer.next_event()).await;
         let Ok(Ok(event)) = event else {
@@ -208,6 +268,15 @@ async fn drain(way: Way, messages: u64) -> Drained {
         let Event::Message(p) = event else { continue };
         if p.qos != QoS::AtMostOnce {
             observer.ack(p.packet_id).expect("ack");
+        }
+        if p.topic.starts_with("live/") {
+            if let Some(at) = std::str::from_utf8(&p.payload)
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                live_latency.push(started.elapsed().saturating_sub(Duration::from_nanos(at)));
+            }
+            continue;
         }
         let number = p
             .payload
@@ -221,16 +290,28 @@ async fn drain(way: Way, messages: u64) -> Drained {
         }
     }
     let elapsed = started.elapsed();
+    live_on.store(false, Ordering::SeqCst);
+    let _ = live.await;
     let regional_cores =
         (cpu_time(&regional_pid) - regional_cpu0).as_secs_f64() / elapsed.as_secs_f64();
     let edge_cores = (cpu_time("self") - own_cpu0).as_secs_f64() / elapsed.as_secs_f64();
-    // Late duplicates.
+    // Live messages still on their way (behind the backlog, in one FIFO),
+    // and late duplicates.
     while let Ok(Ok(event)) =
-        tokio::time::timeout(Duration::from_millis(300), observer.next_event()).await
+        tokio::time::timeout(Duration::from_millis(1000), observer.next_event()).await
     {
         if let Event::Message(p) = event {
             observer.ack(p.packet_id).expect("ack");
-            duplicates += 1;
+            if p.topic.starts_with("live/") {
+                if let Some(at) = std::str::from_utf8(&p.payload)
+                    .ok()
+                    .and_then(|t| t.parse::<u64>().ok())
+                {
+                    live_latency.push(started.elapsed().saturating_sub(Duration::from_nanos(at)));
+                }
+            } else {
+                duplicates += 1;
+            }
         }
     }
     let bytes = link.upstream_bytes.load(Ordering::Relaxed);
@@ -239,7 +320,20 @@ async fn drain(way: Way, messages: u64) -> Drained {
     }
     drop(edge_mosquitto);
     let delivered = seen.len() as u64;
+    live_latency.sort();
+    let pick = |q: f64| {
+        live_latency
+            .get(
+                ((live_latency.len() as f64 * q) as usize)
+                    .min(live_latency.len().saturating_sub(1)),
+            )
+            .copied()
+            .unwrap_or_default()
+    };
     Drained {
+        live_p50: pick(0.5),
+        live_p99: pick(0.99),
+        live_count: live_latency.len(),
         regional_cores,
         edge_cores,
         rate: delivered as f64 / elapsed.as_secs_f64(),
@@ -295,12 +389,12 @@ fn main() {
         .map_or(f64::NAN, |(_, d)| d.bytes_per_message);
     println!(
         "Drain of {messages} x 64-byte QoS 1 messages into a ferrymq regional node:\n\n\
-         | edge | drain msg/s | x plain | wire bytes/msg (edge -> regional) | x fewer than plain | lost | duplicated | regional CPU (cores) | this process CPU (cores) |\n\
-         |---|---|---|---|---|---|---|---|---|"
+         | edge | drain msg/s | x plain | wire bytes/msg (edge -> regional) | x fewer than plain | lost | duplicated | live p50 / p99 ms (n) | regional CPU (cores) | this process CPU (cores) |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
     );
     for (way, d) in &results {
         println!(
-            "| {} | {:.0} | {:.2} | {:.1} | {:.1} | {} | {} | {:.2} | {:.2} |",
+            "| {} | {:.0} | {:.2} | {:.1} | {:.1} | {} | {} | {:.1} / {:.1} ({}) | {:.2} | {:.2} |",
             way.name(),
             d.rate,
             d.rate / plain_rate,
@@ -308,6 +402,9 @@ fn main() {
             plain_bytes / d.bytes_per_message,
             d.lost,
             d.duplicates,
+            d.live_p50.as_secs_f64() * 1000.0,
+            d.live_p99.as_secs_f64() * 1000.0,
+            d.live_count,
             d.regional_cores,
             d.edge_cores
         );

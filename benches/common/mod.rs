@@ -203,11 +203,12 @@ pub fn payload(n: u64) -> Bytes {
 /// An edge node (the library: broker and one bridge `regional` as
 /// client id `edge-1` to 127.0.0.1:`port`, forwarding everything out at
 /// QoS 1, no drain cap, quick reconnects), with its data in a temporary
-/// directory.
+/// directory. With `live_lane`, `live/#` has a lane of its own.
 pub async fn edge_node(
     port: u16,
     kind: BridgeKind,
     inflight: u16,
+    live_lane: bool,
 ) -> (ferrymq_bridge::Node, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = Config {
@@ -230,12 +231,26 @@ pub async fn edge_node(
         reconnect_max: Duration::from_millis(100),
         max_queued_messages: 100_000_000,
         max_queued_bytes: 64 << 30,
-        forward: vec![Forward {
-            filter: "#".into(),
-            direction: Direction::Out,
-            qos: 1,
-            ..Forward::default()
-        }],
+        forward: if live_lane {
+            vec![
+                Forward {
+                    filter: "backlog/#".into(),
+                    ..Forward::default()
+                },
+                Forward {
+                    filter: "live/#".into(),
+                    lane: ferrymq_config::Lane::Live,
+                    ..Forward::default()
+                },
+            ]
+        } else {
+            vec![Forward {
+                filter: "#".into(),
+                direction: Direction::Out,
+                qos: 1,
+                ..Forward::default()
+            }]
+        },
         ..Bridge::default()
     });
     let node = ferrymq_bridge::Node::start(config)
