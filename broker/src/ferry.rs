@@ -300,4 +300,26 @@ mod tests {
             );
         }
     }
+
+    proptest::proptest! {
+        /// Whatever a peer sends, decoding returns an answer (no panic, no
+        /// unbounded allocation): random bytes, and valid frames with
+        /// bytes flipped or cut off.
+        #[test]
+        fn decoding_any_bytes_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            flips in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 0..8),
+            cut in 0usize..4096,
+        ) {
+            let _ = decode_batch(&bytes, 1 << 20);
+            let mut frame = encode_batch(&[record(1, "a"), record(2, "bb"), record(3, "ccc")]).to_vec();
+            for (at, value) in flips {
+                let len = frame.len();
+                frame[at % len] ^= value;
+            }
+            let _ = decode_batch(&frame, 1 << 20);
+            let cut = cut % (frame.len() + 1);
+            let _ = decode_batch(&frame[..cut], 1 << 20);
+        }
+    }
 }
