@@ -194,8 +194,13 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
     // The broker created the session and its `out` subscriptions at
     // start (before accepting anyone): this resumes it.
     let local = broker.connect(options).await?;
-    let live = if config.forward.iter().any(|r| r.lane == Lane::Live) {
-        let mut options = ClientOptions::new(bridge_live_client_id(&config.name))
+    // The live lane: for live rules, and for a live queue an earlier
+    // config left (drained, then idle).
+    let live_id = bridge_live_client_id(&config.name);
+    let live = if config.forward.iter().any(|r| r.lane == Lane::Live)
+        || broker.queue_depth(&live_id).is_some()
+    {
+        let mut options = ClientOptions::new(&live_id)
             .persistent(forever)
             .manual_acks()
             .message_ids();

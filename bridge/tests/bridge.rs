@@ -686,3 +686,31 @@ async fn an_inbound_message_deeper_than_the_level_limit_is_dropped_not_retried()
     assert!(status.connected && status.connects == connects, "{status}");
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_queue_left_by_an_earlier_config_still_goes_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // A live rule, and no upstream yet: the alarms wait in the live queue.
+    let mut with_live = bridge_to(&[1]);
+    with_live.forward.push(Forward {
+        filter: "alarm/#".into(),
+        remote_prefix: "site/".into(),
+        lane: ferrymq_config::Lane::Live,
+        ..Forward::default()
+    });
+    let node = Node::start(node_config(&dir, with_live)).await.unwrap();
+    publish_local(&node, "alarm/fire", 3).await;
+    node.shutdown().await;
+    // The rule is gone from the config; the upstream is there now. (What
+    // a removed rule queued goes up under its local topic, as in the
+    // backlog lane.)
+    let upstream = Mosquitto::start("");
+    let mut watch = observer(upstream.port(), "alarm/#").await;
+    let node = Node::start(node_config(&dir, bridge_to(&[upstream.port()])))
+        .await
+        .unwrap();
+    let got = collect(&mut watch, 3).await;
+    let topics: Vec<&str> = got.iter().map(|(t, _, _)| t.as_str()).collect();
+    assert_eq!(topics, ["alarm/fire"; 3]);
+    node.shutdown().await;
+}
