@@ -858,6 +858,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 .unwrap_or(true),
             max_topic_levels: limits.max_topic_levels,
             message_ids: options.message_ids.then_some(shared.identity.uuid),
+            volatile_inflight: options.in_process,
         };
         let mut durable = shared.store.durable();
         // The session record is durable before the client hears it exists.
@@ -892,6 +893,17 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         if resumed {
             conn.engine
                 .resend_inflight(Instant::now(), &mut conn.packets);
+            if conn.in_process {
+                // From here on the first phase of its exchanges is kept in
+                // memory only (`volatile_inflight`): records of it from
+                // before (a run that kept them) go now, not never.
+                let number = conn.engine.state.number;
+                for (&packet_id, inflight) in &conn.engine.state.inflight {
+                    if matches!(inflight, crate::session::Inflight::Sent(_)) {
+                        conn.ops.push(StoreOp::InflightDelete { number, packet_id });
+                    }
+                }
+            }
         }
         Some(conn)
     }

@@ -67,6 +67,12 @@ pub struct EngineLimits {
     /// Stamp each stored message sent with its [`crate::MessageId`] (a
     /// `ferry-id` user property), from this node identity (bridge uplinks).
     pub message_ids: Option<[u8; 16]>,
+    /// Keep the first phase of outbound exchanges (sent, not yet
+    /// acknowledged) in memory only: an in-process client (a bridge) gets
+    /// an unacknowledged message again after a restart anyway, since it
+    /// is still in the queue; the packet id and the DUP flag it would
+    /// have kept mean nothing to it. Two store writes fewer per message.
+    pub volatile_inflight: bool,
 }
 
 /// What to do with an inbound PUBLISH.
@@ -670,7 +676,7 @@ impl Engine {
         };
         let packet_id = self.next_packet_id();
         out.packet_id = packet_id;
-        if d.stored {
+        if d.stored && !self.limits.volatile_inflight {
             ops.push(StoreOp::InflightPut {
                 number,
                 packet_id,
@@ -703,10 +709,12 @@ impl Engine {
                 seq: d.seq,
                 size: d.size(),
             });
-            ops.push(StoreOp::InflightDelete {
-                number: self.state.number,
-                packet_id,
-            });
+            if !self.limits.volatile_inflight {
+                ops.push(StoreOp::InflightDelete {
+                    number: self.state.number,
+                    packet_id,
+                });
+            }
         }
     }
 
@@ -843,6 +851,7 @@ mod tests {
                 problem_information: true,
                 max_topic_levels: 3,
                 message_ids: None,
+                volatile_inflight: false,
             },
         )
     }
