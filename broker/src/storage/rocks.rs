@@ -819,13 +819,44 @@ impl Drop for RocksStore {
 }
 
 /// Adds one op to a write batch.
+/// Queue statistics changes of one write run, by queue number: count
+/// and bytes deltas and the highest sequence (the `queue_stats` merge
+/// operator's value), written as one merge per queue instead of one per
+/// message.
+type StatsDeltas = BTreeMap<u64, (i64, i64, u64)>;
+
+/// Writes the accumulated statistics merges into `batch`.
+fn flush_stats(
+    db: &DB,
+    batch: &mut WriteBatch,
+    deltas: &mut StatsDeltas,
+) -> Result<(), StoreError> {
+    let family = cf(db, QUEUE_STATS)?;
+    for (number, (count, bytes, max)) in std::mem::take(deltas) {
+        batch.merge_cf(family, key_n(number), stats_value(count, bytes, max));
+    }
+    Ok(())
+}
+
 fn add(
     db: &DB,
     batch: &mut WriteBatch,
     op: StoreOp,
     time: &dyn TimeBase,
+    deltas: &mut StatsDeltas,
 ) -> Result<(), StoreError> {
     use StoreOp as O;
+    // A delete of a queue's statistics must come after its earlier
+    // changes, not before them.
+    if matches!(op, O::SessionDelete { .. } | O::GroupDelete { .. }) {
+        flush_stats(db, batch, deltas)?;
+    }
+    let mut stats = |number: u64, count: i64, bytes: i64, seq: u64| {
+        let entry = deltas.entry(number).or_insert((0, 0, 0));
+        entry.0 += count;
+        entry.1 += bytes;
+        entry.2 = entry.2.max(seq);
+    };
     match op {
         O::SessionPut(s) => {
             batch.put_cf(
@@ -872,21 +903,11 @@ fn add(
                 time,
             );
             batch.put_cf(cf(db, QUEUES)?, key_ns(number, seq), value);
-            let size = message.payload.len() as i64;
-            batch.merge_cf(
-                cf(db, QUEUE_STATS)?,
-                key_n(number),
-                stats_value(1, size, seq),
-            );
+            stats(number, 1, message.payload.len() as i64, seq);
         }
         O::QueueDelete { number, seq, size } => {
             batch.single_delete_cf(cf(db, QUEUES)?, key_ns(number, seq));
-            let size = i64::try_from(size).unwrap_or(i64::MAX);
-            batch.merge_cf(
-                cf(db, QUEUE_STATS)?,
-                key_n(number),
-                stats_value(-1, -size, 0),
-            );
+            stats(number, -1, -i64::try_from(size).unwrap_or(i64::MAX), 0);
         }
         O::InflightPut {
             number,
@@ -1129,12 +1150,16 @@ fn write_run(db: &DB, inner: &Inner, run: Vec<(Ticket, Vec<StoreOp>)>, sync: boo
     let tickets: Vec<Ticket> = run.iter().map(|r| r.0).collect();
     let mut batch = WriteBatch::default();
     let mut result = Ok(());
+    let mut deltas = StatsDeltas::new();
     for (_, ops) in run {
         for op in ops {
-            if let Err(e) = add(db, &mut batch, op, &*inner.clock) {
+            if let Err(e) = add(db, &mut batch, op, &*inner.clock, &mut deltas) {
                 result = Err(e.0);
             }
         }
+    }
+    if let Err(e) = flush_stats(db, &mut batch, &mut deltas) {
+        result = Err(e.0);
     }
     #[cfg(test)]
     if inner
@@ -1320,6 +1345,53 @@ mod tests {
             total = (total.0 + c, total.1 + b, total.2.max(m));
         }
         assert_eq!(total, (1, 20, 9));
+    }
+
+    #[test]
+    fn queue_statistics_merged_once_a_run_stay_right_around_a_session_delete() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = RocksStore::open(dir.path(), options(Durability::GroupCommit)).expect("open");
+        let put = |number, seq| StoreOp::QueuePut {
+            number,
+            seq,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            identifiers: None,
+            message: message(seq),
+        };
+        let delete = |number, seq| StoreOp::QueueDelete {
+            number,
+            seq,
+            size: 1,
+        };
+        // One run: session 5 fills, drains partly and ends; session 6
+        // fills and drains partly, around that delete.
+        write_sync(
+            &store,
+            vec![
+                session(5),
+                session(6),
+                put(5, 1),
+                put(5, 2),
+                put(6, 1),
+                delete(5, 1),
+                StoreOp::SessionDelete {
+                    client_id: MqttString::from_static("c"),
+                    number: 5,
+                },
+                put(6, 2),
+                put(6, 3),
+                delete(6, 1),
+            ],
+        );
+        assert_eq!(
+            store.summary(5).expect("summary").count,
+            0,
+            "gone with its session"
+        );
+        let six = store.summary(6).expect("summary");
+        assert_eq!((six.count, six.bytes), (2, 2));
+        assert!(six.next_seq > 3);
     }
 
     #[test]
