@@ -673,3 +673,50 @@ fn live_lane_messages_overtake_the_backlog() {
     eprintln!("the last alarm came after {backlog_before} of {BACKLOG} backlog messages");
     drop((edge, regional));
 }
+
+#[test]
+fn an_acl_rule_can_trust_a_bridge_by_its_verified_user() {
+    let data = tempfile::tempdir().unwrap();
+    let users = data.path().join("passwd");
+    add_user(&users, "regional-link", "link-pass");
+    let acl = data.path().join("acl.toml");
+    std::fs::write(
+        &acl,
+        "[[rule]]\nuser = \"regional-link\"\npublish = [\"#\"]\ntrusted_bridge = true\n\
+         [[rule]]\neveryone = true\npublish = [\"#\"]\nsubscribe = [\"#\"]\n",
+    )
+    .unwrap();
+    let regional = node(
+        data.path(),
+        free_port(),
+        &format!(
+            "[auth]\npassword_file = {:?}\nacl_file = {:?}\n",
+            users.display().to_string(),
+            acl.display().to_string()
+        ),
+    );
+    let mut sub = subscriber(regional.addr, "observer", "site/#");
+    let id = "000102030405060708090a0b0c0d0e0f:4:2:1";
+    // Any client id, logged in as the trusted user: taken once.
+    let mut link = Raw::open(regional.addr, Protocol::V5);
+    let mut connect = connect_packet(Protocol::V5, "whatever-7");
+    connect.username = Some(s("regional-link"));
+    connect.password = Some(Bytes::from_static(b"link-pass"));
+    link.send(&Packet::Connect(Box::new(connect)));
+    assert!(
+        matches!(link.recv(), Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::SUCCESS)
+    );
+    for packet_id in [1, 2] {
+        acked(&mut link, &with_id("site/a", packet_id, "one", Some(id)));
+    }
+    assert_eq!(delivered(&mut sub), [("one".into(), Some(id.into()))]);
+    // Anonymous, same id: not trusted, taken twice, its id removed.
+    let mut other = Raw::connect(regional.addr, Protocol::V5, "edge-1");
+    for packet_id in [1, 2] {
+        acked(&mut other, &with_id("site/b", packet_id, "two", Some(id)));
+    }
+    assert_eq!(
+        delivered(&mut sub),
+        [("two".into(), None), ("two".into(), None)]
+    );
+}

@@ -77,6 +77,8 @@ pub struct Access {
     subscribe: Vec<String>,
     deny_publish: Vec<String>,
     deny_subscribe: Vec<String>,
+    /// A rule that applies says `trusted_bridge = true`.
+    trusted_bridge: bool,
 }
 
 /// Fills `%u` and `%c` into `pattern`. `None` when the pattern names a
@@ -193,12 +195,19 @@ impl Access {
                         .map(|p| substitute(p, user, client_id).unwrap_or_else(|| "#".into())),
                 );
             };
+            access.trusted_bridge |= rule.trusted_bridge;
             grant(&rule.publish, &mut access.publish);
             grant(&rule.subscribe, &mut access.subscribe);
             deny(&rule.deny_publish, &mut access.deny_publish);
             deny(&rule.deny_subscribe, &mut access.deny_subscribe);
         }
         access
+    }
+
+    /// Whether a rule trusts the client as a bridge of another ferrymq
+    /// node (`trusted_bridge = true`).
+    pub fn trusted_bridge(&self) -> bool {
+        self.trusted_bridge
     }
 
     /// Whether the client may publish to `topic` (a will or a retained
@@ -323,5 +332,35 @@ mod tests {
         // No rule for it: nothing.
         let nobody = Access::for_client(&Acl::default(), Some("gw"), "c", None);
         assert!(!nobody.may_publish("a") && !nobody.may_subscribe("a"));
+    }
+
+    #[test]
+    fn a_rule_can_trust_a_verified_user_or_identity_as_a_bridge() {
+        let acl = acl(r##"
+            [[rule]]
+            user = "regional-link"
+            publish = ["#"]
+            trusted_bridge = true
+            [[rule]]
+            identity = "edge-07.plant.example"
+            trusted_bridge = true
+            [[rule]]
+            everyone = true
+            publish = ["#"]
+        "##);
+        let cases = [
+            (Some("regional-link"), "any-id", None, true),
+            (None, "any-id", Some("edge-07.plant.example"), true),
+            (Some("someone"), "regional-link", None, false),
+            (None, "edge-07", None, false),
+        ];
+        for (user, client_id, identity, trusted) in cases {
+            let access = Access::for_client(&acl, user, client_id, identity);
+            assert_eq!(
+                access.trusted_bridge(),
+                trusted,
+                "{user:?} {client_id} {identity:?}"
+            );
+        }
     }
 }

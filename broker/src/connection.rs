@@ -719,16 +719,18 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             // Kept for the session's life: not the read buffer with it.
             connect.client_id.detached()
         };
-        // Its message ids are honoured (`[ferry] trusted_clients`); an
-        // assigned id never matches.
+        // Its message ids are honoured: `[ferry] trusted_clients` (an
+        // assigned id never matches), or an ACL rule with
+        // `trusted_bridge = true`.
         let trusted = !options.in_process
-            && !connect.client_id.is_empty()
-            && shared
-                .config
-                .ferry
-                .trusted_clients
-                .iter()
-                .any(|pattern| crate::acl::id_matches(pattern, client_id.as_str()));
+            && ((!connect.client_id.is_empty()
+                && shared
+                    .config
+                    .ferry
+                    .trusted_clients
+                    .iter()
+                    .any(|pattern| crate::acl::id_matches(pattern, client_id.as_str())))
+                || acl_access.as_ref().is_some_and(|a| a.trusted_bridge()));
         // A trusted bridge that asks for ferry batches gets them.
         let asks_batches = connect.properties.user_properties.iter().any(|(k, v)| {
             k.as_str() == ferry::CAPABILITY_PROPERTY && v.as_str() == ferry::CAPABILITY

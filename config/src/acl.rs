@@ -50,6 +50,11 @@ pub struct Rule {
     /// Topic filters it may not subscribe to (nor to anything that
     /// overlaps them), whatever grants it.
     pub deny_subscribe: Vec<String>,
+    /// `trusted_bridge = true`: the clients it applies to are trusted as
+    /// bridges of other ferrymq nodes (their message ids are honoured),
+    /// as with `[ferry] trusted_clients`, but by a verified user or
+    /// certificate identity rather than a client id alone.
+    pub trusted_bridge: bool,
 }
 
 /// A parsed ACL file.
@@ -82,6 +87,8 @@ struct RawRule {
     deny_publish: Vec<String>,
     #[serde(default)]
     deny_subscribe: Vec<String>,
+    #[serde(default)]
+    trusted_bridge: bool,
 }
 
 impl Acl {
@@ -162,6 +169,7 @@ impl Acl {
                 subscribe: r.subscribe,
                 deny_publish: r.deny_publish,
                 deny_subscribe: r.deny_subscribe,
+                trusted_bridge: r.trusted_bridge,
             });
         }
         if errors.is_empty() {
