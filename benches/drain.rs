@@ -28,10 +28,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Args, Link, Mosquitto, edge_node, payload, queue_backlog};
+use common::{Args, Link, Mosquitto, edge_node, observer, payload, queue_backlog};
 use ferrymq_bridge::{Event, Uplink, UplinkOptions};
 use ferrymq_broker::{ClientOptions, QoS};
-use ferrymq_codec::{MqttString, Publish, SubscribeProperties, Subscription, SubscriptionOptions};
+use ferrymq_codec::{MqttString, Publish};
 use ferrymq_config::BridgeKind;
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -58,26 +58,7 @@ async fn run(messages: u64) {
     );
 
     // The upstream subscriber.
-    let mut options = UplinkOptions::new("127.0.0.1", upstream.addr().port(), "drain-observer");
-    options.receive_maximum = u16::MAX;
-    let (mut observer, _) = Uplink::connect(&options).await.expect("observer");
-    observer
-        .subscribe(
-            vec![Subscription {
-                filter: MqttString::from_static("#"),
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..SubscriptionOptions::default()
-                },
-            }],
-            SubscribeProperties::default(),
-        )
-        .expect("subscribe");
-    loop {
-        if let Ok(Event::SubAck { .. }) = observer.next_event().await {
-            break;
-        }
-    }
+    let mut observer = observer(upstream.addr(), "drain-observer").await;
 
     // The live publisher: one message every 10 ms, stamped.
     let live_on = Arc::new(AtomicBool::new(true));

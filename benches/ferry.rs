@@ -38,11 +38,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    Args, Link, Mosquitto, cpu_time, edge_node, free_port, payload, queue_backlog, wait_listening,
+    Args, Link, Mosquitto, cpu_time, edge_node, free_port, observer, payload, queue_backlog,
+    wait_listening,
 };
 use ferrymq_bridge::{Event, Node, Uplink, UplinkOptions};
 use ferrymq_broker::QoS;
-use ferrymq_codec::{MqttString, Publish, SubscribeProperties, Subscription, SubscriptionOptions};
+use ferrymq_codec::{MqttString, Publish};
 use ferrymq_config::BridgeKind;
 
 /// The regional node: the release binary, trusting `edge-*`.
@@ -211,6 +212,13 @@ async fn live_publisher(
     }
 }
 
+/// How long ago a live message was sent: its payload is its send time in
+/// ns since `started`.
+fn latency(payload: &[u8], started: Instant) -> Option<Duration> {
+    let at = std::str::from_utf8(payload).ok()?.parse::<u64>().ok()?;
+    Some(started.elapsed().saturating_sub(Duration::from_nanos(at)))
+}
+
 /// Counts the backlog at a subscriber on the regional node once the link
 /// is up.
 async fn drain(way: Way, messages: u64) -> Drained {
@@ -218,22 +226,7 @@ async fn drain(way: Way, messages: u64) -> Drained {
     // The Mosquitto edge's bridge client is trusted too (its messages
     // carry no ids, so nothing is de-duplicated).
     let link = Link::start(regional.addr).await;
-    let mut options = UplinkOptions::new("127.0.0.1", regional.addr.port(), "observer");
-    options.receive_maximum = u16::MAX;
-    let (mut observer, _) = Uplink::connect(&options).await.expect("observer");
-    observer
-        .subscribe(
-            vec![Subscription {
-                filter: MqttString::from_static("#"),
-                options: SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    ..SubscriptionOptions::default()
-                },
-            }],
-            SubscribeProperties::default(),
-        )
-        .expect("subscribe");
-    while !matches!(observer.next_event().await, Ok(Event::SubAck { .. })) {}
+    let mut observer = observer(regional.addr, "observer").await;
     let (edge_node, edge_mosquitto) = match way {
         Way::Batches => (
             Some(ferrymq_edge(&link, BridgeKind::Ferrymq, messages).await),
@@ -270,12 +263,7 @@ async fn drain(way: Way, messages: u64) -> Drained {
             observer.ack(p.packet_id).expect("ack");
         }
         if p.topic.starts_with("live/") {
-            if let Some(at) = std::str::from_utf8(&p.payload)
-                .ok()
-                .and_then(|t| t.parse::<u64>().ok())
-            {
-                live_latency.push(started.elapsed().saturating_sub(Duration::from_nanos(at)));
-            }
+            live_latency.extend(latency(&p.payload, started));
             continue;
         }
         let number = p
@@ -303,12 +291,7 @@ async fn drain(way: Way, messages: u64) -> Drained {
         if let Event::Message(p) = event {
             observer.ack(p.packet_id).expect("ack");
             if p.topic.starts_with("live/") {
-                if let Some(at) = std::str::from_utf8(&p.payload)
-                    .ok()
-                    .and_then(|t| t.parse::<u64>().ok())
-                {
-                    live_latency.push(started.elapsed().saturating_sub(Duration::from_nanos(at)));
-                }
+                live_latency.extend(latency(&p.payload, started));
             } else {
                 duplicates += 1;
             }

@@ -289,3 +289,30 @@ pub async fn queue_backlog(node: &ferrymq_bridge::Node, topic: &'static str, mes
     }
     app.disconnect().await;
 }
+
+/// An MQTT 5 client on `addr` subscribed to everything (`#`, QoS 1),
+/// its SUBACK taken.
+pub async fn observer(addr: SocketAddr, client_id: &str) -> ferrymq_bridge::Uplink {
+    let mut options = ferrymq_bridge::UplinkOptions::new("127.0.0.1", addr.port(), client_id);
+    options.receive_maximum = u16::MAX;
+    let (mut observer, _) = ferrymq_bridge::Uplink::connect(&options)
+        .await
+        .expect("observer");
+    observer
+        .subscribe(
+            vec![ferrymq_codec::Subscription {
+                filter: ferrymq_codec::MqttString::from_static("#"),
+                options: ferrymq_codec::SubscriptionOptions {
+                    qos: ferrymq_broker::QoS::AtLeastOnce,
+                    ..ferrymq_codec::SubscriptionOptions::default()
+                },
+            }],
+            ferrymq_codec::SubscribeProperties::default(),
+        )
+        .expect("subscribe");
+    while !matches!(
+        observer.next_event().await,
+        Ok(ferrymq_bridge::Event::SubAck { .. })
+    ) {}
+    observer
+}
