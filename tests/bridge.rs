@@ -93,27 +93,6 @@ fn observe(
     (seen, thread)
 }
 
-/// Publishes `range` as QoS 1 to the edge, one at a time; all must be
-/// acknowledged (the link being down does not matter: the edge stores).
-fn publish(edge: std::net::SocketAddr, range: std::ops::Range<u32>) {
-    let mut raw = Raw::connect(edge, Protocol::V311, "sensor");
-    for n in range {
-        let id = (n % 60_000) as u16 + 1;
-        raw.send(&Packet::Publish(Publish {
-            qos: QoS::AtLeastOnce,
-            packet_id: id,
-            topic: s("data/temp"),
-            payload: Bytes::from(n.to_string()),
-            ..Publish::default()
-        }));
-        assert_eq!(
-            raw.recv(),
-            Some(Packet::PubAck(PubAck::new(id))),
-            "message {n}"
-        );
-    }
-}
-
 fn distinct(seen: &Seen) -> usize {
     seen.lock()
         .unwrap()
@@ -154,14 +133,14 @@ fn outage(trouble: Mode) {
     let data = tempfile::tempdir().unwrap();
     let config = edge_config(link.port());
     let edge = Broker::start_at(data.path(), &config);
-    publish(edge.addr, 0..N / 2);
+    publish_numbers(edge.addr, 0..N / 2);
     // Killed with its whole backlog on disk, restarted.
     if std::env::var_os("FERRYMQ_TEST_LOG").is_some() {
         eprintln!("--- first edge ---\n{}", edge.log());
     }
     edge.kill();
     let edge = Broker::start_at(data.path(), &config);
-    publish(edge.addr, N / 2..N);
+    publish_numbers(edge.addr, N / 2..N);
     assert_eq!(distinct(&seen), 0, "nothing crossed a link that is down");
 
     link.set(Mode::Pass);
@@ -264,7 +243,7 @@ fn bridge_status_shows_the_backlog_and_why_the_link_is_down() {
     let dead = mosquitto::free_port();
     let data = tempfile::tempdir().unwrap();
     let edge = Broker::start_at(data.path(), &edge_config(dead));
-    publish(edge.addr, 0..25);
+    publish_numbers(edge.addr, 0..25);
     // A copy: the broker's own file goes with it.
     let config = data.path().join("edge.toml");
     std::fs::copy(edge.dir.path().join("ferrymq.toml"), &config).unwrap();

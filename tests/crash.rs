@@ -22,17 +22,7 @@ fn subscribe_persistent(addr: std::net::SocketAddr, id: &str, filter: &str) {
     c.clean_start = false;
     raw.send(&Packet::Connect(Box::new(c)));
     assert!(matches!(raw.recv(), Some(Packet::ConnAck(_))));
-    raw.send(&Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        subscriptions: vec![Subscription {
-            filter: s(filter),
-            options: SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                ..Default::default()
-            },
-        }],
-        properties: Default::default(),
-    }));
+    raw.send(&subscribe_qos1(filter));
     assert!(matches!(raw.recv(), Some(Packet::SubAck(_))));
     raw.send(&Packet::Disconnect(Disconnect::default()));
     raw.until_closed();

@@ -22,10 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::link::{Link, Mode};
 use common::*;
-use ferrymq_codec::{
-    Packet, Protocol, PubAck, Publish, PublishProperties, QoS, ReasonCode, Subscribe, Subscription,
-    SubscriptionOptions,
-};
+use ferrymq_codec::{Packet, Protocol, PubAck, Publish, PublishProperties, QoS, ReasonCode};
 
 const TRUSTED: &str = "[ferry]\ntrusted_clients = [\"edge-*\"]\n";
 
@@ -75,17 +72,7 @@ fn acked(raw: &mut Raw, packet: &Packet) -> ReasonCode {
 
 fn subscriber(addr: SocketAddr, id: &str, filter: &str) -> Raw {
     let mut raw = Raw::connect(addr, Protocol::V5, id);
-    raw.send(&Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        subscriptions: vec![Subscription {
-            filter: s(filter),
-            options: SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                ..Default::default()
-            },
-        }],
-        properties: Default::default(),
-    }));
+    raw.send(&subscribe_qos1(filter));
     assert!(matches!(raw.recv(), Some(Packet::SubAck(_))));
     raw
 }
@@ -187,17 +174,7 @@ fn observe(
                     continue;
                 }
                 seen.lock().unwrap().push(None);
-                raw.try_send(&Packet::Subscribe(Subscribe {
-                    packet_id: 1,
-                    subscriptions: vec![Subscription {
-                        filter: s(filter),
-                        options: SubscriptionOptions {
-                            qos: QoS::AtLeastOnce,
-                            ..Default::default()
-                        },
-                    }],
-                    properties: Default::default(),
-                }));
+                raw.try_send(&subscribe_qos1(filter));
                 while !stop.load(Ordering::SeqCst) {
                     match raw.poll_for(Duration::from_millis(200)) {
                         Polled::Packet(Packet::Publish(p)) => {
@@ -276,23 +253,6 @@ fn taken_once(seen: &[Option<(u32, String)>], count: u32) {
     );
 }
 
-/// Publishes `range` as QoS 1 to the edge; every one is acknowledged
-/// (the edge stores what it cannot send yet).
-fn publish(edge: SocketAddr, range: std::ops::Range<u32>) {
-    let mut raw = Raw::connect(edge, Protocol::V311, "sensor");
-    for n in range {
-        let id = (n % 60_000) as u16 + 1;
-        raw.send(&Packet::Publish(Publish {
-            qos: QoS::AtLeastOnce,
-            packet_id: id,
-            topic: s("data/temp"),
-            payload: Bytes::from(n.to_string()),
-            ..Publish::default()
-        }));
-        assert_eq!(raw.recv(), Some(Packet::PubAck(PubAck::new(id))), "{n}");
-    }
-}
-
 /// A `[[bridge]]` named "up" as `client_id` to 127.0.0.1:`port`,
 /// forwarding `filter` out under `prefix`, with `extra` keys.
 fn bridge_config(client_id: &str, port: u16, filter: &str, prefix: &str, extra: &str) -> String {
@@ -350,11 +310,11 @@ fn edge_into_regional(kind: &str) -> String {
     let edge_data = tempfile::tempdir().unwrap();
     let bridge = bridge_config("edge-1", link.port(), "data/#", "site/", kind);
     let edge = Broker::start_at(edge_data.path(), &bridge);
-    publish(edge.addr, 0..N / 2);
+    publish_numbers(edge.addr, 0..N / 2);
     // The edge is killed with its backlog on disk.
     edge.kill();
     let edge = Broker::start_at(edge_data.path(), &bridge);
-    publish(edge.addr, N / 2..N);
+    publish_numbers(edge.addr, N / 2..N);
     link.set(Mode::Pass);
     wait_for(&seen, N as usize / 4, "first part of the drain");
     // The link is cut mid-drain...
@@ -410,14 +370,14 @@ fn edge_to_regional_to_central_takes_each_message_once_at_every_hop() {
     let edge_config = bridge_config("edge-1", regional_port, "data/#", "site/", "");
     let mut at_regional = subscriber(regional.addr, "regional-observer", "site/#");
     let edge = Broker::start_at(edge_data.path(), &edge_config);
-    publish(edge.addr, 0..N / 3);
+    publish_numbers(edge.addr, 0..N / 3);
     wait_for(&seen, N as usize / 6, "first part");
     // The ids the edge gave, as the regional node got them.
     let edge_ids: Vec<(String, Option<String>)> = delivered(&mut at_regional);
     assert!(edge_ids.len() >= N as usize / 6);
     drop(at_regional);
     up.set(Mode::Down);
-    publish(edge.addr, N / 3..2 * N / 3);
+    publish_numbers(edge.addr, N / 3..2 * N / 3);
     // The regional node is killed with messages taken from the edge and
     // not yet sent on; the link comes back after its restart.
     regional.kill();
@@ -425,7 +385,7 @@ fn edge_to_regional_to_central_takes_each_message_once_at_every_hop() {
     up.set(Mode::Pass);
     edge.kill();
     let edge = Broker::start_at(edge_data.path(), &edge_config);
-    publish(edge.addr, 2 * N / 3..N);
+    publish_numbers(edge.addr, 2 * N / 3..N);
     wait_for(&seen, N as usize, "everything at the central node");
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::SeqCst);
@@ -460,7 +420,7 @@ fn a_ferry_bridge_to_a_broker_that_is_not_ferrymq_sends_plain_mqtt_5_and_says_so
         "kind = \"ferrymq\"",
     );
     let edge = Broker::start_at(edge_data.path(), &config);
-    publish(edge.addr, 0..20);
+    publish_numbers(edge.addr, 0..20);
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while got.len() < 20 && Instant::now() < deadline {
@@ -638,7 +598,7 @@ fn live_lane_messages_overtake_the_backlog() {
         )
     );
     let edge = Broker::start_at(edge_data.path(), &config);
-    publish(edge.addr, 0..BACKLOG);
+    publish_numbers(edge.addr, 0..BACKLOG);
     link.set(Mode::Pass);
     wait_for(&seen, 10, "the drain started");
     let mut alarms = Raw::connect(edge.addr, Protocol::V311, "alarms");

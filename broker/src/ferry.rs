@@ -21,7 +21,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ferrymq_codec::{MqttString, PublishProperties, QoS};
 
 use crate::message::{MESSAGE_ID_PROPERTY, MessageId};
-use crate::storage::record::{Cursor, put_string};
+use crate::storage::record::{Cursor, put_properties, put_string};
 
 /// The topic a batch is published on (a `$` topic: no wildcard
 /// subscription matches it, and only trusted bridges may publish there).
@@ -107,12 +107,7 @@ pub fn encode_batch(records: &[BatchRecord]) -> Bytes {
         properties
             .user_properties
             .retain(|(k, _)| k.as_str() != MESSAGE_ID_PROPERTY);
-        let start = raw.len();
-        if properties.encode_block(&mut raw).is_err() {
-            // Properties that came from a packet encode; if not, none.
-            raw.truncate(start);
-            raw.put_u8(0);
-        }
+        put_properties(&mut raw, &properties);
         raw.put_u32(u32::try_from(r.payload.len()).unwrap_or(u32::MAX));
         raw.put_slice(&r.payload);
     }

@@ -393,6 +393,43 @@ pub fn connect_packet(protocol: Protocol, client_id: &str) -> Connect {
     }
 }
 
+/// A SUBSCRIBE (packet id 1) to `filter` at QoS 1.
+pub fn subscribe_qos1(filter: &str) -> Packet {
+    Packet::Subscribe(ferrymq_codec::Subscribe {
+        packet_id: 1,
+        subscriptions: vec![ferrymq_codec::Subscription {
+            filter: s(filter),
+            options: ferrymq_codec::SubscriptionOptions {
+                qos: ferrymq_codec::QoS::AtLeastOnce,
+                ..Default::default()
+            },
+        }],
+        properties: Default::default(),
+    })
+}
+
+/// Publishes the numbers of `range` as QoS 1 messages on `data/temp` to
+/// the broker at `edge` (client id `sensor`, 3.1.1), one at a time; each
+/// must be acknowledged (an edge stores what it cannot send yet).
+pub fn publish_numbers(edge: SocketAddr, range: std::ops::Range<u32>) {
+    let mut raw = Raw::connect(edge, Protocol::V311, "sensor");
+    for n in range {
+        let id = (n % 60_000) as u16 + 1;
+        raw.send(&Packet::Publish(ferrymq_codec::Publish {
+            qos: ferrymq_codec::QoS::AtLeastOnce,
+            packet_id: id,
+            topic: s("data/temp"),
+            payload: bytes::Bytes::from(n.to_string()),
+            ..ferrymq_codec::Publish::default()
+        }));
+        assert_eq!(
+            raw.recv(),
+            Some(Packet::PubAck(ferrymq_codec::PubAck::new(id))),
+            "message {n}"
+        );
+    }
+}
+
 /// The `ferry-id` user property of a delivered message, if any.
 pub fn ferry_id(publish: &ferrymq_codec::Publish) -> Option<String> {
     publish

@@ -102,6 +102,17 @@ impl Cursor {
     }
 }
 
+/// Writes `properties` as an MQTT 5 property block. Properties were
+/// decoded from a packet (or built by the library user) and encode; if
+/// they somehow did not, an empty block is written instead.
+pub(crate) fn put_properties(buf: &mut BytesMut, properties: &PublishProperties) {
+    let start = buf.len();
+    if properties.encode_block(buf).is_err() {
+        buf.truncate(start);
+        buf.put_u8(0);
+    }
+}
+
 pub(crate) fn put_string(buf: &mut BytesMut, s: &str) {
     // MqttString guarantees at most 65,535 bytes.
     buf.put_u16(s.len() as u16);
@@ -127,13 +138,7 @@ fn put_message(buf: &mut BytesMut, m: &Message, time: &dyn TimeBase) {
         buf.put_u64(time.to_ms(at));
     }
     put_string(buf, &m.topic);
-    // Properties were decoded from a packet (or built by the library user)
-    // and encode; if they somehow did not, the message is stored without them.
-    let start = buf.len();
-    if m.properties.encode_block(buf).is_err() {
-        buf.truncate(start);
-        buf.put_u8(0);
-    }
+    put_properties(buf, &m.properties);
     buf.put_u32(m.payload.len() as u32);
     buf.put_slice(&m.payload);
 }
