@@ -549,7 +549,7 @@ struct Conn<'a, R, W> {
     /// the bridges' reserved topics.
     in_process: bool,
     /// A bridge whose message ids are honoured (`[ferry]
-    /// trusted_clients`).
+    /// trusted_clients`, or an ACL rule with `trusted_bridge = true`).
     trusted: bool,
     /// What the ACL lets this client do (`None`: no `acl_file`, or an
     /// in-process client).
@@ -1413,9 +1413,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     && self.shared.dedup.lock().is_taken(id)
                 {
                     // Taken before: acknowledged once what took it is
-                    // durable (a ticket taken now comes after it).
+                    // durable.
                     Stats::add(&self.shared.stats.duplicates_dropped, 1);
-                    let ticket = Batch::new(self.shared.store.as_ref()).submit();
+                    let ticket = after_earlier_writes(self.shared);
                     let outcome = RouteOutcome {
                         ticket,
                         matched: 1,
@@ -1529,7 +1529,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         }
         if seen_before || ticket == 0 {
             // After whatever took them before is durable.
-            ticket = ticket.max(Batch::new(shared.store.as_ref()).submit());
+            ticket = ticket.max(after_earlier_writes(shared));
         }
         let outcome = RouteOutcome {
             ticket,
@@ -1988,6 +1988,12 @@ fn access(shared: &Shared, connect: &Connect, options: &ServeOptions) -> Option<
         _ => shared.users.as_ref().and(connect.username.as_deref()),
     };
     Some(ClientAccess::new(acl, user, &connect.client_id, identity))
+}
+
+/// A store ticket that is durable only once every write submitted before
+/// it is: what an acknowledgement of a message taken earlier waits for.
+fn after_earlier_writes(shared: &Shared) -> storage::Ticket {
+    Batch::new(shared.store.as_ref()).submit()
 }
 
 /// Counts and logs (rate-limited) what the ACL refused.
