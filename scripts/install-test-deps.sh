@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain, when it is
-# missing: Debian's mosquitto broker and clients, Python paho-mqtt (pinned),
+# missing: Debian's mosquitto broker and clients, libfaketime, Python paho-mqtt (pinned),
 # MQTT.js for node (pinned in tests/interop/mqttjs/package-lock.json), and
 # cargo-nextest / cargo-fuzz. Idempotent and quick when all is present.
 set -euo pipefail
@@ -26,6 +26,9 @@ command -v openssl >/dev/null || apt_packages+=(openssl)
 # The rocksdb crate runs bindgen, which needs libclang (libclang1 alone
 # lacks the headers it parses).
 dpkg -s libclang-dev >/dev/null 2>&1 || apt_packages+=(libclang-dev)
+# libfaketime: the state topic tests run a node whose wall clock is an hour
+# behind.
+command -v faketime >/dev/null || apt_packages+=(faketime)
 # node and npm: MQTT.js is the WebSocket listener tests' client.
 command -v node >/dev/null || apt_packages+=(nodejs)
 command -v npm >/dev/null || apt_packages+=(npm)

@@ -5,7 +5,10 @@
 //! edge -> regional -> central; ids from other clients are removed and
 //! never honoured; a ferry bridge to another broker falls back to plain
 //! MQTT 5 and says so; a fleet of 500 bridges comes back spread out after
-//! the regional node restarts, and drains.
+//! the regional node restarts, and drains; batches cross a link with
+//! latency, loss and reordering (`tc netem` on a veth pair into a network
+//! namespace the test creates; skipped, saying why, on a kernel without
+//! netem).
 
 #![allow(clippy::unwrap_used)]
 
@@ -35,14 +38,6 @@ fn node(data: &std::path::Path, port: u16, extra: &str) -> Broker {
         data.display().to_string()
     );
     Broker::start_with_config(&config, dir)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn with_id(topic: &str, packet_id: u16, payload: &str, id: Option<&str>) -> Packet {
@@ -679,4 +674,138 @@ fn an_acl_rule_can_trust_a_bridge_by_its_verified_user() {
         delivered(&mut sub),
         [("two".into(), None), ("two".into(), None)]
     );
+}
+
+/// A network namespace of this test's own, joined to this one by a veth
+/// pair (10.213.N.1 here, 10.213.N.2 there) with `tc netem` on both ends;
+/// removed on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+    peer: std::net::Ipv4Addr,
+}
+
+impl Netns {
+    /// Sets it up, or says which step the machine refused.
+    fn create(netem: &str) -> Result<Netns, String> {
+        let pid = std::process::id();
+        let net = pid % 250;
+        let ns = Netns {
+            name: format!("fmq{pid}"),
+            host_if: format!("fmqh{}", pid % 10_000_000),
+            peer: std::net::Ipv4Addr::new(10, 213, net as u8, 2),
+        };
+        let peer_if = format!("fmqn{}", pid % 10_000_000);
+        let host_addr = format!("10.213.{net}.1/30");
+        let peer_addr = format!("10.213.{net}.2/30");
+        let netem: Vec<&str> = netem.split_whitespace().collect();
+        let ip_netns = ["ip", "netns", "exec", ns.name.as_str()];
+        let mut steps: Vec<Vec<&str>> = vec![
+            vec!["ip", "netns", "add", &ns.name],
+            vec![
+                "ip",
+                "link",
+                "add",
+                &ns.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer_if,
+            ],
+            vec!["ip", "link", "set", &peer_if, "netns", &ns.name],
+            vec!["ip", "addr", "add", &host_addr, "dev", &ns.host_if],
+            vec!["ip", "link", "set", &ns.host_if, "up"],
+        ];
+        for inside in [
+            vec!["ip", "addr", "add", &peer_addr, "dev", &peer_if],
+            vec!["ip", "link", "set", &peer_if, "up"],
+            vec!["ip", "link", "set", "lo", "up"],
+        ] {
+            steps.push(ip_netns.iter().copied().chain(inside).collect());
+        }
+        let mut host_netem = vec!["tc", "qdisc", "add", "dev", &ns.host_if, "root", "netem"];
+        host_netem.extend(&netem);
+        let mut peer_netem: Vec<&str> = ip_netns.to_vec();
+        peer_netem.extend(["tc", "qdisc", "add", "dev", &peer_if, "root", "netem"]);
+        peer_netem.extend(&netem);
+        steps.push(host_netem);
+        steps.push(peer_netem);
+        for step in steps {
+            let out = std::process::Command::new(step[0])
+                .args(&step[1..])
+                .output()
+                .map_err(|e| format!("`{}`: {e}", step.join(" ")))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "`{}`: {}",
+                    step.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for args in [
+            vec!["link", "del", self.host_if.as_str()],
+            vec!["netns", "del", self.name.as_str()],
+        ] {
+            let _ = std::process::Command::new("ip")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn ferry_batches_take_each_message_once_over_a_link_with_latency_loss_and_reordering() {
+    // Half the link's packets late, 2 % lost, a quarter reordered.
+    let ns = match Netns::create("delay 20ms 10ms loss 2% reorder 25% 50%") {
+        Ok(ns) => ns,
+        Err(why) => {
+            // Kernels without the netem qdisc (sch_netem) cannot run this.
+            eprintln!("SKIPPED: no network namespace with netem on this machine: {why}");
+            return;
+        }
+    };
+    let regional_dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "data_dir = {:?}\n[[listener]]\nbind = \"{}:{}\"\n\
+         [auth]\nallow_anonymous_remote = true\n{TRUSTED}",
+        regional_dir.path().join("data").display().to_string(),
+        ns.peer,
+        free_port(),
+    );
+    let path = regional_dir.path().join("ferrymq.toml");
+    std::fs::write(&path, config).unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    let regional = Broker::start_under(&["ip", "netns", "exec", &ns.name], &path, config_dir);
+    let mut observer = subscriber(regional.addr, "observer", "site/#");
+    let edge_data = tempfile::tempdir().unwrap();
+    let edge = Broker::start_at(
+        edge_data.path(),
+        &bridge_config(
+            "edge-1",
+            regional.addr.port(),
+            "data/#",
+            "site/",
+            "kind = \"ferrymq\"\nbatch_size = 50",
+        )
+        .replace("127.0.0.1", &ns.peer.to_string()),
+    );
+    const COUNT: u32 = 2_000;
+    publish_numbers(edge.addr, 0..COUNT);
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < COUNT as usize && Instant::now() < deadline {
+        got.extend(delivered(&mut observer).into_iter().map(|(p, _)| p));
+    }
+    let expected: Vec<String> = (0..COUNT).map(|n| n.to_string()).collect();
+    assert_eq!(got, expected, "each once, in order");
+    drop((edge, regional));
 }

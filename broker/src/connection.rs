@@ -44,6 +44,7 @@ use crate::rate::PublishRate;
 use crate::router::{RouteCache, Subscriber};
 use crate::session::{Control, Inflight, SessionState};
 use crate::shared_sub::{Member, SharedGroup};
+use crate::state::STAMP_PROPERTY;
 use crate::stats::Stats;
 use crate::storage::{self, Batch, Durable, SessionRecord, StoreOp, SubscriptionRecord, Ticket};
 
@@ -1541,19 +1542,19 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
 
     /// The `ferry-id` of a message from a trusted bridge (QoS 1 and 2:
     /// a QoS 0 message is never resent), which de-duplicates it. Other
-    /// clients' ids are removed, so that no client can make a receiver
-    /// further on drop another node's messages by forging ids.
+    /// clients' ids and state stamps (`ferry-stamp`) are removed, so that
+    /// no client can make a receiver further on drop another node's
+    /// messages by forging ids, or win a state topic by forging a stamp
+    /// (its write is stamped on arrival instead).
     fn message_id(&self, message: &mut Arc<Message>) -> Option<MessageId> {
         let is_id = |(key, _): &(MqttString, MqttString)| key.as_str() == MESSAGE_ID_PROPERTY;
-        if !message.properties.user_properties.iter().any(is_id) {
+        let is_ferry = |p: &(MqttString, MqttString)| is_id(p) || p.0.as_str() == STAMP_PROPERTY;
+        if !message.properties.user_properties.iter().any(is_ferry) {
             return None;
         }
         if !self.trusted {
             if !self.in_process {
-                Arc::make_mut(message)
-                    .properties
-                    .user_properties
-                    .retain(|p| !is_id(p));
+                strip_ferry_properties(&mut Arc::make_mut(message).properties);
             }
             return None;
         }
@@ -2047,9 +2048,10 @@ pub(crate) fn delay_will(
     crate::session::PendingWill(trigger)
 }
 
-/// The message a will becomes.
+/// The message a will becomes: a client's will never carries a message
+/// id or a state stamp (see `Conn::message_id`).
 fn will_message(will: Will, origin: SessionId) -> Arc<Message> {
-    Arc::new(Message {
+    let mut message = Message {
         topic: will.topic,
         payload: will.payload,
         qos: will.qos,
@@ -2065,7 +2067,16 @@ fn will_message(will: Will, origin: SessionId) -> Arc<Message> {
         },
         origin,
         expires_at: Message::expiry_from(will.properties.message_expiry_interval, Instant::now()),
-    })
+    };
+    strip_ferry_properties(&mut message.properties);
+    Arc::new(message)
+}
+
+/// Removes the `ferry-id` and `ferry-stamp` user properties.
+fn strip_ferry_properties(properties: &mut ferrymq_codec::PublishProperties) {
+    properties
+        .user_properties
+        .retain(|(k, _)| k.as_str() != MESSAGE_ID_PROPERTY && k.as_str() != STAMP_PROPERTY);
 }
 
 /// Routes a will like a publish from its (gone) client.

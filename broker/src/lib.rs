@@ -58,6 +58,7 @@ mod router;
 mod server;
 mod session;
 mod shared_sub;
+pub mod state;
 mod stats;
 pub mod storage;
 mod tls;
@@ -179,6 +180,8 @@ pub(crate) struct Shared {
     pub(crate) per_address: parking_lot::Mutex<HashMap<std::net::IpAddr, u32>>,
     /// The message ids taken from trusted bridges (`[ferry]`).
     pub(crate) dedup: parking_lot::Mutex<dedup::Dedup>,
+    /// The state topics and their clock (`[state]`; `None` without topics).
+    pub(crate) state: Option<state::StateTopics>,
     /// The TLS settings of each listener (`None` for `tcp` and `ws`), by
     /// index; a reload replaces them.
     pub(crate) tls: parking_lot::RwLock<Vec<Option<server::Tls>>>,
@@ -295,6 +298,8 @@ impl Broker {
         auth_methods: Vec<Arc<dyn auth::AuthMethod>>,
     ) -> Result<Broker, StartError> {
         config.validate()?;
+        let mut config = config;
+        state::add_bridge_rules(&mut config);
         let users = match &config.auth.password_file {
             Some(path) => Some(
                 users::Users::load(path).map_err(|source| StartError::Users {
@@ -347,6 +352,8 @@ impl Broker {
         let first_session = recovered.next_session_number.max(1);
         // No more than the Receive Maximum can be in flight from a sender.
         let dedup_bound = usize::from(config.limits.receive_maximum);
+        let state = (!config.state.topics.is_empty())
+            .then(|| state::StateTopics::new(&config.state, identity.uuid, recovered.state_clock));
         let shared = Arc::new_cyclic(|this| Shared {
             config,
             router: router::Router::default(),
@@ -370,6 +377,7 @@ impl Broker {
             auth_log: stats::LogLimiter::new(Duration::from_secs(10)),
             per_address: parking_lot::Mutex::default(),
             dedup: parking_lot::Mutex::new(dedup::Dedup::new(dedup_bound)),
+            state,
             tls: parking_lot::RwLock::new(tls),
             this: this.clone(),
         });
@@ -531,16 +539,37 @@ fn restore(shared: &Shared, recovered: Recovered) {
         over_limit += u64::from(over);
         over
     };
+    let mut state = shared.state.as_ref().map(state::StateTopics::lock);
     for message in recovered.retained {
         if too_deep(&message.topic) {
             continue;
         }
+        let stamped = state
+            .as_mut()
+            .filter(|_| {
+                shared
+                    .state
+                    .as_ref()
+                    .is_some_and(|s| s.covers(&message.topic))
+            })
+            .and_then(|guard| Some((guard, state::Stamp::of(&message)?)));
         if message.is_expired(now) {
+            cleanup.push(storage::StoreOp::RetainedDelete(message.topic.clone()));
+        } else if let Some((guard, stamp)) = stamped {
+            // A state value or tombstone: the clock stays above its stamp.
+            guard.recovered(stamp);
+            if message.payload.is_empty() {
+                guard.tombstone(&message.topic, stamp, None);
+            }
+            shared.retained.put(message, 0);
+        } else if message.payload.is_empty() {
+            // A tombstone of a topic that is no longer a state topic.
             cleanup.push(storage::StoreOp::RetainedDelete(message.topic.clone()));
         } else {
             shared.retained.set(message, 0);
         }
     }
+    drop(state);
     // Messages in flight are not paged in again from their queue.
     let mut in_flight: HashMap<u64, HashSet<u64>> = HashMap::new();
     for s in &recovered.sessions {
@@ -711,6 +740,7 @@ async fn expire_sessions(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         forget_idle_origins(&shared);
+        collect_tombstones(&shared);
         let expired = shared.sessions.take_expired(tokio::time::Instant::now());
         if expired.is_empty() {
             continue;
@@ -743,6 +773,28 @@ fn forget_idle_origins(shared: &Shared) {
     let mut batch = storage::Batch::new(shared.store.as_ref());
     for origin in forgotten {
         batch.push(storage::StoreOp::DedupForget { origin });
+    }
+    batch.submit();
+}
+
+/// Removes the state tombstones older than `[state] tombstone_ttl_secs`.
+fn collect_tombstones(shared: &Shared) {
+    let Some(topics) = &shared.state else {
+        return;
+    };
+    let mut guard = topics.lock();
+    let expired = guard.expired_tombstones(state::wall_ms());
+    if expired.is_empty() {
+        return;
+    }
+    let mut batch = storage::Batch::new(shared.store.as_ref());
+    for (stamp, topic) in expired {
+        let still_it =
+            |m: &message::Message| m.payload.is_empty() && state::Stamp::of(m) == Some(stamp);
+        if shared.retained.remove_where(&topic, still_it) {
+            Stats::add(&shared.stats.state_tombstones_collected, 1);
+            batch.push(storage::StoreOp::RetainedDelete(topic));
+        }
     }
     batch.submit();
 }

@@ -13,6 +13,7 @@ use crate::engine::RouteOutcome;
 use crate::message::{Message, MessageId, SessionId};
 use crate::outbox::{Delivery, Outbox, Pushed};
 use crate::router::{Route, RouteCache};
+use crate::state::{self, Stamp};
 use crate::stats::Stats;
 use crate::storage::{Batch, StoreOp, Ticket};
 
@@ -100,6 +101,29 @@ pub(crate) fn route(
             });
         }
     }
+    // A state value (`[state]`): stamped, and taken only if it is newer
+    // than the value held. Stamp, set and store ticket are taken under
+    // one lock, so the set and the store keep the stamps' order.
+    let mut message = message;
+    let mut state = None;
+    if message.retain
+        && let Some(topics) = shared.state.as_ref().filter(|s| s.covers(&message.topic))
+    {
+        let mut guard = topics.lock();
+        let held = shared.retained.get(&message.topic);
+        let held_stamp = held.as_deref().and_then(Stamp::of);
+        let Some(stamp) = guard.write(Stamp::of(&message), held_stamp, state::wall_ms()) else {
+            Stats::add(&shared.stats.state_writes_superseded, 1);
+            return Routing::Done(RouteOutcome {
+                ticket: 0,
+                matched: 1,
+                refused: false,
+            });
+        };
+        stamp.put_on(&mut message);
+        let held_tombstone = held.filter(|m| m.payload.is_empty()).and(held_stamp);
+        state = Some((guard, stamp, held_tombstone));
+    }
     let stored_target = message.qos != QoS::AtMostOnce
         && targets(&routes, origin).any(|r| r.outbox.stores(message.qos.min(r.qos)));
     let hold = hold_qos2.filter(|_| persistent);
@@ -113,8 +137,18 @@ pub(crate) fn route(
             packet_id,
         });
     }
-    // Setting always writes; clearing writes only what existed.
-    if message.retain
+    if let Some((mut guard, stamp, held_tombstone)) = state {
+        // Held even when cleared: the tombstone keeps older values out.
+        shared.retained.put(message.clone(), ticket);
+        batch.push(StoreOp::RetainedPut(message.clone()));
+        batch.push(StoreOp::StateClock(guard.clock()));
+        match (message.payload.is_empty(), held_tombstone) {
+            (true, previous) => guard.tombstone(&message.topic, stamp, previous),
+            (false, Some(previous)) => guard.untombstone(&message.topic, previous),
+            (false, None) => {}
+        }
+    } else if message.retain
+        // Setting always writes; clearing writes only what existed.
         && (shared.retained.set(message.clone(), ticket) || !message.payload.is_empty())
     {
         batch.push(if message.payload.is_empty() {

@@ -262,10 +262,17 @@ impl Retained {
     /// Sets (non-empty payload) or clears (empty payload) the retained
     /// message of the message's topic. Returns whether one existed before.
     pub fn set(&self, message: Arc<Message>, ticket: Ticket) -> bool {
-        let mut tree = self.tree.write();
         if message.payload.is_empty() {
-            return remove(&mut tree.root, &message.topic);
+            return remove(&mut self.tree.write().root, &message.topic);
         }
+        self.put(message, ticket).is_some()
+    }
+
+    /// Holds `message` as its topic's entry, even with an empty payload (a
+    /// state tombstone, `state.rs`: held, never delivered). Returns the
+    /// entry's message before.
+    pub fn put(&self, message: Arc<Message>, ticket: Ticket) -> Option<Arc<Message>> {
+        let mut tree = self.tree.write();
         tree.version += 1;
         let version = tree.version;
         let mut node = &mut tree.root;
@@ -278,28 +285,28 @@ impl Retained {
                 ticket,
                 version,
             })
-            .is_some()
+            .map(|e| e.message)
+    }
+
+    /// The message held for `topic` (a state tombstone included).
+    pub fn get(&self, topic: &str) -> Option<Arc<Message>> {
+        held(&self.tree.read().root, topic).cloned()
+    }
+
+    /// Removes the entry of `topic` if `pred` holds for its message;
+    /// returns whether it did.
+    pub fn remove_where(&self, topic: &str, pred: impl FnOnce(&Message) -> bool) -> bool {
+        let mut tree = self.tree.write();
+        if !held(&tree.root, topic).is_some_and(|m| pred(m)) {
+            return false;
+        }
+        remove(&mut tree.root, topic)
     }
 
     /// Removes the retained message of `topic` if it has expired at `now`;
     /// returns whether it did.
     pub fn remove_expired(&self, topic: &str, now: tokio::time::Instant) -> bool {
-        let mut tree = self.tree.write();
-        let mut node = &tree.root;
-        for level in topic.split('/') {
-            match node.children.get(level) {
-                Some(child) => node = child,
-                None => return false,
-            }
-        }
-        if !node
-            .entry
-            .as_ref()
-            .is_some_and(|e| e.message.is_expired(now))
-        {
-            return false;
-        }
-        remove(&mut tree.root, topic)
+        self.remove_where(topic, |m| m.is_expired(now))
     }
 
     /// A cursor over the retained messages matching the (valid,
@@ -363,6 +370,15 @@ impl Retained {
     pub fn is_empty(&self) -> bool {
         self.tree.read().root.is_empty()
     }
+}
+
+/// The message held for `topic`.
+fn held<'t>(root: &'t Node, topic: &str) -> Option<&'t Arc<Message>> {
+    let mut node = root;
+    for level in topic.split('/') {
+        node = node.children.get(level)?;
+    }
+    node.entry.as_ref().map(|e| &e.message)
 }
 
 /// Clears the entry of `topic` and prunes the nodes left empty.
@@ -480,7 +496,12 @@ impl<'f> Walk<'f> {
             }
         };
         let entry = frame.node.entry.as_ref()?;
-        (matches && !frame.on_path && entry.version <= self.up_to_version).then_some(entry)
+        // A state tombstone (empty payload) is held, never delivered.
+        (matches
+            && !frame.on_path
+            && entry.version <= self.up_to_version
+            && !entry.message.payload.is_empty())
+        .then_some(entry)
     }
 
     /// The children of the frame's node the walk visits: those its filter

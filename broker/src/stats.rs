@@ -42,6 +42,11 @@ pub struct Stats {
     /// Messages from trusted bridges dropped (and acknowledged) because
     /// their `ferry-id` was taken before.
     pub duplicates_dropped: AtomicU64,
+    /// State writes (`[state]`) acknowledged and dropped because the value
+    /// held was stamped later (or was the same write).
+    pub state_writes_superseded: AtomicU64,
+    /// State tombstones collected after `tombstone_ttl_secs`.
+    pub state_tombstones_collected: AtomicU64,
     /// Subscriptions refused by `max_subscriptions_per_client`.
     pub subscriptions_refused: AtomicU64,
     /// Publishes (wills included) and subscriptions the ACL refused.

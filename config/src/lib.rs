@@ -86,6 +86,39 @@ pub struct Config {
     /// `[ferry]`: this node as the receiving end of other ferrymq nodes'
     /// bridges.
     pub ferry: Ferry,
+    /// `[state]`: topics whose retained values are merged across nodes.
+    pub state: State,
+}
+
+/// `[state]`: retained values merged across nodes as last-writer-wins
+/// registers stamped with a hybrid logical clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    /// `topics`: topic filters (`+` and `#` allowed, no `$share/`) whose
+    /// retained messages are state: each carries a stamp (the `ferry-stamp`
+    /// user property), the latest stamp wins on every node, a cleared
+    /// value is a stamped tombstone, and every bridge carries these
+    /// topics both ways. Default: none.
+    pub topics: Vec<String>,
+    /// `max_clock_skew_secs`: a stamp from another node at most this far
+    /// ahead of this node's clock is taken as it is; one further ahead is
+    /// pulled back to it, so one node's wrong clock cannot win for ever.
+    /// Default: 60 seconds. Range: 1 ..= 31536000.
+    pub max_clock_skew: Duration,
+    /// `tombstone_ttl_secs`: how long a cleared value's tombstone is kept
+    /// (it stops an older value coming back from a node that was away).
+    /// Default: 30 days. Range: 60 ..= 4294967295 seconds.
+    pub tombstone_ttl: Duration,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            topics: Vec::new(),
+            max_clock_skew: Duration::from_secs(60),
+            tombstone_ttl: Duration::from_secs(30 * 86_400),
+        }
+    }
 }
 
 /// `[ferry]`: whose message ids this node honours, and for how long.
@@ -621,6 +654,7 @@ impl Default for Config {
             storage: Storage::default(),
             bridges: Vec::new(),
             ferry: Ferry::default(),
+            state: State::default(),
         }
     }
 }

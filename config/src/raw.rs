@@ -20,7 +20,7 @@ use crate::validate::{self, IntRange};
 use crate::{
     Auth, Bridge, BridgeAddress, BridgeKind, BridgeProtocol, BridgeTls, Config, ConfigError,
     Direction, Durability, Ferry, Forward, IdentityFrom, Lane, Limits, Listener, ListenerProtocol,
-    ListenerTls, MinTls, QueueFull, Storage, hint,
+    ListenerTls, MinTls, QueueFull, State, Storage, hint,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -34,6 +34,15 @@ pub(crate) struct RawConfig {
     storage: Option<RawStorage>,
     bridge: Option<Vec<RawBridge>>,
     ferry: Option<RawFerry>,
+    state: Option<RawState>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a [state] table")]
+struct RawState {
+    topics: Option<Vec<String>>,
+    max_clock_skew_secs: Option<Int>,
+    tombstone_ttl_secs: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,8 +170,9 @@ pub(crate) const TABLES: &[Table] = &[
         path: &[],
         keys: &[
             "node_id", "data_dir", "listener", "auth", "limits", "storage", "bridge", "ferry",
+            "state",
         ],
-        planned: &["state", "metrics"],
+        planned: &["metrics"],
     },
     Table {
         header: "[[listener]]",
@@ -277,6 +287,12 @@ pub(crate) const TABLES: &[Table] = &[
         header: "[ferry]",
         path: &["ferry"],
         keys: &["trusted_clients", "forget_after_secs"],
+        planned: &[],
+    },
+    Table {
+        header: "[state]",
+        path: &["state"],
+        keys: &["topics", "max_clock_skew_secs", "tombstone_ttl_secs"],
         planned: &[],
     },
 ];
@@ -544,6 +560,10 @@ impl RawConfig {
                 .ferry
                 .unwrap_or_default()
                 .into_ferry(defaults.ferry, errors),
+            state: self
+                .state
+                .unwrap_or_default()
+                .into_state(defaults.state, errors),
         };
         (config, unusable_binds)
     }
@@ -558,6 +578,28 @@ impl RawFerry {
                 "ferry.forget_after_secs",
                 &validate::FORGET_AFTER_SECS,
                 defaults.forget_after.as_secs(),
+                errors,
+            )),
+        }
+    }
+}
+
+impl RawState {
+    fn into_state(self, defaults: State, errors: &mut Vec<ConfigError>) -> State {
+        State {
+            topics: self.topics.unwrap_or(defaults.topics),
+            max_clock_skew: Duration::from_secs(narrow(
+                self.max_clock_skew_secs.map(|Int(v)| v),
+                "state.max_clock_skew_secs",
+                &validate::CLOCK_SKEW_SECS,
+                defaults.max_clock_skew.as_secs(),
+                errors,
+            )),
+            tombstone_ttl: Duration::from_secs(narrow(
+                self.tombstone_ttl_secs.map(|Int(v)| v),
+                "state.tombstone_ttl_secs",
+                &validate::FORGET_AFTER_SECS,
+                defaults.tombstone_ttl.as_secs(),
                 errors,
             )),
         }
@@ -1285,6 +1327,7 @@ mod tests {
             fields_of::<RawBridgeTls>(),
             fields_of::<RawForward>(),
             fields_of::<RawFerry>(),
+            fields_of::<RawState>(),
         ];
         let actual: Vec<&[&str]> = TABLES.iter().map(|t| t.keys).collect();
         assert_eq!(actual, expected);

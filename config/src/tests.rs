@@ -1069,7 +1069,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         [storage]
         max_connections = 10
         topic_alias_maximum = 0
-        [state]
+        [metrics]
         "#,
         &[
             "max_connections: unknown key; `max_connections` belongs in [limits]",
@@ -1079,7 +1079,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
             "limits.durability: unknown key; `durability` belongs in [storage]",
             "storage.max_connections: unknown key; `max_connections` belongs in [limits]",
             "storage.topic_alias_maximum: unknown key; `topic_alias_maximum` belongs in [limits]",
-            "state: unknown key; `state` is not available yet in this version",
+            "metrics: unknown key; `metrics` is not available yet in this version",
         ],
     );
 }
@@ -2366,7 +2366,7 @@ fn bridge_tls() {
 #[test]
 fn bridge_forward_rules() {
     let missing = "bridge[0].forward: missing or empty; every [[bridge]] needs at least one \
-                   forward rule, like forward = [ { filter = \"sensors/#\" } ]";
+                   forward rule (or [state] topics), like forward = [ { filter = \"sensors/#\" } ]";
     check_err(
         "[[bridge]]\nname = \"regional\"\naddresses = [\"10.0.0.5:1883\"]",
         &[missing],
@@ -2733,7 +2733,7 @@ fn every_bridge_problem_reported_at_once() {
             "bridge[1].addresses: missing or empty; every [[bridge]] needs at least one address, \
              like addresses = [\"broker.example.com:1883\"]",
             "bridge[1].forward: missing or empty; every [[bridge]] needs at least one forward \
-             rule, like forward = [ { filter = \"sensors/#\" } ]",
+             rule (or [state] topics), like forward = [ { filter = \"sensors/#\" } ]",
             "bridge[2].name: \"up-2\" is already used by bridge[1]",
             "bridge[2].forward[0].filter: \"$share/g/#\" is a shared subscription, which a \
              bridge cannot use; write the filter without \"$share/{group}/\"",
@@ -2968,6 +2968,31 @@ fn ferry_trusted_clients_and_forget_after() {
     check_err(
         "[ferry]\ntrusted_client = [\"edge-*\"]",
         &["ferry.trusted_client: unknown key; did you mean `trusted_clients`?"],
+    );
+}
+
+#[test]
+fn state_topics_skew_and_tombstones() {
+    check_ok(
+        "[state]\ntopics = [\"shadow/#\", \"cfg/+/mode\"]\nmax_clock_skew_secs = 5\n\
+         tombstone_ttl_secs = 600",
+        |c| {
+            c.state.topics = vec!["shadow/#".into(), "cfg/+/mode".into()];
+            c.state.max_clock_skew = Duration::from_secs(5);
+            c.state.tombstone_ttl = Duration::from_secs(600);
+        },
+    );
+    check_err(
+        "[state]\ntopics = [\"a/#/b\", \"$share/g/x\"]\nmax_clock_skew_secs = 0\n\
+         tombstone_ttl_secs = 59",
+        &[
+            "state.topics[0]: \"a/#/b\" is not a topic filter: '#' must be the whole last level \
+             of a filter",
+            "state.topics[1]: \"$share/g/x\" is a shared subscription; state topics are plain \
+             filters",
+            "state.max_clock_skew_secs: must be between 1 and 31536000 seconds, got 0",
+            "state.tombstone_ttl_secs: must be between 60 and 4294967295 seconds, got 59",
+        ],
     );
 }
 

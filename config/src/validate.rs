@@ -122,6 +122,13 @@ pub(crate) const FORGET_AFTER_SECS: IntRange = IntRange {
     unit: " seconds",
 };
 
+/// `[state] max_clock_skew_secs`: a second to a year.
+pub(crate) const CLOCK_SKEW_SECS: IntRange = IntRange {
+    lo: 1,
+    hi: 365 * 86_400,
+    unit: " seconds",
+};
+
 /// Aliases we send are bounded by the client's 16-bit Topic Alias Maximum;
 /// 0 means we never send one.
 pub(crate) const SERVER_TOPIC_ALIASES: IntRange = IntRange {
@@ -273,6 +280,37 @@ pub(crate) fn check(config: &Config, unusable_binds: &[usize], errors: &mut Vec<
         check_bridge(config, i, bridge, errors);
     }
     check_ferry(config, errors);
+    check_state(config, errors);
+}
+
+fn check_state(config: &Config, errors: &mut Vec<ConfigError>) {
+    let state = &config.state;
+    for (i, filter) in state.topics.iter().enumerate() {
+        let key = format!("state.topics[{i}]");
+        if filter.starts_with(SHARED_PREFIX) {
+            errors.push(ConfigError::new(
+                key,
+                format!("{filter:?} is a shared subscription; state topics are plain filters"),
+            ));
+        } else if let Err(e) = validate_topic_filter(filter) {
+            errors.push(ConfigError::new(
+                key,
+                format!("{filter:?} is not a topic filter: {e}"),
+            ));
+        }
+    }
+    check_secs(
+        &CLOCK_SKEW_SECS,
+        "state.max_clock_skew_secs",
+        state.max_clock_skew,
+        errors,
+    );
+    check_secs(
+        &FORGET_AFTER_SECS,
+        "state.tombstone_ttl_secs",
+        state.tombstone_ttl,
+        errors,
+    );
 }
 
 fn check_ferry(config: &Config, errors: &mut Vec<ConfigError>) {
@@ -671,11 +709,12 @@ fn check_bridge(config: &Config, index: usize, bridge: &Bridge, errors: &mut Vec
         check_tls(&key("tls"), tls, errors);
     }
 
-    if bridge.forward.is_empty() {
+    // `[state] topics` are carried by every bridge: they are rules too.
+    if bridge.forward.is_empty() && config.state.topics.is_empty() {
         errors.push(ConfigError::new(
             key("forward"),
-            "missing or empty; every [[bridge]] needs at least one forward rule, like \
-             forward = [ { filter = \"sensors/#\" } ]",
+            "missing or empty; every [[bridge]] needs at least one forward rule (or \
+             [state] topics), like forward = [ { filter = \"sensors/#\" } ]",
         ));
     }
     for (j, rule) in bridge.forward.iter().enumerate() {

@@ -53,6 +53,16 @@ pub fn add_user(file: &Path, user: &str, password: &str) {
     assert!(ok, "ferrymq passwd {user}: {err}");
 }
 
+/// A loopback port free right now (for a node that must keep its port
+/// across a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
 /// A `ferrymq` process with its own data directory, killed on drop.
 pub struct Broker {
     child: Child,
@@ -104,7 +114,21 @@ impl Broker {
     /// Starts the broker on an existing config file that has exactly one
     /// listener (port 0 allowed).
     pub fn start_with_file(config: &Path, dir: tempfile::TempDir) -> Broker {
-        let mut child = Command::new(binary())
+        Self::start_under(&[], config, dir)
+    }
+
+    /// [`Broker::start_with_file`], run by `wrapper` (a command and its
+    /// arguments, e.g. `faketime -f -1h`) when it is not empty.
+    pub fn start_under(wrapper: &[&str], config: &Path, dir: tempfile::TempDir) -> Broker {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = command
             .arg("--config")
             .arg(config)
             .env(

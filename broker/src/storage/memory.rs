@@ -37,6 +37,7 @@ struct State {
     retained: HashMap<MqttString, Arc<Message>>,
     /// Above every session number seen.
     next_number: u64,
+    state_clock: u64,
     /// De-duplication origins: floor, last take, marks.
     dedup: BTreeMap<DedupOrigin, (u64, u64, BTreeSet<u64>)>,
 }
@@ -115,6 +116,7 @@ impl State {
             O::RetainedDelete(topic) => {
                 self.retained.remove(&topic);
             }
+            O::StateClock(reading) => self.state_clock = self.state_clock.max(reading),
             O::GroupPut {
                 number,
                 name,
@@ -358,6 +360,7 @@ impl Store for MemoryStore {
                 })
                 .collect(),
             next_session_number: state.next_number,
+            state_clock: state.state_clock,
             corrupt: 0,
             previous_run_ms: self.clock.now_ms(),
         })

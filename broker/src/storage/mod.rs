@@ -256,6 +256,9 @@ pub enum StoreOp {
         /// The origin.
         origin: DedupOrigin,
     },
+    /// The state clock's reading (`[state]`), in the batch of the state
+    /// write that took it: the stored value only ever grows.
+    StateClock(u64),
 }
 
 /// What the store kept of one de-duplication origin.
@@ -356,6 +359,8 @@ pub struct Recovered {
     pub next_session_number: u64,
     /// De-duplication origins (`[ferry]`).
     pub dedup: Vec<RecoveredOrigin>,
+    /// The highest state clock reading stored (0: none).
+    pub state_clock: u64,
     /// Records that could not be read and were skipped.
     pub corrupt: u64,
     /// Broker time last saved by the previous run (at most one save

@@ -8,7 +8,7 @@
 //!
 //! | family | key | value |
 //! |---|---|---|
-//! | `meta` | `schema`, `node_uuid`, `epoch`, `next_session`, `clock` | u32 schema version; 16 random bytes; u64 run counter (bumped and synced at every start); u64 above every session or group number (max-merge); u64 broker ms + u64 wall ms at the last save |
+//! | `meta` | `schema`, `node_uuid`, `epoch`, `next_session`, `clock`, `state_clock` | u32 schema version; 16 random bytes; u64 run counter (bumped and synced at every start); u64 above every session or group number (max-merge); u64 broker ms + u64 wall ms at the last save; u64 the highest `[state]` clock reading (max-merge) |
 //! | `sessions` | session number | client id, expiry, offline since (broker ms), pending will |
 //! | `subscriptions` | session number ++ topic filter | options byte, subscription identifier |
 //! | `queues` | queue number ++ sequence | delivery QoS / RETAIN / identifiers, then the message |
@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ferrymq_codec::MqttString;
 use ferrymq_config::Durability;
@@ -203,11 +203,7 @@ fn merge_max(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> 
     Some(max.to_be_bytes().to_vec())
 }
 
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::state::wall_ms;
 
 /// How long WAL syncs took: a histogram with power-of-two buckets of
 /// microseconds (bucket `i` holds durations below 2^i µs).
@@ -656,6 +652,11 @@ impl RocksStore {
             .map_err(|e| db_error("reading the session counter", e))?
             .and_then(|v| big_u64(&v))
             .unwrap_or(1);
+        let state_clock = db
+            .get_cf(cf(db, META)?, b"state_clock")
+            .map_err(|e| db_error("reading the state clock", e))?
+            .and_then(|v| big_u64(&v))
+            .unwrap_or(0);
         if corrupt > 0 {
             warn!(corrupt, "skipped unreadable records at start");
         }
@@ -665,6 +666,7 @@ impl RocksStore {
             retained,
             dedup: dedup.into_values().collect(),
             next_session_number,
+            state_clock,
             corrupt,
             previous_run_ms: self.previous_run_ms,
         })
@@ -983,6 +985,9 @@ fn add(
                 key_dedup(&origin, 0, 0),
                 key_dedup(&origin, 2, 0),
             );
+        }
+        O::StateClock(reading) => {
+            batch.merge_cf(cf(db, META)?, b"state_clock", reading.to_be_bytes());
         }
     }
     Ok(())
