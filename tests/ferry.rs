@@ -281,13 +281,51 @@ fn an_edge_bridge_into_a_ferrymq_regional_delivers_each_message_once_across_cuts
 fn ferry_batches_into_a_ferrymq_regional_deliver_each_message_once_across_cuts_and_kills() {
     let edge_status = edge_into_regional("kind = \"ferrymq\"\nbatch_size = 64");
     // Batches were granted and used.
-    let sent: u64 = edge_status
+    assert!(batches_sent(&edge_status) > 0, "{edge_status}");
+}
+
+/// The batches a bridge status says were sent.
+fn batches_sent(status: &str) -> u64 {
+    status
         .split("ferry batches: ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no batches in the status:\n{edge_status}"));
-    assert!(sent > 0, "{edge_status}");
+        .unwrap_or_else(|| panic!("no batches in the status:\n{status}"))
+}
+
+#[test]
+fn a_batch_that_is_not_full_waits_batch_linger_ms_for_more() {
+    let regional = Broker::start(TRUSTED);
+    let mut observer = subscriber(regional.addr, "observer", "site/#");
+    let edge_data = tempfile::tempdir().unwrap();
+    let config = bridge_config(
+        "edge-1",
+        regional.addr.port(),
+        "data/#",
+        "site/",
+        "kind = \"ferrymq\"\nbatch_size = 100\nbatch_linger_ms = 3000",
+    );
+    let edge = Broker::start_at(edge_data.path(), &config);
+    // Connected (the status says batches were granted) before publishing.
+    let status_file = edge_data.path().join("bridge-status.txt");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&status_file).is_ok_and(|s| s.contains("ferry batches: 0 sent"))
+    {
+        assert!(Instant::now() < deadline, "the bridge did not connect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 20 messages, one at a time, well within the linger: one batch.
+    publish_numbers(edge.addr, 0..20);
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 20 && Instant::now() < deadline {
+        got.extend(delivered(&mut observer).into_iter().map(|(p, _)| p));
+    }
+    assert_eq!(got, (0..20).map(|n| n.to_string()).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(1_200));
+    let status = std::fs::read_to_string(&status_file).unwrap();
+    assert_eq!(batches_sent(&status), 1, "{status}");
 }
 
 /// An edge bridge (`kind` keys) into a ferrymq regional node, across a

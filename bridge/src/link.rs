@@ -364,6 +364,36 @@ impl Outbox {
         self.next_key += 1;
     }
 
+    /// With `linger` (`batch_linger_ms`): until when the unsent entries,
+    /// fewer than a full batch of `max_count` messages and `max_bytes`
+    /// payload bytes, wait for more; `None` when they go now.
+    fn linger_until(
+        &self,
+        linger: Duration,
+        max_count: usize,
+        max_bytes: usize,
+        now: Instant,
+    ) -> Option<Instant> {
+        if linger.is_zero() {
+            return None;
+        }
+        let mut unsent = self
+            .entries
+            .range(self.first_unsent..)
+            .map(|(_, e)| e)
+            .filter(|e| e.sent.is_none());
+        let first = unsent.next()?;
+        let (mut count, mut bytes) = (1, first.size);
+        for entry in unsent {
+            count += 1;
+            bytes += entry.size;
+            if count >= max_count || bytes >= max_bytes as u64 {
+                return None;
+            }
+        }
+        Some(first.taken + linger).filter(|at| *at > now && count < max_count)
+    }
+
     fn next_unsent(&self) -> Option<(u64, &Entry)> {
         self.entries
             .range(self.first_unsent..)
@@ -452,6 +482,9 @@ enum Batch {
     Full,
     /// The pace allows more only at this time (a batch may have gone).
     Paced(Instant),
+    /// A batch that is not full waits for more until this time
+    /// (`batch_linger_ms`).
+    Linger(Instant),
 }
 
 /// The next message of the live lane's local session while its outbox
@@ -741,6 +774,8 @@ impl Runner {
             if paced_until.is_some_and(|t| t <= now) {
                 paced_until = None;
             }
+            // Decided anew at every turn.
+            let mut linger_until = None;
             // The live lane first, then the backlog, in the same window.
             for live_lane in [true, false] {
                 if live_lane {
@@ -754,10 +789,20 @@ impl Runner {
                     && paced_until.is_none()
                     && uplink.can_publish()
                 {
-                    match self.send_batch(&mut uplink, &mut pace, now).await {
+                    // The live lane never waits for a fuller batch.
+                    let linger = if live_lane {
+                        Duration::ZERO
+                    } else {
+                        self.config.batch_linger
+                    };
+                    match self.send_batch(&mut uplink, &mut pace, now, linger).await {
                         Batch::Sent => {}
                         Batch::Paced(at) => {
                             paced_until = Some(at);
+                            break;
+                        }
+                        Batch::Linger(at) => {
+                            linger_until = Some(at);
                             break;
                         }
                         Batch::Nothing | Batch::Full => break,
@@ -814,7 +859,10 @@ impl Runner {
                 }
             }
             self.update_pending();
-            let wake_at = [paused_until, paced_until].into_iter().flatten().min();
+            let wake_at = [paused_until, paced_until, linger_until]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 // Cancel-safe: next_event keeps its progress in `uplink`.
                 event = uplink.next_event() => match event {
@@ -938,11 +986,20 @@ impl Runner {
 
     /// Sends the next unsent entries (up to `batch_size` messages and
     /// `batch_bytes`, within the pace) as one ferry batch.
-    async fn send_batch(&mut self, uplink: &mut Uplink, pace: &mut Pace, now: Instant) -> Batch {
+    async fn send_batch(
+        &mut self,
+        uplink: &mut Uplink,
+        pace: &mut Pace,
+        now: Instant,
+        linger: Duration,
+    ) -> Batch {
         let (max_count, max_bytes) = (
             usize::from(self.config.batch_size),
             usize::try_from(self.config.batch_bytes).unwrap_or(usize::MAX),
         );
+        if let Some(at) = self.outbox.linger_until(linger, max_count, max_bytes, now) {
+            return Batch::Linger(at);
+        }
         let mut records = Vec::new();
         let mut keys = Vec::new();
         let mut expired = Vec::new();

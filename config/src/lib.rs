@@ -490,6 +490,11 @@ pub struct Bridge {
     /// one message goes in every batch). Default: 256 KiB. Range: 1 KiB
     /// ..= 64 MiB.
     pub batch_bytes: u64,
+    /// `batch_linger_ms`: with `kind = "ferrymq"`, how long a batch that
+    /// is not full waits for more messages before it goes (the backlog
+    /// lane only; a backlog fills its batches without waiting). 0 sends at
+    /// once. Default: 0. Range: 0 ..= 60000.
+    pub batch_linger: Duration,
     /// `drain_rate`: the most messages per second forwarded upstream, so a
     /// node that reconnects after a long outage cannot flood the upstream
     /// with its backlog. 0 means unlimited. Default: 0. Range: 0 ..=
@@ -735,6 +740,7 @@ impl Default for Bridge {
             inflight: 100,
             batch_size: 500,
             batch_bytes: 256 << 10,
+            batch_linger: Duration::ZERO,
             drain_rate: 0,
             ramp: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(500),
@@ -766,6 +772,7 @@ impl fmt::Debug for Bridge {
             inflight,
             batch_size,
             batch_bytes,
+            batch_linger,
             drain_rate,
             ramp,
             reconnect_min,
@@ -789,6 +796,7 @@ impl fmt::Debug for Bridge {
             .field("inflight", inflight)
             .field("batch_size", batch_size)
             .field("batch_bytes", batch_bytes)
+            .field("batch_linger", batch_linger)
             .field("drain_rate", drain_rate)
             .field("ramp", ramp)
             .field("reconnect_min", reconnect_min)

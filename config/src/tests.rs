@@ -1529,6 +1529,7 @@ fn bridge_defaults() {
             inflight: 100,
             batch_size: 500,
             batch_bytes: 256 << 10,
+            batch_linger: Duration::ZERO,
             drain_rate: 0,
             ramp: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(500),
@@ -1593,6 +1594,7 @@ fn every_bridge_key_parsed() {
         connect_timeout_secs = 5
         session_expiry_secs = 0
         inflight = 20
+        batch_linger_ms = 20
         drain_rate = 500
         ramp_secs = 0
         reconnect_min_ms = 100
@@ -1649,6 +1651,7 @@ fn every_bridge_key_parsed() {
                 inflight: 20,
                 batch_size: 500,
                 batch_bytes: 256 << 10,
+                batch_linger: Duration::from_millis(20),
                 drain_rate: 500,
                 ramp: Duration::ZERO,
                 reconnect_min: Duration::from_millis(100),

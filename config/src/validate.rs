@@ -205,6 +205,12 @@ pub(crate) const BRIDGE_BATCH_BYTES: IntRange = IntRange {
     unit: " bytes",
 };
 
+pub(crate) const BRIDGE_BATCH_LINGER_MS: IntRange = IntRange {
+    lo: 0,
+    hi: 60_000,
+    unit: " milliseconds",
+};
+
 /// Bounded like a Receive Maximum: 16 bits, not 0.
 pub(crate) const BRIDGE_INFLIGHT: IntRange = IntRange {
     lo: 1,
@@ -665,6 +671,12 @@ fn check_bridge(config: &Config, index: usize, bridge: &Bridge, errors: &mut Vec
     BRIDGE_INFLIGHT.check(&key("inflight"), u64::from(bridge.inflight), errors);
     BRIDGE_BATCH_SIZE.check(&key("batch_size"), u64::from(bridge.batch_size), errors);
     BRIDGE_BATCH_BYTES.check(&key("batch_bytes"), bridge.batch_bytes, errors);
+    check_millis(
+        &BRIDGE_BATCH_LINGER_MS,
+        &key("batch_linger_ms"),
+        bridge.batch_linger,
+        errors,
+    );
     if bridge.kind == BridgeKind::Ferrymq && bridge.protocol != BridgeProtocol::V5 {
         errors.push(ConfigError::new(
             key("kind"),
