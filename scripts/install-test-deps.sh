@@ -5,6 +5,9 @@
 # cargo-nextest / cargo-fuzz. Idempotent and quick when all is present.
 set -euo pipefail
 
+# What the build itself needs (a C++ compiler, libclang).
+"$(dirname "$0")/install-build-deps.sh"
+
 PAHO_VERSION=2.1.0
 CARGO_FUZZ_VERSION=0.13.1
 
@@ -23,9 +26,6 @@ command -v stdbuf >/dev/null || apt_packages+=(coreutils)
 # openssl s_client: the TLS listener tests check which versions complete a
 # handshake.
 command -v openssl >/dev/null || apt_packages+=(openssl)
-# The rocksdb crate runs bindgen, which needs libclang (libclang1 alone
-# lacks the headers it parses).
-dpkg -s libclang-dev >/dev/null 2>&1 || apt_packages+=(libclang-dev)
 # libfaketime: the state topic tests run a node whose wall clock is an hour
 # behind.
 command -v faketime >/dev/null || apt_packages+=(faketime)
