@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain, when it is
-# missing: Debian's mosquitto broker and clients, libfaketime, Python paho-mqtt (pinned),
+# missing: Debian's mosquitto broker and clients, libfaketime, chromium, Python paho-mqtt and
+# prometheus-client (pinned),
 # MQTT.js for node (pinned in tests/interop/mqttjs/package-lock.json), and
 # cargo-nextest / cargo-fuzz. Idempotent and quick when all is present.
 set -euo pipefail
@@ -9,6 +10,7 @@ set -euo pipefail
 "$(dirname "$0")/install-build-deps.sh"
 
 PAHO_VERSION=2.1.0
+PROMETHEUS_CLIENT_VERSION=0.21.1
 CARGO_FUZZ_VERSION=0.13.1
 
 as_root() {
@@ -29,6 +31,8 @@ command -v openssl >/dev/null || apt_packages+=(openssl)
 # libfaketime: the state topic tests run a node whose wall clock is an hour
 # behind.
 command -v faketime >/dev/null || apt_packages+=(faketime)
+# Headless chromium: the status page test loads the page in a real browser.
+command -v chromium >/dev/null || apt_packages+=(chromium)
 # node and npm: MQTT.js is the WebSocket listener tests' client.
 command -v node >/dev/null || apt_packages+=(nodejs)
 command -v npm >/dev/null || apt_packages+=(npm)
@@ -41,6 +45,11 @@ fi
 if ! python3 -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_VERSION')" 2>/dev/null; then
   echo "install-test-deps: pip install paho-mqtt==$PAHO_VERSION"
   python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt==$PAHO_VERSION"
+fi
+
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('prometheus-client') != '$PROMETHEUS_CLIENT_VERSION')" 2>/dev/null; then
+  echo "install-test-deps: pip install prometheus-client==$PROMETHEUS_CLIENT_VERSION"
+  python3 -m pip install --quiet --disable-pip-version-check "prometheus-client==$PROMETHEUS_CLIENT_VERSION"
 fi
 
 mqttjs_dir="$(cd "$(dirname "$0")/.." && pwd)/tests/interop/mqttjs"

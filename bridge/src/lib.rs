@@ -73,6 +73,7 @@
 
 pub mod link;
 pub mod node;
+mod ops;
 pub mod pace;
 pub mod status;
 pub mod uplink;

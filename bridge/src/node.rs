@@ -39,6 +39,14 @@ pub enum NodeError {
     /// The broker could not start.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// The metrics port (`[metrics] bind`) could not be bound.
+    #[error("metrics.bind: cannot listen on {bind}: {source}")]
+    Metrics {
+        /// The address.
+        bind: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A bridge could not attach to the broker.
     #[error("bridge {name}: {source}")]
     Bridge {
@@ -53,9 +61,10 @@ pub enum NodeError {
 pub struct Node {
     broker: Broker,
     bridges: Vec<BridgeHandle>,
-    /// Stops the status writer.
+    /// Stops the status writer and the operations tasks.
     stop_tx: watch::Sender<bool>,
     writer: Option<JoinHandle<()>>,
+    ops: crate::ops::Running,
 }
 
 impl Node {
@@ -85,15 +94,25 @@ impl Node {
             }
         }
         let (stop_tx, stop_rx) = watch::channel(false);
-        let writer = (!bridges.is_empty()).then(|| {
-            let monitors: Vec<BridgeMonitor> = bridges.iter().map(|b| b.monitor()).collect();
-            tokio::spawn(write_status(monitors, handle.clone(), stop_rx))
-        });
+        let monitors: Vec<BridgeMonitor> = bridges.iter().map(|b| b.monitor()).collect();
+        let ops = match crate::ops::start(handle.clone(), monitors.clone(), stop_rx.clone()).await {
+            Ok(ops) => ops,
+            Err((bind, source)) => {
+                for b in bridges {
+                    b.stop().await;
+                }
+                broker.shutdown().await;
+                return Err(NodeError::Metrics { bind, source });
+            }
+        };
+        let writer = (!bridges.is_empty())
+            .then(|| tokio::spawn(write_status(monitors, handle.clone(), stop_rx)));
         Ok(Node {
             broker,
             bridges,
             stop_tx,
             writer,
+            ops,
         })
     }
 
@@ -114,6 +133,7 @@ impl Node {
         if let Some(writer) = self.writer {
             let _ = writer.await;
         }
+        self.ops.join().await;
         for bridge in self.bridges {
             bridge.stop().await;
         }

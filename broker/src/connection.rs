@@ -45,7 +45,7 @@ use crate::router::{RouteCache, Subscriber};
 use crate::session::{Control, Inflight, SessionState};
 use crate::shared_sub::{Member, SharedGroup};
 use crate::state::STAMP_PROPERTY;
-use crate::stats::Stats;
+use crate::stats::{Stats, Tally};
 use crate::storage::{self, Batch, Durable, SessionRecord, StoreOp, SubscriptionRecord, Ticket};
 
 /// Above this many bytes waiting to be written, stop reading from the
@@ -1142,7 +1142,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let now = Instant::now();
         let now_ms = shared.clock.now_ms();
         let mut expired = Vec::new();
-        let mut sent = 0;
+        let mut sent = Tally::default();
         let state = loop {
             if self.io.out.len() >= OUT_HIGH_WATER {
                 break Drain::OutFull;
@@ -1161,13 +1161,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 Pop::WaitDurable => break Drain::WaitDurable,
                 Pop::WaitWindow => break Drain::WaitWindow,
             };
-            if self.send(delivery, now) {
-                sent += 1;
-            }
+            self.send(delivery, now, &mut sent);
         };
         // Kept while any is left; a finished one frees its box.
         self.engine.state.replays = (!replays.is_empty()).then_some(replays);
-        Stats::add(&shared.stats.messages_sent, sent);
+        shared.stats.sent.add(&sent);
         if !expired.is_empty() {
             // Expired retained messages are never sent, and go.
             let mut batch = Batch::new(shared.store.as_ref());
@@ -1183,21 +1181,21 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
 
     /// Hands a delivery to the engine and encodes what it sends; whether
     /// it was sent (not dropped as too large or expired, counted).
-    fn send(&mut self, delivery: Delivery, now: Instant) -> bool {
+    /// Encodes a delivery (or drops it, counted), counting what went in
+    /// `sent`.
+    fn send(&mut self, delivery: Delivery, now: Instant, sent: &mut Tally) {
         match self.engine.deliver(delivery, now, &mut self.ops) {
             Delivered::Send(out) => {
                 if let Err(e) = out.view().encode(self.engine.protocol, &mut self.io.out) {
                     warn!(topic = %out.message.topic, "could not encode a delivery: {e}");
                 }
-                true
+                sent.count(out.qos, out.message.payload.len());
             }
             Delivered::TooLarge => {
                 Stats::add(&self.shared.stats.messages_dropped_too_large, 1);
-                false
             }
             Delivered::Expired => {
                 Stats::add(&self.shared.stats.messages_expired, 1);
-                false
             }
         }
     }
@@ -1208,7 +1206,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         durable: Ticket,
         pulled_by: Option<(&Arc<SharedGroup>, &Member)>,
     ) -> Drain {
-        let mut sent = 0;
+        let mut sent = Tally::default();
         let now = Instant::now();
         let member_qos = pulled_by.map_or(QoS::ExactlyOnce, |(_, m)| m.qos);
         // From a group with other members: one message per turn, then the
@@ -1218,7 +1216,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             if self.io.out.len() >= OUT_HIGH_WATER {
                 break Drain::OutFull;
             }
-            if one_per_turn && sent > 0 {
+            if one_per_turn && sent.any() {
                 if let Some((group, _)) = pulled_by {
                     group.wake();
                 }
@@ -1240,11 +1238,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 }
                 None => delivery,
             };
-            if self.send(delivery, now) {
-                sent += 1;
-            }
+            self.send(delivery, now, &mut sent);
         };
-        Stats::add(&self.shared.stats.messages_sent, sent);
+        self.shared.stats.sent.add(&sent);
         state
     }
 
@@ -1408,7 +1404,10 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 mut message,
                 hold_qos2,
             }) => {
-                Stats::add(&self.shared.stats.messages_received, 1);
+                // The node's own `$SYS` reports are not traffic.
+                if !(self.in_process && message.topic.starts_with("$SYS/")) {
+                    (self.shared.stats.received).count(message.qos, message.payload.len());
+                }
                 let id = self.message_id(&mut message);
                 if let Some(id) = &id
                     && self.shared.dedup.lock().is_taken(id)
@@ -1471,7 +1470,10 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let origin = SessionId(self.engine.state.number);
         let (mut ticket, mut matched, mut refused, mut seen_before) = (0, 0, false, false);
         for record in records {
-            Stats::add(&shared.stats.messages_received, 1);
+            shared
+                .stats
+                .received
+                .count(record.qos, record.payload.len());
             let topic = record.topic.as_str();
             let allowed = codec::topic::validate_topic_name(topic).is_ok()
                 && !exceeds_levels(topic, shared.config.limits.max_topic_levels)
@@ -2089,7 +2091,10 @@ pub(crate) fn publish_will_message(
         warn!(topic = %message.topic, "will dropped: its topic is reserved for the bridges");
         return;
     }
-    Stats::add(&shared.stats.messages_received, 1);
+    shared
+        .stats
+        .received
+        .count(message.qos, message.payload.len());
     // A will never blocks its (gone) publisher: under `block` a full queue
     // keeps it waiting in a task of its own.
     match publish::route(shared, routes, message, None, false, None, true) {

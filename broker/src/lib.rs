@@ -88,7 +88,7 @@ pub use message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
 pub use outbox::QueueDepth;
 pub use reload::{Reload, ReloadOutcome};
 pub use stats::Stats;
-pub use storage::{MemoryStore, RocksOptions, RocksStore, Store, SyncSummary};
+pub use storage::{DiskUse, MemoryStore, RocksOptions, RocksStore, Store, SyncSummary};
 
 use crate::outbox::{Delivery, Outbox};
 use crate::router::Subscriber;
@@ -214,6 +214,32 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often offline sessions are checked for expiry.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 
+/// One session's queue ([`BrokerHandle::session_queues`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionQueue {
+    /// Its client identifier.
+    pub client_id: String,
+    /// What its queue holds.
+    pub depth: QueueDepth,
+    /// Whether a connection holds the session.
+    pub online: bool,
+}
+
+/// Every session's queue, summed, and the deepest ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionQueues {
+    /// Sessions (online and offline).
+    pub sessions: u64,
+    /// Of those, held by a connection.
+    pub online: u64,
+    /// Messages queued in all of them.
+    pub messages: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// The deepest queues, deepest first.
+    pub top: Vec<SessionQueue>,
+}
+
 /// See [`Broker::handle`].
 #[derive(Clone)]
 pub struct BrokerHandle {
@@ -236,6 +262,48 @@ impl BrokerHandle {
     /// [`Broker::queue_depth`].
     pub fn queue_depth(&self, client_id: &str) -> Option<QueueDepth> {
         self.shared.sessions.outbox(client_id).map(|o| o.depth())
+    }
+
+    /// What the broker counted since it started.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// The store (its disk use, WAL syncs).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// Connections open now (in-process clients included).
+    pub fn open_connections(&self) -> u64 {
+        let max = u64::from(self.shared.config.limits.max_connections);
+        max.saturating_sub(self.connections.available_permits() as u64)
+    }
+
+    /// The queues of all sessions: totals, and the `top` deepest.
+    pub fn session_queues(&self, top: usize) -> SessionQueues {
+        let mut all: Vec<SessionQueue> = self
+            .shared
+            .sessions
+            .queues()
+            .into_iter()
+            .map(|(client_id, outbox, online)| SessionQueue {
+                client_id: client_id.as_str().to_owned(),
+                depth: outbox.depth(),
+                online,
+            })
+            .collect();
+        let mut totals = SessionQueues {
+            sessions: all.len() as u64,
+            online: all.iter().filter(|q| q.online).count() as u64,
+            messages: all.iter().map(|q| q.depth.messages).sum(),
+            bytes: all.iter().map(|q| q.depth.bytes).sum(),
+            top: Vec::new(),
+        };
+        all.sort_by_key(|q| std::cmp::Reverse((q.depth.messages, q.depth.bytes)));
+        all.truncate(top);
+        totals.top = all;
+        totals
     }
 
     /// [`Broker::now_ms`].

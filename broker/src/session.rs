@@ -309,6 +309,22 @@ impl Sessions {
             .or_else(|| slot.outbox.clone())
     }
 
+    /// Every session's queue, and whether a connection holds it.
+    pub fn queues(&self) -> Vec<(MqttString, Arc<Outbox>, bool)> {
+        self.slots
+            .lock()
+            .iter()
+            .filter_map(|(id, slot)| {
+                let outbox = slot
+                    .state
+                    .as_ref()
+                    .map(|s| s.outbox.clone())
+                    .or_else(|| slot.outbox.clone())?;
+                Some((id.clone(), outbox, slot.holder.is_some()))
+            })
+            .collect()
+    }
+
     /// Inserts a session recovered from the store, offline since
     /// `offline_since`.
     pub fn insert_offline(&self, state: SessionState, offline_since: Instant) {

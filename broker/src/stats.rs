@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ferrymq_codec::QoS;
+
 /// Broker-wide counters.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -12,10 +14,12 @@ pub struct Stats {
     pub connections_refused: AtomicU64,
     /// Connections closed because of a malformed packet or a protocol error.
     pub protocol_errors: AtomicU64,
-    /// PUBLISH packets received from clients (and wills published).
-    pub messages_received: AtomicU64,
-    /// PUBLISH packets written to clients.
-    pub messages_sent: AtomicU64,
+    /// PUBLISH packets received from clients (and wills published), by
+    /// QoS, and their payload bytes.
+    pub received: Traffic,
+    /// PUBLISH packets written to clients, by delivery QoS, and their
+    /// payload bytes.
+    pub sent: Traffic,
     /// Deliveries dropped because a subscriber's queue was full.
     pub messages_dropped_queue_full: AtomicU64,
     /// Deliveries dropped because they exceeded the client's Maximum Packet Size.
@@ -72,6 +76,69 @@ impl Stats {
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Messages by QoS and their payload bytes.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    messages: [AtomicU64; 3],
+    bytes: AtomicU64,
+}
+
+impl Traffic {
+    /// Counts one message.
+    pub(crate) fn count(&self, qos: QoS, bytes: usize) {
+        self.messages[usize::from(qos as u8)].fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Adds what a [`Tally`] counted.
+    pub(crate) fn add(&self, tally: &Tally) {
+        for (counter, n) in self.messages.iter().zip(tally.messages) {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        if tally.bytes > 0 {
+            self.bytes.fetch_add(tally.bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Messages of each QoS (0, 1, 2).
+    pub fn by_qos(&self) -> [u64; 3] {
+        self.messages.each_ref().map(|c| c.load(Ordering::Relaxed))
+    }
+
+    /// Messages of every QoS.
+    pub fn messages(&self) -> u64 {
+        self.by_qos().iter().sum()
+    }
+
+    /// Payload bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Messages counted locally (by one connection's turn), added to a
+/// [`Traffic`] at once.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    messages: [u64; 3],
+    bytes: u64,
+}
+
+impl Tally {
+    /// Counts one message.
+    pub(crate) fn count(&mut self, qos: QoS, bytes: usize) {
+        self.messages[usize::from(qos as u8)] += 1;
+        self.bytes += bytes as u64;
+    }
+
+    /// Whether it counted anything.
+    pub(crate) fn any(&self) -> bool {
+        self.messages.iter().any(|&n| n > 0)
     }
 }
 

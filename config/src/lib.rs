@@ -88,6 +88,33 @@ pub struct Config {
     pub ferry: Ferry,
     /// `[state]`: topics whose retained values are merged across nodes.
     pub state: State,
+    /// `[metrics]`: Prometheus metrics, health checks, the status page and
+    /// `$SYS` topics.
+    pub metrics: Metrics,
+}
+
+/// `[metrics]`: what the node tells about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metrics {
+    /// `enabled`: serve Prometheus metrics (`/metrics`), `/healthz`,
+    /// `/readyz` and the status page (`/`) over HTTP on `bind`. Default:
+    /// false.
+    pub enabled: bool,
+    /// `bind`: the HTTP address. Default: `"127.0.0.1:9464"`.
+    pub bind: SocketAddr,
+    /// `sys_interval_secs`: how often the `$SYS/...` topics are published
+    /// (retained); 0 turns them off. Default: 10. Range: 0 ..= 86400.
+    pub sys_interval: Duration,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            enabled: false,
+            bind: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            sys_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `[state]`: retained values merged across nodes as last-writer-wins
@@ -660,6 +687,7 @@ impl Default for Config {
             bridges: Vec::new(),
             ferry: Ferry::default(),
             state: State::default(),
+            metrics: Metrics::default(),
         }
     }
 }

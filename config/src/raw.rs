@@ -20,7 +20,7 @@ use crate::validate::{self, IntRange};
 use crate::{
     Auth, Bridge, BridgeAddress, BridgeKind, BridgeProtocol, BridgeTls, Config, ConfigError,
     Direction, Durability, Ferry, Forward, IdentityFrom, Lane, Limits, Listener, ListenerProtocol,
-    ListenerTls, MinTls, QueueFull, State, Storage, hint,
+    ListenerTls, Metrics, MinTls, QueueFull, State, Storage, hint,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -35,6 +35,15 @@ pub(crate) struct RawConfig {
     bridge: Option<Vec<RawBridge>>,
     ferry: Option<RawFerry>,
     state: Option<RawState>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a [metrics] table")]
+struct RawMetrics {
+    enabled: Option<bool>,
+    bind: Option<String>,
+    sys_interval_secs: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,9 +180,9 @@ pub(crate) const TABLES: &[Table] = &[
         path: &[],
         keys: &[
             "node_id", "data_dir", "listener", "auth", "limits", "storage", "bridge", "ferry",
-            "state",
+            "state", "metrics",
         ],
-        planned: &["metrics"],
+        planned: &[],
     },
     Table {
         header: "[[listener]]",
@@ -295,6 +304,12 @@ pub(crate) const TABLES: &[Table] = &[
         header: "[state]",
         path: &["state"],
         keys: &["topics", "max_clock_skew_secs", "tombstone_ttl_secs"],
+        planned: &[],
+    },
+    Table {
+        header: "[metrics]",
+        path: &["metrics"],
+        keys: &["enabled", "bind", "sys_interval_secs"],
         planned: &[],
     },
 ];
@@ -566,6 +581,10 @@ impl RawConfig {
                 .state
                 .unwrap_or_default()
                 .into_state(defaults.state, errors),
+            metrics: self
+                .metrics
+                .unwrap_or_default()
+                .into_metrics(defaults.metrics, errors),
         };
         (config, unusable_binds)
     }
@@ -602,6 +621,32 @@ impl RawState {
                 "state.tombstone_ttl_secs",
                 &validate::FORGET_AFTER_SECS,
                 defaults.tombstone_ttl.as_secs(),
+                errors,
+            )),
+        }
+    }
+}
+
+impl RawMetrics {
+    fn into_metrics(self, defaults: Metrics, errors: &mut Vec<ConfigError>) -> Metrics {
+        let bind = match self.bind {
+            None => defaults.bind,
+            Some(text) => text.parse::<SocketAddr>().unwrap_or_else(|_| {
+                errors.push(ConfigError::new(
+                    "metrics.bind",
+                    format!("\"{text}\" is not an address like 127.0.0.1:9464"),
+                ));
+                defaults.bind
+            }),
+        };
+        Metrics {
+            enabled: self.enabled.unwrap_or(defaults.enabled),
+            bind,
+            sys_interval: Duration::from_secs(narrow(
+                self.sys_interval_secs.map(|Int(v)| v),
+                "metrics.sys_interval_secs",
+                &validate::SYS_INTERVAL_SECS,
+                defaults.sys_interval.as_secs(),
                 errors,
             )),
         }
@@ -1337,6 +1382,7 @@ mod tests {
             fields_of::<RawForward>(),
             fields_of::<RawFerry>(),
             fields_of::<RawState>(),
+            fields_of::<RawMetrics>(),
         ];
         let actual: Vec<&[&str]> = TABLES.iter().map(|t| t.keys).collect();
         assert_eq!(actual, expected);

@@ -1069,7 +1069,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
         [storage]
         max_connections = 10
         topic_alias_maximum = 0
-        [metrics]
+        [metric]
         "#,
         &[
             "max_connections: unknown key; `max_connections` belongs in [limits]",
@@ -1079,7 +1079,7 @@ fn unknown_keys_in_the_wrong_table_or_not_built_yet() {
             "limits.durability: unknown key; `durability` belongs in [storage]",
             "storage.max_connections: unknown key; `max_connections` belongs in [limits]",
             "storage.topic_alias_maximum: unknown key; `topic_alias_maximum` belongs in [limits]",
-            "metrics: unknown key; `metrics` is not available yet in this version",
+            "metric: unknown key; did you mean `metrics`?",
         ],
     );
 }
@@ -2995,6 +2995,25 @@ fn state_topics_skew_and_tombstones() {
              filters",
             "state.max_clock_skew_secs: must be between 1 and 31536000 seconds, got 0",
             "state.tombstone_ttl_secs: must be between 60 and 4294967295 seconds, got 59",
+        ],
+    );
+}
+
+#[test]
+fn metrics_endpoint_and_sys_interval() {
+    check_ok(
+        "[metrics]\nenabled = true\nbind = \"0.0.0.0:9100\"\nsys_interval_secs = 0",
+        |c| {
+            c.metrics.enabled = true;
+            c.metrics.bind = std::net::SocketAddr::from(([0, 0, 0, 0], 9100));
+            c.metrics.sys_interval = Duration::ZERO;
+        },
+    );
+    check_err(
+        "[metrics]\nbind = \"localhost\"\nsys_interval_secs = 86401",
+        &[
+            "metrics.bind: \"localhost\" is not an address like 127.0.0.1:9464",
+            "metrics.sys_interval_secs: must be between 0 and 86400 seconds, got 86401",
         ],
     );
 }

@@ -129,6 +129,13 @@ pub(crate) const CLOCK_SKEW_SECS: IntRange = IntRange {
     unit: " seconds",
 };
 
+/// `[metrics] sys_interval_secs`: 0 (off) to a day.
+pub(crate) const SYS_INTERVAL_SECS: IntRange = IntRange {
+    lo: 0,
+    hi: 86_400,
+    unit: " seconds",
+};
+
 /// Aliases we send are bounded by the client's 16-bit Topic Alias Maximum;
 /// 0 means we never send one.
 pub(crate) const SERVER_TOPIC_ALIASES: IntRange = IntRange {
@@ -287,6 +294,12 @@ pub(crate) fn check(config: &Config, unusable_binds: &[usize], errors: &mut Vec<
     }
     check_ferry(config, errors);
     check_state(config, errors);
+    check_secs(
+        &SYS_INTERVAL_SECS,
+        "metrics.sys_interval_secs",
+        config.metrics.sys_interval,
+        errors,
+    );
 }
 
 fn check_state(config: &Config, errors: &mut Vec<ConfigError>) {

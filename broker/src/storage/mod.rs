@@ -440,6 +440,20 @@ pub(crate) fn random_id() -> [u8; 16] {
     id
 }
 
+/// A store's disk use and WAL sync times ([`Store::disk`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskUse {
+    /// Bytes of the store's files.
+    pub used_bytes: u64,
+    /// `max_disk_bytes` (0: no disk).
+    pub budget_bytes: u64,
+    /// Free and total bytes of the filesystem holding the store.
+    pub filesystem: Option<(u64, u64)>,
+    /// WAL syncs by duration: entry `i` counts syncs that took less than
+    /// 2^i microseconds (and at least 2^(i-1)).
+    pub sync_micros_log2: Vec<u64>,
+}
+
 /// Durable state. See the module documentation for the ticket protocol.
 pub trait Store: Send + Sync + 'static {
     /// This node's identity (valid once [`Store::load`] ran).
@@ -472,6 +486,12 @@ pub trait Store: Send + Sync + 'static {
     /// WAL syncs done so far (0 for a store without a disk).
     fn wal_syncs(&self) -> u64 {
         0
+    }
+
+    /// Disk use and WAL sync times, as last measured (nothing for a store
+    /// without a disk).
+    fn disk(&self) -> DiskUse {
+        DiskUse::default()
     }
 
     /// Writes everything pending and stops the writer (broker shutdown).

@@ -52,9 +52,9 @@ use tracing::{error, info, warn};
 
 use super::record::{self, TimeBase};
 use super::{
-    BrokerClock, Durable, InflightRecord, NodeIdentity, OutboundPhase, QueueSummary, QueuedRecord,
-    Recovered, RecoveredGroup, RecoveredOrigin, RecoveredSession, Store, StoreError, StoreOp,
-    Ticket, random_id,
+    BrokerClock, DiskUse, Durable, InflightRecord, NodeIdentity, OutboundPhase, QueueSummary,
+    QueuedRecord, Recovered, RecoveredGroup, RecoveredOrigin, RecoveredSession, Store, StoreError,
+    StoreOp, Ticket, random_id,
 };
 use crate::dedup::DedupOrigin;
 
@@ -299,6 +299,11 @@ struct Inner {
     low_space: AtomicBool,
     /// True while the store's files reached `max_disk_bytes`.
     over_budget: AtomicBool,
+    /// As last measured: the store's files, the filesystem's free and
+    /// total bytes (`u64::MAX`: not known).
+    used_bytes: AtomicU64,
+    fs_free: AtomicU64,
+    fs_total: AtomicU64,
     /// Set to stop the writer.
     stop: AtomicBool,
     options: RocksOptions,
@@ -487,6 +492,9 @@ impl RocksStore {
             syncs: AtomicU64::new(0),
             sync_times: SyncTimes::default(),
             over_budget: AtomicBool::new(false),
+            used_bytes: AtomicU64::new(0),
+            fs_free: AtomicU64::new(u64::MAX),
+            fs_total: AtomicU64::new(u64::MAX),
             stop: AtomicBool::new(false),
             options: store_options,
             clock: clock.clone(),
@@ -800,6 +808,25 @@ impl Store for RocksStore {
 
     fn wal_syncs(&self) -> u64 {
         self.inner.syncs.load(Ordering::Relaxed)
+    }
+
+    fn disk(&self) -> DiskUse {
+        let inner = &self.inner;
+        let (free, total) = (
+            inner.fs_free.load(Ordering::Relaxed),
+            inner.fs_total.load(Ordering::Relaxed),
+        );
+        DiskUse {
+            used_bytes: inner.used_bytes.load(Ordering::Relaxed),
+            budget_bytes: inner.options.max_disk_bytes,
+            filesystem: (total != u64::MAX).then_some((free, total)),
+            sync_micros_log2: inner
+                .sync_times
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+        }
     }
 
     fn close(&self) {
@@ -1236,6 +1263,9 @@ fn check_space(inner: &Inner) {
         })
         .unwrap_or(0);
     let (free, total) = filesystem_space(path).unwrap_or((u64::MAX, u64::MAX));
+    inner.used_bytes.store(used, Ordering::Relaxed);
+    inner.fs_free.store(free, Ordering::Relaxed);
+    inner.fs_total.store(total, Ordering::Relaxed);
     // A twentieth of the filesystem, at least three memtables' worth (a
     // flush and a compaction must fit), at most 256 MiB.
     let headroom = (total / 20).clamp(48 << 20, 256 << 20);
