@@ -191,3 +191,41 @@ fn a_taken_port_names_the_listener_key() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn the_packaged_config_checks_ok() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = ferrymq(&["check-config", "packaging/ferrymq.toml"], root);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let Ok(version) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("SKIPPED: no systemd-analyze on this machine");
+        return;
+    };
+    assert!(version.status.success());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("packaging/ferrymq.service")).unwrap();
+    // The unit as installed, with the binary where this build put it.
+    let unit = unit.replace("/usr/bin/ferrymq", binary());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferrymq.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let complaints: Vec<String> = text(&out.stderr)
+        .lines()
+        .chain(text(&out.stdout).lines())
+        .filter(|l| l.contains("ferrymq.service"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        out.status.success() && complaints.is_empty(),
+        "{complaints:#?}"
+    );
+}

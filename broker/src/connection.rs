@@ -752,8 +752,13 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             .min(max_expiry),
         };
         // A bridge's queue lives as long as the node: an outage of any
-        // length, even with the broker down, must not expire it.
-        let expiry = if options.in_process && client_id.starts_with(BRIDGE_CLIENT_PREFIX) {
+        // length, even with the broker down, must not expire it. (The
+        // node's other `$bridge/` clients, like the `$SYS` publisher, ask
+        // for no session at all, and get none.)
+        let expiry = if options.in_process
+            && client_id.starts_with(BRIDGE_CLIENT_PREFIX)
+            && !expiry.is_zero()
+        {
             Duration::from_secs(u64::from(u32::MAX))
         } else {
             expiry

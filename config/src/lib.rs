@@ -103,7 +103,7 @@ pub struct Metrics {
     /// `bind`: the HTTP address. Default: `"127.0.0.1:9464"`.
     pub bind: SocketAddr,
     /// `sys_interval_secs`: how often the `$SYS/...` topics are published
-    /// (retained); 0 turns them off. Default: 10. Range: 0 ..= 86400.
+    /// (retained); 0 turns them off. Default: 0. Range: 0 ..= 86400.
     pub sys_interval: Duration,
 }
 
@@ -112,7 +112,7 @@ impl Default for Metrics {
         Metrics {
             enabled: false,
             bind: SocketAddr::from(([127, 0, 0, 1], 9464)),
-            sys_interval: Duration::from_secs(10),
+            sys_interval: Duration::ZERO,
         }
     }
 }

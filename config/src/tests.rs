@@ -3002,11 +3002,11 @@ fn state_topics_skew_and_tombstones() {
 #[test]
 fn metrics_endpoint_and_sys_interval() {
     check_ok(
-        "[metrics]\nenabled = true\nbind = \"0.0.0.0:9100\"\nsys_interval_secs = 0",
+        "[metrics]\nenabled = true\nbind = \"0.0.0.0:9100\"\nsys_interval_secs = 30",
         |c| {
             c.metrics.enabled = true;
             c.metrics.bind = std::net::SocketAddr::from(([0, 0, 0, 0], 9100));
-            c.metrics.sys_interval = Duration::ZERO;
+            c.metrics.sys_interval = Duration::from_secs(30);
         },
     );
     check_err(
