@@ -161,11 +161,11 @@ fn main() -> ExitCode {
             bridge_status(&config)
         }
         None => {
-            init_logging();
             let config = match load(&cli.config) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
+            init_logging(&config.log);
             match serve(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -360,14 +360,20 @@ fn report_config_errors(file: &std::path::Path, errors: &ferrymq_config::ConfigE
     }
 }
 
-fn init_logging() {
+/// Logs to standard error at `[log] level` (`RUST_LOG` wins when set),
+/// as text or JSON lines (`[log] format`).
+fn init_logging(log: &ferrymq_config::Log) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match log.format {
+        ferrymq_config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        ferrymq_config::LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 /// How often free heap memory is handed back to the system.

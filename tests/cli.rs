@@ -229,3 +229,46 @@ fn the_systemd_unit_verifies() {
         "{complaints:#?}"
     );
 }
+
+#[test]
+fn the_log_can_be_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ferrymq.toml");
+    std::fs::write(
+        &file,
+        "data_dir = \"data\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n\
+         [log]\nformat = \"json\"\nlevel = \"info\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(binary())
+        .args(["--config", file.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in std::io::BufRead::lines(stderr) {
+        let line = line.unwrap();
+        let listening = line.contains("listening on");
+        seen.push(line);
+        if listening {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.last().is_some_and(|l| l.contains("listening on")),
+        "{seen:#?}"
+    );
+    for line in &seen {
+        assert!(
+            line.starts_with('{') && line.ends_with('}') && line.contains(r#""level":"INFO""#),
+            "not a JSON log line: {line}"
+        );
+    }
+}

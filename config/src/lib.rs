@@ -91,6 +91,39 @@ pub struct Config {
     /// `[metrics]`: Prometheus metrics, health checks, the status page and
     /// `$SYS` topics.
     pub metrics: Metrics,
+    /// `[log]`: what the node logs, and how.
+    pub log: Log,
+}
+
+/// `[log]`: the log written to standard error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    /// `level`: `"error"`, `"warn"`, `"info"`, `"debug"` or `"trace"`,
+    /// or per module, like `"info,ferrymq_bridge=debug"`. The `RUST_LOG`
+    /// environment variable, when set, wins. Default: `"info"`.
+    pub level: String,
+    /// `format`: `"text"` (one line per event) or `"json"` (one JSON
+    /// object per line, for log collectors). Default: `"text"`.
+    pub format: LogFormat,
+}
+
+/// `[log] format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line of text per event.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
 }
 
 /// `[metrics]`: what the node tells about itself.
@@ -688,6 +721,7 @@ impl Default for Config {
             ferry: Ferry::default(),
             state: State::default(),
             metrics: Metrics::default(),
+            log: Log::default(),
         }
     }
 }

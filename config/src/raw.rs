@@ -20,7 +20,7 @@ use crate::validate::{self, IntRange};
 use crate::{
     Auth, Bridge, BridgeAddress, BridgeKind, BridgeProtocol, BridgeTls, Config, ConfigError,
     Direction, Durability, Ferry, Forward, IdentityFrom, Lane, Limits, Listener, ListenerProtocol,
-    ListenerTls, Metrics, MinTls, QueueFull, State, Storage, hint,
+    ListenerTls, Log, LogFormat, Metrics, MinTls, QueueFull, State, Storage, hint,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -36,6 +36,14 @@ pub(crate) struct RawConfig {
     ferry: Option<RawFerry>,
     state: Option<RawState>,
     metrics: Option<RawMetrics>,
+    log: Option<RawLog>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a [log] table")]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,7 +188,7 @@ pub(crate) const TABLES: &[Table] = &[
         path: &[],
         keys: &[
             "node_id", "data_dir", "listener", "auth", "limits", "storage", "bridge", "ferry",
-            "state", "metrics",
+            "state", "metrics", "log",
         ],
         planned: &[],
     },
@@ -310,6 +318,12 @@ pub(crate) const TABLES: &[Table] = &[
         header: "[metrics]",
         path: &["metrics"],
         keys: &["enabled", "bind", "sys_interval_secs"],
+        planned: &[],
+    },
+    Table {
+        header: "[log]",
+        path: &["log"],
+        keys: &["level", "format"],
         planned: &[],
     },
 ];
@@ -585,6 +599,7 @@ impl RawConfig {
                 .metrics
                 .unwrap_or_default()
                 .into_metrics(defaults.metrics, errors),
+            log: self.log.unwrap_or_default().into_log(defaults.log, errors),
         };
         (config, unusable_binds)
     }
@@ -623,6 +638,27 @@ impl RawState {
                 defaults.tombstone_ttl.as_secs(),
                 errors,
             )),
+        }
+    }
+}
+
+impl RawLog {
+    fn into_log(self, defaults: Log, errors: &mut Vec<ConfigError>) -> Log {
+        let format = match self.format.as_deref() {
+            None => defaults.format,
+            Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                errors.push(ConfigError::new(
+                    "log.format",
+                    format!("unknown format \"{other}\"; expected \"text\" or \"json\""),
+                ));
+                defaults.format
+            }
+        };
+        Log {
+            level: self.level.unwrap_or(defaults.level),
+            format,
         }
     }
 }
@@ -1383,6 +1419,7 @@ mod tests {
             fields_of::<RawFerry>(),
             fields_of::<RawState>(),
             fields_of::<RawMetrics>(),
+            fields_of::<RawLog>(),
         ];
         let actual: Vec<&[&str]> = TABLES.iter().map(|t| t.keys).collect();
         assert_eq!(actual, expected);

@@ -3019,6 +3019,25 @@ fn metrics_endpoint_and_sys_interval() {
 }
 
 #[test]
+fn log_level_and_format() {
+    check_ok(
+        "[log]\nlevel = \"warn,ferrymq_bridge::link=debug\"\nformat = \"json\"",
+        |c| {
+            c.log.level = "warn,ferrymq_bridge::link=debug".into();
+            c.log.format = crate::LogFormat::Json;
+        },
+    );
+    check_err(
+        "[log]\nlevel = \"loud\"\nformat = \"xml\"",
+        &[
+            "log.format: unknown format \"xml\"; expected \"text\" or \"json\"",
+            "log.level: \"loud\" is not a log level: use error, warn, info, debug or trace, or \
+             per module like \"info,ferrymq_bridge=debug\"",
+        ],
+    );
+}
+
+#[test]
 fn forward_lanes() {
     check_ok(
         &forward_toml("filter = \"alarms/#\", lane = \"live\""),

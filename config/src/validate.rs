@@ -294,12 +294,39 @@ pub(crate) fn check(config: &Config, unusable_binds: &[usize], errors: &mut Vec<
     }
     check_ferry(config, errors);
     check_state(config, errors);
+    check_log_level(&config.log.level, errors);
     check_secs(
         &SYS_INTERVAL_SECS,
         "metrics.sys_interval_secs",
         config.metrics.sys_interval,
         errors,
     );
+}
+
+/// `[log] level`: comma-separated directives, each a level or
+/// `module=level` (module paths of letters, digits, `_` and `::`).
+fn check_log_level(level: &str, errors: &mut Vec<ConfigError>) {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let valid = !level.trim().is_empty()
+        && level.split(',').all(|directive| {
+            let (target, lvl) = directive
+                .trim()
+                .rsplit_once('=')
+                .unwrap_or(("", directive.trim()));
+            LEVELS.contains(&lvl.to_ascii_lowercase().as_str())
+                && target
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        });
+    if !valid {
+        errors.push(ConfigError::new(
+            "log.level",
+            format!(
+                "\"{level}\" is not a log level: use error, warn, info, debug or trace, or per \
+                 module like \"info,ferrymq_bridge=debug\""
+            ),
+        ));
+    }
 }
 
 fn check_state(config: &Config, errors: &mut Vec<ConfigError>) {
