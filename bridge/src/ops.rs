@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ferrymq_broker::shed::ProcessUsage;
 use ferrymq_broker::{BrokerHandle, SessionQueues};
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -75,7 +76,7 @@ pub(crate) struct Snapshot {
     pub(crate) in_rate: f64,
     pub(crate) in_bytes_rate: f64,
     pub(crate) out_rate: f64,
-    pub(crate) process: Process,
+    pub(crate) process: ProcessUsage,
 }
 
 impl Snapshot {
@@ -103,45 +104,6 @@ impl Snapshot {
         self.disk
             .filesystem
             .is_some_and(|(free, total)| total > 0 && (free as f64) < LOW_DISK_SHARE * total as f64)
-    }
-}
-
-/// The process's CPU time and memory (from `/proc`; zero where unknown).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Process {
-    pub(crate) cpu_seconds: f64,
-    pub(crate) resident_bytes: u64,
-    pub(crate) open_fds: u64,
-}
-
-impl Process {
-    fn read() -> Process {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        // Fields after the command name (which may hold spaces), from the
-        // state (field 3): utime and stime are fields 14 and 15, in clock
-        // ticks of USER_HZ, which Linux fixes at 100 for /proc on the
-        // architectures a gateway runs (x86, arm, arm64, riscv).
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let field = |n: usize| -> f64 {
-            fields
-                .get(n - 3)
-                .and_then(|f| f.parse().ok())
-                .unwrap_or(0.0)
-        };
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let resident_kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
-        Process {
-            cpu_seconds: (field(14) + field(15)) / 100.0,
-            resident_bytes: resident_kib * 1024,
-            open_fds,
-        }
     }
 }
 
@@ -220,7 +182,7 @@ impl Ops {
             in_rate: rate(|s| s.received),
             in_bytes_rate: rate(|s| s.received_bytes),
             out_rate: rate(|s| s.sent),
-            process: Process::read(),
+            process: ProcessUsage::read(),
         }
     }
 
@@ -240,7 +202,8 @@ impl Ops {
             "{{\"uptime_secs\":{},\"connections\":{},\"in_rate\":{},\"out_rate\":{},\
              \"queued_messages\":{},\"queued_bytes\":{},\"sessions\":{},\
              \"store_bytes\":{},\"budget_bytes\":{},\"fs_free_bytes\":{},\"fs_total_bytes\":{},\
-             \"disk_low\":{},\"outage_days_left\":{},\"dropped\":{},\"bridges\":[",
+             \"disk_low\":{},\"outage_days_left\":{},\"dropped\":{},\"shed_level\":{},\
+             \"bridges\":[",
             s.uptime.as_secs(),
             s.connections,
             num(s.in_rate),
@@ -259,7 +222,9 @@ impl Ops {
                 ferrymq_broker::Stats::get(&st.messages_dropped_queue_full)
                     + ferrymq_broker::Stats::get(&st.messages_dropped_too_large)
                     + ferrymq_broker::Stats::get(&st.messages_expired)
+                    + ferrymq_broker::Stats::get(&st.publishes_shed)
             },
+            self.broker.shed_level(),
         );
         for (i, b) in s.bridges.iter().enumerate() {
             let eta = eta_secs(b);

@@ -44,6 +44,7 @@ use crate::rate::PublishRate;
 use crate::router::{RouteCache, Subscriber};
 use crate::session::{Control, Inflight, SessionState};
 use crate::shared_sub::{Member, SharedGroup};
+use crate::shed;
 use crate::state::STAMP_PROPERTY;
 use crate::stats::{Stats, Tally};
 use crate::storage::{self, Batch, Durable, SessionRecord, StoreOp, SubscriptionRecord, Ticket};
@@ -627,7 +628,13 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let limits = &shared.config.limits;
         let mut auth_result = None;
         let mut auth_method = None;
-        let refusal = if let (Protocol::V5, Some(name)) =
+        let refusal = if !options.in_process && shared.shedding.level() >= shed::REFUSE_CONNECTIONS
+        {
+            // Shedding load: refused before any work (a login costs the
+            // most). 3.1.1: return code 3, server unavailable.
+            Stats::add(&shared.stats.connections_shed, 1);
+            Some(ReasonCode::SERVER_BUSY)
+        } else if let (Protocol::V5, Some(name)) =
             (protocol, &connect.properties.authentication_method)
         {
             match shared
@@ -1403,6 +1410,22 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 let (shared, client_id) = (self.shared, &self.engine.state.client_id);
                 acl_denied(shared, client_id, "PUBLISH", &message.topic);
                 self.engine.not_authorized(qos, packet_id);
+                None
+            }
+            Ok(InboundPublish::Route { message, .. })
+                if message.qos == QoS::AtMostOnce
+                    && !self.in_process
+                    && self.shared.shedding.level() >= shed::DROP_QOS0
+                    && !self
+                        .shared
+                        .config
+                        .limits
+                        .critical_topics
+                        .iter()
+                        .any(|f| codec::topic::matches(f, &message.topic)) =>
+            {
+                // Shedding load: a QoS 0 message may be lost anyway.
+                Stats::add(&self.shared.stats.publishes_shed, 1);
                 None
             }
             Ok(InboundPublish::Route {

@@ -58,6 +58,7 @@ mod router;
 mod server;
 mod session;
 mod shared_sub;
+pub mod shed;
 pub mod state;
 mod stats;
 pub mod storage;
@@ -182,6 +183,8 @@ pub(crate) struct Shared {
     pub(crate) dedup: parking_lot::Mutex<dedup::Dedup>,
     /// The state topics and their clock (`[state]`; `None` without topics).
     pub(crate) state: Option<state::StateTopics>,
+    /// The load shedding level (`[limits] shed_*`).
+    pub(crate) shedding: shed::Shedding,
     /// The TLS settings of each listener (`None` for `tcp` and `ws`), by
     /// index; a reload replaces them.
     pub(crate) tls: parking_lot::RwLock<Vec<Option<server::Tls>>>,
@@ -272,6 +275,20 @@ impl BrokerHandle {
     /// The store (its disk use, WAL syncs).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
+    }
+
+    /// The load shedding level now: 0 nothing, 1 QoS 0 publishes on
+    /// topics that are not critical are dropped, 2 new connections are
+    /// refused too.
+    pub fn shed_level(&self) -> u8 {
+        self.shared.shedding.level()
+    }
+
+    /// Replaces the measured load with `load` (`None`: measure again), so
+    /// a test can drive load shedding without loading the machine.
+    #[doc(hidden)]
+    pub fn override_load(&self, load: Option<shed::Load>) {
+        self.shared.shedding.set_override(load);
     }
 
     /// Connections open now (in-process clients included).
@@ -446,6 +463,7 @@ impl Broker {
             per_address: parking_lot::Mutex::default(),
             dedup: parking_lot::Mutex::new(dedup::Dedup::new(dedup_bound)),
             state,
+            shedding: shed::Shedding::default(),
             tls: parking_lot::RwLock::new(tls),
             this: this.clone(),
         });
@@ -467,6 +485,14 @@ impl Broker {
             })
             .collect();
         tasks.push(tokio::spawn(expire_sessions(shared.clone())));
+        let shedder = shed::Shedder::new(&shared.config.limits);
+        if shedder.enabled() {
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                let shutdown = shared.shutdown_rx.clone();
+                shed::sample(&shared.shedding, shedder, shutdown).await;
+            }));
+        }
         Ok(Broker {
             shared,
             shutdown_tx,

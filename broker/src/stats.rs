@@ -49,6 +49,10 @@ pub struct Stats {
     /// State writes (`[state]`) acknowledged and dropped because the value
     /// held was stamped later (or was the same write).
     pub state_writes_superseded: AtomicU64,
+    /// QoS 0 publishes dropped by load shedding.
+    pub publishes_shed: AtomicU64,
+    /// Connections refused by load shedding.
+    pub connections_shed: AtomicU64,
     /// State tombstones collected after `tombstone_ttl_secs`.
     pub state_tombstones_collected: AtomicU64,
     /// Subscriptions refused by `max_subscriptions_per_client`.

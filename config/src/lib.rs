@@ -363,6 +363,23 @@ pub struct Limits {
     /// client is slowed (its socket is not read until it is within the
     /// rate again), others are not. 0 means no limit (the default).
     pub max_publish_rate: u32,
+    /// `shed_cpu_percent`: when the process has used more than this share
+    /// of the machine's CPU for `shed_window_secs`, load is shed: first
+    /// QoS 0 publishes on topics not in `critical_topics` are dropped
+    /// (counted), then, if it stays above for another window, new
+    /// connections are refused (MQTT 5 0x89 Server busy, 3.1.1 0x03).
+    /// Each window below steps back. 0 turns it off. Default: 90.
+    /// Range: 0 ..= 100.
+    pub shed_cpu_percent: u8,
+    /// `shed_memory` (`"512MiB"` style accepted): the same for the
+    /// process's resident memory. 0 turns it off (the default).
+    pub shed_memory: u64,
+    /// `shed_window_secs`: how long the load must stay above (or below)
+    /// before shedding steps up (or back). Default: 5. Range: 1 ..= 3600.
+    pub shed_window: Duration,
+    /// `critical_topics`: topic filters whose messages are never shed
+    /// (e.g. `"alarms/#"`). Default: none.
+    pub critical_topics: Vec<String>,
 }
 
 /// `[storage]`: session lifetime, the bounds on each session's queue of
@@ -764,6 +781,10 @@ impl Default for Limits {
             max_topic_levels: 200,
             max_subscriptions_per_client: 10_000,
             max_publish_rate: 0,
+            shed_cpu_percent: 90,
+            shed_memory: 0,
+            shed_window: Duration::from_secs(5),
+            critical_topics: Vec::new(),
         }
     }
 }

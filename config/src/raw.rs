@@ -108,6 +108,10 @@ struct RawLimits {
     max_topic_levels: Option<Int>,
     max_subscriptions_per_client: Option<Int>,
     max_publish_rate: Option<Int>,
+    shed_cpu_percent: Option<Int>,
+    shed_memory: Option<RawSize>,
+    shed_window_secs: Option<Int>,
+    critical_topics: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -236,6 +240,10 @@ pub(crate) const TABLES: &[Table] = &[
             "max_topic_levels",
             "max_subscriptions_per_client",
             "max_publish_rate",
+            "shed_cpu_percent",
+            "shed_memory",
+            "shed_window_secs",
+            "critical_topics",
         ],
         planned: &[],
     },
@@ -925,6 +933,28 @@ impl RawLimits {
                 defaults.max_publish_rate,
                 errors,
             ),
+            shed_cpu_percent: narrow(
+                self.shed_cpu_percent.map(|Int(v)| v),
+                "limits.shed_cpu_percent",
+                &validate::SHED_CPU_PERCENT,
+                defaults.shed_cpu_percent,
+                errors,
+            ),
+            shed_memory: narrow(
+                self.shed_memory.map(|RawSize(v)| i128::from(v)),
+                "limits.shed_memory",
+                &validate::SHED_MEMORY,
+                defaults.shed_memory,
+                errors,
+            ),
+            shed_window: Duration::from_secs(narrow(
+                self.shed_window_secs.map(|Int(v)| v),
+                "limits.shed_window_secs",
+                &validate::SHED_WINDOW_SECS,
+                defaults.shed_window.as_secs(),
+                errors,
+            )),
+            critical_topics: self.critical_topics.unwrap_or(defaults.critical_topics),
         }
     }
 }

@@ -108,6 +108,10 @@ fn defaults() {
             max_topic_levels: 200,
             max_subscriptions_per_client: 10_000,
             max_publish_rate: 0,
+            shed_cpu_percent: 90,
+            shed_memory: 0,
+            shed_window: Duration::from_secs(5),
+            critical_topics: Vec::new(),
         }
     );
     assert_eq!(
@@ -165,6 +169,10 @@ fn every_key_parsed() {
         max_topic_levels = 32
         max_subscriptions_per_client = 100
         max_publish_rate = 50
+        shed_cpu_percent = 75
+        shed_memory = "1GiB"
+        shed_window_secs = 10
+        critical_topics = ["alarms/#"]
 
         [storage]
         max_session_expiry_secs = 86400
@@ -199,6 +207,10 @@ fn every_key_parsed() {
                 max_topic_levels: 32,
                 max_subscriptions_per_client: 100,
                 max_publish_rate: 50,
+                shed_cpu_percent: 75,
+                shed_memory: 1 << 30,
+                shed_window: Duration::from_secs(10),
+                critical_topics: vec!["alarms/#".into()],
             };
             c.storage = Storage {
                 max_session_expiry: Duration::from_secs(86_400),
@@ -3033,6 +3045,28 @@ fn log_level_and_format() {
             "log.format: unknown format \"xml\"; expected \"text\" or \"json\"",
             "log.level: \"loud\" is not a log level: use error, warn, info, debug or trace, or \
              per module like \"info,ferrymq_bridge=debug\"",
+        ],
+    );
+}
+
+#[test]
+fn load_shedding_keys() {
+    check_ok(
+        "[limits]\nshed_cpu_percent = 80\nshed_memory = \"512MiB\"\nshed_window_secs = 2\n\
+         critical_topics = [\"alarms/#\"]",
+        |c| {
+            c.limits.shed_cpu_percent = 80;
+            c.limits.shed_memory = 512 << 20;
+            c.limits.shed_window = Duration::from_secs(2);
+            c.limits.critical_topics = vec!["alarms/#".into()];
+        },
+    );
+    check_err(
+        "[limits]\nshed_cpu_percent = 101\nshed_window_secs = 0\ncritical_topics = [\"a/#/b\"]",
+        &[
+            "limits.shed_cpu_percent: must be between 0 and 100 percent, got 101",
+            "limits.shed_window_secs: must be between 1 and 3600 seconds, got 0",
+            "limits.critical_topics[0]: \"a/#/b\" is not a topic filter like \"alarms/#\"",
         ],
     );
 }

@@ -129,6 +129,27 @@ pub(crate) const CLOCK_SKEW_SECS: IntRange = IntRange {
     unit: " seconds",
 };
 
+/// `[limits] shed_cpu_percent`: 0 (off) to 100.
+pub(crate) const SHED_CPU_PERCENT: IntRange = IntRange {
+    lo: 0,
+    hi: 100,
+    unit: " percent",
+};
+
+/// `[limits] shed_memory`: 0 (off) or any size.
+pub(crate) const SHED_MEMORY: IntRange = IntRange {
+    lo: 0,
+    hi: u64::MAX,
+    unit: " bytes",
+};
+
+/// `[limits] shed_window_secs`: a second to an hour.
+pub(crate) const SHED_WINDOW_SECS: IntRange = IntRange {
+    lo: 1,
+    hi: 3600,
+    unit: " seconds",
+};
+
 /// `[metrics] sys_interval_secs`: 0 (off) to a day.
 pub(crate) const SYS_INTERVAL_SECS: IntRange = IntRange {
     lo: 0,
@@ -572,6 +593,25 @@ fn check_limits(config: &Config, errors: &mut Vec<ConfigError>) {
         u64::from(limits.max_publish_rate),
         errors,
     );
+    SHED_CPU_PERCENT.check(
+        "limits.shed_cpu_percent",
+        u64::from(limits.shed_cpu_percent),
+        errors,
+    );
+    check_secs(
+        &SHED_WINDOW_SECS,
+        "limits.shed_window_secs",
+        limits.shed_window,
+        errors,
+    );
+    for (i, filter) in limits.critical_topics.iter().enumerate() {
+        if filter.starts_with(SHARED_PREFIX) || validate_topic_filter(filter).is_err() {
+            errors.push(ConfigError::new(
+                format!("limits.critical_topics[{i}]"),
+                format!("{filter:?} is not a topic filter like \"alarms/#\""),
+            ));
+        }
+    }
 }
 
 fn check_storage(config: &Config, errors: &mut Vec<ConfigError>) {

@@ -211,6 +211,7 @@ fn render(ops: &Ops, s: &Snapshot) -> Vec<Family> {
             ),
             (reason("too_large"), get(&stats.messages_dropped_too_large)),
             (reason("expired"), get(&stats.messages_expired)),
+            (reason("shed"), get(&stats.publishes_shed)),
         ],
     ));
     f.push(labelled(
@@ -227,6 +228,12 @@ fn render(ops: &Ops, s: &Snapshot) -> Vec<Family> {
             ),
             (reason("topic_levels"), get(&stats.topic_levels_refused)),
         ],
+    ));
+    f.push(one(
+        "ferrymq_shed_level",
+        "Load shedding: 0 nothing, 1 QoS 0 publishes on topics that are not critical dropped, 2 new connections refused too.",
+        Gauge,
+        f64::from(ops.broker.shed_level()),
     ));
     f.push(one(
         "ferrymq_duplicates_dropped",

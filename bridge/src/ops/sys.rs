@@ -80,8 +80,21 @@ pub(super) fn topics(ops: &Ops, s: &Snapshot) -> Vec<(String, String)> {
             "$SYS/ferrymq/messages/dropped".into(),
             (Stats::get(&stats.messages_dropped_queue_full)
                 + Stats::get(&stats.messages_dropped_too_large)
-                + Stats::get(&stats.messages_expired))
+                + Stats::get(&stats.messages_expired)
+                + Stats::get(&stats.publishes_shed))
             .to_string(),
+        ),
+        (
+            "$SYS/ferrymq/shed/level".into(),
+            ops.broker.shed_level().to_string(),
+        ),
+        (
+            "$SYS/ferrymq/shed/publishes".into(),
+            Stats::get(&stats.publishes_shed).to_string(),
+        ),
+        (
+            "$SYS/ferrymq/shed/connections".into(),
+            Stats::get(&stats.connections_shed).to_string(),
         ),
         (
             "$SYS/ferrymq/store/bytes".into(),
