@@ -332,3 +332,46 @@ fn queue_dead_lists_what_the_upstream_could_never_take() {
     let out = dead("elsewhere");
     assert!(!out.status.success());
 }
+
+#[test]
+fn messages_older_than_max_age_are_dropped_and_counted_across_a_restart() {
+    let upstream = Mosquitto::start("");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, observer) = observe(upstream.addr(), stop.clone());
+    let link = Link::new(upstream.addr(), Mode::Down);
+    let data = tempfile::tempdir().unwrap();
+    let config = edge_config(link.port()).replace(
+        "remote_prefix = \"site/\"",
+        "remote_prefix = \"site/\"\nmax_age_secs = 4",
+    );
+    let edge = Broker::start_at(data.path(), &config);
+    publish_numbers(edge.addr, 0..10);
+    // The first ten grow old while the link is down...
+    std::thread::sleep(Duration::from_secs(5));
+    publish_numbers(edge.addr, 10..20);
+    // ... across a SIGKILL and a restart (broker time goes on).
+    edge.kill();
+    let edge = Broker::start_at(data.path(), &config);
+    link.set(Mode::Pass);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status_file = data.path().join("bridge-status.txt");
+    loop {
+        let status = std::fs::read_to_string(&status_file).unwrap_or_default();
+        if distinct(&seen) >= 10 && status.contains("aged out 10,") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} arrived; status:\n{status}",
+            distinct(&seen)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    observer.join().unwrap();
+    let numbers: std::collections::BTreeSet<u32> =
+        seen.lock().unwrap().iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers, (10..20).collect(), "only the young ones went up");
+    drop(edge);
+}

@@ -316,3 +316,23 @@ fn sys_topics_reach_mosquitto_sub() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).is_empty());
 }
+
+#[test]
+fn a_low_disk_is_reported_in_the_log_the_metrics_and_sys() {
+    // 99 %: whatever this machine's disk holds, it is "low".
+    let node = Broker::start(
+        "[storage]\nlow_disk_percent = 99\n\
+         [metrics]\nenabled = true\nbind = \"127.0.0.1:0\"\nsys_interval_secs = 1\n",
+    );
+    let metrics = metrics_addr(&node);
+    node.wait_for_log("low disk", Duration::from_secs(10));
+    scrape_until(metrics, "ferrymq_disk_low 1", |m| {
+        m.get("ferrymq_disk_low{}") == Some(&1.0)
+    });
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &node.addr.port().to_string()])
+        .args(["-t", "$SYS/ferrymq/disk/low", "-C", "1", "-W", "10"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+}

@@ -84,6 +84,8 @@ struct Live {
     received: u64,
     dead_lettered: u64,
     expired: u64,
+    /// Dropped for waiting longer than their rule's `max_age_secs`.
+    aged_out: u64,
     connects: u64,
     /// Received from the local queue, not yet acknowledged upstream.
     pending_messages: u64,
@@ -175,6 +177,7 @@ impl Shared {
             received: live.received,
             dead_lettered: live.dead_lettered,
             expired: live.expired,
+            aged_out: live.aged_out,
             connects: live.connects,
             batches: (self.kind == BridgeKind::Ferrymq).then_some(live.batches),
             batches_sent: live.batches_sent,
@@ -516,6 +519,15 @@ fn message_id(received: &Received) -> Option<MessageId> {
         .and_then(|(_, v)| v.as_str().parse().ok())
 }
 
+/// Why a queued message is not sent up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    /// Its Message Expiry Interval ran out while it waited here.
+    Expired,
+    /// It waited longer than its rule's `max_age_secs`.
+    TooOld,
+}
+
 /// How a connection ended.
 enum Ended {
     /// Stop requested (or the broker is going away).
@@ -820,14 +832,13 @@ impl Runner {
                         paced_until = Some(at);
                         break;
                     }
-                    let Some(publish) = self.upstream_publish(entry, now) else {
-                        // Expired while waiting here: it goes nowhere.
-                        if let Some(entry) = self.outbox.remove(key) {
+                    let publish = match self.upstream_publish(entry, now) {
+                        Ok(publish) => publish,
+                        Err(gone) => {
                             self.outbox.first_unsent = key + 1;
-                            let _ = self.local.ack(&entry.received).await;
-                            self.update(|l| l.expired += 1);
+                            self.drop_gone(key, gone).await;
+                            continue;
                         }
-                        continue;
                     };
                     let at_most_once = publish.qos == QoS::AtMostOnce;
                     match uplink.publish(publish) {
@@ -1012,9 +1023,12 @@ impl Runner {
             if records.len() >= max_count {
                 break;
             }
-            let Some(publish) = self.upstream_publish(entry, now) else {
-                expired.push(key);
-                continue;
+            let publish = match self.upstream_publish(entry, now) {
+                Ok(publish) => publish,
+                Err(gone) => {
+                    expired.push((key, gone));
+                    continue;
+                }
             };
             let record = ferry::BatchRecord {
                 id: message_id(&entry.received),
@@ -1036,12 +1050,8 @@ impl Runner {
             records.push(record);
             keys.push(key);
         }
-        for key in expired {
-            // Expired while waiting here: it goes nowhere.
-            if let Some(entry) = self.outbox.remove(key) {
-                let _ = self.local.ack(&entry.received).await;
-                self.update(|l| l.expired += 1);
-            }
+        for (key, gone) in expired {
+            self.drop_gone(key, gone).await;
         }
         if records.is_empty() {
             return paced.map_or(Batch::Nothing, Batch::Paced);
@@ -1093,19 +1103,29 @@ impl Runner {
 
     /// The PUBLISH for the upstream: topic remapped, QoS at most 1, the
     /// message id and all properties kept, the Message Expiry Interval
-    /// reduced by the time it waited here; `None` if that expired it.
-    fn upstream_publish(&self, entry: &Entry, now: Instant) -> Option<Publish> {
+    /// reduced by the time it waited here; why not, when it expired or
+    /// waited longer than its rule's `max_age_secs`.
+    fn upstream_publish(&self, entry: &Entry, now: Instant) -> Result<Publish, Gone> {
         let received = &entry.received;
-        let (topic, rule_qos) = outbound_route(&self.config, received.topic.as_str());
+        let (topic, rule_qos, max_age) = outbound_route(&self.config, received.topic.as_str());
+        if let (Some(max_age), Some(queued_ms)) = (max_age, received.queued_ms) {
+            let waited = self.shared.broker.now_ms().saturating_sub(queued_ms);
+            if u128::from(waited) > max_age.as_millis() {
+                return Err(Gone::TooOld);
+            }
+        }
         let mut properties = received.properties.clone();
         properties.subscription_identifiers.clear();
         properties.topic_alias = None;
         if let Some(interval) = properties.message_expiry_interval {
             let waited = now.saturating_duration_since(entry.taken).as_secs();
-            let left = u64::from(interval).checked_sub(waited).filter(|l| *l > 0)?;
+            let left = u64::from(interval)
+                .checked_sub(waited)
+                .filter(|l| *l > 0)
+                .ok_or(Gone::Expired)?;
             properties.message_expiry_interval = Some(u32::try_from(left).unwrap_or(u32::MAX));
         }
-        Some(Publish {
+        Ok(Publish {
             dup: false,
             qos: received.qos.min(rule_qos).min(QoS::AtLeastOnce),
             retain: received.retain,
@@ -1175,6 +1195,17 @@ impl Runner {
     }
 
     /// The upstream has it: it leaves the local queue.
+    /// A message that goes nowhere: taken from the local queue, counted.
+    async fn drop_gone(&mut self, key: u64, gone: Gone) {
+        if let Some(entry) = self.outbox.remove(key) {
+            let _ = self.local.ack(&entry.received).await;
+            self.update(|l| match gone {
+                Gone::Expired => l.expired += 1,
+                Gone::TooOld => l.aged_out += 1,
+            });
+        }
+    }
+
     async fn forwarded(&mut self, entry: &Entry) {
         let _ = self.local.ack(&entry.received).await;
         self.update(|l| l.forwarded += 1);
@@ -1221,7 +1252,7 @@ impl Runner {
 
 /// The upstream topic and QoS of a local topic (the first `out` rule
 /// that matches).
-fn outbound_route(config: &Bridge, local: &str) -> (MqttString, QoS) {
+fn outbound_route(config: &Bridge, local: &str) -> (MqttString, QoS, Option<Duration>) {
     // A replayed dead letter: routed as its original topic.
     let replay = format!("{REPLAY_PREFIX}{}/", config.name);
     let local = local.strip_prefix(&replay).unwrap_or(local);
@@ -1235,12 +1266,16 @@ fn outbound_route(config: &Bridge, local: &str) -> (MqttString, QoS) {
             let rest = local.strip_prefix(&rule.local_prefix).unwrap_or(local);
             let remote = format!("{}{rest}", rule.remote_prefix);
             if let Ok(t) = MqttString::new(&remote) {
-                return (t, qos(rule.qos));
+                return (t, qos(rule.qos), rule.max_age);
             }
         }
     }
     // Matched a subscription of an earlier config: send it unchanged.
-    (MqttString::new(local).unwrap_or_default(), QoS::AtLeastOnce)
+    (
+        MqttString::new(local).unwrap_or_default(),
+        QoS::AtLeastOnce,
+        None,
+    )
 }
 
 /// The local topic and QoS of an upstream topic (the first `in` rule
@@ -1349,7 +1384,7 @@ mod tests {
                         ..Bridge::default()
                     };
                     let local = format!("local/{}", &deep[..deep.len() - 2]);
-                    let (up, _) = outbound_route(&config, &local);
+                    let (up, _, _) = outbound_route(&config, &local);
                     assert_eq!(up.as_str(), format!("site/{}", &local["local/".len()..]));
                     let (down, _) = inbound_route(&config, &up).expect("matches the in rule");
                     assert_eq!(down.as_str(), local);

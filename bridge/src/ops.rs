@@ -31,9 +31,6 @@ const SAMPLES: usize = 361;
 /// Sessions whose queues are listed by name (the deepest), to bound the
 /// metrics' cardinality.
 const TOP_QUEUES: usize = 10;
-/// Free space below this share of the filesystem is "low" (metric,
-/// `$SYS`, status page).
-const LOW_DISK_SHARE: f64 = 0.10;
 
 /// The node as the operations endpoints see it.
 pub(crate) struct Ops {
@@ -77,6 +74,7 @@ pub(crate) struct Snapshot {
     pub(crate) in_bytes_rate: f64,
     pub(crate) out_rate: f64,
     pub(crate) process: ProcessUsage,
+    pub(crate) disk_low: bool,
 }
 
 impl Snapshot {
@@ -99,11 +97,10 @@ impl Snapshot {
         self.room_bytes() as f64 / (self.in_bytes_rate * 86_400.0)
     }
 
-    /// Whether the filesystem's free space is below 10 %.
+    /// Whether the filesystem's free space is below `[storage]
+    /// low_disk_percent`.
     pub(crate) fn disk_low(&self) -> bool {
-        self.disk
-            .filesystem
-            .is_some_and(|(free, total)| total > 0 && (free as f64) < LOW_DISK_SHARE * total as f64)
+        self.disk_low
     }
 }
 
@@ -183,6 +180,7 @@ impl Ops {
             in_bytes_rate: rate(|s| s.received_bytes),
             out_rate: rate(|s| s.sent),
             process: ProcessUsage::read(),
+            disk_low: self.broker.disk_low(),
         }
     }
 

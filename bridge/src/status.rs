@@ -33,6 +33,9 @@ pub struct BridgeStatus {
     /// Messages whose Message Expiry Interval ran out while they waited
     /// here (not forwarded; the local queue drops the others it holds).
     pub expired: u64,
+    /// Messages dropped for waiting longer than their rule's
+    /// `max_age_secs`.
+    pub aged_out: u64,
     /// Successful connections since start.
     pub connects: u64,
     /// How it sends: `None` plain MQTT (`kind = "mqtt"`), `Some(true)`
@@ -70,12 +73,13 @@ impl fmt::Display for BridgeStatus {
         )?;
         writeln!(
             f,
-            "  drained: {:.0} msg/s; forwarded {}, received {}, dead-lettered {}, expired {}, connects {}",
+            "  drained: {:.0} msg/s; forwarded {}, received {}, dead-lettered {}, expired {}, aged out {}, connects {}",
             self.drained_per_sec,
             self.forwarded,
             self.received,
             self.dead_lettered,
             self.expired,
+            self.aged_out,
             self.connects
         )?;
         match self.batches {
@@ -123,13 +127,14 @@ mod tests {
             received: 2,
             dead_lettered: 0,
             expired: 0,
+            aged_out: 0,
             connects: 1,
             batches: None,
             batches_sent: 0,
         };
         assert_eq!(
             s.to_string(),
-            "bridge regional: disconnected (trying 10.0.0.5:1883)\n  backlog: 1200 messages, 76800 bytes, oldest queued 1 h 2 min\n  drained: 0 msg/s; forwarded 10, received 2, dead-lettered 0, expired 0, connects 1\n  last error: connection closed by the upstream\n"
+            "bridge regional: disconnected (trying 10.0.0.5:1883)\n  backlog: 1200 messages, 76800 bytes, oldest queued 1 h 2 min\n  drained: 0 msg/s; forwarded 10, received 2, dead-lettered 0, expired 0, aged out 0, connects 1\n  last error: connection closed by the upstream\n"
         );
         let batched = BridgeStatus {
             connected: true,

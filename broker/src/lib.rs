@@ -185,6 +185,9 @@ pub(crate) struct Shared {
     pub(crate) state: Option<state::StateTopics>,
     /// The load shedding level (`[limits] shed_*`).
     pub(crate) shedding: shed::Shedding,
+    /// Free space below `[storage] low_disk_percent` (checked every
+    /// second by the sweeper).
+    pub(crate) disk_low: std::sync::atomic::AtomicBool,
     /// The TLS settings of each listener (`None` for `tcp` and `ws`), by
     /// index; a reload replaces them.
     pub(crate) tls: parking_lot::RwLock<Vec<Option<server::Tls>>>,
@@ -289,6 +292,12 @@ impl BrokerHandle {
     #[doc(hidden)]
     pub fn override_load(&self, load: Option<shed::Load>) {
         self.shared.shedding.set_override(load);
+    }
+
+    /// Whether the filesystem holding the store has less free space than
+    /// `[storage] low_disk_percent`.
+    pub fn disk_low(&self) -> bool {
+        self.shared.disk_low.load(Ordering::Relaxed)
     }
 
     /// Connections open now (in-process clients included).
@@ -464,6 +473,7 @@ impl Broker {
             dedup: parking_lot::Mutex::new(dedup::Dedup::new(dedup_bound)),
             state,
             shedding: shed::Shedding::default(),
+            disk_low: std::sync::atomic::AtomicBool::new(false),
             tls: parking_lot::RwLock::new(tls),
             this: this.clone(),
         });
@@ -835,6 +845,7 @@ async fn expire_sessions(shared: Arc<Shared>) {
         tick.tick().await;
         forget_idle_origins(&shared);
         collect_tombstones(&shared);
+        check_low_disk(&shared);
         let expired = shared.sessions.take_expired(tokio::time::Instant::now());
         if expired.is_empty() {
             continue;
@@ -869,6 +880,29 @@ fn forget_idle_origins(shared: &Shared) {
         batch.push(storage::StoreOp::DedupForget { origin });
     }
     batch.submit();
+}
+
+/// Warns when the filesystem holding the store has less free space than
+/// `[storage] low_disk_percent` (and when it has enough again).
+fn check_low_disk(shared: &Shared) {
+    let percent = shared.config.storage.low_disk_percent;
+    let Some((free, total)) = shared.store.disk().filesystem else {
+        return;
+    };
+    let low = percent > 0 && total > 0 && free.saturating_mul(100) < total * u64::from(percent);
+    if shared.disk_low.swap(low, Ordering::Relaxed) != low {
+        if low {
+            warn!(
+                free,
+                total, percent, "low disk: less free space than storage.low_disk_percent"
+            );
+        } else {
+            info!(
+                free,
+                total, "disk space above storage.low_disk_percent again"
+            );
+        }
+    }
 }
 
 /// Removes the state tombstones older than `[state] tombstone_ttl_secs`.

@@ -419,6 +419,11 @@ pub struct Storage {
     /// policy applies to new messages for persistent sessions. Default: 8
     /// GiB. Range: 16 MiB ..= 1 PiB.
     pub max_disk_bytes: u64,
+    /// `low_disk_percent`: below this much free space on the filesystem
+    /// holding the store, the node warns (log, `ferrymq_disk_low`,
+    /// `$SYS/ferrymq/disk/low`). 0 turns the warning off. Default: 10.
+    /// Range: 0 ..= 99.
+    pub low_disk_percent: u8,
 }
 
 /// `queue_full`: what to do with a message for a session whose queue is full.
@@ -665,6 +670,11 @@ pub struct Forward {
     /// backlog, for alarms that must not wait behind an outage's worth of
     /// readings). Only for `direction = "out"`. Default: `"backlog"`.
     pub lane: Lane,
+    /// `max_age_secs`: a message this rule sends up that has waited longer
+    /// than this is dropped (and counted) when the bridge reaches it,
+    /// instead of being sent: data too old to matter after a long outage.
+    /// 0 means no limit (the default). Range: 0 ..= 4294967295.
+    pub max_age: Option<Duration>,
 }
 
 /// `lane` of a forward rule: which of a bridge's two queues it feeds.
@@ -800,6 +810,7 @@ impl Default for Storage {
             durability: Durability::GroupCommit,
             sync_interval: Duration::from_millis(100),
             max_disk_bytes: 8 << 30,
+            low_disk_percent: 10,
         }
     }
 }
@@ -914,6 +925,7 @@ impl Default for Forward {
             local_prefix: String::new(),
             remote_prefix: String::new(),
             lane: Lane::Backlog,
+            max_age: None,
         }
     }
 }

@@ -125,6 +125,7 @@ struct RawStorage {
     durability: Option<String>,
     sync_interval_ms: Option<Int>,
     max_disk_bytes: Option<RawSize>,
+    low_disk_percent: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +173,7 @@ struct RawForward {
     local_prefix: Option<String>,
     remote_prefix: Option<String>,
     lane: Option<String>,
+    max_age_secs: Option<Int>,
 }
 
 /// One table of the file, for unknown-key hints.
@@ -259,6 +261,7 @@ pub(crate) const TABLES: &[Table] = &[
             "durability",
             "sync_interval_ms",
             "max_disk_bytes",
+            "low_disk_percent",
         ],
         planned: &[],
     },
@@ -307,6 +310,7 @@ pub(crate) const TABLES: &[Table] = &[
             "local_prefix",
             "remote_prefix",
             "lane",
+            "max_age_secs",
         ],
         planned: &[],
     },
@@ -1016,6 +1020,13 @@ impl RawStorage {
                 defaults.max_disk_bytes,
                 errors,
             ),
+            low_disk_percent: narrow(
+                self.low_disk_percent.map(|Int(v)| v),
+                "storage.low_disk_percent",
+                &validate::LOW_DISK_PERCENT,
+                defaults.low_disk_percent,
+                errors,
+            ),
         }
     }
 }
@@ -1245,6 +1256,14 @@ impl RawForward {
                 defaults.lane,
                 errors,
             ),
+            max_age: Some(Duration::from_secs(narrow(
+                self.max_age_secs.map(|Int(v)| v),
+                &format!("{key}.max_age_secs"),
+                &validate::MAX_AGE_SECS,
+                0,
+                errors,
+            )))
+            .filter(|d| !d.is_zero()),
         }
     }
 }

@@ -125,6 +125,7 @@ fn defaults() {
             durability: Durability::GroupCommit,
             sync_interval: Duration::from_millis(100),
             max_disk_bytes: 8_589_934_592,
+            low_disk_percent: 10,
         }
     );
     assert_eq!(config.bridges, []);
@@ -183,6 +184,7 @@ fn every_key_parsed() {
         durability = "interval"
         sync_interval_ms = 250
         max_disk_bytes = "512MiB"
+        low_disk_percent = 5
         "#,
         |c| {
             c.node_id = "edge-01".into();
@@ -221,6 +223,7 @@ fn every_key_parsed() {
                 durability: Durability::Interval,
                 sync_interval: Duration::from_millis(250),
                 max_disk_bytes: 536_870_912,
+                low_disk_percent: 5,
             };
         },
     );
@@ -1561,6 +1564,7 @@ fn bridge_defaults() {
             local_prefix: String::new(),
             remote_prefix: String::new(),
             lane: crate::Lane::Backlog,
+            max_age: None,
         }
     );
     assert_eq!(BridgeKind::default(), BridgeKind::Mqtt);
@@ -1684,6 +1688,7 @@ fn every_bridge_key_parsed() {
                         local_prefix: "local/".into(),
                         remote_prefix: "site-1/".into(),
                         lane: crate::Lane::Backlog,
+                        max_age: None,
                     },
                     Forward {
                         filter: "#".into(),
@@ -1692,6 +1697,7 @@ fn every_bridge_key_parsed() {
                         local_prefix: "from-regional/".into(),
                         remote_prefix: String::new(),
                         lane: crate::Lane::Backlog,
+                        max_age: None,
                     },
                 ],
             },
@@ -3067,6 +3073,30 @@ fn load_shedding_keys() {
             "limits.shed_cpu_percent: must be between 0 and 100 percent, got 101",
             "limits.shed_window_secs: must be between 1 and 3600 seconds, got 0",
             "limits.critical_topics[0]: \"a/#/b\" is not a topic filter like \"alarms/#\"",
+        ],
+    );
+}
+
+#[test]
+fn forward_max_age() {
+    check_ok(
+        &forward_toml("filter = \"data/#\", max_age_secs = 3600"),
+        |c| {
+            c.node_id = "edge-01".into();
+            let mut b = regional();
+            b.forward = vec![Forward {
+                filter: "data/#".into(),
+                max_age: Some(Duration::from_secs(3600)),
+                ..Forward::default()
+            }];
+            c.bridges = vec![b];
+        },
+    );
+    check_err(
+        &forward_toml("filter = \"cmd/#\", direction = \"in\", max_age_secs = 60"),
+        &[
+            "bridge[0].forward[0].max_age_secs: only for messages that go up (direction \"out\" \
+           or \"both\"); what comes in is published here at once",
         ],
     );
 }

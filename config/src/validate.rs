@@ -129,6 +129,20 @@ pub(crate) const CLOCK_SKEW_SECS: IntRange = IntRange {
     unit: " seconds",
 };
 
+/// `[storage] low_disk_percent`: 0 (off) to 99.
+pub(crate) const LOW_DISK_PERCENT: IntRange = IntRange {
+    lo: 0,
+    hi: 99,
+    unit: " percent",
+};
+
+/// A forward rule's `max_age_secs`: 0 (none) or any 32-bit count.
+pub(crate) const MAX_AGE_SECS: IntRange = IntRange {
+    lo: 0,
+    hi: u32::MAX as u64,
+    unit: " seconds",
+};
+
 /// `[limits] shed_cpu_percent`: 0 (off) to 100.
 pub(crate) const SHED_CPU_PERCENT: IntRange = IntRange {
     lo: 0,
@@ -616,6 +630,11 @@ fn check_limits(config: &Config, errors: &mut Vec<ConfigError>) {
 
 fn check_storage(config: &Config, errors: &mut Vec<ConfigError>) {
     let storage = &config.storage;
+    LOW_DISK_PERCENT.check(
+        "storage.low_disk_percent",
+        u64::from(storage.low_disk_percent),
+        errors,
+    );
     check_secs(
         &MAX_SESSION_EXPIRY_SECS,
         "storage.max_session_expiry_secs",
@@ -886,6 +905,16 @@ fn check_forward(key: &str, rule: &Forward, errors: &mut Vec<ConfigError>) {
                 rule.direction
             ),
         ));
+    }
+    if let Some(age) = rule.max_age {
+        if rule.direction == crate::Direction::In {
+            errors.push(ConfigError::new(
+                format!("{key}.max_age_secs"),
+                "only for messages that go up (direction \"out\" or \"both\"); what comes \
+                 in is published here at once",
+            ));
+        }
+        check_secs(&MAX_AGE_SECS, &format!("{key}.max_age_secs"), age, errors);
     }
     let filter = &rule.filter;
     let filter_ok = if filter.is_empty() {

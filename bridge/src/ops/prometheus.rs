@@ -434,6 +434,12 @@ fn render(ops: &Ops, s: &Snapshot) -> Vec<Family> {
         per_bridge(&|b| b.expired as f64),
     ));
     f.push(labelled(
+        "ferrymq_bridge_aged_out",
+        "Messages dropped for waiting longer than their forward rule's max_age_secs.",
+        Counter,
+        per_bridge(&|b| b.aged_out as f64),
+    ));
+    f.push(labelled(
         "ferrymq_bridge_connects",
         "Successful uplink connections (reconnects included).",
         Counter,

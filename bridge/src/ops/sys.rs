@@ -125,6 +125,7 @@ pub(super) fn topics(ops: &Ops, s: &Snapshot) -> Vec<(String, String)> {
             (topic("drain_rate"), format!("{:.2}", b.drained_per_sec)),
             (topic("forwarded"), b.forwarded.to_string()),
             (topic("dead_lettered"), b.dead_lettered.to_string()),
+            (topic("aged_out"), b.aged_out.to_string()),
         ]);
     }
     out
