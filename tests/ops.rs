@@ -329,10 +329,18 @@ fn a_low_disk_is_reported_in_the_log_the_metrics_and_sys() {
     scrape_until(metrics, "ferrymq_disk_low 1", |m| {
         m.get("ferrymq_disk_low{}") == Some(&1.0)
     });
-    let out = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &node.addr.port().to_string()])
-        .args(["-t", "$SYS/ferrymq/disk/low", "-C", "1", "-W", "10"])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    // Published every second; the first round may predate the check.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &node.addr.port().to_string()])
+            .args(["-t", "$SYS/ferrymq/disk/low", "-C", "1", "-W", "10"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).trim() == "1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "$SYS/ferrymq/disk/low stayed 0");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
