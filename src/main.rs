@@ -32,6 +32,10 @@ enum Command {
     },
     /// Print the commented default config file.
     PrintDefaultConfig,
+    /// Ask the ferrymq running on the data directory of --config to reload
+    /// (SIGHUP): the config is checked first, and a broken one is refused
+    /// here with every problem (exit 2).
+    Reload,
     /// Inspect the stored queues (reads the data directory of --config).
     Queue {
         #[command(subcommand)]
@@ -129,6 +133,17 @@ fn main() -> ExitCode {
             delete,
             check,
         }) => passwd(&file, &user, stdin, delete, check),
+        Some(Command::Reload) => {
+            let Some(file) = &cli.config else {
+                eprintln!("ferrymq reload: --config FILE is required (the running node's file)");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            };
+            let config = match load(&cli.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            request_reload(file, &config)
+        }
         Some(Command::Queue { command }) => {
             let config = match load(&cli.config) {
                 Ok(config) => config,
@@ -165,8 +180,8 @@ fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            init_logging(&config.log);
-            match serve(config) {
+            let log_level = init_logging(&config.log);
+            match serve(config, cli.config.clone(), log_level) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ferrymq: {e:#}");
@@ -360,26 +375,138 @@ fn report_config_errors(file: &std::path::Path, errors: &ferrymq_config::ConfigE
     }
 }
 
+/// Changes the log level of a running node (`None` when `RUST_LOG`
+/// decides it).
+type LogLevel = Option<Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>>;
+
 /// Logs to standard error at `[log] level` (`RUST_LOG` wins when set),
 /// as text or JSON lines (`[log] format`).
-fn init_logging(log: &ferrymq_config::Log) {
+fn init_logging(log: &ferrymq_config::Log) -> LogLevel {
+    let from_env = std::env::var_os("RUST_LOG").is_some();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match log.format {
-        ferrymq_config::LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        ferrymq_config::LogFormat::Json => builder.json().with_ansi(false).init(),
+    let base = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    let setter = match log.format {
+        ferrymq_config::LogFormat::Text => {
+            let builder = base
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_env_filter(filter)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            level_setter(handle)
+        }
+        ferrymq_config::LogFormat::Json => {
+            let builder = base
+                .json()
+                .with_ansi(false)
+                .with_env_filter(filter)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            level_setter(handle)
+        }
+    };
+    (!from_env).then_some(setter)
+}
+
+/// Sets the level through a reloadable filter.
+fn level_setter<S: 'static>(
+    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) -> Box<dyn Fn(&str) -> Result<(), String> + Send + Sync> {
+    Box::new(move |level: &str| {
+        handle
+            .reload(tracing_subscriber::EnvFilter::new(level))
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// `ferrymq reload`: SIGHUP to the node holding the config's data
+/// directory.
+fn request_reload(file: &std::path::Path, config: &Config) -> ExitCode {
+    let Some(pid) = ferrymq_broker::DataDir::holder_pid(&config.data_dir) else {
+        eprintln!(
+            "ferrymq reload: no running ferrymq holds {}",
+            config.data_dir.display()
+        );
+        return ExitCode::FAILURE;
+    };
+    match std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+    {
+        Ok(status) if status.success() => {
+            println!(
+                "{}: ok; asked ferrymq (pid {pid}) to reload it",
+                file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(_) | Err(_) => {
+            eprintln!("ferrymq reload: cannot signal pid {pid}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a SIGHUP does with the config file: a file that does not pass
+/// `check-config` is refused (every problem logged) and the running
+/// config stays; a good one sets the log level, and says which of its
+/// changes take effect only at the next start.
+fn reload_config(path: &std::path::Path, running: &Config, log_level: &LogLevel) {
+    let new = match Config::from_file(path) {
+        Ok(new) => new,
+        Err(errors) => {
+            for error in &errors {
+                tracing::warn!("reload refused: {}: {error}", path.display());
+            }
+            tracing::warn!("reload: the running config stays");
+            return;
+        }
+    };
+    if let Some(set) = log_level
+        && new.log.level != running.log.level
+    {
+        match set(&new.log.level) {
+            Ok(()) => tracing::info!(level = %new.log.level, "reload: log.level replaced"),
+            Err(e) => tracing::warn!("reload: log.level: {e}"),
+        }
+    }
+    let restart: Vec<&str> = [
+        ("node_id", new.node_id != running.node_id),
+        ("data_dir", new.data_dir != running.data_dir),
+        ("listener", new.listeners != running.listeners),
+        ("limits", new.limits != running.limits),
+        ("storage", new.storage != running.storage),
+        ("bridge", new.bridges != running.bridges),
+        ("ferry", new.ferry != running.ferry),
+        ("state", new.state != running.state),
+        ("metrics", new.metrics != running.metrics),
+        ("log.format", new.log.format != running.log.format),
+        (
+            "auth",
+            new.auth.allow_anonymous != running.auth.allow_anonymous
+                || new.auth.allow_anonymous_remote != running.auth.allow_anonymous_remote
+                || new.auth.password_file != running.auth.password_file
+                || new.auth.acl_file != running.auth.acl_file,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect();
+    if !restart.is_empty() {
+        tracing::warn!(
+            "reload: {} changed in {}; they take effect at the next start",
+            restart.join(", "),
+            path.display()
+        );
     }
 }
 
 /// How often free heap memory is handed back to the system.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config, path: Option<PathBuf>, log_level: LogLevel) -> anyhow::Result<()> {
     // The allocator gives memory back after a burst (see
     // ferrymq_broker::memory): a fixed mmap threshold from the start, and
     // free pages returned every few seconds by a thread of its own, so the
@@ -401,20 +528,29 @@ fn serve(config: Config) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let term = signal(SignalKind::terminate())?;
         let hangup = signal(SignalKind::hangup())?;
+        let running = config.clone();
         let node = ferrymq_bridge::Node::start(config).await?;
-        serve_signals(&node, term, hangup).await;
+        let reload = |node: &ferrymq_bridge::Node| {
+            if let Some(path) = &path {
+                reload_config(path, &running, &log_level);
+            }
+            node.broker().reload();
+        };
+        serve_signals(&node, term, hangup, reload).await;
         node.shutdown().await;
         Ok(())
     })
 }
 
 /// Waits for SIGINT or SIGTERM (then returns, to shut down); on each
-/// SIGHUP reloads the password file, the ACL file and the certificates
-/// (logged part by part; nothing is dropped).
+/// SIGHUP runs `reload`: the config file checked again (log level), the
+/// password file, the ACL file and the certificates (logged part by part;
+/// nothing is dropped).
 async fn serve_signals(
     node: &ferrymq_bridge::Node,
     mut term: tokio::signal::unix::Signal,
     mut hangup: tokio::signal::unix::Signal,
+    reload: impl Fn(&ferrymq_bridge::Node),
 ) {
     loop {
         tokio::select! {
@@ -428,7 +564,7 @@ async fn serve_signals(
             }
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP received: reloading");
-                node.broker().reload();
+                reload(node);
             }
         }
     }

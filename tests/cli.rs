@@ -272,3 +272,62 @@ fn the_log_can_be_json_lines() {
         );
     }
 }
+
+#[test]
+fn reload_checks_the_config_then_signals_the_running_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ferrymq.toml");
+    let data = dir.path().join("data");
+    let good = |extra: &str| {
+        format!(
+            "data_dir = {:?}\n[[listener]]\nbind = \"127.0.0.1:0\"\n{extra}",
+            data.display().to_string()
+        )
+    };
+    std::fs::write(&file, good("[log]\nlevel = \"info\"\n")).unwrap();
+    // RUST_LOG would decide the level; without it, [log] does.
+    let node = Broker::start_under(
+        &["env", "-u", "RUST_LOG"],
+        &file,
+        tempfile::tempdir().unwrap(),
+    );
+    let reload = |args: &[&str]| {
+        Command::new(binary())
+            .args(["--config", file.to_str().unwrap(), "reload"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // A broken file is refused before anything is signalled.
+    std::fs::write(&file, good("[limits]\nmax_connections = \"x\"\n")).unwrap();
+    let out = reload(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("limits.max_connections"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!node.log().contains("SIGHUP received"));
+    // A plain SIGHUP with that file: refused by the node, which goes on.
+    let kill = Command::new("kill")
+        .args(["-HUP", &node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    node.wait_for_log("reload: the running config stays", Duration::from_secs(10));
+    assert!(node.log().contains("reload refused"));
+    let _ = Raw::connect(node.addr, Protocol::V5, "still-serving");
+    // A good one: the log level changes now; what needs a restart is said.
+    std::fs::write(
+        &file,
+        good("[log]\nlevel = \"debug\"\n[limits]\nmax_connections = 5\n"),
+    )
+    .unwrap();
+    let out = reload(&[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("pid {}", node.pid())));
+    node.wait_for_log("reload: log.level replaced", Duration::from_secs(10));
+    node.wait_for_log("reload: limits changed", Duration::from_secs(10));
+    // No node: said so.
+    node.kill();
+    let out = reload(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no running ferrymq holds"));
+}

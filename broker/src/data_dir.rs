@@ -33,10 +33,20 @@ impl DataDir {
             .open(path.join(LOCK_FILE))
             .map_err(io)?;
         match lock.try_lock() {
-            Ok(()) => Ok(DataDir {
-                path: path.to_path_buf(),
-                _lock: lock,
-            }),
+            Ok(()) => {
+                // Who holds it, for `ferrymq reload` (a hint only: the
+                // lock is what counts).
+                let mut lock = lock;
+                let _ = lock.set_len(0);
+                let _ = std::io::Write::write_all(
+                    &mut lock,
+                    format!("{}\n", std::process::id()).as_bytes(),
+                );
+                Ok(DataDir {
+                    path: path.to_path_buf(),
+                    _lock: lock,
+                })
+            }
             Err(TryLockError::WouldBlock) => Err(StartError::DataDirInUse(path.to_path_buf())),
             Err(TryLockError::Error(e)) => Err(io(e)),
         }
@@ -48,6 +58,19 @@ impl DataDir {
             Ok(file) => matches!(file.try_lock(), Err(TryLockError::WouldBlock)),
             Err(_) => false,
         }
+    }
+
+    /// The process id of the running broker that holds the data directory
+    /// at `path`, if one does.
+    pub fn holder_pid(path: &Path) -> Option<u32> {
+        if !Self::is_in_use(path) {
+            return None;
+        }
+        std::fs::read_to_string(path.join(LOCK_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// The directory.
@@ -68,7 +91,9 @@ mod tests {
             DataDir::open(&dir),
             Err(StartError::DataDirInUse(_))
         ));
+        assert_eq!(DataDir::holder_pid(&dir), Some(std::process::id()));
         drop(first);
+        assert_eq!(DataDir::holder_pid(&dir), None);
         assert!(DataDir::open(&dir).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
