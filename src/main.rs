@@ -375,9 +375,12 @@ fn report_config_errors(file: &std::path::Path, errors: &ferrymq_config::ConfigE
     }
 }
 
+/// Sets the log level of the running node.
+type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// Changes the log level of a running node (`None` when `RUST_LOG`
 /// decides it).
-type LogLevel = Option<Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>>;
+type LogLevel = Option<SetLevel>;
 
 /// Logs to standard error at `[log] level` (`RUST_LOG` wins when set),
 /// as text or JSON lines (`[log] format`).
@@ -413,7 +416,7 @@ fn init_logging(log: &ferrymq_config::Log) -> LogLevel {
 /// Sets the level through a reloadable filter.
 fn level_setter<S: 'static>(
     handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
-) -> Box<dyn Fn(&str) -> Result<(), String> + Send + Sync> {
+) -> SetLevel {
     Box::new(move |level: &str| {
         handle
             .reload(tracing_subscriber::EnvFilter::new(level))
