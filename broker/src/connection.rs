@@ -1550,8 +1550,10 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     ticket = ticket.max(outcome.ticket);
                     matched += outcome.matched.max(1);
                 }
-                // A queue filled between the check and the push: what was
-                // pushed stays, the rest of the batch comes again.
+                // A QoS 0 record for a full queue under `block` (QoS 1
+                // records that passed the room check are never turned
+                // away: `Outbox::push`): the rest of the batch
+                // comes again.
                 Routing::Blocked(_) => {
                     refused = true;
                     break;

@@ -472,7 +472,19 @@ impl Outbox {
     /// delivery that would be stored is treated as not fitting.
     /// `store_ticket`: the ticket of the batch that will store it (a
     /// spilled delivery is paged in only once that ticket is done).
-    pub fn push(&self, mut delivery: Delivery, budget_full: bool, store_ticket: Ticket) -> Pushed {
+    /// `checked`: the publish already passed the up-front room check of
+    /// `refuse` / `block` (`publish::route`), so a queue that another
+    /// publisher filled since takes it past its bound (by at most the
+    /// publishes that raced) rather than answering `Full`, which would
+    /// refuse a message already delivered to the publish's other
+    /// subscribers (a duplicate for them on the resend).
+    pub fn push(
+        &self,
+        mut delivery: Delivery,
+        budget_full: bool,
+        store_ticket: Ticket,
+        checked: bool,
+    ) -> Pushed {
         let size = delivery.message.payload.len();
         let limits = &self.limits;
         let (pushed, was_empty) = {
@@ -516,6 +528,7 @@ impl Outbox {
                         must_evict = false;
                     }
                     QueueFull::DropNewest => return Pushed::DroppedFull,
+                    QueueFull::Refuse | QueueFull::Block if checked => break,
                     QueueFull::Refuse | QueueFull::Block => return Pushed::Full,
                 }
             }
@@ -716,16 +729,40 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_that_passed_the_room_check_is_not_refused_by_a_queue_filled_since() {
+        for policy in [QueueFull::Block, QueueFull::Refuse] {
+            let o = outbox(policy, 2, 100);
+            for _ in 0..2 {
+                assert!(matches!(
+                    o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0, false),
+                    Pushed::Queued { .. }
+                ));
+            }
+            // Full now: an unchecked push is turned away...
+            assert_eq!(
+                o.push(delivery(QoS::AtLeastOnce, b"b"), false, 0, false),
+                Pushed::Full
+            );
+            // ... one whose publish found room a moment ago goes in.
+            assert!(matches!(
+                o.push(delivery(QoS::AtLeastOnce, b"b"), false, 0, true),
+                Pushed::Queued { .. }
+            ));
+            assert_eq!(seqs(&o).len(), 3, "{policy:?}");
+        }
+    }
+
+    #[test]
     fn drop_oldest_evicts_and_reports_what_it_evicted() {
         let o = outbox(QueueFull::DropOldest, 2, 100);
         for _ in 0..2 {
             assert!(matches!(
-                o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0),
+                o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0, false),
                 Pushed::Queued { .. }
             ));
         }
         assert_eq!(
-            o.push(delivery(QoS::AtLeastOnce, b"b"), false, 0),
+            o.push(delivery(QoS::AtLeastOnce, b"b"), false, 0, false),
             Pushed::Queued {
                 seq: 3,
                 stored: false,
@@ -740,10 +777,10 @@ mod tests {
         // The byte budget can need several evictions.
         let o = outbox(QueueFull::DropOldest, 10, 4);
         for _ in 0..4 {
-            o.push(delivery(QoS::AtLeastOnce, b"x"), false, 0);
+            o.push(delivery(QoS::AtLeastOnce, b"x"), false, 0, false);
         }
         assert_eq!(
-            o.push(delivery(QoS::AtLeastOnce, b"yyy"), false, 0),
+            o.push(delivery(QoS::AtLeastOnce, b"yyy"), false, 0, false),
             Pushed::Queued {
                 seq: 5,
                 stored: false,
@@ -759,7 +796,7 @@ mod tests {
         assert_eq!(o.len(), 2);
         // Larger than the whole budget: dropped, nothing evicted.
         assert_eq!(
-            o.push(delivery(QoS::AtLeastOnce, b"zzzzz"), false, 0),
+            o.push(delivery(QoS::AtLeastOnce, b"zzzzz"), false, 0, false),
             Pushed::DroppedFull
         );
         assert_eq!(o.len(), 2);
@@ -773,9 +810,9 @@ mod tests {
             (QueueFull::Block, Pushed::Full),
         ] {
             let o = outbox(policy, 1, 100);
-            o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0);
+            o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0, false);
             assert_eq!(
-                o.push(delivery(QoS::AtLeastOnce, b"b"), false, 0),
+                o.push(delivery(QoS::AtLeastOnce, b"b"), false, 0, false),
                 expected,
                 "{policy:?}"
             );
@@ -789,11 +826,11 @@ mod tests {
         let o = outbox(QueueFull::DropOldest, 10, 100);
         o.set_online(false);
         assert_eq!(
-            o.push(delivery(QoS::AtMostOnce, b"a"), false, 0),
+            o.push(delivery(QoS::AtMostOnce, b"a"), false, 0, false),
             Pushed::Skipped
         );
         assert!(matches!(
-            o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0),
+            o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0, false),
             Pushed::Queued { .. }
         ));
         let q0 = Outbox::new(
@@ -808,7 +845,7 @@ mod tests {
         );
         q0.set_persistent(true);
         assert!(matches!(
-            q0.push(delivery(QoS::AtMostOnce, b"a"), false, 0),
+            q0.push(delivery(QoS::AtMostOnce, b"a"), false, 0, false),
             Pushed::Queued { .. }
         ));
         assert!(q0.stores(QoS::AtMostOnce));
@@ -821,7 +858,7 @@ mod tests {
     #[test]
     fn restore_puts_messages_back_in_front_in_order() {
         let o = outbox(QueueFull::DropOldest, 10, 100);
-        o.push(delivery(QoS::AtLeastOnce, b"new"), false, 0);
+        o.push(delivery(QoS::AtLeastOnce, b"new"), false, 0, false);
         let mut old = vec![
             delivery(QoS::AtLeastOnce, b"a"),
             delivery(QoS::AtLeastOnce, b"b"),
@@ -833,12 +870,12 @@ mod tests {
         assert!(matches!(o.pop_ready(0, |_| true), Pop::Got(d) if d.seq == 7));
         // New pushes continue after the highest restored sequence.
         assert!(matches!(
-            o.push(delivery(QoS::AtLeastOnce, b"c"), false, 0),
+            o.push(delivery(QoS::AtLeastOnce, b"c"), false, 0, false),
             Pushed::Queued { seq: 9, .. }
         ));
         assert_eq!(o.close().len(), 3);
         assert_eq!(
-            o.push(delivery(QoS::AtLeastOnce, b"d"), false, 0),
+            o.push(delivery(QoS::AtLeastOnce, b"d"), false, 0, false),
             Pushed::Closed
         );
         assert!(o.is_empty());
@@ -883,7 +920,7 @@ mod tests {
             let message = d.message.clone();
             let Pushed::Queued {
                 seq, stored: true, ..
-            } = self.outbox.push(d, false, ticket)
+            } = self.outbox.push(d, false, ticket, false)
             else {
                 panic!("not queued and stored");
             };

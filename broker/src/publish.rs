@@ -29,6 +29,8 @@ pub(crate) struct Parked {
     wait: bool,
     /// A trusted sender's id, taken with the batch that completes it.
     dedup: Option<MessageId>,
+    /// Whether the publish may wait for room (see [`route`]).
+    may_block: bool,
 }
 
 impl Parked {
@@ -165,6 +167,7 @@ pub(crate) fn route(
         ticket,
         wait,
         dedup,
+        may_block,
     };
     push_all(shared, parked, batch)
 }
@@ -206,7 +209,13 @@ fn push_all(shared: &Shared, mut p: Parked, mut batch: Batch<'_>) -> Routing {
             group: None,
             queued_ms,
         };
-        match push(shared, &route.outbox, delivery, &mut batch) {
+        // The targets the up-front room check covered (see `route`): one
+        // filled since by another publisher still takes this message.
+        let policy = shared.config.storage.queue_full;
+        let checked = p.message.qos != QoS::AtMostOnce
+            && matches!(policy, QueueFull::Refuse | QueueFull::Block)
+            && (policy == QueueFull::Refuse || !p.may_block || !route.outbox.is_online());
+        match push(shared, &route.outbox, delivery, &mut batch, checked) {
             PushResult::Done => {
                 if let Some(group) = &route.group {
                     group.wake();
@@ -249,7 +258,13 @@ enum PushResult {
 }
 
 /// Pushes one delivery, recording its store ops in `batch`.
-fn push(shared: &Shared, outbox: &Outbox, delivery: Delivery, batch: &mut Batch<'_>) -> PushResult {
+fn push(
+    shared: &Shared,
+    outbox: &Outbox,
+    delivery: Delivery,
+    batch: &mut Batch<'_>,
+    checked: bool,
+) -> PushResult {
     let (qos, retain, message) = (delivery.qos, delivery.retain, delivery.message.clone());
     let identifiers = delivery.identifiers.clone();
     // A stored put must be ordered before the delete that follows its
@@ -260,7 +275,7 @@ fn push(shared: &Shared, outbox: &Outbox, delivery: Delivery, batch: &mut Batch<
         0
     };
     let budget_full = outbox.is_persistent() && shared.store.over_budget();
-    match outbox.push(delivery, budget_full, store_ticket) {
+    match outbox.push(delivery, budget_full, store_ticket, checked) {
         Pushed::Queued {
             seq,
             stored,
@@ -343,7 +358,7 @@ pub(crate) fn queue_retained(shared: &Shared, outbox: &Outbox, filter: &str, gra
                 group: None,
                 queued_ms,
             };
-            if let PushResult::Full = push(shared, outbox, delivery, &mut batch) {
+            if let PushResult::Full = push(shared, outbox, delivery, &mut batch, false) {
                 dropped(shared, outbox);
             }
         }
