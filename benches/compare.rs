@@ -31,7 +31,9 @@
 //! drops) with a 1,000-message queue for online scenarios; for `durable`
 //! the default `group-commit` RocksDB store with room for the whole
 //! backlog; metrics served and `$SYS` published every 10 s, as a
-//! deployment runs.
+//! deployment runs; load shedding off (at full speed the broker may use
+//! more than 90 % of the machine, and the harness measures what it
+//! carries, not the shedding policy).
 //!
 //! Output: a markdown table of medians with ratios and the raw runs as
 //! JSON, printed and written to `compare.md` / `compare.json` in the cargo
@@ -197,7 +199,8 @@ impl Server {
                     "data_dir = {:?}\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n\
                      [storage]\nqueue_full = \"block\"\nmax_queued_messages = {messages}\n\
                      max_queued_bytes = \"{bytes}\"\nmax_disk_bytes = \"64GiB\"\n\
-                     [metrics]\nenabled = true\nbind = \"127.0.0.1:0\"\nsys_interval_secs = 10\n",
+                     [metrics]\nenabled = true\nbind = \"127.0.0.1:0\"\nsys_interval_secs = 10\n\
+                     [limits]\nshed_cpu_percent = 0\n",
                     dir.path().join("data").display().to_string()
                 );
                 let file = dir.path().join("ferrymq.toml");
