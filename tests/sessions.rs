@@ -178,6 +178,33 @@ fn persistent_sessions_queue_while_offline_and_deliver_on_return() {
 }
 
 #[test]
+fn messages_older_than_max_age_are_dropped_when_their_turn_comes() {
+    let broker = Broker::start("[storage]\nmax_age_secs = 2\n");
+    let (mut sub, _) = connect(broker.addr, Protocol::V5, "aging", false);
+    subscribe(&mut sub, "a/#", QoS::AtLeastOnce);
+    sub.send(&Packet::Disconnect(Disconnect::default()));
+    assert_eq!(sub.until_closed(), []);
+    let (mut publisher, _) = connect(broker.addr, Protocol::V5, "aging-pub", true);
+    for i in 0..3u16 {
+        publish(
+            &mut publisher,
+            message("a/x", &format!("old{i}"), QoS::AtLeastOnce, i + 1),
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for i in 0..2u16 {
+        publish(
+            &mut publisher,
+            message("a/x", &format!("new{i}"), QoS::AtLeastOnce, i + 10),
+        );
+    }
+    let (mut sub, ack) = connect(broker.addr, Protocol::V5, "aging", false);
+    assert!(ack.session_present);
+    assert_eq!(payloads(&mut sub, 2), ["new0", "new1"]);
+    sub.expect_silence(QUIET);
+}
+
+#[test]
 fn unacknowledged_messages_are_resent_with_dup_and_their_packet_id() {
     let broker = Broker::start("");
     let (mut sub, _) = connect(broker.addr, Protocol::V311, "resend", false);

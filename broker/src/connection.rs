@@ -1191,11 +1191,23 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         state
     }
 
-    /// Hands a delivery to the engine and encodes what it sends; whether
-    /// it was sent (not dropped as too large or expired, counted).
-    /// Encodes a delivery (or drops it, counted), counting what went in
-    /// `sent`.
+    /// Hands a delivery to the engine and encodes what it sends (or drops
+    /// it, counted: too large, expired, or older than `[storage]
+    /// max_age_secs` for a network client), counting what went in `sent`.
     fn send(&mut self, delivery: Delivery, now: Instant, sent: &mut Tally) {
+        if let Some(max_age) = self.shared.config.storage.max_age
+            && !self.in_process
+            && u128::from(
+                self.shared
+                    .clock
+                    .now_ms()
+                    .saturating_sub(delivery.queued_ms),
+            ) > max_age.as_millis()
+        {
+            Engine::unqueue(&delivery, &mut self.ops);
+            Stats::add(&self.shared.stats.messages_aged_out, 1);
+            return;
+        }
         match self.engine.deliver(delivery, now, &mut self.ops) {
             Delivered::Send(out) => {
                 if let Err(e) = out.view().encode(self.engine.protocol, &mut self.io.out) {

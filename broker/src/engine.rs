@@ -614,21 +614,24 @@ impl Engine {
         out.properties.topic_alias = Some(alias);
     }
 
+    /// A delivery that leaves its queue unsent: its stored entry goes.
+    pub fn unqueue(d: &Delivery, ops: &mut Vec<StoreOp>) {
+        if d.stored {
+            ops.push(StoreOp::QueueDelete {
+                number: d.queue,
+                seq: d.seq,
+                size: d.size(),
+            });
+        }
+    }
+
     /// Turns a delivery from the outbox into the PUBLISH to send at `now`,
     /// taking a packet identifier for QoS 1/2. A message whose expiry has
     /// passed, or that is larger than the client's Maximum Packet Size, is
     /// not sent and leaves the queue (the caller counts it).
     pub fn deliver(&mut self, d: Delivery, now: Instant, ops: &mut Vec<StoreOp>) -> Delivered {
         let number = self.state.number;
-        let forget = |d: &Delivery, ops: &mut Vec<StoreOp>| {
-            if d.stored {
-                ops.push(StoreOp::QueueDelete {
-                    number: d.queue,
-                    seq: d.seq,
-                    size: d.size(),
-                });
-            }
-        };
+        let forget = Self::unqueue;
         if d.message.is_expired(now) {
             forget(&d, ops);
             return Delivered::Expired;
@@ -704,11 +707,7 @@ impl Engine {
 
     fn forget(&self, d: &Delivery, packet_id: u16, ops: &mut Vec<StoreOp>) {
         if d.stored {
-            ops.push(StoreOp::QueueDelete {
-                number: d.queue,
-                seq: d.seq,
-                size: d.size(),
-            });
+            Self::unqueue(d, ops);
             if !self.limits.volatile_inflight {
                 ops.push(StoreOp::InflightDelete {
                     number: self.state.number,

@@ -26,6 +26,9 @@ pub struct Stats {
     pub messages_dropped_too_large: AtomicU64,
     /// Queued messages whose Message Expiry Interval passed before delivery.
     pub messages_expired: AtomicU64,
+    /// Queued messages older than `[storage] max_age_secs` when their
+    /// turn came (dropped).
+    pub messages_aged_out: AtomicU64,
     /// QoS 1/2 publishes refused because a queue was full (`refuse`).
     pub publishes_refused: AtomicU64,
     /// Offline sessions ended by their expiry.

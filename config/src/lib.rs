@@ -424,6 +424,12 @@ pub struct Storage {
     /// `$SYS/ferrymq/disk/low`). 0 turns the warning off. Default: 10.
     /// Range: 0 ..= 99.
     pub low_disk_percent: u8,
+    /// `max_age_secs`: a message queued for a network client's session
+    /// that has waited longer than this is dropped (and counted) when its
+    /// turn to be delivered comes, instead of being delivered. 0 means no
+    /// limit (the default). Bridges have their own, per forward rule.
+    /// Range: 0 ..= 4294967295.
+    pub max_age: Option<Duration>,
 }
 
 /// `queue_full`: what to do with a message for a session whose queue is full.
@@ -811,6 +817,7 @@ impl Default for Storage {
             sync_interval: Duration::from_millis(100),
             max_disk_bytes: 8 << 30,
             low_disk_percent: 10,
+            max_age: None,
         }
     }
 }

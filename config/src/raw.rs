@@ -126,6 +126,7 @@ struct RawStorage {
     sync_interval_ms: Option<Int>,
     max_disk_bytes: Option<RawSize>,
     low_disk_percent: Option<Int>,
+    max_age_secs: Option<Int>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -262,6 +263,7 @@ pub(crate) const TABLES: &[Table] = &[
             "sync_interval_ms",
             "max_disk_bytes",
             "low_disk_percent",
+            "max_age_secs",
         ],
         planned: &[],
     },
@@ -1027,6 +1029,14 @@ impl RawStorage {
                 defaults.low_disk_percent,
                 errors,
             ),
+            max_age: Some(Duration::from_secs(narrow(
+                self.max_age_secs.map(|Int(v)| v),
+                "storage.max_age_secs",
+                &validate::MAX_AGE_SECS,
+                0,
+                errors,
+            )))
+            .filter(|d| !d.is_zero()),
         }
     }
 }

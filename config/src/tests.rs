@@ -126,6 +126,7 @@ fn defaults() {
             sync_interval: Duration::from_millis(100),
             max_disk_bytes: 8_589_934_592,
             low_disk_percent: 10,
+            max_age: None,
         }
     );
     assert_eq!(config.bridges, []);
@@ -185,6 +186,7 @@ fn every_key_parsed() {
         sync_interval_ms = 250
         max_disk_bytes = "512MiB"
         low_disk_percent = 5
+        max_age_secs = 86400
         "#,
         |c| {
             c.node_id = "edge-01".into();
@@ -224,6 +226,7 @@ fn every_key_parsed() {
                 sync_interval: Duration::from_millis(250),
                 max_disk_bytes: 536_870_912,
                 low_disk_percent: 5,
+                max_age: Some(Duration::from_secs(86_400)),
             };
         },
     );

@@ -635,6 +635,9 @@ fn check_storage(config: &Config, errors: &mut Vec<ConfigError>) {
         u64::from(storage.low_disk_percent),
         errors,
     );
+    if let Some(age) = storage.max_age {
+        check_secs(&MAX_AGE_SECS, "storage.max_age_secs", age, errors);
+    }
     check_secs(
         &MAX_SESSION_EXPIRY_SECS,
         "storage.max_session_expiry_secs",

@@ -211,6 +211,7 @@ fn render(ops: &Ops, s: &Snapshot) -> Vec<Family> {
             ),
             (reason("too_large"), get(&stats.messages_dropped_too_large)),
             (reason("expired"), get(&stats.messages_expired)),
+            (reason("aged_out"), get(&stats.messages_aged_out)),
             (reason("shed"), get(&stats.publishes_shed)),
         ],
     ));
