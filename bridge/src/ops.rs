@@ -74,7 +74,10 @@ pub(crate) struct Snapshot {
     pub(crate) in_bytes_rate: f64,
     pub(crate) out_rate: f64,
     pub(crate) process: ProcessUsage,
+    /// Free space below `[storage] low_disk_percent`.
     pub(crate) disk_low: bool,
+    /// Messages dropped so far: queue full, too large, expired, shed.
+    pub(crate) dropped: u64,
 }
 
 impl Snapshot {
@@ -95,12 +98,6 @@ impl Snapshot {
             return f64::INFINITY;
         }
         self.room_bytes() as f64 / (self.in_bytes_rate * 86_400.0)
-    }
-
-    /// Whether the filesystem's free space is below `[storage]
-    /// low_disk_percent`.
-    pub(crate) fn disk_low(&self) -> bool {
-        self.disk_low
     }
 }
 
@@ -181,6 +178,18 @@ impl Ops {
             out_rate: rate(|s| s.sent),
             process: ProcessUsage::read(),
             disk_low: self.broker.disk_low(),
+            dropped: {
+                let stats = self.broker.stats();
+                [
+                    &stats.messages_dropped_queue_full,
+                    &stats.messages_dropped_too_large,
+                    &stats.messages_expired,
+                    &stats.publishes_shed,
+                ]
+                .into_iter()
+                .map(ferrymq_broker::Stats::get)
+                .sum()
+            },
         }
     }
 
@@ -213,15 +222,9 @@ impl Ops {
             s.disk.budget_bytes,
             s.disk.filesystem.map_or(0, |(free, _)| free),
             s.disk.filesystem.map_or(0, |(_, total)| total),
-            s.disk_low(),
+            s.disk_low,
             num(s.outage_days_left()),
-            {
-                let st = self.broker.stats();
-                ferrymq_broker::Stats::get(&st.messages_dropped_queue_full)
-                    + ferrymq_broker::Stats::get(&st.messages_dropped_too_large)
-                    + ferrymq_broker::Stats::get(&st.messages_expired)
-                    + ferrymq_broker::Stats::get(&st.publishes_shed)
-            },
+            s.dropped,
             self.broker.shed_level(),
         );
         for (i, b) in s.bridges.iter().enumerate() {
@@ -296,18 +299,12 @@ impl http::Routes for Ops {
                 "text/plain; version=0.0.4; charset=utf-8",
                 prometheus::encode(self),
             ),
-            "/healthz" => http::Response::new(200, "text/plain; charset=utf-8", "ok\n"),
-            "/readyz" if self.ready() => {
-                http::Response::new(200, "text/plain; charset=utf-8", "ready\n")
-            }
-            "/readyz" => http::Response::new(
-                503,
-                "text/plain; charset=utf-8",
-                "the store does not take writes\n",
-            ),
+            "/healthz" => http::Response::text(200, "ok\n"),
+            "/readyz" if self.ready() => http::Response::text(200, "ready\n"),
+            "/readyz" => http::Response::text(503, "the store does not take writes\n"),
             "/" | "/index.html" => http::Response::new(200, "text/html; charset=utf-8", page::HTML),
             "/status.json" => http::Response::new(200, "application/json", self.status_json()),
-            _ => http::Response::new(404, "text/plain; charset=utf-8", "not found\n"),
+            _ => http::Response::text(404, "not found\n"),
         }
     }
 }

@@ -91,8 +91,7 @@ pub(crate) fn route(
     {
         let full = store_refuses
             || targets(&routes, origin).any(|r| {
-                (policy == QueueFull::Refuse || !may_block || !r.outbox.is_online())
-                    && !r.outbox.has_room(size)
+                checked_up_front(policy, may_block, &r.outbox) && !r.outbox.has_room(size)
             });
         if full {
             Stats::add(&shared.stats.publishes_refused, 1);
@@ -188,8 +187,18 @@ fn targets(routes: &[Route], origin: SessionId) -> impl Iterator<Item = &Route> 
         .filter(move |r| !(r.no_local && r.session == origin))
 }
 
+/// Whether [`route`]'s up-front room check covers a target: under
+/// `refuse` every queue; under `block` those the publish may not wait for
+/// (it may not block, or the session is offline and could stay away for
+/// days).
+fn checked_up_front(policy: QueueFull, may_block: bool, outbox: &Outbox) -> bool {
+    policy == QueueFull::Refuse
+        || (policy == QueueFull::Block && (!may_block || !outbox.is_online()))
+}
+
 fn push_all(shared: &Shared, mut p: Parked, mut batch: Batch<'_>) -> Routing {
     let queued_ms = shared.clock.now_ms();
+    let policy = shared.config.storage.queue_full;
     while p.next < p.routes.len() {
         let route = &p.routes[p.next];
         if route.no_local && route.session == p.message.origin {
@@ -209,12 +218,10 @@ fn push_all(shared: &Shared, mut p: Parked, mut batch: Batch<'_>) -> Routing {
             group: None,
             queued_ms,
         };
-        // The targets the up-front room check covered (see `route`): one
-        // filled since by another publisher still takes this message.
-        let policy = shared.config.storage.queue_full;
+        // A target the up-front room check covered, filled since by
+        // another publisher, still takes this message.
         let checked = p.message.qos != QoS::AtMostOnce
-            && matches!(policy, QueueFull::Refuse | QueueFull::Block)
-            && (policy == QueueFull::Refuse || !p.may_block || !route.outbox.is_online());
+            && checked_up_front(policy, p.may_block, &route.outbox);
         match push(shared, &route.outbox, delivery, &mut batch, checked) {
             PushResult::Done => {
                 if let Some(group) = &route.group {

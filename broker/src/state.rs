@@ -216,11 +216,6 @@ impl StateTopics {
         self.filters.iter().any(|f| matches(f, topic))
     }
 
-    /// The filters, as configured.
-    pub fn filters(&self) -> impl Iterator<Item = &str> {
-        self.filters.iter().map(|f| &**f)
-    }
-
     /// Locks the clock and the tombstones: a state write stamps, compares,
     /// sets and takes its store ticket under this lock.
     pub fn lock(&self) -> StateGuard<'_> {
@@ -245,7 +240,7 @@ impl StateGuard<'_> {
     /// most `max_clock_skew` ahead of the wall clock. `None`: written
     /// here, stamped with the clock and above `held` (a write replaces
     /// what its writer saw, even a value stamped by a clock far ahead).
-    pub fn stamp(&mut self, carried: Option<Stamp>, held: Option<Stamp>, wall_ms: u64) -> Stamp {
+    fn stamp(&mut self, carried: Option<Stamp>, held: Option<Stamp>, wall_ms: u64) -> Stamp {
         let clock = &mut self.inner.clock;
         match carried {
             Some(stamp) => {

@@ -32,7 +32,7 @@ impl Response {
         }
     }
 
-    fn text(status: u16, body: &str) -> Self {
+    pub(crate) fn text(status: u16, body: &str) -> Self {
         Response::new(status, "text/plain; charset=utf-8", body)
     }
 }

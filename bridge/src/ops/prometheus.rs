@@ -336,7 +336,7 @@ fn render(ops: &Ops, s: &Snapshot) -> Vec<Family> {
         "ferrymq_disk_low",
         "1 while the filesystem holding the store has less than 10 % free.",
         Gauge,
-        f64::from(u8::from(s.disk_low())),
+        f64::from(u8::from(s.disk_low)),
     ));
     f.push(one(
         "ferrymq_outage_days_left",

@@ -78,11 +78,7 @@ pub(super) fn topics(ops: &Ops, s: &Snapshot) -> Vec<(String, String)> {
         ),
         (
             "$SYS/ferrymq/messages/dropped".into(),
-            (Stats::get(&stats.messages_dropped_queue_full)
-                + Stats::get(&stats.messages_dropped_too_large)
-                + Stats::get(&stats.messages_expired)
-                + Stats::get(&stats.publishes_shed))
-            .to_string(),
+            s.dropped.to_string(),
         ),
         (
             "$SYS/ferrymq/shed/level".into(),
@@ -102,7 +98,7 @@ pub(super) fn topics(ops: &Ops, s: &Snapshot) -> Vec<(String, String)> {
         ),
         (
             "$SYS/ferrymq/disk/low".into(),
-            u8::from(s.disk_low()).to_string(),
+            u8::from(s.disk_low).to_string(),
         ),
         (
             "$SYS/ferrymq/disk/outage_days_left".into(),
