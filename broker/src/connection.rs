@@ -1446,7 +1446,10 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             }) => {
                 // The node's own `$SYS` reports are not traffic.
                 if !(self.in_process && message.topic.starts_with("$SYS/")) {
-                    (self.shared.stats.received).count(message.qos, message.payload.len());
+                    self.shared
+                        .stats
+                        .received
+                        .count(message.qos, message.payload.len());
                 }
                 let id = self.message_id(&mut message);
                 if let Some(id) = &id

@@ -648,15 +648,14 @@ fn restore(shared: &Shared, recovered: Recovered) {
         if too_deep(&message.topic) {
             continue;
         }
+        let is_state = shared
+            .state
+            .as_ref()
+            .is_some_and(|s| s.covers(&message.topic));
         let stamped = state
             .as_mut()
-            .filter(|_| {
-                shared
-                    .state
-                    .as_ref()
-                    .is_some_and(|s| s.covers(&message.topic))
-            })
-            .and_then(|guard| Some((guard, state::Stamp::of(&message)?)));
+            .filter(|_| is_state)
+            .zip(state::Stamp::of(&message));
         if message.is_expired(now) {
             cleanup.push(storage::StoreOp::RetainedDelete(message.topic.clone()));
         } else if let Some((guard, stamp)) = stamped {

@@ -20,7 +20,6 @@ pub(super) fn encode(ops: &Ops) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Frozen {
         families: render(ops, &snapshot),
-        wal_syncs: &WAL_SYNC_SECONDS,
         sync_buckets: snapshot.disk.sync_micros_log2.clone(),
     }));
     let mut out = String::with_capacity(8 << 10);
@@ -54,7 +53,6 @@ impl fmt::Debug for Family {
 #[derive(Debug)]
 struct Frozen {
     families: Vec<Family>,
-    wal_syncs: &'static (&'static str, &'static str),
     /// WAL syncs by duration, entry `i` below 2^i µs.
     sync_buckets: Vec<u64>,
 }
@@ -64,7 +62,7 @@ struct Frozen {
 impl Collector for Frozen {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         if !self.sync_buckets.is_empty() {
-            let (name, help) = *self.wal_syncs;
+            let (name, help) = WAL_SYNC_SECONDS;
             let buckets: Vec<(f64, u64)> = self
                 .sync_buckets
                 .iter()
