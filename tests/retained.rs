@@ -67,6 +67,24 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// The broker's RSS once it stopped moving: the store flushes its memtable
+/// (16 MiB) in the background after the retained set is written, and on a
+/// slow machine that flush could otherwise land in the replay's
+/// measurement. Waits until two readings a second apart are within 1 MiB
+/// (at most 30 s).
+fn settled_rss_kib(pid: u32) -> u64 {
+    let mut last = rss_kib(pid);
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = rss_kib(pid);
+        if now.abs_diff(last) < 1024 {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 /// Subscribes `sensors/#` at `qos`, acknowledges what needs it, and reads
 /// until every retained message and both live ones arrived. Midway it
 /// publishes (from another client) a live message on a topic the replay
@@ -75,6 +93,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// arrive once and after the retained message of their topic, and that
 /// the broker's memory did not grow with the retained count.
 fn replay_to(broker: &Broker, protocol: Protocol, qos: QoS, receive_maximum: Option<u16>) {
+    let rss_before = settled_rss_kib(broker.pid());
     let mut sub = Raw::open(broker.addr, protocol);
     let mut connect = connect_packet(protocol, "dashboard");
     connect.properties = ConnectProperties {
@@ -95,7 +114,6 @@ fn replay_to(broker: &Broker, protocol: Protocol, qos: QoS, receive_maximum: Opt
         properties: Default::default(),
     }));
     assert!(matches!(sub.recv(), Some(Packet::SubAck(_))));
-    let rss_before = rss_kib(broker.pid());
     let mut rss_peak = rss_before;
     let late = topic(RETAINED - 7);
     let mut seen = HashSet::new();
