@@ -97,6 +97,14 @@ enum QueueCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Delete the queues a bridge removed from the config left behind
+    /// (what it had not forwarded, its live lane and its dead letters):
+    /// done by the running ferrymq within a second, or at its next start.
+    /// Refused for a bridge still in the config.
+    DeleteBridge {
+        /// The removed bridge's name.
+        name: String,
+    },
     /// Put a bridge's dead letters back on their topics, through the
     /// bridge only, so they go upstream again: done by the running ferrymq
     /// within a second, or at its next start.
@@ -164,6 +172,7 @@ fn main() -> ExitCode {
                     )
                 }
                 QueueCommand::ReplayDead { name } => replay_dead(&config, &name),
+                QueueCommand::DeleteBridge { name } => delete_bridge(&config, &name),
             }
         }
         Some(Command::Bridge {
@@ -358,6 +367,31 @@ fn replay_dead(config: &Config, name: &str) -> ExitCode {
     }
 }
 
+fn delete_bridge(config: &Config, name: &str) -> ExitCode {
+    if config.bridges.iter().any(|b| b.name == name) {
+        eprintln!(
+            "ferrymq queue delete-bridge: bridge {name:?} is in the config: remove it and reload first"
+        );
+        return ExitCode::FAILURE;
+    }
+    match ferrymq_bridge::request_delete(&config.data_dir, name) {
+        Ok(_) if ferrymq_broker::DataDir::is_in_use(&config.data_dir) => {
+            println!(
+                "deletion of {name}'s queues requested: the running ferrymq does it within a second"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(_) => {
+            println!("deletion of {name}'s queues requested: ferrymq does it when it starts");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferrymq queue delete-bridge: cannot write the request: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// The config of `--config FILE`, or the embedded defaults.
 fn load(file: &Option<PathBuf>) -> Result<Config, ExitCode> {
     match file {
@@ -454,9 +488,15 @@ fn request_reload(file: &std::path::Path, config: &Config) -> ExitCode {
 
 /// What a SIGHUP does with the config file: a file that does not pass
 /// `check-config` is refused (every problem logged) and the running
-/// config stays; a good one sets the log level, and says which of its
-/// changes take effect only at the next start.
-fn reload_config(path: &std::path::Path, running: &Config, log_level: &LogLevel) {
+/// config stays; a good one is put in force ([`ferrymq_bridge::Node::reload`]:
+/// listeners, limits, storage policies, bridges, metrics, the files it
+/// names; each part logged, and what needs a restart named) and sets the
+/// log level.
+async fn reload_config(
+    path: &std::path::Path,
+    node: &mut ferrymq_bridge::Node,
+    log_level: &LogLevel,
+) {
     let new = match Config::from_file(path) {
         Ok(new) => new,
         Err(errors) => {
@@ -467,40 +507,21 @@ fn reload_config(path: &std::path::Path, running: &Config, log_level: &LogLevel)
             return;
         }
     };
+    let running_level = node.broker().handle().config().log.level.clone();
     if let Some(set) = log_level
-        && new.log.level != running.log.level
+        && new.log.level != running_level
     {
         match set(&new.log.level) {
             Ok(()) => tracing::info!(level = %new.log.level, "reload: log.level replaced"),
             Err(e) => tracing::warn!("reload: log.level: {e}"),
         }
     }
-    let restart: Vec<&str> = [
-        ("node_id", new.node_id != running.node_id),
-        ("data_dir", new.data_dir != running.data_dir),
-        ("listener", new.listeners != running.listeners),
-        ("limits", new.limits != running.limits),
-        ("storage", new.storage != running.storage),
-        ("bridge", new.bridges != running.bridges),
-        ("ferry", new.ferry != running.ferry),
-        ("state", new.state != running.state),
-        ("metrics", new.metrics != running.metrics),
-        ("log.format", new.log.format != running.log.format),
-        (
-            "auth",
-            new.auth.allow_anonymous != running.auth.allow_anonymous
-                || new.auth.allow_anonymous_remote != running.auth.allow_anonymous_remote
-                || new.auth.password_file != running.auth.password_file
-                || new.auth.acl_file != running.auth.acl_file,
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(key, changed)| changed.then_some(key))
-    .collect();
-    if !restart.is_empty() {
+    let report = node.reload(new).await;
+    if report.is_ok() {
+        tracing::info!("reload: {} in force", path.display());
+    } else {
         tracing::warn!(
-            "reload: {} changed in {}; they take effect at the next start",
-            restart.join(", "),
+            "reload: {} in force except the parts refused above",
             path.display()
         );
     }
@@ -531,29 +552,23 @@ fn serve(config: Config, path: Option<PathBuf>, log_level: LogLevel) -> anyhow::
         use tokio::signal::unix::{SignalKind, signal};
         let term = signal(SignalKind::terminate())?;
         let hangup = signal(SignalKind::hangup())?;
-        let running = config.clone();
-        let node = ferrymq_bridge::Node::start(config).await?;
-        let reload = |node: &ferrymq_bridge::Node| {
-            if let Some(path) = &path {
-                reload_config(path, &running, &log_level);
-            }
-            node.broker().reload();
-        };
-        serve_signals(&node, term, hangup, reload).await;
+        let mut node = ferrymq_bridge::Node::start(config).await?;
+        serve_signals(&mut node, term, hangup, path.as_deref(), &log_level).await;
         node.shutdown().await;
         Ok(())
     })
 }
 
 /// Waits for SIGINT or SIGTERM (then returns, to shut down); on each
-/// SIGHUP runs `reload`: the config file checked again (log level), the
-/// password file, the ACL file and the certificates (logged part by part;
-/// nothing is dropped).
+/// SIGHUP reloads: the config file (`path`) read, checked and put in
+/// force, or without one the password file, the ACL file and the
+/// certificates read again (logged part by part; nothing is dropped).
 async fn serve_signals(
-    node: &ferrymq_bridge::Node,
+    node: &mut ferrymq_bridge::Node,
     mut term: tokio::signal::unix::Signal,
     mut hangup: tokio::signal::unix::Signal,
-    reload: impl Fn(&ferrymq_bridge::Node),
+    path: Option<&std::path::Path>,
+    log_level: &LogLevel,
 ) {
     loop {
         tokio::select! {
@@ -567,7 +582,12 @@ async fn serve_signals(
             }
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP received: reloading");
-                reload(node);
+                match path {
+                    Some(path) => reload_config(path, node, log_level).await,
+                    None => {
+                        node.broker().reload();
+                    }
+                }
             }
         }
     }

@@ -324,7 +324,7 @@ fn reload_checks_the_config_then_signals_the_running_node() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&format!("pid {}", node.pid())));
     node.wait_for_log("reload: log.level replaced", Duration::from_secs(10));
-    node.wait_for_log("reload: limits changed", Duration::from_secs(10));
+    node.wait_for_log("reload: limits replaced", Duration::from_secs(10));
     // No node: said so.
     node.kill();
     let out = reload(&[]);

@@ -81,7 +81,8 @@ pub mod uplink;
 pub use ferrymq_broker::DEAD_LETTER_PREFIX;
 pub use link::{BridgeHandle, BridgeMonitor, dead_letter_client_id, replay_dead_letters};
 pub use node::{
-    Node, NodeError, REPLAY_REQUEST_PREFIX, STATUS_FILE, read_status, request_replay, run,
+    DELETE_REQUEST_PREFIX, Node, NodeError, REPLAY_REQUEST_PREFIX, STATUS_FILE, read_status,
+    request_delete, request_replay, run,
 };
 pub use status::BridgeStatus;
 pub use uplink::{

@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferrymq_broker::{Broker, BrokerHandle, ClientError, StartError};
+use ferrymq_broker::{Broker, BrokerHandle, ClientError, Reload, ReloadOutcome, StartError};
 use ferrymq_config::Config;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::link::{self, BridgeHandle, BridgeMonitor};
 use crate::status::BridgeStatus;
@@ -24,6 +24,21 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// replay that bridge's dead letters (`ferrymq queue replay-dead`); it is
 /// removed once the replay starts. Also honoured at start.
 pub const REPLAY_REQUEST_PREFIX: &str = "replay-dead-letters.";
+
+/// A file `data_dir/delete-bridge-queues.{bridge}` asks the running node
+/// to delete the queues (backlog, live lane, dead letters) that a bridge
+/// no longer configured left behind (`ferrymq queue delete-bridge`); it
+/// is removed once done. Also honoured at start.
+pub const DELETE_REQUEST_PREFIX: &str = "delete-bridge-queues.";
+
+/// Asks the node running on `data_dir` to delete the queues of bridge
+/// `name`, which must no longer be configured (within a second, or at its
+/// next start).
+pub fn request_delete(data_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let path = data_dir.join(format!("{DELETE_REQUEST_PREFIX}{name}"));
+    std::fs::write(&path, b"")?;
+    Ok(path)
+}
 
 /// Asks the node running on `data_dir` to replay the dead letters of
 /// bridge `name` (within a second, or at its next start).
@@ -64,7 +79,7 @@ pub struct Node {
     /// Stops the status writer and the operations tasks.
     stop_tx: watch::Sender<bool>,
     writer: Option<JoinHandle<()>>,
-    ops: crate::ops::Running,
+    ops: Option<crate::ops::Running>,
 }
 
 impl Node {
@@ -93,27 +108,111 @@ impl Node {
                 }
             }
         }
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let monitors: Vec<BridgeMonitor> = bridges.iter().map(|b| b.monitor()).collect();
-        let ops = match crate::ops::start(handle.clone(), monitors.clone(), stop_rx.clone()).await {
-            Ok(ops) => ops,
-            Err((bind, source)) => {
-                for b in bridges {
-                    b.stop().await;
-                }
-                broker.shutdown().await;
-                return Err(NodeError::Metrics { bind, source });
-            }
-        };
-        let writer = (!bridges.is_empty())
-            .then(|| tokio::spawn(write_status(monitors, handle.clone(), stop_rx)));
-        Ok(Node {
+        let mut node = Node {
             broker,
             bridges,
-            stop_tx,
-            writer,
-            ops,
-        })
+            stop_tx: watch::channel(false).0,
+            writer: None,
+            ops: None,
+        };
+        if let Err((bind, source)) = node.start_watchers().await {
+            for b in node.bridges.drain(..) {
+                b.stop().await;
+            }
+            node.broker.shutdown().await;
+            return Err(NodeError::Metrics { bind, source });
+        }
+        Ok(node)
+    }
+
+    /// Starts the status file writer and the operations tasks (metrics,
+    /// status page, `$SYS`) for the bridges running now.
+    async fn start_watchers(&mut self) -> Result<(), (std::net::SocketAddr, std::io::Error)> {
+        let handle = self.broker.handle();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let monitors: Vec<BridgeMonitor> = self.bridges.iter().map(|b| b.monitor()).collect();
+        self.ops =
+            Some(crate::ops::start(handle.clone(), monitors.clone(), stop_rx.clone()).await?);
+        self.writer = Some(tokio::spawn(write_status(monitors, handle, stop_rx)));
+        self.stop_tx = stop_tx;
+        Ok(())
+    }
+
+    /// Stops what [`Node::start_watchers`] started.
+    async fn stop_watchers(&mut self) {
+        let _ = self.stop_tx.send(true);
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.await;
+        }
+        if let Some(ops) = self.ops.take() {
+            ops.join().await;
+        }
+    }
+
+    /// Puts `config` in force without a restart (what SIGHUP does to the
+    /// `ferrymq` process): everything [`Broker::apply`] does, plus the
+    /// bridges (a removed one stops, its queue kept on disk and taking
+    /// nothing more; an added one starts; a changed one restarts with its
+    /// new settings, its queue intact) and `[metrics]`. Bridges whose
+    /// settings did not change keep their link. A config that does not
+    /// validate is refused as a whole and nothing changes. A change of
+    /// bridges or of `[metrics]` restarts the metrics port and the status
+    /// page (whose plots start again).
+    pub async fn reload(&mut self, config: Config) -> Reload {
+        let handle = self.broker.handle();
+        let old = handle.config();
+        let plan = match handle.plan(config) {
+            Ok(plan) => plan,
+            Err(refused) => return refused,
+        };
+        let restart_watchers = plan.config().metrics != old.metrics
+            || !plan.changed_bridges.is_empty()
+            || !plan.removed_bridges.is_empty();
+        if restart_watchers {
+            self.stop_watchers().await;
+        }
+        let (stop, keep): (Vec<BridgeHandle>, Vec<BridgeHandle>) =
+            std::mem::take(&mut self.bridges)
+                .into_iter()
+                .partition(|b| {
+                    let name = b.name().to_owned();
+                    plan.changed_bridges.contains(&name) || plan.removed_bridges.contains(&name)
+                });
+        self.bridges = keep;
+        for bridge in stop {
+            info!(bridge = %bridge.name(), "reload: stopping the bridge");
+            bridge.stop().await;
+        }
+        let changed = plan.changed_bridges.clone();
+        let mut report = handle.apply_plan(plan).await;
+        let now = handle.config();
+        for config in now.bridges.iter().filter(|b| changed.contains(&b.name)) {
+            let name = config.name.clone();
+            match link::start(handle.clone(), config.clone()).await {
+                Ok(bridge) => {
+                    info!(bridge = %name, "reload: bridge started");
+                    self.bridges.push(bridge);
+                }
+                Err(e) => {
+                    warn!(bridge = %name, "reload: the bridge cannot start: {e}");
+                    report.parts.push((
+                        format!("bridge {name}"),
+                        ReloadOutcome::Refused(format!("bridge {name}: {e}")),
+                    ));
+                }
+            }
+        }
+        // In the order of the config.
+        self.bridges
+            .sort_by_key(|b| now.bridges.iter().position(|c| c.name == b.name()));
+        if restart_watchers && let Err((bind, e)) = self.start_watchers().await {
+            warn!("reload: metrics.bind: cannot listen on {bind}: {e}");
+            report.parts.push((
+                "metrics.bind".into(),
+                ReloadOutcome::Refused(format!("metrics.bind: cannot listen on {bind}: {e}")),
+            ));
+        }
+        report
     }
 
     /// The broker (in-process clients, stats, the store).
@@ -128,12 +227,8 @@ impl Node {
 
     /// Stops the bridges (what is not acknowledged upstream stays queued),
     /// then the broker.
-    pub async fn shutdown(self) {
-        let _ = self.stop_tx.send(true);
-        if let Some(writer) = self.writer {
-            let _ = writer.await;
-        }
-        self.ops.join().await;
+    pub async fn shutdown(mut self) {
+        self.stop_watchers().await;
         for bridge in self.bridges {
             bridge.stop().await;
         }
@@ -152,8 +247,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Rewrites the status file every second (write, then rename: a reader
-/// never sees half a file).
+/// Rewrites the status file every second when there are bridges (write,
+/// then rename: a reader never sees half a file), and carries out the
+/// requests left in the data directory.
 async fn write_status(
     monitors: Vec<BridgeMonitor>,
     broker: BrokerHandle,
@@ -181,6 +277,10 @@ async fn write_status(
                 });
             }
         }
+        delete_requested(&broker, &data_dir).await;
+        if monitors.is_empty() {
+            continue;
+        }
         let text: String = monitors.iter().map(|m| m.status().to_string()).collect();
         let tmp = path.with_extension("tmp");
         let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path));
@@ -192,6 +292,54 @@ async fn write_status(
         }
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// Deletes the queues of each bridge named by a delete request in
+/// `data_dir`, unless it is configured (then the request is refused in the
+/// log): each of its sessions is taken over with a clean start, which
+/// drops the session and everything it queued, in memory and on disk.
+async fn delete_requested(broker: &BrokerHandle, data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    let names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix(DELETE_REQUEST_PREFIX)
+                .map(str::to_owned)
+        })
+        .collect();
+    for name in names {
+        let _ = std::fs::remove_file(data_dir.join(format!("{DELETE_REQUEST_PREFIX}{name}")));
+        if broker.config().bridges.iter().any(|b| b.name == name) {
+            warn!(bridge = %name, "not deleting the queues of a configured bridge: remove it from the config and reload first");
+            continue;
+        }
+        let ids = [
+            ferrymq_broker::bridge_client_id(&name),
+            ferrymq_broker::bridge_live_client_id(&name),
+            crate::link::dead_letter_client_id(&name),
+        ];
+        let mut deleted = 0;
+        for id in ids {
+            let Some(depth) = broker.queue_depth(&id) else {
+                continue;
+            };
+            match broker
+                .connect(ferrymq_broker::ClientOptions::new(&id))
+                .await
+            {
+                Ok(client) => {
+                    client.disconnect().await;
+                    deleted += depth.messages;
+                }
+                Err(e) => warn!(bridge = %name, client_id = %id, "cannot delete the queue: {e}"),
+            }
+        }
+        info!(bridge = %name, messages = deleted, "deleted the queues of a removed bridge");
+    }
 }
 
 /// The status a running node wrote in `data_dir`.

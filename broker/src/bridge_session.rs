@@ -58,14 +58,16 @@ pub(crate) fn out_options(qos: u8) -> SubscriptionOptions {
     }
 }
 
-/// Creates or updates every configured bridge's sessions (offline until
-/// the bridge attaches): `$bridge/{name}` for its `out` rules of the
-/// backlog lane (and replayed dead letters), and `$bridge/{name}/live`
-/// for its `lane = "live"` rules, when it has any (or had: a live queue
-/// left from an earlier config is kept, its rules gone, until the bridge
-/// drains it).
-pub(crate) fn ensure(shared: &Shared) {
-    for bridge in &shared.config.bridges {
+/// Creates or updates the sessions of every configured bridge that
+/// `wanted` names (offline until the bridge attaches): `$bridge/{name}`
+/// for its `out` rules of the backlog lane (and replayed dead letters),
+/// and `$bridge/{name}/live` for its `lane = "live"` rules, when it has
+/// any (or had: a live queue left from an earlier config is kept, its
+/// rules gone, until the bridge drains it). A session attached to its
+/// bridge is left as it is (see [`ensure_session`]).
+pub(crate) fn ensure(shared: &Shared, wanted: impl Fn(&str) -> bool) {
+    let config = shared.config();
+    for bridge in config.bridges.iter().filter(|b| wanted(&b.name)) {
         let rules = |lane: Lane| -> Vec<(MqttString, SubscriptionOptions)> {
             bridge
                 .forward
@@ -100,8 +102,63 @@ pub(crate) fn ensure(shared: &Shared) {
     }
 }
 
+/// Unsubscribes every rule of the sessions of bridges that are no longer
+/// configured, keeping what they queued: a removed bridge's queue waits
+/// on disk, growing no more, until the bridge is configured again (its
+/// rules come back and it drains) or the queue is deleted. Sessions
+/// attached to a client are left alone.
+pub(crate) fn retire_removed(shared: &Shared) {
+    let config = shared.config();
+    let removed: Vec<MqttString> = shared
+        .sessions
+        .queues()
+        .into_iter()
+        .filter(|(id, _, online)| {
+            let Some(name) = id
+                .as_str()
+                .strip_prefix(crate::connection::BRIDGE_CLIENT_PREFIX)
+            else {
+                return false;
+            };
+            let name = name.strip_suffix("/live").unwrap_or(name);
+            // Bridge names are of A-Z a-z 0-9 _ -: this leaves out the
+            // dead letters' sessions and other in-process clients.
+            let a_bridge = name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            !*online && a_bridge && !config.bridges.iter().any(|b| b.name == name)
+        })
+        .map(|(id, _, _)| id)
+        .collect();
+    for client_id in removed {
+        let Some(mut state) = shared.sessions.take_offline(&client_id) else {
+            continue;
+        };
+        let filters: Vec<MqttString> = state.subscriptions.keys().cloned().collect();
+        if !filters.is_empty() {
+            let mut batch = Batch::new(shared.store.as_ref());
+            for filter in filters {
+                state.subscriptions.remove(&filter);
+                shared.router.unsubscribe(&filter, SessionId(state.number));
+                batch.push(StoreOp::SubscriptionDelete {
+                    number: state.number,
+                    filter,
+                });
+            }
+            batch.submit();
+            info!(
+                %client_id,
+                queued = state.outbox.depth().messages,
+                "bridge no longer configured: its queue is kept and takes nothing more"
+            );
+        }
+        shared.sessions.insert_offline(state, Instant::now());
+    }
+}
+
 /// Creates or updates one bridge session `client_id` with exactly the
-/// subscriptions `wanted`.
+/// subscriptions `wanted`; one attached to its bridge (whose link runs)
+/// is left as it is, with a warning.
 fn ensure_session(
     shared: &Shared,
     name: &str,
@@ -116,6 +173,10 @@ fn ensure_session(
     let mut batch = Batch::new(shared.store.as_ref());
     let mut state = match shared.sessions.take_offline(&client_id) {
         Some(state) => state,
+        None if shared.sessions.outbox(client_id.as_str()).is_some() => {
+            warn!(%bridge, %client_id, "the bridge's session is attached: its rules stay as they are");
+            return;
+        }
         None => {
             let number = shared.next_session_number();
             let outbox = shared.new_outbox(number);

@@ -226,7 +226,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Io<R, W> {
     /// Waits for the first packet, which must be CONNECT. On failure
     /// returns why, with any refusal (CONNACK) already queued.
     async fn read_connect(&mut self, shared: &Shared) -> Result<Box<Connect>, String> {
-        let max = shared.config.limits.max_packet_size;
+        let max = shared.config().limits.max_packet_size;
         loop {
             let level = connect_level(&self.inbuf);
             match codec::decode(&mut self.inbuf, Protocol::V5, max) {
@@ -352,7 +352,7 @@ pub(crate) fn session_bounds(shared: &Shared, client_id: &str) -> Option<(usize,
     let name = client_id.strip_prefix(BRIDGE_CLIENT_PREFIX)?;
     let name = name.strip_suffix("/live").unwrap_or(name);
     shared
-        .config
+        .config()
         .bridges
         .iter()
         .find(|b| b.name == name)
@@ -496,7 +496,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut shutdown = shared.shutdown_rx.clone();
-    let connect_timeout = shared.config.limits.connect_timeout;
+    let connect_timeout = shared.config().limits.connect_timeout;
     let connect = tokio::select! {
         // Dropping the read future is safe: bytes already read stay in `inbuf`.
         r = tokio::time::timeout(connect_timeout, io.read_connect(shared)) => r,
@@ -625,7 +625,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         options: ServeOptions,
     ) -> Option<Self> {
         let protocol = connect.protocol;
-        let limits = &shared.config.limits;
+        let limits = &shared.config().limits;
         let mut auth_result = None;
         let mut auth_method = None;
         let refusal = if !options.in_process && shared.shedding.level() >= shed::REFUSE_CONNECTIONS
@@ -733,7 +733,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let trusted = !options.in_process
             && ((!connect.client_id.is_empty()
                 && shared
-                    .config
+                    .config()
                     .ferry
                     .trusted_clients
                     .iter()
@@ -749,7 +749,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 MqttString::from_static(ferry::CAPABILITY),
             ));
         }
-        let max_expiry = shared.config.storage.max_session_expiry;
+        let max_expiry = shared.config().storage.max_session_expiry;
         let expiry = match protocol {
             Protocol::V311 if connect.clean_start => Duration::ZERO,
             Protocol::V311 => max_expiry,
@@ -1090,7 +1090,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     /// Decodes and handles every complete packet in the read buffer, while
     /// the engine wants input and no publish is parked.
     fn process_input(&mut self) -> Option<Close> {
-        let max = self.shared.config.limits.max_packet_size;
+        let max = self.shared.config().limits.max_packet_size;
         while self.parked.is_none() && self.engine.wants_input() && self.throttled().is_none() {
             match codec::decode(&mut self.io.inbuf, self.engine.protocol, max) {
                 Ok(Some(packet)) => {
@@ -1195,7 +1195,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     /// it, counted: too large, expired, or older than `[storage]
     /// max_age_secs` for a network client), counting what went in `sent`.
     fn send(&mut self, delivery: Delivery, now: Instant, sent: &mut Tally) {
-        if let Some(max_age) = self.shared.config.storage.max_age
+        if let Some(max_age) = self.shared.config().storage.max_age
             && !self.in_process
             && u128::from(
                 self.shared
@@ -1430,7 +1430,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     && self.shared.shedding.level() >= shed::DROP_QOS0
                     && !self
                         .shared
-                        .config
+                        .config()
                         .limits
                         .critical_topics
                         .iter()
@@ -1494,7 +1494,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     /// frame does not parse.
     fn ferry_batch(&mut self, batch: &Message, qos: QoS, packet_id: u16) {
         let shared = self.shared;
-        let max = usize::try_from(shared.config.limits.max_packet_size)
+        let max = usize::try_from(shared.config().limits.max_packet_size)
             .unwrap_or(usize::MAX)
             .saturating_mul(32)
             .min(FERRY_BATCH_EXPANDED_MAX);
@@ -1519,7 +1519,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 .count(record.qos, record.payload.len());
             let topic = record.topic.as_str();
             let allowed = codec::topic::validate_topic_name(topic).is_ok()
-                && !exceeds_levels(topic, shared.config.limits.max_topic_levels)
+                && !exceeds_levels(topic, shared.config().limits.max_topic_levels)
                 && !topic.starts_with(ferry::RESERVED_PREFIX)
                 && !bridge_session::is_reserved(topic)
                 && self.access.as_ref().is_none_or(|a| a.may_publish(topic));
@@ -1636,7 +1636,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let mut reason_codes = Vec::with_capacity(subscribe.subscriptions.len());
         let mut retained = Vec::new();
         for mut s in subscribe.subscriptions {
-            if exceeds_levels(&s.filter, shared.config.limits.max_topic_levels) {
+            if exceeds_levels(&s.filter, shared.config().limits.max_topic_levels) {
                 too_many_levels(shared, &state.client_id, "SUBSCRIBE filter", &s.filter);
                 reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
@@ -1652,7 +1652,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     continue;
                 }
             }
-            let quota = shared.config.limits.max_subscriptions_per_client as usize;
+            let quota = shared.config().limits.max_subscriptions_per_client as usize;
             if quota > 0
                 && !in_process
                 && state.subscriptions.len() >= quota
@@ -1774,7 +1774,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let mut batch = Batch::new(shared.store.as_ref());
         let mut reason_codes = Vec::with_capacity(unsubscribe.filters.len());
         for filter in &unsubscribe.filters {
-            if exceeds_levels(filter, shared.config.limits.max_topic_levels) {
+            if exceeds_levels(filter, shared.config().limits.max_topic_levels) {
                 // Never subscribed in this run: no subscription that deep exists.
                 too_many_levels(shared, &state.client_id, "UNSUBSCRIBE filter", filter);
                 reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
@@ -1829,7 +1829,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 );
             }
             let expiry = Duration::from_secs(u64::from(asked))
-                .min(self.shared.config.storage.max_session_expiry);
+                .min(self.shared.config().storage.max_session_expiry);
             if expiry != state.expiry {
                 state.expiry = expiry;
                 if state.is_persistent() {
@@ -1940,8 +1940,8 @@ async fn authenticate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     data: Option<bytes::Bytes>,
 ) -> Result<AuthStep, String> {
     let (mut exchange, mut step) = method.begin(client_id, data);
-    let max = shared.config.limits.max_packet_size;
-    let timeout = shared.config.limits.connect_timeout;
+    let max = shared.config().limits.max_packet_size;
+    let timeout = shared.config().limits.connect_timeout;
     tokio::time::timeout(timeout, async {
         loop {
             let AuthStep::Continue(data) = step else {
@@ -2000,7 +2000,7 @@ async fn wait_for_room(target: Option<ParkedOn>) {
 /// failed credentials, 0x87 Not authorized (3.1.1: 5) for an anonymous
 /// client that may not connect.
 async fn log_in(shared: &Shared, connect: &Connect, options: &ServeOptions) -> Option<ReasonCode> {
-    let auth = &shared.config.auth;
+    let auth = &shared.config().auth;
     // In-process clients are the embedding program itself.
     let ip = options.peer?;
     if options.identity_is_user && options.identity.is_some() {
@@ -2062,7 +2062,7 @@ pub(crate) fn too_many_levels(shared: &Shared, client_id: &str, what: &str, topi
         warn!(
             %client_id,
             levels,
-            max = shared.config.limits.max_topic_levels,
+            max = shared.config().limits.max_topic_levels,
             "refused a {what} with more levels than limits.max_topic_levels: {start}..."
         );
     }
@@ -2213,7 +2213,7 @@ pub(crate) fn end_session(shared: &Shared, mut state: SessionState, batch: &mut 
 
 /// The queue limits of a new session.
 pub(crate) fn queue_limits(shared: &Shared) -> QueueLimits {
-    let storage = &shared.config.storage;
+    let storage = &shared.config().storage;
     QueueLimits {
         max_messages: storage.max_queued_messages as usize,
         max_bytes: usize::try_from(storage.max_queued_bytes).unwrap_or(usize::MAX),

@@ -101,6 +101,14 @@ impl Dedup {
         }
     }
 
+    /// Keeps up to `max_above` numbers above each floor from now on if
+    /// that is more than before (a reload that raised the receive
+    /// maximum); never fewer, since connections made before keep the
+    /// window they were given.
+    pub fn raise_bound(&mut self, max_above: usize) {
+        self.max_above = self.max_above.max(max_above);
+    }
+
     /// Whether `id` was taken already.
     pub fn is_taken(&self, id: &MessageId) -> bool {
         self.origins

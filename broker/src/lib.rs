@@ -87,7 +87,7 @@ pub use dedup::DedupOrigin;
 pub use ferrymq_codec::QoS;
 pub use message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
 pub use outbox::QueueDepth;
-pub use reload::{Reload, ReloadOutcome};
+pub use reload::{Reload, ReloadOutcome, ReloadPlan};
 pub use stats::Stats;
 pub use storage::{DiskUse, MemoryStore, RocksOptions, RocksStore, Store, SyncSummary};
 
@@ -142,7 +142,8 @@ pub enum StartError {
 
 /// What every connection task shares.
 pub(crate) struct Shared {
-    pub(crate) config: Config,
+    /// The config in force ([`Shared::config`]); a reload replaces it.
+    config: arc_swap::ArcSwap<Config>,
     pub(crate) router: router::Router,
     pub(crate) retained: retained::Retained,
     pub(crate) sessions: session::Sessions,
@@ -188,14 +189,21 @@ pub(crate) struct Shared {
     /// Free space below `[storage] low_disk_percent` (checked every
     /// second by the sweeper).
     pub(crate) disk_low: std::sync::atomic::AtomicBool,
-    /// The TLS settings of each listener (`None` for `tcp` and `ws`), by
-    /// index; a reload replaces them.
-    pub(crate) tls: parking_lot::RwLock<Vec<Option<server::Tls>>>,
+    /// The listeners accepting now, in config order (a reload adds,
+    /// removes and replaces them).
+    pub(crate) listeners: parking_lot::Mutex<Vec<server::Running>>,
     /// This, for tasks spawned from borrowed contexts.
     pub(crate) this: Weak<Shared>,
 }
 
 impl Shared {
+    /// The config in force. Cheap (no lock, no shared write); hold it
+    /// only for the moment: a reload puts a new one in force for what
+    /// starts from then on.
+    pub(crate) fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
     /// A new, empty queue for session (or group) `number`.
     pub(crate) fn new_outbox(&self, number: u64) -> Arc<outbox::Outbox> {
         outbox::Outbox::paged(
@@ -302,7 +310,7 @@ impl BrokerHandle {
 
     /// Connections open now (in-process clients included).
     pub fn open_connections(&self) -> u64 {
-        let max = u64::from(self.shared.config.limits.max_connections);
+        let max = u64::from(self.shared.config().limits.max_connections);
         max.saturating_sub(self.connections.available_permits() as u64)
     }
 
@@ -342,9 +350,55 @@ impl BrokerHandle {
         self.shared.identity.uuid
     }
 
-    /// The broker's configuration.
-    pub fn config(&self) -> &Config {
-        &self.shared.config
+    /// The bound address of each listener, in the order of the config in
+    /// force (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.shared
+            .listeners
+            .lock()
+            .iter()
+            .map(|l| l.addr)
+            .collect()
+    }
+
+    /// Puts `config` in force without a restart, as far as it can be
+    /// (what SIGHUP does to the `ferrymq` process, with the file read
+    /// again): listeners added, removed or changed (connections made
+    /// through a removed one stay up), limits, storage policies, `[ferry]`,
+    /// authentication settings, then the password file, the ACL file and
+    /// the certificates read again ([`Broker::reload`]). What only a start
+    /// can change (`node_id`, `data_dir`, `storage.durability`,
+    /// `storage.sync_interval_ms`, `storage.max_disk_bytes`, `[state]`,
+    /// `log.format`, adding or removing an authentication file) keeps its
+    /// running value and is reported as [`ReloadOutcome::NeedsRestart`]. A
+    /// config that does not validate is refused as a whole.
+    ///
+    /// Bridges: the sessions of bridges whose settings changed are set up
+    /// again, so their links must be stopped first (ferrymq-bridge's
+    /// `Node::reload` does it); a bridge no longer configured keeps its
+    /// queue, which takes nothing more.
+    pub async fn apply(&self, config: Config) -> Reload {
+        match self.plan(config) {
+            Ok(plan) => self.apply_plan(plan).await,
+            Err(refused) => refused,
+        }
+    }
+
+    /// The first half of [`BrokerHandle::apply`]: checks `config` and says
+    /// which bridges it adds, changes or removes; `Err` (with the reasons)
+    /// if it does not validate.
+    pub fn plan(&self, config: Config) -> Result<ReloadPlan, Reload> {
+        reload::plan(&self.shared, config)
+    }
+
+    /// The second half of [`BrokerHandle::apply`]: puts `plan` in force.
+    pub async fn apply_plan(&self, plan: ReloadPlan) -> Reload {
+        reload::apply(&self.shared, &self.connections, plan).await
+    }
+
+    /// The broker's configuration in force (a reload may replace it).
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.config.load_full()
     }
 }
 
@@ -356,7 +410,6 @@ pub struct Broker {
     /// One permit per open connection; all permits back = all closed.
     connections: Arc<Semaphore>,
     tasks: Vec<JoinHandle<()>>,
-    local_addrs: Vec<SocketAddr>,
     /// Held (locked) while the broker runs.
     _data_dir: DataDir,
 }
@@ -433,10 +486,6 @@ impl Broker {
         let clock = store.clock();
         let tls = server::tls_settings(&config.listeners)?;
         let listeners = server::bind(&config.listeners)?;
-        let local_addrs = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let max_connections = config.limits.max_connections as usize;
         info!(node_id = %config.node_id, data_dir = %data_dir.path().display(), "ferrymq starting");
@@ -449,7 +498,7 @@ impl Broker {
         let state = (!config.state.topics.is_empty())
             .then(|| state::StateTopics::new(&config.state, identity.uuid, recovered.state_clock));
         let shared = Arc::new_cyclic(|this| Shared {
-            config,
+            config: arc_swap::ArcSwap::from_pointee(config),
             router: router::Router::default(),
             retained: retained::Retained::default(),
             sessions: session::Sessions::default(),
@@ -474,33 +523,25 @@ impl Broker {
             state,
             shedding: shed::Shedding::default(),
             disk_low: std::sync::atomic::AtomicBool::new(false),
-            tls: parking_lot::RwLock::new(tls),
+            listeners: parking_lot::Mutex::default(),
             this: this.clone(),
         });
         restore(&shared, recovered);
         let connections = Arc::new(Semaphore::new(max_connections));
-        for (listener, config) in listeners.iter().zip(&shared.config.listeners) {
-            server::announce(listener, config);
-        }
-        let mut tasks: Vec<JoinHandle<()>> = listeners
+        *shared.listeners.lock() = listeners
             .into_iter()
-            .enumerate()
-            .map(|(index, l)| {
-                tokio::spawn(server::accept_loop(
-                    l,
-                    index,
-                    shared.clone(),
-                    connections.clone(),
-                ))
+            .zip(shared.config().listeners.iter().cloned())
+            .zip(tls)
+            .map(|((listener, config), tls)| {
+                server::Running::start(listener, config, tls, shared.clone(), connections.clone())
             })
             .collect();
-        tasks.push(tokio::spawn(expire_sessions(shared.clone())));
-        let shedder = shed::Shedder::new(&shared.config.limits);
-        if shedder.enabled() {
+        let mut tasks = vec![tokio::spawn(expire_sessions(shared.clone()))];
+        {
             let shared = shared.clone();
             tasks.push(tokio::spawn(async move {
                 let shutdown = shared.shutdown_rx.clone();
-                shed::sample(&shared.shedding, shedder, shutdown).await;
+                shed::sample(&shared.shedding, || shared.config.load_full(), shutdown).await;
             }));
         }
         Ok(Broker {
@@ -508,14 +549,14 @@ impl Broker {
             shutdown_tx,
             connections,
             tasks,
-            local_addrs,
             _data_dir: data_dir,
         })
     }
 
-    /// The bound address of each listener, in config order (useful with port 0).
-    pub fn local_addrs(&self) -> &[SocketAddr] {
-        &self.local_addrs
+    /// The bound address of each listener, in the order of the config in
+    /// force (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.handle().local_addrs()
     }
 
     /// Broker time in milliseconds: continues across restarts, never jumps
@@ -544,6 +585,11 @@ impl Broker {
         reload::reload(&self.shared)
     }
 
+    /// [`BrokerHandle::apply`].
+    pub async fn apply(&self, config: Config) -> Reload {
+        self.handle().apply(config).await
+    }
+
     /// The store (e.g. for its WAL sync count).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
@@ -570,11 +616,15 @@ impl Broker {
         info!("shutting down");
         self.shutdown_tx.send_replace(true);
         self.shared.sessions.kick_all();
+        let listeners = std::mem::take(&mut *self.shared.listeners.lock());
+        for listener in listeners {
+            listener.stop().await;
+        }
         for task in self.tasks {
             task.abort();
             let _ = task.await;
         }
-        let all = self.shared.config.limits.max_connections;
+        let all = self.shared.config().limits.max_connections;
         match tokio::time::timeout(SHUTDOWN_GRACE, self.connections.acquire_many(all)).await {
             Ok(_) => info!("all connections closed"),
             Err(_) => warn!("connections still open after {SHUTDOWN_GRACE:?}; stopping anyway"),
@@ -636,7 +686,7 @@ fn restore(shared: &Shared, recovered: Recovered) {
     }
     // Records deeper than `max_topic_levels` (written with a higher limit,
     // or none) are skipped, never loaded into a tree; they stay on disk.
-    let max_levels = shared.config.limits.max_topic_levels;
+    let max_levels = shared.config().limits.max_topic_levels;
     let mut over_limit = 0u64;
     let mut too_deep = |topic: &str| {
         let over = ferrymq_codec::topic::exceeds_levels(topic, max_levels);
@@ -830,7 +880,8 @@ fn restore(shared: &Shared, recovered: Recovered) {
     }
     shared.groups.prune_empty(shared, &mut cleanup);
     cleanup.submit();
-    bridge_session::ensure(shared);
+    bridge_session::ensure(shared, |_| true);
+    bridge_session::retire_removed(shared);
     for message in due_wills {
         connection::publish_will_message(shared, message, &mut router::RouteCache::default());
     }
@@ -862,7 +913,7 @@ async fn expire_sessions(shared: Arc<Shared>) {
 /// Forgets the de-duplication origins silent for `forget_after_secs`.
 fn forget_idle_origins(shared: &Shared) {
     let forget_after =
-        u64::try_from(shared.config.ferry.forget_after.as_millis()).unwrap_or(u64::MAX);
+        u64::try_from(shared.config().ferry.forget_after.as_millis()).unwrap_or(u64::MAX);
     let Some(before_ms) = shared.clock.now_ms().checked_sub(forget_after) else {
         return;
     };
@@ -884,7 +935,7 @@ fn forget_idle_origins(shared: &Shared) {
 /// Warns when the filesystem holding the store has less free space than
 /// `[storage] low_disk_percent` (and when it has enough again).
 fn check_low_disk(shared: &Shared) {
-    let percent = shared.config.storage.low_disk_percent;
+    let percent = shared.config().storage.low_disk_percent;
     let Some((free, total)) = shared.store.disk().filesystem else {
         return;
     };

@@ -228,9 +228,9 @@ struct Queue {
     tail_bytes: usize,
     next_seq: u64,
     closed: bool,
-    /// Bounds set for this session alone (a bridge's), replacing the
-    /// configured per-session ones: (messages, bytes).
-    bounds: Option<(usize, usize)>,
+    /// Limits set since the queue was made (a bridge's own bounds, or a
+    /// reload's), replacing the ones it was made with.
+    limits: Option<QueueLimits>,
 }
 
 impl Queue {
@@ -254,8 +254,11 @@ pub struct Outbox {
     ready: Notify,
     /// Wakes publishers blocked on a full queue (policy `block`).
     space: Notify,
-    /// Bounds and policies, so one slow subscriber cannot take all memory.
+    /// Bounds and policies it was made with, so one slow subscriber cannot
+    /// take all memory (see `Queue::limits`).
     limits: QueueLimits,
+    /// The `queue_qos0` of the limits in force, read without the lock.
+    queue_qos0: AtomicBool,
     /// The session (or group) number: the store key prefix of this queue.
     pub session_number: u64,
     /// Whether the session outlives its connection (its queue is stored).
@@ -295,6 +298,7 @@ impl Outbox {
             queue: Mutex::new(queue),
             ready: Notify::new(),
             space: Notify::new(),
+            queue_qos0: AtomicBool::new(limits.queue_qos0),
             limits,
             session_number,
             persistent: AtomicBool::new(persistent),
@@ -381,18 +385,39 @@ impl Outbox {
 
     /// Whether a delivery at `qos` should be stored when queued here.
     pub fn stores(&self, qos: QoS) -> bool {
-        self.is_persistent() && (qos != QoS::AtMostOnce || self.limits.queue_qos0)
+        self.is_persistent() && (qos != QoS::AtMostOnce || self.queue_qos0.load(Ordering::Relaxed))
     }
 
     /// Gives this queue its own bounds (messages, payload bytes) instead of
     /// the configured per-session ones.
     pub fn set_bounds(&self, max_messages: usize, max_bytes: usize) {
-        self.queue.lock().bounds = Some((max_messages, max_bytes));
+        let mut q = self.queue.lock();
+        let limits = self.limits(&q);
+        q.limits = Some(QueueLimits {
+            max_messages,
+            max_bytes,
+            ..limits
+        });
+    }
+
+    /// Puts `limits` in force for this queue from now on (a reload): what
+    /// is queued stays, even above a smaller bound.
+    pub fn set_limits(&self, limits: QueueLimits) {
+        let mut q = self.queue.lock();
+        q.limits = Some(limits);
+        self.queue_qos0.store(limits.queue_qos0, Ordering::Relaxed);
+        drop(q);
+        // A larger bound may let blocked publishers go on.
+        self.space.notify_waiters();
+    }
+
+    fn limits(&self, q: &Queue) -> QueueLimits {
+        q.limits.unwrap_or(self.limits)
     }
 
     fn bounds(&self, q: &Queue) -> (usize, usize) {
-        q.bounds
-            .unwrap_or((self.limits.max_messages, self.limits.max_bytes))
+        let limits = self.limits(q);
+        (limits.max_messages, limits.max_bytes)
     }
 
     /// Whether one more delivery of `size` bytes fits now.
@@ -486,19 +511,19 @@ impl Outbox {
         checked: bool,
     ) -> Pushed {
         let size = delivery.message.payload.len();
-        let limits = &self.limits;
         let (pushed, was_empty) = {
             let mut q = self.queue.lock();
             if q.closed {
                 return Pushed::Closed;
             }
+            let limits = self.limits(&q);
             if delivery.qos == QoS::AtMostOnce
                 && !limits.queue_qos0
                 && !self.online.load(Ordering::Acquire)
             {
                 return Pushed::Skipped;
             }
-            let (max_messages, max_bytes) = self.bounds(&q);
+            let (max_messages, max_bytes) = (limits.max_messages, limits.max_bytes);
             if size > max_bytes {
                 // Larger than the whole budget: no eviction can make room.
                 return Pushed::DroppedFull;
@@ -819,6 +844,47 @@ mod tests {
             assert_eq!(seqs(&o), [1]);
             assert!(!o.has_room(0));
         }
+    }
+
+    #[test]
+    fn limits_set_by_a_reload_apply_to_the_next_push_and_keep_what_is_queued() {
+        let o = outbox(QueueFull::DropNewest, 3, 100);
+        for _ in 0..3 {
+            o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0, false);
+        }
+        let set = |max_messages, policy, queue_qos0| {
+            o.set_limits(QueueLimits {
+                max_messages,
+                max_bytes: 100,
+                policy,
+                queue_qos0,
+            });
+        };
+        // Smaller: the three stay; the next is refused by the new policy.
+        set(2, QueueFull::Refuse, false);
+        assert_eq!(o.depth().messages, 3);
+        assert_eq!(
+            o.push(delivery(QoS::AtLeastOnce, b"b"), false, 0, false),
+            Pushed::Full
+        );
+        // Larger: room again.
+        set(4, QueueFull::Refuse, false);
+        assert!(matches!(
+            o.push(delivery(QoS::AtLeastOnce, b"c"), false, 0, false),
+            Pushed::Queued { .. }
+        ));
+        // queue_qos0 follows too.
+        o.set_online(false);
+        set(10, QueueFull::Refuse, false);
+        assert_eq!(
+            o.push(delivery(QoS::AtMostOnce, b"d"), false, 0, false),
+            Pushed::Skipped
+        );
+        set(10, QueueFull::Refuse, true);
+        assert!(matches!(
+            o.push(delivery(QoS::AtMostOnce, b"d"), false, 0, false),
+            Pushed::Queued { .. }
+        ));
     }
 
     #[test]

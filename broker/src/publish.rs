@@ -71,7 +71,7 @@ pub(crate) fn route(
 ) -> Routing {
     let routes = cache.routes(&shared.router, &message.topic, message.origin);
     let origin = message.origin;
-    let policy = shared.config.storage.queue_full;
+    let policy = shared.config().storage.queue_full;
     let size = message.payload.len();
     // `refuse` (and `block` for offline sessions, which could block for
     // days) refuses a QoS 1/2 publish up front when any queue is full, so
@@ -198,7 +198,7 @@ fn checked_up_front(policy: QueueFull, may_block: bool, outbox: &Outbox) -> bool
 
 fn push_all(shared: &Shared, mut p: Parked, mut batch: Batch<'_>) -> Routing {
     let queued_ms = shared.clock.now_ms();
-    let policy = shared.config.storage.queue_full;
+    let policy = shared.config().storage.queue_full;
     while p.next < p.routes.len() {
         let route = &p.routes[p.next];
         if route.no_local && route.session == p.message.origin {
@@ -332,7 +332,7 @@ fn dropped(shared: &Shared, outbox: &Outbox) {
         warn!(
             session = outbox.session_number,
             dropped_total = Stats::get(&shared.stats.messages_dropped_queue_full),
-            policy = %shared.config.storage.queue_full,
+            policy = %shared.config().storage.queue_full,
             "session queue full: dropping messages"
         );
     }

@@ -15,7 +15,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tracing::{error, info};
+use tokio::sync::Semaphore;
+use tracing::{error, info, warn};
+
+use ferrymq_config::Config;
 
 use crate::Shared;
 
@@ -67,11 +70,16 @@ pub enum ReloadOutcome {
     Replaced,
     /// Refused (the reason); what was in force stays.
     Refused(String),
+    /// Taken out of service (a listener no longer configured).
+    Removed,
+    /// Changed in the file; the running value stays until the next start.
+    NeedsRestart,
 }
 
-/// What a reload did, part by part: `auth.password_file`,
-/// `auth.acl_file`, `listener[i]` for each TLS listener (only the parts
-/// the config has).
+/// What a reload did, part by part: `config` (the file as a whole, when a
+/// new config was given), each changed section or key, `auth.password_file`,
+/// `auth.acl_file`, `listener[i]` for each listener (only the parts the
+/// config has).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reload {
     /// Each part's key and outcome, in config order.
@@ -98,6 +106,10 @@ impl Reload {
             ReloadOutcome::Refused(why) => {
                 error!("reload: {why}; the previous {key} stays in force");
             }
+            ReloadOutcome::Removed => info!("reload: {key} removed"),
+            ReloadOutcome::NeedsRestart => {
+                warn!("reload: {key} changed; it takes effect at the next start");
+            }
         }
         self.parts.push((key, outcome));
     }
@@ -111,10 +123,274 @@ fn changed(replaced: bool) -> ReloadOutcome {
     }
 }
 
+/// A new config checked and prepared for [`apply`]: the parts that need
+/// a restart already reset to their running values (and reported), and
+/// which bridges it adds, changes or removes, so that their links can be
+/// stopped before it is put in force.
+#[derive(Debug)]
+pub struct ReloadPlan {
+    config: Config,
+    report: Reload,
+    /// Bridges added, or whose settings changed (their links must not run
+    /// while the plan is applied; they are started after).
+    pub changed_bridges: Vec<String>,
+    /// Bridges no longer configured (their links must be stopped).
+    pub removed_bridges: Vec<String>,
+}
+
+impl ReloadPlan {
+    /// The config the plan puts in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// Checks `new` against the config in force: refused as a whole (the
+/// report says why) if it does not validate.
+pub(crate) fn plan(shared: &Shared, mut new: Config) -> Result<ReloadPlan, Reload> {
+    let mut report = Reload::default();
+    if let Err(errors) = new.validate() {
+        let why = errors
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        report.record("config".into(), ReloadOutcome::Refused(why));
+        return Err(report);
+    }
+    let old = shared.config.load_full();
+    keep_running(&old, &mut new, &mut report);
+    crate::state::add_bridge_rules(&mut new);
+    let changed_bridges = new
+        .bridges
+        .iter()
+        .filter(|b| !old.bridges.contains(b))
+        .map(|b| b.name.clone())
+        .collect();
+    let removed_bridges = old
+        .bridges
+        .iter()
+        .filter(|b| !new.bridges.iter().any(|n| n.name == b.name))
+        .map(|b| b.name.clone())
+        .collect();
+    Ok(ReloadPlan {
+        config: new,
+        report,
+        changed_bridges,
+        removed_bridges,
+    })
+}
+
+/// Puts `plan` in force, part by part, then reads the files it names
+/// again ([`reload`]). The sessions of the plan's changed bridges (whose
+/// links the caller stopped) are set up again, and those of removed
+/// bridges stop taking messages (their queues stay).
+pub(crate) async fn apply(
+    shared: &Arc<Shared>,
+    connections: &Arc<Semaphore>,
+    plan: ReloadPlan,
+) -> Reload {
+    let ReloadPlan {
+        config: mut new,
+        mut report,
+        changed_bridges,
+        removed_bridges: _,
+    } = plan;
+    let old = shared.config.load_full();
+    apply_listeners(shared, connections, &old, &mut new, &mut report).await;
+    if new.limits.max_connections != old.limits.max_connections {
+        resize(
+            connections,
+            old.limits.max_connections,
+            new.limits.max_connections,
+        );
+    }
+    shared
+        .dedup
+        .lock()
+        .raise_bound(usize::from(new.limits.receive_maximum));
+    for (key, changed) in [
+        ("limits", new.limits != old.limits),
+        ("storage", new.storage != old.storage),
+        ("ferry", new.ferry != old.ferry),
+        ("auth", new.auth != old.auth),
+        ("bridge", new.bridges != old.bridges),
+        ("metrics", new.metrics != old.metrics),
+        ("log.level", new.log.level != old.log.level),
+    ] {
+        if changed {
+            report.record(key.into(), ReloadOutcome::Replaced);
+        }
+    }
+    let bounds_changed = new.storage != old.storage || new.bridges != old.bridges;
+    shared.config.store(Arc::new(new));
+    if bounds_changed {
+        set_queue_limits(shared);
+    }
+    crate::bridge_session::ensure(shared, |name| changed_bridges.iter().any(|n| n == name));
+    crate::bridge_session::retire_removed(shared);
+    report.parts.extend(reload(shared).parts);
+    report
+}
+
+/// Keeps in `new` the running value of what only a start can change (the
+/// store's settings, the node's identity, the state topics, which
+/// authentication files exist), reporting each that the file changed.
+fn keep_running(old: &Config, new: &mut Config, report: &mut Reload) {
+    fn keep<T: PartialEq + Clone>(key: &str, old: &T, new: &mut T, report: &mut Reload) {
+        if old != new {
+            *new = old.clone();
+            report.record(key.into(), ReloadOutcome::NeedsRestart);
+        }
+    }
+    keep("node_id", &old.node_id, &mut new.node_id, report);
+    keep("data_dir", &old.data_dir, &mut new.data_dir, report);
+    keep(
+        "storage.durability",
+        &old.storage.durability,
+        &mut new.storage.durability,
+        report,
+    );
+    keep(
+        "storage.sync_interval_ms",
+        &old.storage.sync_interval,
+        &mut new.storage.sync_interval,
+        report,
+    );
+    keep(
+        "storage.max_disk_bytes",
+        &old.storage.max_disk_bytes,
+        &mut new.storage.max_disk_bytes,
+        report,
+    );
+    keep("state", &old.state, &mut new.state, report);
+    keep("log.format", &old.log.format, &mut new.log.format, report);
+    if old.auth.password_file.is_some() != new.auth.password_file.is_some() {
+        new.auth.password_file = old.auth.password_file.clone();
+        report.record("auth.password_file".into(), ReloadOutcome::NeedsRestart);
+    }
+    if old.auth.acl_file.is_some() != new.auth.acl_file.is_some() {
+        new.auth.acl_file = old.auth.acl_file.clone();
+        report.record("auth.acl_file".into(), ReloadOutcome::NeedsRestart);
+    }
+}
+
+/// Stops the listeners `new` no longer has (what they accepted stays
+/// connected), then binds and starts those it adds; a listener whose
+/// settings changed is stopped and started again. One that cannot be
+/// bound is refused with its key and left out of the config in force.
+async fn apply_listeners(
+    shared: &Arc<Shared>,
+    connections: &Arc<Semaphore>,
+    old: &Config,
+    new: &mut Config,
+    report: &mut Reload,
+) {
+    let removed: Vec<crate::server::Running> = {
+        let mut running = shared.listeners.lock();
+        let (keep, removed) = std::mem::take(&mut *running)
+            .into_iter()
+            .partition(|r| new.listeners.contains(&r.config));
+        *running = keep;
+        removed
+    };
+    for listener in removed {
+        let index = old.listeners.iter().position(|l| *l == listener.config);
+        info!(addr = %listener.addr, "listener removed: no longer accepting there");
+        listener.stop().await;
+        report.record(
+            format!("listener[{}]", index.unwrap_or_default()),
+            ReloadOutcome::Removed,
+        );
+    }
+    let mut started = Vec::new();
+    let mut refused = Vec::new();
+    for (index, config) in new.listeners.iter().enumerate() {
+        let running = shared.listeners.lock().iter().any(|r| r.config == *config);
+        if running {
+            continue;
+        }
+        let key = format!("listener[{index}]");
+        let tls = match config
+            .tls
+            .as_ref()
+            .map(|tls| crate::server::Tls::build(index, tls))
+        {
+            Some(Err(e)) => {
+                refused.push(index);
+                report.record(key, ReloadOutcome::Refused(e.to_string()));
+                continue;
+            }
+            Some(Ok(tls)) => Some(tls),
+            None => None,
+        };
+        match crate::server::bind_one(index, config) {
+            Ok(listener) => {
+                started.push(crate::server::Running::start(
+                    listener,
+                    config.clone(),
+                    tls,
+                    shared.clone(),
+                    connections.clone(),
+                ));
+                report.record(key, ReloadOutcome::Replaced);
+            }
+            Err(e) => {
+                refused.push(index);
+                report.record(key, ReloadOutcome::Refused(e.to_string()));
+            }
+        }
+    }
+    for index in refused.into_iter().rev() {
+        new.listeners.remove(index);
+    }
+    let mut running = shared.listeners.lock();
+    running.extend(started);
+    // In the order of the config in force.
+    running.sort_by_key(|r| new.listeners.iter().position(|l| *l == r.config));
+}
+
+/// Changes the number of connections allowed from `old` to `new`. Fewer:
+/// what is free now goes at once, the rest as connections close (no
+/// connection is dropped for it).
+fn resize(connections: &Arc<Semaphore>, old: u32, new: u32) {
+    if new > old {
+        connections.add_permits((new - old) as usize);
+        return;
+    }
+    let fewer = (old - new) as usize;
+    let rest = fewer - connections.forget_permits(fewer);
+    if rest > 0 {
+        let connections = connections.clone();
+        tokio::spawn(async move {
+            if let Ok(permits) = connections.acquire_many_owned(rest as u32).await {
+                permits.forget();
+            }
+        });
+    }
+}
+
+/// Gives every session's queue the bounds and policies of the config in
+/// force (a bridge's its own bounds).
+fn set_queue_limits(shared: &Shared) {
+    let limits = crate::connection::queue_limits(shared);
+    for (client_id, outbox, _) in shared.sessions.queues() {
+        let (max_messages, max_bytes) =
+            crate::connection::session_bounds(shared, client_id.as_str())
+                .unwrap_or((limits.max_messages, limits.max_bytes));
+        outbox.set_limits(crate::outbox::QueueLimits {
+            max_messages,
+            max_bytes,
+            ..limits
+        });
+    }
+}
+
 /// Reads every reloadable file again and puts what changed in force.
 pub(crate) fn reload(shared: &Shared) -> Reload {
     let mut report = Reload::default();
-    let auth = &shared.config.auth;
+    let auth = &shared.config().auth;
     if let (Some(users), Some(path)) = (&shared.users, &auth.password_file) {
         let key = "auth.password_file".to_owned();
         let outcome = match crate::users::PasswordFile::load(path, false) {
@@ -137,18 +413,28 @@ pub(crate) fn reload(shared: &Shared) -> Reload {
         };
         report.record(key, outcome);
     }
-    for (index, listener) in shared.config.listeners.iter().enumerate() {
+    let listeners = shared.config().listeners.clone();
+    for (index, listener) in listeners.iter().enumerate() {
         let Some(tls) = &listener.tls else { continue };
+        let Some(slot) = shared
+            .listeners
+            .lock()
+            .iter()
+            .find(|r| r.config == *listener)
+            .map(|r| r.tls.clone())
+        else {
+            continue;
+        };
         let outcome = match crate::server::Tls::build(index, tls) {
             Ok(new) => {
-                let mut all = shared.tls.write();
-                let same = all[index]
+                let mut current = slot.write();
+                let same = current
                     .as_ref()
                     .is_some_and(|old| old.fingerprint == new.fingerprint);
                 if same {
                     ReloadOutcome::Unchanged
                 } else {
-                    all[index] = Some(new);
+                    *current = Some(new);
                     ReloadOutcome::Replaced
                 }
             }

@@ -17,17 +17,21 @@ use crate::{Shared, StartError};
 /// Binds every configured listener. Nothing is accepted until
 /// [`accept_loop`] runs, so a failure here leaves nothing half-started.
 pub(crate) fn bind(listeners: &[Listener]) -> Result<Vec<TcpListener>, StartError> {
-    let mut bound = Vec::with_capacity(listeners.len());
-    for (index, l) in listeners.iter().enumerate() {
-        let backlog = l.backlog.unwrap_or_else(system_backlog);
-        let socket = listen(l.bind, backlog).map_err(|source| StartError::Bind {
-            key: format!("listener[{index}].bind"),
-            addr: l.bind,
-            source,
-        })?;
-        bound.push(socket);
-    }
-    Ok(bound)
+    listeners
+        .iter()
+        .enumerate()
+        .map(|(index, l)| bind_one(index, l))
+        .collect()
+}
+
+/// Binds `[[listener]]` number `index`; a failure names its key.
+pub(crate) fn bind_one(index: usize, l: &Listener) -> Result<TcpListener, StartError> {
+    let backlog = l.backlog.unwrap_or_else(system_backlog);
+    listen(l.bind, backlog).map_err(|source| StartError::Bind {
+        key: format!("listener[{index}].bind"),
+        addr: l.bind,
+        source,
+    })
 }
 
 /// Binds `addr` and listens with a queue of `backlog` connections (the
@@ -58,7 +62,7 @@ fn system_backlog() -> u32 {
 /// Logs where `listener` (configured as `config`) listens. Called in the
 /// order of the config just before the accept loops start, not by each
 /// loop (tasks start in any order): tools and tests read these lines.
-pub(crate) fn announce(listener: &TcpListener, config: &Listener) {
+fn announce(listener: &TcpListener, config: &Listener) {
     if let Ok(addr) = listener.local_addr() {
         match &config.path {
             Some(path) => info!("listening on {addr} ({}, path {path})", config.protocol),
@@ -67,21 +71,64 @@ pub(crate) fn announce(listener: &TcpListener, config: &Listener) {
     }
 }
 
-/// Accepts connections for `[[listener]]` number `index` until shutdown.
-/// Each connection holds a permit of `connections` for its whole life;
-/// when none is left, new connections are closed at once (and counted)
-/// instead of waiting in the backlog.
-pub(crate) async fn accept_loop(
+/// A listener that accepts: its config, its TLS settings (a reload
+/// replaces them for new connections) and its accept loop. Dropping it
+/// stops accepting (connections it accepted stay up).
+pub(crate) struct Running {
+    pub(crate) config: Listener,
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) tls: Arc<parking_lot::RwLock<Option<Tls>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Announces `listener` and starts its accept loop.
+    pub(crate) fn start(
+        listener: TcpListener,
+        config: Listener,
+        tls: Option<Tls>,
+        shared: Arc<Shared>,
+        connections: Arc<Semaphore>,
+    ) -> Running {
+        announce(&listener, &config);
+        let addr = listener.local_addr().unwrap_or(config.bind);
+        let tls = Arc::new(parking_lot::RwLock::new(tls));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            config.clone(),
+            tls.clone(),
+            shared,
+            connections,
+        ));
+        Running {
+            config,
+            addr,
+            tls,
+            task,
+        }
+    }
+
+    /// Stops accepting and closes the listening socket (before returning,
+    /// so its address can be bound again).
+    pub(crate) async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Accepts connections for one listener until shutdown or until it is
+/// stopped. Each connection holds a permit of `connections` for its whole
+/// life; when none is left, new connections are closed at once (and
+/// counted) instead of waiting in the backlog.
+async fn accept_loop(
     listener: TcpListener,
-    index: usize,
+    config: Listener,
+    tls_slot: Arc<parking_lot::RwLock<Option<Tls>>>,
     shared: Arc<Shared>,
     connections: Arc<Semaphore>,
 ) {
-    let protocol = shared.config.listeners[index].protocol;
-    let path: Option<Arc<str>> = shared.config.listeners[index]
-        .path
-        .as_deref()
-        .map(Arc::from);
+    let protocol = config.protocol;
+    let path: Option<Arc<str>> = config.path.as_deref().map(Arc::from);
     let mut shutdown = shared.shutdown_rx.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -128,7 +175,7 @@ pub(crate) async fn accept_loop(
         // The certificates in force now: a reload changes them for new
         // connections only.
         let tls = if protocol.is_tls() {
-            shared.tls.read()[index].clone()
+            tls_slot.read().clone()
         } else {
             None
         };
@@ -164,7 +211,7 @@ impl PerAddress {
     /// Counts a new connection from `ip`; `None` when the address is at
     /// its limit. With no limit nothing is counted.
     fn take(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<Option<PerAddress>> {
-        let limit = shared.config.limits.max_connections_per_address;
+        let limit = shared.config().limits.max_connections_per_address;
         if limit == 0 {
             return Some(None);
         }
@@ -235,7 +282,7 @@ async fn tls_handshake(
     shared: &Shared,
     options: &mut ServeOptions,
 ) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
-    let limit = shared.config.limits.connect_timeout;
+    let limit = shared.config().limits.connect_timeout;
     let stream = match tokio::time::timeout(limit, tls.acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -271,8 +318,8 @@ async fn serve_websocket<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let limit = shared.config.limits.connect_timeout;
-    let max_packet = shared.config.limits.max_packet_size;
+    let limit = shared.config().limits.connect_timeout;
+    let max_packet = shared.config().limits.max_packet_size;
     let upgrade = crate::websocket::accept(stream, path, max_packet);
     let (reader, writer) = match tokio::time::timeout(limit, upgrade).await {
         Ok(Ok(halves)) => halves,

@@ -58,6 +58,20 @@ impl Shedder {
         }
     }
 
+    /// Takes the limits of `limits` (a reload), keeping the level reached
+    /// and the time it was reached; with nothing watched any more, the
+    /// level drops to 0 at once.
+    pub fn set_limits(&mut self, limits: &ferrymq_config::Limits) {
+        let next = Shedder::new(limits);
+        self.cpu_limit = next.cpu_limit;
+        self.memory_limit = next.memory_limit;
+        self.window = next.window;
+        if !self.enabled() {
+            self.level = 0;
+            self.since = None;
+        }
+    }
+
     /// Whether anything is watched at all.
     pub fn enabled(&self) -> bool {
         self.cpu_limit.is_some() || self.memory_limit.is_some()
@@ -155,12 +169,13 @@ impl ProcessUsage {
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Samples the process every second and publishes the level, until the
-/// broker stops.
+/// broker stops; `limits` gives the config in force at each sample.
 pub(crate) async fn sample(
     shedding: &Shedding,
-    mut shedder: Shedder,
+    limits: impl Fn() -> std::sync::Arc<ferrymq_config::Config>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut shedder = Shedder::new(&limits().limits);
     let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     let mut last = (Instant::now(), ProcessUsage::read().cpu_seconds);
@@ -168,6 +183,12 @@ pub(crate) async fn sample(
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
+        }
+        // A reload may have changed the limits.
+        shedder.set_limits(&limits().limits);
+        if !shedder.enabled() {
+            shedding.level.store(0, Ordering::Relaxed);
+            continue;
         }
         let now = Instant::now();
         let usage = ProcessUsage::read();
