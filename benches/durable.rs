@@ -380,15 +380,9 @@ fn start(mode: Mode, rt: &tokio::runtime::Runtime) -> Target {
                 Mode::Rocks(durability) => {
                     config.storage.durability = durability;
                     std::fs::create_dir_all(&config.data_dir).expect("data dir");
-                    let rocks = RocksStore::open(
-                        &config.data_dir,
-                        RocksOptions {
-                            durability,
-                            sync_interval: config.storage.sync_interval,
-                            max_disk_bytes: config.storage.max_disk_bytes,
-                        },
-                    )
-                    .expect("open the store");
+                    let rocks =
+                        RocksStore::open(&config.data_dir, RocksOptions::of(&config.storage))
+                            .expect("open the store");
                     (rocks.clone(), Some(rocks))
                 }
                 _ => (MemoryStore::new(), None),

@@ -69,6 +69,7 @@ impl Fixture {
                 durability: Durability::GroupCommit,
                 sync_interval: Duration::from_millis(100),
                 max_disk_bytes: 8 << 30,
+                bridge_reserve_percent: 20,
             },
         )
         .expect("store opens");

@@ -39,9 +39,14 @@ fn offline_subscriber(addr: std::net::SocketAddr) {
     raw.until_closed();
 }
 
-/// Publishes one QoS 1 message of `size` bytes numbered `n`; returns the
-/// PUBACK's reason code.
+/// Publishes one QoS 1 message of `size` bytes numbered `n` on
+/// `disk/data`; returns the PUBACK's reason code.
 fn publish(raw: &mut Raw, n: u32, size: usize) -> ReasonCode {
+    publish_to(raw, "disk/data", n, size)
+}
+
+/// [`publish`] on `topic`.
+fn publish_to(raw: &mut Raw, topic: &str, n: u32, size: usize) -> ReasonCode {
     // Incompressible (the store compresses): xorshift noise after the number.
     let mut payload = n.to_string().into_bytes();
     payload.push(b':');
@@ -57,7 +62,7 @@ fn publish(raw: &mut Raw, n: u32, size: usize) -> ReasonCode {
     raw.send(&Packet::Publish(Publish {
         qos: QoS::AtLeastOnce,
         packet_id: id,
-        topic: s("disk/data"),
+        topic: s(topic),
         payload: Bytes::from(payload),
         ..Publish::default()
     }));
@@ -131,6 +136,61 @@ fn the_disk_budget_refuses_new_messages_under_refuse() {
     other.send(&Packet::PingReq);
     assert_eq!(other.recv(), Some(Packet::PingResp));
     all_delivered(broker.addr, &acked);
+}
+
+/// Publishes 64 KiB messages on `topic` until one is refused (0x97);
+/// returns how many were acknowledged.
+fn fill(raw: &mut Raw, topic: &str, first: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = first;
+    loop {
+        assert!(Instant::now() < deadline, "{topic}: never refused");
+        match publish_to(raw, topic, n, 64 * 1024) {
+            ReasonCode::SUCCESS => n += 1,
+            ReasonCode::QUOTA_EXCEEDED => return n - first,
+            other => panic!("unexpected reason {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_bridges_reserve_holds_while_a_persistent_client_fills_the_rest() {
+    // Half of 96 MiB: the store's files grow in steps of up to a memtable
+    // (16 MiB) as it is flushed beside its log, so the reserve must be
+    // several steps wide to be seen.
+    for reserve in [50, 0] {
+        let data = tempfile::tempdir().unwrap();
+        let config = format!(
+            "[storage]\nmax_disk_bytes = \"96MiB\"\nqueue_full = \"refuse\"\n\
+             max_queued_bytes = \"1GiB\"\nmax_queued_messages = 1000000\n\
+             bridge_reserve_percent = {reserve}\n\
+             [[bridge]]\nname = \"up\"\naddresses = [\"127.0.0.1:{}\"]\n\
+             [[bridge.forward]]\nfilter = \"uplink/#\"\n",
+            free_port()
+        );
+        let broker = Broker::start_at(data.path(), &config);
+        // A persistent client that never comes back fills what it may.
+        offline_subscriber(broker.addr);
+        let mut publisher = Raw::connect(broker.addr, Protocol::V5, "disk-pub");
+        let client = fill(&mut publisher, "disk/data", 0);
+        // The bridge's queue still takes messages, in the reserve only.
+        let bridge = fill(&mut publisher, "uplink/data", 100_000);
+        eprintln!("reserve {reserve} %: client {client}, then bridge {bridge} messages of 64 KiB");
+        if reserve == 0 {
+            assert_eq!(bridge, 0, "no reserve: the bridge is refused as soon");
+        } else {
+            assert!(
+                client > 100 && bridge >= 50,
+                "reserve {reserve}: client {client}, bridge {bridge}"
+            );
+            broker.wait_for_log("outside the bridges' reserve", WAIT);
+            // And the client still gets nothing more.
+            assert_eq!(
+                publish_to(&mut publisher, "disk/data", 1_000_000, 1024),
+                ReasonCode::QUOTA_EXCEEDED
+            );
+        }
+    }
 }
 
 /// A small tmpfs for the data directory, unmounted on drop.

@@ -368,7 +368,7 @@ impl BrokerHandle {
     /// authentication settings, then the password file, the ACL file and
     /// the certificates read again ([`Broker::reload`]). What only a start
     /// can change (`node_id`, `data_dir`, `storage.durability`,
-    /// `storage.sync_interval_ms`, `storage.max_disk_bytes`, `[state]`,
+    /// `storage.sync_interval_ms`, `storage.max_disk_bytes`, `storage.bridge_reserve_percent`, `[state]`,
     /// `log.format`, adding or removing an authentication file) keeps its
     /// running value and is reported as [`ReloadOutcome::NeedsRestart`]. A
     /// config that does not validate is refused as a whole.
@@ -472,14 +472,7 @@ impl Broker {
         let data_dir = DataDir::open(&config.data_dir)?;
         let store: Arc<dyn Store> = match store {
             Some(store) => store,
-            None => RocksStore::open(
-                &config.data_dir,
-                RocksOptions {
-                    durability: config.storage.durability,
-                    sync_interval: config.storage.sync_interval,
-                    max_disk_bytes: config.storage.max_disk_bytes,
-                },
-            )?,
+            None => RocksStore::open(&config.data_dir, RocksOptions::of(&config.storage))?,
         };
         let recovered = store.load()?;
         let identity = store.identity();

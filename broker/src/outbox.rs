@@ -259,6 +259,8 @@ pub struct Outbox {
     limits: QueueLimits,
     /// The `queue_qos0` of the limits in force, read without the lock.
     queue_qos0: AtomicBool,
+    /// May fill the disk budget's bridge reserve (a bridge's queue).
+    uses_reserve: AtomicBool,
     /// The session (or group) number: the store key prefix of this queue.
     pub session_number: u64,
     /// Whether the session outlives its connection (its queue is stored).
@@ -299,6 +301,7 @@ impl Outbox {
             ready: Notify::new(),
             space: Notify::new(),
             queue_qos0: AtomicBool::new(limits.queue_qos0),
+            uses_reserve: AtomicBool::new(false),
             limits,
             session_number,
             persistent: AtomicBool::new(persistent),
@@ -386,6 +389,17 @@ impl Outbox {
     /// Whether a delivery at `qos` should be stored when queued here.
     pub fn stores(&self, qos: QoS) -> bool {
         self.is_persistent() && (qos != QoS::AtMostOnce || self.queue_qos0.load(Ordering::Relaxed))
+    }
+
+    /// Lets this queue fill the disk budget's bridge reserve
+    /// (`storage.bridge_reserve_percent`): a bridge's queue.
+    pub fn set_uses_reserve(&self) {
+        self.uses_reserve.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this queue may fill the disk budget's bridge reserve.
+    pub fn uses_reserve(&self) -> bool {
+        self.uses_reserve.load(Ordering::Relaxed)
     }
 
     /// Gives this queue its own bounds (messages, payload bytes) instead of

@@ -79,13 +79,18 @@ pub(crate) fn route(
     // A store that fails to write, or whose disk budget is used up under
     // `refuse`/`block`, cannot take a QoS 1/2 message for a persistent
     // session: refuse it rather than acknowledge what is not stored.
+    // The budget of a queue that may fill the bridges' reserve is the
+    // whole budget; others' (and retained messages') the rest.
+    let stores = |r: &&Route| r.outbox.stores(message.qos.min(r.qos));
     let needs_store = message.qos != QoS::AtMostOnce
-        && (message.retain
-            || targets(&routes, origin).any(|r| r.outbox.stores(message.qos.min(r.qos))));
-    let store_refuses = needs_store
-        && (!shared.store.healthy()
-            || (shared.store.over_budget()
-                && matches!(policy, QueueFull::Refuse | QueueFull::Block)));
+        && (message.retain || targets(&routes, origin).any(|r| stores(&r)));
+    let over_budget = needs_store
+        && matches!(policy, QueueFull::Refuse | QueueFull::Block)
+        && ((message.retain && shared.store.over_budget(false))
+            || targets(&routes, origin)
+                .filter(stores)
+                .any(|r| shared.store.over_budget(r.outbox.uses_reserve())));
+    let store_refuses = needs_store && (!shared.store.healthy() || over_budget);
     if message.qos != QoS::AtMostOnce
         && (store_refuses || matches!(policy, QueueFull::Refuse | QueueFull::Block))
     {
@@ -281,7 +286,7 @@ fn push(
     } else {
         0
     };
-    let budget_full = outbox.is_persistent() && shared.store.over_budget();
+    let budget_full = outbox.is_persistent() && shared.store.over_budget(outbox.uses_reserve());
     match outbox.push(delivery, budget_full, store_ticket, checked) {
         Pushed::Queued {
             seq,

@@ -264,6 +264,12 @@ fn keep_running(old: &Config, new: &mut Config, report: &mut Reload) {
         &mut new.storage.max_disk_bytes,
         report,
     );
+    keep(
+        "storage.bridge_reserve_percent",
+        &old.storage.bridge_reserve_percent,
+        &mut new.storage.bridge_reserve_percent,
+        report,
+    );
     keep("state", &old.state, &mut new.state, report);
     keep("log.format", &old.log.format, &mut new.log.format, report);
     if old.auth.password_file.is_some() != new.auth.password_file.is_some() {

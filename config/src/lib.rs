@@ -424,6 +424,13 @@ pub struct Storage {
     /// `$SYS/ferrymq/disk/low`). 0 turns the warning off. Default: 10.
     /// Range: 0 ..= 99.
     pub low_disk_percent: u8,
+    /// `bridge_reserve_percent`: the share of `max_disk_bytes` kept for the
+    /// bridges' queues. Other persistent sessions' queues (and retained
+    /// messages) may fill the rest only: past it, `queue_full` applies to
+    /// them while the bridges still queue, so one abandoned client cannot
+    /// take the space an uplink's backlog needs. 0 = no reserve. Default:
+    /// 20. Range: 0 ..= 90.
+    pub bridge_reserve_percent: u8,
     /// `max_age_secs`: a message queued for a network client's session
     /// that has waited longer than this is dropped (and counted) when its
     /// turn to be delivered comes, instead of being delivered. 0 means no
@@ -817,6 +824,7 @@ impl Default for Storage {
             sync_interval: Duration::from_millis(100),
             max_disk_bytes: 8 << 30,
             low_disk_percent: 10,
+            bridge_reserve_percent: 20,
             max_age: None,
         }
     }

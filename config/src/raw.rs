@@ -126,6 +126,7 @@ struct RawStorage {
     sync_interval_ms: Option<Int>,
     max_disk_bytes: Option<RawSize>,
     low_disk_percent: Option<Int>,
+    bridge_reserve_percent: Option<Int>,
     max_age_secs: Option<Int>,
 }
 
@@ -263,6 +264,7 @@ pub(crate) const TABLES: &[Table] = &[
             "sync_interval_ms",
             "max_disk_bytes",
             "low_disk_percent",
+            "bridge_reserve_percent",
             "max_age_secs",
         ],
         planned: &[],
@@ -1027,6 +1029,13 @@ impl RawStorage {
                 "storage.low_disk_percent",
                 &validate::LOW_DISK_PERCENT,
                 defaults.low_disk_percent,
+                errors,
+            ),
+            bridge_reserve_percent: narrow(
+                self.bridge_reserve_percent.map(|Int(v)| v),
+                "storage.bridge_reserve_percent",
+                &validate::BRIDGE_RESERVE_PERCENT,
+                defaults.bridge_reserve_percent,
                 errors,
             ),
             max_age: Some(Duration::from_secs(narrow(

@@ -126,6 +126,7 @@ fn defaults() {
             sync_interval: Duration::from_millis(100),
             max_disk_bytes: 8_589_934_592,
             low_disk_percent: 10,
+            bridge_reserve_percent: 20,
             max_age: None,
         }
     );
@@ -186,6 +187,7 @@ fn every_key_parsed() {
         sync_interval_ms = 250
         max_disk_bytes = "512MiB"
         low_disk_percent = 5
+        bridge_reserve_percent = 30
         max_age_secs = 86400
         "#,
         |c| {
@@ -226,6 +228,7 @@ fn every_key_parsed() {
                 sync_interval: Duration::from_millis(250),
                 max_disk_bytes: 536_870_912,
                 low_disk_percent: 5,
+                bridge_reserve_percent: 30,
                 max_age: Some(Duration::from_secs(86_400)),
             };
         },
@@ -382,6 +385,9 @@ fn storage_ranges() {
             "99999999999999999999",
             "between 0 and 4294967295 seconds",
         ),
+        ("bridge_reserve_percent", "91", "between 0 and 90 percent"),
+        ("bridge_reserve_percent", "-1", "between 0 and 90 percent"),
+        ("low_disk_percent", "100", "between 0 and 99 percent"),
         ("max_queued_messages", "0", "between 1 and 100000000"),
         (
             "max_queued_messages",

@@ -136,6 +136,13 @@ pub(crate) const LOW_DISK_PERCENT: IntRange = IntRange {
     unit: " percent",
 };
 
+/// `[storage] bridge_reserve_percent`: 0 (no reserve) to 90.
+pub(crate) const BRIDGE_RESERVE_PERCENT: IntRange = IntRange {
+    lo: 0,
+    hi: 90,
+    unit: " percent",
+};
+
 /// A forward rule's `max_age_secs`: 0 (none) or any 32-bit count.
 pub(crate) const MAX_AGE_SECS: IntRange = IntRange {
     lo: 0,
@@ -633,6 +640,11 @@ fn check_storage(config: &Config, errors: &mut Vec<ConfigError>) {
     LOW_DISK_PERCENT.check(
         "storage.low_disk_percent",
         u64::from(storage.low_disk_percent),
+        errors,
+    );
+    BRIDGE_RESERVE_PERCENT.check(
+        "storage.bridge_reserve_percent",
+        u64::from(storage.bridge_reserve_percent),
         errors,
     );
     if let Some(age) = storage.max_age {

@@ -478,8 +478,11 @@ pub trait Store: Send + Sync + 'static {
         true
     }
 
-    /// Whether the disk budget (`max_disk_bytes`) is used up.
-    fn over_budget(&self) -> bool {
+    /// Whether the disk budget (`max_disk_bytes`) is used up for a queue
+    /// that may fill the bridges' reserve (`reserve`), or the part outside
+    /// it for any other queue and retained messages.
+    fn over_budget(&self, reserve: bool) -> bool {
+        let _ = reserve;
         false
     }
 

@@ -107,6 +107,27 @@ pub struct RocksOptions {
     pub sync_interval: Duration,
     /// The disk budget of the store.
     pub max_disk_bytes: u64,
+    /// The share of the budget (percent) only queues that may use the
+    /// reserve (the bridges') can fill.
+    pub bridge_reserve_percent: u8,
+}
+
+impl RocksOptions {
+    /// The options `[storage]` asks for.
+    pub fn of(storage: &ferrymq_config::Storage) -> RocksOptions {
+        RocksOptions {
+            durability: storage.durability,
+            sync_interval: storage.sync_interval,
+            max_disk_bytes: storage.max_disk_bytes,
+            bridge_reserve_percent: storage.bridge_reserve_percent,
+        }
+    }
+
+    /// The part of the budget that queues without a reserve may fill.
+    fn shared_bytes(&self) -> u64 {
+        let reserve = u64::from(self.bridge_reserve_percent.min(100));
+        self.max_disk_bytes / 100 * (100 - reserve)
+    }
 }
 
 fn big_u64(bytes: &[u8]) -> Option<u64> {
@@ -299,6 +320,9 @@ struct Inner {
     low_space: AtomicBool,
     /// True while the store's files reached `max_disk_bytes`.
     over_budget: AtomicBool,
+    /// The files reached the part of the budget outside the bridges'
+    /// reserve.
+    over_shared: AtomicBool,
     /// As last measured: the store's files, the filesystem's free and
     /// total bytes (`u64::MAX`: not known).
     used_bytes: AtomicU64,
@@ -492,6 +516,7 @@ impl RocksStore {
             syncs: AtomicU64::new(0),
             sync_times: SyncTimes::default(),
             over_budget: AtomicBool::new(false),
+            over_shared: AtomicBool::new(false),
             used_bytes: AtomicU64::new(0),
             fs_free: AtomicU64::new(u64::MAX),
             fs_total: AtomicU64::new(u64::MAX),
@@ -802,8 +827,12 @@ impl Store for RocksStore {
         self.inner.write_ok.load(Ordering::Acquire) && !self.inner.low_space.load(Ordering::Acquire)
     }
 
-    fn over_budget(&self) -> bool {
-        self.inner.over_budget.load(Ordering::Acquire)
+    fn over_budget(&self, reserve: bool) -> bool {
+        if reserve {
+            self.inner.over_budget.load(Ordering::Acquire)
+        } else {
+            self.inner.over_shared.load(Ordering::Acquire)
+        }
     }
 
     fn wal_syncs(&self) -> u64 {
@@ -1248,7 +1277,9 @@ fn save_clock(db: &DB, inner: &Inner, sync: bool) {
 }
 
 /// Updates `over_budget` (the store's files reached `max_disk_bytes`: the
-/// queue_full policy applies) and `low_space` (the filesystem has less
+/// queue_full policy applies), `over_shared` (they reached the part
+/// outside the bridges' reserve: it applies to every other queue) and
+/// `low_space` (the filesystem has less
 /// free space than the headroom acknowledgements, flushes and compactions
 /// need: new messages that need the store are refused).
 fn check_space(inner: &Inner) {
@@ -1269,6 +1300,24 @@ fn check_space(inner: &Inner) {
     // A twentieth of the filesystem, at least three memtables' worth (a
     // flush and a compaction must fit), at most 256 MiB.
     let headroom = (total / 20).clamp(48 << 20, 256 << 20);
+    let over_shared = used >= inner.options.shared_bytes();
+    if inner.over_shared.swap(over_shared, Ordering::AcqRel) != over_shared
+        && inner.options.bridge_reserve_percent > 0
+    {
+        if over_shared {
+            warn!(
+                used,
+                bridge_reserve_percent = inner.options.bridge_reserve_percent,
+                "disk budget reached outside the bridges' reserve: queue_full applies to new \
+                 messages for persistent sessions other than bridges"
+            );
+        } else {
+            info!(
+                used,
+                "disk budget outside the bridges' reserve available again"
+            );
+        }
+    }
     let over = used >= inner.options.max_disk_bytes;
     if inner.over_budget.swap(over, Ordering::AcqRel) != over {
         if over {
@@ -1327,6 +1376,7 @@ mod tests {
             durability,
             sync_interval: Duration::from_millis(10),
             max_disk_bytes: 1 << 40,
+            bridge_reserve_percent: 20,
         }
     }
 
