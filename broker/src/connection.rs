@@ -364,7 +364,28 @@ pub(crate) fn session_bounds(shared: &Shared, client_id: &str) -> Option<(usize,
         })
 }
 
+/// Serves one connection (network or in-process) to its end, inside a
+/// span `connection{peer, client_id}` (the client id recorded once the
+/// CONNECT is read), so that everything logged on its behalf says whose
+/// it is.
 pub(crate) async fn serve<R, W>(
+    reader: R,
+    writer: W,
+    peer: String,
+    shared: Arc<Shared>,
+    options: ServeOptions,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tracing::Instrument;
+    let span = tracing::info_span!("connection", %peer, client_id = tracing::field::Empty);
+    serve_in_span(reader, writer, peer, shared, options)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_in_span<R, W>(
     reader: R,
     writer: W,
     peer: String,
@@ -386,6 +407,10 @@ pub(crate) async fn serve<R, W>(
     let Some(mut conn) = Box::pin(open(io, &shared, &peer, options)).await else {
         return;
     };
+    tracing::Span::current().record(
+        "client_id",
+        tracing::field::display(&conn.engine.state.client_id),
+    );
     debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
     // A panic while handling a packet is caught in `run` (around `turn`,
     // without boxing `run`, whose state every idle connection pays).
