@@ -331,3 +331,22 @@ fn reload_checks_the_config_then_signals_the_running_node() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("no running ferrymq holds"));
 }
+
+#[test]
+fn a_connection_s_log_lines_carry_its_span_with_peer_and_client_id() {
+    let broker = Broker::start("");
+    let mut client = Raw::connect(broker.addr, Protocol::V5, "spanned");
+    client.send(&Packet::PingReq);
+    assert_eq!(client.recv(), Some(Packet::PingResp));
+    drop(client);
+    broker.wait_for_log("closing: Eof", Duration::from_secs(10));
+    let log = broker.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("closing: Eof"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("connection{peer=127.0.0.1:") && line.contains("client_id=spanned}"),
+        "{log}"
+    );
+}
