@@ -1070,7 +1070,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         self.encode_packets();
         let drain = self.drain(durable);
         if !self.ops.is_empty() {
-            storage::write(self.shared.store.as_ref(), std::mem::take(&mut self.ops));
+            let ticket = storage::write(self.shared.store.as_ref(), std::mem::take(&mut self.ops));
+            self.engine.written(ticket);
         }
         let need_durable =
             drain == Drain::WaitDurable || self.engine.waiting_for().is_some_and(|t| t > durable);

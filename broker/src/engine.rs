@@ -164,6 +164,11 @@ pub struct RouteOutcome {
     pub refused: bool,
 }
 
+/// The ticket of a reply that waits for the ops the engine pushed with
+/// it: the connection gives it the ticket of the write that carries them
+/// ([`Engine::written`]).
+const NEXT_WRITE: Ticket = Ticket::MAX;
+
 /// An acknowledgement waiting for its store ticket.
 struct PendingAck {
     ticket: Ticket,
@@ -184,6 +189,8 @@ pub struct Engine {
     pending: VecDeque<PendingAck>,
     /// QoS 1 publishes whose PUBACK has not been sent.
     pending_qos1: usize,
+    /// Replies in `pending` waiting for the next write's ticket.
+    unwritten: usize,
     /// Topic aliases of this connection, made on first use (most
     /// connections use none, and every byte here is paid per connection).
     aliases: Option<Box<Aliases>>,
@@ -211,6 +218,7 @@ impl Engine {
             limits,
             pending: VecDeque::new(),
             pending_qos1: 0,
+            unwritten: 0,
             aliases: None,
         }
     }
@@ -442,6 +450,18 @@ impl Engine {
         }
     }
 
+    /// The ops pushed so far went to the store under `ticket`: the replies
+    /// that wait for them leave once it is durable.
+    pub fn written(&mut self, ticket: Ticket) {
+        if self.unwritten == 0 {
+            return;
+        }
+        self.unwritten = 0;
+        for ack in self.pending.iter_mut().filter(|a| a.ticket == NEXT_WRITE) {
+            ack.ticket = ticket;
+        }
+    }
+
     /// Queues a reply (SUBACK, UNSUBACK) to leave once `ticket` is durable,
     /// behind every acknowledgement queued before it.
     pub fn reply_after(&mut self, ticket: Ticket, packet: Packet) {
@@ -496,21 +516,28 @@ impl Engine {
         }
     }
 
-    /// An inbound PUBREL: releases the held QoS 2 packet identifier.
+    /// An inbound PUBREL: releases the held QoS 2 packet identifier. The
+    /// PUBCOMP waits until the release is durable ([`Engine::written`]):
+    /// once the client has it, it may use the id for a new message, which
+    /// a broker restarted with the id still held would take for a resend
+    /// and drop.
     pub fn pubrel(&mut self, packet_id: u16, ops: &mut Vec<StoreOp>) {
         let mut comp = PubAck::new(packet_id);
+        let mut ticket = 0;
         if self.state.qos2_received.remove(&packet_id) {
             if self.state.is_persistent() {
                 ops.push(StoreOp::Qos2Released {
                     number: self.state.number,
                     packet_id,
                 });
+                ticket = NEXT_WRITE;
+                self.unwritten += 1;
             }
         } else if self.v5() {
             comp.reason_code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
         }
         self.pending.push_back(PendingAck {
-            ticket: 0,
+            ticket,
             reply: Some(Packet::PubComp(comp)),
             qos1: false,
         });
@@ -740,6 +767,9 @@ impl Engine {
             self.forget(&d, packet_id, ops);
             return;
         }
+        self.state
+            .inflight
+            .insert(packet_id, Inflight::Released { seq: d.seq });
         if d.stored {
             ops.push(StoreOp::InflightPut {
                 number: self.state.number,
@@ -753,10 +783,18 @@ impl Engine {
                 seq: d.seq,
                 size: d.size(),
             });
+            // The PUBREL waits until the release is durable: once the
+            // client has it, it forgets the id, and a broker restarted
+            // with the message still unreleased would send it again as a
+            // new one.
+            self.pending.push_back(PendingAck {
+                ticket: NEXT_WRITE,
+                reply: Some(Packet::PubRel(PubAck::new(packet_id))),
+                qos1: false,
+            });
+            self.unwritten += 1;
+            return;
         }
-        self.state
-            .inflight
-            .insert(packet_id, Inflight::Released { seq: d.seq });
         out.push(Packet::PubRel(PubAck::new(packet_id)));
     }
 
@@ -996,7 +1034,12 @@ mod tests {
                 packet_id: 7
             }]
         ));
-        assert_eq!(acks(&mut e, 1), [Packet::PubComp(PubAck::new(7))]);
+        // The PUBCOMP waits for the release's write, then for it to be
+        // durable.
+        assert_eq!(acks(&mut e, 1), []);
+        e.written(4);
+        assert_eq!(acks(&mut e, 3), []);
+        assert_eq!(acks(&mut e, 4), [Packet::PubComp(PubAck::new(7))]);
         // After release the same id starts a new message.
         assert!(matches!(
             e.publish(publish(QoS::ExactlyOnce, 7), Instant::now()),
@@ -1168,7 +1211,11 @@ mod tests {
         ops.clear();
         let mut out = Vec::new();
         e.pubrec(PubAck::new(2), &mut ops, &mut out);
-        assert_eq!(out, [Packet::PubRel(PubAck::new(2))]);
+        // The PUBREL waits until the release is durable.
+        assert_eq!(out, []);
+        e.written(8);
+        assert_eq!(acks(&mut e, 7), []);
+        assert_eq!(acks(&mut e, 8), [Packet::PubRel(PubAck::new(2))]);
         assert!(matches!(
             ops[..],
             [

@@ -574,9 +574,11 @@ impl Drop for Batch<'_> {
 }
 
 /// Submits ops nobody waits for (acknowledgements, deletions).
-pub fn write(store: &dyn Store, ops: Vec<StoreOp>) {
-    if !ops.is_empty() {
-        let ticket = store.begin();
-        store.submit(ticket, ops);
+pub fn write(store: &dyn Store, ops: Vec<StoreOp>) -> Ticket {
+    if ops.is_empty() {
+        return 0;
     }
+    let ticket = store.begin();
+    store.submit(ticket, ops);
+    ticket
 }
