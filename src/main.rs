@@ -342,29 +342,12 @@ fn replay_dead(config: &Config, name: &str) -> ExitCode {
         eprintln!("ferrymq queue replay-dead: no bridge named {name:?} in the config");
         return ExitCode::FAILURE;
     }
-    if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
-        eprintln!(
-            "ferrymq queue replay-dead: {}: {e}",
-            config.data_dir.display()
-        );
-        return ExitCode::FAILURE;
-    }
-    match ferrymq_bridge::request_replay(&config.data_dir, name) {
-        Ok(_) if ferrymq_broker::DataDir::is_in_use(&config.data_dir) => {
-            println!(
-                "replay of {name}'s dead letters requested: the running ferrymq does it within a second"
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(_) => {
-            println!("replay of {name}'s dead letters requested: ferrymq does it when it starts");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("ferrymq queue replay-dead: cannot write the request: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    leave_request(
+        config,
+        "replay-dead",
+        &format!("replay of {name}'s dead letters"),
+        || ferrymq_bridge::request_replay(&config.data_dir, name),
+    )
 }
 
 fn delete_bridge(config: &Config, name: &str) -> ExitCode {
@@ -374,19 +357,40 @@ fn delete_bridge(config: &Config, name: &str) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    match ferrymq_bridge::request_delete(&config.data_dir, name) {
+    leave_request(
+        config,
+        "delete-bridge",
+        &format!("deletion of {name}'s queues"),
+        || ferrymq_bridge::request_delete(&config.data_dir, name),
+    )
+}
+
+/// Leaves a request (`write`) in the data directory for the node that
+/// runs on it, or for its next start, and says which.
+fn leave_request(
+    config: &Config,
+    command: &str,
+    what: &str,
+    write: impl FnOnce() -> std::io::Result<PathBuf>,
+) -> ExitCode {
+    if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
+        eprintln!(
+            "ferrymq queue {command}: {}: {e}",
+            config.data_dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    match write() {
         Ok(_) if ferrymq_broker::DataDir::is_in_use(&config.data_dir) => {
-            println!(
-                "deletion of {name}'s queues requested: the running ferrymq does it within a second"
-            );
+            println!("{what} requested: the running ferrymq does it within a second");
             ExitCode::SUCCESS
         }
         Ok(_) => {
-            println!("deletion of {name}'s queues requested: ferrymq does it when it starts");
+            println!("{what} requested: ferrymq does it when it starts");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("ferrymq queue delete-bridge: cannot write the request: {e}");
+            eprintln!("ferrymq queue {command}: cannot write the request: {e}");
             ExitCode::FAILURE
         }
     }

@@ -8,7 +8,7 @@
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
@@ -65,6 +65,28 @@ fn reload(node: &Broker, file: &Path, text: &str, done: &str) {
     }
 }
 
+/// A ferrymq upstream and a client subscribed to everything on it.
+fn upstream() -> (Broker, Raw) {
+    let upstream = Broker::start("");
+    let mut sub = Raw::connect(upstream.addr, Protocol::V5, "up-sub");
+    sub.send(&subscribe_qos1("#"));
+    assert!(matches!(sub.recv(), Some(Packet::SubAck(_))));
+    (upstream, sub)
+}
+
+/// An edge started from a file, with bridge "a" forwarding `data/#` to an
+/// address where nothing listens (what it forwards waits in its queue):
+/// (its directory, data dir, config file, the edge).
+fn edge_with_a_bridge_to_nowhere() -> (tempfile::TempDir, PathBuf, PathBuf, Broker) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = dir.path().join("edge.toml");
+    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    std::fs::write(&file, config(&data, &bridge("a", nowhere, "data/#"))).unwrap();
+    let edge = Broker::start_with_file(&file, tempfile::tempdir().unwrap());
+    (dir, data, file, edge)
+}
+
 const IN_FORCE: &str = "in force";
 const REFUSED: &str = "reload: the running config stays";
 
@@ -100,19 +122,11 @@ fn next(client: &mut Raw) -> (String, String) {
 
 #[test]
 fn listeners_bridges_and_limits_change_on_sighup_under_live_clients() {
-    let upstream = Broker::start("");
-    let mut up_sub = Raw::connect(upstream.addr, Protocol::V5, "up-sub");
-    up_sub.send(&subscribe_qos1("#"));
-    assert!(matches!(up_sub.recv(), Some(Packet::SubAck(_))));
+    let (upstream, mut up_sub) = upstream();
 
     // v1: bridge "a" points where nothing listens, so what it forwards
     // waits in its queue.
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let file = dir.path().join("edge.toml");
-    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    std::fs::write(&file, config(&data, &bridge("a", nowhere, "data/#"))).unwrap();
-    let edge = Broker::start_with_file(&file, tempfile::tempdir().unwrap());
+    let (_dir, data, file, edge) = edge_with_a_bridge_to_nowhere();
     let mut watcher = Raw::connect(edge.addr, Protocol::V5, "watcher");
     watcher.send(&subscribe_qos1("alarms/#"));
     assert!(matches!(watcher.recv(), Some(Packet::SubAck(_))));
@@ -246,16 +260,8 @@ fn a_smaller_max_connections_refuses_new_connections_and_keeps_the_open_ones() {
 
 #[test]
 fn a_removed_bridge_keeps_its_queue_across_a_restart_until_it_is_deleted() {
-    let upstream = Broker::start("");
-    let mut up_sub = Raw::connect(upstream.addr, Protocol::V5, "up-sub");
-    up_sub.send(&subscribe_qos1("#"));
-    assert!(matches!(up_sub.recv(), Some(Packet::SubAck(_))));
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let file = dir.path().join("edge.toml");
-    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    std::fs::write(&file, config(&data, &bridge("a", nowhere, "data/#"))).unwrap();
-    let edge = Broker::start_with_file(&file, tempfile::tempdir().unwrap());
+    let (upstream, mut up_sub) = upstream();
+    let (_dir, data, file, edge) = edge_with_a_bridge_to_nowhere();
     let mut sensor = Raw::connect(edge.addr, Protocol::V311, "sensor");
     for n in 0..20u16 {
         publish(&mut sensor, n + 1, "data/t", &n.to_string());

@@ -133,6 +133,10 @@ impl Client {
         format!("torture-{}", self.index)
     }
 
+    fn send(&mut self, packet: &Packet) {
+        self.conn.as_mut().unwrap().send(packet);
+    }
+
     fn packet_id(&mut self) -> u16 {
         self.next_packet_id = self.next_packet_id % 60_000 + 1;
         self.next_packet_id
@@ -291,21 +295,17 @@ fn run(seed: u64, steps: usize) {
                 run.log.push(format!("{step}: {c} subscribe {filter}"));
                 let client = &mut clients[c];
                 let packet_id = client.packet_id();
-                client
-                    .conn
-                    .as_mut()
-                    .unwrap()
-                    .send(&Packet::Subscribe(Subscribe {
-                        packet_id,
-                        subscriptions: vec![Subscription {
-                            filter: s(filter),
-                            options: SubscriptionOptions {
-                                qos: client.sub_qos,
-                                ..SubscriptionOptions::default()
-                            },
-                        }],
-                        properties: Default::default(),
-                    }));
+                client.send(&Packet::Subscribe(Subscribe {
+                    packet_id,
+                    subscriptions: vec![Subscription {
+                        filter: s(filter),
+                        options: SubscriptionOptions {
+                            qos: client.sub_qos,
+                            ..SubscriptionOptions::default()
+                        },
+                    }],
+                    properties: Default::default(),
+                }));
                 match client.read_until(WAIT, |p| matches!(p, Packet::SubAck(_))) {
                     Some(Packet::SubAck(ack)) if ack.reason_codes[0].0 <= 2 => {}
                     other => run.fail(&format!("SUBACK for {c}: {other:?}")),
@@ -323,15 +323,11 @@ fn run(seed: u64, steps: usize) {
                 run.log.push(format!("{step}: {c} unsubscribe {filter}"));
                 let client = &mut clients[c];
                 let packet_id = client.packet_id();
-                client
-                    .conn
-                    .as_mut()
-                    .unwrap()
-                    .send(&Packet::Unsubscribe(Unsubscribe {
-                        packet_id,
-                        filters: vec![s(filter)],
-                        properties: Default::default(),
-                    }));
+                client.send(&Packet::Unsubscribe(Unsubscribe {
+                    packet_id,
+                    filters: vec![s(filter)],
+                    properties: Default::default(),
+                }));
                 if client
                     .read_until(WAIT, |p| matches!(p, Packet::UnsubAck(_)))
                     .is_none()
@@ -358,18 +354,14 @@ fn run(seed: u64, steps: usize) {
                 }
                 let client = &mut clients[c];
                 let packet_id = client.packet_id();
-                client
-                    .conn
-                    .as_mut()
-                    .unwrap()
-                    .send(&Packet::Publish(Publish {
-                        qos,
-                        packet_id,
-                        retain,
-                        topic: s(topic),
-                        payload: payload(id),
-                        ..Publish::default()
-                    }));
+                client.send(&Packet::Publish(Publish {
+                    qos,
+                    packet_id,
+                    retain,
+                    topic: s(topic),
+                    payload: payload(id),
+                    ..Publish::default()
+                }));
                 let acked = |p: &Packet| match p {
                     Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubComp(a) => {
                         a.packet_id == packet_id
@@ -382,11 +374,7 @@ fn run(seed: u64, steps: usize) {
                     other => run.fail(&format!("acknowledgement of {id:?}: {other:?}")),
                 }
                 if qos == QoS::ExactlyOnce {
-                    client
-                        .conn
-                        .as_mut()
-                        .unwrap()
-                        .send(&Packet::PubRel(PubAck::new(packet_id)));
+                    client.send(&Packet::PubRel(PubAck::new(packet_id)));
                     match client.read_until(WAIT, acked) {
                         Some(Packet::PubComp(_)) => {}
                         other => run.fail(&format!("PUBCOMP of {id:?}: {other:?}")),

@@ -35,7 +35,12 @@ pub const DELETE_REQUEST_PREFIX: &str = "delete-bridge-queues.";
 /// `name`, which must no longer be configured (within a second, or at its
 /// next start).
 pub fn request_delete(data_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
-    let path = data_dir.join(format!("{DELETE_REQUEST_PREFIX}{name}"));
+    request(data_dir, DELETE_REQUEST_PREFIX, name)
+}
+
+/// Writes the request file `data_dir/{prefix}{name}`.
+fn request(data_dir: &Path, prefix: &str, name: &str) -> std::io::Result<PathBuf> {
+    let path = data_dir.join(format!("{prefix}{name}"));
     std::fs::write(&path, b"")?;
     Ok(path)
 }
@@ -43,9 +48,7 @@ pub fn request_delete(data_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
 /// Asks the node running on `data_dir` to replay the dead letters of
 /// bridge `name` (within a second, or at its next start).
 pub fn request_replay(data_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
-    let path = data_dir.join(format!("{REPLAY_REQUEST_PREFIX}{name}"));
-    std::fs::write(&path, b"")?;
-    Ok(path)
+    request(data_dir, REPLAY_REQUEST_PREFIX, name)
 }
 
 /// Why a node could not start.

@@ -380,42 +380,31 @@ pub(crate) async fn serve<R, W>(
 {
     use tracing::Instrument;
     let span = tracing::info_span!("connection", %peer, client_id = tracing::field::Empty);
-    serve_in_span(reader, writer, peer, shared, options)
-        .instrument(span)
-        .await;
-}
-
-async fn serve_in_span<R, W>(
-    reader: R,
-    writer: W,
-    peer: String,
-    shared: Arc<Shared>,
-    options: ServeOptions,
-) where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let io = Io {
-        reader,
-        writer,
-        inbuf: BytesMut::new(),
-        out: BytesMut::new(),
-        read_chunk: READ_MIN,
-    };
-    // The phases before and after `run` are boxed: a task's size is its
-    // largest state, and an idle connection should cost only `run`'s.
-    let Some(mut conn) = Box::pin(open(io, &shared, &peer, options)).await else {
-        return;
-    };
-    tracing::Span::current().record(
-        "client_id",
-        tracing::field::display(&conn.engine.state.client_id),
-    );
-    debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
-    // A panic while handling a packet is caught in `run` (around `turn`,
-    // without boxing `run`, whose state every idle connection pays).
-    let close = conn.run(&shared.shutdown_rx).await;
-    Box::pin(close_connection(conn, close, &peer)).await;
+    async move {
+        let io = Io {
+            reader,
+            writer,
+            inbuf: BytesMut::new(),
+            out: BytesMut::new(),
+            read_chunk: READ_MIN,
+        };
+        // The phases before and after `run` are boxed: a task's size is its
+        // largest state, and an idle connection should cost only `run`'s.
+        let Some(mut conn) = Box::pin(open(io, &shared, &peer, options)).await else {
+            return;
+        };
+        tracing::Span::current().record(
+            "client_id",
+            tracing::field::display(&conn.engine.state.client_id),
+        );
+        debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
+        // A panic while handling a packet is caught in `run` (around `turn`,
+        // without boxing `run`, whose state every idle connection pays).
+        let close = conn.run(&shared.shutdown_rx).await;
+        Box::pin(close_connection(conn, close, &peer)).await;
+    }
+    .instrument(span)
+    .await;
 }
 
 /// Phases 1 and 2: the CONNECT, then accepting it. A panic in either (a
