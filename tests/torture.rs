@@ -1,8 +1,10 @@
 //! A seeded torture test against the real binary, checked against a model
-//! of what MQTT promises: clients with persistent sessions in both
-//! protocol versions subscribe and unsubscribe (with wildcards), publish
-//! at QoS 1 and 2 with and without retain, disconnect and come back, while the
-//! broker is SIGKILLed and restarted at random points. At the end every
+//! of what MQTT promises: clients in both protocol versions, with
+//! persistent sessions and now and then a clean start (which discards the
+//! session: nothing it was owed may arrive after) or a takeover by a
+//! second connection, subscribe and unsubscribe (with wildcards), publish
+//! at QoS 1 and 2 with and without retain, disconnect and come back, while
+//! the broker is SIGKILLed and restarted at random points. At the end every
 //! client drains its session, and the checker compares what each saw with
 //! the model:
 //!
@@ -41,12 +43,18 @@ use ferrymq_codec::{
     Unsubscribe,
 };
 
-/// Seeds (and step counts) that found a bug once, run every time.
+/// Seeds (and step counts) that found a bug, run every time. A change to
+/// the generator changes what a seed does: then each bug is found again
+/// with the new generator (by undoing its fix) and its seed replaced.
 const REGRESSION_SEEDS: &[(u64, usize)] = &[
     // A QoS 2 message delivered twice: the broker sent PUBREL before the
     // release was durable, was killed, and sent the message again after
     // the client had completed the exchange (engine: `NEXT_WRITE`).
-    (1, 400),
+    // Seed 1 found it first; this one finds it with clean starts and
+    // takeovers in the mix. Whether a kill lands in the window is timing:
+    // with the fix undone it failed 1 run of 3; the engine's table tests
+    // pin the rule itself.
+    (1_796_515_265, 600),
 ];
 
 const CLIENTS: usize = 10;
@@ -126,6 +134,8 @@ struct Client {
     awaiting_rel: BTreeSet<u16>,
     /// Its QoS 2 exchanges, for a failure's report.
     trace: Vec<String>,
+    /// Whether its session outlives the connection.
+    persistent: bool,
 }
 
 impl Client {
@@ -142,14 +152,22 @@ impl Client {
         self.next_packet_id
     }
 
-    /// Connects with a persistent session; checks Session Present.
-    fn connect(&mut self, broker: &Broker, log: &[String]) {
+    /// Connects, resuming its session or (`clean`) starting a new one,
+    /// and checks Session Present. A clean start discards the session:
+    /// its subscriptions, and what it had not received yet. In 5.0 the
+    /// new session is persistent (Session Expiry); in 3.1.1 a clean
+    /// session ends with its connection.
+    fn connect(&mut self, broker: &Broker, clean: bool, log: &[String]) {
         let mut raw = Raw::open(broker.addr, self.protocol);
         let mut c = connect_packet(self.protocol, &self.id());
-        c.clean_start = false;
+        c.clean_start = clean;
         if self.protocol == Protocol::V5 {
             c.properties.session_expiry_interval = Some(u32::MAX);
         }
+        if clean {
+            self.discard_session();
+        }
+        self.persistent = self.protocol == Protocol::V5 || !clean;
         raw.send(&Packet::Connect(Box::new(c)));
         match raw.recv() {
             Some(Packet::ConnAck(ack)) => {
@@ -165,8 +183,28 @@ impl Client {
             other => panic!("client {}: expected CONNACK, got {other:?}", self.index),
         }
         self.has_session = true;
-        self.trace.push("CONNECT".into());
+        self.trace.push(format!("CONNECT clean={clean}"));
         self.conn = Some(raw);
+    }
+
+    /// The session is gone (a clean start, or a non-persistent session
+    /// that ended): no subscriptions, no QoS 2 state, and what it had not
+    /// received is no longer owed.
+    fn discard_session(&mut self) {
+        self.has_session = false;
+        self.filters.clear();
+        self.awaiting_rel.clear();
+        let got: BTreeSet<MsgId> = self.received.iter().copied().collect();
+        self.expected.retain(|id| got.contains(id));
+    }
+
+    /// The connection ends (a DISCONNECT, a takeover's end, the broker's
+    /// death): a non-persistent session ends with it.
+    fn connection_ended(&mut self) {
+        self.conn = None;
+        if !self.persistent {
+            self.discard_session();
+        }
     }
 
     /// Takes one delivery (recorded and acknowledged) or the PUBREL of
@@ -275,6 +313,7 @@ fn run(seed: u64, steps: usize) {
             },
             awaiting_rel: BTreeSet::new(),
             trace: Vec::new(),
+            persistent: true,
         })
         .collect();
     // The retained message the model expects per topic.
@@ -285,8 +324,9 @@ fn run(seed: u64, steps: usize) {
         let c = rng.below(CLIENTS);
         let op = rng.below(100);
         if clients[c].conn.is_none() && op < 90 {
-            run.log.push(format!("{step}: connect {c}"));
-            clients[c].connect(&broker, &run.log);
+            let clean = rng.below(8) == 0;
+            run.log.push(format!("{step}: connect {c} clean={clean}"));
+            clients[c].connect(&broker, clean, &run.log);
             continue;
         }
         match op {
@@ -394,6 +434,14 @@ fn run(seed: u64, steps: usize) {
                 run.log.push(format!("{step}: {c} drains"));
                 clients[c].drain(QUIET);
             }
+            90..93 if clients[c].persistent => {
+                // A second connection with the same client id takes the
+                // session over; the first is closed.
+                run.log.push(format!("{step}: {c} is taken over"));
+                let old = clients[c].conn.take();
+                clients[c].connect(&broker, false, &run.log);
+                drop(old);
+            }
             90..96 => {
                 run.log.push(format!("{step}: {c} disconnects"));
                 let Some(mut raw) = clients[c].conn.take() else {
@@ -403,13 +451,14 @@ fn run(seed: u64, steps: usize) {
                 // What arrived before the DISCONNECT was acknowledged
                 // already or comes again on return.
                 drop(raw);
+                clients[c].connection_ended();
             }
             _ => {
                 run.log.push(format!("{step}: SIGKILL and restart"));
                 broker.kill();
                 broker = start(data.path());
                 for client in &mut clients {
-                    client.conn = None;
+                    client.connection_ended();
                 }
             }
         }
@@ -418,7 +467,7 @@ fn run(seed: u64, steps: usize) {
     run.log.push("end: every client returns and drains".into());
     for client in &mut clients {
         if client.conn.is_none() {
-            client.connect(&broker, &run.log);
+            client.connect(&broker, false, &run.log);
         }
         // Longer: a backlog after a restart is paged in from disk.
         client.drain(QUIET * 4);
@@ -517,8 +566,8 @@ fn random_operations_with_kills_keep_every_promise() {
     }
     if seeds == 0 {
         // The short run of CI: fixed seeds.
+        run(1, steps);
         run(2, steps);
-        run(3, steps);
     } else {
         let base = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
