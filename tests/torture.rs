@@ -19,6 +19,11 @@
 //!   client keeps the packet ids it answered PUBREC for until PUBREL, as
 //!   the protocol asks of a receiver, across reconnects and kills);
 //! - Session Present is set on every return, also after a kill;
+//! - each client connects with a will: it is published when the
+//!   connection drops without DISCONNECT (a watcher subscribed to `w/#`
+//!   must get it), never after a DISCONNECT or a takeover that resumes
+//!   the session, and at most once for a connection the broker's kill
+//!   cut;
 //! - the retained messages are the last acknowledged retained publish of
 //!   each topic (a clear removes it).
 //!
@@ -136,11 +141,88 @@ struct Client {
     trace: Vec<String>,
     /// Whether its session outlives the connection.
     persistent: bool,
+    /// The will of its current connection (`w/{index}`), if any.
+    will: Option<MsgId>,
+    /// Whether it connects with a will (every client but the watcher).
+    with_will: bool,
+    /// The watcher's: wills that must never be published.
+    forbidden: BTreeSet<MsgId>,
 }
 
 impl Client {
+    fn new(index: usize) -> Client {
+        Client {
+            index,
+            protocol: if index.is_multiple_of(2) {
+                Protocol::V5
+            } else {
+                Protocol::V311
+            },
+            conn: None,
+            has_session: false,
+            filters: BTreeSet::new(),
+            next_packet_id: 0,
+            next_seq: 0,
+            expected: BTreeSet::new(),
+            received: Vec::new(),
+            sub_qos: if index.is_multiple_of(3) {
+                QoS::AtLeastOnce
+            } else {
+                QoS::ExactlyOnce
+            },
+            awaiting_rel: BTreeSet::new(),
+            trace: Vec::new(),
+            persistent: true,
+            will: None,
+            with_will: true,
+            forbidden: BTreeSet::new(),
+        }
+    }
+
     fn id(&self) -> String {
         format!("torture-{}", self.index)
+    }
+
+    /// Subscribes to `filter` at its QoS and waits for the SUBACK.
+    fn subscribe(&mut self, filter: &'static str) -> Result<(), String> {
+        let packet_id = self.packet_id();
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id,
+            subscriptions: vec![Subscription {
+                filter: s(filter),
+                options: SubscriptionOptions {
+                    qos: self.sub_qos,
+                    ..SubscriptionOptions::default()
+                },
+            }],
+            properties: Default::default(),
+        }));
+        match self.read_until(WAIT, |p| matches!(p, Packet::SubAck(_))) {
+            Some(Packet::SubAck(ack)) if ack.reason_codes[0].0 <= 2 => {
+                self.filters.insert(filter);
+                Ok(())
+            }
+            other => Err(format!("SUBACK for {}: {other:?}", self.index)),
+        }
+    }
+
+    /// Reads until `id` has arrived (at most `WAIT`).
+    fn wait_for(&mut self, id: MsgId) -> bool {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !self.received.contains(&id) {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            self.read_until(QUIET, |_| false);
+        }
+        true
+    }
+
+    /// Records that the will `id` must never be published.
+    fn forbid(&mut self, id: Option<MsgId>) {
+        if let Some(id) = id {
+            self.forbidden.insert(id);
+        }
     }
 
     fn send(&mut self, packet: &Packet) {
@@ -168,6 +250,19 @@ impl Client {
             self.discard_session();
         }
         self.persistent = self.protocol == Protocol::V5 || !clean;
+        self.will = None;
+        if self.with_will {
+            let id = (self.index, self.next_seq);
+            self.next_seq += 1;
+            c.will = Some(ferrymq_codec::Will {
+                topic: s(&format!("w/{}", self.index)),
+                payload: payload(id),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Default::default(),
+            });
+            self.will = Some(id);
+        }
         raw.send(&Packet::Connect(Box::new(c)));
         match raw.recv() {
             Some(Packet::ConnAck(ack)) => {
@@ -291,31 +386,16 @@ fn run(seed: u64, steps: usize) {
         seed,
         log: Vec::new(),
     };
-    let mut clients: Vec<Client> = (0..CLIENTS)
-        .map(|index| Client {
-            index,
-            protocol: if index % 2 == 0 {
-                Protocol::V5
-            } else {
-                Protocol::V311
-            },
-            conn: None,
-            has_session: false,
-            filters: BTreeSet::new(),
-            next_packet_id: 0,
-            next_seq: 0,
-            expected: BTreeSet::new(),
-            received: Vec::new(),
-            sub_qos: if index % 3 == 0 {
-                QoS::AtLeastOnce
-            } else {
-                QoS::ExactlyOnce
-            },
-            awaiting_rel: BTreeSet::new(),
-            trace: Vec::new(),
-            persistent: true,
-        })
-        .collect();
+    let mut clients: Vec<Client> = (0..CLIENTS).map(Client::new).collect();
+    // Subscribed to every will (`w/#`), connected throughout.
+    let mut watcher = Client::new(CLIENTS);
+    watcher.protocol = Protocol::V5;
+    watcher.sub_qos = QoS::AtLeastOnce;
+    watcher.with_will = false;
+    watcher.connect(&broker, false, &run.log);
+    watcher.subscribe("w/#").unwrap();
+    // Wills that must be published, and those that may be (once).
+    let mut maybe_wills: BTreeSet<MsgId> = BTreeSet::new();
     // The retained message the model expects per topic.
     let mut retained: BTreeMap<&str, MsgId> = BTreeMap::new();
     // The messages published at QoS 2.
@@ -333,24 +413,9 @@ fn run(seed: u64, steps: usize) {
             0..25 => {
                 let filter = FILTERS[rng.below(FILTERS.len())];
                 run.log.push(format!("{step}: {c} subscribe {filter}"));
-                let client = &mut clients[c];
-                let packet_id = client.packet_id();
-                client.send(&Packet::Subscribe(Subscribe {
-                    packet_id,
-                    subscriptions: vec![Subscription {
-                        filter: s(filter),
-                        options: SubscriptionOptions {
-                            qos: client.sub_qos,
-                            ..SubscriptionOptions::default()
-                        },
-                    }],
-                    properties: Default::default(),
-                }));
-                match client.read_until(WAIT, |p| matches!(p, Packet::SubAck(_))) {
-                    Some(Packet::SubAck(ack)) if ack.reason_codes[0].0 <= 2 => {}
-                    other => run.fail(&format!("SUBACK for {c}: {other:?}")),
+                if let Err(e) = clients[c].subscribe(filter) {
+                    run.fail(&e);
                 }
-                client.filters.insert(filter);
             }
             25..35 => {
                 let Some(&filter) = clients[c]
@@ -439,27 +504,54 @@ fn run(seed: u64, steps: usize) {
                 // session over; the first is closed.
                 run.log.push(format!("{step}: {c} is taken over"));
                 let old = clients[c].conn.take();
+                // The session is resumed: the old connection's will is not
+                // published.
+                let will = clients[c].will.filter(|_| old.is_some());
                 clients[c].connect(&broker, false, &run.log);
                 drop(old);
+                watcher.forbid(will);
             }
             90..96 => {
-                run.log.push(format!("{step}: {c} disconnects"));
+                // Decided without the generator, so that a seed's
+                // operations stay what they were before wills existed.
+                let abnormal = step % 2 == 1;
+                run.log
+                    .push(format!("{step}: {c} disconnects (abnormal={abnormal})"));
                 let Some(mut raw) = clients[c].conn.take() else {
                     continue;
                 };
-                raw.send(&Packet::Disconnect(Default::default()));
-                // What arrived before the DISCONNECT was acknowledged
-                // already or comes again on return.
+                if !abnormal {
+                    raw.send(&Packet::Disconnect(Default::default()));
+                }
+                // What arrived before was acknowledged already or comes
+                // again on return.
                 drop(raw);
+                let will = clients[c].will.take();
                 clients[c].connection_ended();
+                if abnormal {
+                    let will = will.unwrap();
+                    watcher.expected.insert(will);
+                    if !watcher.wait_for(will) {
+                        run.fail(&format!("the will {will:?} of {c} never came"));
+                    }
+                } else {
+                    watcher.forbid(will);
+                }
             }
             _ => {
                 run.log.push(format!("{step}: SIGKILL and restart"));
                 broker.kill();
                 broker = start(data.path());
                 for client in &mut clients {
+                    // The broker died with the connection: its will may
+                    // come (once) or not.
+                    if client.conn.is_some() {
+                        maybe_wills.extend(client.will.take());
+                    }
                     client.connection_ended();
                 }
+                watcher.connection_ended();
+                watcher.connect(&broker, false, &run.log);
             }
         }
     }
@@ -471,6 +563,20 @@ fn run(seed: u64, steps: usize) {
         }
         // Longer: a backlog after a restart is paged in from disk.
         client.drain(QUIET * 4);
+    }
+    watcher.drain(QUIET * 4);
+    let wills: BTreeSet<MsgId> = watcher.received.iter().copied().collect();
+    let missing: Vec<&MsgId> = watcher.expected.difference(&wills).collect();
+    let unexpected: Vec<&MsgId> = wills
+        .iter()
+        .filter(|w| !watcher.expected.contains(w) && !maybe_wills.contains(w))
+        .collect();
+    let forbidden: Vec<&MsgId> = wills.intersection(&watcher.forbidden).collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !forbidden.is_empty() {
+        run.fail(&format!(
+            "wills: missing {missing:?}, published without cause {unexpected:?}, \
+             published after a DISCONNECT or a resumed takeover {forbidden:?}"
+        ));
     }
     for client in &clients {
         let got: BTreeSet<MsgId> = client.received.iter().copied().collect();
@@ -548,7 +654,12 @@ fn run(seed: u64, steps: usize) {
     }
     let delivered: usize = clients.iter().map(|c| c.expected.len()).sum();
     let kills = run.log.iter().filter(|l| l.contains("SIGKILL")).count();
-    eprintln!("torture seed {seed}: {steps} steps, {kills} kills, {delivered} deliveries checked");
+    eprintln!(
+        "torture seed {seed}: {steps} steps, {kills} kills, {delivered} deliveries checked, \
+         {} wills that had to come, {} that must not",
+        watcher.expected.len(),
+        watcher.forbidden.len()
+    );
 }
 
 #[test]
