@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property, end-to-end and interoperability
 # tests, doc tests, benchmarks and examples built and run once in test
-# mode, and a short fuzzing smoke run of the packet decoder.
+# mode, and short fuzzing smoke runs of the packet decoder and the session engine.
 #
 #   scripts/test.sh            # everything (installs missing test tools first)
 #   FUZZ_SECONDS=0 scripts/test.sh   # skip the fuzz smoke
@@ -33,7 +33,7 @@ step "doc tests"
 cargo test --workspace --doc --locked
 
 if [ "$FUZZ_SECONDS" != 0 ]; then
-  step "fuzz smoke: decoder for ${FUZZ_SECONDS}s"
+  step "fuzz smoke: the decoder and the session engine, ${FUZZ_SECONDS}s each"
   fuzz/smoke.sh "$FUZZ_SECONDS"
 fi
 step "all tests passed"

@@ -45,6 +45,9 @@ mod dedup;
 mod deep_tests;
 mod engine;
 pub mod ferry;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod level_tree;
 pub mod memory;
 mod message;
@@ -89,7 +92,9 @@ pub use message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
 pub use outbox::QueueDepth;
 pub use reload::{Reload, ReloadOutcome, ReloadPlan};
 pub use stats::Stats;
-pub use storage::{DiskUse, MemoryStore, RocksOptions, RocksStore, Store, SyncSummary};
+pub use storage::{DiskUse, MemoryStore, Store};
+#[cfg(feature = "rocksdb")]
+pub use storage::{RocksOptions, RocksStore, SyncSummary};
 
 use crate::outbox::{Delivery, Outbox};
 use crate::router::Subscriber;
@@ -472,7 +477,14 @@ impl Broker {
         let data_dir = DataDir::open(&config.data_dir)?;
         let store: Arc<dyn Store> = match store {
             Some(store) => store,
+            #[cfg(feature = "rocksdb")]
             None => RocksStore::open(&config.data_dir, RocksOptions::of(&config.storage))?,
+            #[cfg(not(feature = "rocksdb"))]
+            None => {
+                return Err(StartError::Store(storage::StoreError(
+                    "built without the rocksdb feature: give the broker a store".into(),
+                )));
+            }
         };
         let recovered = store.load()?;
         let identity = store.identity();

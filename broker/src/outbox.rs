@@ -278,8 +278,8 @@ pub struct Outbox {
 
 impl Outbox {
     /// An empty outbox whose first delivery gets `first_seq`, with no
-    /// store behind it (tests).
-    #[cfg(test)]
+    /// store behind it (tests and fuzzing).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn new(session_number: u64, limits: QueueLimits, first_seq: u64) -> Arc<Self> {
         let queue = Queue {
             next_seq: first_seq,

@@ -16,9 +16,14 @@
 //! broker assumes a write is durable when `submit` returns. This is the
 //! seam where the RocksDB store plugs in.
 
+#[cfg(feature = "rocksdb")]
 mod inspect;
 mod memory;
+// Used by the RocksDB store and the ferry's frames; without the store
+// (the fuzz build) part of it is idle.
+#[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
 pub(crate) mod record;
+#[cfg(feature = "rocksdb")]
 mod rocks;
 
 use std::sync::Arc;
@@ -31,9 +36,11 @@ use tokio::time::Instant;
 use crate::dedup::DedupOrigin;
 use crate::message::Message;
 
+#[cfg(feature = "rocksdb")]
 pub use inspect::{ListedMessage, QueueLine, QueueReport, queue_list, queue_stats};
 pub use memory::MemoryStore;
 pub use record::TimeBase;
+#[cfg(feature = "rocksdb")]
 pub use rocks::{RocksOptions, RocksStore, SyncSummary};
 
 /// Broker time: milliseconds the node has been running, summed over its
