@@ -549,12 +549,17 @@ async fn a_server_reference_sends_the_bridge_to_another_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_expiry_counts_on_while_messages_wait_for_the_link() {
-    // The upstream's port, taken and released: nothing listens yet.
-    let port = common::mosquitto::free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(node_config(&dir, bridge_to(&[port])))
-        .await
+    // The upstream's address, taken and released: nothing listens yet. On
+    // 127.0.0.9, where no other test binds, so that no broker of another
+    // test can take the port meanwhile and receive the bridge.
+    let addr = std::net::TcpListener::bind("127.0.0.9:0")
+        .unwrap()
+        .local_addr()
         .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge = bridge_to(&[addr.port()]);
+    bridge.addresses[0].host = "127.0.0.9".into();
+    let node = Node::start(node_config(&dir, bridge)).await.unwrap();
     let app = node
         .broker()
         .connect(ClientOptions::new("app"))
@@ -578,7 +583,7 @@ async fn message_expiry_counts_on_while_messages_wait_for_the_link() {
     // short one's expiry.
     eventually(&node, |s| s.backlog_messages == 2).await;
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    let upstream = Fake::start_at(port, Script::default()).await;
+    let upstream = Fake::start_on(addr, Script::default()).await;
     wait_until("the long one forwarded", || {
         upstream.seen().accepted.len() == 1
     })

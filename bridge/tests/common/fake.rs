@@ -65,13 +65,14 @@ pub struct Fake {
 }
 
 impl Fake {
+    /// On a free port of 127.0.0.1.
     pub async fn start(script: Script) -> Fake {
-        Fake::start_at(0, script).await
+        Fake::start_on(([127, 0, 0, 1], 0).into(), script).await
     }
 
-    /// On a given port (0: any free one).
-    pub async fn start_at(port: u16, script: Script) -> Fake {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    /// On `addr` (a loopback address; port 0: any free one).
+    pub async fn start_on(addr: std::net::SocketAddr, script: Script) -> Fake {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Seen::default()));
         let refused = Arc::new(Mutex::new(0usize));
