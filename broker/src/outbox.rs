@@ -767,16 +767,21 @@ mod tests {
         o.queue.lock().items.iter().map(|d| d.seq).collect()
     }
 
+    /// Pushes `n` QoS 1 deliveries, each of which must be queued.
+    fn fill(o: &Outbox, n: usize) {
+        for _ in 0..n {
+            assert!(matches!(
+                o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0, false),
+                Pushed::Queued { .. }
+            ));
+        }
+    }
+
     #[test]
     fn a_publish_that_passed_the_room_check_is_not_refused_by_a_queue_filled_since() {
         for policy in [QueueFull::Block, QueueFull::Refuse] {
             let o = outbox(policy, 2, 100);
-            for _ in 0..2 {
-                assert!(matches!(
-                    o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0, false),
-                    Pushed::Queued { .. }
-                ));
-            }
+            fill(&o, 2);
             // Full now: an unchecked push is turned away...
             assert_eq!(
                 o.push(delivery(QoS::AtLeastOnce, b"b"), false, 0, false),
@@ -794,12 +799,7 @@ mod tests {
     #[test]
     fn drop_oldest_evicts_and_reports_what_it_evicted() {
         let o = outbox(QueueFull::DropOldest, 2, 100);
-        for _ in 0..2 {
-            assert!(matches!(
-                o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0, false),
-                Pushed::Queued { .. }
-            ));
-        }
+        fill(&o, 2);
         assert_eq!(
             o.push(delivery(QoS::AtLeastOnce, b"b"), false, 0, false),
             Pushed::Queued {
@@ -863,9 +863,7 @@ mod tests {
     #[test]
     fn limits_set_by_a_reload_apply_to_the_next_push_and_keep_what_is_queued() {
         let o = outbox(QueueFull::DropNewest, 3, 100);
-        for _ in 0..3 {
-            o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0, false);
-        }
+        fill(&o, 3);
         let set = |max_messages, policy, queue_qos0| {
             o.set_limits(QueueLimits {
                 max_messages,

@@ -238,40 +238,26 @@ pub(crate) async fn apply(
 /// store's settings, the node's identity, the state topics, which
 /// authentication files exist), reporting each that the file changed.
 fn keep_running(old: &Config, new: &mut Config, report: &mut Reload) {
-    fn keep<T: PartialEq + Clone>(key: &str, old: &T, new: &mut T, report: &mut Reload) {
-        if old != new {
-            *new = old.clone();
-            report.record(key.into(), ReloadOutcome::NeedsRestart);
-        }
+    // Each field named once: its key in the report, its path in both.
+    macro_rules! keep {
+        ($key:literal, $($field:ident).+) => {
+            if old.$($field).+ != new.$($field).+ {
+                new.$($field).+ = old.$($field).+.clone();
+                report.record($key.into(), ReloadOutcome::NeedsRestart);
+            }
+        };
     }
-    keep("node_id", &old.node_id, &mut new.node_id, report);
-    keep("data_dir", &old.data_dir, &mut new.data_dir, report);
-    keep(
-        "storage.durability",
-        &old.storage.durability,
-        &mut new.storage.durability,
-        report,
-    );
-    keep(
-        "storage.sync_interval_ms",
-        &old.storage.sync_interval,
-        &mut new.storage.sync_interval,
-        report,
-    );
-    keep(
-        "storage.max_disk_bytes",
-        &old.storage.max_disk_bytes,
-        &mut new.storage.max_disk_bytes,
-        report,
-    );
-    keep(
+    keep!("node_id", node_id);
+    keep!("data_dir", data_dir);
+    keep!("storage.durability", storage.durability);
+    keep!("storage.sync_interval_ms", storage.sync_interval);
+    keep!("storage.max_disk_bytes", storage.max_disk_bytes);
+    keep!(
         "storage.bridge_reserve_percent",
-        &old.storage.bridge_reserve_percent,
-        &mut new.storage.bridge_reserve_percent,
-        report,
+        storage.bridge_reserve_percent
     );
-    keep("state", &old.state, &mut new.state, report);
-    keep("log.format", &old.log.format, &mut new.log.format, report);
+    keep!("state", state);
+    keep!("log.format", log.format);
     if old.auth.password_file.is_some() != new.auth.password_file.is_some() {
         new.auth.password_file = old.auth.password_file.clone();
         report.record("auth.password_file".into(), ReloadOutcome::NeedsRestart);
