@@ -424,6 +424,37 @@ fn takeover_publishes_the_old_will_unless_the_session_is_resumed() {
     assert_eq!(receive(&mut watcher).topic, "will/tw-ended");
 }
 
+/// Regression (torture seed 1 on CI): a client that had not read its
+/// deliveries sent DISCONNECT and closed; its close reset the connection
+/// (unread data), the broker's pending write failed before it read the
+/// DISCONNECT, and the will went out as after a lost connection.
+#[test]
+fn a_disconnect_behind_unread_deliveries_still_cancels_the_will() {
+    let broker = Broker::start("");
+    let (mut watcher, _) = connect(broker.addr, Protocol::V311, "ud-watch", true);
+    subscribe(&mut watcher, "will/#", QoS::AtLeastOnce);
+    let mut busy = with_will(broker.addr, Protocol::V311, "ud-busy", true, 30);
+    subscribe(&mut busy, "ud/flood", QoS::AtMostOnce);
+    // `busy` reads nothing more: 8 MB fill its socket buffers and the
+    // broker's write buffer, so the broker stops reading it.
+    let (mut publisher, _) = connect(broker.addr, Protocol::V311, "ud-pub", true);
+    let payload = "x".repeat(8 * 1024);
+    for _ in 0..1000 {
+        publish(
+            &mut publisher,
+            message("ud/flood", &payload, QoS::AtMostOnce, 0),
+        );
+    }
+    std::thread::sleep(QUIET);
+    busy.send(&Packet::Disconnect(Disconnect::new(ReasonCode::SUCCESS)));
+    drop(busy);
+    watcher.expect_silence(QUIET * 3);
+    // A connection lost without DISCONNECT still publishes its will.
+    let lost = with_will(broker.addr, Protocol::V311, "ud-lost", true, 30);
+    drop(lost);
+    assert_eq!(receive(&mut watcher).topic, "will/ud-lost");
+}
+
 #[test]
 fn overlapping_subscriptions_deliver_once_at_the_highest_qos() {
     let broker = Broker::start("");

@@ -374,6 +374,14 @@ impl Run {
     }
 }
 
+/// The log's note of the will a connection was made with.
+fn will_note(client: &Client) -> String {
+    client
+        .will
+        .map(|(c, n)| format!(" (will {c}:{n})"))
+        .unwrap_or_default()
+}
+
 fn start(data: &Path) -> Broker {
     Broker::start_at(data, "[storage]\nmax_queued_messages = 100000")
 }
@@ -407,6 +415,10 @@ fn run(seed: u64, steps: usize) {
             let clean = rng.below(8) == 0;
             run.log.push(format!("{step}: connect {c} clean={clean}"));
             clients[c].connect(&broker, clean, &run.log);
+            run.log
+                .last_mut()
+                .unwrap()
+                .push_str(&will_note(&clients[c]));
             continue;
         }
         match op {
@@ -508,6 +520,10 @@ fn run(seed: u64, steps: usize) {
                 // published.
                 let will = clients[c].will.filter(|_| old.is_some());
                 clients[c].connect(&broker, false, &run.log);
+                run.log
+                    .last_mut()
+                    .unwrap()
+                    .push_str(&will_note(&clients[c]));
                 drop(old);
                 watcher.forbid(will);
             }
@@ -515,11 +531,11 @@ fn run(seed: u64, steps: usize) {
                 // Decided without the generator, so that a seed's
                 // operations stay what they were before wills existed.
                 let abnormal = step % 2 == 1;
-                run.log
-                    .push(format!("{step}: {c} disconnects (abnormal={abnormal})"));
                 let Some(mut raw) = clients[c].conn.take() else {
                     continue;
                 };
+                run.log
+                    .push(format!("{step}: {c} disconnects (abnormal={abnormal})"));
                 if !abnormal {
                     raw.send(&Packet::Disconnect(Default::default()));
                 }

@@ -976,18 +976,19 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             // they would add to every idle connection's size.
             let mut rare = rare_waits(&mut self.durable, turn.need_durable, parked, throttled);
             let mut room_made = false;
-            let mut taken_over = false;
             // Every branch is cancel-safe: `read_buf` and `write` do no I/O
             // unless they complete, `kicked` and `ready` keep their permit
             // when dropped, `changed` only observes values, the timer is
-            // re-armed each turn, and `wait_for_room` only waits.
-            tokio::select! {
+            // re-armed each turn, and `wait_for_room` only waits. The
+            // select's value is why the connection ends, if it does (a
+            // value, not a variable, so that it is no part of this future).
+            let ending = tokio::select! {
                 biased;
                 _ = self.control.kicked() => {
                     if *shutdown.borrow() {
                         return Close::Shutdown;
                     }
-                    taken_over = true;
+                    Some(Close::TakenOver)
                 }
                 _ = &mut keep_alive_timer, if self.keep_alive.is_some() => {
                     let limit = self.keep_alive.unwrap_or(Duration::MAX / 4);
@@ -996,12 +997,16 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                         return Close::KeepAlive;
                     }
                     keep_alive_timer.as_mut().reset(deadline);
+                    None
                 }
                 written = self.io.writer.write(&self.io.out), if !self.io.out.is_empty() => {
                     match written {
-                        Ok(0) => return Close::Io(io::ErrorKind::WriteZero.into()),
-                        Ok(n) => self.io.out.advance(n),
-                        Err(e) => return Close::Io(e),
+                        Ok(0) => Some(Close::Io(io::ErrorKind::WriteZero.into())),
+                        Ok(n) => {
+                            self.io.out.advance(n);
+                            None
+                        }
+                        Err(e) => Some(Close::Io(e)),
                     }
                 }
                 read = self.io.reader.read_buf(&mut self.io.inbuf), if can_read => {
@@ -1010,21 +1015,25 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                         Ok(n) => {
                             last_packet = Instant::now();
                             self.io.after_read(n, offered);
+                            None
                         }
                         Err(e) => return Close::Io(e),
                     }
                 }
                 // Also woken by shared groups with something to pull.
-                _ = self.engine.state.outbox.ready(), if drain != Drain::OutFull && room => {}
+                _ = self.engine.state.outbox.ready(), if drain != Drain::OutFull && room => None,
                 made = async { match rare.as_mut() {
                     Some(wait) => wait.await,
                     None => std::future::pending().await,
-                } }, if rare.is_some() => room_made = made,
-            }
+                } }, if rare.is_some() => {
+                    room_made = made;
+                    None
+                }
+            };
             drop(rare);
-            if taken_over {
+            if let Some(cause) = ending {
                 // Boxed: rare, and not to grow every idle connection.
-                return Box::pin(self.taken_over()).await;
+                return Box::pin(self.last_words(cause)).await;
             }
             if room_made {
                 self.resume_parked();
@@ -1032,17 +1041,20 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         }
     }
 
-    /// Another connection takes this client id over. What the client sent
-    /// before its new connection came in may be here already, a DISCONNECT
-    /// among it (with its Session Expiry): it is read (one read that does
-    /// not wait) and handled before giving up, as if the takeover came
+    /// The connection ends for `cause`: another connection takes its
+    /// client id over, or a write failed (a client that closed with
+    /// deliveries unread resets the stream, and the broker, not reading
+    /// while its write buffer is full, learns it from the write). What the
+    /// client sent before may be here already, a DISCONNECT among it (with
+    /// its Session Expiry, cancelling the will): it is read (one read that
+    /// does not wait) and handled before giving up, as if `cause` came
     /// after it.
-    async fn taken_over(&mut self) -> Close {
+    async fn last_words(&mut self, cause: Close) -> Close {
         // Whatever the read finds (bytes, the end of the stream, nothing
-        // yet), the takeover decides unless a DISCONNECT came first.
+        // yet), `cause` decides unless a DISCONNECT came first.
         let _ =
             tokio::time::timeout(Duration::ZERO, self.io.reader.read_buf(&mut self.io.inbuf)).await;
-        self.process_input().unwrap_or(Close::TakenOver)
+        self.process_input().unwrap_or(cause)
     }
 
     /// One turn's work that needs no waiting: handle what was read,
