@@ -89,6 +89,7 @@ impl Fixture {
                 properties: PublishProperties::default(),
                 origin: SessionId(1),
                 expires_at: None,
+                holders: Default::default(),
             }),
         }
     }

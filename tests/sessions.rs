@@ -526,6 +526,55 @@ fn a_subscriber_that_stops_reading_does_not_stall_the_others() {
     drop(stalled);
 }
 
+#[test]
+fn queued_memory_stays_bounded_while_subscribers_never_read() {
+    // 2 MiB for every queue together; each session's own bound (10,000
+    // messages, 64 MiB) would let the four that never read hold 160 MB.
+    let broker = Broker::start("[storage]\nmax_queued_memory = \"2MiB\"");
+    let stalled: Vec<Raw> = (0..4)
+        .map(|i| {
+            let (mut c, _) = connect(
+                broker.addr,
+                Protocol::V311,
+                &format!("qm-stalled-{i}"),
+                true,
+            );
+            subscribe(&mut c, "qm/flood", QoS::AtLeastOnce);
+            c
+        })
+        .collect();
+    // A persistent session away meanwhile: its queue goes to disk.
+    let (mut away, _) = connect(broker.addr, Protocol::V311, "qm-away", false);
+    subscribe(&mut away, "qm/flood", QoS::AtLeastOnce);
+    drop(away);
+    let (mut reader, _) = connect(broker.addr, Protocol::V311, "qm-reader", true);
+    subscribe(&mut reader, "qm/flood", QoS::AtLeastOnce);
+    let (mut publisher, _) = connect(broker.addr, Protocol::V311, "qm-pub", true);
+    let payload = "m".repeat(4096);
+    let mut n = 0u16;
+    for _ in 0..40 {
+        for _ in 0..100 {
+            n += 1;
+            let p = message("qm/flood", &format!("{n:05}{payload}"), QoS::AtLeastOnce, n);
+            assert_eq!(publish(&mut publisher, p), ReasonCode::SUCCESS);
+        }
+        // The client that reads gets every message, in order.
+        for i in (n - 99)..=n {
+            let p = receive(&mut reader);
+            assert_eq!(&p.payload[..5], format!("{i:05}").as_bytes());
+        }
+    }
+    broker.wait_for_log("reached storage.max_queued_memory", WAIT);
+    // The persistent session gets all 4,000 on return, none lost.
+    let (mut away, ack) = connect(broker.addr, Protocol::V311, "qm-away", false);
+    assert!(ack.session_present);
+    for i in 1..=n {
+        let p = receive(&mut away);
+        assert_eq!(&p.payload[..5], format!("{i:05}").as_bytes());
+    }
+    drop(stalled);
+}
+
 fn queue_of_three(policy: &str) -> Broker {
     Broker::start(&format!(
         "[storage]\nmax_queued_messages = 3\nqueue_full = \"{policy}\""

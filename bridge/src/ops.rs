@@ -182,6 +182,7 @@ impl Ops {
                 let stats = self.broker.stats();
                 [
                     &stats.messages_dropped_queue_full,
+                    &stats.messages_dropped_memory,
                     &stats.messages_dropped_too_large,
                     &stats.messages_expired,
                     &stats.publishes_shed,

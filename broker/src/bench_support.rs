@@ -67,7 +67,13 @@ impl BenchRouter {
         };
         BenchSession {
             id: SessionId(number),
-            outbox: Outbox::paged(number, limits, 1, self.store.clone()),
+            outbox: Outbox::paged(
+                number,
+                limits,
+                1,
+                self.store.clone(),
+                crate::outbox::QueueMemory::new(0),
+            ),
         }
     }
 

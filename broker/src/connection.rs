@@ -1567,6 +1567,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             }
             let message = Arc::new(Message {
                 expires_at: Message::expiry_from(record.properties.message_expiry_interval, now),
+                holders: Default::default(),
                 topic: record.topic,
                 payload: record.payload,
                 qos: record.qos.min(QoS::AtLeastOnce),
@@ -2141,6 +2142,7 @@ fn will_message(will: Will, origin: SessionId) -> Arc<Message> {
         },
         origin,
         expires_at: Message::expiry_from(will.properties.message_expiry_interval, Instant::now()),
+        holders: Default::default(),
     };
     strip_ferry_properties(&mut message.properties);
     Arc::new(message)

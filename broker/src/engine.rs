@@ -332,6 +332,7 @@ impl Engine {
             properties: publish.properties,
             origin: self.session(),
             expires_at,
+            holders: Default::default(),
         });
         Ok(InboundPublish::Route { message, hold_qos2 })
     }

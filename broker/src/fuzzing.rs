@@ -78,6 +78,7 @@ pub(crate) fn delivery(qos: QoS, seq: u64, stored: bool) -> Delivery {
             properties: PublishProperties::default(),
             origin: SessionId(1),
             expires_at: None,
+            holders: Default::default(),
         }),
         qos,
         retain: false,

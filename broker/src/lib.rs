@@ -175,6 +175,9 @@ pub(crate) struct Shared {
     pub(crate) shutdown_rx: watch::Receiver<bool>,
     /// Rate limit for "session queue full" warnings.
     pub(crate) drop_log: stats::LogLimiter,
+    /// The memory every queue holds in queued messages, against
+    /// `[storage] max_queued_memory`.
+    pub(crate) queue_memory: Arc<outbox::QueueMemory>,
     /// Rate limit for "max_connections reached" warnings.
     pub(crate) refuse_log: stats::LogLimiter,
     /// Rate limit for "too many topic levels" warnings.
@@ -216,6 +219,7 @@ impl Shared {
             connection::queue_limits(self),
             self.identity.first_seq(),
             self.store.clone(),
+            self.queue_memory.clone(),
         )
     }
 
@@ -298,6 +302,12 @@ impl BrokerHandle {
     /// refused too.
     pub fn shed_level(&self) -> u8 {
         self.shared.shedding.level()
+    }
+
+    /// The memory every queue holds in queued messages now, in bytes, as
+    /// counted against `[storage] max_queued_memory`.
+    pub fn queued_memory(&self) -> usize {
+        self.shared.queue_memory.used()
     }
 
     /// Replaces the measured load with `load` (`None`: measure again), so
@@ -500,6 +510,7 @@ impl Broker {
         let first_session = recovered.next_session_number.max(1);
         // No more than the Receive Maximum can be in flight from a sender.
         let dedup_bound = usize::from(config.limits.receive_maximum);
+        let queue_memory = outbox::QueueMemory::new(config.storage.max_queued_memory);
         let state = (!config.state.topics.is_empty())
             .then(|| state::StateTopics::new(&config.state, identity.uuid, recovered.state_clock));
         let shared = Arc::new_cyclic(|this| Shared {
@@ -520,6 +531,7 @@ impl Broker {
             clock,
             shutdown_rx,
             drop_log: stats::LogLimiter::new(Duration::from_secs(10)),
+            queue_memory,
             refuse_log: stats::LogLimiter::new(Duration::from_secs(10)),
             levels_log: stats::LogLimiter::new(Duration::from_secs(10)),
             auth_log: stats::LogLimiter::new(Duration::from_secs(10)),
@@ -748,6 +760,7 @@ fn restore(shared: &Shared, recovered: Recovered) {
             skip,
             store.clone(),
             shared.identity.first_seq(),
+            shared.queue_memory.clone(),
         );
         shared
             .groups
@@ -787,6 +800,7 @@ fn restore(shared: &Shared, recovered: Recovered) {
             skip,
             store.clone(),
             shared.identity.first_seq(),
+            shared.queue_memory.clone(),
         );
         if let Some((messages, bytes)) =
             connection::session_bounds(shared, s.record.client_id.as_str())

@@ -31,7 +31,30 @@ pub struct Message {
     /// When it expires (MQTT 5.0 Message Expiry Interval), on the broker's
     /// monotonic clock. Expired messages are never delivered.
     pub expires_at: Option<Instant>,
+    /// How many queue entries hold it: its payload counts once against
+    /// `[storage] max_queued_memory` while any does. Not part of its value
+    /// (a clone starts at 0; equality ignores it).
+    pub holders: Holders,
 }
+
+/// A count of the queue entries holding a [`Message`]
+/// (`outbox::QueueMemory`).
+#[derive(Debug, Default)]
+pub struct Holders(pub(crate) std::sync::atomic::AtomicU32);
+
+impl Clone for Holders {
+    fn clone(&self) -> Self {
+        Holders::default()
+    }
+}
+
+impl PartialEq for Holders {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Holders {}
 
 impl Message {
     /// Whether it has expired at `now`.

@@ -13,7 +13,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use ferrymq_codec::QoS;
 use ferrymq_config::QueueFull;
@@ -53,6 +53,56 @@ pub struct Delivery {
 impl Delivery {
     /// Its payload size.
     pub fn size(&self) -> u64 {
+        self.message.payload.len() as u64
+    }
+}
+
+/// A delivery as a queue holds it: only what differs from entry to entry
+/// (its queue's number and shared group are the outbox's, added when it
+/// leaves), so that a long queue costs as little as it can.
+#[derive(Debug)]
+struct Queued {
+    message: Arc<Message>,
+    seq: u64,
+    ticket: Ticket,
+    queued_ms: u64,
+    identifiers: Option<Arc<[u32]>>,
+    qos: QoS,
+    retain: bool,
+    stored: bool,
+}
+
+impl Queued {
+    fn new(d: Delivery) -> Queued {
+        Queued {
+            message: d.message,
+            seq: d.seq,
+            ticket: d.ticket,
+            queued_ms: d.queued_ms,
+            identifiers: d.identifiers,
+            qos: d.qos,
+            retain: d.retain,
+            stored: d.stored,
+        }
+    }
+
+    /// The delivery again, of the queue numbered `queue`.
+    fn delivery(self, queue: u64) -> Delivery {
+        Delivery {
+            message: self.message,
+            qos: self.qos,
+            retain: self.retain,
+            seq: self.seq,
+            queue,
+            ticket: self.ticket,
+            stored: self.stored,
+            identifiers: self.identifiers,
+            group: None,
+            queued_ms: self.queued_ms,
+        }
+    }
+
+    fn size(&self) -> u64 {
         self.message.payload.len() as u64
     }
 }
@@ -104,6 +154,114 @@ pub struct Evicted {
     pub stored: bool,
     /// Its payload size.
     pub size: u64,
+    /// Dropped because every queue's memory together reached its bound
+    /// ([`QueueMemory`]), not because its own queue was full.
+    pub by_memory: bool,
+}
+
+/// The memory every queue of a broker holds in queued messages, against
+/// `storage.max_queued_memory`: [`ENTRY_COST`] for each delivery held in
+/// memory, plus each payload they hold once (a message queued for many
+/// sessions shares one payload; [`Message::holders`] counts its entries).
+/// What leaves a queue gives its part back. At the bound a stored queue
+/// keeps new deliveries on disk only, and a queue held in memory only
+/// counts as full (its `queue_full` policy applies) once it holds its fair
+/// share, the bound divided among the queues holding something: the
+/// subscribers that do not read are cut back to their share (drop-oldest
+/// takes them down to it), while a client that reads, whose queue is
+/// short, keeps getting every message. An empty queue always takes one.
+#[derive(Debug, Default)]
+pub struct QueueMemory {
+    used: AtomicUsize,
+    /// 0: no bound.
+    limit: AtomicUsize,
+    /// Queues holding something in memory.
+    holders: AtomicUsize,
+}
+
+/// What one queued delivery costs besides its payload: the entry and its
+/// share of the queue's spare slots.
+pub const ENTRY_COST: usize = std::mem::size_of::<Queued>() * 9 / 8;
+
+impl QueueMemory {
+    /// A budget of `limit` bytes (0: no bound).
+    pub fn new(limit: u64) -> Arc<Self> {
+        let memory = Arc::new(QueueMemory::default());
+        memory.set_limit(limit);
+        memory
+    }
+
+    /// Puts a new bound in force (a reload).
+    pub fn set_limit(&self, limit: u64) {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether `more` bytes would take the total past the bound.
+    fn over(&self, more: usize) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        limit != 0 && self.used().saturating_add(more) > limit
+    }
+
+    /// Whether a queue whose entries charged `charged` and cost `now`
+    /// would take the total past the bound with `more` bytes, and whether
+    /// `mine` (what it holds, payloads included) would go past its share.
+    fn over_share(&self, charged: usize, now: usize, more: usize, mine: usize) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let total = (self.used() + now).saturating_sub(charged) + more;
+        limit != 0 && total > limit && mine + more > self.share()
+    }
+
+    /// What queuing one more delivery of `message` adds: its entry, and its
+    /// payload unless another entry holds it already.
+    fn cost(message: &Message) -> usize {
+        let shared = message.holders.0.load(Ordering::Relaxed) > 0;
+        ENTRY_COST + if shared { 0 } else { message.payload.len() }
+    }
+
+    /// An entry now holds `message`: its payload counts from the first.
+    fn hold(&self, message: &Message) {
+        if message.holders.0.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.used
+                .fetch_add(message.payload.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// An entry let `message` go: its payload counts until the last.
+    fn release(&self, message: &Message) {
+        if message.holders.0.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.used
+                .fetch_sub(message.payload.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// The bound divided among the queues holding something.
+    fn share(&self) -> usize {
+        self.limit.load(Ordering::Relaxed) / self.holders.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Moves a queue's charge from `from` to `to` bytes.
+    fn recharge(&self, from: usize, to: usize) {
+        if to > from {
+            self.used.fetch_add(to - from, Ordering::Relaxed);
+        } else if from > to {
+            self.used.fetch_sub(from - to, Ordering::Relaxed);
+        }
+        match (from, to) {
+            (0, 1..) => {
+                self.holders.fetch_add(1, Ordering::Relaxed);
+            }
+            (1.., 0) => {
+                self.holders.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// What happened to a pushed delivery.
@@ -122,6 +280,10 @@ pub enum Pushed {
     },
     /// Not queued: the queue is full and the policy drops the new message.
     DroppedFull,
+    /// Not queued: every queue's memory together is at its bound, this
+    /// queue is held in memory only and not empty, and the policy drops the
+    /// new message ([`QueueMemory`]).
+    DroppedMemory,
     /// Not queued: the queue is full and the policy is `block` or `refuse`;
     /// the caller waits for [`Outbox::space`] or refuses the publish.
     Full,
@@ -134,9 +296,9 @@ pub enum Pushed {
 /// Appends to a queue that grows by a quarter when full, not by doubling:
 /// a queue at its bound (10,000 by default) then holds about an eighth
 /// more slots than entries instead of up to twice as many, which is most
-/// of what a queued entry costs (a delivery is 72 bytes; its message is
+/// of what a queued entry costs (an entry is 56 bytes; its message is
 /// shared). The copies stay amortised constant per entry.
-fn push_grown(items: &mut VecDeque<Delivery>, delivery: Delivery) {
+fn push_grown(items: &mut VecDeque<Queued>, delivery: Queued) {
     if items.len() == items.capacity() {
         items.reserve_exact((items.capacity() / 4).max(16));
     }
@@ -146,7 +308,7 @@ fn push_grown(items: &mut VecDeque<Delivery>, delivery: Delivery) {
 /// Gives a drained queue's memory back: a queue using under a quarter of
 /// its slots (and more than 64 of them) halves them. Amortised constant
 /// per pop, and a queue that refills grows again by quarters.
-fn shrink_drained(items: &mut VecDeque<Delivery>) {
+fn shrink_drained(items: &mut VecDeque<Queued>) {
     let slots = items.capacity();
     if slots > 64 && items.len() < slots / 4 {
         items.shrink_to(slots / 2);
@@ -215,7 +377,7 @@ const SPILL_RUN: usize = 64;
 #[derive(Default)]
 struct Queue {
     /// The head of the queue, in memory.
-    items: VecDeque<Delivery>,
+    items: VecDeque<Queued>,
     /// Bytes of `items`.
     bytes: usize,
     /// A recovered backlog still on disk, logically after `items`.
@@ -223,7 +385,7 @@ struct Queue {
     /// queue.)
     disk: Option<Box<OnDisk>>,
     /// Queued since the backlog was recovered, logically after `disk`.
-    tail: VecDeque<Delivery>,
+    tail: VecDeque<Queued>,
     /// Bytes of `tail`.
     tail_bytes: usize,
     next_seq: u64,
@@ -231,9 +393,28 @@ struct Queue {
     /// Limits set since the queue was made (a bridge's own bounds, or a
     /// reload's), replacing the ones it was made with.
     limits: Option<QueueLimits>,
+    /// What this queue has charged to the broker's [`QueueMemory`].
+    charged: usize,
 }
 
 impl Queue {
+    /// What the entries held in memory cost ([`QueueMemory`]), payloads
+    /// aside.
+    fn footprint(&self) -> usize {
+        (self.items.len() + self.tail.len()) * ENTRY_COST
+    }
+
+    /// What it holds in memory, payloads included (whoever else holds
+    /// them): its size against its share of [`QueueMemory`].
+    fn holding(&self) -> usize {
+        self.footprint() + self.bytes + self.tail_bytes
+    }
+
+    /// Whether nothing is held in memory.
+    fn nothing_in_memory(&self) -> bool {
+        self.items.is_empty() && self.tail.is_empty()
+    }
+
     fn count(&self) -> usize {
         self.items.len() + self.tail.len() + self.disk.as_ref().map_or(0, |d| d.count)
     }
@@ -274,6 +455,18 @@ pub struct Outbox {
     durable_rx: Option<tokio::sync::watch::Receiver<Durable>>,
     /// Whether long stored queues stay on disk (the store pages queues).
     spill: bool,
+    /// The memory all the broker's queues hold, with its bound.
+    memory: Arc<QueueMemory>,
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let q = self.queue.get_mut();
+        for entry in q.items.iter().chain(q.tail.iter()) {
+            self.memory.release(&entry.message);
+        }
+        self.memory.recharge(q.charged, 0);
+    }
 }
 
 impl Outbox {
@@ -285,7 +478,14 @@ impl Outbox {
             next_seq: first_seq,
             ..Queue::default()
         };
-        Arc::new(Self::with(session_number, limits, queue, None, false))
+        Arc::new(Self::with(
+            session_number,
+            limits,
+            queue,
+            None,
+            false,
+            QueueMemory::new(0),
+        ))
     }
 
     /// An outbox holding `queue`, backed by `store` if given.
@@ -295,6 +495,7 @@ impl Outbox {
         queue: Queue,
         store: Option<Arc<dyn Store>>,
         persistent: bool,
+        memory: Arc<QueueMemory>,
     ) -> Outbox {
         Outbox {
             queue: Mutex::new(queue),
@@ -309,7 +510,16 @@ impl Outbox {
             spill: store.as_ref().is_some_and(|s| s.pages_queues()),
             durable_rx: store.as_ref().map(|s| s.durable()),
             store,
+            memory,
         }
+    }
+
+    /// Charges the broker's [`QueueMemory`] with what `q` holds in memory
+    /// now; called after every change under the lock.
+    fn settle(&self, q: &mut Queue) {
+        let now = q.footprint();
+        self.memory.recharge(q.charged, now);
+        q.charged = now;
     }
 
     /// An empty outbox backed by `store`: when the store pages queues, a
@@ -319,6 +529,7 @@ impl Outbox {
         limits: QueueLimits,
         first_seq: u64,
         store: Arc<dyn Store>,
+        memory: Arc<QueueMemory>,
     ) -> Arc<Self> {
         let queue = Queue {
             next_seq: first_seq,
@@ -330,6 +541,7 @@ impl Outbox {
             queue,
             Some(store),
             false,
+            memory,
         ))
     }
 
@@ -345,6 +557,7 @@ impl Outbox {
         in_flight: HashSet<u64>,
         store: Arc<dyn Store>,
         first_seq: u64,
+        memory: Arc<QueueMemory>,
     ) -> Arc<Self> {
         let in_flight_count = in_flight.len();
         let disk = OnDisk {
@@ -361,7 +574,7 @@ impl Outbox {
             disk: (summary.count > 0).then(|| Box::new(disk)),
             ..Queue::default()
         };
-        let outbox = Self::with(session_number, limits, queue, Some(store), true);
+        let outbox = Self::with(session_number, limits, queue, Some(store), true, memory);
         outbox.ready.notify_one();
         Arc::new(outbox)
     }
@@ -434,11 +647,25 @@ impl Outbox {
         (limits.max_messages, limits.max_bytes)
     }
 
-    /// Whether one more delivery of `size` bytes fits now.
+    /// Whether one more delivery of `size` bytes (QoS 1 or 2) fits now.
     pub fn has_room(&self, size: usize) -> bool {
         let q = self.queue.lock();
         let (max_messages, max_bytes) = self.bounds(&q);
-        q.count() < max_messages && q.total_bytes() + size <= max_bytes
+        q.count() < max_messages
+            && q.total_bytes() + size <= max_bytes
+            && !self.full_by_memory(&q, ENTRY_COST + size, self.is_persistent())
+    }
+
+    /// Whether the memory bound makes this queue full for a delivery that
+    /// costs `more`: at the bound, a queue that cannot keep it on disk (not
+    /// `stored`, or a store that does not page), holds something in memory
+    /// already and would go past its share ([`QueueMemory`]).
+    fn full_by_memory(&self, q: &Queue, more: usize, stored: bool) -> bool {
+        let on_disk_instead = self.spill && stored;
+        !(on_disk_instead || q.nothing_in_memory())
+            && self
+                .memory
+                .over_share(q.charged, q.footprint(), more, q.holding())
     }
 
     /// Reads the next page of the backlog into memory, if there is one and
@@ -478,16 +705,15 @@ impl Outbox {
             disk.count = disk.count.saturating_sub(1);
             disk.bytes = disk.bytes.saturating_sub(size);
             q.bytes += size;
-            q.items.push_back(Delivery {
+            self.memory.hold(&record.message);
+            q.items.push_back(Queued {
                 message: record.message,
                 qos: record.qos,
                 retain: record.retain,
                 seq: record.seq,
-                queue: self.session_number,
                 ticket: 0,
                 stored: true,
                 identifiers: record.identifiers,
-                group: None,
                 queued_ms: record.queued_ms,
             });
         }
@@ -519,102 +745,138 @@ impl Outbox {
     /// subscribers (a duplicate for them on the resend).
     pub fn push(
         &self,
-        mut delivery: Delivery,
+        delivery: Delivery,
         budget_full: bool,
         store_ticket: Ticket,
         checked: bool,
     ) -> Pushed {
-        let size = delivery.message.payload.len();
         let (pushed, was_empty) = {
             let mut q = self.queue.lock();
-            if q.closed {
-                return Pushed::Closed;
-            }
-            let limits = self.limits(&q);
-            if delivery.qos == QoS::AtMostOnce
-                && !limits.queue_qos0
-                && !self.online.load(Ordering::Acquire)
-            {
-                return Pushed::Skipped;
-            }
-            let (max_messages, max_bytes) = (limits.max_messages, limits.max_bytes);
-            if size > max_bytes {
-                // Larger than the whole budget: no eviction can make room.
-                return Pushed::DroppedFull;
-            }
-            // While a backlog is on disk everything queued behind it is
-            // stored too, so that it can follow the backlog after a restart.
-            let stored = self.stores(delivery.qos) || (q.disk.is_some() && self.is_persistent());
-            let mut evicted = Vec::new();
-            let mut must_evict = budget_full && stored;
-            while must_evict || q.count() >= max_messages || q.total_bytes() + size > max_bytes {
-                match limits.policy {
-                    QueueFull::DropOldest => {
-                        self.refill(&mut q);
-                        let Some(old) = q.items.pop_front().or_else(|| q.tail.pop_front()) else {
-                            break;
-                        };
-                        if q.bytes >= old.message.payload.len() {
-                            q.bytes -= old.message.payload.len();
-                        } else {
-                            q.tail_bytes = q.tail_bytes.saturating_sub(old.message.payload.len());
-                        }
-                        evicted.push(Evicted {
-                            seq: old.seq,
-                            stored: old.stored,
-                            size: old.size(),
-                        });
-                        must_evict = false;
-                    }
-                    QueueFull::DropNewest => return Pushed::DroppedFull,
-                    QueueFull::Refuse | QueueFull::Block if checked => break,
-                    QueueFull::Refuse | QueueFull::Block => return Pushed::Full,
-                }
-            }
-            if budget_full && stored && evicted.is_empty() && limits.policy == QueueFull::DropOldest
-            {
-                // Nothing of this session's to evict: the new one goes.
-                return Pushed::DroppedFull;
-            }
-            let seq = q.next_seq;
-            q.next_seq += 1;
-            delivery.seq = seq;
-            delivery.queue = self.session_number;
-            delivery.stored = stored;
-            let was_empty = q.items.is_empty() && q.disk.is_none();
-            let spill = self.spill && stored;
-            if let (true, Some(disk)) = (spill, q.disk.as_mut()) {
-                // Behind a backlog on disk: it stays there too.
-                disk.append(seq, size, store_ticket.max(delivery.ticket));
-            } else if q.disk.is_some() {
-                q.tail_bytes += size;
-                push_grown(&mut q.tail, delivery);
-            } else if spill && (q.items.len() >= SPILL_MESSAGES || q.bytes + size > SPILL_BYTES) {
-                let mut disk = OnDisk {
-                    from: seq,
-                    until: seq,
-                    safe_until: seq,
-                    ..OnDisk::default()
-                };
-                disk.append(seq, size, store_ticket.max(delivery.ticket));
-                q.disk = Some(Box::new(disk));
-            } else {
-                q.bytes += size;
-                push_grown(&mut q.items, delivery);
-            }
-            (
-                Pushed::Queued {
-                    seq,
-                    stored,
-                    evicted,
-                },
-                was_empty,
-            )
+            let pushed = self.push_locked(&mut q, delivery, budget_full, store_ticket, checked);
+            self.settle(&mut q);
+            pushed
         };
         if was_empty {
             self.ready.notify_one();
         }
         pushed
+    }
+
+    /// [`Outbox::push`] under the lock; also returns whether the queue
+    /// was empty before (the connection is to be woken).
+    fn push_locked(
+        &self,
+        q: &mut Queue,
+        mut delivery: Delivery,
+        budget_full: bool,
+        store_ticket: Ticket,
+        checked: bool,
+    ) -> (Pushed, bool) {
+        let size = delivery.message.payload.len();
+        if q.closed {
+            return (Pushed::Closed, false);
+        }
+        let limits = self.limits(q);
+        if delivery.qos == QoS::AtMostOnce
+            && !limits.queue_qos0
+            && !self.online.load(Ordering::Acquire)
+        {
+            return (Pushed::Skipped, false);
+        }
+        let (max_messages, max_bytes) = (limits.max_messages, limits.max_bytes);
+        if size > max_bytes {
+            // Larger than the whole budget: no eviction can make room.
+            return (Pushed::DroppedFull, false);
+        }
+        // While a backlog is on disk everything queued behind it is
+        // stored too, so that it can follow the backlog after a restart.
+        let stored = self.stores(delivery.qos) || (q.disk.is_some() && self.is_persistent());
+        let spill = self.spill && stored;
+        // At the memory bound a queue that can keep it on disk does; one
+        // held in memory only is full past its share (`QueueMemory`).
+        let cost = QueueMemory::cost(&delivery.message);
+        let memory_full = self.memory.over(cost);
+        let mut evicted = Vec::new();
+        let mut must_evict = budget_full && stored;
+        // Drop-oldest takes a queue past its share down to it, at most two
+        // deliveries a push (so a push stays short).
+        let mut memory_evictions = 0;
+        loop {
+            let by_memory = memory_evictions < 2 && self.full_by_memory(q, cost, stored);
+            if !(must_evict
+                || by_memory
+                || q.count() >= max_messages
+                || q.total_bytes() + size > max_bytes)
+            {
+                break;
+            }
+            match limits.policy {
+                QueueFull::DropOldest => {
+                    self.refill(q);
+                    let Some(old) = q.items.pop_front().or_else(|| q.tail.pop_front()) else {
+                        break;
+                    };
+                    self.memory.release(&old.message);
+                    if q.bytes >= old.message.payload.len() {
+                        q.bytes -= old.message.payload.len();
+                    } else {
+                        q.tail_bytes = q.tail_bytes.saturating_sub(old.message.payload.len());
+                    }
+                    evicted.push(Evicted {
+                        seq: old.seq,
+                        stored: old.stored,
+                        size: old.size(),
+                        by_memory: by_memory && !must_evict,
+                    });
+                    memory_evictions += usize::from(by_memory);
+                    must_evict = false;
+                }
+                QueueFull::DropNewest if by_memory => return (Pushed::DroppedMemory, false),
+                QueueFull::DropNewest => return (Pushed::DroppedFull, false),
+                QueueFull::Refuse | QueueFull::Block if checked => break,
+                QueueFull::Refuse | QueueFull::Block => return (Pushed::Full, false),
+            }
+        }
+        if budget_full && stored && evicted.is_empty() && limits.policy == QueueFull::DropOldest {
+            // Nothing of this session's to evict: the new one goes.
+            return (Pushed::DroppedFull, false);
+        }
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        delivery.seq = seq;
+        delivery.stored = stored;
+        let was_empty = q.items.is_empty() && q.disk.is_none();
+        if let (true, Some(disk)) = (spill, q.disk.as_mut()) {
+            // Behind a backlog on disk: it stays there too.
+            disk.append(seq, size, store_ticket.max(delivery.ticket));
+        } else if q.disk.is_some() {
+            q.tail_bytes += size;
+            self.memory.hold(&delivery.message);
+            push_grown(&mut q.tail, Queued::new(delivery));
+        } else if spill
+            && (memory_full || q.items.len() >= SPILL_MESSAGES || q.bytes + size > SPILL_BYTES)
+        {
+            let mut disk = OnDisk {
+                from: seq,
+                until: seq,
+                safe_until: seq,
+                ..OnDisk::default()
+            };
+            disk.append(seq, size, store_ticket.max(delivery.ticket));
+            q.disk = Some(Box::new(disk));
+        } else {
+            q.bytes += size;
+            self.memory.hold(&delivery.message);
+            push_grown(&mut q.items, Queued::new(delivery));
+        }
+        (
+            Pushed::Queued {
+                seq,
+                stored,
+                evicted,
+            },
+            was_empty,
+        )
     }
 
     /// Puts back deliveries returned by a session that ended (shared
@@ -627,8 +889,10 @@ impl Outbox {
         for d in deliveries.into_iter().rev() {
             q.next_seq = q.next_seq.max(d.seq + 1);
             q.bytes += d.message.payload.len();
-            q.items.push_front(d);
+            self.memory.hold(&d.message);
+            q.items.push_front(Queued::new(d));
         }
+        self.settle(&mut q);
         drop(q);
         self.ready.notify_one();
     }
@@ -655,7 +919,18 @@ impl Outbox {
     /// members of a shared group) never take the same delivery.
     pub fn pop_ready(&self, durable: Ticket, can_send: impl Fn(QoS) -> bool) -> Pop {
         let mut q = self.queue.lock();
-        let readable = self.refill(&mut q);
+        let pop = self.pop_locked(&mut q, durable, can_send);
+        self.settle(&mut q);
+        drop(q);
+        if let Pop::Got(_) = pop {
+            self.space.notify_waiters();
+        }
+        pop
+    }
+
+    /// [`Outbox::pop_ready`] under the lock.
+    fn pop_locked(&self, q: &mut Queue, durable: Ticket, can_send: impl Fn(QoS) -> bool) -> Pop {
+        let readable = self.refill(q);
         let Some(front) = q.items.front() else {
             return if readable {
                 Pop::Empty
@@ -672,11 +947,10 @@ impl Outbox {
         let Some(d) = q.items.pop_front() else {
             return Pop::Empty;
         };
+        self.memory.release(&d.message);
         q.bytes -= d.message.payload.len();
         shrink_drained(&mut q.items);
-        drop(q);
-        self.space.notify_waiters();
-        Pop::Got(d)
+        Pop::Got(d.delivery(self.session_number))
     }
 
     /// What is queued: messages and payload bytes (memory and disk), and
@@ -698,8 +972,15 @@ impl Outbox {
         q.bytes = 0;
         q.tail_bytes = 0;
         q.disk = None;
-        let mut items: Vec<Delivery> = q.items.drain(..).collect();
-        items.extend(q.tail.drain(..));
+        let number = self.session_number;
+        let queue = &mut *q;
+        let items: Vec<Delivery> = (queue.items.drain(..).chain(queue.tail.drain(..)))
+            .map(|e| {
+                self.memory.release(&e.message);
+                e.delivery(number)
+            })
+            .collect();
+        self.settle(&mut q);
         drop(q);
         self.space.notify_waiters();
         items
@@ -750,6 +1031,7 @@ mod tests {
                 properties: PublishProperties::default(),
                 origin: SessionId(2),
                 expires_at: None,
+                holders: Default::default(),
             }),
             qos,
             retain: false,
@@ -808,7 +1090,8 @@ mod tests {
                 evicted: vec![Evicted {
                     seq: 1,
                     stored: false,
-                    size: 1
+                    size: 1,
+                    by_memory: false,
                 }]
             }
         );
@@ -827,7 +1110,8 @@ mod tests {
                     .map(|seq| Evicted {
                         seq,
                         stored: false,
-                        size: 1
+                        size: 1,
+                        by_memory: false,
                     })
                     .collect()
             }
@@ -969,6 +1253,10 @@ mod tests {
 
     impl Paged {
         fn new() -> Paged {
+            Paged::with_memory(QueueMemory::new(0))
+        }
+
+        fn with_memory(memory: Arc<QueueMemory>) -> Paged {
             let store = crate::storage::MemoryStore::paging();
             let outbox = Outbox::paged(
                 9,
@@ -980,6 +1268,7 @@ mod tests {
                 },
                 1,
                 store.clone(),
+                memory,
             );
             outbox.set_persistent(true);
             outbox.set_online(true);
@@ -1075,5 +1364,150 @@ mod tests {
         let (got, last) = p.drain();
         assert_eq!(got, held);
         assert!(matches!(last, Pop::Empty));
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_queued_entry_takes_56_bytes() {
+        // The queue number and shared group of a delivery are the outbox's.
+        assert_eq!(std::mem::size_of::<Queued>(), 56);
+        assert_eq!(std::mem::size_of::<Delivery>(), 72);
+    }
+
+    /// An online queue held in memory only, charging `memory`.
+    fn sharing(memory: &Arc<QueueMemory>, policy: QueueFull) -> Outbox {
+        let limits = QueueLimits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            policy,
+            queue_qos0: false,
+        };
+        let queue = Queue {
+            next_seq: 1,
+            ..Queue::default()
+        };
+        let o = Outbox::with(1, limits, queue, None, false, memory.clone());
+        o.set_online(true);
+        o
+    }
+
+    /// What one 1-byte delivery charges.
+    const ONE: usize = ENTRY_COST + 1;
+
+    #[test]
+    fn at_the_memory_bound_a_queue_in_memory_only_is_full_unless_empty() {
+        // Room for three deliveries in all.
+        let memory = QueueMemory::new(3 * ONE as u64);
+        let hog = sharing(&memory, QueueFull::DropOldest);
+        for _ in 0..3 {
+            hog.push(delivery(QoS::AtLeastOnce, b"x"), false, 0, false);
+        }
+        assert_eq!(memory.used(), 3 * ONE);
+        // drop-oldest: the hog's oldest makes room, counted as memory's.
+        let Pushed::Queued { evicted, .. } =
+            hog.push(delivery(QoS::AtLeastOnce, b"x"), false, 0, false)
+        else {
+            panic!("not queued");
+        };
+        assert_eq!(evicted.len(), 1);
+        assert!(evicted[0].by_memory);
+        assert_eq!((seqs(&hog), memory.used()), (vec![2, 3, 4], 3 * ONE));
+        // An empty queue still takes one, past the bound ...
+        let reader = sharing(&memory, QueueFull::DropNewest);
+        assert!(matches!(
+            reader.push(delivery(QoS::AtLeastOnce, b"y"), false, 0, false),
+            Pushed::Queued { .. }
+        ));
+        // ... but not a second, under each policy.
+        assert_eq!(
+            reader.push(delivery(QoS::AtLeastOnce, b"y"), false, 0, false),
+            Pushed::DroppedMemory
+        );
+        let refusing = sharing(&memory, QueueFull::Refuse);
+        refusing.push(delivery(QoS::AtLeastOnce, b"z"), false, 0, false);
+        assert_eq!(
+            refusing.push(delivery(QoS::AtLeastOnce, b"z"), false, 0, false),
+            Pushed::Full
+        );
+        // What leaves gives its memory back: a pop, a close, a drop.
+        assert!(matches!(reader.pop_ready(0, |_| true), Pop::Got(_)));
+        assert_eq!(memory.used(), 4 * ONE);
+        assert_eq!(hog.close().len(), 3);
+        assert_eq!(memory.used(), ONE);
+        drop(refusing);
+        assert_eq!(memory.used(), 0);
+        // Under the bound again: queues grow as before.
+        for _ in 0..3 {
+            assert!(matches!(
+                reader.push(delivery(QoS::AtLeastOnce, b"y"), false, 0, false),
+                Pushed::Queued { evicted, .. } if evicted.is_empty()
+            ));
+        }
+    }
+
+    #[test]
+    fn a_message_queued_for_many_sessions_counts_its_payload_once() {
+        let memory = QueueMemory::new(0);
+        let queues: Vec<Outbox> = (0..3)
+            .map(|_| sharing(&memory, QueueFull::DropOldest))
+            .collect();
+        let d = delivery(QoS::AtLeastOnce, &[7; 1000]);
+        for q in &queues {
+            q.push(d.clone(), false, 0, false);
+        }
+        assert_eq!(memory.used(), 3 * ENTRY_COST + 1000);
+        for q in &queues[..2] {
+            assert!(matches!(q.pop_ready(0, |_| true), Pop::Got(_)));
+        }
+        assert_eq!(memory.used(), ENTRY_COST + 1000);
+        drop(queues);
+        assert_eq!(memory.used(), 0);
+    }
+
+    #[test]
+    fn at_the_memory_bound_a_queue_past_its_share_is_cut_back_while_a_short_one_grows() {
+        let memory = QueueMemory::new(10 * ONE as u64);
+        let hog = sharing(&memory, QueueFull::DropOldest);
+        for _ in 0..10 {
+            hog.push(delivery(QoS::AtLeastOnce, b"x"), false, 0, false);
+        }
+        // Two queues hold something: a share is 5 deliveries.
+        let reader = sharing(&memory, QueueFull::DropOldest);
+        for _ in 0..3 {
+            assert!(matches!(
+                reader.push(delivery(QoS::AtLeastOnce, b"y"), false, 0, false),
+                Pushed::Queued { evicted, .. } if evicted.is_empty()
+            ));
+        }
+        // Each push of the hog's drops two of its oldest until the total is
+        // back at the bound; then one for one.
+        for _ in 0..5 {
+            hog.push(delivery(QoS::AtLeastOnce, b"x"), false, 0, false);
+        }
+        assert_eq!((hog.len(), memory.used()), (7, 10 * ONE));
+        // The short queue grows to its share, cutting the hog back further.
+        for _ in 0..2 {
+            reader.push(delivery(QoS::AtLeastOnce, b"y"), false, 0, false);
+        }
+        for _ in 0..3 {
+            hog.push(delivery(QoS::AtLeastOnce, b"x"), false, 0, false);
+        }
+        assert_eq!((hog.len(), reader.len()), (5, 5));
+        assert_eq!(memory.used(), 10 * ONE);
+    }
+
+    #[test]
+    fn at_the_memory_bound_a_stored_queue_keeps_new_deliveries_on_disk() {
+        // Room for ten deliveries of 7 bytes in all.
+        let memory = QueueMemory::new(10 * (ENTRY_COST + 7) as u64);
+        let mut p = Paged::with_memory(memory.clone());
+        let pushed: Vec<u64> = (0..100).map(|_| p.push(false)).collect();
+        assert!(p.in_memory() <= 10, "{} held in memory", p.in_memory());
+        assert!(memory.used() <= 10 * (ENTRY_COST + 7));
+        assert_eq!(p.outbox.len(), 100, "nothing dropped");
+        let (got, last) = p.drain();
+        assert_eq!(got, pushed, "every delivery, in order, once");
+        assert!(matches!(last, Pop::Empty));
+        assert_eq!(memory.used(), 0);
     }
 }

@@ -305,7 +305,7 @@ fn push(
                 });
             }
             for old in evicted {
-                dropped(shared, outbox);
+                dropped(shared, outbox, old.by_memory);
                 if old.stored {
                     batch.push(StoreOp::QueueDelete {
                         number,
@@ -317,21 +317,41 @@ fn push(
             PushResult::Done
         }
         Pushed::DroppedFull => {
-            dropped(shared, outbox);
+            dropped(shared, outbox, false);
+            PushResult::Done
+        }
+        Pushed::DroppedMemory => {
+            dropped(shared, outbox, true);
             PushResult::Done
         }
         Pushed::Full if outbox.is_online() && !budget_full => PushResult::Full,
         Pushed::Full => {
             // Raced with the up-front check, or the disk budget is used up
             // (which blocking cannot wait out): dropped, counted.
-            dropped(shared, outbox);
+            dropped(shared, outbox, false);
             PushResult::Done
         }
         Pushed::Skipped | Pushed::Closed => PushResult::Done,
     }
 }
 
-fn dropped(shared: &Shared, outbox: &Outbox) {
+/// Counts a dropped delivery (and warns now and then); `by_memory`: every
+/// queue's memory together was at `max_queued_memory`.
+fn dropped(shared: &Shared, outbox: &Outbox, by_memory: bool) {
+    if by_memory {
+        Stats::add(&shared.stats.messages_dropped_memory, 1);
+        if shared.drop_log.allow() {
+            warn!(
+                session = outbox.session_number,
+                dropped_total = Stats::get(&shared.stats.messages_dropped_memory),
+                queued_memory = shared.queue_memory.used(),
+                policy = %shared.config().storage.queue_full,
+                "queued messages reached storage.max_queued_memory: queues held in memory only \
+                 count as full"
+            );
+        }
+        return;
+    }
     Stats::add(&shared.stats.messages_dropped_queue_full, 1);
     if shared.drop_log.allow() {
         warn!(
@@ -371,7 +391,7 @@ pub(crate) fn queue_retained(shared: &Shared, outbox: &Outbox, filter: &str, gra
                 queued_ms,
             };
             if let PushResult::Full = push(shared, outbox, delivery, &mut batch, false) {
-                dropped(shared, outbox);
+                dropped(shared, outbox, false);
             }
         }
         batch.submit();

@@ -366,6 +366,9 @@ fn resize(connections: &Arc<Semaphore>, old: u32, new: u32) {
 /// Gives every session's queue the bounds and policies of the config in
 /// force (a bridge's its own bounds).
 fn set_queue_limits(shared: &Shared) {
+    shared
+        .queue_memory
+        .set_limit(shared.config().storage.max_queued_memory);
     let limits = crate::connection::queue_limits(shared);
     for (client_id, outbox, _) in shared.sessions.queues() {
         let (max_messages, max_bytes) =

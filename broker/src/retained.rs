@@ -552,6 +552,7 @@ pub(crate) mod tests {
             properties: PublishProperties::default(),
             origin: SessionId(0),
             expires_at: None,
+            holders: Default::default(),
         })
     }
 

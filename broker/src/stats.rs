@@ -22,6 +22,9 @@ pub struct Stats {
     pub sent: Traffic,
     /// Deliveries dropped because a subscriber's queue was full.
     pub messages_dropped_queue_full: AtomicU64,
+    /// Deliveries dropped because every queue's memory together reached
+    /// `[storage] max_queued_memory`.
+    pub messages_dropped_memory: AtomicU64,
     /// Deliveries dropped because they exceeded the client's Maximum Packet Size.
     pub messages_dropped_too_large: AtomicU64,
     /// Queued messages whose Message Expiry Interval passed before delivery.

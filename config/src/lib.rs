@@ -400,6 +400,15 @@ pub struct Storage {
     /// bytes queued for one session, so one slow or absent subscriber cannot
     /// take all memory. Default: 64 MiB. Range: 1 KiB ..= 1 TiB.
     pub max_queued_bytes: u64,
+    /// `max_queued_memory` (bytes; `"256MiB"` style accepted): the most
+    /// memory all queues together hold in queued messages (each entry's
+    /// bookkeeping plus its payload, counted in every queue holding it, so
+    /// real use is at most this). At the bound a stored queue keeps new
+    /// messages on disk only, and a queue held in memory only (a clean
+    /// session, QoS 0) that is not empty counts as full: `queue_full`
+    /// applies. Messages in flight are not counted (the Receive Maximum
+    /// bounds them). 0 = no bound. Default: 256 MiB. Range: 0 ..= 1 TiB.
+    pub max_queued_memory: u64,
     /// `queue_full`: what happens to a message for a session whose queue is
     /// at either bound. Every drop is counted. Default: `"drop-oldest"`.
     pub queue_full: QueueFull,
@@ -818,6 +827,7 @@ impl Default for Storage {
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             max_queued_messages: 10_000,
             max_queued_bytes: 64 << 20,
+            max_queued_memory: 256 << 20,
             queue_full: QueueFull::DropOldest,
             queue_qos0: false,
             durability: Durability::GroupCommit,

@@ -120,6 +120,7 @@ fn defaults() {
             max_session_expiry: Duration::from_secs(604_800),
             max_queued_messages: 10_000,
             max_queued_bytes: 67_108_864,
+            max_queued_memory: 268_435_456,
             queue_full: QueueFull::DropOldest,
             queue_qos0: false,
             durability: Durability::GroupCommit,
@@ -181,6 +182,7 @@ fn every_key_parsed() {
         max_session_expiry_secs = 86400
         max_queued_messages = 500
         max_queued_bytes = "2MiB"
+        max_queued_memory = "32MiB"
         queue_full = "refuse"
         queue_qos0 = true
         durability = "interval"
@@ -222,6 +224,7 @@ fn every_key_parsed() {
                 max_session_expiry: Duration::from_secs(86_400),
                 max_queued_messages: 500,
                 max_queued_bytes: 2_097_152,
+                max_queued_memory: 33_554_432,
                 queue_full: QueueFull::Refuse,
                 queue_qos0: true,
                 durability: Durability::Interval,

@@ -207,6 +207,13 @@ pub(crate) const MAX_QUEUED_BYTES: IntRange = IntRange {
     unit: " bytes",
 };
 
+/// 0 (no bound) ..= 1 TiB.
+pub(crate) const MAX_QUEUED_MEMORY: IntRange = IntRange {
+    lo: 0,
+    hi: 1 << 40,
+    unit: " bytes",
+};
+
 /// 1 ms ..= 1 minute.
 pub(crate) const SYNC_INTERVAL_MS: IntRange = IntRange {
     lo: 1,
@@ -662,6 +669,11 @@ fn check_storage(config: &Config, errors: &mut Vec<ConfigError>) {
         errors,
     );
     MAX_QUEUED_BYTES.check("storage.max_queued_bytes", storage.max_queued_bytes, errors);
+    MAX_QUEUED_MEMORY.check(
+        "storage.max_queued_memory",
+        storage.max_queued_memory,
+        errors,
+    );
     // Checked whatever `durability` is, so a bad value cannot lie in wait
     // for the day the policy becomes "interval".
     check_millis(

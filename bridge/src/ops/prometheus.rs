@@ -207,6 +207,7 @@ fn render(ops: &Ops, s: &Snapshot) -> Vec<Family> {
                 reason("queue_full"),
                 get(&stats.messages_dropped_queue_full),
             ),
+            (reason("memory"), get(&stats.messages_dropped_memory)),
             (reason("too_large"), get(&stats.messages_dropped_too_large)),
             (reason("expired"), get(&stats.messages_expired)),
             (reason("aged_out"), get(&stats.messages_aged_out)),
@@ -227,6 +228,12 @@ fn render(ops: &Ops, s: &Snapshot) -> Vec<Family> {
             ),
             (reason("topic_levels"), get(&stats.topic_levels_refused)),
         ],
+    ));
+    f.push(one(
+        "ferrymq_queued_memory_bytes",
+        "Memory held in queued messages by every queue together, as counted against storage.max_queued_memory.",
+        Gauge,
+        ops.broker.queued_memory() as f64,
     ));
     f.push(one(
         "ferrymq_shed_level",

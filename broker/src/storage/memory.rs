@@ -398,6 +398,7 @@ mod tests {
             properties: PublishProperties::default(),
             origin: SessionId(0),
             expires_at: None,
+            holders: Default::default(),
         })
     }
 

@@ -168,6 +168,7 @@ fn read_message(c: &mut Cursor, time: &dyn TimeBase) -> Result<Message, Corrupt>
         properties,
         origin,
         expires_at,
+        holders: Default::default(),
     })
 }
 
@@ -415,6 +416,7 @@ mod tests {
             properties,
             origin: SessionId(42),
             expires_at: Some(base + Duration::from_millis(1500)),
+            holders: Default::default(),
         }
     }
 

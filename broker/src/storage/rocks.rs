@@ -1389,6 +1389,7 @@ mod tests {
             properties: PublishProperties::default(),
             origin: SessionId(1),
             expires_at: None,
+            holders: Default::default(),
         })
     }
 
