@@ -190,6 +190,46 @@ fn with_will(id: &str, delay: u32, expiry: u32) -> Connect {
     c
 }
 
+/// Regression (the crash-cycles program: 41 of 100 wills arrived twice):
+/// a delayed will that came due while the broker was down was published
+/// at the next start but stayed in its session's record, so every later
+/// start published it again.
+#[test]
+fn a_will_due_while_the_broker_was_down_is_published_once_across_restarts() {
+    let data = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start_at(data.path(), "");
+    let (mut watcher, _) = open(broker.addr, persistent("wr-watch", 300));
+    subscribe(&mut watcher, "wd/#", QoS::AtLeastOnce, None);
+    drop(watcher);
+    let mut got: Vec<String> = Vec::new();
+    for cycle in 0..4 {
+        let (mut watcher, _) = open(broker.addr, persistent("wr-watch", 300));
+        // A will due a second after its connection drops: after the kill
+        // below, so it comes due while the broker is down.
+        let (gone, _) = open(broker.addr, with_will(&format!("down-{cycle}"), 1, 300));
+        drop(gone);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(800) {
+            if let Some(Packet::Publish(p)) = watcher.recv_or_silence(Duration::from_millis(100)) {
+                watcher.send(&Packet::PubAck(PubAck::new(p.packet_id)));
+                got.push(p.topic.to_string());
+            }
+        }
+        broker.kill();
+        drop(watcher);
+        std::thread::sleep(Duration::from_millis(300));
+        broker = Broker::start_at(data.path(), "");
+    }
+    let (mut watcher, _) = open(broker.addr, persistent("wr-watch", 300));
+    while let Some(Packet::Publish(p)) = watcher.recv_or_silence(Duration::from_millis(1500)) {
+        watcher.send(&Packet::PubAck(PubAck::new(p.packet_id)));
+        got.push(p.topic.to_string());
+    }
+    got.sort();
+    let want: Vec<String> = (0..4).map(|c| format!("wd/down-{c}")).collect();
+    assert_eq!(got, want, "each will once");
+}
+
 #[test]
 fn the_will_waits_for_its_delay_and_a_resumed_session_cancels_it() {
     let broker = Broker::start("");
@@ -477,6 +517,40 @@ fn a_shared_subscribe_gets_no_retained_message() {
     let (mut member, _) = open(broker.addr, v5("shr"));
     subscribe(&mut member, "$share/g/shr/#", QoS::AtLeastOnce, None);
     member.expect_silence(QUIET);
+}
+
+/// Regression (torture test with group members): a message pulled from a
+/// shared group and in flight to a member when the broker was killed was
+/// sent again with the group's RETAIN (as stored in the group's queue),
+/// not what the member's subscription made of it.
+#[test]
+fn a_shared_group_delivery_resent_after_a_kill_keeps_the_members_retain_flag() {
+    let data = tempfile::tempdir().unwrap();
+    let broker = Broker::start_at(data.path(), "");
+    let (mut member, _) = open(broker.addr, persistent("shk", 300));
+    subscribe(&mut member, "$share/g/shk/#", QoS::AtLeastOnce, None);
+    let (mut publisher, _) = open(broker.addr, v5("shk-pub"));
+    let mut r = message("shk/t", "r", QoS::AtLeastOnce, 1);
+    r.retain = true;
+    assert_eq!(publish(&mut publisher, r), ReasonCode::SUCCESS);
+    // Received, not acknowledged; the broker dies.
+    let Some(Packet::Publish(first)) = member.recv() else {
+        panic!("no delivery");
+    };
+    assert_eq!((first.retain, first.dup), (false, false));
+    std::thread::sleep(QUIET);
+    broker.kill();
+    drop(member);
+    let broker = Broker::start_at(data.path(), "");
+    let (mut member, ack) = open(broker.addr, persistent("shk", 300));
+    assert!(ack.session_present);
+    let Some(Packet::Publish(again)) = member.recv() else {
+        panic!("not sent again");
+    };
+    assert_eq!(
+        (again.retain, again.dup, again.packet_id),
+        (false, true, first.packet_id)
+    );
 }
 
 #[test]

@@ -27,6 +27,12 @@
 //! - the retained messages are the last acknowledged retained publish of
 //!   each topic (a clear removes it).
 //!
+//! Two more clients are the members of one shared subscription group
+//! (`$share/g/t/#`, persistent, QoS 2), with their own generator: they
+//! drain now and then, are taken over, disconnect and return, and go
+//! through the kills; every acknowledged publish must reach one of them,
+//! a QoS 2 one exactly once.
+//!
 //! A failure prints the seed and the operation log (and the failing
 //! client's QoS 2 exchanges); the seed then becomes a case of
 //! `REGRESSION_SEEDS`. `FERRYMQ_TORTURE_SEEDS=N` (and
@@ -63,6 +69,8 @@ const REGRESSION_SEEDS: &[(u64, usize)] = &[
 ];
 
 const CLIENTS: usize = 10;
+/// The shared subscription of the group members (every topic matches).
+const GROUP_FILTER: &str = "$share/g/t/#";
 const TOPICS: &[&str] = &["t/a", "t/b", "t/c/d"];
 const FILTERS: &[&str] = &["t/a", "t/b", "t/+", "t/#", "t/c/+", "+/a"];
 
@@ -402,6 +410,19 @@ fn run(seed: u64, steps: usize) {
     watcher.with_will = false;
     watcher.connect(&broker, false, &run.log);
     watcher.subscribe("w/#").unwrap();
+    // Two members of one shared subscription group (persistent, 5.0 and
+    // 3.1.1, QoS 2), driven by a generator of their own so that the
+    // others' operations stay what a seed made them before.
+    let mut members: Vec<Client> = (CLIENTS + 1..CLIENTS + 3).map(Client::new).collect();
+    let mut group_rng = Rng::new(seed ^ 0x0060_0EF5_5EED);
+    for member in &mut members {
+        member.with_will = false;
+        member.sub_qos = QoS::ExactlyOnce;
+        member.connect(&broker, false, &run.log);
+        member.subscribe(GROUP_FILTER).unwrap();
+    }
+    // Every acknowledged publish: one of the members must get it.
+    let mut group_expected: BTreeSet<MsgId> = BTreeSet::new();
     // Wills that must be published, and those that may be (once).
     let mut maybe_wills: BTreeSet<MsgId> = BTreeSet::new();
     // The retained message the model expects per topic.
@@ -409,6 +430,7 @@ fn run(seed: u64, steps: usize) {
     // The messages published at QoS 2.
     let mut exactly_once: BTreeSet<MsgId> = BTreeSet::new();
     for step in 0..steps {
+        group_step(&mut members, &mut group_rng, &broker, step, &mut run);
         let c = rng.below(CLIENTS);
         let op = rng.below(100);
         if clients[c].conn.is_none() && op < 90 {
@@ -497,7 +519,9 @@ fn run(seed: u64, steps: usize) {
                         other => run.fail(&format!("PUBCOMP of {id:?}: {other:?}")),
                     }
                 }
-                // Acknowledged: every session subscribed now must get it.
+                // Acknowledged: every session subscribed now must get it,
+                // and one member of the group.
+                group_expected.insert(id);
                 for other in clients.iter_mut() {
                     if other.filters.iter().any(|f| matches(f, topic)) {
                         other.expected.insert(id);
@@ -568,6 +592,9 @@ fn run(seed: u64, steps: usize) {
                 }
                 watcher.connection_ended();
                 watcher.connect(&broker, false, &run.log);
+                for member in &mut members {
+                    member.connection_ended();
+                }
             }
         }
     }
@@ -581,6 +608,13 @@ fn run(seed: u64, steps: usize) {
         client.drain(QUIET * 4);
     }
     watcher.drain(QUIET * 4);
+    for member in &mut members {
+        if member.conn.is_none() {
+            member.connect(&broker, false, &run.log);
+        }
+        member.drain(QUIET * 4);
+    }
+    check_group(&members, &group_expected, &exactly_once, &run);
     let wills: BTreeSet<MsgId> = watcher.received.iter().copied().collect();
     let missing: Vec<&MsgId> = watcher.expected.difference(&wills).collect();
     let unexpected: Vec<&MsgId> = wills
@@ -672,10 +706,94 @@ fn run(seed: u64, steps: usize) {
     let kills = run.log.iter().filter(|l| l.contains("SIGKILL")).count();
     eprintln!(
         "torture seed {seed}: {steps} steps, {kills} kills, {delivered} deliveries checked, \
-         {} wills that had to come, {} that must not",
+         {} for the shared group, {} wills that had to come, {} that must not",
+        group_expected.len(),
         watcher.expected.len(),
         watcher.forbidden.len()
     );
+}
+
+/// One step of the group members: a reconnect after a kill, or now and
+/// then a drain, a takeover, or a normal or abnormal disconnect (and a
+/// return at their next step).
+fn group_step(members: &mut [Client], rng: &mut Rng, broker: &Broker, step: usize, run: &mut Run) {
+    let m = rng.below(members.len());
+    let member = &mut members[m];
+    let index = member.index;
+    if member.conn.is_none() {
+        run.log.push(format!("{step}: member {index} connects"));
+        member.connect(broker, false, &run.log);
+        return;
+    }
+    match rng.below(100) {
+        0..10 => {
+            // Short: what is left comes at the next drain, or at the end.
+            run.log.push(format!("{step}: member {index} drains"));
+            member.drain(QUIET / 3);
+        }
+        10..13 => {
+            run.log
+                .push(format!("{step}: member {index} is taken over"));
+            let old = member.conn.take();
+            member.connect(broker, false, &run.log);
+            drop(old);
+        }
+        13..16 => {
+            let abnormal = step % 2 == 1;
+            run.log.push(format!(
+                "{step}: member {index} disconnects (abnormal={abnormal})"
+            ));
+            let mut raw = member.conn.take().unwrap();
+            if !abnormal {
+                raw.send(&Packet::Disconnect(Default::default()));
+            }
+            drop(raw);
+            member.connection_ended();
+        }
+        _ => {}
+    }
+}
+
+/// The shared group's promise: every acknowledged publish reached one of
+/// its members (the group's queue is stored, so none is lost across
+/// kills, takeovers and members away), and a QoS 2 one exactly one of
+/// them once.
+fn check_group(
+    members: &[Client],
+    expected: &BTreeSet<MsgId>,
+    exactly_once: &BTreeSet<MsgId>,
+    run: &Run,
+) {
+    let mut counts: HashMap<MsgId, usize> = HashMap::new();
+    for member in members {
+        for id in &member.received {
+            *counts.entry(*id).or_default() += 1;
+        }
+    }
+    let lost: Vec<&MsgId> = expected
+        .iter()
+        .filter(|id| !counts.contains_key(id))
+        .collect();
+    if !lost.is_empty() {
+        run.fail(&format!(
+            "the shared group lost {} acknowledged messages: {lost:?}",
+            lost.len()
+        ));
+    }
+    if let Some((id, n)) = counts
+        .iter()
+        .find(|(id, n)| **n > 1 && exactly_once.contains(id))
+    {
+        run.fail(&format!(
+            "the shared group got the QoS 2 message {id:?} {n} times"
+        ));
+    }
+    let unknown: Vec<&MsgId> = counts.keys().filter(|id| !expected.contains(id)).collect();
+    if !unknown.is_empty() {
+        run.fail(&format!(
+            "the shared group got messages never published: {unknown:?}"
+        ));
+    }
 }
 
 #[test]

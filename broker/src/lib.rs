@@ -767,6 +767,11 @@ fn restore(shared: &Shared, recovered: Recovered) {
             .restore(shared, g.number, g.name, g.filter, outbox);
     }
     let mut due_wills = Vec::new();
+    // The records of live sessions whose will came due while the broker
+    // was down, without it: written once the wills are published, so a
+    // later start does not publish them again (a kill in between: at
+    // worst once more, never lost).
+    let mut wills_gone = Vec::new();
     for s in recovered.sessions {
         let number = s.record.number;
         // A session online when the previous run ended went offline then
@@ -868,12 +873,32 @@ fn restore(shared: &Shared, recovered: Recovered) {
             );
             state.subscriptions.insert(filter, sub);
         }
+        // A delivery pulled from a shared group is stored as the group
+        // queued it (the group's QoS and RETAIN); what is resent is what
+        // the member's subscription made of it when it was pulled.
+        for entry in state.inflight.values_mut() {
+            let Inflight::Sent(d) = entry else { continue };
+            let Some(group) = d.group.clone() else {
+                continue;
+            };
+            if let Some((_, member)) = state
+                .groups
+                .values()
+                .find(|(g, _)| g.number == group.number)
+            {
+                let mut adapted = shared_sub::SharedGroup::adapt(member, d.clone());
+                adapted.group = Some(group);
+                *d = adapted;
+            }
+        }
         if let Some(will) = will {
+            // The record once the will is out.
+            let mut record = s.record.clone();
+            record.pending_will = None;
             if will.due_ms <= now_ms {
                 due_wills.push(will.message);
+                wills_gone.push(storage::StoreOp::SessionPut(record));
             } else {
-                let mut record = s.record.clone();
-                record.pending_will = None;
                 let delay = Duration::from_millis(will.due_ms - now_ms);
                 state.pending_will = Some(connection::delay_will(
                     shared,
@@ -903,6 +928,9 @@ fn restore(shared: &Shared, recovered: Recovered) {
     bridge_session::retire_removed(shared);
     for message in due_wills {
         connection::publish_will_message(shared, message, &mut router::RouteCache::default());
+    }
+    if !wills_gone.is_empty() {
+        storage::write(shared.store.as_ref(), wills_gone);
     }
 }
 
