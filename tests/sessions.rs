@@ -321,6 +321,49 @@ fn retained_messages_are_set_cleared_and_delivered_on_subscribe() {
 }
 
 #[test]
+fn past_max_retained_messages_a_new_topic_is_delivered_but_not_retained() {
+    let broker = Broker::start("[limits]\nmax_retained_messages = 3");
+    let (mut live, _) = connect(broker.addr, Protocol::V311, "mr-live", true);
+    subscribe(&mut live, "mr/#", QoS::AtLeastOnce);
+    let (mut publisher, _) = connect(broker.addr, Protocol::V311, "mr-pub", true);
+    let mut retain = |topic: &str, payload: &str, id: u16| {
+        let mut m = message(topic, payload, QoS::AtLeastOnce, id);
+        m.retain = true;
+        assert_eq!(publish(&mut publisher, m), ReasonCode::SUCCESS);
+    };
+    for (i, t) in ["mr/a", "mr/b", "mr/c", "mr/d"].into_iter().enumerate() {
+        retain(t, "1", i as u16 + 1);
+    }
+    // All four were delivered live.
+    let got: Vec<String> = (0..4)
+        .map(|_| receive(&mut live).topic.to_string())
+        .collect();
+    assert_eq!(got, ["mr/a", "mr/b", "mr/c", "mr/d"]);
+    broker.wait_for_log("limits.max_retained_messages reached", WAIT);
+    // At the limit a held one is still replaced; a clear makes room.
+    retain("mr/a", "2", 5);
+    retain("mr/b", "", 6);
+    retain("mr/e", "1", 7);
+    let (mut late, _) = connect(broker.addr, Protocol::V311, "mr-late", true);
+    subscribe(&mut late, "mr/#", QoS::AtLeastOnce);
+    let mut held: Vec<(String, String)> = (0..3)
+        .map(|_| {
+            let p = receive(&mut late);
+            (
+                p.topic.to_string(),
+                String::from_utf8(p.payload.to_vec()).unwrap(),
+            )
+        })
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        [("mr/a", "2"), ("mr/c", "1"), ("mr/e", "1")].map(|(t, p)| (t.into(), p.into()))
+    );
+    late.expect_silence(QUIET);
+}
+
+#[test]
 fn v5_retain_as_published_and_retain_handling() {
     let broker = Broker::start("");
     let (mut publisher, _) = connect(broker.addr, Protocol::V5, "rh-pub", true);

@@ -153,6 +153,8 @@ pub(crate) fn route(
             (false, Some(previous)) => guard.untombstone(&message.topic, previous),
             (false, None) => {}
         }
+    } else if message.retain && !message.payload.is_empty() && retained_full(shared, &message) {
+        // Delivered, not retained: counted and logged there.
     } else if message.retain
         // Setting always writes; clearing writes only what existed.
         && (shared.retained.set(message.clone(), ticket) || !message.payload.is_empty())
@@ -174,6 +176,27 @@ pub(crate) fn route(
         may_block,
     };
     push_all(shared, parked, batch)
+}
+
+/// Whether `[limits] max_retained_messages` turns away the retained
+/// `message`: the limit is reached and its topic holds none to replace.
+/// Counted and logged when it does.
+fn retained_full(shared: &Shared, message: &Message) -> bool {
+    let max = shared.config().limits.max_retained_messages as usize;
+    if max == 0 || shared.retained.count() < max || shared.retained.get(&message.topic).is_some() {
+        return false;
+    }
+    Stats::add(&shared.stats.retained_refused, 1);
+    if shared.drop_log.allow() {
+        warn!(
+            topic = %message.topic,
+            max_retained_messages = max,
+            refused_total = Stats::get(&shared.stats.retained_refused),
+            "limits.max_retained_messages reached: a retained message on a new topic is delivered \
+             but not retained"
+        );
+    }
+    true
 }
 
 /// Continues a [`Routing::Blocked`] publish.

@@ -230,6 +230,8 @@ pub struct Retained {
     /// The tree; write-locked per retained publish, read-locked per page
     /// of a subscription's retained messages.
     tree: RwLock<Tree>,
+    /// How many topics hold an entry (changed under the tree's lock).
+    count: std::sync::atomic::AtomicUsize,
 }
 
 /// Where a walk over the retained messages matching one filter stands.
@@ -263,9 +265,24 @@ impl Retained {
     /// message of the message's topic. Returns whether one existed before.
     pub fn set(&self, message: Arc<Message>, ticket: Ticket) -> bool {
         if message.payload.is_empty() {
-            return remove(&mut self.tree.write().root, &message.topic);
+            let removed = remove(&mut self.tree.write().root, &message.topic);
+            self.counted(removed);
+            return removed;
         }
         self.put(message, ticket).is_some()
+    }
+
+    /// How many topics hold an entry (a state tombstone included).
+    pub fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts an entry removed (`removed`).
+    fn counted(&self, removed: bool) {
+        if removed {
+            self.count
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Holds `message` as its topic's entry, even with an empty payload (a
@@ -279,13 +296,19 @@ impl Retained {
         for level in message.topic.split('/') {
             node = node.children.get_or_insert(level);
         }
-        node.entry
+        let before = node
+            .entry
             .replace(RetainedEntry {
                 message,
                 ticket,
                 version,
             })
-            .map(|e| e.message)
+            .map(|e| e.message);
+        if before.is_none() {
+            self.count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        before
     }
 
     /// The message held for `topic` (a state tombstone included).
@@ -300,7 +323,9 @@ impl Retained {
         if !held(&tree.root, topic).is_some_and(|m| pred(m)) {
             return false;
         }
-        remove(&mut tree.root, topic)
+        let removed = remove(&mut tree.root, topic);
+        self.counted(removed);
+        removed
     }
 
     /// Removes the retained message of `topic` if it has expired at `now`;
@@ -562,6 +587,20 @@ pub(crate) mod tests {
         let mut t: Vec<String> = out.iter().map(|e| e.message.topic.to_string()).collect();
         t.sort();
         t
+    }
+
+    #[test]
+    fn the_count_follows_sets_clears_and_removals() {
+        let r = Retained::default();
+        r.set(message("a", "1"), 0);
+        r.set(message("a/b", "1"), 0);
+        r.set(message("a", "2"), 0);
+        assert_eq!(r.count(), 2, "a replaced value is one topic");
+        r.set(message("a", ""), 0);
+        r.set(message("zz", ""), 0);
+        assert_eq!(r.count(), 1, "a clear counts only what existed");
+        assert!(r.remove_where("a/b", |_| true));
+        assert_eq!(r.count(), 0);
     }
 
     #[test]

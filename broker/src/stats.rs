@@ -25,6 +25,9 @@ pub struct Stats {
     /// Deliveries dropped because every queue's memory together reached
     /// `[storage] max_queued_memory`.
     pub messages_dropped_memory: AtomicU64,
+    /// Retained publishes on new topics not retained: `[limits]
+    /// max_retained_messages` was reached (the message was delivered).
+    pub retained_refused: AtomicU64,
     /// Deliveries dropped because they exceeded the client's Maximum Packet Size.
     pub messages_dropped_too_large: AtomicU64,
     /// Queued messages whose Message Expiry Interval passed before delivery.

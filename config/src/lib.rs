@@ -358,6 +358,13 @@ pub struct Limits {
     /// 0x97 Quota exceeded, 3.1.1 0x80), so one client cannot grow the
     /// topic tree without bound. 0 means no limit. Default: 10000.
     pub max_subscriptions_per_client: u32,
+    /// `max_retained_messages`: the most topics with a retained message.
+    /// Past it a retained publish on a topic that has none is delivered
+    /// but not retained (counted, logged); replacing or clearing a held
+    /// one always works, and state topics (`[state]`) are never turned
+    /// away (they must converge). Each costs memory (about 600 bytes with
+    /// a 100-byte payload) and disk. 0 means no limit. Default: 1000000.
+    pub max_retained_messages: u32,
     /// `max_publish_rate`: the most PUBLISH packets per second one network
     /// client may send, with bursts of up to a second's worth; a faster
     /// client is slowed (its socket is not read until it is within the
@@ -812,6 +819,7 @@ impl Default for Limits {
             server_topic_aliases: 16,
             max_topic_levels: 200,
             max_subscriptions_per_client: 10_000,
+            max_retained_messages: 1_000_000,
             max_publish_rate: 0,
             shed_cpu_percent: 90,
             shed_memory: 0,

@@ -107,6 +107,7 @@ fn defaults() {
             server_topic_aliases: 16,
             max_topic_levels: 200,
             max_subscriptions_per_client: 10_000,
+            max_retained_messages: 1_000_000,
             max_publish_rate: 0,
             shed_cpu_percent: 90,
             shed_memory: 0,
@@ -172,6 +173,7 @@ fn every_key_parsed() {
         server_topic_aliases = 4
         max_topic_levels = 32
         max_subscriptions_per_client = 100
+        max_retained_messages = 5000
         max_publish_rate = 50
         shed_cpu_percent = 75
         shed_memory = "1GiB"
@@ -214,6 +216,7 @@ fn every_key_parsed() {
                 server_topic_aliases: 4,
                 max_topic_levels: 32,
                 max_subscriptions_per_client: 100,
+                max_retained_messages: 5000,
                 max_publish_rate: 50,
                 shed_cpu_percent: 75,
                 shed_memory: 1 << 30,

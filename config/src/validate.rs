@@ -43,7 +43,8 @@ impl IntRange {
 }
 
 /// A count of things one client or address may have; 0 is no limit
-/// (`max_connections_per_address`, `max_subscriptions_per_client`).
+/// (`max_connections_per_address`, `max_subscriptions_per_client`,
+/// `max_retained_messages`).
 pub(crate) const COUNT_OR_NO_LIMIT: IntRange = IntRange {
     lo: 0,
     hi: u32::MAX as u64,

@@ -227,6 +227,7 @@ fn render(ops: &Ops, s: &Snapshot) -> Vec<Family> {
                 get(&stats.subscriptions_refused),
             ),
             (reason("topic_levels"), get(&stats.topic_levels_refused)),
+            (reason("max_retained"), get(&stats.retained_refused)),
         ],
     ));
     f.push(one(
