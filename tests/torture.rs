@@ -33,8 +33,10 @@
 //! through the kills; every acknowledged publish must reach one of them,
 //! a QoS 2 one exactly once.
 //!
-//! A failure prints the seed and the operation log (and the failing
-//! client's QoS 2 exchanges); the seed then becomes a case of
+//! A failure prints the seed and the operations that explain it: those
+//! of the clients it is about (the receiver, the publishers) and the kills
+//! (`FERRYMQ_TORTURE_FULL_LOG=1`: every operation), and the failing
+//! client's QoS 2 exchanges; the seed then becomes a case of
 //! `REGRESSION_SEEDS`. `FERRYMQ_TORTURE_SEEDS=N` (and
 //! `FERRYMQ_TORTURE_STEPS=M`) runs N seeds of M steps instead of the
 //! short fixed run.
@@ -380,6 +382,37 @@ impl Run {
             self.log.join("\n")
         );
     }
+
+    /// Fails, printing only the operations of `clients` (the ones a
+    /// violation is about: the receiver and the publishers) and the kills,
+    /// which is what explains a violation; `FERRYMQ_TORTURE_FULL_LOG=1`
+    /// prints every operation.
+    fn fail_about(&self, what: &str, clients: impl IntoIterator<Item = usize>) -> ! {
+        if std::env::var_os("FERRYMQ_TORTURE_FULL_LOG").is_some() {
+            self.fail(what);
+        }
+        let clients: BTreeSet<String> = clients.into_iter().map(|c| c.to_string()).collect();
+        let relevant: Vec<&str> = self
+            .log
+            .iter()
+            .map(String::as_str)
+            .filter(|line| {
+                let body = line.split_once(": ").map_or(*line, |(_, b)| b);
+                body.contains("SIGKILL")
+                    || body
+                        .split(|ch: char| !ch.is_ascii_digit())
+                        .any(|token| clients.contains(token))
+            })
+            .collect();
+        panic!(
+            "torture seed {} failed: {what}\noperations of clients {clients:?} and the kills \
+             ({} of {}; FERRYMQ_TORTURE_FULL_LOG=1 prints all):\n{}",
+            self.seed,
+            relevant.len(),
+            self.log.len(),
+            relevant.join("\n")
+        );
+    }
 }
 
 /// The log's note of the will a connection was made with.
@@ -623,27 +656,42 @@ fn run(seed: u64, steps: usize) {
         .collect();
     let forbidden: Vec<&MsgId> = wills.intersection(&watcher.forbidden).collect();
     if !missing.is_empty() || !unexpected.is_empty() || !forbidden.is_empty() {
-        run.fail(&format!(
-            "wills: missing {missing:?}, published without cause {unexpected:?}, \
-             published after a DISCONNECT or a resumed takeover {forbidden:?}"
-        ));
+        let whose: Vec<usize> = missing
+            .iter()
+            .chain(&unexpected)
+            .chain(&forbidden)
+            .map(|w| w.0)
+            .collect();
+        run.fail_about(
+            &format!(
+                "wills: missing {missing:?}, published without cause {unexpected:?}, \
+                 published after a DISCONNECT or a resumed takeover {forbidden:?}"
+            ),
+            whose,
+        );
     }
     for client in &clients {
         let got: BTreeSet<MsgId> = client.received.iter().copied().collect();
         let lost: Vec<&MsgId> = client.expected.difference(&got).collect();
         if !lost.is_empty() {
-            run.fail(&format!(
-                "client {} lost {} acknowledged messages: {lost:?}",
-                client.index,
-                lost.len()
-            ));
+            run.fail_about(
+                &format!(
+                    "client {} lost {} acknowledged messages: {lost:?}",
+                    client.index,
+                    lost.len()
+                ),
+                lost.iter().map(|id| id.0).chain([client.index]),
+            );
         }
         let extra: Vec<&MsgId> = got.difference(&client.expected).collect();
         if !extra.is_empty() {
-            run.fail(&format!(
-                "client {} got messages no subscription of it matched: {extra:?}",
-                client.index
-            ));
+            run.fail_about(
+                &format!(
+                    "client {} got messages no subscription of it matched: {extra:?}",
+                    client.index
+                ),
+                extra.iter().map(|id| id.0).chain([client.index]),
+            );
         }
         if client.sub_qos == QoS::ExactlyOnce {
             let mut counts: HashMap<MsgId, usize> = HashMap::new();
@@ -655,11 +703,15 @@ fn run(seed: u64, steps: usize) {
                 *counts.entry(*id).or_default() += 1;
             }
             if let Some((id, n)) = counts.iter().find(|(_, n)| **n > 1) {
-                run.fail(&format!(
-                    "client {} got the QoS 2 message {id:?} {n} times; its QoS 2 exchanges:\n{}",
-                    client.index,
-                    client.trace.join("\n")
-                ));
+                run.fail_about(
+                    &format!(
+                        "client {} got the QoS 2 message {id:?} {n} times; its QoS 2 \
+                         exchanges:\n{}",
+                        client.index,
+                        client.trace.join("\n")
+                    ),
+                    [id.0, client.index],
+                );
             }
         }
         let mut last: HashMap<usize, u32> = HashMap::new();
@@ -671,10 +723,13 @@ fn run(seed: u64, steps: usize) {
             if let Some(&before) = last.get(&publisher)
                 && n < before
             {
-                run.fail(&format!(
-                    "client {} got {publisher}:{n} after {publisher}:{before}",
-                    client.index
-                ));
+                run.fail_about(
+                    &format!(
+                        "client {} got {publisher}:{n} after {publisher}:{before}",
+                        client.index
+                    ),
+                    [publisher, client.index],
+                );
             }
             last.insert(publisher, n);
         }
@@ -774,25 +829,37 @@ fn check_group(
         .iter()
         .filter(|id| !counts.contains_key(id))
         .collect();
+    let members_and = |ids: &[&MsgId]| -> Vec<usize> {
+        members
+            .iter()
+            .map(|m| m.index)
+            .chain(ids.iter().map(|id| id.0))
+            .collect()
+    };
     if !lost.is_empty() {
-        run.fail(&format!(
-            "the shared group lost {} acknowledged messages: {lost:?}",
-            lost.len()
-        ));
+        run.fail_about(
+            &format!(
+                "the shared group lost {} acknowledged messages: {lost:?}",
+                lost.len()
+            ),
+            members_and(&lost),
+        );
     }
     if let Some((id, n)) = counts
         .iter()
         .find(|(id, n)| **n > 1 && exactly_once.contains(id))
     {
-        run.fail(&format!(
-            "the shared group got the QoS 2 message {id:?} {n} times"
-        ));
+        run.fail_about(
+            &format!("the shared group got the QoS 2 message {id:?} {n} times"),
+            members_and(&[id]),
+        );
     }
     let unknown: Vec<&MsgId> = counts.keys().filter(|id| !expected.contains(id)).collect();
     if !unknown.is_empty() {
-        run.fail(&format!(
-            "the shared group got messages never published: {unknown:?}"
-        ));
+        run.fail_about(
+            &format!("the shared group got messages never published: {unknown:?}"),
+            members_and(&unknown),
+        );
     }
 }
 
@@ -822,4 +889,32 @@ fn random_operations_with_kills_keep_every_promise() {
             run(base.wrapping_add(i), steps);
         }
     }
+}
+
+#[test]
+fn a_failure_prints_the_operations_of_the_clients_it_is_about_and_the_kills() {
+    let run = Run {
+        seed: 7,
+        log: vec![
+            "0: connect 1 clean=false (will 1:0)".into(),
+            "1: connect 2 clean=false (will 2:0)".into(),
+            "2: 2 publish (2, 1) on t/a AtLeastOnce retain=false".into(),
+            "3: 11 drains".into(),
+            "4: SIGKILL and restart".into(),
+            "5: 1 subscribe t/#".into(),
+        ],
+    };
+    let failed = std::panic::catch_unwind(|| run.fail_about("client 1 lost (2, 1)", [1, 2]));
+    let message = *failed.unwrap_err().downcast::<String>().unwrap();
+    let printed: Vec<&str> = message.lines().skip(2).collect();
+    assert_eq!(
+        printed,
+        [
+            "0: connect 1 clean=false (will 1:0)",
+            "1: connect 2 clean=false (will 2:0)",
+            "2: 2 publish (2, 1) on t/a AtLeastOnce retain=false",
+            "4: SIGKILL and restart",
+            "5: 1 subscribe t/#",
+        ]
+    );
 }
