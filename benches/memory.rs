@@ -23,269 +23,12 @@
 #[allow(dead_code)]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use common::{Args, free_port, wait_listening};
-use ferrymq_codec::{
-    Connect, ConnectProperties, MqttString, Packet, Protocol, PubAck, Publish, QoS, Subscribe,
-    Subscription, SubscriptionOptions, decode,
-};
-
-/// A broker under test, killed on drop.
-struct Broker {
-    name: &'static str,
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Broker {
-    fn ferrymq() -> Broker {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let config = format!(
-            "data_dir = {:?}\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n",
-            dir.path().join("data").display().to_string()
-        );
-        let file = dir.path().join("ferrymq.toml");
-        std::fs::write(&file, config).expect("write ferrymq.toml");
-        let child = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
-            .arg("--config")
-            .arg(file)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start ferrymq");
-        Broker::started("ferrymq", child, port, dir)
-    }
-
-    /// Mosquitto at its defaults (1,000 queued messages per client), no
-    /// persistence.
-    fn mosquitto() -> Broker {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n"),
-        )
-        .expect("write mosquitto.conf");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto (apt install mosquitto)");
-        Broker::started("mosquitto", child, port, dir)
-    }
-
-    fn started(name: &'static str, child: Child, port: u16, dir: tempfile::TempDir) -> Broker {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let broker = Broker {
-            name,
-            child,
-            addr,
-            _dir: dir,
-        };
-        wait_listening(addr, name);
-        broker
-    }
-
-    fn rss_kib(&self) -> u64 {
-        rss_kib(self.child.id())
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A process's resident memory, KiB (0 once it is gone).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Samples a broker's RSS every `every` until dropped; the peak.
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Sampler {
-    fn start(pid: u32, every: Duration) -> Sampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(0));
-        let (s, p) = (stop.clone(), peak.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                p.fetch_max(rss_kib(pid), Ordering::Relaxed);
-                std::thread::sleep(every);
-            }
-        });
-        Sampler {
-            stop,
-            peak,
-            thread: Some(thread),
-        }
-    }
-
-    fn peak(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.peak.load(Ordering::Relaxed)
-    }
-}
-
-/// A blocking MQTT 3.1.1 client on the codec.
-struct Client {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr, id: &str) -> Client {
-        let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        let mut c = Client {
-            stream,
-            buf: BytesMut::with_capacity(64 << 10),
-        };
-        c.send(&Packet::Connect(Box::new(Connect {
-            protocol: Protocol::V311,
-            clean_start: true,
-            keep_alive: 0,
-            client_id: MqttString::new(id).expect("client id"),
-            will: None,
-            username: None,
-            password: None,
-            properties: ConnectProperties::default(),
-        })));
-        match c.recv() {
-            Some(Packet::ConnAck(a)) if a.reason_code.0 == 0 => c,
-            other => panic!("CONNACK expected, got {other:?}"),
-        }
-    }
-
-    fn send(&mut self, packet: &Packet) {
-        let mut out = BytesMut::new();
-        packet.encode(Protocol::V311, &mut out).expect("encode");
-        self.stream.write_all(&out).expect("write");
-    }
-
-    fn recv(&mut self) -> Option<Packet> {
-        loop {
-            if let Some(p) = decode(&mut self.buf, Protocol::V311, u32::MAX).expect("decode") {
-                return Some(p);
-            }
-            let mut chunk = [0u8; 64 << 10];
-            match self.stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    }
-
-    fn subscribe(&mut self, filter: &str, qos: QoS) {
-        self.send(&Packet::Subscribe(Subscribe {
-            packet_id: 1,
-            subscriptions: vec![Subscription {
-                filter: MqttString::new(filter).expect("filter"),
-                options: SubscriptionOptions {
-                    qos,
-                    ..SubscriptionOptions::default()
-                },
-            }],
-            properties: Default::default(),
-        }));
-        match self.recv() {
-            Some(Packet::SubAck(_)) => {}
-            other => panic!("SUBACK expected, got {other:?}"),
-        }
-    }
-
-    /// Publishes `count` messages from `topic(i)` pipelined at `qos`, then
-    /// waits for the PUBACK of a final QoS 1 message (all before it are
-    /// routed by then).
-    fn publish_all(
-        &mut self,
-        count: usize,
-        qos: QoS,
-        retain: bool,
-        topic: impl Fn(usize) -> String,
-        payload: Bytes,
-    ) {
-        let mut reader = Client {
-            stream: self.stream.try_clone().expect("clone"),
-            buf: BytesMut::new(),
-        };
-        let acks = if qos == QoS::AtMostOnce { 0 } else { count };
-        let counter = std::thread::spawn(move || {
-            let mut got = 0;
-            while got < acks + 1 {
-                match reader.recv() {
-                    Some(Packet::PubAck(_)) => got += 1,
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-            got
-        });
-        let mut out = BytesMut::with_capacity(1 << 20);
-        for i in 0..count {
-            Packet::Publish(Publish {
-                topic: MqttString::new(&topic(i)).expect("topic"),
-                qos,
-                retain,
-                packet_id: if qos == QoS::AtMostOnce {
-                    0
-                } else {
-                    (i % 60_000 + 1) as u16
-                },
-                payload: payload.clone(),
-                ..Publish::default()
-            })
-            .encode(Protocol::V311, &mut out)
-            .expect("encode");
-            if out.len() > 256 << 10 {
-                self.stream.write_all(&out).expect("write");
-                out.clear();
-            }
-        }
-        Packet::Publish(Publish {
-            topic: MqttString::new("sync").expect("topic"),
-            qos: QoS::AtLeastOnce,
-            packet_id: 60_001,
-            ..Publish::default()
-        })
-        .encode(Protocol::V311, &mut out)
-        .expect("encode");
-        self.stream.write_all(&out).expect("write");
-        let got = counter.join().expect("ack reader");
-        assert_eq!(got, acks + 1, "every publish acknowledged");
-    }
-}
+use bytes::Bytes;
+use common::Args;
+use common::proc::{Broker, Client, Sampler};
+use ferrymq_codec::{Packet, PubAck, QoS};
 
 /// One retained replay: (arrived, seconds, peak RSS growth KiB, RSS before KiB).
 fn retained_replay(
@@ -393,7 +136,10 @@ fn main() {
     for &count in &retained_counts {
         for (make, qoses) in [
             (Broker::mosquitto as fn() -> Broker, &[QoS::AtMostOnce][..]),
-            (Broker::ferrymq, &[QoS::AtMostOnce, QoS::AtLeastOnce][..]),
+            (
+                || Broker::ferrymq(""),
+                &[QoS::AtMostOnce, QoS::AtLeastOnce][..],
+            ),
         ] {
             let broker = make();
             for (i, &qos) in qoses.iter().enumerate() {
@@ -422,7 +168,7 @@ fn main() {
         settle.as_secs()
     );
     println!("|---|---:|---:|---:|---:|");
-    for make in [Broker::mosquitto as fn() -> Broker, Broker::ferrymq] {
+    for make in [Broker::mosquitto as fn() -> Broker, || Broker::ferrymq("")] {
         let broker = make();
         let (before, peak, after) = burst(&broker, subscribers, messages, settle);
         println!(

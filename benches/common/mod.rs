@@ -13,6 +13,8 @@ use ferrymq_config::{Bridge, BridgeAddress, BridgeKind, Config, Direction, Forwa
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod proc;
+
 /// The program's command line.
 pub struct Args(Vec<String>);
 
