@@ -27,6 +27,10 @@
 //! - the retained messages are the last acknowledged retained publish of
 //!   each topic (a clear removes it).
 //!
+//! The broker is bridged to a real Mosquitto through a link that is cut
+//! and restored at random (a generator of its own): every acknowledged
+//! publish must reach the upstream, first arrivals in order per publisher.
+//!
 //! Two more clients are the members of one shared subscription group
 //! (`$share/g/t/#`, persistent, QoS 2), with their own generator: they
 //! drain now and then, are taken over, disconnect and return, and go
@@ -44,12 +48,18 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "../bridge/tests/common/mosquitto.rs"]
+#[allow(dead_code)]
+mod mosquitto;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::link::{Link, Mode};
 use common::*;
 use ferrymq_codec::{
     Packet, Protocol, PubAck, Publish, QoS, Subscribe, Subscription, SubscriptionOptions,
@@ -423,14 +433,98 @@ fn will_note(client: &Client) -> String {
         .unwrap_or_default()
 }
 
-fn start(data: &Path) -> Broker {
-    Broker::start_at(data, "[storage]\nmax_queued_messages = 100000")
+/// The broker, bridged through `link` to the upstream: `t/#` goes up as
+/// `up/t/#`.
+fn start(data: &Path, link: &Link) -> Broker {
+    Broker::start_at(
+        data,
+        &format!(
+            "[storage]\nmax_queued_messages = 100000\n\
+             [[bridge]]\nname = \"up\"\naddresses = [\"{}\"]\nkeepalive_secs = 2\n\
+             connect_timeout_secs = 2\nreconnect_min_ms = 50\nreconnect_max_ms = 300\n\
+             [[bridge.forward]]\nfilter = \"t/#\"\nremote_prefix = \"up/\"\nqos = 1\n",
+            link.addr()
+        ),
+    )
+}
+
+/// The upstream's subscriber to everything the bridge brings (`up/#`),
+/// in a thread until `stop`: the ids in arrival order.
+fn observe(upstream: std::net::SocketAddr, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<MsgId>>> {
+    let seen: Arc<Mutex<Vec<MsgId>>> = Arc::default();
+    let mut raw = Raw::connect(upstream, Protocol::V311, "torture-upstream");
+    raw.send(&subscribe_qos1("up/#"));
+    assert!(matches!(raw.recv(), Some(Packet::SubAck(_))));
+    let out = seen.clone();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match raw.poll_for(Duration::from_millis(100)) {
+                Polled::Packet(Packet::Publish(p)) => {
+                    if p.qos != QoS::AtMostOnce {
+                        raw.send(&Packet::PubAck(PubAck::new(p.packet_id)));
+                    }
+                    out.lock().unwrap().push(parse(&p.payload));
+                }
+                Polled::Closed => return,
+                _ => {}
+            }
+        }
+    });
+    seen
+}
+
+/// The bridge's promise: every acknowledged publish reached the upstream
+/// (at least once: the uplink is plain MQTT), first arrivals in publish
+/// order per publisher, however often the link was cut and the broker
+/// killed. Waits (at most 20 s) for the backlog to drain.
+fn check_upstream(seen: &Mutex<Vec<MsgId>>, expected: &BTreeSet<MsgId>, run: &Run) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let missing = loop {
+        let got: BTreeSet<MsgId> = seen.lock().unwrap().iter().copied().collect();
+        let missing: Vec<MsgId> = expected.difference(&got).copied().collect();
+        if missing.is_empty() || std::time::Instant::now() > deadline {
+            break missing;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if !missing.is_empty() {
+        run.fail_about(
+            &format!(
+                "the upstream lost {} acknowledged messages: {missing:?}",
+                missing.len()
+            ),
+            missing.iter().map(|id| id.0),
+        );
+    }
+    let mut last: HashMap<usize, u32> = HashMap::new();
+    let mut first = BTreeSet::new();
+    for &(publisher, n) in seen.lock().unwrap().iter() {
+        if !first.insert((publisher, n)) {
+            continue;
+        }
+        if let Some(&before) = last.get(&publisher)
+            && n < before
+        {
+            run.fail_about(
+                &format!("the upstream got {publisher}:{n} after {publisher}:{before}"),
+                [publisher],
+            );
+        }
+        last.insert(publisher, n);
+    }
 }
 
 fn run(seed: u64, steps: usize) {
     let mut rng = Rng::new(seed);
     let data = tempfile::tempdir().unwrap();
-    let mut broker = start(data.path());
+    // The upstream, through a link that is cut now and then.
+    let upstream = mosquitto::Mosquitto::start("max_queued_messages 100000");
+    let stop_observer = Arc::new(AtomicBool::new(false));
+    let upstream_seen = observe(upstream.addr(), stop_observer.clone());
+    let link = Link::new(upstream.addr(), Mode::Pass);
+    let mut link_up = true;
+    let mut link_rng = Rng::new(seed ^ 0x1F4C_0000_0001);
+    let mut broker = start(data.path(), &link);
     let mut run = Run {
         seed,
         log: Vec::new(),
@@ -464,6 +558,14 @@ fn run(seed: u64, steps: usize) {
     let mut exactly_once: BTreeSet<MsgId> = BTreeSet::new();
     for step in 0..steps {
         group_step(&mut members, &mut group_rng, &broker, step, &mut run);
+        if link_rng.below(100) < 3 {
+            link_up = !link_up;
+            link.set(if link_up { Mode::Pass } else { Mode::Down });
+            run.log.push(format!(
+                "{step}: link {}",
+                if link_up { "restored" } else { "cut" }
+            ));
+        }
         let c = rng.below(CLIENTS);
         let op = rng.below(100);
         if clients[c].conn.is_none() && op < 90 {
@@ -614,7 +716,7 @@ fn run(seed: u64, steps: usize) {
             _ => {
                 run.log.push(format!("{step}: SIGKILL and restart"));
                 broker.kill();
-                broker = start(data.path());
+                broker = start(data.path(), &link);
                 for client in &mut clients {
                     // The broker died with the connection: its will may
                     // come (once) or not.
@@ -648,6 +750,10 @@ fn run(seed: u64, steps: usize) {
         member.drain(QUIET * 4);
     }
     check_group(&members, &group_expected, &exactly_once, &run);
+    // Every acknowledged publish matched the bridge's `t/#`.
+    link.set(Mode::Pass);
+    check_upstream(&upstream_seen, &group_expected, &run);
+    stop_observer.store(true, Ordering::Relaxed);
     let wills: BTreeSet<MsgId> = watcher.received.iter().copied().collect();
     let missing: Vec<&MsgId> = watcher.expected.difference(&wills).collect();
     let unexpected: Vec<&MsgId> = wills
@@ -759,9 +865,12 @@ fn run(seed: u64, steps: usize) {
     }
     let delivered: usize = clients.iter().map(|c| c.expected.len()).sum();
     let kills = run.log.iter().filter(|l| l.contains("SIGKILL")).count();
+    let cuts = run.log.iter().filter(|l| l.contains("link cut")).count();
+    let upstream_arrivals = upstream_seen.lock().unwrap().len();
     eprintln!(
         "torture seed {seed}: {steps} steps, {kills} kills, {delivered} deliveries checked, \
-         {} for the shared group, {} wills that had to come, {} that must not",
+         {} for the shared group and the upstream ({upstream_arrivals} arrivals there, \
+         {cuts} link cuts), {} wills that had to come, {} that must not",
         group_expected.len(),
         watcher.expected.len(),
         watcher.forbidden.len()
