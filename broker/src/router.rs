@@ -242,10 +242,9 @@ impl Router {
         let start = out.len();
         {
             let tree = self.tree.read();
-            let levels: Vec<&str> = topic.split('/').collect();
             // [MQTT-4.7.2-1]: a wildcard first level does not match `$` topics.
             let dollar = topic.starts_with('$');
-            collect(&tree, &levels, !dollar, origin, out);
+            collect(&tree, topic, !dollar, origin, out);
         }
         merge_by_session(out, start);
     }
@@ -283,27 +282,78 @@ fn to_route(s: &Subscriber) -> Route {
     }
 }
 
-/// Collects the subscriptions matching a topic's `levels`. The walk keeps
-/// its frontier in a heap stack, never in the call stack, so its depth is
+/// The level of `topic` that starts at byte `at`, and where the next one
+/// starts; `None` past the last level. (`a/` has the levels `a` and ``.)
+fn level_at(topic: &str, at: usize) -> Option<(&str, usize)> {
+    let rest = topic.get(at..)?;
+    let len = rest.find('/').unwrap_or(rest.len());
+    Some((&rest[..len], at + len + 1))
+}
+
+/// A walk's frontier: (node, where its next level starts in the topic,
+/// whether wildcards match there). It grows by at most one entry a level,
+/// so the first [`Frontier::INLINE`] entries live inline and a topic of
+/// that many levels matches without allocating; deeper ones spill to the
+/// heap, never to the call stack.
+struct Frontier<'t> {
+    inline: [Option<(&'t Node, usize, bool)>; Frontier::INLINE],
+    len: usize,
+    spilled: Vec<(&'t Node, usize, bool)>,
+}
+
+impl<'t> Frontier<'t> {
+    const INLINE: usize = 16;
+
+    fn new() -> Frontier<'t> {
+        Frontier {
+            inline: [None; Frontier::INLINE],
+            len: 0,
+            spilled: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, entry: (&'t Node, usize, bool)) {
+        if self.len < Frontier::INLINE {
+            self.inline[self.len] = Some(entry);
+            self.len += 1;
+        } else {
+            self.spilled.push(entry);
+        }
+    }
+
+    fn pop(&mut self) -> Option<(&'t Node, usize, bool)> {
+        if let Some(entry) = self.spilled.pop() {
+            return Some(entry);
+        }
+        self.len = self.len.checked_sub(1)?;
+        self.inline[self.len].take()
+    }
+}
+
+/// Collects the subscriptions matching `topic`. The walk keeps its
+/// frontier in a [`Frontier`], never in the call stack, so its depth is
 /// bounded by nothing a client sends; the work is one step per tree node
-/// the topic reaches. `wildcards` is false at the root of a `$` topic.
-fn collect(root: &Node, levels: &[&str], wildcards: bool, origin: SessionId, out: &mut Vec<Route>) {
+/// the topic reaches, and nothing is allocated for the topic's levels
+/// (each is found in place). `wildcards` is false at the root of a `$`
+/// topic.
+fn collect(root: &Node, topic: &str, wildcards: bool, origin: SessionId, out: &mut Vec<Route>) {
     let matching = |s: &&Subscriber| !(s.no_local && s.session == origin);
-    let mut stack = vec![(root, 0usize, wildcards)];
-    while let Some((node, depth, wildcards)) = stack.pop() {
+    let mut frontier = Frontier::new();
+    frontier.push((root, 0, wildcards));
+    while let Some((node, at, wildcards)) = frontier.pop() {
         if wildcards {
             // `a/#` matches `a` and everything below it.
             out.extend(node.hash.iter().filter(matching).map(to_route));
         }
-        let Some(level) = levels.get(depth) else {
+        let Some((level, next)) = level_at(topic, at) else {
             out.extend(node.here.iter().filter(matching).map(to_route));
             continue;
         };
-        if let Some(child) = node.children.get(*level) {
-            stack.push((child, depth + 1, true));
+        if let Some(child) = node.children.get(level) {
+            frontier.push((child, next, true));
         }
         if let (true, Some(plus)) = (wildcards, &node.plus) {
-            stack.push((plus, depth + 1, true));
+            frontier.push((plus, next, true));
         }
     }
 }
@@ -380,12 +430,16 @@ pub struct RouteCache {
     generation: u64,
     /// The publisher the routes were made for (No Local depends on it).
     origin: SessionId,
-    entries: HashMap<Box<str>, Arc<[Route]>>,
+    /// Routes per topic, and whether they were asked for again since the
+    /// last sweep.
+    entries: HashMap<Box<str>, (Arc<[Route]>, bool)>,
     scratch: Vec<Route>,
 }
 
-/// Entries kept per connection before the cache starts over; a publisher
-/// cycling through more topics than this pays a tree walk per publish.
+/// Entries kept per connection. When full, a sweep drops the entries not
+/// asked for again since the last sweep (second chance), or half of them
+/// when every one was: a publisher's steady topics stay cached, one
+/// cycling through more topics than this pays a tree walk for most.
 const ROUTE_CACHE_ENTRIES: usize = 256;
 
 impl Default for RouteCache {
@@ -408,17 +462,31 @@ impl RouteCache {
             self.entries.clear();
             self.generation = generation;
             self.origin = origin;
-        } else if let Some(routes) = self.entries.get(topic) {
+        } else if let Some((routes, used)) = self.entries.get_mut(topic) {
+            *used = true;
             return routes.clone();
         }
         self.scratch.clear();
         router.routes(topic, origin, &mut self.scratch);
         let routes: Arc<[Route]> = self.scratch.drain(..).collect();
         if self.entries.len() >= ROUTE_CACHE_ENTRIES {
-            self.entries.clear();
+            self.sweep();
         }
-        self.entries.insert(topic.into(), routes.clone());
+        self.entries.insert(topic.into(), (routes.clone(), false));
         routes
+    }
+
+    /// Makes room: drops what was not asked for since the last sweep, or
+    /// every other entry when all were.
+    fn sweep(&mut self) {
+        self.entries.retain(|_, (_, used)| std::mem::take(used));
+        if self.entries.len() >= ROUTE_CACHE_ENTRIES {
+            let mut keep = false;
+            self.entries.retain(|_, _| {
+                keep = !keep;
+                keep
+            });
+        }
     }
 }
 
@@ -542,6 +610,58 @@ pub(crate) mod tests {
         assert_eq!(cache.routes(&router, "a", SessionId(9)).len(), 1);
         router.unsubscribe("a", SessionId(1));
         assert_eq!(cache.routes(&router, "a", SessionId(9)).len(), 0);
+    }
+
+    #[test]
+    fn topics_around_the_inline_frontier_match_like_the_reference() {
+        // Up to 20 levels: the walk's frontier spills past 16.
+        let router = Router::default();
+        let mut filters = Vec::new();
+        for n in 1..=20usize {
+            let exact = vec!["x"; n].join("/");
+            let pluses = vec!["+"; n].join("/");
+            let mut hash = vec!["x"; n - 1];
+            hash.push("#");
+            filters.extend([exact, pluses, hash.join("/")]);
+        }
+        for (i, f) in filters.iter().enumerate() {
+            router.subscribe(f, sub(i as u64, QoS::AtMostOnce));
+        }
+        for n in 1..=20usize {
+            let topic = vec!["x"; n].join("/");
+            let want: Vec<(u64, QoS)> = filters
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| matches(f, &topic))
+                .map(|(i, _)| (i as u64, QoS::AtMostOnce))
+                .collect();
+            assert_eq!(sessions(&router, &topic), want, "{n} levels");
+        }
+    }
+
+    #[test]
+    fn a_full_route_cache_keeps_the_topics_asked_for_again() {
+        let router = Router::default();
+        router.subscribe("#", sub(1, QoS::AtMostOnce));
+        let mut cache = RouteCache::default();
+        let origin = SessionId(9);
+        cache.routes(&router, "hot", origin);
+        for i in 0..2 * ROUTE_CACHE_ENTRIES {
+            cache.routes(&router, &format!("cold/{i}"), origin);
+            cache.routes(&router, "hot", origin);
+        }
+        assert!(cache.entries.contains_key("hot"));
+        assert!(cache.entries.len() <= ROUTE_CACHE_ENTRIES);
+        // Every entry asked for again: a sweep keeps half of them.
+        let mut cache = RouteCache::default();
+        for round in 0..2 {
+            for i in 0..ROUTE_CACHE_ENTRIES {
+                cache.routes(&router, &format!("steady/{i}"), origin);
+            }
+            assert_eq!(cache.entries.len(), ROUTE_CACHE_ENTRIES, "round {round}");
+        }
+        cache.routes(&router, "new", origin);
+        assert_eq!(cache.entries.len(), ROUTE_CACHE_ENTRIES / 2 + 1);
     }
 
     fn filter() -> impl Strategy<Value = String> {
