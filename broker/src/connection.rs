@@ -12,7 +12,6 @@
 //! then applies its `queue_full` policy) until the client catches up;
 //! other clients never wait for it.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,13 +35,15 @@ use crate::auth::{AuthExchange, AuthMethod, AuthStep};
 use crate::bridge_session;
 use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish, RouteOutcome};
 use crate::ferry;
+use crate::ferry::strip_ferry_properties;
+use crate::lifecycle::{delay_will, end_session, publish_will_message, will_message};
 use crate::message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
 use crate::outbox::Delivery;
 use crate::outbox::{Outbox, Pop, QueueLimits};
-use crate::publish::{self, Parked, Routing};
+use crate::publish::{self, Parked, ParkedOn, Routing, wait_for_room};
 use crate::rate::PublishRate;
 use crate::router::{RouteCache, Subscriber};
-use crate::session::{Control, Inflight, SessionState};
+use crate::session::{Control, SessionState};
 use crate::shared_sub::{Member, SharedGroup};
 use crate::shed;
 use crate::state::STAMP_PROPERTY;
@@ -587,9 +588,6 @@ struct Turn {
     /// The free space the read is offered.
     offered: usize,
 }
-
-/// The full outbox a parked publish waits on, and the publish's size.
-type ParkedOn = (Arc<Outbox>, usize);
 
 type RareWait<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;
 
@@ -2001,23 +1999,6 @@ async fn authenticate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     .map_err(|_| "authentication timed out".to_string())?
 }
 
-/// Waits until `outbox` has room for `size` bytes. Cancel-safe.
-async fn wait_for_room(target: Option<ParkedOn>) {
-    let Some((outbox, size)) = target else {
-        return std::future::pending().await;
-    };
-    loop {
-        let space = outbox.space();
-        tokio::pin!(space);
-        // Register before checking, so a pop in between is not missed.
-        space.as_mut().enable();
-        if outbox.has_room(size) || !outbox.is_online() {
-            return;
-        }
-        space.await;
-    }
-}
-
 /// Checks who the client is (when no enhanced authentication method
 /// did): a user name must come with its password when `[auth]
 /// password_file` is set; without one (or without a password file) the
@@ -2093,150 +2074,6 @@ pub(crate) fn too_many_levels(shared: &Shared, client_id: &str, what: &str, topi
             max = shared.config().limits.max_topic_levels,
             "refused a {what} with more levels than limits.max_topic_levels: {start}..."
         );
-    }
-}
-
-/// Publishes `message` (a will) after `delay`, unless the returned handle
-/// is dropped first (the session resumed) or used to publish it earlier
-/// (the session ended first). `record`, if given, is written back once the
-/// will went out, so a restart does not publish it again.
-pub(crate) fn delay_will(
-    shared: &Shared,
-    message: Arc<Message>,
-    delay: Duration,
-    record: Option<SessionRecord>,
-) -> crate::session::PendingWill {
-    let (trigger, fired) = tokio::sync::oneshot::channel::<()>();
-    let this = shared.this.clone();
-    tokio::spawn(async move {
-        let (publish, on_time) = tokio::select! {
-            _ = tokio::time::sleep(delay) => (true, true),
-            early = fired => (early.is_ok(), false),
-        };
-        if let (true, Some(shared)) = (publish, this.upgrade()) {
-            publish_will_message(&shared, message, &mut RouteCache::default());
-            if let (true, Some(record)) = (on_time, record) {
-                storage::write(shared.store.as_ref(), vec![StoreOp::SessionPut(record)]);
-            }
-        }
-    });
-    crate::session::PendingWill(trigger)
-}
-
-/// The message a will becomes: a client's will never carries a message
-/// id or a state stamp (see `Conn::message_id`).
-fn will_message(will: Will, origin: SessionId) -> Arc<Message> {
-    let mut message = Message {
-        topic: will.topic,
-        payload: will.payload,
-        qos: will.qos,
-        retain: will.retain,
-        properties: ferrymq_codec::PublishProperties {
-            payload_format_indicator: will.properties.payload_format_indicator,
-            message_expiry_interval: will.properties.message_expiry_interval,
-            content_type: will.properties.content_type,
-            response_topic: will.properties.response_topic,
-            correlation_data: will.properties.correlation_data,
-            user_properties: will.properties.user_properties,
-            ..Default::default()
-        },
-        origin,
-        expires_at: Message::expiry_from(will.properties.message_expiry_interval, Instant::now()),
-        holders: Default::default(),
-    };
-    strip_ferry_properties(&mut message.properties);
-    Arc::new(message)
-}
-
-/// Removes the `ferry-id` and `ferry-stamp` user properties.
-fn strip_ferry_properties(properties: &mut ferrymq_codec::PublishProperties) {
-    properties
-        .user_properties
-        .retain(|(k, _)| k.as_str() != MESSAGE_ID_PROPERTY && k.as_str() != STAMP_PROPERTY);
-}
-
-/// Routes a will like a publish from its (gone) client.
-pub(crate) fn publish_will_message(
-    shared: &Shared,
-    message: Arc<Message>,
-    routes: &mut RouteCache,
-) {
-    if bridge_session::is_reserved(message.topic.as_str()) {
-        warn!(topic = %message.topic, "will dropped: its topic is reserved for the bridges");
-        return;
-    }
-    shared
-        .stats
-        .received
-        .count(message.qos, message.payload.len());
-    // A will never blocks its (gone) publisher: under `block` a full queue
-    // keeps it waiting in a task of its own.
-    match publish::route(shared, routes, message, None, false, None, true) {
-        Routing::Done(_) => {}
-        Routing::Blocked(parked) => {
-            if let Some(shared) = shared.this.upgrade() {
-                tokio::spawn(async move {
-                    let mut parked = parked;
-                    loop {
-                        wait_for_room(Some((parked.outbox().clone(), parked.size()))).await;
-                        match publish::resume(&shared, parked) {
-                            Routing::Done(_) => break,
-                            Routing::Blocked(p) => parked = p,
-                        }
-                    }
-                });
-            }
-        }
-    }
-}
-
-/// Ends a session: its subscriptions leave the router, its queue is
-/// discarded, and its stored state is deleted.
-pub(crate) fn end_session(shared: &Shared, mut state: SessionState, batch: &mut Batch<'_>) {
-    // A will still waiting for its delay goes out now: the session ended first.
-    if let Some(will) = state.pending_will.take() {
-        will.publish_now();
-    }
-    for filter in state.subscriptions.keys() {
-        shared.router.unsubscribe(filter, SessionId(state.number));
-    }
-    // Unacknowledged QoS 1 messages pulled from shared groups go back to
-    // their group for another member; QoS 2 ones stay with this session
-    // (and end with it).
-    let mut returned: HashMap<u64, (Arc<SharedGroup>, Vec<Delivery>)> = HashMap::new();
-    for inflight in std::mem::take(&mut state.inflight).into_values() {
-        if let Inflight::Sent(d) = inflight
-            && d.qos == QoS::AtLeastOnce
-            && let Some(group) = d.group.clone()
-        {
-            returned
-                .entry(group.number)
-                .or_insert_with(|| (group, Vec::new()))
-                .1
-                .push(d);
-        }
-    }
-    for (_, (group, member)) in std::mem::take(&mut state.groups) {
-        shared.groups.leave(shared, &group, member.session);
-    }
-    for (group, mut deliveries) in returned.into_values() {
-        deliveries.sort_by_key(|d| d.seq);
-        let deliveries = deliveries
-            .into_iter()
-            .map(|mut d| {
-                d.group = None;
-                d.identifiers = None;
-                d
-            })
-            .collect();
-        group.give_back(deliveries);
-    }
-    state.outbox.close();
-    if state.stored {
-        batch.push(StoreOp::SessionDelete {
-            client_id: state.client_id.clone(),
-            number: state.number,
-        });
     }
 }
 

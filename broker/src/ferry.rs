@@ -21,6 +21,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ferrymq_codec::{MqttString, PublishProperties, QoS};
 
 use crate::message::{MESSAGE_ID_PROPERTY, MessageId};
+use crate::state::STAMP_PROPERTY;
 use crate::storage::record::{Cursor, put_properties, put_string};
 
 /// The topic a batch is published on (a `$` topic: no wildcard
@@ -199,6 +200,13 @@ pub fn decode_batch(frame: &[u8], max_bytes: usize) -> Result<Vec<BatchRecord>, 
         return Err(BatchError::Malformed("trailing bytes"));
     }
     Ok(records)
+}
+
+/// Removes the `ferry-id` and `ferry-stamp` user properties.
+pub(crate) fn strip_ferry_properties(properties: &mut ferrymq_codec::PublishProperties) {
+    properties
+        .user_properties
+        .retain(|(k, _)| k.as_str() != MESSAGE_ID_PROPERTY && k.as_str() != STAMP_PROPERTY);
 }
 
 #[cfg(test)]

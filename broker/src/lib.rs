@@ -49,6 +49,7 @@ pub mod ferry;
 #[doc(hidden)]
 pub mod fuzzing;
 mod level_tree;
+mod lifecycle;
 pub mod memory;
 mod message;
 mod outbox;
@@ -900,7 +901,7 @@ fn restore(shared: &Shared, recovered: Recovered) {
                 wills_gone.push(storage::StoreOp::SessionPut(record));
             } else {
                 let delay = Duration::from_millis(will.due_ms - now_ms);
-                state.pending_will = Some(connection::delay_will(
+                state.pending_will = Some(lifecycle::delay_will(
                     shared,
                     will.message,
                     delay,
@@ -927,7 +928,7 @@ fn restore(shared: &Shared, recovered: Recovered) {
     bridge_session::ensure(shared, |_| true);
     bridge_session::retire_removed(shared);
     for message in due_wills {
-        connection::publish_will_message(shared, message, &mut router::RouteCache::default());
+        lifecycle::publish_will_message(shared, message, &mut router::RouteCache::default());
     }
     if !wills_gone.is_empty() {
         storage::write(shared.store.as_ref(), wills_gone);
@@ -951,7 +952,7 @@ async fn expire_sessions(shared: Arc<Shared>) {
         for state in expired {
             info!(client_id = %state.client_id, "session expired");
             Stats::add(&shared.stats.sessions_expired, 1);
-            connection::end_session(&shared, state, &mut batch);
+            lifecycle::end_session(&shared, state, &mut batch);
         }
         batch.submit();
     }

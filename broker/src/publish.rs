@@ -420,3 +420,24 @@ pub(crate) fn queue_retained(shared: &Shared, outbox: &Outbox, filter: &str, gra
         batch.submit();
     }
 }
+
+/// A publish parked on a full queue: the queue, and the size it waits
+/// room for.
+pub(crate) type ParkedOn = (Arc<Outbox>, usize);
+
+/// Waits until `outbox` has room for `size` bytes. Cancel-safe.
+pub(crate) async fn wait_for_room(target: Option<ParkedOn>) {
+    let Some((outbox, size)) = target else {
+        return std::future::pending().await;
+    };
+    loop {
+        let space = outbox.space();
+        tokio::pin!(space);
+        // Register before checking, so a pop in between is not missed.
+        space.as_mut().enable();
+        if outbox.has_room(size) || !outbox.is_online() {
+            return;
+        }
+        space.await;
+    }
+}
