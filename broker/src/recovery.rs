@@ -87,20 +87,24 @@ pub(crate) fn restore(shared: &Shared, recovered: Recovered) {
         }
     }
     let limits = connection::queue_limits(shared);
+    // A recovered queue (a group's or a session's), its backlog on disk.
+    let queue = |number, summary, skip| {
+        Outbox::recovered(
+            number,
+            limits,
+            summary,
+            skip,
+            store.clone(),
+            shared.identity.first_seq(),
+            shared.queue_memory.clone(),
+        )
+    };
     for g in recovered.groups {
         if too_deep(&g.filter) {
             continue;
         }
         let skip = in_flight.remove(&g.number).unwrap_or_default();
-        let outbox = Outbox::recovered(
-            g.number,
-            limits,
-            g.queue,
-            skip,
-            store.clone(),
-            shared.identity.first_seq(),
-            shared.queue_memory.clone(),
-        );
+        let outbox = queue(g.number, g.queue, skip);
         shared
             .groups
             .restore(shared, g.number, g.name, g.filter, outbox);
@@ -137,15 +141,7 @@ pub(crate) fn restore(shared: &Shared, recovered: Recovered) {
             continue;
         }
         let skip = in_flight.remove(&number).unwrap_or_default();
-        let outbox = Outbox::recovered(
-            number,
-            limits,
-            s.queue,
-            skip,
-            store.clone(),
-            shared.identity.first_seq(),
-            shared.queue_memory.clone(),
-        );
+        let outbox = queue(number, s.queue, skip);
         if let Some((messages, bytes)) =
             connection::session_bounds(shared, s.record.client_id.as_str())
         {
