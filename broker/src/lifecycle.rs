@@ -144,7 +144,7 @@ pub(crate) fn end_session(shared: &Shared, mut state: SessionState, batch: &mut 
         let deliveries = deliveries
             .into_iter()
             .map(|mut d| {
-                d.group = None;
+                // The group's queue adds no identifiers of its own.
                 d.identifiers = None;
                 d
             })

@@ -208,13 +208,17 @@ impl QueueMemory {
         limit != 0 && self.used().saturating_add(more) > limit
     }
 
-    /// Whether a queue whose entries charged `charged` and cost `now`
-    /// would take the total past the bound with `more` bytes, and whether
-    /// `mine` (what it holds, payloads included) would go past its share.
-    fn over_share(&self, charged: usize, now: usize, more: usize, mine: usize) -> bool {
+    /// Whether queue `q` (its entries charged `q.charged` at the last
+    /// settle and cost `q.footprint()` now, its payloads changed by
+    /// `q.payload_delta` since) would take the total past the bound with
+    /// `more` bytes, and itself (what it holds, payloads included) past its
+    /// share.
+    fn over_share(&self, q: &Queue, more: usize) -> bool {
         let limit = self.limit.load(Ordering::Relaxed);
-        let total = (self.used() + now).saturating_sub(charged) + more;
-        limit != 0 && total > limit && mine + more > self.share()
+        let total = self.used() as isize + q.footprint() as isize - q.charged as isize
+            + q.payload_delta
+            + more as isize;
+        limit != 0 && total > limit as isize && q.holding() + more > self.share()
     }
 
     /// What queuing one more delivery of `message` adds: its entry, and its
@@ -224,33 +228,20 @@ impl QueueMemory {
         ENTRY_COST + if shared { 0 } else { message.payload.len() }
     }
 
-    /// An entry now holds `message`: its payload counts from the first.
-    fn hold(&self, message: &Message) {
-        if message.holders.0.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.used
-                .fetch_add(message.payload.len(), Ordering::Relaxed);
-        }
-    }
-
-    /// An entry let `message` go: its payload counts until the last.
-    fn release(&self, message: &Message) {
-        if message.holders.0.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.used
-                .fetch_sub(message.payload.len(), Ordering::Relaxed);
-        }
-    }
-
     /// The bound divided among the queues holding something.
     fn share(&self) -> usize {
         self.limit.load(Ordering::Relaxed) / self.holders.load(Ordering::Relaxed).max(1)
     }
 
-    /// Moves a queue's charge from `from` to `to` bytes.
-    fn recharge(&self, from: usize, to: usize) {
-        if to > from {
-            self.used.fetch_add(to - from, Ordering::Relaxed);
-        } else if from > to {
-            self.used.fetch_sub(from - to, Ordering::Relaxed);
+    /// Moves a queue's charge for its entries from `from` to `to` bytes
+    /// and adds `payloads` (what its holds and releases changed): one
+    /// update of the shared total per push or pop.
+    fn recharge(&self, from: usize, to: usize, payloads: isize) {
+        let delta = to as isize - from as isize + payloads;
+        if delta > 0 {
+            self.used.fetch_add(delta.unsigned_abs(), Ordering::Relaxed);
+        } else if delta < 0 {
+            self.used.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
         }
         match (from, to) {
             (0, 1..) => {
@@ -261,6 +252,26 @@ impl QueueMemory {
             }
             _ => {}
         }
+    }
+}
+
+/// What an entry that now holds `message` adds to the payloads counted:
+/// its size, for the first entry holding it.
+fn held(message: &Message) -> isize {
+    if message.holders.0.fetch_add(1, Ordering::Relaxed) == 0 {
+        message.payload.len() as isize
+    } else {
+        0
+    }
+}
+
+/// What an entry that lets `message` go takes from the payloads counted:
+/// its size, for the last entry holding it.
+fn let_go(message: &Message) -> isize {
+    if message.holders.0.fetch_sub(1, Ordering::Relaxed) == 1 {
+        -(message.payload.len() as isize)
+    } else {
+        0
     }
 }
 
@@ -393,8 +404,12 @@ struct Queue {
     /// Limits set since the queue was made (a bridge's own bounds, or a
     /// reload's), replacing the ones it was made with.
     limits: Option<QueueLimits>,
-    /// What this queue has charged to the broker's [`QueueMemory`].
+    /// What this queue's entries have charged to the broker's
+    /// [`QueueMemory`] (at the last settle).
     charged: usize,
+    /// What its entries' holds and releases changed the payloads counted
+    /// by, since the last settle.
+    payload_delta: isize,
 }
 
 impl Queue {
@@ -462,10 +477,14 @@ pub struct Outbox {
 impl Drop for Outbox {
     fn drop(&mut self) {
         let q = self.queue.get_mut();
-        for entry in q.items.iter().chain(q.tail.iter()) {
-            self.memory.release(&entry.message);
-        }
-        self.memory.recharge(q.charged, 0);
+        let released: isize = q
+            .items
+            .iter()
+            .chain(q.tail.iter())
+            .map(|e| let_go(&e.message))
+            .sum();
+        self.memory
+            .recharge(q.charged, 0, q.payload_delta + released);
     }
 }
 
@@ -518,7 +537,8 @@ impl Outbox {
     /// now; called after every change under the lock.
     fn settle(&self, q: &mut Queue) {
         let now = q.footprint();
-        self.memory.recharge(q.charged, now);
+        self.memory
+            .recharge(q.charged, now, std::mem::take(&mut q.payload_delta));
         q.charged = now;
     }
 
@@ -662,10 +682,7 @@ impl Outbox {
     /// already and would go past its share ([`QueueMemory`]).
     fn full_by_memory(&self, q: &Queue, more: usize, stored: bool) -> bool {
         let on_disk_instead = self.spill && stored;
-        !(on_disk_instead || q.nothing_in_memory())
-            && self
-                .memory
-                .over_share(q.charged, q.footprint(), more, q.holding())
+        !(on_disk_instead || q.nothing_in_memory()) && self.memory.over_share(q, more)
     }
 
     /// Reads the next page of the backlog into memory, if there is one and
@@ -705,7 +722,7 @@ impl Outbox {
             disk.count = disk.count.saturating_sub(1);
             disk.bytes = disk.bytes.saturating_sub(size);
             q.bytes += size;
-            self.memory.hold(&record.message);
+            q.payload_delta += held(&record.message);
             q.items.push_back(Queued {
                 message: record.message,
                 qos: record.qos,
@@ -816,7 +833,7 @@ impl Outbox {
                     let Some(old) = q.items.pop_front().or_else(|| q.tail.pop_front()) else {
                         break;
                     };
-                    self.memory.release(&old.message);
+                    q.payload_delta += let_go(&old.message);
                     if q.bytes >= old.message.payload.len() {
                         q.bytes -= old.message.payload.len();
                     } else {
@@ -851,7 +868,7 @@ impl Outbox {
             disk.append(seq, size, store_ticket.max(delivery.ticket));
         } else if q.disk.is_some() {
             q.tail_bytes += size;
-            self.memory.hold(&delivery.message);
+            q.payload_delta += held(&delivery.message);
             push_grown(&mut q.tail, Queued::new(delivery));
         } else if spill
             && (memory_full || q.items.len() >= SPILL_MESSAGES || q.bytes + size > SPILL_BYTES)
@@ -866,7 +883,7 @@ impl Outbox {
             q.disk = Some(Box::new(disk));
         } else {
             q.bytes += size;
-            self.memory.hold(&delivery.message);
+            q.payload_delta += held(&delivery.message);
             push_grown(&mut q.items, Queued::new(delivery));
         }
         (
@@ -889,7 +906,7 @@ impl Outbox {
         for d in deliveries.into_iter().rev() {
             q.next_seq = q.next_seq.max(d.seq + 1);
             q.bytes += d.message.payload.len();
-            self.memory.hold(&d.message);
+            q.payload_delta += held(&d.message);
             q.items.push_front(Queued::new(d));
         }
         self.settle(&mut q);
@@ -947,7 +964,7 @@ impl Outbox {
         let Some(d) = q.items.pop_front() else {
             return Pop::Empty;
         };
-        self.memory.release(&d.message);
+        q.payload_delta += let_go(&d.message);
         q.bytes -= d.message.payload.len();
         shrink_drained(&mut q.items);
         Pop::Got(d.delivery(self.session_number))
@@ -974,12 +991,14 @@ impl Outbox {
         q.disk = None;
         let number = self.session_number;
         let queue = &mut *q;
+        let mut released = 0;
         let items: Vec<Delivery> = (queue.items.drain(..).chain(queue.tail.drain(..)))
             .map(|e| {
-                self.memory.release(&e.message);
+                released += let_go(&e.message);
                 e.delivery(number)
             })
             .collect();
+        q.payload_delta += released;
         self.settle(&mut q);
         drop(q);
         self.space.notify_waiters();
