@@ -265,9 +265,7 @@ impl Retained {
     /// message of the message's topic. Returns whether one existed before.
     pub fn set(&self, message: Arc<Message>, ticket: Ticket) -> bool {
         if message.payload.is_empty() {
-            let removed = remove(&mut self.tree.write().root, &message.topic);
-            self.counted(removed);
-            return removed;
+            return self.remove(&mut self.tree.write().root, &message.topic);
         }
         self.put(message, ticket).is_some()
     }
@@ -277,12 +275,22 @@ impl Retained {
         self.count.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Counts an entry removed (`removed`).
-    fn counted(&self, removed: bool) {
-        if removed {
-            self.count
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    /// Removes the entry of `topic` from the tree under `root` (its write
+    /// lock held) and prunes the nodes left empty; returns whether there
+    /// was one (then counted out).
+    fn remove(&self, root: &mut Node, topic: &str) -> bool {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let Some(node) = level_tree::descend_mut(root, &levels) else {
+            return false;
+        };
+        if node.entry.take().is_none() {
+            return false;
         }
+        self.count
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        // Dropped without recursion (see `Drop for Node`).
+        drop(level_tree::prune(root, &levels));
+        true
     }
 
     /// Holds `message` as its topic's entry, even with an empty payload (a
@@ -323,9 +331,7 @@ impl Retained {
         if !held(&tree.root, topic).is_some_and(|m| pred(m)) {
             return false;
         }
-        let removed = remove(&mut tree.root, topic);
-        self.counted(removed);
-        removed
+        self.remove(&mut tree.root, topic)
     }
 
     /// Removes the retained message of `topic` if it has expired at `now`;
@@ -407,19 +413,6 @@ fn held<'t>(root: &'t Node, topic: &str) -> Option<&'t Arc<Message>> {
 }
 
 /// Clears the entry of `topic` and prunes the nodes left empty.
-fn remove(root: &mut Node, topic: &str) -> bool {
-    let levels: Vec<&str> = topic.split('/').collect();
-    let Some(node) = level_tree::descend_mut(root, &levels) else {
-        return false;
-    };
-    if node.entry.take().is_none() {
-        return false;
-    }
-    // Dropped without recursion (see `Drop for Node`).
-    drop(level_tree::prune(root, &levels));
-    true
-}
-
 /// One page of a walk: a filter's levels, the levels of the topic the
 /// walk resumes after (empty: from the start), and the newest version
 /// to return.
