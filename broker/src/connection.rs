@@ -12,8 +12,10 @@
 //! then applies its `queue_full` policy) until the client catches up;
 //! other clients never wait for it.
 
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -33,6 +35,7 @@ use crate::Shared;
 use crate::acl::ClientAccess;
 use crate::auth::{AuthExchange, AuthMethod, AuthStep};
 use crate::bridge_session;
+use crate::doorbell::{ALARM, READY};
 use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish, RouteOutcome};
 use crate::ferry;
 use crate::ferry::strip_ferry_properties;
@@ -613,6 +616,170 @@ fn rare_waits(
     }))
 }
 
+/// What woke a connection's wait (see `Sources::poll`).
+enum Woke {
+    /// Something to do: take another turn.
+    Again,
+    /// Room in the full queue a parked publish waits on.
+    RoomMade,
+    /// The connection ends now.
+    Closed(Close),
+    /// The connection ends, after reading what the client sent last
+    /// (`Conn::last_words`).
+    Ending(Close),
+}
+
+/// A connection's keep-alive: the time of its last packet, and the
+/// deadline it has in the broker's keep-alive queue (`keepalive.rs`).
+struct KeepAliveWatch {
+    last_packet: Instant,
+    deadline: Option<Instant>,
+}
+
+impl KeepAliveWatch {
+    /// Puts the deadline in: `limit` after the last packet.
+    fn arm(
+        &mut self,
+        shared: &Shared,
+        limit: Option<Duration>,
+        control: &Control,
+        outbox: &Arc<Outbox>,
+    ) {
+        if let Some(limit) = limit {
+            let at = self.last_packet + limit;
+            shared
+                .keep_alive
+                .insert(at, control.connection, outbox.clone());
+            self.deadline = Some(at);
+        }
+    }
+
+    /// Takes the deadline out (the connection ends).
+    fn disarm(&mut self, shared: &Shared, control: &Control) {
+        if let Some(at) = self.deadline.take() {
+            shared.keep_alive.remove(at, control.connection);
+        }
+    }
+
+    /// On an alarm: whether the client has been silent for longer than
+    /// `limit`. If not, and the deadline put in has come (the keep-alive
+    /// task took it out when it rang), puts the next one in.
+    fn expired(
+        &mut self,
+        shared: &Shared,
+        limit: Option<Duration>,
+        control: &Control,
+        outbox: &Arc<Outbox>,
+    ) -> bool {
+        let (Some(limit), Some(at)) = (limit, self.deadline) else {
+            return false;
+        };
+        let now = Instant::now();
+        if now < at {
+            // An alarm for something else (a kick).
+            return false;
+        }
+        self.deadline = None;
+        if now >= self.last_packet + limit {
+            return true;
+        }
+        self.arm(shared, Some(limit), control, outbox);
+        false
+    }
+}
+
+/// What a connection's wait polls, borrowed from it for one poll.
+struct Sources<'c, R, W> {
+    io: &'c mut Io<R, W>,
+    control: &'c Control,
+    outbox: &'c Arc<Outbox>,
+    shared: &'c Shared,
+    shutdown: &'c watch::Receiver<bool>,
+    limit: Option<Duration>,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Sources<'_, R, W> {
+    /// Polls every source the turn wants, in this order: the kick, the
+    /// keep-alive deadline, the write, the read, the queue's doorbell, the
+    /// rare waits. Ready when any of them has something (a write and a
+    /// read may both be done in one poll); Pending when none has, each
+    /// holding the task's waker.
+    ///
+    /// Nothing here is lost when it returns: the write and read futures
+    /// are made and dropped within the poll (they do no I/O unless they
+    /// complete), the doorbell keeps the bits not taken, and `rare` is
+    /// kept by the caller across polls.
+    fn poll(
+        self,
+        cx: &mut Context<'_>,
+        turn: &Turn,
+        rare: &mut Option<RareWait<'_>>,
+        keep_alive: &mut KeepAliveWatch,
+    ) -> Poll<Woke> {
+        let wanted = if turn.drain != Drain::OutFull && turn.room {
+            ALARM | READY
+        } else {
+            ALARM
+        };
+        let rung = self.outbox.doorbell().take(cx, wanted);
+        if self.control.is_kicked() {
+            return Poll::Ready(if *self.shutdown.borrow() {
+                Woke::Closed(Close::Shutdown)
+            } else {
+                Woke::Ending(Close::TakenOver)
+            });
+        }
+        if rung & ALARM != 0
+            && keep_alive.expired(self.shared, self.limit, self.control, self.outbox)
+        {
+            return Poll::Ready(Woke::Closed(Close::KeepAlive));
+        }
+        // A taken READY is acted on by the next turn (it drains the queue).
+        let mut woke = (rung & READY != 0).then_some(Woke::Again);
+        let io = self.io;
+        if !io.out.is_empty() {
+            let written = std::pin::pin!(io.writer.write(&io.out)).poll(cx);
+            match written {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Woke::Ending(Close::Io(io::ErrorKind::WriteZero.into())));
+                }
+                Poll::Ready(Ok(n)) => {
+                    io.out.advance(n);
+                    woke = Some(Woke::Again);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Woke::Ending(Close::Io(e))),
+                Poll::Pending => {}
+            }
+        }
+        if turn.can_read {
+            let read = std::pin::pin!(io.reader.read_buf(&mut io.inbuf)).poll(cx);
+            match read {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Woke::Closed(Close::Eof)),
+                Poll::Ready(Ok(n)) => {
+                    keep_alive.last_packet = Instant::now();
+                    io.after_read(n, turn.offered);
+                    woke = Some(Woke::Again);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Woke::Closed(Close::Io(e))),
+                Poll::Pending => {}
+            }
+        }
+        if let Some(wait) = rare.as_mut()
+            && let Poll::Ready(made) = wait.as_mut().poll(cx)
+        {
+            *rare = None;
+            if made {
+                return Poll::Ready(Woke::RoomMade);
+            }
+            woke = Some(Woke::Again);
+        }
+        match woke {
+            Some(woke) => Poll::Ready(woke),
+            None => Poll::Pending,
+        }
+    }
+}
+
 /// How draining the outbox ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drain {
@@ -939,15 +1106,20 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     async fn run(&mut self, shutdown: &watch::Receiver<bool>) -> Close {
         // (No copies of `self`'s fields here: this future's size is what
         // every idle connection pays.)
-        let mut last_packet = Instant::now();
-        let keep_alive_timer =
-            tokio::time::sleep(self.keep_alive.unwrap_or(Duration::from_secs(86_400)));
-        tokio::pin!(keep_alive_timer);
-        loop {
+        let outbox = &self.engine.state.outbox;
+        // From here a kick rings the doorbell; one before was seen by the
+        // first wait's look at the flag.
+        self.control.listen(outbox);
+        let mut keep_alive = KeepAliveWatch {
+            last_packet: Instant::now(),
+            deadline: None,
+        };
+        keep_alive.arm(self.shared, self.keep_alive, &self.control, outbox);
+        let close = loop {
             // A shutdown kicks every connection holding a session; one
             // that attached after that sees the flag here.
             if *shutdown.borrow() {
-                return Close::Shutdown;
+                break Close::Shutdown;
             }
             // Everything that needs no waiting, then one wait. (The work is
             // done in a plain function, so its temporaries are not part of
@@ -959,84 +1131,39 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn()));
             let (turn, parked, throttled) = match turn {
                 Ok(Ok(turn)) => turn,
-                Ok(Err(close)) => return close,
-                Err(payload) => return Close::Panicked(panic_message(payload.as_ref())),
+                Ok(Err(close)) => break close,
+                Err(payload) => break Close::Panicked(panic_message(payload.as_ref())),
             };
-            let Turn {
-                drain,
-                can_read,
-                room,
-                offered,
-                ..
-            } = turn;
             // The waits most turns do not need (durability, room in a full
             // queue) are one boxed future, made only when needed: inline,
             // they would add to every idle connection's size.
             let mut rare = rare_waits(&mut self.durable, turn.need_durable, parked, throttled);
-            let mut room_made = false;
-            // Every branch is cancel-safe: `read_buf` and `write` do no I/O
-            // unless they complete, `kicked` and `ready` keep their permit
-            // when dropped, `changed` only observes values, the timer is
-            // re-armed each turn, and `wait_for_room` only waits. The
-            // select's value is why the connection ends, if it does (a
-            // value, not a variable, so that it is no part of this future).
-            let ending = tokio::select! {
-                biased;
-                _ = self.control.kicked() => {
-                    if *shutdown.borrow() {
-                        return Close::Shutdown;
-                    }
-                    Some(Close::TakenOver)
-                }
-                _ = &mut keep_alive_timer, if self.keep_alive.is_some() => {
-                    let limit = self.keep_alive.unwrap_or(Duration::MAX / 4);
-                    let deadline = last_packet + limit;
-                    if Instant::now() >= deadline {
-                        return Close::KeepAlive;
-                    }
-                    keep_alive_timer.as_mut().reset(deadline);
-                    None
-                }
-                written = self.io.writer.write(&self.io.out), if !self.io.out.is_empty() => {
-                    match written {
-                        Ok(0) => Some(Close::Io(io::ErrorKind::WriteZero.into())),
-                        Ok(n) => {
-                            self.io.out.advance(n);
-                            None
-                        }
-                        Err(e) => Some(Close::Io(e)),
-                    }
-                }
-                read = self.io.reader.read_buf(&mut self.io.inbuf), if can_read => {
-                    match read {
-                        Ok(0) => return Close::Eof,
-                        Ok(n) => {
-                            last_packet = Instant::now();
-                            self.io.after_read(n, offered);
-                            None
-                        }
-                        Err(e) => return Close::Io(e),
-                    }
-                }
-                // Also woken by shared groups with something to pull.
-                _ = self.engine.state.outbox.ready(), if drain != Drain::OutFull && room => None,
-                made = async { match rare.as_mut() {
-                    Some(wait) => wait.await,
-                    None => std::future::pending().await,
-                } }, if rare.is_some() => {
-                    room_made = made;
-                    None
-                }
-            };
+            // One wait on the socket, the doorbell and `rare`: polled by
+            // hand, so that an idle connection holds no future for any of
+            // them (the socket and the doorbell keep its waker).
+            let woke = std::future::poll_fn(|cx| {
+                let sources = Sources {
+                    io: &mut self.io,
+                    control: &self.control,
+                    outbox: &self.engine.state.outbox,
+                    shared: self.shared,
+                    shutdown,
+                    limit: self.keep_alive,
+                };
+                sources.poll(cx, &turn, &mut rare, &mut keep_alive)
+            })
+            .await;
             drop(rare);
-            if let Some(cause) = ending {
+            match woke {
+                Woke::Again => {}
+                Woke::RoomMade => self.resume_parked(),
+                Woke::Closed(close) => break close,
                 // Boxed: rare, and not to grow every idle connection.
-                return Box::pin(self.last_words(cause)).await;
+                Woke::Ending(cause) => break Box::pin(self.last_words(cause)).await,
             }
-            if room_made {
-                self.resume_parked();
-            }
-        }
+        };
+        keep_alive.disarm(self.shared, &self.control);
+        close
     }
 
     /// The connection ends for `cause`: another connection takes its

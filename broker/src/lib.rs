@@ -30,7 +30,9 @@
 //! queues), `storage` (the `Store` trait and the in-memory store),
 //! `client` (the in-process client), `server` (listeners), `data_dir`,
 //! `lifecycle` (wills, the end of a session), `recovery` (start-up),
-//! `shared` (what every task of one broker shares).
+//! `shared` (what every task of one broker shares), `doorbell` (a
+//! connection's one wake source besides its socket), `keepalive` (every
+//! connection's keep-alive deadline in one queue, served by one task).
 //! The packet codec is its own crate, `ferrymq-codec`.
 
 mod acl;
@@ -45,11 +47,15 @@ mod data_dir;
 mod dedup;
 #[cfg(test)]
 mod deep_tests;
+mod doorbell;
 mod engine;
 pub mod ferry;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(test)]
+mod idle_tests;
+mod keepalive;
 mod level_tree;
 mod lifecycle;
 pub mod memory;
@@ -453,6 +459,7 @@ impl Broker {
             shedding: shed::Shedding::default(),
             disk_low: std::sync::atomic::AtomicBool::new(false),
             listeners: parking_lot::Mutex::default(),
+            keep_alive: keepalive::KeepAlive::default(),
             this: this.clone(),
         });
         recovery::restore(&shared, recovered);
@@ -466,6 +473,13 @@ impl Broker {
             })
             .collect();
         let mut tasks = vec![tokio::spawn(expire_sessions(shared.clone()))];
+        {
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                let shutdown = shared.shutdown_rx.clone();
+                shared.keep_alive.run(shutdown).await;
+            }));
+        }
         {
             let shared = shared.clone();
             tasks.push(tokio::spawn(async move {

@@ -20,6 +20,7 @@ use ferrymq_config::QueueFull;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::doorbell::{Doorbell, READY};
 use crate::message::Message;
 use crate::storage::{Durable, QueueSummary, Store, Ticket};
 
@@ -445,9 +446,10 @@ pub struct Outbox {
     /// a publisher or the owning connection, never across an await (a page
     /// of a recovered backlog is read from the store under it).
     queue: Mutex<Queue>,
-    /// Wakes the connection when the queue gets something (a stored permit
-    /// covers a push that races with the drain).
-    ready: Notify,
+    /// Wakes the connection when the queue gets something ([`READY`], kept
+    /// until taken, so a push that races with the drain is not missed), or
+    /// when it must look at its kick flag or keep-alive deadline.
+    bell: Doorbell,
     /// Wakes publishers blocked on a full queue (policy `block`).
     space: Notify,
     /// Bounds and policies it was made with, so one slow subscriber cannot
@@ -507,6 +509,18 @@ impl Outbox {
         ))
     }
 
+    /// An empty outbox of 1,000 messages and 1 MiB (tests).
+    #[cfg(test)]
+    pub fn for_tests() -> Arc<Self> {
+        let limits = QueueLimits {
+            max_messages: 1_000,
+            max_bytes: 1 << 20,
+            policy: QueueFull::DropOldest,
+            queue_qos0: false,
+        };
+        Self::new(0, limits, 1)
+    }
+
     /// An outbox holding `queue`, backed by `store` if given.
     fn with(
         session_number: u64,
@@ -518,7 +532,7 @@ impl Outbox {
     ) -> Outbox {
         Outbox {
             queue: Mutex::new(queue),
-            ready: Notify::new(),
+            bell: Doorbell::default(),
             space: Notify::new(),
             queue_qos0: AtomicBool::new(limits.queue_qos0),
             uses_reserve: AtomicBool::new(false),
@@ -595,7 +609,7 @@ impl Outbox {
             ..Queue::default()
         };
         let outbox = Self::with(session_number, limits, queue, Some(store), true, memory);
-        outbox.ready.notify_one();
+        outbox.bell.ring(READY);
         Arc::new(outbox)
     }
 
@@ -774,7 +788,7 @@ impl Outbox {
             pushed
         };
         if was_empty {
-            self.ready.notify_one();
+            self.bell.ring(READY);
         }
         pushed
     }
@@ -911,17 +925,17 @@ impl Outbox {
         }
         self.settle(&mut q);
         drop(q);
-        self.ready.notify_one();
+        self.bell.ring(READY);
     }
 
-    /// Waits until the outbox may hold something. Cancel-safe.
-    pub fn ready(&self) -> tokio::sync::futures::Notified<'_> {
-        self.ready.notified()
+    /// The doorbell of the connection draining this outbox.
+    pub fn doorbell(&self) -> &Doorbell {
+        &self.bell
     }
 
     /// Wakes the connection draining this outbox.
     pub fn wake(&self) {
-        self.ready.notify_one();
+        self.bell.ring(READY);
     }
 
     /// Resolves when a delivery leaves the queue (for `block`). Call

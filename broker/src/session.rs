@@ -116,9 +116,13 @@ impl SessionState {
 pub struct Control {
     /// Identifies the holding connection.
     pub connection: u64,
-    /// Tells the connection to close (taken over). A stored permit makes a
-    /// kick that arrives before the connection waits still count.
-    kicked: Notify,
+    /// Set when the connection must close (taken over) or look at the
+    /// shutdown flag; it checks this whenever it wakes, also before it first
+    /// waits, so a kick before then still counts.
+    kicked: AtomicBool,
+    /// The session queue whose doorbell wakes the connection, once it has
+    /// its session: a kick rings it.
+    bell: std::sync::OnceLock<Arc<Outbox>>,
     /// Set by the connection taking over when it resumes the session
     /// (then the old connection's will is not published).
     resumed: AtomicBool,
@@ -134,16 +138,36 @@ impl Control {
     pub fn new(connection: u64) -> Arc<Self> {
         Arc::new(Control {
             connection,
-            kicked: Notify::new(),
+            kicked: AtomicBool::new(false),
+            bell: std::sync::OnceLock::new(),
             resumed: AtomicBool::new(false),
             done: AtomicBool::new(false),
             finished: Notify::new(),
         })
     }
 
-    /// Resolves when the connection is told to close. Cancel-safe.
-    pub fn kicked(&self) -> tokio::sync::futures::Notified<'_> {
-        self.kicked.notified()
+    /// Whether the connection was told to close (or to look at the
+    /// shutdown flag).
+    pub fn is_kicked(&self) -> bool {
+        // SeqCst with `kick`: the kick stores the flag and then looks for
+        // the doorbell, the connection sets the doorbell and then loads the
+        // flag; one of them sees the other.
+        self.kicked.load(Ordering::SeqCst)
+    }
+
+    /// Tells the connection to close (or to look at the shutdown flag),
+    /// and rings its doorbell if it has one yet.
+    pub fn kick(&self) {
+        self.kicked.store(true, Ordering::SeqCst);
+        if let Some(outbox) = self.bell.get() {
+            outbox.doorbell().ring(crate::doorbell::ALARM);
+        }
+    }
+
+    /// The session queue whose doorbell the connection waits on (set once,
+    /// when its session is attached; later calls change nothing).
+    pub fn listen(&self, outbox: &Arc<Outbox>) {
+        let _ = self.bell.set(outbox.clone());
     }
 
     /// Whether the connection that took over resumes the session.
@@ -226,7 +250,7 @@ impl Sessions {
         let took_over = previous_holder.is_some();
         if let Some(old) = previous_holder {
             old.resumed.store(resume, Ordering::Release);
-            old.kicked.notify_one();
+            old.kick();
             // A timeout only means the old task is slow to notice; its
             // session comes back whenever it finishes.
             let _ = tokio::time::timeout(TAKEOVER_WAIT, old.handed_back()).await;
@@ -249,7 +273,7 @@ impl Sessions {
     pub fn kick_all(&self) {
         for slot in self.slots.lock().values() {
             if let Some(holder) = &slot.holder {
-                holder.kicked.notify_one();
+                holder.kick();
             }
         }
     }

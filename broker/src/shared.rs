@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     /// The listeners accepting now, in config order (a reload adds,
     /// removes and replaces them).
     pub(crate) listeners: parking_lot::Mutex<Vec<server::Running>>,
+    /// Every connection's keep-alive deadline (one task rings them).
+    pub(crate) keep_alive: crate::keepalive::KeepAlive,
     /// This, for tasks spawned from borrowed contexts.
     pub(crate) this: Weak<Shared>,
 }

@@ -1,0 +1,217 @@
+//! Keep-alive deadlines of every connection in one ordered queue, served
+//! by one task, instead of a timer inside each connection.
+//!
+//! A connection with a keep alive puts its deadline here (1.5 times the
+//! keep alive after its last packet, as far as it knew when it put it) and
+//! takes it out when it closes. When a deadline comes, the task rings that
+//! connection's doorbell with [`ALARM`]; the connection then compares the
+//! time of its last packet with the limit, closes, or puts its next
+//! deadline in. A busy connection so touches this queue once per keep-alive
+//! period, not once per packet, and an idle one costs an entry here (about
+//! 40 bytes) instead of a timer in its task.
+//!
+//! [`Deadlines`] is the queue without I/O (table-tested); [`KeepAlive`]
+//! locks it and [`KeepAlive::run`] is the task.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::doorbell::ALARM;
+use crate::outbox::Outbox;
+
+/// Deadlines by (instant, connection number), each with what to tell.
+#[derive(Debug)]
+pub struct Deadlines<T> {
+    entries: BTreeMap<(Instant, u64), T>,
+}
+
+impl<T> Default for Deadlines<T> {
+    fn default() -> Self {
+        Deadlines {
+            entries: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T> Deadlines<T> {
+    /// Puts connection `id`'s deadline `at`. Returns whether it is now the
+    /// first one (the task must wake earlier than it planned).
+    pub fn insert(&mut self, at: Instant, id: u64, item: T) -> bool {
+        self.entries.insert((at, id), item);
+        self.entries.first_key_value().map(|(k, _)| *k) == Some((at, id))
+    }
+
+    /// Takes connection `id`'s deadline `at` out (it closed, or moved it).
+    pub fn remove(&mut self, at: Instant, id: u64) -> Option<T> {
+        self.entries.remove(&(at, id))
+    }
+
+    /// Takes out every deadline at or before `now`, earliest first.
+    pub fn due(&mut self, now: Instant) -> Vec<T> {
+        let mut due = Vec::new();
+        while let Some(entry) = self.entries.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            due.push(entry.remove());
+        }
+        due
+    }
+
+    /// The first deadline.
+    pub fn next(&self) -> Option<Instant> {
+        self.entries.first_key_value().map(|(k, _)| k.0)
+    }
+
+    /// How many are held.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is held.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The broker's keep-alive deadlines and the wake of their task.
+#[derive(Default)]
+pub struct KeepAlive {
+    deadlines: Mutex<Deadlines<Arc<Outbox>>>,
+    /// A deadline earlier than all others was put in.
+    earlier: Notify,
+}
+
+impl KeepAlive {
+    /// Puts connection `id`'s deadline: at `at`, its session queue's
+    /// doorbell is rung with [`ALARM`].
+    pub fn insert(&self, at: Instant, id: u64, outbox: Arc<Outbox>) {
+        if self.deadlines.lock().insert(at, id, outbox) {
+            self.earlier.notify_one();
+        }
+    }
+
+    /// Takes connection `id`'s deadline `at` out.
+    pub fn remove(&self, at: Instant, id: u64) {
+        // Dropped outside the lock: it may be the last hold on the queue.
+        let removed = self.deadlines.lock().remove(at, id);
+        drop(removed);
+    }
+
+    /// How many deadlines are held.
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.deadlines.lock().len()
+    }
+
+    /// The task: rings each deadline when it comes, until shutdown.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let next = self.deadlines.lock().next();
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Each branch only waits; dropping the others loses nothing
+            // (`earlier` keeps its permit, the next loop reads the queue
+            // again).
+            tokio::select! {
+                () = sleep => {}
+                () = self.earlier.notified() => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            let due = self.deadlines.lock().due(Instant::now());
+            for outbox in due {
+                outbox.doorbell().ring(ALARM);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn deadlines_come_due_in_order_and_only_when_reached() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut d = Deadlines::default();
+        assert!(d.insert(t0 + 3 * s, 1, "c1"));
+        assert!(!d.insert(t0 + 5 * s, 2, "c2"));
+        // Earlier than all: the task must wake sooner.
+        assert!(d.insert(t0 + s, 3, "c3"));
+        // Same instant, another connection: both kept.
+        assert!(!d.insert(t0 + 3 * s, 4, "c4"));
+        assert_eq!(d.next(), Some(t0 + s));
+        assert_eq!(d.due(t0), Vec::<&str>::new());
+        assert_eq!(d.due(t0 + s), vec!["c3"]);
+        assert_eq!(d.due(t0 + 4 * s), vec!["c1", "c4"]);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.due(t0 + 10 * s), vec!["c2"]);
+        assert!(d.is_empty());
+        assert_eq!(d.next(), None);
+    }
+
+    #[test]
+    fn a_removed_deadline_never_comes_due() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut d = Deadlines::default();
+        d.insert(t0 + s, 1, "c1");
+        d.insert(t0 + 2 * s, 2, "c2");
+        assert_eq!(d.remove(t0 + s, 1), Some("c1"));
+        // Another connection's key, or the same connection at another
+        // instant, is not removed.
+        assert_eq!(d.remove(t0 + 2 * s, 1), None);
+        assert_eq!(d.remove(t0 + s, 2), None);
+        assert_eq!(d.next(), Some(t0 + 2 * s));
+        assert_eq!(d.due(t0 + 3 * s), vec!["c2"]);
+    }
+
+    /// The doorbell bits rung since the last look.
+    async fn rung(outbox: &Outbox) -> u8 {
+        use crate::doorbell::READY;
+        std::future::poll_fn(|cx| std::task::Poll::Ready(outbox.doorbell().take(cx, READY | ALARM)))
+            .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_task_rings_a_doorbell_at_its_deadline_and_not_before() {
+        let keep_alive = Arc::new(KeepAlive::default());
+        let (_stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn({
+            let keep_alive = keep_alive.clone();
+            async move { keep_alive.run(shutdown).await }
+        });
+        let outbox = crate::outbox::Outbox::for_tests();
+        let start = Instant::now();
+        keep_alive.insert(start + Duration::from_secs(90), 7, outbox.clone());
+        // An earlier one put in later still comes first.
+        let other = crate::outbox::Outbox::for_tests();
+        keep_alive.insert(start + Duration::from_secs(30), 8, other.clone());
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert_eq!(rung(&other).await, 0);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(rung(&other).await, ALARM);
+        assert_eq!(rung(&outbox).await, 0);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(rung(&outbox).await, ALARM);
+        assert_eq!(keep_alive.held(), 0);
+        // Removed before it came: never rung.
+        keep_alive.insert(start + Duration::from_secs(120), 7, outbox.clone());
+        keep_alive.remove(start + Duration::from_secs(120), 7);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(rung(&outbox).await, 0);
+        task.abort();
+    }
+}
