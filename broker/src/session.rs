@@ -196,8 +196,10 @@ impl Control {
 }
 
 struct Slot {
-    /// The state while no connection holds it.
-    state: Option<SessionState>,
+    /// The state while no connection holds it. (Boxed: while a connection
+    /// holds it, which is most of the time for most sessions, the slot
+    /// would otherwise keep the room of a whole state empty.)
+    state: Option<Box<SessionState>>,
     /// The connection holding the session.
     holder: Option<Arc<Control>>,
     /// When the session went offline (for expiry).
@@ -259,7 +261,8 @@ impl Sessions {
             .slots
             .lock()
             .get_mut(client_id)
-            .and_then(|slot| slot.state.take());
+            .and_then(|slot| slot.state.take())
+            .map(|state| *state);
         Attached {
             previous,
             took_over,
@@ -292,7 +295,7 @@ impl Sessions {
                 slot.holder = None;
             }
             slot.offline_since = Instant::now();
-            slot.state = state;
+            slot.state = state.map(Box::new);
             if slot.holder.is_none() && slot.state.is_none() {
                 slots.remove(client_id);
             }
@@ -312,7 +315,7 @@ impl Sessions {
         }
         let state = slot.state.take();
         slots.remove(client_id);
-        state
+        state.map(|state| *state)
     }
 
     /// Records the queue of the session a connection now holds.
@@ -355,7 +358,7 @@ impl Sessions {
         self.slots.lock().insert(
             state.client_id.clone(),
             Slot {
-                state: Some(state),
+                state: Some(Box::new(state)),
                 holder: None,
                 offline_since,
                 outbox: None,
@@ -379,6 +382,7 @@ impl Sessions {
         expired
             .into_iter()
             .filter_map(|id| slots.remove(&id).and_then(|slot| slot.state))
+            .map(|state| *state)
             .collect()
     }
 }
