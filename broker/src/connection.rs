@@ -36,11 +36,12 @@ use crate::acl::ClientAccess;
 use crate::auth::{AuthExchange, AuthMethod, AuthStep};
 use crate::bridge_session;
 use crate::doorbell::{ALARM, READY};
-use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish, RouteOutcome};
+use crate::engine::{Delivered, Engine, InboundPublish, RouteOutcome};
 use crate::ferry;
 use crate::ferry::strip_ferry_properties;
 use crate::lifecycle::{delay_will, end_session, publish_will_message, will_message};
 use crate::message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
+use crate::negotiate::{self, secs_u32};
 use crate::outbox::Delivery;
 use crate::outbox::{Outbox, Pop, QueueLimits};
 use crate::publish::{self, Parked, ParkedOn, Routing, wait_for_room};
@@ -804,15 +805,33 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         options: ServeOptions,
     ) -> Option<Self> {
         let protocol = connect.protocol;
-        let limits = &shared.config().limits;
+        let config = shared.config();
+        let limits = &config.limits;
+        let acl_access = access(shared, &connect, &options).map(Box::new);
+        let circumstances = negotiate::Circumstances {
+            limits,
+            max_session_expiry: config.storage.max_session_expiry,
+            trusted_clients: &config.ferry.trusted_clients,
+            acl_trusted_bridge: acl_access.as_ref().is_some_and(|a| a.trusted_bridge()),
+            in_process: options.in_process,
+            shedding: shared.shedding.level() >= shed::REFUSE_CONNECTIONS,
+            connection: 0,
+            boot_id: shared.boot_id,
+            message_ids: options.message_ids.then_some(shared.identity.uuid),
+        };
         let mut auth_result = None;
         let mut auth_method = None;
-        let refusal = if !options.in_process && shared.shedding.level() >= shed::REFUSE_CONNECTIONS
-        {
-            // Shedding load: refused before any work (a login costs the
-            // most). 3.1.1: return code 3, server unavailable.
-            Stats::add(&shared.stats.connections_shed, 1);
-            Some(ReasonCode::SERVER_BUSY)
+        let refusal = if let Some(refusal) = negotiate::refusal(&connect, &circumstances) {
+            match (refusal, &connect.will) {
+                (negotiate::Refusal::Shedding, _) => {
+                    Stats::add(&shared.stats.connections_shed, 1);
+                }
+                (negotiate::Refusal::WillTooDeep, Some(will)) => {
+                    too_many_levels(shared, &connect.client_id, "will topic", &will.topic);
+                }
+                _ => {}
+            }
+            Some(refusal.code(protocol))
         } else if let (Protocol::V5, Some(name)) =
             (protocol, &connect.properties.authentication_method)
         {
@@ -844,111 +863,44 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                     }
                 }
             }
-        } else if let Some(will) = connect
-            .will
-            .as_ref()
-            .filter(|w| exceeds_levels(&w.topic, limits.max_topic_levels))
-        {
-            too_many_levels(shared, &connect.client_id, "will topic", &will.topic);
-            // 3.1.1 has no "topic invalid" CONNACK; "not authorized" is
-            // the nearest of its five, and tells the client not to retry.
-            Some(if protocol == Protocol::V5 {
-                ReasonCode::TOPIC_NAME_INVALID
-            } else {
+        } else {
+            log_in(shared, &connect, &options).await
+        };
+        let refusal = refusal.or_else(|| {
+            let will = connect.will.as_ref()?;
+            let denied = acl_access
+                .as_ref()
+                .is_some_and(|a| !a.may_publish(&will.topic));
+            denied.then(|| {
+                acl_denied(shared, &connect.client_id, "will", &will.topic);
                 ReasonCode::NOT_AUTHORIZED
             })
-        } else if let Some(code) = log_in(shared, &connect, &options).await {
-            Some(code)
-        } else if let Some(will) = connect.will.as_ref().filter(|w| {
-            access(shared, &connect, &options).is_some_and(|a| !a.may_publish(&w.topic))
-        }) {
-            acl_denied(shared, &connect.client_id, "will", &will.topic);
-            Some(ReasonCode::NOT_AUTHORIZED)
-        } else if !options.in_process && connect.client_id.starts_with(BRIDGE_CLIENT_PREFIX) {
-            // Reserved: a network client must never take a bridge's queue.
-            Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID)
-        } else if connect.client_id.is_empty() && protocol == Protocol::V311 && !connect.clean_start
-        {
-            // [MQTT-3.1.3-8]: an empty id needs a clean session in 3.1.1.
-            Some(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID)
-        } else {
-            None
-        };
+        });
         if let Some(code) = refusal {
-            let code = if code.is_valid_for(ReasonContext::ConnAck) {
-                code
-            } else {
-                ReasonCode::NOT_AUTHORIZED
-            };
-            let connack = ConnAck {
-                reason_code: code,
-                ..ConnAck::default()
-            };
+            let connack = negotiate::refusing_connack(code);
             io.queue(&Packet::ConnAck(Box::new(connack)), protocol);
             io.flush_and_close().await;
             return None;
         }
-        let acl_access = access(shared, &connect, &options).map(Box::new);
         let connection = shared.next_connection();
-        let mut connack = ConnAck::default();
+        let negotiate::Terms {
+            client_id,
+            expiry,
+            keep_alive,
+            trusted,
+            mut connack,
+            engine: engine_limits,
+        } = negotiate::terms(
+            &connect,
+            &negotiate::Circumstances {
+                connection,
+                ..circumstances
+            },
+        );
         if let Some((method, data)) = auth_result {
             connack.properties.authentication_method = Some(method);
             connack.properties.authentication_data = data;
         }
-        let client_id = if connect.client_id.is_empty() {
-            let assigned = MqttString::new(&format!("ferrymq-{}-{connection}", shared.boot_id))
-                .unwrap_or_default();
-            if protocol == Protocol::V5 {
-                connack.properties.assigned_client_identifier = Some(assigned.clone());
-            }
-            assigned
-        } else {
-            // Kept for the session's life: not the read buffer with it.
-            connect.client_id.detached()
-        };
-        // Its message ids are honoured: `[ferry] trusted_clients` (an
-        // assigned id never matches), or an ACL rule with
-        // `trusted_bridge = true`.
-        let trusted = !options.in_process
-            && ((!connect.client_id.is_empty()
-                && shared
-                    .config()
-                    .ferry
-                    .trusted_clients
-                    .iter()
-                    .any(|pattern| crate::acl::id_matches(pattern, client_id.as_str())))
-                || acl_access.as_ref().is_some_and(|a| a.trusted_bridge()));
-        // A trusted bridge that asks for ferry batches gets them.
-        let asks_batches = connect.properties.user_properties.iter().any(|(k, v)| {
-            k.as_str() == ferry::CAPABILITY_PROPERTY && v.as_str() == ferry::CAPABILITY
-        });
-        if trusted && asks_batches && protocol == Protocol::V5 {
-            connack.properties.user_properties.push((
-                MqttString::from_static(ferry::CAPABILITY_PROPERTY),
-                MqttString::from_static(ferry::CAPABILITY),
-            ));
-        }
-        let max_expiry = shared.config().storage.max_session_expiry;
-        let expiry = match protocol {
-            Protocol::V311 if connect.clean_start => Duration::ZERO,
-            Protocol::V311 => max_expiry,
-            Protocol::V5 => Duration::from_secs(u64::from(
-                connect.properties.session_expiry_interval.unwrap_or(0),
-            ))
-            .min(max_expiry),
-        };
-        // A bridge's queue lives as long as the node: an outage of any
-        // length, even with the broker down, must not expire it. (The
-        // node's other `$bridge/` clients, like the `$SYS` publisher, ask
-        // for no session at all, and get none.)
-        let expiry = if options.in_process
-            && client_id.starts_with(BRIDGE_CLIENT_PREFIX)
-            && !expiry.is_zero()
-        {
-            Duration::from_secs(u64::from(u32::MAX))
-        } else {
-            expiry
-        };
         let control = Control::new(connection);
         let attached = shared
             .sessions
@@ -993,67 +945,6 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             state.stored = true;
         }
         let ticket = batch.submit();
-        let mut keep_alive = connect.keep_alive;
-        let max_keep_alive = u16::try_from(limits.max_keepalive.as_secs()).unwrap_or(u16::MAX);
-        if protocol == Protocol::V5 {
-            if keep_alive > max_keep_alive {
-                keep_alive = max_keep_alive;
-                connack.properties.server_keep_alive = Some(keep_alive);
-            }
-            // What this broker supports, said explicitly (Maximum QoS is
-            // absent: QoS 2 is supported).
-            let p = &mut connack.properties;
-            p.receive_maximum = Some(limits.receive_maximum);
-            p.maximum_packet_size = Some(limits.max_packet_size);
-            p.retain_available = Some(true);
-            p.wildcard_subscription_available = Some(true);
-            p.subscription_identifier_available = Some(true);
-            p.shared_subscription_available = Some(true);
-            if limits.topic_alias_maximum > 0 {
-                p.topic_alias_maximum = Some(limits.topic_alias_maximum);
-            }
-            if connect.properties.request_response_information == Some(true) {
-                // A topic prefix only this client is expected to use for
-                // responses to its requests.
-                p.response_information = MqttString::new(&format!("response/{client_id}/")).ok();
-            }
-            if connect
-                .properties
-                .session_expiry_interval
-                .is_some_and(|asked| u64::from(asked) > expiry.as_secs())
-            {
-                p.session_expiry_interval = Some(secs_u32(expiry));
-            }
-        }
-        let engine_limits = EngineLimits {
-            receive_maximum: usize::from(limits.receive_maximum),
-            client_receive_maximum: match connect.properties.receive_maximum {
-                Some(max) if protocol == Protocol::V5 => usize::from(max),
-                // 3.1.1 clients cannot say; our own limit keeps it bounded.
-                _ => usize::from(limits.receive_maximum),
-            },
-            client_max_packet: match connect.properties.maximum_packet_size {
-                Some(max) if protocol == Protocol::V5 => max as usize,
-                _ => usize::MAX,
-            },
-            retain_available: true,
-            topic_alias_maximum: if protocol == Protocol::V5 {
-                limits.topic_alias_maximum
-            } else {
-                0
-            },
-            client_topic_aliases: match connect.properties.topic_alias_maximum {
-                Some(max) if protocol == Protocol::V5 => max.min(limits.server_topic_aliases),
-                _ => 0,
-            },
-            problem_information: connect
-                .properties
-                .request_problem_information
-                .unwrap_or(true),
-            max_topic_levels: limits.max_topic_levels,
-            message_ids: options.message_ids.then_some(shared.identity.uuid),
-            volatile_inflight: options.in_process,
-        };
         let mut durable = shared.store.durable();
         // The session record is durable before the client hears it exists.
         let _ = durable.wait_for(|d| d.up_to >= ticket).await;
@@ -1065,8 +956,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             engine,
             control,
             will: connect.will.map(Box::new),
-            keep_alive: (keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            keep_alive,
             routes: None,
             durable,
             parked: None,
@@ -2213,11 +2103,6 @@ pub(crate) fn queue_limits(shared: &Shared) -> QueueLimits {
         policy: storage.queue_full,
         queue_qos0: storage.queue_qos0,
     }
-}
-
-/// Seconds for the wire and the store (`u32::MAX`: never expires).
-fn secs_u32(d: Duration) -> u32 {
-    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -29,7 +29,8 @@
 //! `router` (the topic tree), `retained`, `outbox` (per-session bounded
 //! queues), `storage` (the `Store` trait and the in-memory store),
 //! `client` (the in-process client), `server` (listeners), `data_dir`,
-//! `lifecycle` (wills, the end of a session), `recovery` (start-up),
+//! `negotiate` (what a CONNECT gets, no I/O), `lifecycle` (wills, the
+//! end of a session), `recovery` (start-up),
 //! `shared` (what every task of one broker shares), `doorbell` (a
 //! connection's one wake source besides its socket), `keepalive` (every
 //! connection's keep-alive deadline in one queue, served by one task).
@@ -60,6 +61,7 @@ mod level_tree;
 mod lifecycle;
 pub mod memory;
 mod message;
+mod negotiate;
 mod outbox;
 mod publish;
 mod rate;
