@@ -373,18 +373,24 @@ pub(crate) fn session_bounds(shared: &Shared, client_id: &str) -> Option<(usize,
 /// span `connection{peer, client_id}` (the client id recorded once the
 /// CONNECT is read), so that everything logged on its behalf says whose
 /// it is.
-pub(crate) async fn serve<R, W>(
+pub(crate) fn serve<R, W>(
     reader: R,
     writer: W,
     peer: String,
     shared: Arc<Shared>,
     options: ServeOptions,
-) where
+) -> impl Future<Output = ()>
+where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     use tracing::Instrument;
     let span = tracing::info_span!("connection", %peer, client_id = tracing::field::Empty);
+    // Boxed: used up by `open`, and what an async block takes in stays in
+    // it for the connection's life.
+    let options = Box::new(options);
+    // One async block (not an `async fn` around one): what it takes in is
+    // stored once per connection, not once per layer.
     async move {
         let io = Io {
             reader,
@@ -395,7 +401,7 @@ pub(crate) async fn serve<R, W>(
         };
         // The phases before and after `run` are boxed: a task's size is its
         // largest state, and an idle connection should cost only `run`'s.
-        let Some(mut conn) = Box::pin(open(io, &shared, &peer, options)).await else {
+        let Some(mut conn) = Box::pin(open(io, &shared, &peer, *options)).await else {
             return;
         };
         tracing::Span::current().record(
@@ -409,7 +415,6 @@ pub(crate) async fn serve<R, W>(
         Box::pin(close_connection(conn, close, &peer)).await;
     }
     .instrument(span)
-    .await;
 }
 
 /// Phases 1 and 2: the CONNECT, then accepting it. A panic in either (a
@@ -546,8 +551,8 @@ struct Conn<'a, R, W> {
     /// (Boxed: most connections have none, and an idle connection's size
     /// is what thousands of them cost.)
     will: Option<Box<Will>>,
-    /// 1.5 x the keep alive; `None` when keep alive is 0.
-    keep_alive: Option<Duration>,
+    /// Its keep-alive limit, last packet and deadline.
+    keep_alive: KeepAliveWatch,
     /// Topic -> routes memo for this client's publishes.
     /// (Made on the first publish: subscribers never need one.)
     routes: Option<Box<RouteCache>>,
@@ -584,8 +589,6 @@ struct Conn<'a, R, W> {
 #[derive(Debug, Clone, Copy)]
 struct Turn {
     drain: Drain,
-    /// Something waits for the durability watermark.
-    need_durable: bool,
     can_read: bool,
     /// The write buffer is below its high-water mark.
     room: bool,
@@ -593,21 +596,23 @@ struct Turn {
     offered: usize,
 }
 
-type RareWait<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;
+type RareWait = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
 
 /// The waits a turn rarely needs, boxed: the durability watermark
 /// moving (resolves `false`), room in a parked publish's full queue
 /// (`true`), the end of a publish-rate pause (`false`). `None` when none
-/// is needed.
+/// is needed. (It watches its own copy of the watermark, so that it
+/// borrows nothing from the connection.)
 fn rare_waits(
-    durable: &mut watch::Receiver<Durable>,
+    durable: &watch::Receiver<Durable>,
     need_durable: bool,
     parked: Option<ParkedOn>,
     throttled: Option<Duration>,
-) -> Option<RareWait<'_>> {
+) -> Option<RareWait> {
     if !need_durable && parked.is_none() && throttled.is_none() {
         return None;
     }
+    let mut durable = durable.clone();
     Some(Box::pin(async move {
         tokio::select! {
             _ = durable.changed(), if need_durable => false,
@@ -630,23 +635,27 @@ enum Woke {
     Ending(Close),
 }
 
-/// A connection's keep-alive: the time of its last packet, and the
-/// deadline it has in the broker's keep-alive queue (`keepalive.rs`).
+/// A connection's keep-alive: its limit (1.5 times the keep alive; `None`
+/// when 0), the time of its last packet, and the deadline it has in the
+/// broker's keep-alive queue (`keepalive.rs`).
 struct KeepAliveWatch {
+    limit: Option<Duration>,
     last_packet: Instant,
     deadline: Option<Instant>,
 }
 
 impl KeepAliveWatch {
-    /// Puts the deadline in: `limit` after the last packet.
-    fn arm(
-        &mut self,
-        shared: &Shared,
-        limit: Option<Duration>,
-        control: &Control,
-        outbox: &Arc<Outbox>,
-    ) {
-        if let Some(limit) = limit {
+    fn new(limit: Option<Duration>) -> KeepAliveWatch {
+        KeepAliveWatch {
+            limit,
+            last_packet: Instant::now(),
+            deadline: None,
+        }
+    }
+
+    /// Puts the deadline in: the limit after the last packet.
+    fn arm(&mut self, shared: &Shared, control: &Control, outbox: &Arc<Outbox>) {
+        if let Some(limit) = self.limit {
             let at = self.last_packet + limit;
             shared
                 .keep_alive
@@ -662,17 +671,11 @@ impl KeepAliveWatch {
         }
     }
 
-    /// On an alarm: whether the client has been silent for longer than
-    /// `limit`. If not, and the deadline put in has come (the keep-alive
-    /// task took it out when it rang), puts the next one in.
-    fn expired(
-        &mut self,
-        shared: &Shared,
-        limit: Option<Duration>,
-        control: &Control,
-        outbox: &Arc<Outbox>,
-    ) -> bool {
-        let (Some(limit), Some(at)) = (limit, self.deadline) else {
+    /// On an alarm: whether the client has been silent for longer than the
+    /// limit. If not, and the deadline put in has come (the keep-alive task
+    /// took it out when it rang), puts the next one in.
+    fn expired(&mut self, shared: &Shared, control: &Control, outbox: &Arc<Outbox>) -> bool {
+        let (Some(limit), Some(at)) = (self.limit, self.deadline) else {
             return false;
         };
         let now = Instant::now();
@@ -684,100 +687,8 @@ impl KeepAliveWatch {
         if now >= self.last_packet + limit {
             return true;
         }
-        self.arm(shared, Some(limit), control, outbox);
+        self.arm(shared, control, outbox);
         false
-    }
-}
-
-/// What a connection's wait polls, borrowed from it for one poll.
-struct Sources<'c, R, W> {
-    io: &'c mut Io<R, W>,
-    control: &'c Control,
-    outbox: &'c Arc<Outbox>,
-    shared: &'c Shared,
-    shutdown: &'c watch::Receiver<bool>,
-    limit: Option<Duration>,
-}
-
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Sources<'_, R, W> {
-    /// Polls every source the turn wants, in this order: the kick, the
-    /// keep-alive deadline, the write, the read, the queue's doorbell, the
-    /// rare waits. Ready when any of them has something (a write and a
-    /// read may both be done in one poll); Pending when none has, each
-    /// holding the task's waker.
-    ///
-    /// Nothing here is lost when it returns: the write and read futures
-    /// are made and dropped within the poll (they do no I/O unless they
-    /// complete), the doorbell keeps the bits not taken, and `rare` is
-    /// kept by the caller across polls.
-    fn poll(
-        self,
-        cx: &mut Context<'_>,
-        turn: &Turn,
-        rare: &mut Option<RareWait<'_>>,
-        keep_alive: &mut KeepAliveWatch,
-    ) -> Poll<Woke> {
-        let wanted = if turn.drain != Drain::OutFull && turn.room {
-            ALARM | READY
-        } else {
-            ALARM
-        };
-        let rung = self.outbox.doorbell().take(cx, wanted);
-        if self.control.is_kicked() {
-            return Poll::Ready(if *self.shutdown.borrow() {
-                Woke::Closed(Close::Shutdown)
-            } else {
-                Woke::Ending(Close::TakenOver)
-            });
-        }
-        if rung & ALARM != 0
-            && keep_alive.expired(self.shared, self.limit, self.control, self.outbox)
-        {
-            return Poll::Ready(Woke::Closed(Close::KeepAlive));
-        }
-        // A taken READY is acted on by the next turn (it drains the queue).
-        let mut woke = (rung & READY != 0).then_some(Woke::Again);
-        let io = self.io;
-        if !io.out.is_empty() {
-            let written = std::pin::pin!(io.writer.write(&io.out)).poll(cx);
-            match written {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Woke::Ending(Close::Io(io::ErrorKind::WriteZero.into())));
-                }
-                Poll::Ready(Ok(n)) => {
-                    io.out.advance(n);
-                    woke = Some(Woke::Again);
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Woke::Ending(Close::Io(e))),
-                Poll::Pending => {}
-            }
-        }
-        if turn.can_read {
-            let read = std::pin::pin!(io.reader.read_buf(&mut io.inbuf)).poll(cx);
-            match read {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Woke::Closed(Close::Eof)),
-                Poll::Ready(Ok(n)) => {
-                    keep_alive.last_packet = Instant::now();
-                    io.after_read(n, turn.offered);
-                    woke = Some(Woke::Again);
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Woke::Closed(Close::Io(e))),
-                Poll::Pending => {}
-            }
-        }
-        if let Some(wait) = rare.as_mut()
-            && let Poll::Ready(made) = wait.as_mut().poll(cx)
-        {
-            *rare = None;
-            if made {
-                return Poll::Ready(Woke::RoomMade);
-            }
-            woke = Some(Woke::Again);
-        }
-        match woke {
-            Some(woke) => Poll::Ready(woke),
-            None => Poll::Pending,
-        }
     }
 }
 
@@ -956,7 +867,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             engine,
             control,
             will: connect.will.map(Box::new),
-            keep_alive,
+            keep_alive: KeepAliveWatch::new(keep_alive),
             routes: None,
             durable,
             parked: None,
@@ -996,15 +907,12 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     async fn run(&mut self, shutdown: &watch::Receiver<bool>) -> Close {
         // (No copies of `self`'s fields here: this future's size is what
         // every idle connection pays.)
-        let outbox = &self.engine.state.outbox;
         // From here a kick rings the doorbell; one before was seen by the
         // first wait's look at the flag.
-        self.control.listen(outbox);
-        let mut keep_alive = KeepAliveWatch {
-            last_packet: Instant::now(),
-            deadline: None,
-        };
-        keep_alive.arm(self.shared, self.keep_alive, &self.control, outbox);
+        self.control.listen(&self.engine.state.outbox);
+        self.keep_alive.last_packet = Instant::now();
+        self.keep_alive
+            .arm(self.shared, &self.control, &self.engine.state.outbox);
         let close = loop {
             // A shutdown kicks every connection holding a session; one
             // that attached after that sees the flag here.
@@ -1019,30 +927,15 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             // session handed back). Unwind safety: the connection is not
             // used again but to close it.
             let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn()));
-            let (turn, parked, throttled) = match turn {
+            let (turn, mut rare) = match turn {
                 Ok(Ok(turn)) => turn,
                 Ok(Err(close)) => break close,
                 Err(payload) => break Close::Panicked(panic_message(payload.as_ref())),
             };
-            // The waits most turns do not need (durability, room in a full
-            // queue) are one boxed future, made only when needed: inline,
-            // they would add to every idle connection's size.
-            let mut rare = rare_waits(&mut self.durable, turn.need_durable, parked, throttled);
             // One wait on the socket, the doorbell and `rare`: polled by
             // hand, so that an idle connection holds no future for any of
             // them (the socket and the doorbell keep its waker).
-            let woke = std::future::poll_fn(|cx| {
-                let sources = Sources {
-                    io: &mut self.io,
-                    control: &self.control,
-                    outbox: &self.engine.state.outbox,
-                    shared: self.shared,
-                    shutdown,
-                    limit: self.keep_alive,
-                };
-                sources.poll(cx, &turn, &mut rare, &mut keep_alive)
-            })
-            .await;
+            let woke = std::future::poll_fn(|cx| self.wait(cx, &turn, &mut rare, shutdown)).await;
             drop(rare);
             match woke {
                 Woke::Again => {}
@@ -1052,8 +945,85 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 Woke::Ending(cause) => break Box::pin(self.last_words(cause)).await,
             }
         };
-        keep_alive.disarm(self.shared, &self.control);
+        self.keep_alive.disarm(self.shared, &self.control);
         close
+    }
+
+    /// Polls every source the turn wants, in this order: the kick, the
+    /// keep-alive deadline, the write, the read, the queue's doorbell, the
+    /// rare waits. Ready when any of them has something (a write and a
+    /// read may both be done in one poll); Pending when none has, each
+    /// holding the task's waker.
+    ///
+    /// Nothing is lost when it returns: the write and read futures are
+    /// made and dropped within the poll (they do no I/O unless they
+    /// complete), the doorbell keeps the bits not taken, and `rare` is
+    /// kept by the caller across polls.
+    fn wait(
+        &mut self,
+        cx: &mut Context<'_>,
+        turn: &Turn,
+        rare: &mut Option<RareWait>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Poll<Woke> {
+        let outbox = &self.engine.state.outbox;
+        let wanted = if turn.drain != Drain::OutFull && turn.room {
+            ALARM | READY
+        } else {
+            ALARM
+        };
+        let rung = outbox.doorbell().take(cx, wanted);
+        if self.control.is_kicked() {
+            return Poll::Ready(if *shutdown.borrow() {
+                Woke::Closed(Close::Shutdown)
+            } else {
+                Woke::Ending(Close::TakenOver)
+            });
+        }
+        if rung & ALARM != 0 && self.keep_alive.expired(self.shared, &self.control, outbox) {
+            return Poll::Ready(Woke::Closed(Close::KeepAlive));
+        }
+        // A taken READY is acted on by the next turn (it drains the queue).
+        let mut woke = (rung & READY != 0).then_some(Woke::Again);
+        let io = &mut self.io;
+        if !io.out.is_empty() {
+            match std::pin::pin!(io.writer.write(&io.out)).poll(cx) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Woke::Ending(Close::Io(io::ErrorKind::WriteZero.into())));
+                }
+                Poll::Ready(Ok(n)) => {
+                    io.out.advance(n);
+                    woke = Some(Woke::Again);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Woke::Ending(Close::Io(e))),
+                Poll::Pending => {}
+            }
+        }
+        if turn.can_read {
+            match std::pin::pin!(io.reader.read_buf(&mut io.inbuf)).poll(cx) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Woke::Closed(Close::Eof)),
+                Poll::Ready(Ok(n)) => {
+                    self.keep_alive.last_packet = Instant::now();
+                    io.after_read(n, turn.offered);
+                    woke = Some(Woke::Again);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Woke::Closed(Close::Io(e))),
+                Poll::Pending => {}
+            }
+        }
+        if let Some(wait) = rare.as_mut()
+            && let Poll::Ready(made) = wait.as_mut().poll(cx)
+        {
+            *rare = None;
+            if made {
+                return Poll::Ready(Woke::RoomMade);
+            }
+            woke = Some(Woke::Again);
+        }
+        match woke {
+            Some(woke) => Poll::Ready(woke),
+            None => Poll::Pending,
+        }
     }
 
     /// The connection ends for `cause`: another connection takes its
@@ -1074,13 +1044,15 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
 
     /// One turn's work that needs no waiting: handle what was read,
     /// release acknowledgements, drain the outbox, submit store ops, trim
-    /// buffers when idle. Returns what the wait needs (with the full outbox
-    /// a parked publish waits on, and its size), or why to close.
-    fn turn(&mut self) -> Result<(Turn, Option<ParkedOn>, Option<Duration>), Close> {
+    /// buffers when idle. Returns what the wait needs (and the rare waits,
+    /// when it needs any), or why to close.
+    fn turn(&mut self) -> Result<(Turn, Option<RareWait>), Close> {
         if let Some(close) = self.process_input() {
             return Err(close);
         }
-        let state = self.durable.borrow().clone();
+        // Marked seen: the rare wait's copy of the watermark then waits for
+        // a later one.
+        let state = self.durable.borrow_and_update().clone();
         let durable = state.up_to;
         self.engine.release_acks(&state, &mut self.packets);
         self.encode_packets();
@@ -1114,12 +1086,17 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             .map(|parked| (parked.0.outbox().clone(), parked.0.size()));
         let turn = Turn {
             drain,
-            need_durable,
             can_read,
             room,
             offered,
         };
-        Ok((turn, parked, throttled))
+        // The waits most turns do not need (durability, room in a full
+        // queue) are one boxed future, made only when needed: inline,
+        // they would add to every idle connection's size.
+        Ok((
+            turn,
+            rare_waits(&self.durable, need_durable, parked, throttled),
+        ))
     }
 
     /// How long the client must wait before it is read again, when it

@@ -180,23 +180,30 @@ async fn accept_loop(
             None
         };
         let shared = shared.clone();
-        let path = path.clone();
-        tokio::spawn(async move {
-            let options = ServeOptions {
-                peer: Some(peer.ip()),
-                ..ServeOptions::default()
-            };
-            if tls.is_none() && path.is_none() {
-                let (reader, writer) = stream.into_split();
-                serve(reader, writer, peer.to_string(), shared, options).await;
-            } else {
-                // Boxed: TLS and WebSocket state is large, and inline it
-                // would size every connection's task, TCP ones too.
+        let options = ServeOptions {
+            peer: Some(peer.ip()),
+            ..ServeOptions::default()
+        };
+        if tls.is_none() && path.is_none() {
+            // The task holds the connection's future and its admission,
+            // nothing else: what a task holds, it holds for the
+            // connection's life.
+            let (reader, writer) = stream.into_split();
+            let connection = serve(reader, writer, peer.to_string(), shared, options);
+            tokio::spawn(async move {
+                connection.await;
+                drop(per_address);
+                drop(permit);
+            });
+        } else {
+            let path = path.clone();
+            tokio::spawn(async move {
+                // Boxed: TLS and WebSocket state is large.
                 Box::pin(serve_layered(stream, peer, tls, path, shared, options)).await;
-            }
-            drop(per_address);
-            drop(permit);
-        });
+                drop(per_address);
+                drop(permit);
+            });
+        }
     }
 }
 
