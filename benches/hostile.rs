@@ -33,7 +33,6 @@
 #[allow(dead_code)]
 mod common;
 
-use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,12 +40,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use common::Args;
-use common::proc::{Broker, Client, Sampler};
+use common::proc::{Broker, Client, Sampler, Stream};
 use ferrymq_codec::{
-    MqttString, Packet, Protocol, PubAck, Publish, QoS, Subscribe, Subscription,
-    SubscriptionOptions,
+    MqttString, Packet, Protocol, QoS, Subscribe, Subscription, SubscriptionOptions,
 };
 
 /// The sizes of one run.
@@ -86,157 +84,6 @@ const SCENARIOS: [&str; 6] = [
     "retained-flood",
     "malformed",
 ];
-
-/// The well-behaved stream: QoS 1 at 1,000 messages a second; every
-/// payload carries its sequence number and when it was sent.
-struct Stream {
-    stop: Arc<AtomicBool>,
-    /// Stops the subscriber, once everything acknowledged has arrived.
-    stop_sub: Arc<AtomicBool>,
-    publisher: JoinHandle<HashSet<u64>>,
-    subscriber: JoinHandle<()>,
-    /// (when received, latency) of every delivery.
-    seen: Arc<Mutex<Vec<(Instant, Duration)>>>,
-    received: Arc<Mutex<HashSet<u64>>>,
-}
-
-impl Stream {
-    fn start(addr: SocketAddr, base: Instant) -> Stream {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop_sub = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let received = Arc::new(Mutex::new(HashSet::new()));
-        let mut sub = Client::connect(addr, "stream-sub");
-        sub.subscribe("stream/x", QoS::AtLeastOnce);
-        let subscriber = {
-            let (stop, seen, received) = (stop_sub.clone(), seen.clone(), received.clone());
-            sub.stream
-                .set_read_timeout(Some(Duration::from_millis(200)))
-                .expect("timeout");
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let Some(Packet::Publish(p)) = sub.recv() else {
-                        continue;
-                    };
-                    let now = Instant::now();
-                    sub.send(&Packet::PubAck(PubAck::new(p.packet_id)));
-                    let seq = u64::from_be_bytes(p.payload[..8].try_into().expect("seq"));
-                    let sent = u64::from_be_bytes(p.payload[8..16].try_into().expect("time"));
-                    let latency = now.duration_since(base) - Duration::from_nanos(sent);
-                    seen.lock().expect("seen").push((now, latency));
-                    received.lock().expect("received").insert(seq);
-                }
-            })
-        };
-        let publisher = {
-            let stop = stop.clone();
-            let mut client = Client::connect(addr, "stream-pub");
-            std::thread::spawn(move || publish_paced(&mut client, &stop, base))
-        };
-        Stream {
-            stop,
-            stop_sub,
-            publisher,
-            subscriber,
-            seen,
-            received,
-        }
-    }
-
-    /// The p99 latency of what arrived between `from` and `to`.
-    fn p99(&self, from: Instant, to: Instant) -> Option<Duration> {
-        let seen = self.seen.lock().expect("seen");
-        let mut l: Vec<Duration> = seen
-            .iter()
-            .filter(|(at, _)| *at >= from && *at < to)
-            .map(|(_, l)| *l)
-            .collect();
-        l.sort();
-        (!l.is_empty()).then(|| l[(l.len() * 99 / 100).min(l.len() - 1)])
-    }
-
-    /// Stops publishing, waits for what is still on its way, and returns
-    /// (acknowledged, acknowledged but never delivered).
-    fn finish(self) -> (usize, usize) {
-        self.stop.store(true, Ordering::Relaxed);
-        let acked = self.publisher.join().expect("publisher");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let missing = {
-                let received = self.received.lock().expect("received");
-                acked.iter().filter(|s| !received.contains(s)).count()
-            };
-            if missing == 0 || Instant::now() > deadline {
-                self.stop_sub.store(true, Ordering::Relaxed);
-                self.subscriber.join().expect("subscriber");
-                return (acked.len(), missing);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// Publishes one QoS 1 message a millisecond until `stop`; returns the
-/// sequence numbers acknowledged.
-fn publish_paced(client: &mut Client, stop: &AtomicBool, base: Instant) -> HashSet<u64> {
-    let mut reader = client.try_clone();
-    let acked = Arc::new(Mutex::new(HashSet::new()));
-    let pending: Arc<Mutex<std::collections::HashMap<u16, u64>>> = Arc::default();
-    let done = Arc::new(AtomicBool::new(false));
-    let acks = {
-        let (acked, pending, done) = (acked.clone(), pending.clone(), done.clone());
-        reader
-            .stream
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .expect("timeout");
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) || !pending.lock().expect("pending").is_empty() {
-                if let Some(Packet::PubAck(a)) = reader.recv()
-                    && let Some(seq) = pending.lock().expect("pending").remove(&a.packet_id)
-                {
-                    acked.lock().expect("acked").insert(seq);
-                }
-            }
-        })
-    };
-    let start = Instant::now();
-    let mut seq = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let due = start + Duration::from_millis(seq);
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        let mut payload = BytesMut::with_capacity(64);
-        payload.put_u64(seq);
-        payload.put_u64(Instant::now().duration_since(base).as_nanos() as u64);
-        payload.put_bytes(b's', 48);
-        let packet_id = (seq % 60_000 + 1) as u16;
-        pending.lock().expect("pending").insert(packet_id, seq);
-        if client
-            .try_send(&Packet::Publish(Publish {
-                topic: s("stream/x"),
-                qos: QoS::AtLeastOnce,
-                packet_id,
-                payload: payload.freeze(),
-                ..Publish::default()
-            }))
-            .is_err()
-        {
-            break;
-        }
-        seq += 1;
-    }
-    // The acknowledgements still on their way, for a while.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pending.lock().expect("pending").is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    done.store(true, Ordering::Relaxed);
-    pending.lock().expect("pending").clear();
-    acks.join().expect("ack reader");
-    std::mem::take(&mut *acked.lock().expect("acked"))
-}
 
 fn s(v: &str) -> MqttString {
     MqttString::new(v).expect("a valid string")

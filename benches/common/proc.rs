@@ -1,18 +1,21 @@
-//! The processes and clients of the memory and hostile-client programs: a
-//! broker under test (ferrymq or Mosquitto, each at its defaults, on a free
-//! loopback port, killed on drop), its resident memory, and a blocking MQTT
-//! 3.1.1 client on the codec.
+//! The processes and clients of the memory, hostile-client and
+//! many-clients programs: a broker under test (ferrymq or Mosquitto, each
+//! at its defaults, on a free loopback port, killed on drop), its resident
+//! memory and open-file limit, a blocking MQTT 3.1.1 client on the codec,
+//! and the well-behaved QoS 1 stream whose latency they watch.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use ferrymq_codec::{
-    Connect, ConnectProperties, MqttString, Packet, Protocol, Publish, QoS, Subscribe,
+    Connect, ConnectProperties, MqttString, Packet, Protocol, PubAck, Publish, QoS, Subscribe,
     Subscription, SubscriptionOptions, decode,
 };
 
@@ -84,6 +87,27 @@ impl Broker {
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.child.id())
     }
+
+    /// What the broker says it is: `ferrymq 0.1.0 (debug build)`,
+    /// `mosquitto version 2.0.11`.
+    pub fn version(&self) -> String {
+        let (program, flag) = match self.name {
+            "ferrymq" => (env!("CARGO_BIN_EXE_ferrymq"), "--version"),
+            _ => ("mosquitto", "-h"),
+        };
+        let out = Command::new(program)
+            .arg(flag)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let line = out.lines().next().unwrap_or(self.name).trim().to_string();
+        // The binary is built with this program's profile.
+        match self.name {
+            "ferrymq" if cfg!(debug_assertions) => format!("{line} (debug build)"),
+            "ferrymq" => format!("{line} (release build)"),
+            _ => line,
+        }
+    }
 }
 
 impl Drop for Broker {
@@ -104,6 +128,63 @@ pub fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// A process's limit on open files (its soft `RLIMIT_NOFILE`, from
+/// `/proc/PID/limits`; `u64::MAX` when unlimited, 0 once it is gone).
+pub fn open_files_limit(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Max open files"))
+                .and_then(|v| v.split_whitespace().next())
+                .map(|v| v.parse().unwrap_or(u64::MAX))
+        })
+        .unwrap_or(0)
+}
+
+/// Raises this process's open-file limit, soft and hard, to `want` (as
+/// root the hard limit may go up to `fs.nr_open`); processes started
+/// afterwards inherit it. Never lowers it. Returns the soft limit in
+/// force afterwards.
+pub fn raise_open_files(want: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into memory we own.
+    #[allow(unsafe_code)]
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    if got != 0 || limit.rlim_cur >= want {
+        return open_files_limit(std::process::id());
+    }
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(limit.rlim_max);
+    let max = limit.rlim_max.max(want.min(ceiling));
+    let raised = libc::rlimit {
+        rlim_cur: want.min(max),
+        rlim_max: max,
+    };
+    // SAFETY: setrlimit reads one `rlimit` we own; a refused change (not
+    // root, or above fs.nr_open) returns an error and changes nothing.
+    #[allow(unsafe_code)]
+    let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) };
+    if set != 0 {
+        // Not allowed above the hard limit: as far as it goes.
+        let within = libc::rlimit {
+            rlim_cur: want.min(limit.rlim_max),
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::setrlimit(libc::RLIMIT_NOFILE, &within);
+        }
+    }
+    open_files_limit(std::process::id())
 }
 
 /// Samples a broker's RSS every `every` until dropped; the peak.
@@ -293,4 +374,155 @@ impl Client {
         let got = counter.join().expect("ack reader");
         assert_eq!(got, acks + 1, "every publish acknowledged");
     }
+}
+
+/// The well-behaved stream: QoS 1 at 1,000 messages a second; every
+/// payload carries its sequence number and when it was sent.
+pub struct Stream {
+    stop: Arc<AtomicBool>,
+    /// Stops the subscriber, once everything acknowledged has arrived.
+    stop_sub: Arc<AtomicBool>,
+    publisher: JoinHandle<HashSet<u64>>,
+    subscriber: JoinHandle<()>,
+    /// (when received, latency) of every delivery.
+    seen: Arc<Mutex<Vec<(Instant, Duration)>>>,
+    received: Arc<Mutex<HashSet<u64>>>,
+}
+
+impl Stream {
+    pub fn start(addr: SocketAddr, base: Instant) -> Stream {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_sub = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let received = Arc::new(Mutex::new(HashSet::new()));
+        let mut sub = Client::connect(addr, "stream-sub");
+        sub.subscribe("stream/x", QoS::AtLeastOnce);
+        let subscriber = {
+            let (stop, seen, received) = (stop_sub.clone(), seen.clone(), received.clone());
+            sub.stream
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .expect("timeout");
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(Packet::Publish(p)) = sub.recv() else {
+                        continue;
+                    };
+                    let now = Instant::now();
+                    sub.send(&Packet::PubAck(PubAck::new(p.packet_id)));
+                    let seq = u64::from_be_bytes(p.payload[..8].try_into().expect("seq"));
+                    let sent = u64::from_be_bytes(p.payload[8..16].try_into().expect("time"));
+                    let latency = now.duration_since(base) - Duration::from_nanos(sent);
+                    seen.lock().expect("seen").push((now, latency));
+                    received.lock().expect("received").insert(seq);
+                }
+            })
+        };
+        let publisher = {
+            let stop = stop.clone();
+            let mut client = Client::connect(addr, "stream-pub");
+            std::thread::spawn(move || publish_paced(&mut client, &stop, base))
+        };
+        Stream {
+            stop,
+            stop_sub,
+            publisher,
+            subscriber,
+            seen,
+            received,
+        }
+    }
+
+    /// The p99 latency of what arrived between `from` and `to`.
+    pub fn p99(&self, from: Instant, to: Instant) -> Option<Duration> {
+        let seen = self.seen.lock().expect("seen");
+        let mut l: Vec<Duration> = seen
+            .iter()
+            .filter(|(at, _)| *at >= from && *at < to)
+            .map(|(_, l)| *l)
+            .collect();
+        l.sort();
+        (!l.is_empty()).then(|| l[(l.len() * 99 / 100).min(l.len() - 1)])
+    }
+
+    /// Stops publishing, waits for what is still on its way, and returns
+    /// (acknowledged, acknowledged but never delivered).
+    pub fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let acked = self.publisher.join().expect("publisher");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let missing = {
+                let received = self.received.lock().expect("received");
+                acked.iter().filter(|s| !received.contains(s)).count()
+            };
+            if missing == 0 || Instant::now() > deadline {
+                self.stop_sub.store(true, Ordering::Relaxed);
+                self.subscriber.join().expect("subscriber");
+                return (acked.len(), missing);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Publishes one QoS 1 message a millisecond until `stop`; returns the
+/// sequence numbers acknowledged.
+fn publish_paced(client: &mut Client, stop: &AtomicBool, base: Instant) -> HashSet<u64> {
+    let mut reader = client.try_clone();
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let pending: Arc<Mutex<std::collections::HashMap<u16, u64>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let acks = {
+        let (acked, pending, done) = (acked.clone(), pending.clone(), done.clone());
+        reader
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) || !pending.lock().expect("pending").is_empty() {
+                if let Some(Packet::PubAck(a)) = reader.recv()
+                    && let Some(seq) = pending.lock().expect("pending").remove(&a.packet_id)
+                {
+                    acked.lock().expect("acked").insert(seq);
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let due = start + Duration::from_millis(seq);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let mut payload = BytesMut::with_capacity(64);
+        payload.put_u64(seq);
+        payload.put_u64(Instant::now().duration_since(base).as_nanos() as u64);
+        payload.put_bytes(b's', 48);
+        let packet_id = (seq % 60_000 + 1) as u16;
+        pending.lock().expect("pending").insert(packet_id, seq);
+        if client
+            .try_send(&Packet::Publish(Publish {
+                topic: MqttString::from_static("stream/x"),
+                qos: QoS::AtLeastOnce,
+                packet_id,
+                payload: payload.freeze(),
+                ..Publish::default()
+            }))
+            .is_err()
+        {
+            break;
+        }
+        seq += 1;
+    }
+    // The acknowledgements still on their way, for a while.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pending.lock().expect("pending").is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done.store(true, Ordering::Relaxed);
+    pending.lock().expect("pending").clear();
+    acks.join().expect("ack reader");
+    std::mem::take(&mut *acked.lock().expect("acked"))
 }
