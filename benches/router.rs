@@ -19,7 +19,9 @@
 //! ask is a miss). `subscribe` adds filters that are not in the tree yet
 //! (new sites, their nodes created), `unsubscribe` removes them again
 //! (nodes pruned), 10,000 at a time, so the tree never holds more than
-//! 10,000 extra subscriptions.
+//! 10,000 extra subscriptions. `one-filter` does the same on one filter
+//! that 100,000 sessions have already (a `broadcast` topic every client
+//! subscribes to).
 //!
 //! The router is private to the broker; it is reached through
 //! `ferrymq_broker::bench_support`, which is not a stable API.
@@ -195,6 +197,26 @@ fn router(c: &mut Criterion) {
                 })
             });
         }
+    }
+    // One filter every session subscribes to (a `broadcast` topic): what
+    // one more subscriber costs when 100,000 have it already.
+    let router = BenchRouter::new();
+    let members = 100_000u64;
+    for i in 0..members {
+        router.subscribe("broadcast", &router.session(i), QoS::AtMostOnce);
+    }
+    let churn = vec!["broadcast".to_owned(); CHURN];
+    let churners: Vec<BenchSession> = (0..CHURN as u64)
+        .map(|i| router.session(members + i))
+        .collect();
+    let id = format!("one-filter/{members}");
+    for (name, timed) in [
+        ("subscribe", Timed::Subscribe),
+        ("unsubscribe", Timed::Unsubscribe),
+    ] {
+        group.bench_function(BenchmarkId::new(name, &id), |b| {
+            b.iter_custom(|iters| churn_timed(&router, &churn, &churners, iters, timed))
+        });
     }
     group.finish();
 }

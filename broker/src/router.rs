@@ -91,9 +91,86 @@ struct Node {
     /// The `+` child.
     plus: Option<Box<Node>>,
     /// Subscriptions whose filter ends here.
-    here: Vec<Subscriber>,
+    here: Subscribers,
     /// Subscriptions whose filter is this node's path followed by `/#`.
-    hash: Vec<Subscriber>,
+    hash: Subscribers,
+}
+
+/// The subscriptions of one filter, one per session, in no particular
+/// order (routes are sorted by session after collection).
+#[derive(Default)]
+struct Subscribers {
+    list: Vec<Subscriber>,
+    /// Where each session is in `list`, once the list is long: a filter
+    /// every client subscribes to (a `broadcast` topic) would otherwise be
+    /// scanned on every subscribe and unsubscribe, and N clients would cost
+    /// N squared. (Boxed: two of these are in every node of the tree,
+    /// and an empty map inline would be 48 bytes each.)
+    #[allow(clippy::box_collection)]
+    index: Option<Box<HashMap<SessionId, usize>>>,
+}
+
+/// The length from which a filter's subscriptions are indexed.
+const INDEX_FROM: usize = 32;
+
+impl Subscribers {
+    fn position(&self, session: SessionId) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(&session).copied(),
+            None => self.list.iter().position(|s| s.session == session),
+        }
+    }
+
+    /// Adds `sub`, or replaces its session's. Returns whether it replaced.
+    fn upsert(&mut self, sub: Subscriber) -> bool {
+        if let Some(at) = self.position(sub.session) {
+            self.list[at] = sub;
+            return true;
+        }
+        if let Some(index) = &mut self.index {
+            index.insert(sub.session, self.list.len());
+        } else if self.list.len() + 1 >= INDEX_FROM {
+            let index = self
+                .list
+                .iter()
+                .chain(std::iter::once(&sub))
+                .enumerate()
+                .map(|(at, s)| (s.session, at))
+                .collect();
+            self.index = Some(Box::new(index));
+        }
+        self.list.push(sub);
+        false
+    }
+
+    /// Removes `session`'s subscription. Returns whether it was there.
+    fn remove(&mut self, session: SessionId) -> bool {
+        let Some(at) = self.position(session) else {
+            return false;
+        };
+        self.list.swap_remove(at);
+        if let Some(index) = &mut self.index {
+            index.remove(&session);
+            if let Some(moved) = self.list.get(at) {
+                index.insert(moved.session, at);
+            }
+            if self.list.len() < INDEX_FROM / 2 {
+                self.index = None;
+            }
+        }
+        if self.list.capacity() > 2 * self.list.len() + 4 {
+            self.list.shrink_to_fit();
+        }
+        true
+    }
+}
+
+impl std::ops::Deref for Subscribers {
+    type Target = [Subscriber];
+
+    fn deref(&self) -> &[Subscriber] {
+        &self.list
+    }
 }
 
 impl Node {
@@ -173,25 +250,6 @@ impl Default for Router {
     }
 }
 
-fn upsert(list: &mut Vec<Subscriber>, sub: Subscriber) -> bool {
-    match list.iter_mut().find(|s| s.session == sub.session) {
-        Some(existing) => {
-            *existing = sub;
-            true
-        }
-        None => {
-            list.push(sub);
-            false
-        }
-    }
-}
-
-fn remove(list: &mut Vec<Subscriber>, session: SessionId) -> bool {
-    let before = list.len();
-    list.retain(|s| s.session != session);
-    list.len() != before
-}
-
 impl Router {
     /// Adds or replaces `sub`'s subscription to a valid, non-shared
     /// `filter`. Returns whether it replaced an existing one.
@@ -202,7 +260,7 @@ impl Router {
         let mut replaced = false;
         while let Some(level) = levels.next() {
             if level == "#" {
-                replaced = upsert(&mut node.hash, sub.clone());
+                replaced = node.hash.upsert(sub.clone());
                 break;
             }
             node = if level == "+" {
@@ -211,7 +269,7 @@ impl Router {
                 node.children.entry(level.into()).or_default()
             };
             if levels.peek().is_none() {
-                replaced = upsert(&mut node.here, sub.clone());
+                replaced = node.here.upsert(sub.clone());
             }
         }
         self.generation.fetch_add(1, Ordering::Release);
@@ -416,7 +474,7 @@ fn remove_path(root: &mut Node, filter: &str, session: SessionId) -> bool {
     } else {
         &mut node.here
     };
-    if !remove(list, session) {
+    if !list.remove(session) {
         return false;
     }
     // Dropped without recursion (see `Drop for Node`).
@@ -518,6 +576,50 @@ pub(crate) mod tests {
             identifier: None,
             group: None,
         }
+    }
+
+    #[test]
+    fn a_filter_every_client_subscribes_to_is_indexed_not_scanned() {
+        // Regression: each subscribe and unsubscribe scanned the filter's
+        // whole list, so 100,000 clients subscribing to one `broadcast`
+        // topic cost 100,000 squared comparisons. Past `INDEX_FROM` the
+        // list is indexed by session; the index must stay right through
+        // replacements and removals in any order (checked against a map).
+        let router = Router::default();
+        let mut model = std::collections::BTreeMap::new();
+        let mut x = 7u64;
+        for step in 0..4_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let session = (x >> 16) % 300;
+            let qos = if step.is_multiple_of(2) {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            if x.is_multiple_of(3) {
+                assert_eq!(
+                    router.unsubscribe("broadcast", SessionId(session)),
+                    model.remove(&session).is_some(),
+                    "step {step}"
+                );
+            } else {
+                assert_eq!(
+                    router.subscribe("broadcast", sub(session, qos)),
+                    model.insert(session, qos).is_some(),
+                    "step {step}"
+                );
+            }
+            if step.is_multiple_of(97) {
+                let want: Vec<(u64, QoS)> = model.iter().map(|(s, q)| (*s, *q)).collect();
+                assert_eq!(sessions(&router, "broadcast"), want, "step {step}");
+            }
+        }
+        let tree = router.tree.read();
+        let node = tree.children.get("broadcast").expect("node");
+        assert_eq!(node.here.index.is_some(), model.len() >= INDEX_FROM / 2);
+        assert!(model.len() >= INDEX_FROM, "the index was exercised");
     }
 
     fn sessions(router: &Router, topic: &str) -> Vec<(u64, QoS)> {
