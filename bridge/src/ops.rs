@@ -176,7 +176,7 @@ impl Ops {
             in_rate: rate(|s| s.received),
             in_bytes_rate: rate(|s| s.received_bytes),
             out_rate: rate(|s| s.sent),
-            process: ProcessUsage::read(),
+            process: ProcessUsage::with_open_fds(),
             disk_low: self.broker.disk_low(),
             dropped: {
                 let stats = self.broker.stats();
