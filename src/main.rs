@@ -575,6 +575,8 @@ async fn serve_signals(
     log_level: &LogLevel,
 ) {
     loop {
+        // Cancel-safe: a signal that arrives while another branch runs
+        // stays pending in its stream until the next loop.
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("SIGINT received");

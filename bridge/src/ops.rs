@@ -390,6 +390,7 @@ pub(crate) async fn start(
             let mut tick = tokio::time::interval(SAMPLE_EVERY);
             tick.tick().await;
             loop {
+                // Cancel-safe: nothing is in progress between ticks.
                 tokio::select! {
                     _ = tick.tick() => sampler.record_sample(),
                     () = crate::link::stopped(&mut stop) => break,

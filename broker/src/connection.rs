@@ -614,6 +614,8 @@ fn rare_waits(
     }
     let mut durable = durable.clone();
     Some(Box::pin(async move {
+        // Each branch only waits: the first to finish decides, and the
+        // others are dropped with nothing half done.
         tokio::select! {
             _ = durable.changed(), if need_durable => false,
             () = wait_for_room(parked) => true,
@@ -1734,7 +1736,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                         subscription: record,
                     });
                 }
-                // No retained messages on a shared subscription [MQTT-3.8.4-?].
+                // No retained messages on a shared subscription: MQTT 5.0
+                // 3.3.1.3 sends them when a new Non-shared Subscription is
+                // made (a sentence without a rule number).
                 reason_codes.push(ReasonCode(options.qos as u8));
                 continue;
             }
@@ -1841,8 +1845,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         {
             let state = &mut self.engine.state;
             if state.expiry.is_zero() && asked > 0 {
-                // [MQTT-3.14.2-?]: a session created to end with its
-                // connection cannot be made persistent at DISCONNECT.
+                // MQTT 5.0 3.14.2.2.2 (a Protocol Error without a rule
+                // number): a session created to end with its connection
+                // cannot be made persistent at DISCONNECT.
                 return Close::Protocol(
                     ReasonCode::PROTOCOL_ERROR,
                     "DISCONNECT sets a Session Expiry Interval on a session created with 0".into(),

@@ -36,6 +36,8 @@ pub(crate) fn delay_will(
     let (trigger, fired) = tokio::sync::oneshot::channel::<()>();
     let this = shared.this.clone();
     tokio::spawn(async move {
+        // Whichever comes first decides; the other is dropped with nothing
+        // in progress (a sleep, and a oneshot receiver).
         let (publish, on_time) = tokio::select! {
             _ = tokio::time::sleep(delay) => (true, true),
             early = fired => (early.is_ok(), false),

@@ -190,6 +190,8 @@ pub(crate) async fn sample(
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     let mut last = (Instant::now(), ProcessUsage::read().cpu_seconds);
     loop {
+        // Cancel-safe: a tick not taken stays due, and the shutdown flag
+        // is only observed.
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,

@@ -50,6 +50,7 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
+        // Cancel-safe: a connection not yet accepted stays in the backlog.
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {

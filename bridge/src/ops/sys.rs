@@ -133,6 +133,7 @@ pub(super) async fn publish(ops: Arc<Ops>, every: Duration, mut stop: watch::Rec
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut client = None;
     loop {
+        // Cancel-safe: nothing is in progress between ticks.
         tokio::select! {
             _ = tick.tick() => {}
             () = crate::link::stopped(&mut stop) => break,
