@@ -22,18 +22,34 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Module map: `connection` (one task per client: stream I/O, drives the
-//! engine), `engine` (the per-connection protocol state machine, no I/O),
-//! `session` (state that outlives a connection, the registry, takeover),
-//! `publish` (routing one message into outboxes, retained and the store),
-//! `router` (the topic tree), `retained`, `outbox` (per-session bounded
-//! queues), `storage` (the `Store` trait and the in-memory store),
-//! `client` (the in-process client), `server` (listeners), `data_dir`,
-//! `negotiate` (what a CONNECT gets, no I/O), `lifecycle` (wills, the
-//! end of a session), `recovery` (start-up),
-//! `shared` (what every task of one broker shares), `doorbell` (a
-//! connection's one wake source besides its socket), `keepalive` (every
-//! connection's keep-alive deadline in one queue, served by one task).
+//! Module map (every module):
+//! - connections: `server` (listeners, accept), `tls` and `websocket`
+//!   (layers under a listener), `connection` (one task per client: stream
+//!   I/O, drives the engine), `negotiate` (what a CONNECT gets, no I/O),
+//!   `engine` (the per-connection protocol state machine, no I/O),
+//!   `doorbell` (a connection's one wake source besides its socket),
+//!   `keepalive` (every connection's keep-alive deadline in one queue,
+//!   served by one task), `rate` (`max_publish_rate`), `client` (the
+//!   in-process client);
+//! - who may do what: `auth` (enhanced authentication), `users` (the
+//!   password file), `acl` (the ACL file), `reload` (SIGHUP), `shed` (load
+//!   shedding);
+//! - messages: `message`, `publish` (routing one message into outboxes,
+//!   retained and the store), `router` (the topic tree), `level_tree`
+//!   (what the router's and the retained set's trees share), `retained`,
+//!   `replay` (a new subscription's retained messages, streamed),
+//!   `shared_sub` (shared subscription groups), `outbox` (per-session
+//!   bounded queues);
+//! - sessions: `session` (state that outlives a connection, the registry,
+//!   takeover), `lifecycle` (wills, the end of a session), `recovery`
+//!   (start-up), `bridge_session` (each bridge's local session), `ferry`
+//!   (ferry batches), `dedup` (receiver-side de-duplication), `state`
+//!   (state topics, last writer wins);
+//! - the process: `shared` (what every task of one broker shares),
+//!   `storage` (the `Store` trait, RocksDB and in-memory stores),
+//!   `data_dir`, `memory` (allocator policy), `stats` (counters);
+//! - for tests, benchmarks and fuzzing only: `bench_support`, `fuzzing`,
+//!   `deep_tests`, `idle_tests`.
 //! The packet codec is its own crate, `ferrymq-codec`.
 
 mod acl;
