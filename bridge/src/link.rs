@@ -22,7 +22,10 @@
 //! uplink (MQTT 5), and a message carrying this node's own id is never
 //! taken back in.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod forward;
+
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +46,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::pace::{Backoff, Pace, Rng};
+use self::forward::{Action, Forwarder, Gone};
+use crate::pace::{Backoff, Rng};
 use crate::status::BridgeStatus;
 use crate::uplink::{Event, RequestError, TlsOptions, Uplink, UplinkError, UplinkOptions};
 
@@ -193,7 +197,7 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
         .persistent(forever)
         .manual_acks()
         .message_ids();
-    options.receive_capacity = u16::try_from(local_window(&config)).unwrap_or(u16::MAX);
+    options.receive_capacity = u16::try_from(forward::local_window(&config)).unwrap_or(u16::MAX);
     // The broker created the session and its `out` subscriptions at
     // start (before accepting anyone): this resumes it.
     let local = broker.connect(options).await?;
@@ -207,11 +211,9 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
             .persistent(forever)
             .manual_acks()
             .message_ids();
-        options.receive_capacity = u16::try_from(local_window(&config)).unwrap_or(u16::MAX);
-        Some(LaneState {
-            client: broker.connect(options).await?,
-            outbox: Outbox::default(),
-        })
+        options.receive_capacity =
+            u16::try_from(forward::local_window(&config)).unwrap_or(u16::MAX);
+        Some(broker.connect(options).await?)
     } else {
         None
     };
@@ -241,9 +243,8 @@ pub async fn start(broker: BrokerHandle, config: Bridge) -> Result<BridgeHandle,
         node_uuid: broker.node_uuid(),
         shared: shared.clone(),
         backoff: Backoff::new(config.reconnect_min, config.reconnect_max, Rng::from_os()),
-        quota: Backoff::new(config.reconnect_min, config.reconnect_max, Rng::from_os()),
+        forward: Forwarder::new(&config, live.is_some(), Rng::from_os()),
         config,
-        outbox: Outbox::default(),
         live,
         stop_rx,
     };
@@ -323,209 +324,13 @@ fn qos(level: u8) -> QoS {
     }
 }
 
-/// A message from the local queue on its way upstream.
-struct Entry {
-    received: Received,
-    /// Its upstream packet id on the current connection, once sent.
-    sent: Option<u16>,
-    /// Its payload size (status).
-    size: u64,
-    /// When the bridge took it (its Message Expiry Interval counts on).
-    taken: Instant,
-}
-
-/// The messages taken from the local queue and not yet acknowledged
-/// upstream, in queue order (at most `inflight`).
-#[derive(Default)]
-struct Outbox {
-    entries: BTreeMap<u64, Entry>,
-    next_key: u64,
-    /// Upstream packet id -> entry.
-    by_packet_id: HashMap<u16, u64>,
-    /// Upstream packet id -> the entries of a ferry batch.
-    batches: HashMap<u16, Vec<u64>>,
-    /// The first entry not sent on this connection.
-    first_unsent: u64,
-    /// The payload bytes of the entries (for the status, without walking
-    /// them: with `kind = "ferrymq"` there are thousands).
-    bytes: u64,
-}
-
-impl Outbox {
-    fn push(&mut self, received: Received) {
-        let size = received.payload.len() as u64;
-        self.bytes += size;
-        self.entries.insert(
-            self.next_key,
-            Entry {
-                received,
-                sent: None,
-                size,
-                taken: Instant::now(),
-            },
-        );
-        self.next_key += 1;
-    }
-
-    /// With `linger` (`batch_linger_ms`): until when the unsent entries,
-    /// fewer than a full batch of `max_count` messages and `max_bytes`
-    /// payload bytes, wait for more; `None` when they go now.
-    fn linger_until(
-        &self,
-        linger: Duration,
-        max_count: usize,
-        max_bytes: usize,
-        now: Instant,
-    ) -> Option<Instant> {
-        if linger.is_zero() {
-            return None;
-        }
-        let mut unsent = self
-            .entries
-            .range(self.first_unsent..)
-            .map(|(_, e)| e)
-            .filter(|e| e.sent.is_none());
-        let first = unsent.next()?;
-        let (mut count, mut bytes) = (1, first.size);
-        for entry in unsent {
-            count += 1;
-            bytes += entry.size;
-            if count >= max_count || bytes >= max_bytes as u64 {
-                return None;
-            }
-        }
-        Some(first.taken + linger).filter(|at| *at > now && count < max_count)
-    }
-
-    fn next_unsent(&self) -> Option<(u64, &Entry)> {
-        self.entries
-            .range(self.first_unsent..)
-            .find(|(_, e)| e.sent.is_none())
-            .map(|(k, e)| (*k, e))
-    }
-
-    fn mark_sent(&mut self, key: u64, packet_id: u16) {
-        if let Some(e) = self.entries.get_mut(&key) {
-            e.sent = Some(packet_id);
-            self.by_packet_id.insert(packet_id, key);
-        }
-        self.first_unsent = key + 1;
-    }
-
-    /// The entry sent under `packet_id`, taken out.
-    fn take(&mut self, packet_id: u16) -> Option<Entry> {
-        let key = self.by_packet_id.remove(&packet_id)?;
-        self.remove(key)
-    }
-
-    /// Whether a message (or batch) of this outbox is in flight under
-    /// `packet_id`.
-    fn owns(&self, packet_id: u16) -> bool {
-        self.by_packet_id.contains_key(&packet_id) || self.batches.contains_key(&packet_id)
-    }
-
-    /// The entry at `key`, taken out.
-    fn remove(&mut self, key: u64) -> Option<Entry> {
-        let entry = self.entries.remove(&key)?;
-        self.bytes -= entry.size;
-        Some(entry)
-    }
-
-    /// Marks `keys` sent as one ferry batch under `packet_id`.
-    fn mark_batch_sent(&mut self, keys: Vec<u64>, packet_id: u16) {
-        for &key in &keys {
-            if let Some(e) = self.entries.get_mut(&key) {
-                e.sent = Some(packet_id);
-            }
-            self.first_unsent = self.first_unsent.max(key + 1);
-        }
-        self.batches.insert(packet_id, keys);
-    }
-
-    /// The entries sent under `packet_id` (one, or a batch's), taken out.
-    fn take_all(&mut self, packet_id: u16) -> Vec<Entry> {
-        match self.batches.remove(&packet_id) {
-            Some(keys) => keys.iter().filter_map(|&key| self.remove(key)).collect(),
-            None => self.take(packet_id).into_iter().collect(),
-        }
-    }
-
-    /// Back to unsent, to be sent again (after a refusal to retry).
-    fn unsend(&mut self, packet_id: u16) {
-        let keys = match self.batches.remove(&packet_id) {
-            Some(keys) => keys,
-            None => self.by_packet_id.remove(&packet_id).into_iter().collect(),
-        };
-        for key in keys {
-            if let Some(e) = self.entries.get_mut(&key) {
-                e.sent = None;
-            }
-            self.first_unsent = self.first_unsent.min(key);
-        }
-    }
-
-    /// A new connection: nothing is sent on it yet.
-    fn reset(&mut self) {
-        self.by_packet_id.clear();
-        self.batches.clear();
-        for e in self.entries.values_mut() {
-            e.sent = None;
-        }
-        self.first_unsent = self.entries.keys().next().copied().unwrap_or(self.next_key);
-    }
-}
-
-/// What [`Runner::send_batch`] did.
-enum Batch {
-    /// A batch went out.
-    Sent,
-    /// Nothing to send.
-    Nothing,
-    /// The window or the output buffer is full.
-    Full,
-    /// The pace allows more only at this time (a batch may have gone).
-    Paced(Instant),
-    /// A batch that is not full waits for more until this time
-    /// (`batch_linger_ms`).
-    Linger(Instant),
-}
-
-/// The next message of the live lane's local session while its outbox
-/// has room (pending otherwise, and without a live lane).
-async fn recv_live(live: &mut Option<LaneState>, capacity: usize) -> Option<Received> {
+/// The next message of the live lane's local session (pending without a
+/// live lane).
+async fn recv_live(live: &mut Option<Client>) -> Option<Received> {
     match live {
-        Some(live) if live.outbox.entries.len() < capacity => live.client.recv().await,
-        _ => std::future::pending().await,
+        Some(live) => live.recv().await,
+        None => std::future::pending().await,
     }
-}
-
-/// How many messages the bridge takes from its local queue at a time:
-/// the in-flight window, in batches with `kind = "ferrymq"`.
-fn local_window(config: &Bridge) -> usize {
-    match config.kind {
-        BridgeKind::Mqtt => usize::from(config.inflight),
-        BridgeKind::Ferrymq => (usize::from(config.inflight) * usize::from(config.batch_size))
-            .clamp(1, usize::from(u16::MAX)),
-    }
-}
-
-/// The id the local broker gave a queued message (`ferry-id`).
-fn message_id(received: &Received) -> Option<MessageId> {
-    received
-        .properties
-        .user_properties
-        .iter()
-        .find(|(k, _)| k.as_str() == MESSAGE_ID_PROPERTY)
-        .and_then(|(_, v)| v.as_str().parse().ok())
-}
-
-/// Why a queued message is not sent up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gone {
-    /// Its Message Expiry Interval ran out while it waited here.
-    Expired,
-    /// It waited longer than its rule's `max_age_secs`.
-    TooOld,
 }
 
 /// How a connection ended.
@@ -539,7 +344,11 @@ enum Ended {
 }
 
 struct Runner {
+    /// The backlog lane's local session.
     local: Client,
+    /// The live lane's local session (`lane = "live"` rules), when the
+    /// bridge has one; its messages are sent ahead of the backlog.
+    live: Option<Client>,
     /// Publishes inbound messages on the bridge's own session (so No Local
     /// keeps them from going back upstream).
     publisher: Publisher,
@@ -547,33 +356,13 @@ struct Runner {
     shared: Arc<Shared>,
     config: Bridge,
     backoff: Backoff,
-    /// Waits after an upstream "quota exceeded" (0x97).
-    quota: Backoff,
-    outbox: Outbox,
-    /// The live lane (`lane = "live"` rules): its own local session and
-    /// outbox, sent ahead of the backlog. While the code below handles
-    /// the live lane, it is swapped into `local` / `outbox`
-    /// ([`Runner::swap_lanes`]), so one path serves both.
-    live: Option<LaneState>,
+    /// The forwarding policy: what both lanes took from their local
+    /// queues, what goes upstream next, and what becomes of each message.
+    forward: Forwarder,
     stop_rx: watch::Receiver<bool>,
 }
 
-/// A lane's local session and what it took from it.
-struct LaneState {
-    client: Client,
-    outbox: Outbox,
-}
-
 impl Runner {
-    /// Swaps the live lane with the backlog in `local` / `outbox` (no-op
-    /// without a live lane). Always called in pairs.
-    fn swap_lanes(&mut self) {
-        if let Some(live) = &mut self.live {
-            std::mem::swap(&mut self.local, &mut live.client);
-            std::mem::swap(&mut self.outbox, &mut live.outbox);
-        }
-    }
-
     async fn run(mut self) {
         let mut index = 0usize;
         let mut redirect: Option<BridgeAddress> = None;
@@ -612,10 +401,7 @@ impl Runner {
                         .serve(uplink, connected.receive_maximum, on_fallback, batches)
                         .await;
                     self.update(|l| l.connected = false);
-                    self.outbox.reset();
-                    if let Some(live) = &mut self.live {
-                        live.outbox.reset();
-                    }
+                    self.forward.disconnected();
                     ended
                 }
                 Err(e) => {
@@ -663,7 +449,7 @@ impl Runner {
         }
         self.local.disconnect().await;
         if let Some(live) = self.live.take() {
-            live.client.disconnect().await;
+            live.disconnect().await;
         }
     }
 
@@ -677,15 +463,14 @@ impl Runner {
         stop: &mut watch::Receiver<bool>,
     ) -> Option<T> {
         tokio::pin!(work);
-        let capacity = local_window(&self.config);
         loop {
             tokio::select! {
                 // Dropping a connect in progress closes its socket: safe.
                 out = &mut work => return Some(out),
                 // Cancel-safe: mpsc receive loses nothing when not chosen.
-                received = self.local.recv(), if self.outbox.entries.len() < capacity => match received {
+                received = self.local.recv(), if self.forward.has_room(Lane::Backlog) => match received {
                     Some(received) => {
-                        self.outbox.push(received);
+                        self.forward.take(Lane::Backlog, received, Instant::now());
                         self.update_pending();
                     }
                     None => return None,
@@ -731,7 +516,10 @@ impl Runner {
         o
     }
 
-    /// Runs one upstream connection until it ends.
+    /// Runs one upstream connection until it ends: each turn sends what
+    /// the forwarding policy hands out, then waits for the next thing to
+    /// feed it (or to handle here: inbound messages, the fail-back probe,
+    /// the status samples, a stop).
     async fn serve(
         &mut self,
         mut uplink: Uplink,
@@ -740,6 +528,55 @@ impl Runner {
         batches: bool,
     ) -> Ended {
         uplink.set_window_cap(usize::from(self.config.inflight.min(receive_maximum)));
+        if let Err(e) = self.subscribe_inbound(&mut uplink) {
+            return Ended::Lost(format!("cannot subscribe upstream: {e}"), None);
+        }
+        self.forward.connected(batches, Instant::now());
+        // Local publishes of inbound messages, oldest first, with the
+        // upstream packet id to acknowledge once each is durable.
+        let mut inbound: VecDeque<(u16, PublishAck)> = VecDeque::new();
+        let probe_every = self
+            .config
+            .reconnect_max
+            .clamp(FAILBACK_PROBE_MIN, FAILBACK_PROBE_MAX);
+        let mut probe = tokio::time::interval_at(Instant::now() + probe_every, probe_every);
+        let mut sample = tokio::time::interval(Duration::from_secs(1));
+        let mut stop = self.stop_rx.clone();
+        loop {
+            self.send(&mut uplink).await;
+            let wake_at = self.forward.wake_at();
+            let flow = tokio::select! {
+                // Cancel-safe: next_event keeps its progress in `uplink`.
+                event = uplink.next_event() => self.upstream_event(&mut uplink, event, &mut inbound).await,
+                // Cancel-safe: mpsc receive loses nothing when not chosen.
+                received = self.local.recv(), if self.forward.has_room(Lane::Backlog) => self.take(Lane::Backlog, received),
+                // Cancel-safe as the branch above.
+                received = recv_live(&mut self.live), if self.forward.has_room(Lane::Live) => self.take(Lane::Live, received),
+                // Polls the oldest local publish in place (a oneshot, cancel-safe).
+                done = front_ack(&mut inbound), if !inbound.is_empty() => self.inbound_done(&mut uplink, done, &mut inbound),
+                // Cancel-safe: the next turn asks for the wake-up again.
+                _ = sleep_until(wake_at), if wake_at.is_some() => ControlFlow::Continue(()),
+                _ = probe.tick(), if on_fallback => {
+                    if self.first_address_reachable().await {
+                        let _ = uplink.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
+                        return Ended::FailBack;
+                    }
+                    ControlFlow::Continue(())
+                }
+                _ = sample.tick() => self.sample(),
+                () = stopped(&mut stop) => {
+                    let _ = uplink.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
+                    return Ended::Stop;
+                }
+            };
+            if let ControlFlow::Break(ended) = flow {
+                return ended;
+            }
+        }
+    }
+
+    /// Subscribes the `in` rules upstream (none: nothing to do).
+    fn subscribe_inbound(&self, uplink: &mut Uplink) -> Result<(), RequestError> {
         let v5 = uplink.protocol() == Protocol::V5;
         let subscriptions: Vec<Subscription> = self
             .config
@@ -758,382 +595,171 @@ impl Runner {
                 })
             })
             .collect();
-        if !subscriptions.is_empty()
-            && let Err(e) = uplink.subscribe(subscriptions, SubscribeProperties::default())
-        {
-            return Ended::Lost(format!("cannot subscribe upstream: {e}"), None);
+        if subscriptions.is_empty() {
+            return Ok(());
         }
-        let mut pace = Pace::new(self.config.drain_rate, self.config.ramp, Instant::now());
-        let mut paced_until: Option<Instant> = None;
-        let mut paused_until: Option<Instant> = None;
-        // Local publishes of inbound messages, oldest first, with the
-        // upstream packet id to acknowledge once each is durable.
-        let mut inbound: VecDeque<(u16, PublishAck)> = VecDeque::new();
-        let probe_every = self
-            .config
-            .reconnect_max
-            .clamp(FAILBACK_PROBE_MIN, FAILBACK_PROBE_MAX);
-        let mut probe = tokio::time::interval_at(Instant::now() + probe_every, probe_every);
-        let mut sample = tokio::time::interval(Duration::from_secs(1));
-        let capacity = local_window(&self.config);
-        let mut stop = self.stop_rx.clone();
-        loop {
-            // Send what the window, the pace and a quota pause allow.
-            let now = Instant::now();
-            if paused_until.is_some_and(|t| t <= now) {
-                paused_until = None;
-            }
-            if paced_until.is_some_and(|t| t <= now) {
-                paced_until = None;
-            }
-            // Decided anew at every turn.
-            let mut linger_until = None;
-            // The live lane first, then the backlog, in the same window.
-            for live_lane in [true, false] {
-                if live_lane {
-                    if self.live.is_none() {
-                        continue;
-                    }
-                    self.swap_lanes();
-                }
-                while batches
-                    && paused_until.is_none()
-                    && paced_until.is_none()
-                    && uplink.can_publish()
-                {
-                    // The live lane never waits for a fuller batch.
-                    let linger = if live_lane {
-                        Duration::ZERO
-                    } else {
-                        self.config.batch_linger
-                    };
-                    match self.send_batch(&mut uplink, &mut pace, now, linger).await {
-                        Batch::Sent => {}
-                        Batch::Paced(at) => {
-                            paced_until = Some(at);
-                            break;
-                        }
-                        Batch::Linger(at) => {
-                            linger_until = Some(at);
-                            break;
-                        }
-                        Batch::Nothing | Batch::Full => break,
-                    }
-                }
-                while !batches
-                    && paused_until.is_none()
-                    && paced_until.is_none()
-                    && uplink.can_publish()
-                {
-                    let Some((key, entry)) = self.outbox.next_unsent() else {
-                        break;
-                    };
-                    if let Err(at) = pace.take(now) {
-                        paced_until = Some(at);
-                        break;
-                    }
-                    let publish = match self.upstream_publish(entry, now) {
-                        Ok(publish) => publish,
-                        Err(gone) => {
-                            self.outbox.first_unsent = key + 1;
-                            self.drop_gone(key, gone).await;
-                            continue;
-                        }
-                    };
-                    let at_most_once = publish.qos == QoS::AtMostOnce;
-                    match uplink.publish(publish) {
-                        Ok(packet_id) if at_most_once => {
-                            let _ = packet_id;
-                            if let Some(entry) = self.outbox.remove(key) {
-                                self.outbox.first_unsent = key + 1;
-                                self.forwarded(&entry).await;
-                            }
-                        }
-                        Ok(packet_id) => {
-                            tracing::trace!(bridge = %self.config.name, key, packet_id, "sent upstream");
-                            self.outbox.mark_sent(key, packet_id);
-                        }
-                        Err(RequestError::WindowFull { .. } | RequestError::OutputFull { .. }) => {
-                            break;
-                        }
-                        Err(e) => {
-                            // This message can never go to this upstream (too
-                            // large, a QoS or retain it does not support).
-                            if let Some(entry) = self.outbox.remove(key) {
-                                self.dead_letter(entry, &e.to_string()).await;
-                            }
-                        }
-                    }
-                }
-                if live_lane {
-                    self.swap_lanes();
+        uplink
+            .subscribe(subscriptions, SubscribeProperties::default())
+            .map(|_| ())
+    }
+
+    /// One turn of sending: each publish the forwarding policy hands out
+    /// goes on the uplink (which only encodes it) while the window, the
+    /// pace and a quota pause allow; then what it decided is done.
+    async fn send(&mut self, uplink: &mut Uplink) {
+        self.forward
+            .begin_turn(Instant::now(), self.shared.broker.now_ms());
+        let batches = self.forward.batches();
+        while let Some(publish) = self.forward.next_publish(uplink.can_publish()) {
+            let result = uplink.publish(publish);
+            if let Ok(packet_id) = result {
+                tracing::trace!(bridge = %self.config.name, packet_id, batches, "sent upstream");
+                if batches {
+                    self.update(|l| l.batches_sent += 1);
                 }
             }
-            self.update_pending();
-            let wake_at = [paused_until, paced_until, linger_until]
-                .into_iter()
-                .flatten()
-                .min();
-            tokio::select! {
-                // Cancel-safe: next_event keeps its progress in `uplink`.
-                event = uplink.next_event() => match event {
-                    Ok(Event::Acked { packet_id, reason_code, reason_string }) => {
-                        tracing::trace!(bridge = %self.config.name, packet_id, %reason_code, "acknowledged upstream");
-                        let live_lane = self.live.as_ref().is_some_and(|l| l.outbox.owns(packet_id));
-                        if live_lane {
-                            self.swap_lanes();
-                        }
-                        if reason_code == ReasonCode::QUOTA_EXCEEDED {
-                            // Keep it and back off; it goes again later.
-                            self.outbox.unsend(packet_id);
-                            let delay = self.quota.next_delay().max(Duration::from_millis(100));
-                            warn!(bridge = %self.config.name, ?delay, "the upstream is over quota (0x97): backing off");
-                            paused_until = Some(Instant::now() + delay);
-                        } else {
-                            let entries = self.outbox.take_all(packet_id);
-                            if reason_code.is_error() {
-                                let why = format!("refused by the upstream: {reason_code}{}", reason_string.map(|s| format!(" ({s})")).unwrap_or_default());
-                                for entry in entries {
-                                    self.dead_letter(entry, &why).await;
-                                }
-                            } else {
-                                self.quota.reset();
-                                for entry in &entries {
-                                    self.forwarded(entry).await;
-                                }
-                            }
-                        }
-                        if live_lane {
-                            self.swap_lanes();
-                        }
-                    }
-                    Ok(Event::Received { .. } | Event::UnsubAck { .. }) => {}
-                    Ok(Event::SubAck { reason_codes, .. }) => {
-                        if reason_codes.iter().any(|c| c.is_error()) {
-                            warn!(bridge = %self.config.name, ?reason_codes, "the upstream refused some inbound subscriptions");
-                        }
-                    }
-                    Ok(Event::Message(publish)) => {
-                        if let Some(ended) = self.inbound(&mut uplink, publish, &mut inbound).await {
-                            return ended;
-                        }
-                    }
-                    Err(e) => {
-                        let reference = match &e {
-                            UplinkError::Disconnected { server_reference, .. } => server_reference.clone(),
-                            _ => None,
-                        };
-                        return Ended::Lost(e.to_string(), reference);
-                    }
-                },
-                // Cancel-safe: mpsc receive loses nothing when not chosen.
-                received = self.local.recv(), if self.outbox.entries.len() < capacity => match received {
-                    Some(received) => {
-                        tracing::trace!(bridge = %self.config.name, key = self.outbox.next_key, local_id = received.packet_id, dup = received.dup, payload = ?received.payload, "from the local queue");
-                        self.outbox.push(received);
-                    }
-                    None => return Ended::Stop,
-                },
-                // Cancel-safe as the branch above.
-                received = recv_live(&mut self.live, capacity), if self.live.is_some() => match received {
-                    Some(received) => {
-                        if let Some(live) = &mut self.live {
-                            live.outbox.push(received);
-                        }
-                    }
-                    None => return Ended::Stop,
-                },
-                // Polls the oldest local publish in place (a oneshot, cancel-safe).
-                done = front_ack(&mut inbound), if !inbound.is_empty() => {
-                    let packet_id = inbound.pop_front().map(|(id, _)| id);
-                    match (done, packet_id) {
-                        (Ok(()), Some(packet_id)) => {
-                            if packet_id != 0 && let Err(e) = uplink.ack(packet_id) {
-                                return Ended::Lost(format!("cannot acknowledge upstream: {e}"), None);
-                            }
-                            self.update(|l| l.received += 1);
-                        }
-                        (Err(ClientError::Refused(ReasonCode::TOPIC_NAME_INVALID)), Some(packet_id)) => {
-                            // Deeper than limits.max_topic_levels: refused for
-                            // good (the broker counted and logged it), so it is
-                            // taken from the upstream rather than sent again
-                            // after every reconnect.
-                            warn!(bridge = %self.config.name, "dropped an inbound message: its topic has more levels than limits.max_topic_levels");
-                            if packet_id != 0 && let Err(e) = uplink.ack(packet_id) {
-                                return Ended::Lost(format!("cannot acknowledge upstream: {e}"), None);
-                            }
-                        }
-                        (Err(e), _) => {
-                            // Not durable here: the upstream must keep it.
-                            // Reconnecting makes it send again.
-                            return Ended::Lost(format!("the local broker refused an inbound message: {e}"), None);
-                        }
-                        (Ok(()), None) => {}
-                    }
+            self.forward.published(result);
+        }
+        self.perform().await;
+        self.update_pending();
+    }
+
+    /// Does what the forwarding policy decided, in order.
+    async fn perform(&mut self) {
+        while let Some(action) = self.forward.next_action() {
+            match action {
+                Action::Forwarded(lane, received) => {
+                    let _ = self.lane_client(lane).ack(&received).await;
+                    self.update(|l| l.forwarded += 1);
                 }
-                _ = sleep_until(wake_at), if wake_at.is_some() => {}
-                _ = probe.tick(), if on_fallback => {
-                    if self.first_address_reachable().await {
-                        let _ = uplink.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
-                        return Ended::FailBack;
-                    }
-                }
-                _ = sample.tick() => {
-                    let now = Instant::now();
-                    self.update(|l| {
-                        l.samples.push_back((now, l.forwarded));
-                        while l.samples.len() > 11 {
-                            l.samples.pop_front();
-                        }
+                Action::Dropped(lane, received, gone) => {
+                    let _ = self.lane_client(lane).ack(&received).await;
+                    self.update(|l| match gone {
+                        Gone::Expired => l.expired += 1,
+                        Gone::TooOld => l.aged_out += 1,
                     });
                 }
-                () = stopped(&mut stop) => {
-                    let _ = uplink.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
-                    return Ended::Stop;
+                Action::DeadLetter(lane, received, why) => {
+                    self.dead_letter(lane, &received, &why).await;
+                }
+                Action::Paused(delay) => {
+                    warn!(bridge = %self.config.name, ?delay, "the upstream is over quota (0x97): backing off");
                 }
             }
         }
     }
 
-    /// Sends the next unsent entries (up to `batch_size` messages and
-    /// `batch_bytes`, within the pace) as one ferry batch.
-    async fn send_batch(
+    /// The local session of `lane`.
+    fn lane_client(&self, lane: Lane) -> &Client {
+        match (lane, &self.live) {
+            (Lane::Live, Some(live)) => live,
+            _ => &self.local,
+        }
+    }
+
+    /// A message from `lane`'s local queue (`None`: the broker is going
+    /// away).
+    fn take(&mut self, lane: Lane, received: Option<Received>) -> ControlFlow<Ended> {
+        let Some(received) = received else {
+            return ControlFlow::Break(Ended::Stop);
+        };
+        tracing::trace!(bridge = %self.config.name, ?lane, local_id = received.packet_id, dup = received.dup, payload = ?received.payload, "from the local queue");
+        self.forward.take(lane, received, Instant::now());
+        ControlFlow::Continue(())
+    }
+
+    /// Something the upstream did.
+    async fn upstream_event(
         &mut self,
         uplink: &mut Uplink,
-        pace: &mut Pace,
-        now: Instant,
-        linger: Duration,
-    ) -> Batch {
-        let (max_count, max_bytes) = (
-            usize::from(self.config.batch_size),
-            usize::try_from(self.config.batch_bytes).unwrap_or(usize::MAX),
-        );
-        if let Some(at) = self.outbox.linger_until(linger, max_count, max_bytes, now) {
-            return Batch::Linger(at);
-        }
-        let mut records = Vec::new();
-        let mut keys = Vec::new();
-        let mut expired = Vec::new();
-        let mut bytes = 0usize;
-        let mut paced = None;
-        for (&key, entry) in self.outbox.entries.range(self.outbox.first_unsent..) {
-            if entry.sent.is_some() {
-                continue;
+        event: Result<Event, UplinkError>,
+        inbound: &mut VecDeque<(u16, PublishAck)>,
+    ) -> ControlFlow<Ended> {
+        match event {
+            Ok(Event::Acked {
+                packet_id,
+                reason_code,
+                reason_string,
+            }) => {
+                tracing::trace!(bridge = %self.config.name, packet_id, %reason_code, "acknowledged upstream");
+                self.forward
+                    .acked(packet_id, reason_code, reason_string, Instant::now());
+                self.perform().await;
             }
-            if records.len() >= max_count {
-                break;
-            }
-            let publish = match self.upstream_publish(entry, now) {
-                Ok(publish) => publish,
-                Err(gone) => {
-                    expired.push((key, gone));
-                    continue;
+            Ok(Event::Received { .. } | Event::UnsubAck { .. }) => {}
+            Ok(Event::SubAck { reason_codes, .. }) => {
+                if reason_codes.iter().any(|c| c.is_error()) {
+                    warn!(bridge = %self.config.name, ?reason_codes, "the upstream refused some inbound subscriptions");
                 }
-            };
-            let record = ferry::BatchRecord {
-                id: message_id(&entry.received),
-                topic: publish.topic,
-                qos: publish.qos,
-                retain: publish.retain,
-                properties: publish.properties,
-                payload: publish.payload,
-            };
-            let size = ferry::record_size(&record);
-            if !records.is_empty() && bytes + size > max_bytes {
-                break;
             }
-            if let Err(at) = pace.take(now) {
-                paced = Some(at);
-                break;
-            }
-            bytes += size;
-            records.push(record);
-            keys.push(key);
-        }
-        for (key, gone) in expired {
-            self.drop_gone(key, gone).await;
-        }
-        if records.is_empty() {
-            return paced.map_or(Batch::Nothing, Batch::Paced);
-        }
-        let publish = Publish {
-            qos: QoS::AtLeastOnce,
-            topic: MqttString::from_static(ferry::BATCH_TOPIC),
-            payload: ferry::encode_batch(&records),
-            ..Publish::default()
-        };
-        match uplink.publish(publish) {
-            Ok(packet_id) => {
-                tracing::trace!(bridge = %self.config.name, packet_id, messages = keys.len(), "batch sent upstream");
-                self.outbox.mark_batch_sent(keys, packet_id);
-                self.update(|l| l.batches_sent += 1);
-                paced.map_or(Batch::Sent, Batch::Paced)
-            }
-            Err(RequestError::WindowFull { .. } | RequestError::OutputFull { .. }) => Batch::Full,
+            Ok(Event::Message(publish)) => return self.inbound(uplink, publish, inbound).await,
             Err(e) => {
-                // Larger than the upstream takes (batch_bytes above its
-                // Maximum Packet Size): each goes to the dead letters,
-                // counted and logged, rather than blocking the queue.
-                let why = format!("a ferry batch the upstream cannot take: {e}");
-                for key in keys {
-                    if let Some(entry) = self.outbox.remove(key) {
-                        self.dead_letter(entry, &why).await;
-                    }
-                }
-                Batch::Sent
+                let reference = match &e {
+                    UplinkError::Disconnected {
+                        server_reference, ..
+                    } => server_reference.clone(),
+                    _ => None,
+                };
+                return ControlFlow::Break(Ended::Lost(e.to_string(), reference));
             }
         }
+        ControlFlow::Continue(())
+    }
+
+    /// The local broker answered the oldest local publish of an inbound
+    /// message: durable here, it is acknowledged upstream.
+    fn inbound_done(
+        &mut self,
+        uplink: &mut Uplink,
+        done: Result<(), ClientError>,
+        inbound: &mut VecDeque<(u16, PublishAck)>,
+    ) -> ControlFlow<Ended> {
+        let packet_id = inbound.pop_front().map(|(id, _)| id);
+        match (done, packet_id) {
+            (Ok(()), Some(packet_id)) => {
+                ack_upstream(uplink, packet_id)?;
+                self.update(|l| l.received += 1);
+            }
+            (Err(ClientError::Refused(ReasonCode::TOPIC_NAME_INVALID)), Some(packet_id)) => {
+                // Deeper than limits.max_topic_levels: refused for good
+                // (the broker counted and logged it), so it is taken from
+                // the upstream rather than sent again after every
+                // reconnect.
+                warn!(bridge = %self.config.name, "dropped an inbound message: its topic has more levels than limits.max_topic_levels");
+                ack_upstream(uplink, packet_id)?;
+            }
+            (Err(e), _) => {
+                // Not durable here: the upstream must keep it.
+                // Reconnecting makes it send again.
+                return ControlFlow::Break(Ended::Lost(
+                    format!("the local broker refused an inbound message: {e}"),
+                    None,
+                ));
+            }
+            (Ok(()), None) => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// A sample of the forwarded count, for the drain rate.
+    fn sample(&self) -> ControlFlow<Ended> {
+        let now = Instant::now();
+        self.update(|l| {
+            l.samples.push_back((now, l.forwarded));
+            while l.samples.len() > 11 {
+                l.samples.pop_front();
+            }
+        });
+        ControlFlow::Continue(())
     }
 
     fn update_pending(&self) {
-        // Entries are in queue order: the first was queued first.
-        let (count, bytes) = (self.outbox.entries.len() as u64, self.outbox.bytes);
-        let oldest = self
-            .outbox
-            .entries
-            .values()
-            .next()
-            .and_then(|e| e.received.queued_ms);
+        let pending = self.forward.pending();
         self.update(|l| {
-            l.pending_messages = count;
-            l.pending_bytes = bytes;
-            l.pending_oldest_ms = oldest;
+            l.pending_messages = pending.messages;
+            l.pending_bytes = pending.bytes;
+            l.pending_oldest_ms = pending.oldest_queued_ms;
         });
-    }
-
-    /// The PUBLISH for the upstream: topic remapped, QoS at most 1, the
-    /// message id and all properties kept, the Message Expiry Interval
-    /// reduced by the time it waited here; why not, when it expired or
-    /// waited longer than its rule's `max_age_secs`.
-    fn upstream_publish(&self, entry: &Entry, now: Instant) -> Result<Publish, Gone> {
-        let received = &entry.received;
-        let (topic, rule_qos, max_age) = outbound_route(&self.config, received.topic.as_str());
-        if let (Some(max_age), Some(queued_ms)) = (max_age, received.queued_ms) {
-            let waited = self.shared.broker.now_ms().saturating_sub(queued_ms);
-            if u128::from(waited) > max_age.as_millis() {
-                return Err(Gone::TooOld);
-            }
-        }
-        let mut properties = received.properties.clone();
-        properties.subscription_identifiers.clear();
-        properties.topic_alias = None;
-        if let Some(interval) = properties.message_expiry_interval {
-            let waited = now.saturating_duration_since(entry.taken).as_secs();
-            let left = u64::from(interval)
-                .checked_sub(waited)
-                .filter(|l| *l > 0)
-                .ok_or(Gone::Expired)?;
-            properties.message_expiry_interval = Some(u32::try_from(left).unwrap_or(u32::MAX));
-        }
-        Ok(Publish {
-            dup: false,
-            qos: received.qos.min(rule_qos).min(QoS::AtLeastOnce),
-            retain: received.retain,
-            topic,
-            packet_id: 0,
-            payload: received.payload.clone(),
-            properties,
-        })
     }
 
     /// An upstream message: published locally (acknowledged upstream once
@@ -1143,7 +769,7 @@ impl Runner {
         uplink: &mut Uplink,
         publish: Publish,
         waiting: &mut VecDeque<(u16, PublishAck)>,
-    ) -> Option<Ended> {
+    ) -> ControlFlow<Ended> {
         let packet_id = if publish.qos == QoS::AtMostOnce {
             0
         } else {
@@ -1159,15 +785,7 @@ impl Runner {
         let route = inbound_route(&self.config, publish.topic.as_str());
         let Some((topic, rule_qos)) = route.filter(|_| !ours) else {
             // Ours (a loop) or matching no rule: taken, not published.
-            if packet_id != 0
-                && let Err(e) = uplink.ack(packet_id)
-            {
-                return Some(Ended::Lost(
-                    format!("cannot acknowledge upstream: {e}"),
-                    None,
-                ));
-            }
-            return None;
+            return ack_upstream(uplink, packet_id);
         };
         let local = Publish {
             dup: false,
@@ -1185,45 +803,28 @@ impl Runner {
         match self.publisher.submit(local).await {
             Ok(ack) => {
                 waiting.push_back((packet_id, ack));
-                None
+                ControlFlow::Continue(())
             }
-            Err(e) => Some(Ended::Lost(
+            Err(e) => ControlFlow::Break(Ended::Lost(
                 format!("cannot publish an inbound message locally: {e}"),
                 None,
             )),
         }
     }
 
-    /// The upstream has it: it leaves the local queue.
-    /// A message that goes nowhere: taken from the local queue, counted.
-    async fn drop_gone(&mut self, key: u64, gone: Gone) {
-        if let Some(entry) = self.outbox.remove(key) {
-            let _ = self.local.ack(&entry.received).await;
-            self.update(|l| match gone {
-                Gone::Expired => l.expired += 1,
-                Gone::TooOld => l.aged_out += 1,
-            });
-        }
-    }
-
-    async fn forwarded(&mut self, entry: &Entry) {
-        let _ = self.local.ack(&entry.received).await;
-        self.update(|l| l.forwarded += 1);
-    }
-
     /// The upstream will never take it: kept under `$dead/{bridge}/...`
-    /// (durably, before it leaves the queue), counted and logged.
-    async fn dead_letter(&mut self, entry: Entry, why: &str) {
-        warn!(bridge = %self.config.name, topic = %entry.received.topic, "dead-lettered: {why}");
+    /// (durably, before it leaves `lane`'s queue), counted and logged.
+    async fn dead_letter(&mut self, lane: Lane, received: &Received, why: &str) {
+        warn!(bridge = %self.config.name, topic = %received.topic, "dead-lettered: {why}");
         let topic = format!(
             "{DEAD_LETTER_PREFIX}{}/{}",
-            self.config.name, entry.received.topic
+            self.config.name, received.topic
         );
         let publish = Publish {
             qos: QoS::AtLeastOnce,
             topic: MqttString::new(&topic).unwrap_or_default(),
-            payload: entry.received.payload.clone(),
-            properties: entry.received.properties.clone(),
+            payload: received.payload.clone(),
+            properties: received.properties.clone(),
             ..Publish::default()
         };
         let kept = match self.publisher.submit(publish).await {
@@ -1231,11 +832,10 @@ impl Runner {
             Err(_) => false,
         };
         if kept {
-            let _ = self.local.ack(&entry.received).await;
+            let _ = self.lane_client(lane).ack(received).await;
         }
         self.update(|l| l.dead_lettered += 1);
     }
-
     async fn first_address_reachable(&self) -> bool {
         let first = &self.config.addresses[0];
         let target = (first.host.as_str(), first.port);
@@ -1248,34 +848,6 @@ impl Runner {
             Ok(Ok(_))
         )
     }
-}
-
-/// The upstream topic and QoS of a local topic (the first `out` rule
-/// that matches).
-fn outbound_route(config: &Bridge, local: &str) -> (MqttString, QoS, Option<Duration>) {
-    // A replayed dead letter: routed as its original topic.
-    let replay = format!("{REPLAY_PREFIX}{}/", config.name);
-    let local = local.strip_prefix(&replay).unwrap_or(local);
-    for rule in config
-        .forward
-        .iter()
-        .filter(|r| r.direction != Direction::In)
-    {
-        let filter = format!("{}{}", rule.local_prefix, rule.filter);
-        if topic::matches(&filter, local) {
-            let rest = local.strip_prefix(&rule.local_prefix).unwrap_or(local);
-            let remote = format!("{}{rest}", rule.remote_prefix);
-            if let Ok(t) = MqttString::new(&remote) {
-                return (t, qos(rule.qos), rule.max_age);
-            }
-        }
-    }
-    // Matched a subscription of an earlier config: send it unchanged.
-    (
-        MqttString::new(local).unwrap_or_default(),
-        QoS::AtLeastOnce,
-        None,
-    )
 }
 
 /// The local topic and QoS of an upstream topic (the first `in` rule
@@ -1292,6 +864,20 @@ fn inbound_route(config: &Bridge, remote: &str) -> Option<(MqttString, QoS)> {
                 .ok()
                 .map(|t| (t, qos(r.qos)))
         })
+}
+
+/// Acknowledges inbound `packet_id` upstream (0: a QoS 0 message, nothing
+/// to do).
+fn ack_upstream(uplink: &mut Uplink, packet_id: u16) -> ControlFlow<Ended> {
+    if packet_id != 0
+        && let Err(e) = uplink.ack(packet_id)
+    {
+        return ControlFlow::Break(Ended::Lost(
+            format!("cannot acknowledge upstream: {e}"),
+            None,
+        ));
+    }
+    ControlFlow::Continue(())
 }
 
 /// Waits for the oldest local publish's acknowledgement, in place.
@@ -1384,7 +970,7 @@ mod tests {
                         ..Bridge::default()
                     };
                     let local = format!("local/{}", &deep[..deep.len() - 2]);
-                    let (up, _, _) = outbound_route(&config, &local);
+                    let (up, _, _) = forward::outbound_route(&config, &local);
                     assert_eq!(up.as_str(), format!("site/{}", &local["local/".len()..]));
                     let (down, _) = inbound_route(&config, &up).expect("matches the in rule");
                     assert_eq!(down.as_str(), local);
