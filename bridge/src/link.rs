@@ -21,6 +21,9 @@
 //! durable. Loops with `both`: No Local on the local session and on the
 //! uplink (MQTT 5), and a message carrying this node's own id is never
 //! taken back in.
+//!
+//! What goes upstream, when, and what becomes of each message is decided
+//! by `forward` (a state machine without I/O); this module does the I/O.
 
 mod forward;
 
@@ -556,6 +559,8 @@ impl Runner {
                 done = front_ack(&mut inbound), if !inbound.is_empty() => self.inbound_done(&mut uplink, done, &mut inbound),
                 // Cancel-safe: the next turn asks for the wake-up again.
                 _ = sleep_until(wake_at), if wake_at.is_some() => ControlFlow::Continue(()),
+                // Cancel-safe: an interval's tick, like a watch change
+                // below, loses nothing when another branch wins.
                 _ = probe.tick(), if on_fallback => {
                     if self.first_address_reachable().await {
                         let _ = uplink.disconnect(ReasonCode::NORMAL_DISCONNECTION).await;
