@@ -39,7 +39,9 @@ use crate::doorbell::{ALARM, READY};
 use crate::engine::{Delivered, Engine, InboundPublish, RouteOutcome};
 use crate::ferry;
 use crate::ferry::strip_ferry_properties;
-use crate::lifecycle::{delay_will, end_session, publish_will_message, will_message};
+use crate::lifecycle::{
+    begin_session, delay_will, end_session, publish_will_message, will_message,
+};
 use crate::message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
 use crate::negotiate::{self, secs_u32};
 use crate::outbox::Delivery;
@@ -47,7 +49,7 @@ use crate::outbox::{Outbox, Pop, QueueLimits};
 use crate::publish::{self, Parked, ParkedOn, Routing, wait_for_room};
 use crate::rate::PublishRate;
 use crate::router::{RouteCache, Subscriber};
-use crate::session::{Control, SessionState};
+use crate::session::Control;
 use crate::shared_sub::{Member, SharedGroup};
 use crate::shed;
 use crate::state::STAMP_PROPERTY;
@@ -732,69 +734,24 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             boot_id: shared.boot_id,
             message_ids: options.message_ids.then_some(shared.identity.uuid),
         };
-        let mut auth_result = None;
-        let mut auth_method = None;
-        let refusal = if let Some(refusal) = negotiate::refusal(&connect, &circumstances) {
-            match (refusal, &connect.will) {
-                (negotiate::Refusal::Shedding, _) => {
-                    Stats::add(&shared.stats.connections_shed, 1);
-                }
-                (negotiate::Refusal::WillTooDeep, Some(will)) => {
-                    too_many_levels(shared, &connect.client_id, "will topic", &will.topic);
-                }
-                _ => {}
+        let admitted = admit(
+            &connect,
+            &mut io,
+            shared,
+            &options,
+            &circumstances,
+            acl_access.as_deref(),
+        )
+        .await;
+        let (auth_method, auth_data) = match admitted {
+            Ok(authenticated) => authenticated,
+            Err(code) => {
+                let connack = negotiate::refusing_connack(code);
+                io.queue(&Packet::ConnAck(Box::new(connack)), protocol);
+                io.flush_and_close().await;
+                return None;
             }
-            Some(refusal.code(protocol))
-        } else if let (Protocol::V5, Some(name)) =
-            (protocol, &connect.properties.authentication_method)
-        {
-            match shared
-                .auth_methods
-                .iter()
-                .find(|m| m.name() == name.as_str())
-            {
-                None => Some(ReasonCode::BAD_AUTHENTICATION_METHOD),
-                Some(method) => {
-                    let data = connect.properties.authentication_data.clone();
-                    match authenticate(
-                        &mut io,
-                        shared,
-                        method.as_ref(),
-                        name,
-                        &connect.client_id,
-                        data,
-                    )
-                    .await
-                    {
-                        Ok(AuthStep::Success(data)) => {
-                            auth_result = Some((name.clone(), data));
-                            auth_method = Some(Box::new((name.clone(), method.clone())));
-                            None
-                        }
-                        Ok(AuthStep::Failure(code)) => Some(code),
-                        Ok(AuthStep::Continue(_)) | Err(_) => Some(ReasonCode::NOT_AUTHORIZED),
-                    }
-                }
-            }
-        } else {
-            log_in(shared, &connect, &options).await
         };
-        let refusal = refusal.or_else(|| {
-            let will = connect.will.as_ref()?;
-            let denied = acl_access
-                .as_ref()
-                .is_some_and(|a| !a.may_publish(&will.topic));
-            denied.then(|| {
-                acl_denied(shared, &connect.client_id, "will", &will.topic);
-                ReasonCode::NOT_AUTHORIZED
-            })
-        });
-        if let Some(code) = refusal {
-            let connack = negotiate::refusing_connack(code);
-            io.queue(&Packet::ConnAck(Box::new(connack)), protocol);
-            io.flush_and_close().await;
-            return None;
-        }
         let connection = shared.next_connection();
         let negotiate::Terms {
             client_id,
@@ -810,54 +767,14 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 ..circumstances
             },
         );
-        if let Some((method, data)) = auth_result {
-            connack.properties.authentication_method = Some(method);
-            connack.properties.authentication_data = data;
+        if let Some(method) = &auth_method {
+            connack.properties.authentication_method = Some(method.0.clone());
+            connack.properties.authentication_data = auth_data;
         }
         let control = Control::new(connection);
-        let attached = shared
-            .sessions
-            .attach(&client_id, control.clone(), !connect.clean_start)
-            .await;
-        if attached.took_over {
-            debug!(%client_id, "took over an existing connection");
-        }
-        let mut batch = Batch::new(shared.store.as_ref());
-        let (mut state, resumed) = match attached.previous {
-            Some(mut previous) if !connect.clean_start => {
-                // Resumed within its Will Delay Interval: the will is cancelled.
-                previous.pending_will = None;
-                (previous, true)
-            }
-            previous => {
-                if let Some(old) = previous {
-                    end_session(shared, old, &mut batch);
-                }
-                let number = shared.next_session_number();
-                let outbox = shared.new_outbox(number);
-                (SessionState::new(client_id.clone(), number, outbox), false)
-            }
-        };
+        let (state, resumed, ticket) =
+            begin_session(shared, &client_id, !connect.clean_start, expiry, &control).await;
         connack.session_present = resumed;
-        state.expiry = expiry;
-        state.outbox.set_persistent(state.is_persistent());
-        state.outbox.set_online(true);
-        if let Some((messages, bytes)) = session_bounds(shared, &client_id) {
-            state.outbox.set_bounds(messages, bytes);
-        }
-        shared.sessions.set_outbox(&client_id, state.outbox.clone());
-        if state.is_persistent() {
-            // Online now: no offline time, no will waiting.
-            batch.push(StoreOp::SessionPut(SessionRecord {
-                client_id: client_id.clone(),
-                number: state.number,
-                expiry_secs: secs_u32(expiry),
-                offline_since_ms: None,
-                pending_will: None,
-            }));
-            state.stored = true;
-        }
-        let ticket = batch.submit();
         let mut durable = shared.store.durable();
         // The session record is durable before the client hears it exists.
         let _ = durable.wait_for(|d| d.up_to >= ticket).await;
@@ -1950,6 +1867,71 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         }
         self.io.linger().await;
     }
+}
+
+/// A login that passed with an enhanced authentication method: the
+/// method (with its name), and the data of its last step for the CONNACK.
+type Authenticated = (
+    Option<Box<(MqttString, Arc<dyn AuthMethod>)>>,
+    Option<bytes::Bytes>,
+);
+
+/// Everything that may refuse a CONNECT, in order: the refusals that need
+/// no login (`negotiate::refusal`, counted and logged here), the login (an
+/// enhanced authentication exchange, or the password file and the
+/// anonymous rules), then the ACL on the will topic. `Err` is the reason
+/// code to refuse with.
+async fn admit<R, W>(
+    connect: &Connect,
+    io: &mut Io<R, W>,
+    shared: &Shared,
+    options: &ServeOptions,
+    circumstances: &negotiate::Circumstances<'_>,
+    access: Option<&ClientAccess>,
+) -> Result<Authenticated, ReasonCode>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if let Some(refusal) = negotiate::refusal(connect, circumstances) {
+        match (refusal, &connect.will) {
+            (negotiate::Refusal::Shedding, _) => Stats::add(&shared.stats.connections_shed, 1),
+            (negotiate::Refusal::WillTooDeep, Some(will)) => {
+                too_many_levels(shared, &connect.client_id, "will topic", &will.topic);
+            }
+            _ => {}
+        }
+        return Err(refusal.code(connect.protocol));
+    }
+    let mut authenticated = (None, None);
+    if let (Protocol::V5, Some(name)) =
+        (connect.protocol, &connect.properties.authentication_method)
+    {
+        let Some(method) = shared
+            .auth_methods
+            .iter()
+            .find(|m| m.name() == name.as_str())
+        else {
+            return Err(ReasonCode::BAD_AUTHENTICATION_METHOD);
+        };
+        let data = connect.properties.authentication_data.clone();
+        match authenticate(io, shared, method.as_ref(), name, &connect.client_id, data).await {
+            Ok(AuthStep::Success(data)) => {
+                authenticated = (Some(Box::new((name.clone(), method.clone()))), data);
+            }
+            Ok(AuthStep::Failure(code)) => return Err(code),
+            Ok(AuthStep::Continue(_)) | Err(_) => return Err(ReasonCode::NOT_AUTHORIZED),
+        }
+    } else if let Some(code) = log_in(shared, connect, options).await {
+        return Err(code);
+    }
+    if let Some(will) = &connect.will
+        && access.is_some_and(|a| !a.may_publish(&will.topic))
+    {
+        acl_denied(shared, &connect.client_id, "will", &will.topic);
+        return Err(ReasonCode::NOT_AUTHORIZED);
+    }
+    Ok(authenticated)
 }
 
 /// Runs an enhanced authentication exchange during CONNECT: relays

@@ -50,6 +50,7 @@
 //!   `data_dir`, `memory` (allocator policy), `stats` (counters);
 //! - for tests, benchmarks and fuzzing only: `bench_support`, `fuzzing`,
 //!   `deep_tests`, `idle_tests`.
+//!
 //! The packet codec is its own crate, `ferrymq-codec`.
 
 mod acl;

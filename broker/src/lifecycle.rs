@@ -1,16 +1,17 @@
-//! The end of a connection and of a session, apart from the I/O that
-//! leads there: a will published at once or after its delay (and written
-//! back so a restart does not publish it again), the message a will
-//! becomes, and what ending a session does to its subscriptions, its
+//! The start and end of a session, apart from the I/O that leads there:
+//! attaching a connection to its session (taking over, resuming or
+//! starting anew), a will published at once or after its delay (and
+//! written back so a restart does not publish it again), the message a
+//! will becomes, and what ending a session does to its subscriptions, its
 //! shared groups, its queue and its stored state.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrymq_codec::{QoS, Will};
+use ferrymq_codec::{MqttString, QoS, Will};
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::Shared;
 use crate::bridge_session;
@@ -19,9 +20,67 @@ use crate::message::{Message, SessionId};
 use crate::outbox::Delivery;
 use crate::publish::{self, Routing, wait_for_room};
 use crate::router::RouteCache;
-use crate::session::{Inflight, SessionState};
+use crate::session::{Control, Inflight, SessionState};
 use crate::shared_sub::SharedGroup;
-use crate::storage::{self, Batch, SessionRecord, StoreOp};
+use crate::storage::{self, Batch, SessionRecord, StoreOp, Ticket};
+
+/// Attaches the connection `control` to `client_id`'s session, taking
+/// over any connection that holds it: the existing session is resumed
+/// when the client asks to (`resume`; a will waiting for its delay is
+/// cancelled), otherwise it is ended and a new one made. The session is
+/// marked online with `expiry`, and a persistent one's record is written.
+/// Returns the session, whether it was resumed, and the ticket of the
+/// record's write (the CONNACK waits for it).
+pub(crate) async fn begin_session(
+    shared: &Shared,
+    client_id: &MqttString,
+    resume: bool,
+    expiry: Duration,
+    control: &Arc<Control>,
+) -> (SessionState, bool, Ticket) {
+    let attached = shared
+        .sessions
+        .attach(client_id, control.clone(), resume)
+        .await;
+    if attached.took_over {
+        debug!(%client_id, "took over an existing connection");
+    }
+    let mut batch = Batch::new(shared.store.as_ref());
+    let (mut state, resumed) = match attached.previous {
+        Some(mut previous) if resume => {
+            // Resumed within its Will Delay Interval: the will is cancelled.
+            previous.pending_will = None;
+            (previous, true)
+        }
+        previous => {
+            if let Some(old) = previous {
+                end_session(shared, old, &mut batch);
+            }
+            let number = shared.next_session_number();
+            let outbox = shared.new_outbox(number);
+            (SessionState::new(client_id.clone(), number, outbox), false)
+        }
+    };
+    state.expiry = expiry;
+    state.outbox.set_persistent(state.is_persistent());
+    state.outbox.set_online(true);
+    if let Some((messages, bytes)) = crate::connection::session_bounds(shared, client_id) {
+        state.outbox.set_bounds(messages, bytes);
+    }
+    shared.sessions.set_outbox(client_id, state.outbox.clone());
+    if state.is_persistent() {
+        // Online now: no offline time, no will waiting.
+        batch.push(StoreOp::SessionPut(SessionRecord {
+            client_id: client_id.clone(),
+            number: state.number,
+            expiry_secs: crate::negotiate::secs_u32(expiry),
+            offline_since_ms: None,
+            pending_will: None,
+        }));
+        state.stored = true;
+    }
+    (state, resumed, batch.submit())
+}
 
 /// Publishes `message` (a will) after `delay`, unless the returned handle
 /// is dropped first (the session resumed) or used to publish it earlier
