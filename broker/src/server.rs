@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrymq_config::{Listener, ListenerTls};
+use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
@@ -185,16 +186,17 @@ async fn accept_loop(
             ..ServeOptions::default()
         };
         if tls.is_none() && path.is_none() {
-            // The task holds the connection's future and its admission,
-            // nothing else: what a task holds, it holds for the
-            // connection's life.
+            // The task is the connection's future with its admission
+            // released after it, nothing else: what a task holds, it holds
+            // for the connection's life. (Not an async block awaiting the
+            // future: the block would hold it twice, once as what it took
+            // in and once as what it awaits.)
             let (reader, writer) = stream.into_split();
             let connection = serve(reader, writer, peer.to_string(), shared, options);
-            tokio::spawn(async move {
-                connection.await;
+            tokio::spawn(connection.map(move |()| {
                 drop(per_address);
                 drop(permit);
-            });
+            }));
         } else {
             let path = path.clone();
             tokio::spawn(async move {
