@@ -549,10 +549,10 @@ struct Conn<'a, R, W> {
     io: Io<R, W>,
     engine: Engine,
     control: Arc<Control>,
-    /// The will, published if the connection ends abnormally.
-    /// (Boxed: most connections have none, and an idle connection's size
-    /// is what thousands of them cost.)
-    will: Option<Box<Will>>,
+    /// What few connections have (a will, an authentication method, ACL
+    /// access, a publish rate), in one box made only when one of them is
+    /// there: an idle connection's size is what thousands of them cost.
+    extras: Option<Box<Extras>>,
     /// Its keep-alive limit, last packet and deadline.
     keep_alive: KeepAliveWatch,
     /// Topic -> routes memo for this client's publishes.
@@ -569,22 +569,40 @@ struct Conn<'a, R, W> {
     ops: Vec<StoreOp>,
     /// Packets to encode at the end of this turn.
     packets: Vec<Packet>,
-    /// The enhanced authentication method the client connected with.
-    auth_method: Option<Box<(MqttString, Arc<dyn AuthMethod>)>>,
-    /// A re-authentication in progress.
-    reauth: Option<Box<dyn AuthExchange>>,
     /// An in-process client (the bridges, gateway firmware): trusted with
     /// the bridges' reserved topics.
     in_process: bool,
     /// A bridge whose message ids are honoured (`[ferry]
     /// trusted_clients`, or an ACL rule with `trusted_bridge = true`).
     trusted: bool,
+}
+
+/// The parts of a connection that few connections have (`Conn::extras`).
+#[derive(Default)]
+struct Extras {
+    /// The will, published if the connection ends abnormally.
+    will: Option<Will>,
+    /// The enhanced authentication method the client connected with.
+    auth_method: Option<(MqttString, Arc<dyn AuthMethod>)>,
+    /// A re-authentication in progress.
+    reauth: Option<Box<dyn AuthExchange>>,
     /// What the ACL lets this client do (`None`: no `acl_file`, or an
     /// in-process client).
-    access: Option<Box<ClientAccess>>,
+    access: Option<ClientAccess>,
     /// Its publish credit under `max_publish_rate` (`None`: no limit, or
     /// an in-process client).
-    rate: Option<Box<PublishRate>>,
+    rate: Option<PublishRate>,
+}
+
+impl Extras {
+    /// `None` when it would hold nothing.
+    fn boxed(self) -> Option<Box<Extras>> {
+        let any = self.will.is_some()
+            || self.auth_method.is_some()
+            || self.access.is_some()
+            || self.rate.is_some();
+        any.then(|| Box::new(self))
+    }
 }
 
 /// What a turn's wait needs to know (see `Conn::turn`).
@@ -785,24 +803,23 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             io,
             engine,
             control,
-            will: connect.will.map(Box::new),
+            extras: Extras {
+                will: connect.will,
+                auth_method: auth_method.map(|m| *m),
+                reauth: None,
+                access: acl_access.map(|a| *a),
+                rate: (limits.max_publish_rate > 0 && !options.in_process)
+                    .then(|| PublishRate::new(limits.max_publish_rate, Instant::now().into_std())),
+            }
+            .boxed(),
             keep_alive: KeepAliveWatch::new(keep_alive),
             routes: None,
             durable,
             parked: None,
             ops: Vec::new(),
             packets: Vec::new(),
-            auth_method,
-            reauth: None,
             in_process: options.in_process,
             trusted,
-            access: acl_access,
-            rate: (limits.max_publish_rate > 0 && !options.in_process).then(|| {
-                Box::new(PublishRate::new(
-                    limits.max_publish_rate,
-                    Instant::now().into_std(),
-                ))
-            }),
         };
         if resumed {
             conn.engine
@@ -1021,7 +1038,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     /// How long the client must wait before it is read again, when it
     /// went over `max_publish_rate`.
     fn throttled(&mut self) -> Option<Duration> {
-        let rate = self.rate.as_mut()?;
+        let rate = self.extras.as_deref_mut()?.rate.as_mut()?;
         Some(rate.wait(Instant::now().into_std())).filter(|wait| !wait.is_zero())
     }
 
@@ -1243,24 +1260,27 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     fn reauthenticate(&mut self, auth: Auth) -> Option<Close> {
         let protocol_error =
             |why: &str| Some(Close::Protocol(ReasonCode::PROTOCOL_ERROR, why.into()));
-        let Some((name, method)) = self.auth_method.as_deref() else {
+        let Some((name, method)) = self.extras.as_deref().and_then(|e| e.auth_method.clone())
+        else {
             // AUTH is only valid after CONNECT named an authentication method.
             return protocol_error("AUTH without an authentication method in CONNECT");
         };
-        if auth.properties.authentication_method.as_ref() != Some(name) {
+        if auth.properties.authentication_method.as_ref() != Some(&name) {
             return protocol_error("AUTH with another authentication method than CONNECT's");
         }
         let data = auth.properties.authentication_data;
         let step = match auth.reason_code {
             ReasonCode::RE_AUTHENTICATE => {
                 let (exchange, step) = method.begin(&self.engine.state.client_id, data);
-                self.reauth = Some(exchange);
+                self.extras.get_or_insert_default().reauth = Some(exchange);
                 step
             }
-            ReasonCode::CONTINUE_AUTHENTICATION => match &mut self.reauth {
-                Some(exchange) => exchange.step(data),
-                None => return protocol_error("AUTH Continue without an exchange in progress"),
-            },
+            ReasonCode::CONTINUE_AUTHENTICATION => {
+                match self.extras.as_deref_mut().and_then(|e| e.reauth.as_mut()) {
+                    Some(exchange) => exchange.step(data),
+                    None => return protocol_error("AUTH Continue without an exchange in progress"),
+                }
+            }
             _ => return protocol_error("AUTH Success from a client"),
         };
         let reply = |reason_code, data| {
@@ -1280,7 +1300,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             }
             AuthStep::Success(data) => {
                 let packet = reply(ReasonCode::SUCCESS, data);
-                self.reauth = None;
+                if let Some(extras) = self.extras.as_deref_mut() {
+                    extras.reauth = None;
+                }
                 self.packets.push(packet);
             }
             AuthStep::Failure(code) => {
@@ -1295,16 +1317,22 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         None
     }
 
+    /// What the ACL lets this client do, if an ACL applies to it.
+    fn access(&self) -> Option<&ClientAccess> {
+        self.extras.as_deref().and_then(|e| e.access.as_ref())
+    }
+
     /// Rebuilds the client's ACL access if a reload changed the rules.
     fn refresh_access(&mut self) {
-        if let (Some(access), Some(rules)) = (&mut self.access, &self.shared.acl) {
+        let access = self.extras.as_deref_mut().and_then(|e| e.access.as_mut());
+        if let (Some(access), Some(rules)) = (access, &self.shared.acl) {
             access.refresh(rules, &self.engine.state.client_id);
         }
     }
 
     fn publish(&mut self, publish: ferrymq_codec::Publish) -> Option<Close> {
         self.refresh_access();
-        if let Some(rate) = &mut self.rate
+        if let Some(rate) = self.extras.as_deref_mut().and_then(|e| e.rate.as_mut())
             && !rate.charge(Instant::now().into_std()).is_zero()
         {
             Stats::add(&self.shared.stats.publishes_throttled, 1);
@@ -1353,8 +1381,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             }
             Ok(InboundPublish::Route { message, .. })
                 if self
-                    .access
-                    .as_ref()
+                    .access()
                     .is_some_and(|a| !a.may_publish(&message.topic)) =>
             {
                 let (shared, client_id) = (self.shared, &self.engine.state.client_id);
@@ -1460,7 +1487,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 && !exceeds_levels(topic, shared.config().limits.max_topic_levels)
                 && !topic.starts_with(ferry::RESERVED_PREFIX)
                 && !bridge_session::is_reserved(topic)
-                && self.access.as_ref().is_none_or(|a| a.may_publish(topic));
+                && self.access().is_none_or(|a| a.may_publish(topic));
             if !allowed {
                 // Never routable here: dropped (the batch is not
                 // refused for it, or it would come back for ever).
@@ -1580,7 +1607,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
             }
-            if let Some(access) = &self.access {
+            if let Some(access) = self.extras.as_deref().and_then(|e| e.access.as_ref()) {
                 // A shared subscription is checked by its filter.
                 let filter = codec::topic::shared_subscription(&s.filter)
                     .map_or(s.filter.as_str(), |(_, inner)| inner);
@@ -1820,14 +1847,15 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let publish_will = close.publishes_will(&self.control, self.engine.state.is_persistent());
         let mut state = self.engine.into_state();
         let mut stored_will = None;
-        if let Some(will) = self.will.take().filter(|_| publish_will) {
+        let will = self.extras.as_deref_mut().and_then(|e| e.will.take());
+        if let Some(will) = will.filter(|_| publish_will) {
             let delay = Duration::from_secs(u64::from(
                 will.properties
                     .will_delay_interval
                     .filter(|_| protocol == Protocol::V5)
                     .unwrap_or(0),
             ));
-            let message = will_message(*will, SessionId(state.number));
+            let message = will_message(will, SessionId(state.number));
             if delay.is_zero() || !state.is_persistent() {
                 // Without a delay, or when the session ends now anyway.
                 publish_will_message(shared, message, self.routes.get_or_insert_default());
