@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ferrymq_codec::MqttString;
-use rocksdb::IteratorMode;
+use rocksdb::{DB, IteratorMode};
 use tracing::warn;
 
 use super::keys::{
@@ -16,10 +16,11 @@ use super::keys::{
 };
 use super::{RocksStore, cf, db_error};
 use crate::dedup::DedupOrigin;
+use crate::message::Message;
 use crate::storage::record;
 use crate::storage::{
-    InflightRecord, OutboundPhase, QueueSummary, QueuedRecord, Recovered, RecoveredGroup,
-    RecoveredOrigin, RecoveredSession, StoreError,
+    BrokerClock, InflightRecord, OutboundPhase, QueueSummary, QueuedRecord, Recovered,
+    RecoveredGroup, RecoveredOrigin, RecoveredSession, StoreError,
 };
 
 impl RocksStore {
@@ -27,151 +28,26 @@ impl RocksStore {
     /// that cannot be read.
     pub(super) fn recover(&self) -> Result<Recovered, StoreError> {
         let db = self.inner.db()?;
-        let db = &*db;
-        let time = &*self.inner.clock;
-        let mut corrupt = 0u64;
-        let mut skip = |what: &str, key: &[u8], e: &dyn std::fmt::Display| {
-            warn!("skipping an unreadable {what} record (key {key:02x?}): {e}");
-            corrupt += 1;
+        let mut scan = Scan {
+            store: self,
+            db: &db,
+            time: &self.inner.clock,
+            corrupt: 0,
         };
-        let mut sessions: BTreeMap<u64, RecoveredSession> = BTreeMap::new();
-        for item in db.iterator_cf(cf(db, SESSIONS)?, IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| db_error("reading sessions", e))?;
-            let Some(number) = big_u64(&k) else {
-                skip("session", &k, &"bad key");
-                continue;
-            };
-            match record::decode_session(number, &v, time) {
-                Ok(record) => {
-                    let queue = self.summary(number)?;
-                    sessions.insert(
-                        number,
-                        RecoveredSession {
-                            record,
-                            subscriptions: Vec::new(),
-                            queue,
-                            inflight: Vec::new(),
-                            qos2_received: Vec::new(),
-                        },
-                    );
-                }
-                Err(e) => skip("session", &k, &e),
-            }
-        }
-        for item in db.iterator_cf(cf(db, SUBSCRIPTIONS)?, IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| db_error("reading subscriptions", e))?;
-            let (Some(number), Some(filter)) = (big_u64(&k), k.get(8..)) else {
-                skip("subscription", &k, &"bad key");
-                continue;
-            };
-            let Ok(filter) = MqttString::new(&String::from_utf8_lossy(filter)) else {
-                skip("subscription", &k, &"bad filter");
-                continue;
-            };
-            match record::decode_subscription(&v) {
-                Ok(sub) => {
-                    if let Some(s) = sessions.get_mut(&number) {
-                        s.subscriptions.push((filter, sub));
-                    }
-                }
-                Err(e) => skip("subscription", &k, &e),
-            }
-        }
-        for item in db.iterator_cf(cf(db, INFLIGHT)?, IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| db_error("reading in-flight state", e))?;
-            let (Some(number), Some(packet_id)) = (
-                big_u64(&k),
-                k.get(8..10).map(|b| u16::from_be_bytes([b[0], b[1]])),
-            ) else {
-                skip("in-flight", &k, &"bad key");
-                continue;
-            };
-            let (queue, seq, phase) = match record::decode_inflight(&v) {
-                Ok(x) => x,
-                Err(e) => {
-                    skip("in-flight", &k, &e);
-                    continue;
-                }
-            };
-            let body = match phase {
-                OutboundPhase::Sent => self.read_one(queue, seq),
-                OutboundPhase::Released => None,
-            };
-            if let Some(s) = sessions.get_mut(&number) {
-                s.inflight.push(InflightRecord {
-                    packet_id,
-                    queue,
-                    seq,
-                    phase,
-                    body,
-                });
-            }
-        }
-        for item in db.iterator_cf(cf(db, QOS2_IN)?, IteratorMode::Start) {
-            let (k, _) = item.map_err(|e| db_error("reading QoS 2 state", e))?;
-            if let (Some(number), Some(id)) = (big_u64(&k), k.get(8..10))
-                && let Some(s) = sessions.get_mut(&number)
-            {
-                s.qos2_received.push(u16::from_be_bytes([id[0], id[1]]));
-            }
-        }
-        let mut retained = Vec::new();
-        for item in db.iterator_cf(cf(db, RETAINED)?, IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| db_error("reading retained messages", e))?;
-            match record::decode_retained(&v, time) {
-                Ok(m) => retained.push(Arc::new(m)),
-                Err(e) => skip("retained", &k, &e),
-            }
-        }
-        let mut groups = Vec::new();
-        for item in db.iterator_cf(cf(db, GROUPS)?, IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| db_error("reading groups", e))?;
-            let Some(number) = big_u64(&k) else {
-                skip("group", &k, &"bad key");
-                continue;
-            };
-            match record::decode_group(&v) {
-                Ok((name, filter)) => groups.push(RecoveredGroup {
-                    number,
-                    name,
-                    filter,
-                    queue: self.summary(number)?,
-                }),
-                Err(e) => skip("group", &k, &e),
-            }
-        }
-        let mut dedup: BTreeMap<DedupOrigin, RecoveredOrigin> = BTreeMap::new();
-        for item in db.iterator_cf(cf(db, DEDUP)?, IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| db_error("reading de-duplication records", e))?;
-            let Some((origin, tag, n)) = parse_key_dedup(&k) else {
-                skip("de-duplication", &k, &"bad key");
-                continue;
-            };
-            let entry = dedup.entry(origin).or_insert(RecoveredOrigin {
-                origin,
-                floor: 1,
-                marks: Vec::new(),
-                last_ms: 0,
-            });
-            match (tag, big_u64(&v), v.get(8..).and_then(big_u64)) {
-                (0, Some(floor), Some(at_ms)) => {
-                    entry.floor = floor;
-                    entry.last_ms = at_ms;
-                }
-                (1, _, _) => entry.marks.push(n),
-                _ => skip("de-duplication", &k, &"bad value"),
-            }
-        }
-        let next_session_number = db
-            .get_cf(cf(db, META)?, b"next_session")
-            .map_err(|e| db_error("reading the session counter", e))?
-            .and_then(|v| big_u64(&v))
+        let mut sessions = scan.sessions()?;
+        scan.subscriptions(&mut sessions)?;
+        scan.inflight(&mut sessions)?;
+        scan.qos2_received(&mut sessions)?;
+        let retained = scan.retained()?;
+        let groups = scan.groups()?;
+        let dedup = scan.dedup()?;
+        let next_session_number = scan
+            .meta_u64(b"next_session", "reading the session counter")?
             .unwrap_or(1);
-        let state_clock = db
-            .get_cf(cf(db, META)?, b"state_clock")
-            .map_err(|e| db_error("reading the state clock", e))?
-            .and_then(|v| big_u64(&v))
+        let state_clock = scan
+            .meta_u64(b"state_clock", "reading the state clock")?
             .unwrap_or(0);
+        let corrupt = scan.corrupt;
         if corrupt > 0 {
             warn!(corrupt, "skipped unreadable records at start");
         }
@@ -179,7 +55,7 @@ impl RocksStore {
             sessions: sessions.into_values().collect(),
             groups,
             retained,
-            dedup: dedup.into_values().collect(),
+            dedup,
             next_session_number,
             state_clock,
             corrupt,
@@ -215,6 +91,211 @@ impl RocksStore {
             message: q.message,
             queued_ms: q.queued_at_ms,
         })
+    }
+}
+
+/// One start-up read of the database, family by family: what it reads
+/// with, and the unreadable records it skipped so far.
+struct Scan<'a> {
+    store: &'a RocksStore,
+    db: &'a DB,
+    time: &'a BrokerClock,
+    /// Records skipped because they could not be read.
+    corrupt: u64,
+}
+
+impl Scan<'_> {
+    fn skip(&mut self, what: &str, key: &[u8], e: &dyn std::fmt::Display) {
+        warn!("skipping an unreadable {what} record (key {key:02x?}): {e}");
+        self.corrupt += 1;
+    }
+
+    /// The sessions by number, each with its queue's summary.
+    fn sessions(&mut self) -> Result<BTreeMap<u64, RecoveredSession>, StoreError> {
+        let db = self.db;
+        let mut sessions: BTreeMap<u64, RecoveredSession> = BTreeMap::new();
+        for item in db.iterator_cf(cf(db, SESSIONS)?, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| db_error("reading sessions", e))?;
+            let Some(number) = big_u64(&k) else {
+                self.skip("session", &k, &"bad key");
+                continue;
+            };
+            match record::decode_session(number, &v, self.time) {
+                Ok(record) => {
+                    let queue = self.store.summary(number)?;
+                    sessions.insert(
+                        number,
+                        RecoveredSession {
+                            record,
+                            subscriptions: Vec::new(),
+                            queue,
+                            inflight: Vec::new(),
+                            qos2_received: Vec::new(),
+                        },
+                    );
+                }
+                Err(e) => self.skip("session", &k, &e),
+            }
+        }
+        Ok(sessions)
+    }
+
+    /// Each session's subscriptions.
+    fn subscriptions(
+        &mut self,
+        sessions: &mut BTreeMap<u64, RecoveredSession>,
+    ) -> Result<(), StoreError> {
+        let db = self.db;
+        for item in db.iterator_cf(cf(db, SUBSCRIPTIONS)?, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| db_error("reading subscriptions", e))?;
+            let (Some(number), Some(filter)) = (big_u64(&k), k.get(8..)) else {
+                self.skip("subscription", &k, &"bad key");
+                continue;
+            };
+            let Ok(filter) = MqttString::new(&String::from_utf8_lossy(filter)) else {
+                self.skip("subscription", &k, &"bad filter");
+                continue;
+            };
+            match record::decode_subscription(&v) {
+                Ok(sub) => {
+                    if let Some(s) = sessions.get_mut(&number) {
+                        s.subscriptions.push((filter, sub));
+                    }
+                }
+                Err(e) => self.skip("subscription", &k, &e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Each session's outbound exchanges, with the message of each one
+    /// still to be acknowledged.
+    fn inflight(
+        &mut self,
+        sessions: &mut BTreeMap<u64, RecoveredSession>,
+    ) -> Result<(), StoreError> {
+        let db = self.db;
+        for item in db.iterator_cf(cf(db, INFLIGHT)?, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| db_error("reading in-flight state", e))?;
+            let (Some(number), Some(packet_id)) = (
+                big_u64(&k),
+                k.get(8..10).map(|b| u16::from_be_bytes([b[0], b[1]])),
+            ) else {
+                self.skip("in-flight", &k, &"bad key");
+                continue;
+            };
+            let (queue, seq, phase) = match record::decode_inflight(&v) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.skip("in-flight", &k, &e);
+                    continue;
+                }
+            };
+            let body = match phase {
+                OutboundPhase::Sent => self.store.read_one(queue, seq),
+                OutboundPhase::Released => None,
+            };
+            if let Some(s) = sessions.get_mut(&number) {
+                s.inflight.push(InflightRecord {
+                    packet_id,
+                    queue,
+                    seq,
+                    phase,
+                    body,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Each session's inbound QoS 2 packet identifiers awaiting PUBREL.
+    fn qos2_received(
+        &mut self,
+        sessions: &mut BTreeMap<u64, RecoveredSession>,
+    ) -> Result<(), StoreError> {
+        let db = self.db;
+        for item in db.iterator_cf(cf(db, QOS2_IN)?, IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| db_error("reading QoS 2 state", e))?;
+            if let (Some(number), Some(id)) = (big_u64(&k), k.get(8..10))
+                && let Some(s) = sessions.get_mut(&number)
+            {
+                s.qos2_received.push(u16::from_be_bytes([id[0], id[1]]));
+            }
+        }
+        Ok(())
+    }
+
+    fn retained(&mut self) -> Result<Vec<Arc<Message>>, StoreError> {
+        let db = self.db;
+        let mut retained = Vec::new();
+        for item in db.iterator_cf(cf(db, RETAINED)?, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| db_error("reading retained messages", e))?;
+            match record::decode_retained(&v, self.time) {
+                Ok(m) => retained.push(Arc::new(m)),
+                Err(e) => self.skip("retained", &k, &e),
+            }
+        }
+        Ok(retained)
+    }
+
+    /// The shared subscription groups, each with its queue's summary.
+    fn groups(&mut self) -> Result<Vec<RecoveredGroup>, StoreError> {
+        let db = self.db;
+        let mut groups = Vec::new();
+        for item in db.iterator_cf(cf(db, GROUPS)?, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| db_error("reading groups", e))?;
+            let Some(number) = big_u64(&k) else {
+                self.skip("group", &k, &"bad key");
+                continue;
+            };
+            match record::decode_group(&v) {
+                Ok((name, filter)) => groups.push(RecoveredGroup {
+                    number,
+                    name,
+                    filter,
+                    queue: self.store.summary(number)?,
+                }),
+                Err(e) => self.skip("group", &k, &e),
+            }
+        }
+        Ok(groups)
+    }
+
+    /// The de-duplication origins: each one's floor record and marks.
+    fn dedup(&mut self) -> Result<Vec<RecoveredOrigin>, StoreError> {
+        let db = self.db;
+        let mut dedup: BTreeMap<DedupOrigin, RecoveredOrigin> = BTreeMap::new();
+        for item in db.iterator_cf(cf(db, DEDUP)?, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| db_error("reading de-duplication records", e))?;
+            let Some((origin, tag, n)) = parse_key_dedup(&k) else {
+                self.skip("de-duplication", &k, &"bad key");
+                continue;
+            };
+            let entry = dedup.entry(origin).or_insert(RecoveredOrigin {
+                origin,
+                floor: 1,
+                marks: Vec::new(),
+                last_ms: 0,
+            });
+            match (tag, big_u64(&v), v.get(8..).and_then(big_u64)) {
+                (0, Some(floor), Some(at_ms)) => {
+                    entry.floor = floor;
+                    entry.last_ms = at_ms;
+                }
+                (1, _, _) => entry.marks.push(n),
+                _ => self.skip("de-duplication", &k, &"bad value"),
+            }
+        }
+        Ok(dedup.into_values().collect())
+    }
+
+    /// A u64 counter in `meta`, if stored.
+    fn meta_u64(&self, key: &[u8], what: &str) -> Result<Option<u64>, StoreError> {
+        let db = self.db;
+        Ok(db
+            .get_cf(cf(db, META)?, key)
+            .map_err(|e| db_error(what, e))?
+            .and_then(|v| big_u64(&v)))
     }
 }
 

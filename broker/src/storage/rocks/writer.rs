@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use ferrymq_codec::MqttString;
 use ferrymq_config::Durability;
 use rocksdb::{DB, WriteBatch, WriteOptions};
 use tracing::{error, info, warn};
@@ -24,9 +25,10 @@ use super::keys::{
 };
 use super::space::{SPACE_CHECK, SPACE_CHECK_BYTES, check_space};
 use super::{Inner, cf, options};
+use crate::dedup::DedupOrigin;
 use crate::state::wall_ms;
 use crate::storage::record::{self, TimeBase};
-use crate::storage::{StoreError, StoreOp, Ticket};
+use crate::storage::{SessionRecord, StoreError, StoreOp, Ticket};
 
 /// How often broker time is saved.
 const CLOCK_SAVE: Duration = Duration::from_secs(10);
@@ -134,22 +136,8 @@ fn add(
         entry.2 = entry.2.max(seq);
     };
     match op {
-        O::SessionPut(s) => {
-            batch.put_cf(
-                cf(db, SESSIONS)?,
-                key_n(s.number),
-                record::encode_session(&s, time),
-            );
-            batch.merge_cf(cf(db, META)?, b"next_session", (s.number + 1).to_be_bytes());
-        }
-        O::SessionDelete { number, .. } => {
-            batch.delete_cf(cf(db, SESSIONS)?, key_n(number));
-            let (from, to) = (key_n(number), key_n(number + 1));
-            for family in [SUBSCRIPTIONS, QUEUES, INFLIGHT, QOS2_IN] {
-                batch.delete_range_cf(cf(db, family)?, from, to);
-            }
-            batch.delete_cf(cf(db, QUEUE_STATS)?, key_n(number));
-        }
+        O::SessionPut(s) => put_session(db, batch, &s, time)?,
+        O::SessionDelete { number, .. } => delete_session(db, batch, number)?,
         O::SubscriptionPut {
             number,
             filter,
@@ -217,53 +205,109 @@ fn add(
             number,
             name,
             filter,
-        } => {
-            batch.put_cf(
-                cf(db, GROUPS)?,
-                key_n(number),
-                record::encode_group(&name, &filter),
-            );
-            batch.merge_cf(cf(db, META)?, b"next_session", (number + 1).to_be_bytes());
-        }
-        O::GroupDelete { number } => {
-            batch.delete_cf(cf(db, GROUPS)?, key_n(number));
-            batch.delete_range_cf(cf(db, QUEUES)?, key_n(number), key_n(number + 1));
-            batch.delete_cf(cf(db, QUEUE_STATS)?, key_n(number));
-        }
+        } => put_group(db, batch, number, &name, &filter)?,
+        O::GroupDelete { number } => delete_group(db, batch, number)?,
         O::DedupTake {
             origin,
             floor,
             mark,
             clear,
             at_ms,
-        } => {
-            let family = cf(db, DEDUP)?;
-            let mut value = [0u8; 16];
-            value[..8].copy_from_slice(&floor.to_be_bytes());
-            value[8..].copy_from_slice(&at_ms.to_be_bytes());
-            batch.put_cf(family, key_dedup(&origin, 0, 0), value);
-            if clear {
-                batch.delete_range_cf(
-                    family,
-                    key_dedup(&origin, 1, 0),
-                    key_dedup(&origin, 1, floor),
-                );
-            }
-            if let Some(n) = mark {
-                batch.put_cf(family, key_dedup(&origin, 1, n), []);
-            }
-        }
-        O::DedupForget { origin } => {
-            batch.delete_range_cf(
-                cf(db, DEDUP)?,
-                key_dedup(&origin, 0, 0),
-                key_dedup(&origin, 2, 0),
-            );
-        }
+        } => take_dedup(db, batch, &origin, floor, mark, clear, at_ms)?,
+        O::DedupForget { origin } => forget_dedup(db, batch, &origin)?,
         O::StateClock(reading) => {
             batch.merge_cf(cf(db, META)?, b"state_clock", reading.to_be_bytes());
         }
     }
+    Ok(())
+}
+
+/// A session's record, and the session counter kept above its number.
+fn put_session(
+    db: &DB,
+    batch: &mut WriteBatch,
+    s: &SessionRecord,
+    time: &dyn TimeBase,
+) -> Result<(), StoreError> {
+    batch.put_cf(
+        cf(db, SESSIONS)?,
+        key_n(s.number),
+        record::encode_session(s, time),
+    );
+    batch.merge_cf(cf(db, META)?, b"next_session", (s.number + 1).to_be_bytes());
+    Ok(())
+}
+
+/// Ends a session: its record, and everything keyed by its number (a
+/// DeleteRange per family), its queue's statistics included.
+fn delete_session(db: &DB, batch: &mut WriteBatch, number: u64) -> Result<(), StoreError> {
+    batch.delete_cf(cf(db, SESSIONS)?, key_n(number));
+    let (from, to) = (key_n(number), key_n(number + 1));
+    for family in [SUBSCRIPTIONS, QUEUES, INFLIGHT, QOS2_IN] {
+        batch.delete_range_cf(cf(db, family)?, from, to);
+    }
+    batch.delete_cf(cf(db, QUEUE_STATS)?, key_n(number));
+    Ok(())
+}
+
+/// A shared group's record; groups and sessions share the counter.
+fn put_group(
+    db: &DB,
+    batch: &mut WriteBatch,
+    number: u64,
+    name: &MqttString,
+    filter: &MqttString,
+) -> Result<(), StoreError> {
+    batch.put_cf(
+        cf(db, GROUPS)?,
+        key_n(number),
+        record::encode_group(name, filter),
+    );
+    batch.merge_cf(cf(db, META)?, b"next_session", (number + 1).to_be_bytes());
+    Ok(())
+}
+
+/// Ends a shared group: its record, its queue and the queue's statistics.
+fn delete_group(db: &DB, batch: &mut WriteBatch, number: u64) -> Result<(), StoreError> {
+    batch.delete_cf(cf(db, GROUPS)?, key_n(number));
+    batch.delete_range_cf(cf(db, QUEUES)?, key_n(number), key_n(number + 1));
+    batch.delete_cf(cf(db, QUEUE_STATS)?, key_n(number));
+    Ok(())
+}
+
+/// A de-duplication take: the origin's floor record, the marks the floor
+/// passed removed (`clear`), the number as a mark when it stays above the
+/// floor.
+fn take_dedup(
+    db: &DB,
+    batch: &mut WriteBatch,
+    origin: &DedupOrigin,
+    floor: u64,
+    mark: Option<u64>,
+    clear: bool,
+    at_ms: u64,
+) -> Result<(), StoreError> {
+    let family = cf(db, DEDUP)?;
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&floor.to_be_bytes());
+    value[8..].copy_from_slice(&at_ms.to_be_bytes());
+    batch.put_cf(family, key_dedup(origin, 0, 0), value);
+    if clear {
+        batch.delete_range_cf(family, key_dedup(origin, 1, 0), key_dedup(origin, 1, floor));
+    }
+    if let Some(n) = mark {
+        batch.put_cf(family, key_dedup(origin, 1, n), []);
+    }
+    Ok(())
+}
+
+/// Forgets an origin: its floor record and every mark.
+fn forget_dedup(db: &DB, batch: &mut WriteBatch, origin: &DedupOrigin) -> Result<(), StoreError> {
+    batch.delete_range_cf(
+        cf(db, DEDUP)?,
+        key_dedup(origin, 0, 0),
+        key_dedup(origin, 2, 0),
+    );
     Ok(())
 }
 
