@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use common::Args;
-use common::proc::{Broker, Client, Sampler, Stream};
+use common::proc::{Broker, Client, Sampler, Stream, ms};
 use ferrymq_codec::{
     MqttString, Packet, Protocol, QoS, Subscribe, Subscription, SubscriptionOptions,
 };
@@ -407,12 +407,6 @@ fn run(scenario: &'static str, broker: Broker, scale: Scale) -> Row {
         lost,
         attack,
     }
-}
-
-fn ms(d: Option<Duration>) -> String {
-    d.map_or("-".into(), |d| {
-        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-    })
 }
 
 fn main() {

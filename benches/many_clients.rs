@@ -58,7 +58,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use common::proc::{Broker, Client, Stream, open_files_limit, raise_open_files};
+use common::proc::{Broker, Client, Stream, ms, open_files_limit, raise_open_files};
 use common::{Args, cpu_time};
 use ferrymq_codec::{
     Connect, ConnectProperties, MqttString, Packet, Protocol, Publish, QoS, Subscribe,
@@ -567,12 +567,6 @@ fn measure(mut broker: Broker, run: u8, scale: Scale) -> Row {
         lost,
         notes,
     }
-}
-
-fn ms(d: Option<Duration>) -> String {
-    d.map_or("-".into(), |d| {
-        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-    })
 }
 
 fn main() {

@@ -117,6 +117,13 @@ impl Drop for Broker {
     }
 }
 
+/// A latency for a table: milliseconds with one decimal, `-` for none.
+pub fn ms(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| {
+        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    })
+}
+
 /// A process's resident memory, KiB (0 once it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
