@@ -18,7 +18,6 @@ use crate::Shared;
 use crate::connection::{bridge_client_id, bridge_live_client_id};
 use crate::message::SessionId;
 use crate::publish;
-use crate::router::Subscriber;
 use crate::session::SessionState;
 use crate::storage::{Batch, SessionRecord, StoreOp, SubscriptionRecord};
 
@@ -220,19 +219,11 @@ fn ensure_session(
             options,
             identifier: None,
         };
-        let existing = state.subscriptions.insert(filter.clone(), record);
+        let existing = state.subscriptions.get(&filter).copied();
         if existing == Some(record) {
             continue;
         }
-        shared.router.subscribe(
-            &filter,
-            Subscriber::of_session(
-                SessionId(state.number),
-                state.outbox.clone(),
-                &options,
-                None,
-            ),
-        );
+        crate::subscribe::attach(shared, &mut state, &filter, record);
         batch.push(StoreOp::SubscriptionPut {
             number: state.number,
             filter: filter.clone(),

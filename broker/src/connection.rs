@@ -48,13 +48,14 @@ use crate::outbox::Delivery;
 use crate::outbox::{Outbox, Pop, QueueLimits};
 use crate::publish::{self, Parked, ParkedOn, Routing, wait_for_room};
 use crate::rate::PublishRate;
-use crate::router::{RouteCache, Subscriber};
+use crate::router::RouteCache;
 use crate::session::Control;
 use crate::shared_sub::{Member, SharedGroup};
 use crate::shed;
 use crate::state::STAMP_PROPERTY;
 use crate::stats::{Stats, Tally};
 use crate::storage::{self, Batch, Durable, SessionRecord, StoreOp, SubscriptionRecord, Ticket};
+use crate::subscribe::{self, Attached};
 
 /// Above this many bytes waiting to be written, stop reading from the
 /// client and stop draining its outbox.
@@ -1650,61 +1651,34 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 options,
                 identifier,
             };
-            if let Some((name, filter)) = codec::topic::shared_subscription(&s.filter) {
-                if options.no_local {
-                    // [MQTT-3.8.3-4]
-                    return Some(Close::Protocol(
-                        ReasonCode::PROTOCOL_ERROR,
-                        "No Local on a shared subscription".into(),
-                    ));
-                }
-                let (Ok(name), Ok(filter)) = (MqttString::new(name), MqttString::new(filter))
-                else {
+            let is_shared = codec::topic::shared_subscription(&s.filter).is_some();
+            if is_shared && options.no_local {
+                // [MQTT-3.8.3-4]
+                return Some(Close::Protocol(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "No Local on a shared subscription".into(),
+                ));
+            }
+            let existed = match subscribe::attach(shared, state, &s.filter, record) {
+                Attached::Invalid => {
                     reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                     continue;
-                };
-                let member = Member {
-                    session: SessionId(state.number),
-                    outbox: state.outbox.clone(),
-                    qos: options.qos,
-                    retain_as_published: options.retain_as_published,
-                    identifier,
-                };
-                let group = shared.groups.join(shared, name, filter, member.clone());
-                state.groups.insert(s.filter.clone(), (group, member));
-                state.subscriptions.insert(s.filter.clone(), record);
-                if state.is_persistent() {
-                    batch.push(StoreOp::SubscriptionPut {
-                        number: state.number,
-                        filter: s.filter.clone(),
-                        subscription: record,
-                    });
                 }
-                // No retained messages on a shared subscription: MQTT 5.0
-                // 3.3.1.3 sends them when a new Non-shared Subscription is
-                // made (a sentence without a rule number).
-                reason_codes.push(ReasonCode(options.qos as u8));
-                continue;
-            }
-            let existed = state
-                .subscriptions
-                .insert(s.filter.clone(), record)
-                .is_some();
-            shared.router.subscribe(
-                &s.filter,
-                Subscriber::of_session(
-                    SessionId(state.number),
-                    state.outbox.clone(),
-                    &options,
-                    identifier,
-                ),
-            );
+                attached => attached == Attached::Replaced,
+            };
             if state.is_persistent() {
                 batch.push(StoreOp::SubscriptionPut {
                     number: state.number,
                     filter: s.filter.clone(),
                     subscription: record,
                 });
+            }
+            if is_shared {
+                // No retained messages on a shared subscription: MQTT 5.0
+                // 3.3.1.3 sends them when a new Non-shared Subscription is
+                // made (a sentence without a rule number).
+                reason_codes.push(ReasonCode(options.qos as u8));
+                continue;
             }
             // A resubscribe sends the retained messages again (3.1.1 and
             // 5.0 Retain Handling 0); 5.0 can ask for new subscriptions only

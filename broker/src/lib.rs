@@ -38,7 +38,8 @@
 //!   retained and the store), `router` (the topic tree), `level_tree`
 //!   (what the router's and the retained set's trees share), `retained`,
 //!   `replay` (a new subscription's retained messages, streamed),
-//!   `shared_sub` (shared subscription groups), `outbox` (per-session
+//!   `shared_sub` (shared subscription groups), `subscribe` (the one place
+//!   a subscription is attached), `outbox` (per-session
 //!   bounded queues);
 //! - sessions: `session` (state that outlives a connection, the registry,
 //!   takeover), `lifecycle` (wills, the end of a session), `recovery`
@@ -95,6 +96,7 @@ pub mod shed;
 pub mod state;
 mod stats;
 pub mod storage;
+mod subscribe;
 mod tls;
 pub mod users;
 mod websocket;

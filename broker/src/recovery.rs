@@ -16,14 +16,13 @@ use tracing::{info, warn};
 
 use crate::message::Message;
 use crate::outbox::{Delivery, Outbox, QueueLimits};
-use crate::router::Subscriber;
 use crate::session::{Inflight, SessionState};
 use crate::stats::Stats;
 use crate::storage::{
     self, InflightRecord, OutboundPhase, QueueSummary, Recovered, RecoveredGroup, RecoveredOrigin,
     RecoveredSession, SessionRecord, StoredWill, SubscriptionRecord,
 };
-use crate::{SessionId, Shared, bridge_session, connection, lifecycle, router, shared_sub, state};
+use crate::{Shared, bridge_session, connection, lifecycle, router, shared_sub, state};
 
 /// Rebuilds sessions, subscriptions, queues, shared groups and retained
 /// messages from what the store recovered. Every recovered session starts
@@ -207,7 +206,7 @@ impl Restore<'_> {
         state.stored = true;
         self.inflight(&mut state, s.inflight);
         state.qos2_received = s.qos2_received.into_iter().collect();
-        self.subscriptions(&mut state, &outbox, s.subscriptions);
+        self.subscriptions(&mut state, s.subscriptions);
         adapt_group_deliveries(&mut state);
         if let Some(will) = will {
             self.will(&mut state, &s.record, will);
@@ -255,41 +254,14 @@ impl Restore<'_> {
     fn subscriptions(
         &mut self,
         state: &mut SessionState,
-        outbox: &Arc<Outbox>,
         subscriptions: Vec<(MqttString, SubscriptionRecord)>,
     ) {
         let shared = self.shared;
-        let number = state.number;
         for (filter, sub) in subscriptions {
             if self.too_deep(&filter) {
                 continue;
             }
-            if let Some((name, inner)) = ferrymq_codec::topic::shared_subscription(&filter) {
-                let (Ok(name), Ok(inner)) = (MqttString::new(name), MqttString::new(inner)) else {
-                    continue;
-                };
-                let member = shared_sub::Member {
-                    session: SessionId(number),
-                    outbox: outbox.clone(),
-                    qos: sub.options.qos,
-                    retain_as_published: sub.options.retain_as_published,
-                    identifier: sub.identifier,
-                };
-                let group = shared.groups.join(shared, name, inner, member.clone());
-                state.groups.insert(filter.clone(), (group, member));
-                state.subscriptions.insert(filter, sub);
-                continue;
-            }
-            shared.router.subscribe(
-                &filter,
-                Subscriber::of_session(
-                    SessionId(number),
-                    outbox.clone(),
-                    &sub.options,
-                    sub.identifier,
-                ),
-            );
-            state.subscriptions.insert(filter, sub);
+            crate::subscribe::attach(shared, state, &filter, sub);
         }
     }
 
