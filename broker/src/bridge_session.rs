@@ -195,7 +195,7 @@ fn ensure_session(
     };
     state.outbox.set_persistent(true);
     state.outbox.set_uses_reserve();
-    if let Some((messages, bytes)) = crate::connection::session_bounds(shared, client_id.as_str()) {
+    if let Some((messages, bytes)) = shared.session_bounds(client_id.as_str()) {
         state.outbox.set_bounds(messages, bytes);
     }
     let stale: Vec<MqttString> = state

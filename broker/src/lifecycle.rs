@@ -64,7 +64,7 @@ pub(crate) async fn begin_session(
     state.expiry = expiry;
     state.outbox.set_persistent(state.is_persistent());
     state.outbox.set_online(true);
-    if let Some((messages, bytes)) = crate::connection::session_bounds(shared, client_id) {
+    if let Some((messages, bytes)) = shared.session_bounds(client_id) {
         state.outbox.set_bounds(messages, bytes);
     }
     shared.sessions.set_outbox(client_id, state.outbox.clone());

@@ -22,7 +22,7 @@ use crate::storage::{
     self, InflightRecord, OutboundPhase, QueueSummary, Recovered, RecoveredGroup, RecoveredOrigin,
     RecoveredSession, SessionRecord, StoredWill, SubscriptionRecord,
 };
-use crate::{Shared, bridge_session, connection, lifecycle, router, shared_sub, state};
+use crate::{Shared, bridge_session, lifecycle, router, shared_sub, state};
 
 /// Rebuilds sessions, subscriptions, queues, shared groups and retained
 /// messages from what the store recovered. Every recovered session starts
@@ -41,7 +41,7 @@ pub(crate) fn restore(shared: &Shared, recovered: Recovered) {
         max_levels: shared.config().limits.max_topic_levels,
         over_limit: 0,
         in_flight: HashMap::new(),
-        limits: connection::queue_limits(shared),
+        limits: shared.queue_limits(),
         due_wills: Vec::new(),
         wills_gone: Vec::new(),
     };
@@ -196,9 +196,7 @@ impl Restore<'_> {
             return;
         }
         let outbox = self.queue(number, s.queue);
-        if let Some((messages, bytes)) =
-            connection::session_bounds(shared, s.record.client_id.as_str())
-        {
+        if let Some((messages, bytes)) = shared.session_bounds(s.record.client_id.as_str()) {
             outbox.set_bounds(messages, bytes);
         }
         let mut state = SessionState::new(s.record.client_id.clone(), number, outbox.clone());

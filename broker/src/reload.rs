@@ -369,11 +369,11 @@ fn set_queue_limits(shared: &Shared) {
     shared
         .queue_memory
         .set_limit(shared.config().storage.max_queued_memory);
-    let limits = crate::connection::queue_limits(shared);
+    let limits = shared.queue_limits();
     for (client_id, outbox, _) in shared.sessions.queues() {
-        let (max_messages, max_bytes) =
-            crate::connection::session_bounds(shared, client_id.as_str())
-                .unwrap_or((limits.max_messages, limits.max_bytes));
+        let (max_messages, max_bytes) = shared
+            .session_bounds(client_id.as_str())
+            .unwrap_or((limits.max_messages, limits.max_bytes));
         outbox.set_limits(crate::outbox::QueueLimits {
             max_messages,
             max_bytes,

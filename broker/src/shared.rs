@@ -12,8 +12,8 @@ use ferrymq_config::Config;
 use tokio::sync::watch;
 
 use crate::{
-    Stats, Store, auth, connection, dedup, outbox, reload, retained, router, server, session,
-    shared_sub, shed, state, stats, storage, users,
+    Stats, Store, auth, dedup, outbox, reload, retained, router, server, session, shared_sub, shed,
+    state, stats, storage, users,
 };
 
 /// What every connection task shares.
@@ -91,11 +91,38 @@ impl Shared {
     pub(crate) fn new_outbox(&self, number: u64) -> Arc<outbox::Outbox> {
         outbox::Outbox::paged(
             number,
-            connection::queue_limits(self),
+            self.queue_limits(),
             self.identity.first_seq(),
             self.store.clone(),
             self.queue_memory.clone(),
         )
+    }
+
+    /// The queue limits of a new session (`[storage]` in force).
+    pub(crate) fn queue_limits(&self) -> outbox::QueueLimits {
+        let storage = &self.config().storage;
+        outbox::QueueLimits {
+            max_messages: storage.max_queued_messages as usize,
+            max_bytes: usize::try_from(storage.max_queued_bytes).unwrap_or(usize::MAX),
+            policy: storage.queue_full,
+            queue_qos0: storage.queue_qos0,
+        }
+    }
+
+    /// Queue bounds of a session of its own (a bridge's), if it has them.
+    pub(crate) fn session_bounds(&self, client_id: &str) -> Option<(usize, usize)> {
+        let name = client_id.strip_prefix(crate::BRIDGE_CLIENT_PREFIX)?;
+        let name = name.strip_suffix("/live").unwrap_or(name);
+        self.config()
+            .bridges
+            .iter()
+            .find(|b| b.name == name)
+            .map(|b| {
+                (
+                    b.max_queued_messages as usize,
+                    usize::try_from(b.max_queued_bytes).unwrap_or(usize::MAX),
+                )
+            })
     }
 
     pub(crate) fn next_connection(&self) -> u64 {
