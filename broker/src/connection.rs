@@ -45,7 +45,7 @@ use crate::lifecycle::{
 use crate::message::{MESSAGE_ID_PROPERTY, Message, MessageId, SessionId};
 use crate::negotiate::{self, secs_u32};
 use crate::outbox::Delivery;
-use crate::outbox::{Outbox, Pop, QueueLimits};
+use crate::outbox::{Outbox, Pop};
 use crate::publish::{self, Parked, ParkedOn, Routing, wait_for_room};
 use crate::rate::PublishRate;
 use crate::router::RouteCache;
@@ -355,23 +355,6 @@ pub fn bridge_live_client_id(name: &str) -> String {
     format!("{BRIDGE_CLIENT_PREFIX}{name}/live")
 }
 
-/// Queue bounds of a session of its own (a bridge's), if it has them.
-pub(crate) fn session_bounds(shared: &Shared, client_id: &str) -> Option<(usize, usize)> {
-    let name = client_id.strip_prefix(BRIDGE_CLIENT_PREFIX)?;
-    let name = name.strip_suffix("/live").unwrap_or(name);
-    shared
-        .config()
-        .bridges
-        .iter()
-        .find(|b| b.name == name)
-        .map(|b| {
-            (
-                b.max_queued_messages as usize,
-                usize::try_from(b.max_queued_bytes).unwrap_or(usize::MAX),
-            )
-        })
-}
-
 /// Serves one connection (network or in-process) to its end, inside a
 /// span `connection{peer, client_id}` (the client id recorded once the
 /// CONNECT is read), so that everything logged on its behalf says whose
@@ -645,7 +628,7 @@ fn rare_waits(
     }))
 }
 
-/// What woke a connection's wait (see `Sources::poll`).
+/// What woke a connection's wait (see `Conn::wait`).
 enum Woke {
     /// Something to do: take another turn.
     Again,
@@ -741,7 +724,10 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
         let protocol = connect.protocol;
         let config = shared.config();
         let limits = &config.limits;
-        let acl_access = access(shared, &connect, &options).map(Box::new);
+        let acl_access = access(shared, &connect, &options);
+        // Taken before the login: a refused connection leaves a gap in the
+        // numbers, which only have to be unique.
+        let connection = shared.next_connection();
         let circumstances = negotiate::Circumstances {
             limits,
             max_session_expiry: config.storage.max_session_expiry,
@@ -749,7 +735,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             acl_trusted_bridge: acl_access.as_ref().is_some_and(|a| a.trusted_bridge()),
             in_process: options.in_process,
             shedding: shared.shedding.level() >= shed::REFUSE_CONNECTIONS,
-            connection: 0,
+            connection,
             boot_id: shared.boot_id,
             message_ids: options.message_ids.then_some(shared.identity.uuid),
         };
@@ -759,7 +745,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             shared,
             &options,
             &circumstances,
-            acl_access.as_deref(),
+            acl_access.as_ref(),
         )
         .await;
         let (auth_method, auth_data) = match admitted {
@@ -771,7 +757,6 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
                 return None;
             }
         };
-        let connection = shared.next_connection();
         let negotiate::Terms {
             client_id,
             expiry,
@@ -779,13 +764,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             trusted,
             mut connack,
             engine: engine_limits,
-        } = negotiate::terms(
-            &connect,
-            &negotiate::Circumstances {
-                connection,
-                ..circumstances
-            },
-        );
+        } = negotiate::terms(&connect, &circumstances);
         if let Some(method) = &auth_method {
             connack.properties.authentication_method = Some(method.0.clone());
             connack.properties.authentication_data = auth_data;
@@ -806,9 +785,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
             control,
             extras: Extras {
                 will: connect.will,
-                auth_method: auth_method.map(|m| *m),
+                auth_method,
                 reauth: None,
-                access: acl_access.map(|a| *a),
+                access: acl_access,
                 rate: (limits.max_publish_rate > 0 && !options.in_process)
                     .then(|| PublishRate::new(limits.max_publish_rate, Instant::now().into_std())),
             }
@@ -1874,7 +1853,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
 /// A login that passed with an enhanced authentication method: the
 /// method (with its name), and the data of its last step for the CONNACK.
 type Authenticated = (
-    Option<Box<(MqttString, Arc<dyn AuthMethod>)>>,
+    Option<(MqttString, Arc<dyn AuthMethod>)>,
     Option<bytes::Bytes>,
 );
 
@@ -1919,7 +1898,7 @@ where
         let data = connect.properties.authentication_data.clone();
         match authenticate(io, shared, method.as_ref(), name, &connect.client_id, data).await {
             Ok(AuthStep::Success(data)) => {
-                authenticated = (Some(Box::new((name.clone(), method.clone()))), data);
+                authenticated = (Some((name.clone(), method.clone())), data);
             }
             Ok(AuthStep::Failure(code)) => return Err(code),
             Ok(AuthStep::Continue(_)) | Err(_) => return Err(ReasonCode::NOT_AUTHORIZED),
@@ -2057,17 +2036,6 @@ pub(crate) fn too_many_levels(shared: &Shared, client_id: &str, what: &str, topi
             max = shared.config().limits.max_topic_levels,
             "refused a {what} with more levels than limits.max_topic_levels: {start}..."
         );
-    }
-}
-
-/// The queue limits of a new session.
-pub(crate) fn queue_limits(shared: &Shared) -> QueueLimits {
-    let storage = &shared.config().storage;
-    QueueLimits {
-        max_messages: storage.max_queued_messages as usize,
-        max_bytes: usize::try_from(storage.max_queued_bytes).unwrap_or(usize::MAX),
-        policy: storage.queue_full,
-        queue_qos0: storage.queue_qos0,
     }
 }
 
