@@ -823,9 +823,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<'a, R, W> {
     async fn run(&mut self, shutdown: &watch::Receiver<bool>) -> Close {
         // (No copies of `self`'s fields here: this future's size is what
         // every idle connection pays.)
-        // From here a kick rings the doorbell; one before was seen by the
-        // first wait's look at the flag.
-        self.control.listen(&self.engine.state.outbox);
+        // A kick rings the doorbell of the queue recorded for the session
+        // (`begin_session`); one before that is seen by the first wait's
+        // look at the flag.
         self.keep_alive.last_packet = Instant::now();
         self.keep_alive
             .arm(self.shared, &self.control, &self.engine.state.outbox);

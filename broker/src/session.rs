@@ -120,9 +120,6 @@ pub struct Control {
     /// shutdown flag; it checks this whenever it wakes, also before it first
     /// waits, so a kick before then still counts.
     kicked: AtomicBool,
-    /// The session queue whose doorbell wakes the connection, once it has
-    /// its session: a kick rings it.
-    bell: std::sync::OnceLock<Arc<Outbox>>,
     /// Set by the connection taking over when it resumes the session
     /// (then the old connection's will is not published).
     resumed: AtomicBool,
@@ -139,7 +136,6 @@ impl Control {
         Arc::new(Control {
             connection,
             kicked: AtomicBool::new(false),
-            bell: std::sync::OnceLock::new(),
             resumed: AtomicBool::new(false),
             done: AtomicBool::new(false),
             finished: Notify::new(),
@@ -149,25 +145,19 @@ impl Control {
     /// Whether the connection was told to close (or to look at the
     /// shutdown flag).
     pub fn is_kicked(&self) -> bool {
-        // SeqCst with `kick`: the kick stores the flag and then looks for
-        // the doorbell, the connection sets the doorbell and then loads the
-        // flag; one of them sees the other.
-        self.kicked.load(Ordering::SeqCst)
+        self.kicked.load(Ordering::Acquire)
     }
 
     /// Tells the connection to close (or to look at the shutdown flag),
-    /// and rings its doorbell if it has one yet.
-    pub fn kick(&self) {
-        self.kicked.store(true, Ordering::SeqCst);
-        if let Some(outbox) = self.bell.get() {
+    /// and rings the doorbell of its session's queue, `outbox`, if the
+    /// session has recorded one (`Sessions::set_outbox`, under the same
+    /// lock as the caller's look: a connection that records it later reads
+    /// the flag when it first waits).
+    fn kick(&self, outbox: Option<&Outbox>) {
+        self.kicked.store(true, Ordering::Release);
+        if let Some(outbox) = outbox {
             outbox.doorbell().ring(crate::doorbell::ALARM);
         }
-    }
-
-    /// The session queue whose doorbell the connection waits on (set once,
-    /// when its session is attached; later calls change nothing).
-    pub fn listen(&self, outbox: &Arc<Outbox>) {
-        let _ = self.bell.set(outbox.clone());
     }
 
     /// Whether the connection that took over resumes the session.
@@ -247,12 +237,15 @@ impl Sessions {
                 offline_since: Instant::now(),
                 outbox: None,
             });
-            slot.holder.replace(control.clone())
+            let old = slot.holder.replace(control.clone());
+            if let Some(old) = &old {
+                old.resumed.store(resume, Ordering::Release);
+                old.kick(slot.outbox.as_deref());
+            }
+            old
         };
         let took_over = previous_holder.is_some();
         if let Some(old) = previous_holder {
-            old.resumed.store(resume, Ordering::Release);
-            old.kick();
             // A timeout only means the old task is slow to notice; its
             // session comes back whenever it finishes.
             let _ = tokio::time::timeout(TAKEOVER_WAIT, old.handed_back()).await;
@@ -276,7 +269,7 @@ impl Sessions {
     pub fn kick_all(&self) {
         for slot in self.slots.lock().values() {
             if let Some(holder) = &slot.holder {
-                holder.kick();
+                holder.kick(slot.outbox.as_deref());
             }
         }
     }
