@@ -1,6 +1,6 @@
-//! For ferrymq's own benchmarks (`benches/router.rs`) only: **not a stable
-//! API**. It may change or disappear in any release, and is hidden from the
-//! documentation.
+//! For ferrymq's own benchmarks (`benches/router.rs`, `benches/idle.rs`)
+//! only: **not a stable API**. It may change or disappear in any release,
+//! and is hidden from the documentation.
 //!
 //! The router and its types (`Router`, `Subscriber`, `Route`, `RouteCache`,
 //! the session outbox) stay private; [`BenchRouter`] wraps them so a
@@ -71,8 +71,10 @@ impl BenchRouter {
                 number,
                 limits,
                 1,
-                self.store.clone(),
-                crate::outbox::QueueMemory::new(0),
+                &crate::outbox::QueueEnv::new(
+                    Some(self.store.clone()),
+                    crate::outbox::QueueMemory::new(0),
+                ),
             ),
         }
     }
@@ -114,4 +116,14 @@ impl BenchRouter {
     pub fn cached_routes(&mut self, topic: &str) -> usize {
         self.cache.routes(&self.router, topic, NO_PUBLISHER).len()
     }
+}
+
+/// The size of a plain TCP connection's future (`connection::serve`),
+/// which tokio's task holds for the connection's life (benches/idle.rs
+/// prints it beside the heap each idle connection holds).
+pub fn connection_future_size() -> usize {
+    fn size<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    size(crate::connection::serve::<tokio::net::TcpStream>)
 }
