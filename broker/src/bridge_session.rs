@@ -15,11 +15,10 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::Shared;
-use crate::connection::{bridge_client_id, bridge_live_client_id};
 use crate::message::SessionId;
 use crate::publish;
 use crate::session::SessionState;
-use crate::storage::{Batch, SessionRecord, StoreOp, SubscriptionRecord};
+use crate::storage::{Batch, StoreOp, SubscriptionRecord};
 
 /// Topic prefix on which a bridge's replayed dead letters are published
 /// (`$replay/{bridge}/{original topic}`): only the bridge's session takes
@@ -36,6 +35,20 @@ pub const DEAD_LETTER_PREFIX: &str = "$dead/";
 /// unchecked). Subscribing to them is allowed, to look at dead letters.
 pub fn is_reserved(topic: &str) -> bool {
     topic.starts_with(REPLAY_PREFIX) || topic.starts_with(DEAD_LETTER_PREFIX)
+}
+
+/// The client identifier of a bridge's local session.
+pub fn bridge_client_id(name: &str) -> String {
+    format!("{BRIDGE_CLIENT_PREFIX}{name}")
+}
+
+/// Client identifiers reserved for bridges (in-process only).
+pub const BRIDGE_CLIENT_PREFIX: &str = "$bridge/";
+
+/// The client identifier of bridge `name`'s live lane (`lane = "live"`
+/// rules): `$bridge/{name}/live` (bridge names have no `/`).
+pub fn bridge_live_client_id(name: &str) -> String {
+    format!("{BRIDGE_CLIENT_PREFIX}{name}/live")
 }
 
 /// A bridge session never expires.
@@ -113,10 +126,7 @@ pub(crate) fn retire_removed(shared: &Shared) {
         .queues()
         .into_iter()
         .filter(|(id, _, online)| {
-            let Some(name) = id
-                .as_str()
-                .strip_prefix(crate::connection::BRIDGE_CLIENT_PREFIX)
-            else {
+            let Some(name) = id.as_str().strip_prefix(BRIDGE_CLIENT_PREFIX) else {
                 return false;
             };
             let name = name.strip_suffix("/live").unwrap_or(name);
@@ -182,13 +192,9 @@ fn ensure_session(
             let mut state = SessionState::new(client_id.clone(), number, outbox);
             state.expiry = NEVER;
             state.stored = true;
-            batch.push(StoreOp::SessionPut(SessionRecord {
-                client_id: client_id.clone(),
-                number,
-                expiry_secs: u32::MAX,
-                offline_since_ms: Some(shared.clock.now_ms()),
-                pending_will: None,
-            }));
+            batch.push(StoreOp::SessionPut(
+                state.record(Some(shared.clock.now_ms())),
+            ));
             info!(%bridge, %client_id, "created the bridge's queue");
             state
         }

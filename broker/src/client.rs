@@ -149,13 +149,12 @@ pub(crate) async fn connect(
     let (ours, theirs) = tokio::io::duplex(DUPLEX_BUFFER);
     let peer = format!("in-process:{}", options.client_id);
     tokio::spawn(async move {
-        let (reader, writer) = tokio::io::split(theirs);
         let serve = crate::connection::ServeOptions {
             in_process: true,
             message_ids: options.message_ids,
             ..crate::connection::ServeOptions::default()
         };
-        crate::connection::serve(reader, writer, peer, shared, serve).await;
+        crate::connection::serve(theirs, peer, shared, serve).await;
         drop(permit);
     });
     let (mut reader, mut writer) = tokio::io::split(ours);

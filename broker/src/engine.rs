@@ -1,7 +1,7 @@
 //! The protocol engine of one connection, without I/O: it takes decoded
 //! packets (and deliveries from the session's outbox) and returns what to
 //! send, what to route and what to store. The connection task
-//! (`connection.rs`) moves bytes and executes those decisions; the tests
+//! (`connection/`) moves bytes and executes those decisions; the tests
 //! below drive the engine directly, packet by packet.
 //!
 //! What the engine owns: the QoS 1/2 exchanges in both directions (packet

@@ -32,8 +32,7 @@ impl Raw {
         let shared = broker.shared.clone();
         let peer = format!("idle-test:{client_id}");
         tokio::spawn(async move {
-            let (reader, writer) = tokio::io::split(theirs);
-            serve(reader, writer, peer, shared, ServeOptions::default()).await;
+            serve(theirs, peer, shared, ServeOptions::default()).await;
         });
         let mut raw = Raw {
             stream: ours,

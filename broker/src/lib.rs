@@ -25,7 +25,8 @@
 //! Module map (every module):
 //! - connections: `server` (listeners, accept), `tls` and `websocket`
 //!   (layers under a listener), `connection` (one task per client: stream
-//!   I/O, drives the engine), `negotiate` (what a CONNECT gets, no I/O),
+//!   I/O, drives the engine; its parts `admit`, `inbound`,
+//!   `subscriptions`, `outbound`, `close`, `stream`), `negotiate` (what a CONNECT gets, no I/O),
 //!   `engine` (the per-connection protocol state machine, no I/O),
 //!   `doorbell` (a connection's one wake source besides its socket),
 //!   `keepalive` (every connection's keep-alive deadline in one queue,
@@ -113,9 +114,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+pub use bridge_session::{BRIDGE_CLIENT_PREFIX, bridge_client_id, bridge_live_client_id};
 pub use bridge_session::{DEAD_LETTER_PREFIX, REPLAY_PREFIX, is_reserved};
 pub use client::{Client, ClientError, ClientOptions, PublishAck, Publisher, Received};
-pub use connection::{BRIDGE_CLIENT_PREFIX, bridge_client_id, bridge_live_client_id};
 pub use data_dir::DataDir;
 pub use dedup::DedupOrigin;
 pub use ferrymq_codec::QoS;
@@ -246,7 +247,7 @@ impl BrokerHandle {
     /// The memory every queue holds in queued messages now, in bytes, as
     /// counted against `[storage] max_queued_memory`.
     pub fn queued_memory(&self) -> usize {
-        self.shared.queue_memory.used()
+        self.shared.queue_env.memory().used()
     }
 
     /// Replaces the measured load with `load` (`None`: measure again), so
@@ -449,7 +450,10 @@ impl Broker {
         let first_session = recovered.next_session_number.max(1);
         // No more than the Receive Maximum can be in flight from a sender.
         let dedup_bound = usize::from(config.limits.receive_maximum);
-        let queue_memory = outbox::QueueMemory::new(config.storage.max_queued_memory);
+        let queue_env = outbox::QueueEnv::new(
+            Some(store.clone()),
+            outbox::QueueMemory::new(config.storage.max_queued_memory),
+        );
         let state = (!config.state.topics.is_empty())
             .then(|| state::StateTopics::new(&config.state, identity.uuid, recovered.state_clock));
         let shared = Arc::new_cyclic(|this| Shared {
@@ -470,7 +474,7 @@ impl Broker {
             clock,
             shutdown_rx,
             drop_log: stats::LogLimiter::new(Duration::from_secs(10)),
-            queue_memory,
+            queue_env,
             refuse_log: stats::LogLimiter::new(Duration::from_secs(10)),
             levels_log: stats::LogLimiter::new(Duration::from_secs(10)),
             auth_log: stats::LogLimiter::new(Duration::from_secs(10)),

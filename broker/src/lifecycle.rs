@@ -17,11 +17,10 @@ use crate::Shared;
 use crate::bridge_session;
 use crate::ferry::strip_ferry_properties;
 use crate::message::{Message, SessionId};
-use crate::outbox::Delivery;
+use crate::outbox::{Delivery, GroupQueue};
 use crate::publish::{self, Routing, wait_for_room};
 use crate::router::RouteCache;
 use crate::session::{Control, Inflight, SessionState};
-use crate::shared_sub::SharedGroup;
 use crate::storage::{self, Batch, SessionRecord, StoreOp, Ticket};
 
 /// Attaches the connection `control` to `client_id`'s session, taking
@@ -70,13 +69,7 @@ pub(crate) async fn begin_session(
     shared.sessions.set_outbox(client_id, state.outbox.clone());
     if state.is_persistent() {
         // Online now: no offline time, no will waiting.
-        batch.push(StoreOp::SessionPut(SessionRecord {
-            client_id: client_id.clone(),
-            number: state.number,
-            expiry_secs: crate::negotiate::secs_u32(expiry),
-            offline_since_ms: None,
-            pending_will: None,
-        }));
+        batch.push(StoreOp::SessionPut(state.record(None)));
         state.stored = true;
     }
     (state, resumed, batch.submit())
@@ -184,14 +177,14 @@ pub(crate) fn end_session(shared: &Shared, mut state: SessionState, batch: &mut 
     // Unacknowledged QoS 1 messages pulled from shared groups go back to
     // their group for another member; QoS 2 ones stay with this session
     // (and end with it).
-    let mut returned: HashMap<u64, (Arc<SharedGroup>, Vec<Delivery>)> = HashMap::new();
+    let mut returned: HashMap<u64, (Arc<dyn GroupQueue>, Vec<Delivery>)> = HashMap::new();
     for inflight in std::mem::take(&mut state.inflight).into_values() {
         if let Inflight::Sent(d) = inflight
             && d.qos == QoS::AtLeastOnce
             && let Some(group) = d.group.clone()
         {
             returned
-                .entry(group.number)
+                .entry(group.number())
                 .or_insert_with(|| (group, Vec::new()))
                 .1
                 .push(d);

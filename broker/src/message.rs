@@ -103,10 +103,14 @@ pub struct MessageId {
     pub n: u64,
 }
 
+/// Bits of a queue sequence below the epoch (the run that queued it):
+/// 2^40 messages per queue per run.
+pub const SEQ_EPOCH_SHIFT: u32 = 40;
+
 impl MessageId {
     /// The id of the message at `seq` in queue `queue` of node `uuid`.
     pub fn new(uuid: [u8; 16], queue: u64, seq: u64) -> MessageId {
-        let shift = crate::storage::SEQ_EPOCH_SHIFT;
+        let shift = SEQ_EPOCH_SHIFT;
         MessageId {
             uuid,
             queue,

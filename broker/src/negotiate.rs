@@ -1,6 +1,6 @@
 //! CONNECT negotiation without I/O: what the broker answers a CONNECT,
 //! from the packet, the limits in force and the client's circumstances.
-//! `Conn::accept` (connection.rs) asks [`refusal`] first, then runs the
+//! `Conn::accept` (connection/admit.rs) asks [`refusal`] first, then runs the
 //! login (which may wait: a password hash, an enhanced authentication
 //! exchange), then takes the [`terms`] and attaches the session with
 //! them. Everything decided here is table-tested below.
@@ -15,9 +15,10 @@ use ferrymq_config::Limits;
 
 use ferrymq_codec::topic::exceeds_levels;
 
-use crate::connection::BRIDGE_CLIENT_PREFIX;
+use crate::bridge_session::BRIDGE_CLIENT_PREFIX;
 use crate::engine::EngineLimits;
 use crate::ferry;
+use crate::session::secs_u32;
 
 /// What the broker brings to a negotiation besides the packet.
 #[derive(Debug, Clone, Copy)]
@@ -244,11 +245,6 @@ pub fn terms(connect: &Connect, c: &Circumstances<'_>) -> Terms {
         connack,
         engine,
     }
-}
-
-/// A duration in whole seconds, saturating at `u32::MAX`.
-pub fn secs_u32(d: Duration) -> u32 {
-    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -24,6 +24,21 @@ use crate::doorbell::{Doorbell, READY};
 use crate::message::Message;
 use crate::storage::{Durable, QueueSummary, Store, Ticket};
 
+/// A shared subscription group (`shared_sub.rs`) as its queue's users see
+/// it: the router wakes its members after a push, and a delivery pulled
+/// from it goes back there when the member's session ends without
+/// acknowledging it. (A trait, so that the queue and the router, below
+/// the groups, do not import them.)
+pub trait GroupQueue: Send + Sync + std::fmt::Debug {
+    /// The group's number (its queue's, from the session number sequence).
+    fn number(&self) -> u64;
+    /// Wakes every member's connection: there is something to pull.
+    fn wake(&self);
+    /// Puts unacknowledged QoS 1 deliveries of a member whose session
+    /// ended back at the front of the group's queue, for another member.
+    fn give_back(&self, deliveries: Vec<Delivery>);
+}
+
 /// One message on its way to one session.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -46,7 +61,7 @@ pub struct Delivery {
     pub identifiers: Option<Arc<[u32]>>,
     /// The shared subscription group it was pulled from, if any (an
     /// unacknowledged QoS 1 message goes back there when the session ends).
-    pub group: Option<Arc<crate::shared_sub::SharedGroup>>,
+    pub group: Option<Arc<dyn GroupQueue>>,
     /// When it was queued (broker time, ms).
     pub queued_ms: u64,
 }
@@ -466,14 +481,38 @@ pub struct Outbox {
     /// Whether a connection is attached (QoS 0 is skipped while offline
     /// unless `queue_qos0`).
     online: AtomicBool,
-    /// Where a backlog is paged in from.
+    /// What every queue of the broker shares (its store, memory bound).
+    env: Arc<QueueEnv>,
+}
+
+/// What every queue of a broker shares, held once: the store a backlog is
+/// paged in from, with its durability watermark (paging reads only
+/// durable runs) and whether it pages queues at all (long stored queues
+/// then stay on disk), and the memory all the queues hold, with its bound.
+/// Every connection has a queue: one pointer each instead of four fields.
+pub struct QueueEnv {
     store: Option<Arc<dyn Store>>,
-    /// The store's durability watermark: paging reads only durable runs.
     durable_rx: Option<tokio::sync::watch::Receiver<Durable>>,
-    /// Whether long stored queues stay on disk (the store pages queues).
     spill: bool,
-    /// The memory all the broker's queues hold, with its bound.
     memory: Arc<QueueMemory>,
+}
+
+impl QueueEnv {
+    /// The environment of queues backed by `store` (`None`: in memory
+    /// only), charging `memory`.
+    pub fn new(store: Option<Arc<dyn Store>>, memory: Arc<QueueMemory>) -> Arc<QueueEnv> {
+        Arc::new(QueueEnv {
+            spill: store.as_ref().is_some_and(|s| s.pages_queues()),
+            durable_rx: store.as_ref().map(|s| s.durable()),
+            store,
+            memory,
+        })
+    }
+
+    /// The memory all the queues hold, with its bound.
+    pub fn memory(&self) -> &QueueMemory {
+        &self.memory
+    }
 }
 
 impl Drop for Outbox {
@@ -485,7 +524,8 @@ impl Drop for Outbox {
             .chain(q.tail.iter())
             .map(|e| let_go(&e.message))
             .sum();
-        self.memory
+        self.env
+            .memory
             .recharge(q.charged, 0, q.payload_delta + released);
     }
 }
@@ -499,14 +539,8 @@ impl Outbox {
             next_seq: first_seq,
             ..Queue::default()
         };
-        Arc::new(Self::with(
-            session_number,
-            limits,
-            queue,
-            None,
-            false,
-            QueueMemory::new(0),
-        ))
+        let env = QueueEnv::new(None, QueueMemory::new(0));
+        Arc::new(Self::with(session_number, limits, queue, env, false))
     }
 
     /// An empty outbox of 1,000 messages and 1 MiB (tests).
@@ -521,14 +555,13 @@ impl Outbox {
         Self::new(0, limits, 1)
     }
 
-    /// An outbox holding `queue`, backed by `store` if given.
+    /// An outbox holding `queue`, in `env`.
     fn with(
         session_number: u64,
         limits: QueueLimits,
         queue: Queue,
-        store: Option<Arc<dyn Store>>,
+        env: Arc<QueueEnv>,
         persistent: bool,
-        memory: Arc<QueueMemory>,
     ) -> Outbox {
         Outbox {
             queue: Mutex::new(queue),
@@ -540,10 +573,7 @@ impl Outbox {
             session_number,
             persistent: AtomicBool::new(persistent),
             online: AtomicBool::new(false),
-            spill: store.as_ref().is_some_and(|s| s.pages_queues()),
-            durable_rx: store.as_ref().map(|s| s.durable()),
-            store,
-            memory,
+            env,
         }
     }
 
@@ -551,19 +581,19 @@ impl Outbox {
     /// now; called after every change under the lock.
     fn settle(&self, q: &mut Queue) {
         let now = q.footprint();
-        self.memory
+        self.env
+            .memory
             .recharge(q.charged, now, std::mem::take(&mut q.payload_delta));
         q.charged = now;
     }
 
-    /// An empty outbox backed by `store`: when the store pages queues, a
-    /// long stored queue stays on disk beyond the in-memory bound.
+    /// An empty outbox in `env`: when its store pages queues, a long
+    /// stored queue stays on disk beyond the in-memory bound.
     pub fn paged(
         session_number: u64,
         limits: QueueLimits,
         first_seq: u64,
-        store: Arc<dyn Store>,
-        memory: Arc<QueueMemory>,
+        env: &Arc<QueueEnv>,
     ) -> Arc<Self> {
         let queue = Queue {
             next_seq: first_seq,
@@ -573,13 +603,12 @@ impl Outbox {
             session_number,
             limits,
             queue,
-            Some(store),
+            env.clone(),
             false,
-            memory,
         ))
     }
 
-    /// An outbox for a queue recovered from `store`: its `summary.count`
+    /// An outbox for a queue recovered from the store of `env`: its `summary.count`
     /// messages stay on disk until drained; `in_flight` lists sequences
     /// already in flight, not to be sent again from the backlog.
     /// New deliveries get sequences from `first_seq` on (or after the
@@ -589,9 +618,8 @@ impl Outbox {
         limits: QueueLimits,
         summary: QueueSummary,
         in_flight: HashSet<u64>,
-        store: Arc<dyn Store>,
         first_seq: u64,
-        memory: Arc<QueueMemory>,
+        env: &Arc<QueueEnv>,
     ) -> Arc<Self> {
         let in_flight_count = in_flight.len();
         let disk = OnDisk {
@@ -608,7 +636,7 @@ impl Outbox {
             disk: (summary.count > 0).then(|| Box::new(disk)),
             ..Queue::default()
         };
-        let outbox = Self::with(session_number, limits, queue, Some(store), true, memory);
+        let outbox = Self::with(session_number, limits, queue, env.clone(), true);
         outbox.bell.ring(READY);
         Arc::new(outbox)
     }
@@ -695,8 +723,8 @@ impl Outbox {
     /// `stored`, or a store that does not page), holds something in memory
     /// already and would go past its share ([`QueueMemory`]).
     fn full_by_memory(&self, q: &Queue, more: usize, stored: bool) -> bool {
-        let on_disk_instead = self.spill && stored;
-        !(on_disk_instead || q.nothing_in_memory()) && self.memory.over_share(q, more)
+        let on_disk_instead = self.env.spill && stored;
+        !(on_disk_instead || q.nothing_in_memory()) && self.env.memory.over_share(q, more)
     }
 
     /// Reads the next page of the backlog into memory, if there is one and
@@ -709,14 +737,14 @@ impl Outbox {
         let Some(disk) = q.disk.as_mut() else {
             return true;
         };
-        if let Some(rx) = &self.durable_rx {
+        if let Some(rx) = &self.env.durable_rx {
             disk.advance(rx.borrow().up_to);
         }
         let limit = disk.safe_until.min(disk.until);
         if disk.from >= limit && disk.from < disk.until {
             return false;
         }
-        let page = match &self.store {
+        let page = match &self.env.store {
             Some(store) if disk.from < limit => {
                 store.read_queue(self.session_number, disk.from, PAGE)
             }
@@ -822,11 +850,11 @@ impl Outbox {
         // While a backlog is on disk everything queued behind it is
         // stored too, so that it can follow the backlog after a restart.
         let stored = self.stores(delivery.qos) || (q.disk.is_some() && self.is_persistent());
-        let spill = self.spill && stored;
+        let spill = self.env.spill && stored;
         // At the memory bound a queue that can keep it on disk does; one
         // held in memory only is full past its share (`QueueMemory`).
         let cost = QueueMemory::cost(&delivery.message);
-        let memory_full = self.memory.over(cost);
+        let memory_full = self.env.memory.over(cost);
         let mut evicted = Vec::new();
         let mut must_evict = budget_full && stored;
         // Drop-oldest takes a queue past its share down to it, at most two
@@ -1300,8 +1328,7 @@ mod tests {
                     queue_qos0: false,
                 },
                 1,
-                store.clone(),
-                memory,
+                &QueueEnv::new(Some(store.clone()), memory),
             );
             outbox.set_persistent(true);
             outbox.set_online(true);
@@ -1404,7 +1431,9 @@ mod tests {
     fn a_queued_entry_takes_56_bytes() {
         // The queue number and shared group of a delivery are the outbox's.
         assert_eq!(std::mem::size_of::<Queued>(), 56);
-        assert_eq!(std::mem::size_of::<Delivery>(), 72);
+        // (A delivery in flight names its group through a trait object,
+        // two words: the queue does not import the groups.)
+        assert_eq!(std::mem::size_of::<Delivery>(), 80);
     }
 
     /// An online queue held in memory only, charging `memory`.
@@ -1419,7 +1448,7 @@ mod tests {
             next_seq: 1,
             ..Queue::default()
         };
-        let o = Outbox::with(1, limits, queue, None, false, memory.clone());
+        let o = Outbox::with(1, limits, queue, QueueEnv::new(None, memory.clone()), false);
         o.set_online(true);
         o
     }

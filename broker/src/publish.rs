@@ -367,7 +367,7 @@ fn dropped(shared: &Shared, outbox: &Outbox, by_memory: bool) {
             warn!(
                 session = outbox.session_number,
                 dropped_total = Stats::get(&shared.stats.messages_dropped_memory),
-                queued_memory = shared.queue_memory.used(),
+                queued_memory = shared.queue_env.memory().used(),
                 policy = %shared.config().storage.queue_full,
                 "queued messages reached storage.max_queued_memory: queues held in memory only \
                  count as full"

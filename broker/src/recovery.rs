@@ -15,7 +15,7 @@ use ferrymq_codec::MqttString;
 use tracing::{info, warn};
 
 use crate::message::Message;
-use crate::outbox::{Delivery, Outbox, QueueLimits};
+use crate::outbox::{Delivery, GroupQueue, Outbox, QueueLimits};
 use crate::session::{Inflight, SessionState};
 use crate::stats::Stats;
 use crate::storage::{
@@ -154,9 +154,8 @@ impl Restore<'_> {
             self.limits,
             summary,
             skip,
-            self.shared.store.clone(),
             self.shared.identity.first_seq(),
-            self.shared.queue_memory.clone(),
+            &self.shared.queue_env,
         )
     }
 
@@ -232,7 +231,8 @@ impl Restore<'_> {
                     identifiers: body.identifiers,
                     group: (inflight.queue != number)
                         .then(|| self.shared.groups.by_number(inflight.queue))
-                        .flatten(),
+                        .flatten()
+                        .map(|g| g as Arc<dyn GroupQueue>),
                     queued_ms: body.queued_ms,
                 }),
                 // Its message is gone (acknowledged before the crash, or
@@ -329,7 +329,7 @@ fn adapt_group_deliveries(state: &mut SessionState) {
         if let Some((_, member)) = state
             .groups
             .values()
-            .find(|(g, _)| g.number == group.number)
+            .find(|(g, _)| g.number == group.number())
         {
             let mut adapted = shared_sub::SharedGroup::adapt(member, d.clone());
             adapted.group = Some(group);

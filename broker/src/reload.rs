@@ -367,7 +367,8 @@ fn resize(connections: &Arc<Semaphore>, old: u32, new: u32) {
 /// force (a bridge's its own bounds).
 fn set_queue_limits(shared: &Shared) {
     shared
-        .queue_memory
+        .queue_env
+        .memory()
         .set_limit(shared.config().storage.max_queued_memory);
     let limits = shared.queue_limits();
     for (client_id, outbox, _) in shared.sessions.queues() {

@@ -19,8 +19,7 @@ use parking_lot::RwLock;
 
 use crate::level_tree::{self, LevelNode};
 use crate::message::SessionId;
-use crate::outbox::Outbox;
-use crate::shared_sub::SharedGroup;
+use crate::outbox::{GroupQueue, Outbox};
 
 /// One subscription of one session to one filter.
 #[derive(Clone)]
@@ -38,7 +37,7 @@ pub struct Subscriber {
     /// MQTT 5.0 Subscription Identifier.
     pub identifier: Option<u32>,
     /// Set when the subscriber is a shared subscription group.
-    pub group: Option<Arc<SharedGroup>>,
+    pub group: Option<Arc<dyn GroupQueue>>,
 }
 
 impl Subscriber {
@@ -81,7 +80,7 @@ pub struct Route {
     pub identifiers: Option<Arc<[u32]>>,
     /// Set when the route is a shared subscription group (its members are
     /// woken after a push).
-    pub group: Option<Arc<SharedGroup>>,
+    pub group: Option<Arc<dyn GroupQueue>>,
 }
 
 #[derive(Default)]

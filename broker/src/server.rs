@@ -191,8 +191,7 @@ async fn accept_loop(
             // for the connection's life. (Not an async block awaiting the
             // future: the block would hold it twice, once as what it took
             // in and once as what it awaits.)
-            let (reader, writer) = stream.into_split();
-            let connection = serve(reader, writer, peer.to_string(), shared, options);
+            let connection = serve(stream, peer.to_string(), shared, options);
             tokio::spawn(connection.map(move |()| {
                 drop(per_address);
                 drop(permit);
@@ -263,10 +262,7 @@ async fn serve_layered(
     let Some(tls) = tls else {
         match path {
             Some(path) => serve_websocket(stream, peer, &path, shared, options).await,
-            None => {
-                let (reader, writer) = stream.into_split();
-                serve(reader, writer, peer.to_string(), shared, options).await;
-            }
+            None => serve(stream, peer.to_string(), shared, options).await,
         }
         return;
     };
@@ -275,10 +271,7 @@ async fn serve_layered(
     };
     match path {
         Some(path) => serve_websocket(stream, peer, &path, shared, options).await,
-        None => {
-            let (reader, writer) = tokio::io::split(stream);
-            serve(reader, writer, peer.to_string(), shared, options).await;
-        }
+        None => serve(stream, peer.to_string(), shared, options).await,
     }
 }
 
@@ -343,7 +336,8 @@ async fn serve_websocket<S>(
             return;
         }
     };
-    serve(reader, writer, peer.to_string(), shared, options).await;
+    let stream = tokio::io::join(reader, writer);
+    serve(stream, peer.to_string(), shared, options).await;
 }
 
 /// A TLS listener's acceptor and settings.

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::outbox::{Delivery, Outbox};
 use crate::replay::Replays;
 use crate::shared_sub::{Member, SharedGroup};
-use crate::storage::SubscriptionRecord;
+use crate::storage::{SessionRecord, SubscriptionRecord};
 
 /// An outbound QoS 1/2 exchange in progress.
 #[derive(Debug, Clone)]
@@ -110,6 +110,26 @@ impl SessionState {
     pub fn is_persistent(&self) -> bool {
         !self.expiry.is_zero()
     }
+
+    /// The session's record for the store: the one way one is made.
+    /// `offline_since_ms` is `None` while a connection holds the session;
+    /// the record carries no will (the connection's end adds a delayed
+    /// one).
+    pub fn record(&self, offline_since_ms: Option<u64>) -> SessionRecord {
+        SessionRecord {
+            client_id: self.client_id.clone(),
+            number: self.number,
+            expiry_secs: secs_u32(self.expiry),
+            offline_since_ms,
+            pending_will: None,
+        }
+    }
+}
+
+/// A duration in whole seconds, saturating at `u32::MAX` (a session that
+/// never expires is stored so).
+pub fn secs_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
 /// The handle a connection registers while it holds a session.

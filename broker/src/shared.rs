@@ -48,9 +48,9 @@ pub(crate) struct Shared {
     pub(crate) shutdown_rx: watch::Receiver<bool>,
     /// Rate limit for "session queue full" warnings.
     pub(crate) drop_log: stats::LogLimiter,
-    /// The memory every queue holds in queued messages, against
-    /// `[storage] max_queued_memory`.
-    pub(crate) queue_memory: Arc<outbox::QueueMemory>,
+    /// What every queue shares: the store, and the memory every queue
+    /// holds in queued messages, against `[storage] max_queued_memory`.
+    pub(crate) queue_env: Arc<outbox::QueueEnv>,
     /// Rate limit for "max_connections reached" warnings.
     pub(crate) refuse_log: stats::LogLimiter,
     /// Rate limit for "too many topic levels" warnings.
@@ -93,8 +93,7 @@ impl Shared {
             number,
             self.queue_limits(),
             self.identity.first_seq(),
-            self.store.clone(),
-            self.queue_memory.clone(),
+            &self.queue_env,
         )
     }
 

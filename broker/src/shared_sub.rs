@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 
 use crate::Shared;
 use crate::message::SessionId;
-use crate::outbox::{Delivery, Outbox};
+use crate::outbox::{Delivery, GroupQueue, Outbox};
 use crate::router::Subscriber;
 use crate::storage::StoreOp;
 
@@ -60,14 +60,27 @@ impl fmt::Debug for SharedGroup {
     }
 }
 
-impl SharedGroup {
-    /// Wakes every member's connection: there is something to pull.
-    pub fn wake(&self) {
+impl GroupQueue for SharedGroup {
+    fn number(&self) -> u64 {
+        self.number
+    }
+
+    fn wake(&self) {
         for m in self.members.lock().iter() {
             m.outbox.wake();
         }
     }
 
+    fn give_back(&self, deliveries: Vec<Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        self.outbox.restore(deliveries);
+        self.wake();
+    }
+}
+
+impl SharedGroup {
     /// Number of members.
     pub fn member_count(&self) -> usize {
         self.members.lock().len()
@@ -80,16 +93,6 @@ impl SharedGroup {
         delivery.retain = delivery.message.retain && member.retain_as_published;
         delivery.identifiers = member.identifier.map(|id| Arc::from([id]));
         delivery
-    }
-
-    /// Puts unacknowledged QoS 1 messages of a member whose session ended
-    /// back at the front of the queue, for another member.
-    pub fn give_back(&self, deliveries: Vec<Delivery>) {
-        if deliveries.is_empty() {
-            return;
-        }
-        self.outbox.restore(deliveries);
-        self.wake();
     }
 }
 

@@ -1,7 +1,7 @@
 //! The one place where a session's subscription is attached: a
 //! `$share/{group}/{filter}` subscription joins its group (`shared_sub`),
 //! any other goes into the router, and the session remembers it. Used by
-//! a client's SUBSCRIBE (`connection.rs`), start-up recovery and the
+//! a client's SUBSCRIBE (`connection/subscriptions.rs`), start-up recovery and the
 //! bridges' own sessions; each writes the store itself (in its batch).
 
 use ferrymq_codec::MqttString;

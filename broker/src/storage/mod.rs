@@ -426,8 +426,7 @@ impl NodeIdentity {
     }
 }
 
-/// Bits of a queue sequence below the epoch: 2^40 messages per queue per run.
-pub const SEQ_EPOCH_SHIFT: u32 = 40;
+pub use crate::message::SEQ_EPOCH_SHIFT;
 
 /// 16 random bytes (from /dev/urandom; the clock and process id if it
 /// cannot be read).

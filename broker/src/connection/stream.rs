@@ -1,0 +1,247 @@
+//! A connection's byte stream and its buffers: the adaptive read size,
+//! the write buffer every packet owed at one moment is encoded into, the
+//! CONNECT read before anything else, and the bounded flush and linger of
+//! a closing connection.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use ferrymq_codec::{
+    self as codec, ConnAck, Connect, DecodeError, Packet, Protocol, ReasonCode, ReasonContext,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tracing::warn;
+
+use super::{CLOSE_FLUSH, CLOSE_LINGER, CLOSE_LINGER_BYTES, OUT_KEEP, READ_MAX, READ_MIN};
+use crate::Shared;
+use crate::stats::Stats;
+
+/// The byte stream and its buffers.
+pub(super) struct Io<S> {
+    /// Both directions of one stream (no split halves: a split TCP stream
+    /// is one more allocation per connection, a split TLS stream a lock).
+    pub(super) stream: S,
+    /// Bytes read but not yet decoded.
+    pub(super) inbuf: BytesMut,
+    /// Encoded packets not yet written: everything owed to the client at
+    /// one moment goes out in one write.
+    pub(super) out: BytesMut,
+    /// The free space the next read is offered (`READ_MIN..=READ_MAX`).
+    pub(super) read_chunk: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
+    /// Makes room for the next read; returns the free space offered.
+    pub(super) fn reserve_read(&mut self) -> usize {
+        if self.inbuf.capacity() - self.inbuf.len() < self.read_chunk / 2 {
+            self.inbuf.reserve(self.read_chunk);
+        }
+        self.inbuf.capacity() - self.inbuf.len()
+    }
+
+    /// Adapts the read size after a read of `n` bytes into `offered`.
+    pub(super) fn after_read(&mut self, n: usize, offered: usize) {
+        if n >= offered {
+            self.read_chunk = (self.read_chunk * 2).min(READ_MAX);
+        } else if n < self.read_chunk / 8 {
+            self.read_chunk = (self.read_chunk / 2).max(READ_MIN);
+        }
+    }
+
+    /// Lets go of buffers an idle connection does not need: an empty read
+    /// buffer once reads are small again (the next read goes through a
+    /// stack buffer, see `poll_read`), an empty write buffer larger than
+    /// `OUT_KEEP`.
+    pub(super) fn trim(&mut self) {
+        if self.inbuf.is_empty() && self.read_chunk == READ_MIN {
+            self.inbuf = BytesMut::new();
+        }
+        if self.out.is_empty() && self.out.capacity() > OUT_KEEP {
+            self.out = BytesMut::new();
+        }
+    }
+
+    /// Polls one read. Into the read buffer when it has room; without one
+    /// (an idle connection let it go), into `READ_MIN` bytes on the stack,
+    /// then copied: a connection waiting for its client holds no read
+    /// buffer, and one is made only for bytes that came.
+    pub(super) fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.inbuf.capacity() > 0 {
+            return std::pin::pin!(self.stream.read_buf(&mut self.inbuf)).poll(cx);
+        }
+        let mut stack = [0u8; READ_MIN];
+        let mut buf = ReadBuf::new(&mut stack);
+        match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                self.inbuf.extend_from_slice(buf.filled());
+                Poll::Ready(Ok(buf.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Encodes a packet into the write buffer. Our own packets always
+    /// encode; if one did not, that is a bug worth a log line, not a panic.
+    pub(super) fn queue(&mut self, packet: &Packet, protocol: Protocol) {
+        if let Err(e) = packet.encode(protocol, &mut self.out) {
+            warn!("could not encode {:?}: {e}", packet.packet_type());
+        }
+    }
+
+    /// Writes what is left (bounded in time) and closes the stream.
+    pub(super) async fn flush_and_close(&mut self) {
+        self.flush_and_shutdown().await;
+        self.linger().await;
+    }
+
+    /// Writes what is pending (a DISCONNECT or refusing CONNACK last) and
+    /// shuts the write side: the client reads it, then the end of stream.
+    pub(super) async fn flush_and_shutdown(&mut self) {
+        let out = std::mem::take(&mut self.out);
+        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+            self.stream.write_all(&out).await?;
+            self.stream.shutdown().await
+        })
+        .await;
+    }
+
+    /// Reads and discards what the client still sends, until it closes,
+    /// for at most [`CLOSE_LINGER`] and [`CLOSE_LINGER_BYTES`]. Closing a
+    /// socket with unread bytes resets the connection, and a reset makes
+    /// the client's kernel discard what the client has not read yet: the
+    /// DISCONNECT with its reason code, just sent (seen as EPIPE or
+    /// ECONNRESET by a client still writing).
+    pub(super) async fn linger(&mut self) {
+        let mut scratch = [0u8; 512];
+        let mut left = CLOSE_LINGER_BYTES;
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while left > 0 {
+                match self.stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Waits for the first packet, which must be CONNECT. On failure
+    /// returns why, with any refusal (CONNACK) already queued.
+    pub(super) async fn read_connect(&mut self, shared: &Shared) -> Result<Box<Connect>, String> {
+        let max = shared.config().limits.max_packet_size;
+        loop {
+            let level = connect_level(&self.inbuf);
+            match codec::decode(&mut self.inbuf, Protocol::V5, max) {
+                Ok(Some(Packet::Connect(connect))) => return Ok(connect),
+                Ok(Some(other)) => {
+                    // [MQTT-3.1.0-1]: the first packet must be CONNECT.
+                    return Err(format!(
+                        "first packet is {}, not CONNECT",
+                        other.packet_type()
+                    ));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    Stats::add(&shared.stats.protocol_errors, 1);
+                    self.refuse_connect(level, &error);
+                    return Err(error.to_string());
+                }
+            }
+            let _ = self.reserve_read();
+            match self.stream.read_buf(&mut self.inbuf).await {
+                Ok(0) => return Err("closed before CONNECT".into()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Reads the next packet of a connection speaking `protocol` (used
+    /// during an authentication exchange, before the main loop).
+    pub(super) async fn read_packet(
+        &mut self,
+        protocol: Protocol,
+        max: u32,
+    ) -> Result<Packet, String> {
+        loop {
+            match codec::decode(&mut self.inbuf, protocol, max) {
+                Ok(Some(packet)) => return Ok(packet),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            let _ = self.reserve_read();
+            match self.stream.read_buf(&mut self.inbuf).await {
+                Ok(0) => return Err("closed during authentication".into()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Queues the CONNACK that tells a client why its CONNECT was refused,
+    /// where the protocol has a way to say it.
+    pub(super) fn refuse_connect(&mut self, level: Option<u8>, error: &DecodeError) {
+        let (protocol, code) = match (error, level) {
+            // [MQTT-3.1.2-2]: unsupported level gets "unacceptable protocol
+            // version", in the 3.1.1 format unless the client is newer.
+            (DecodeError::UnsupportedProtocolLevel(l), _) => (
+                if *l > 5 { Protocol::V5 } else { Protocol::V311 },
+                ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+            ),
+            (_, Some(5)) => {
+                let code = error.reason_code();
+                let code = if code.is_valid_for(ReasonContext::ConnAck) {
+                    code
+                } else {
+                    ReasonCode::MALFORMED_PACKET
+                };
+                (Protocol::V5, code)
+            }
+            // 3.1.1 has no code for a malformed CONNECT: just close.
+            _ => return,
+        };
+        let connack = ConnAck {
+            reason_code: code,
+            ..ConnAck::default()
+        };
+        self.queue(&Packet::ConnAck(Box::new(connack)), protocol);
+    }
+}
+
+/// The protocol level of a CONNECT at the front of `buf`, if the bytes
+/// are there: lets a refusal use the client's CONNACK format even when
+/// the rest of its CONNECT is malformed.
+fn connect_level(buf: &[u8]) -> Option<u8> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let header_len = 1 + buf[1..].iter().take(4).position(|b| b & 0x80 == 0)? + 1;
+    let body = buf.get(header_len..)?;
+    (body.get(..6)? == b"\x00\x04MQTT").then(|| body.get(6).copied())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_level;
+
+    #[test]
+    pub(super) fn connect_level_is_read_from_a_partial_connect() {
+        assert_eq!(
+            connect_level(&[0x10, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 5]),
+            Some(5)
+        );
+        assert_eq!(
+            connect_level(&[0x10, 0x80, 0x01, 0, 4, b'M', b'Q', b'T', b'T', 4]),
+            Some(4)
+        );
+        assert_eq!(connect_level(&[0x10, 0x10, 0, 4, b'M', b'Q']), None);
+        assert_eq!(
+            connect_level(&[0x30, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 5]),
+            None
+        );
+        assert_eq!(connect_level(&[0x10]), None);
+    }
+}
