@@ -2,14 +2,16 @@
 //! `prometheus-client` crate from a [`Snapshot`] taken at scrape time.
 
 use std::fmt;
+use std::sync::atomic::AtomicU64;
 
-use ferrymq_broker::Stats;
+use ferrymq_broker::{QueueDepth, Stats};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet, prometheus_text};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::MetricType::{self, Counter, Gauge};
 use prometheus_client::registry::Registry;
 
 use super::{Ops, Snapshot, eta_secs};
+use crate::status::BridgeStatus;
 
 /// Labels of one series.
 type Labels = Vec<(&'static str, String)>;
@@ -106,228 +108,289 @@ fn write_value(
     }
 }
 
-/// Every family of the scrape.
+/// Every family of the scrape, in the order they are written.
 fn render(ops: &Ops, s: &Snapshot) -> Vec<Family> {
     let stats = ops.broker.stats();
-    let get = |c: &std::sync::atomic::AtomicU64| Stats::get(c) as f64;
-    let mut f = Vec::new();
-    let one = |name, help, kind, value: f64| Family {
+    let mut f = node(s);
+    f.extend(connections(stats, s));
+    f.extend(traffic(stats));
+    f.extend(dropped_and_refused(ops, stats));
+    f.extend(sessions(stats, s));
+    f.extend(store(ops, s));
+    f.extend(bridges(s));
+    f.extend(process(s));
+    f
+}
+
+/// A family of one series without labels.
+fn one(name: &'static str, help: &'static str, kind: MetricType, value: f64) -> Family {
+    Family {
         name,
         help,
         kind,
         series: vec![(Vec::new(), value)],
-    };
-    let labelled = |name, help, kind, series: Vec<(Labels, f64)>| Family {
+    }
+}
+
+/// A family of labelled series.
+fn labelled(
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    series: Vec<(Labels, f64)>,
+) -> Family {
+    Family {
         name,
         help,
         kind,
         series,
-    };
-    use MetricType::{Counter, Gauge};
+    }
+}
 
-    f.push(labelled(
-        "ferrymq_build_info",
-        "The running version (always 1).",
-        Gauge,
-        vec![(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1.0)],
-    ));
-    f.push(one(
-        "ferrymq_uptime_seconds",
-        "Seconds since the node started.",
-        Gauge,
-        s.uptime.as_secs_f64(),
-    ));
-    // Connections.
-    f.push(one(
-        "ferrymq_connections",
-        "Connections open now (in-process clients included).",
-        Gauge,
-        s.connections as f64,
-    ));
-    f.push(one(
-        "ferrymq_connections_accepted",
-        "Connections accepted by the listeners.",
-        Counter,
-        get(&stats.connections_accepted),
-    ));
-    f.push(labelled(
-        "ferrymq_connections_refused",
-        "Connections refused or failed before the session began, by reason.",
-        Counter,
-        vec![
-            (reason("max_connections"), get(&stats.connections_refused)),
-            (reason("login"), get(&stats.auth_failures)),
-            (reason("tls_handshake"), get(&stats.tls_handshakes_failed)),
+/// A broker counter's value now.
+fn get(counter: &AtomicU64) -> f64 {
+    Stats::get(counter) as f64
+}
+
+/// The version that runs and how long the node has run.
+fn node(s: &Snapshot) -> Vec<Family> {
+    vec![
+        labelled(
+            "ferrymq_build_info",
+            "The running version (always 1).",
+            Gauge,
+            vec![(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1.0)],
+        ),
+        one(
+            "ferrymq_uptime_seconds",
+            "Seconds since the node started.",
+            Gauge,
+            s.uptime.as_secs_f64(),
+        ),
+    ]
+}
+
+/// Connections open, accepted, refused and closed for a protocol error.
+fn connections(stats: &Stats, s: &Snapshot) -> Vec<Family> {
+    vec![
+        one(
+            "ferrymq_connections",
+            "Connections open now (in-process clients included).",
+            Gauge,
+            s.connections as f64,
+        ),
+        one(
+            "ferrymq_connections_accepted",
+            "Connections accepted by the listeners.",
+            Counter,
+            get(&stats.connections_accepted),
+        ),
+        labelled(
+            "ferrymq_connections_refused",
+            "Connections refused or failed before the session began, by reason.",
+            Counter,
+            vec![
+                (reason("max_connections"), get(&stats.connections_refused)),
+                (reason("login"), get(&stats.auth_failures)),
+                (reason("tls_handshake"), get(&stats.tls_handshakes_failed)),
+                (
+                    reason("websocket_upgrade"),
+                    get(&stats.websocket_upgrades_failed),
+                ),
+            ],
+        ),
+        one(
+            "ferrymq_protocol_errors",
+            "Connections closed for a malformed packet or a protocol error.",
+            Counter,
+            get(&stats.protocol_errors),
+        ),
+    ]
+}
+
+/// Messages received and sent, by QoS, and their payload bytes.
+fn traffic(stats: &Stats) -> Vec<Family> {
+    vec![
+        labelled(
+            "ferrymq_messages_received",
+            "PUBLISH packets received (wills included), by QoS.",
+            Counter,
+            by_qos(stats.received.by_qos()),
+        ),
+        labelled(
+            "ferrymq_messages_sent",
+            "PUBLISH packets sent to clients, by delivery QoS.",
+            Counter,
+            by_qos(stats.sent.by_qos()),
+        ),
+        one(
+            "ferrymq_received_bytes",
+            "Payload bytes received.",
+            Counter,
+            stats.received.bytes() as f64,
+        ),
+        one(
+            "ferrymq_sent_bytes",
+            "Payload bytes sent to clients.",
+            Counter,
+            stats.sent.bytes() as f64,
+        ),
+    ]
+}
+
+/// One series per QoS (0, 1, 2) of `counts`.
+fn by_qos(counts: [u64; 3]) -> Vec<(Labels, f64)> {
+    counts
+        .iter()
+        .enumerate()
+        .map(|(q, n)| (vec![("qos", q.to_string())], *n as f64))
+        .collect()
+}
+
+/// Deliveries dropped and publishes or subscriptions refused, by reason,
+/// with what drives them (queued memory, load shedding), and messages
+/// dropped as duplicates or as superseded state writes.
+fn dropped_and_refused(ops: &Ops, stats: &Stats) -> Vec<Family> {
+    vec![
+        labelled(
+            "ferrymq_messages_dropped",
+            "Deliveries dropped, by reason.",
+            Counter,
+            vec![
+                (
+                    reason("queue_full"),
+                    get(&stats.messages_dropped_queue_full),
+                ),
+                (reason("memory"), get(&stats.messages_dropped_memory)),
+                (reason("too_large"), get(&stats.messages_dropped_too_large)),
+                (reason("expired"), get(&stats.messages_expired)),
+                (reason("aged_out"), get(&stats.messages_aged_out)),
+                (reason("shed"), get(&stats.publishes_shed)),
+            ],
+        ),
+        labelled(
+            "ferrymq_refused",
+            "Publishes and subscriptions refused or slowed, by reason.",
+            Counter,
+            vec![
+                (reason("queue_full_or_store"), get(&stats.publishes_refused)),
+                (reason("acl"), get(&stats.acl_denied)),
+                (reason("publish_rate"), get(&stats.publishes_throttled)),
+                (
+                    reason("max_subscriptions"),
+                    get(&stats.subscriptions_refused),
+                ),
+                (reason("topic_levels"), get(&stats.topic_levels_refused)),
+                (reason("max_retained"), get(&stats.retained_refused)),
+            ],
+        ),
+        one(
+            "ferrymq_queued_memory_bytes",
+            "Memory held in queued messages by every queue together, as counted against storage.max_queued_memory.",
+            Gauge,
+            ops.broker.queued_memory() as f64,
+        ),
+        one(
+            "ferrymq_shed_level",
+            "Load shedding: 0 nothing, 1 QoS 0 publishes on topics that are not critical dropped, 2 new connections refused too.",
+            Gauge,
+            f64::from(ops.broker.shed_level()),
+        ),
+        one(
+            "ferrymq_duplicates_dropped",
+            "Messages from trusted bridges taken before (de-duplicated by ferry-id).",
+            Counter,
+            get(&stats.duplicates_dropped),
+        ),
+        one(
+            "ferrymq_state_writes_superseded",
+            "State topic writes older than the value held (dropped).",
+            Counter,
+            get(&stats.state_writes_superseded),
+        ),
+    ]
+}
+
+/// Sessions online and offline, their expiries, and what their queues
+/// hold: in all, and for each of the deepest.
+fn sessions(stats: &Stats, s: &Snapshot) -> Vec<Family> {
+    vec![
+        labelled(
+            "ferrymq_sessions",
+            "Sessions, by whether a connection holds them.",
+            Gauge,
+            vec![
+                (vec![("state", "online".into())], s.queues.online as f64),
+                (
+                    vec![("state", "offline".into())],
+                    s.queues.sessions.saturating_sub(s.queues.online) as f64,
+                ),
+            ],
+        ),
+        one(
+            "ferrymq_sessions_expired",
+            "Offline sessions ended by their expiry.",
+            Counter,
+            get(&stats.sessions_expired),
+        ),
+        one(
+            "ferrymq_queued_messages",
+            "Messages queued for all sessions (bridges' outboxes included).",
+            Gauge,
+            s.queues.messages as f64,
+        ),
+        one(
+            "ferrymq_queued_bytes",
+            "Payload bytes queued for all sessions.",
+            Gauge,
+            s.queues.bytes as f64,
+        ),
+        labelled(
+            "ferrymq_session_queued_messages",
+            "Messages queued for each of the ten deepest session queues.",
+            Gauge,
+            top_queues(s, |depth| depth.messages),
+        ),
+        labelled(
+            "ferrymq_session_queued_bytes",
+            "Payload bytes queued for each of the ten deepest session queues.",
+            Gauge,
+            top_queues(s, |depth| depth.bytes),
+        ),
+    ]
+}
+
+/// One series per queue of the deepest, labelled with its client id.
+fn top_queues(s: &Snapshot, value: fn(&QueueDepth) -> u64) -> Vec<(Labels, f64)> {
+    s.queues
+        .top
+        .iter()
+        .map(|q| {
             (
-                reason("websocket_upgrade"),
-                get(&stats.websocket_upgrades_failed),
-            ),
-        ],
-    ));
-    f.push(one(
-        "ferrymq_protocol_errors",
-        "Connections closed for a malformed packet or a protocol error.",
-        Counter,
-        get(&stats.protocol_errors),
-    ));
-    // Messages.
-    let by_qos = |counts: [u64; 3]| -> Vec<(Labels, f64)> {
-        counts
-            .iter()
-            .enumerate()
-            .map(|(q, n)| (vec![("qos", q.to_string())], *n as f64))
-            .collect()
-    };
-    f.push(labelled(
-        "ferrymq_messages_received",
-        "PUBLISH packets received (wills included), by QoS.",
-        Counter,
-        by_qos(stats.received.by_qos()),
-    ));
-    f.push(labelled(
-        "ferrymq_messages_sent",
-        "PUBLISH packets sent to clients, by delivery QoS.",
-        Counter,
-        by_qos(stats.sent.by_qos()),
-    ));
-    f.push(one(
-        "ferrymq_received_bytes",
-        "Payload bytes received.",
-        Counter,
-        stats.received.bytes() as f64,
-    ));
-    f.push(one(
-        "ferrymq_sent_bytes",
-        "Payload bytes sent to clients.",
-        Counter,
-        stats.sent.bytes() as f64,
-    ));
-    f.push(labelled(
-        "ferrymq_messages_dropped",
-        "Deliveries dropped, by reason.",
-        Counter,
-        vec![
-            (
-                reason("queue_full"),
-                get(&stats.messages_dropped_queue_full),
-            ),
-            (reason("memory"), get(&stats.messages_dropped_memory)),
-            (reason("too_large"), get(&stats.messages_dropped_too_large)),
-            (reason("expired"), get(&stats.messages_expired)),
-            (reason("aged_out"), get(&stats.messages_aged_out)),
-            (reason("shed"), get(&stats.publishes_shed)),
-        ],
-    ));
-    f.push(labelled(
-        "ferrymq_refused",
-        "Publishes and subscriptions refused or slowed, by reason.",
-        Counter,
-        vec![
-            (reason("queue_full_or_store"), get(&stats.publishes_refused)),
-            (reason("acl"), get(&stats.acl_denied)),
-            (reason("publish_rate"), get(&stats.publishes_throttled)),
-            (
-                reason("max_subscriptions"),
-                get(&stats.subscriptions_refused),
-            ),
-            (reason("topic_levels"), get(&stats.topic_levels_refused)),
-            (reason("max_retained"), get(&stats.retained_refused)),
-        ],
-    ));
-    f.push(one(
-        "ferrymq_queued_memory_bytes",
-        "Memory held in queued messages by every queue together, as counted against storage.max_queued_memory.",
-        Gauge,
-        ops.broker.queued_memory() as f64,
-    ));
-    f.push(one(
-        "ferrymq_shed_level",
-        "Load shedding: 0 nothing, 1 QoS 0 publishes on topics that are not critical dropped, 2 new connections refused too.",
-        Gauge,
-        f64::from(ops.broker.shed_level()),
-    ));
-    f.push(one(
-        "ferrymq_duplicates_dropped",
-        "Messages from trusted bridges taken before (de-duplicated by ferry-id).",
-        Counter,
-        get(&stats.duplicates_dropped),
-    ));
-    f.push(one(
-        "ferrymq_state_writes_superseded",
-        "State topic writes older than the value held (dropped).",
-        Counter,
-        get(&stats.state_writes_superseded),
-    ));
-    // Sessions and queues.
-    f.push(labelled(
-        "ferrymq_sessions",
-        "Sessions, by whether a connection holds them.",
-        Gauge,
-        vec![
-            (vec![("state", "online".into())], s.queues.online as f64),
-            (
-                vec![("state", "offline".into())],
-                s.queues.sessions.saturating_sub(s.queues.online) as f64,
-            ),
-        ],
-    ));
-    f.push(one(
-        "ferrymq_sessions_expired",
-        "Offline sessions ended by their expiry.",
-        Counter,
-        get(&stats.sessions_expired),
-    ));
-    f.push(one(
-        "ferrymq_queued_messages",
-        "Messages queued for all sessions (bridges' outboxes included).",
-        Gauge,
-        s.queues.messages as f64,
-    ));
-    f.push(one(
-        "ferrymq_queued_bytes",
-        "Payload bytes queued for all sessions.",
-        Gauge,
-        s.queues.bytes as f64,
-    ));
-    let top = |bytes: bool| -> Vec<(Labels, f64)> {
-        s.queues
-            .top
-            .iter()
-            .map(|q| {
-                let v = if bytes {
-                    q.depth.bytes
-                } else {
-                    q.depth.messages
-                };
-                (vec![("client_id", q.client_id.clone())], v as f64)
-            })
-            .collect()
-    };
-    f.push(labelled(
-        "ferrymq_session_queued_messages",
-        "Messages queued for each of the ten deepest session queues.",
-        Gauge,
-        top(false),
-    ));
-    f.push(labelled(
-        "ferrymq_session_queued_bytes",
-        "Payload bytes queued for each of the ten deepest session queues.",
-        Gauge,
-        top(true),
-    ));
-    // The store and the disk.
-    f.push(one(
-        "ferrymq_store_bytes",
-        "Bytes of the store's files.",
-        Gauge,
-        s.disk.used_bytes as f64,
-    ));
-    f.push(one(
-        "ferrymq_store_budget_bytes",
-        "The store's disk budget (storage.max_disk_bytes).",
-        Gauge,
-        s.disk.budget_bytes as f64,
-    ));
+                vec![("client_id", q.client_id.clone())],
+                value(&q.depth) as f64,
+            )
+        })
+        .collect()
+}
+
+/// The store's size and budget, the filesystem under it, the outage it
+/// can hold, and its write-ahead log syncs.
+fn store(ops: &Ops, s: &Snapshot) -> Vec<Family> {
+    let mut f = vec![
+        one(
+            "ferrymq_store_bytes",
+            "Bytes of the store's files.",
+            Gauge,
+            s.disk.used_bytes as f64,
+        ),
+        one(
+            "ferrymq_store_budget_bytes",
+            "The store's disk budget (storage.max_disk_bytes).",
+            Gauge,
+            s.disk.budget_bytes as f64,
+        ),
+    ];
     if let Some((free, total)) = s.disk.filesystem {
         f.push(one(
             "ferrymq_filesystem_free_bytes",
@@ -360,20 +423,112 @@ fn render(ops: &Ops, s: &Snapshot) -> Vec<Family> {
         Counter,
         ops.broker.store().wal_syncs() as f64,
     ));
-    // Bridges.
-    let per_bridge = |value: &dyn Fn(&crate::status::BridgeStatus) -> f64| -> Vec<(Labels, f64)> {
-        s.bridges
-            .iter()
-            .map(|b| (vec![("bridge", b.name.clone())], value(b)))
-            .collect()
+    f
+}
+
+/// A family with one series per bridge, labelled with its name.
+struct PerBridge {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    /// A bridge's value, from its status.
+    value: fn(&BridgeStatus) -> f64,
+}
+
+/// `ferrymq_bridge_connected`, written before the bridges' addresses.
+const BRIDGE_CONNECTED: PerBridge = PerBridge {
+    name: "ferrymq_bridge_connected",
+    help: "1 while the bridge's uplink is connected.",
+    kind: Gauge,
+    value: |b| f64::from(u8::from(b.connected)),
+};
+
+/// The other families with one series per bridge, in the order they are
+/// written after the bridges' addresses.
+const PER_BRIDGE: [PerBridge; 11] = [
+    PerBridge {
+        name: "ferrymq_bridge_backlog_messages",
+        help: "Messages waiting to go upstream.",
+        kind: Gauge,
+        value: |b| b.backlog_messages as f64,
+    },
+    PerBridge {
+        name: "ferrymq_bridge_backlog_bytes",
+        help: "Payload bytes waiting to go upstream.",
+        kind: Gauge,
+        value: |b| b.backlog_bytes as f64,
+    },
+    PerBridge {
+        name: "ferrymq_bridge_backlog_oldest_seconds",
+        help: "How long the oldest waiting message has waited.",
+        kind: Gauge,
+        value: |b| b.oldest_queued.map_or(0.0, |d| d.as_secs_f64()),
+    },
+    PerBridge {
+        name: "ferrymq_bridge_drain_rate",
+        help: "Messages acknowledged upstream per second, over the last ten seconds.",
+        kind: Gauge,
+        value: |b| b.drained_per_sec,
+    },
+    PerBridge {
+        name: "ferrymq_bridge_drain_eta_seconds",
+        help: "Seconds to drain the backlog at the current drain rate (+Inf when it does not drain).",
+        kind: Gauge,
+        value: eta_secs,
+    },
+    PerBridge {
+        name: "ferrymq_bridge_forwarded",
+        help: "Messages acknowledged upstream.",
+        kind: Counter,
+        value: |b| b.forwarded as f64,
+    },
+    PerBridge {
+        name: "ferrymq_bridge_received",
+        help: "Messages received from upstream and stored here.",
+        kind: Counter,
+        value: |b| b.received as f64,
+    },
+    PerBridge {
+        name: "ferrymq_bridge_dead_lettered",
+        help: "Messages the upstream refused for good (kept under $dead/).",
+        kind: Counter,
+        value: |b| b.dead_lettered as f64,
+    },
+    PerBridge {
+        name: "ferrymq_bridge_expired",
+        help: "Messages whose expiry ran out while they waited to go upstream.",
+        kind: Counter,
+        value: |b| b.expired as f64,
+    },
+    PerBridge {
+        name: "ferrymq_bridge_aged_out",
+        help: "Messages dropped for waiting longer than their forward rule's max_age_secs.",
+        kind: Counter,
+        value: |b| b.aged_out as f64,
+    },
+    PerBridge {
+        name: "ferrymq_bridge_connects",
+        help: "Successful uplink connections (reconnects included).",
+        kind: Counter,
+        value: |b| b.connects as f64,
+    },
+];
+
+/// Each bridge's link, backlog and counts: `BRIDGE_CONNECTED`, the
+/// address, then `PER_BRIDGE`.
+fn bridges(s: &Snapshot) -> Vec<Family> {
+    let per_bridge = |family: &PerBridge| {
+        labelled(
+            family.name,
+            family.help,
+            family.kind,
+            s.bridges
+                .iter()
+                .map(|b| (vec![("bridge", b.name.clone())], (family.value)(b)))
+                .collect(),
+        )
     };
-    f.push(labelled(
-        "ferrymq_bridge_connected",
-        "1 while the bridge's uplink is connected.",
-        Gauge,
-        per_bridge(&|b| f64::from(u8::from(b.connected))),
-    ));
-    f.push(labelled(
+    let address = labelled(
         "ferrymq_bridge_address",
         "The upstream address in use or last tried (always 1).",
         Gauge,
@@ -389,101 +544,43 @@ fn render(ops: &Ops, s: &Snapshot) -> Vec<Family> {
                 )
             })
             .collect(),
-    ));
-    f.push(labelled(
-        "ferrymq_bridge_backlog_messages",
-        "Messages waiting to go upstream.",
-        Gauge,
-        per_bridge(&|b| b.backlog_messages as f64),
-    ));
-    f.push(labelled(
-        "ferrymq_bridge_backlog_bytes",
-        "Payload bytes waiting to go upstream.",
-        Gauge,
-        per_bridge(&|b| b.backlog_bytes as f64),
-    ));
-    f.push(labelled(
-        "ferrymq_bridge_backlog_oldest_seconds",
-        "How long the oldest waiting message has waited.",
-        Gauge,
-        per_bridge(&|b| b.oldest_queued.map_or(0.0, |d| d.as_secs_f64())),
-    ));
-    f.push(labelled(
-        "ferrymq_bridge_drain_rate",
-        "Messages acknowledged upstream per second, over the last ten seconds.",
-        Gauge,
-        per_bridge(&|b| b.drained_per_sec),
-    ));
-    f.push(labelled(
-        "ferrymq_bridge_drain_eta_seconds",
-        "Seconds to drain the backlog at the current drain rate (+Inf when it does not drain).",
-        Gauge,
-        per_bridge(&eta_secs),
-    ));
-    f.push(labelled(
-        "ferrymq_bridge_forwarded",
-        "Messages acknowledged upstream.",
-        Counter,
-        per_bridge(&|b| b.forwarded as f64),
-    ));
-    f.push(labelled(
-        "ferrymq_bridge_received",
-        "Messages received from upstream and stored here.",
-        Counter,
-        per_bridge(&|b| b.received as f64),
-    ));
-    f.push(labelled(
-        "ferrymq_bridge_dead_lettered",
-        "Messages the upstream refused for good (kept under $dead/).",
-        Counter,
-        per_bridge(&|b| b.dead_lettered as f64),
-    ));
-    f.push(labelled(
-        "ferrymq_bridge_expired",
-        "Messages whose expiry ran out while they waited to go upstream.",
-        Counter,
-        per_bridge(&|b| b.expired as f64),
-    ));
-    f.push(labelled(
-        "ferrymq_bridge_aged_out",
-        "Messages dropped for waiting longer than their forward rule's max_age_secs.",
-        Counter,
-        per_bridge(&|b| b.aged_out as f64),
-    ));
-    f.push(labelled(
-        "ferrymq_bridge_connects",
-        "Successful uplink connections (reconnects included).",
-        Counter,
-        per_bridge(&|b| b.connects as f64),
-    ));
-    // The process.
-    f.push(one(
-        "process_cpu_seconds",
-        "User and system CPU time of the process.",
-        Counter,
-        s.process.cpu_seconds,
-    ));
-    f.push(one(
-        "process_resident_memory_bytes",
-        "Resident memory of the process.",
-        Gauge,
-        s.process.resident_bytes as f64,
-    ));
-    f.push(one(
-        "process_open_fds",
-        "Open file descriptors of the process.",
-        Gauge,
-        s.process.open_fds as f64,
-    ));
-    f.push(one(
-        "process_start_time_seconds",
-        "When the process started, in seconds since the Unix epoch.",
-        Gauge,
-        s.started_unix,
-    ));
+    );
+    let mut f = vec![per_bridge(&BRIDGE_CONNECTED), address];
+    f.extend(PER_BRIDGE.iter().map(per_bridge));
     f
 }
 
+/// The process's CPU time, memory, open files and start time.
+fn process(s: &Snapshot) -> Vec<Family> {
+    vec![
+        one(
+            "process_cpu_seconds",
+            "User and system CPU time of the process.",
+            Counter,
+            s.process.cpu_seconds,
+        ),
+        one(
+            "process_resident_memory_bytes",
+            "Resident memory of the process.",
+            Gauge,
+            s.process.resident_bytes as f64,
+        ),
+        one(
+            "process_open_fds",
+            "Open file descriptors of the process.",
+            Gauge,
+            s.process.open_fds as f64,
+        ),
+        one(
+            "process_start_time_seconds",
+            "When the process started, in seconds since the Unix epoch.",
+            Gauge,
+            s.started_unix,
+        ),
+    ]
+}
+
+/// The label of a series counted by reason.
 fn reason(r: &str) -> Labels {
     vec![("reason", r.to_owned())]
 }
