@@ -28,8 +28,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferrymq_codec::{
-    Connect, ConnectProperties, DecodeError, EncodeError, MqttString, Packet, PacketType, Protocol,
-    Publish, QoS, ReasonCode, SubscribeProperties, Subscription, UnsubscribeProperties, decode,
+    ConnAck, Connect, ConnectProperties, DecodeError, EncodeError, MqttString, Packet, PacketType,
+    Protocol, Publish, QoS, ReasonCode, SubscribeProperties, Subscription, UnsubscribeProperties,
+    decode,
 };
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -901,6 +902,25 @@ async fn establish(
     tls: Option<transport::TlsSetup>,
     connect: Connect,
 ) -> Result<(Uplink, Connected), UplinkError> {
+    let tcp = connect_tcp(options).await?;
+    let (mut stream, server_name) = secure(tcp, tls, &options.host).await?;
+    send_connect(&mut stream, options.protocol, connect, &server_name).await?;
+    let mut read_buf = BytesMut::with_capacity(READ_CHUNK);
+    let connack = read_connack(&mut stream, &mut read_buf, options, &server_name).await?;
+    let connected = Connected::accepted(connack)?;
+    let uplink = Uplink::new(stream, read_buf, &connected, options, server_name)?;
+    tracing::debug!(
+        server = %uplink.server_name,
+        session_present = connected.session_present,
+        receive_maximum = connected.receive_maximum,
+        "uplink: connected"
+    );
+    Ok((uplink, connected))
+}
+
+/// Resolves the upstream's host and connects to the first of its
+/// addresses that accepts, with Nagle's algorithm switched off.
+async fn connect_tcp(options: &UplinkOptions) -> Result<TcpStream, UplinkError> {
     let addrs = tokio::net::lookup_host((options.host.as_str(), options.port))
         .await
         .map_err(|source| UplinkError::Dns {
@@ -929,8 +949,19 @@ async fn establish(
     }
     let tcp = tcp?;
     tcp.set_nodelay(true).map_err(UplinkError::Io)?;
-    let (mut stream, server_name) = match tls {
-        None => (Transport::Tcp(tcp), options.host.clone()),
+    Ok(tcp)
+}
+
+/// Runs the TLS handshake over `tcp` when `tls` is given. Returns the
+/// stream and the name its errors are reported under: the TLS server
+/// name, or the host without TLS.
+async fn secure(
+    tcp: TcpStream,
+    tls: Option<transport::TlsSetup>,
+    host: &str,
+) -> Result<(Transport, String), UplinkError> {
+    match tls {
+        None => Ok((Transport::Tcp(tcp), host.to_owned())),
         Some(setup) => {
             let name = setup.server_name.to_str().into_owned();
             let connector = tokio_rustls::TlsConnector::from(setup.config);
@@ -941,10 +972,18 @@ async fn establish(
                     server_name: name.clone(),
                     source,
                 })?;
-            (Transport::Tls(Box::new(stream)), name)
+            Ok((Transport::Tls(Box::new(stream)), name))
         }
-    };
-    let protocol = options.protocol;
+    }
+}
+
+/// Encodes the CONNECT packet, writes it and flushes the stream.
+async fn send_connect(
+    stream: &mut Transport,
+    protocol: Protocol,
+    connect: Connect,
+    server_name: &str,
+) -> Result<(), UplinkError> {
     let mut out = BytesMut::new();
     Packet::Connect(Box::new(connect))
         .encode(protocol, &mut out)
@@ -952,104 +991,128 @@ async fn establish(
     stream
         .write_all(&out)
         .await
-        .map_err(|e| io_error(e, &server_name))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| io_error(e, &server_name))?;
-    let mut read_buf = BytesMut::with_capacity(READ_CHUNK);
-    let connack = loop {
-        match decode(&mut read_buf, protocol, options.max_packet_size) {
+        .map_err(|e| io_error(e, server_name))?;
+    stream.flush().await.map_err(|e| io_error(e, server_name))?;
+    Ok(())
+}
+
+/// Reads until the first packet from the upstream is decoded and returns
+/// it if it is a CONNACK, whatever its reason code. A DISCONNECT, another
+/// packet or the end of the stream before it is an error. What was read
+/// beyond the CONNACK stays in `read_buf`.
+async fn read_connack(
+    stream: &mut Transport,
+    read_buf: &mut BytesMut,
+    options: &UplinkOptions,
+    server_name: &str,
+) -> Result<ConnAck, UplinkError> {
+    let packet = loop {
+        match decode(read_buf, options.protocol, options.max_packet_size) {
             Ok(Some(packet)) => break packet,
             Ok(None) => {}
             Err(e) => return Err(UplinkError::Protocol(e.into())),
         }
         let n = stream
-            .read_buf(&mut read_buf)
+            .read_buf(read_buf)
             .await
-            .map_err(|e| io_error(e, &server_name))?;
+            .map_err(|e| io_error(e, server_name))?;
         if n == 0 {
             return Err(UplinkError::Closed);
         }
     };
-    let connack = match connack {
-        Packet::ConnAck(connack) => connack,
-        Packet::Disconnect(d) => {
-            return Err(UplinkError::Disconnected {
-                reason: d.reason_code,
-                reason_string: d.properties.reason_string.map(|s| s.to_string()),
-                server_reference: d.properties.server_reference.map(|s| s.to_string()),
+    match packet {
+        Packet::ConnAck(connack) => Ok(*connack),
+        Packet::Disconnect(d) => Err(UplinkError::Disconnected {
+            reason: d.reason_code,
+            reason_string: d.properties.reason_string.map(|s| s.to_string()),
+            server_reference: d.properties.server_reference.map(|s| s.to_string()),
+        }),
+        other => Err(UplinkError::Protocol(ProtocolError::UnexpectedPacket(
+            other.packet_type(),
+        ))),
+    }
+}
+
+impl Connected {
+    /// What a CONNACK that accepts the connection says, with MQTT's
+    /// defaults for the properties it leaves out. A refusing CONNACK is
+    /// [`UplinkError::Refused`], with its reason string and Server
+    /// Reference.
+    fn accepted(connack: ConnAck) -> Result<Connected, UplinkError> {
+        let props = connack.properties;
+        let text = |s: Option<MqttString>| s.map(|s| s.to_string());
+        if connack.reason_code.is_error() {
+            return Err(UplinkError::Refused {
+                reason: connack.reason_code,
+                reason_string: text(props.reason_string),
+                server_reference: text(props.server_reference),
             });
         }
-        other => {
-            return Err(UplinkError::Protocol(ProtocolError::UnexpectedPacket(
-                other.packet_type(),
-            )));
-        }
-    };
-    let props = connack.properties;
-    let text = |s: Option<MqttString>| s.map(|s| s.to_string());
-    if connack.reason_code.is_error() {
-        return Err(UplinkError::Refused {
-            reason: connack.reason_code,
-            reason_string: text(props.reason_string),
+        Ok(Connected {
+            session_present: connack.session_present,
+            reason_code: connack.reason_code,
+            receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
+            maximum_packet_size: props.maximum_packet_size,
+            server_keep_alive: props.server_keep_alive,
+            session_expiry_interval: props.session_expiry_interval,
+            assigned_client_identifier: text(props.assigned_client_identifier),
             server_reference: text(props.server_reference),
-        });
+            reason_string: text(props.reason_string),
+            topic_alias_maximum: props.topic_alias_maximum.unwrap_or(0),
+            retain_available: props.retain_available.unwrap_or(true),
+            maximum_qos: props.maximum_qos.unwrap_or(QoS::ExactlyOnce),
+            wildcard_subscription_available: props.wildcard_subscription_available.unwrap_or(true),
+            subscription_identifiers_available: props
+                .subscription_identifier_available
+                .unwrap_or(true),
+            shared_subscription_available: props.shared_subscription_available.unwrap_or(true),
+            user_properties: props
+                .user_properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
     }
-    let connected = Connected {
-        session_present: connack.session_present,
-        reason_code: connack.reason_code,
-        receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
-        maximum_packet_size: props.maximum_packet_size,
-        server_keep_alive: props.server_keep_alive,
-        session_expiry_interval: props.session_expiry_interval,
-        assigned_client_identifier: text(props.assigned_client_identifier),
-        server_reference: text(props.server_reference),
-        reason_string: text(props.reason_string),
-        topic_alias_maximum: props.topic_alias_maximum.unwrap_or(0),
-        retain_available: props.retain_available.unwrap_or(true),
-        maximum_qos: props.maximum_qos.unwrap_or(QoS::ExactlyOnce),
-        wildcard_subscription_available: props.wildcard_subscription_available.unwrap_or(true),
-        subscription_identifiers_available: props.subscription_identifier_available.unwrap_or(true),
-        shared_subscription_available: props.shared_subscription_available.unwrap_or(true),
-        user_properties: props
-            .user_properties
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    };
-    let keepalive = match connected.server_keep_alive {
-        Some(secs) => Duration::from_secs(u64::from(secs)),
-        None => Duration::from_secs(u64::from(options.keepalive_secs()?)),
-    };
-    let limits = Limits {
-        protocol,
-        server_receive_maximum: connected.receive_maximum,
-        server_max_packet: connected.maximum_packet_size,
-        maximum_qos: connected.maximum_qos,
-        retain_available: connected.retain_available,
-        receive_maximum: options.receive_maximum,
-        output_limit: options.output_buffer_limit,
-        keepalive: Some(keepalive),
-    };
-    let now = Instant::now();
-    let uplink = Uplink {
-        stream,
-        session: Session::new(limits, now),
-        read_buf,
-        max_packet_size: options.max_packet_size,
-        // Re-armed at the first poll to the keepalive deadline.
-        timer: Box::pin(tokio::time::sleep_until(now)),
-        unflushed: false,
-        finished: false,
-        close_timeout: options.connect_timeout,
-        server_name,
-    };
-    tracing::debug!(
-        server = %uplink.server_name,
-        session_present = connected.session_present,
-        receive_maximum = connected.receive_maximum,
-        "uplink: connected"
-    );
-    Ok((uplink, connected))
+}
+
+impl Uplink {
+    /// The uplink over `stream` once the upstream accepted the connection
+    /// (`connected`): the keepalive is the upstream's Server Keep Alive,
+    /// or ours without one, and the session's limits are the upstream's
+    /// and our options'. `read_buf` holds what was read after the CONNACK.
+    fn new(
+        stream: Transport,
+        read_buf: BytesMut,
+        connected: &Connected,
+        options: &UplinkOptions,
+        server_name: String,
+    ) -> Result<Uplink, UplinkError> {
+        let keepalive = match connected.server_keep_alive {
+            Some(secs) => Duration::from_secs(u64::from(secs)),
+            None => Duration::from_secs(u64::from(options.keepalive_secs()?)),
+        };
+        let limits = Limits {
+            protocol: options.protocol,
+            server_receive_maximum: connected.receive_maximum,
+            server_max_packet: connected.maximum_packet_size,
+            maximum_qos: connected.maximum_qos,
+            retain_available: connected.retain_available,
+            receive_maximum: options.receive_maximum,
+            output_limit: options.output_buffer_limit,
+            keepalive: Some(keepalive),
+        };
+        let now = Instant::now();
+        Ok(Uplink {
+            stream,
+            session: Session::new(limits, now),
+            read_buf,
+            max_packet_size: options.max_packet_size,
+            // Re-armed at the first poll to the keepalive deadline.
+            timer: Box::pin(tokio::time::sleep_until(now)),
+            unflushed: false,
+            finished: false,
+            close_timeout: options.connect_timeout,
+            server_name,
+        })
+    }
 }
