@@ -19,7 +19,7 @@ use crate::engine::{Delivered, Engine, EngineLimits, InboundPublish, RouteOutcom
 use crate::message::{Message, SessionId};
 use crate::outbox::{Delivery, Outbox, QueueLimits};
 use crate::session::{Inflight, SessionState};
-use crate::storage::{Durable, Ticket};
+use crate::storage::{Durable, StoreOp, Ticket};
 
 /// An engine for session 9 (Receive Maximum 2 both ways, packets up to
 /// 200 bytes, 3 topic levels), persistent or not.
@@ -101,15 +101,53 @@ pub(crate) fn delivery(qos: QoS, seq: u64, stored: bool) -> Delivery {
 /// flight, and a PUBREL or PUBCOMP only once the write recording it
 /// is durable.
 pub fn engine_sequence(protocol: Protocol, persistent: bool, bytes: &[u8]) {
-    let mut e = engine(protocol, persistent);
-    let (mut ops, mut out) = (Vec::new(), Vec::new());
-    let (mut last_ticket, mut durable): (Ticket, Ticket) = (0, 0);
-    let mut seq = 100;
-    // PUBRELs (true) and successful PUBCOMPs (false) owed, by packet
-    // id, oldest first: the ticket of their write once made.
-    let mut held: HashMap<(bool, u16), VecDeque<Option<Ticket>>> = HashMap::new();
+    let mut driver = Driver::new(protocol, persistent);
     for op in bytes.chunks_exact(3) {
-        let (kind, a, b) = (op[0] % 9, op[1], op[2]);
+        driver.step(op[0] % 9, op[1], op[2]);
+        driver.check_bounds();
+    }
+}
+
+/// One engine and what [`engine_sequence`] tracks beside it: the ops of
+/// the turn not yet written, the tickets written and durable, and the
+/// releases and completions owed.
+struct Driver {
+    protocol: Protocol,
+    persistent: bool,
+    engine: Engine,
+    /// Store ops of the turn, not written yet.
+    ops: Vec<StoreOp>,
+    /// Packets the engine sent at once.
+    out: Vec<Packet>,
+    /// The last ticket handed out, and the highest one durable.
+    last_ticket: Ticket,
+    durable: Ticket,
+    /// The queue sequence of the last delivery.
+    seq: u64,
+    /// PUBRELs (true) and successful PUBCOMPs (false) owed, by packet
+    /// id, oldest first: the ticket of their write once made.
+    held: HashMap<(bool, u16), VecDeque<Option<Ticket>>>,
+}
+
+impl Driver {
+    /// A driver of a new [`engine`] with nothing written yet.
+    fn new(protocol: Protocol, persistent: bool) -> Driver {
+        Driver {
+            protocol,
+            persistent,
+            engine: engine(protocol, persistent),
+            ops: Vec::new(),
+            out: Vec::new(),
+            last_ticket: 0,
+            durable: 0,
+            seq: 100,
+            held: HashMap::new(),
+        }
+    }
+
+    /// Runs operation `kind` (0 to 8) with its two argument bytes: `a`
+    /// picks the QoS and the flags, `b` the packet id (1 to 4).
+    fn step(&mut self, kind: u8, a: u8, b: u8) {
         let id = u16::from(b % 4) + 1;
         let qos = match a % 3 {
             0 => QoS::AtMostOnce,
@@ -117,125 +155,167 @@ pub fn engine_sequence(protocol: Protocol, persistent: bool, bytes: &[u8]) {
             _ => QoS::ExactlyOnce,
         };
         match kind {
-            0 if e.wants_input() => {
-                let mut p = publish(qos, if qos == QoS::AtMostOnce { 0 } else { id });
-                p.dup = a & 8 != 0;
-                if let Ok(InboundPublish::Route { .. }) = e.publish(p, Instant::now()) {
-                    last_ticket += 1;
-                    e.routed(
-                        qos,
-                        id,
-                        RouteOutcome {
-                            ticket: last_ticket,
-                            matched: 1,
-                            refused: a & 16 != 0,
-                        },
-                    );
-                }
-            }
-            1 => e.puback(id, &mut ops),
-            2 => {
-                let was_sent = matches!(
-                    e.state.inflight.get(&id),
-                    Some(Inflight::Sent(d)) if d.qos == QoS::ExactlyOnce && d.stored
-                );
-                let mut ack = PubAck::new(id);
-                if a & 1 != 0 {
-                    ack.reason_code = ReasonCode(0x80);
-                }
-                let before = out.len();
-                e.pubrec(ack, &mut ops, &mut out);
-                if was_sent && a & 1 == 0 {
-                    assert_eq!(out.len(), before, "PUBREL {id} sent before its write");
-                    held.entry((true, id)).or_default().push_back(None);
-                }
-            }
-            3 => {
-                let held_before = e.state.qos2_received.contains(&id);
-                e.pubrel(id, &mut ops);
-                if held_before && persistent {
-                    held.entry((false, id)).or_default().push_back(None);
-                }
-            }
-            4 => e.pubcomp(id, &mut ops),
-            5 if e.can_send(qos) => {
-                let in_flight: Vec<u16> = e.state.inflight.keys().copied().collect();
-                seq += 1;
-                if let Delivered::Send(o) =
-                    e.deliver(delivery(qos, seq, a & 4 != 0), Instant::now(), &mut ops)
-                    && qos != QoS::AtMostOnce
-                {
-                    assert!(
-                        !in_flight.contains(&o.packet_id),
-                        "id {} reused",
-                        o.packet_id
-                    );
-                }
-            }
-            6 if !ops.is_empty() => {
-                ops.clear();
-                last_ticket += 1;
-                e.written(last_ticket);
-                for ticket in held.values_mut().flatten().filter(|t| t.is_none()) {
-                    *ticket = Some(last_ticket);
-                }
-            }
-            7 => {
-                durable = durable.max(last_ticket.saturating_sub(u64::from(a % 3)));
-                let mut released = Vec::new();
-                e.release_acks(
-                    &Durable {
-                        up_to: durable,
-                        ..Durable::default()
-                    },
-                    &mut released,
-                );
-                for packet in &released {
-                    let key = match packet {
-                        Packet::PubRel(r) => (true, r.packet_id),
-                        // A session that ends with its connection
-                        // stores no release: its PUBCOMP need not wait.
-                        // (3.1.1 answers an unknown id with a PUBCOMP
-                        // like any other, so only 5.0's are told apart.)
-                        Packet::PubComp(c)
-                            if c.reason_code.0 == 0 && persistent && protocol == Protocol::V5 =>
-                        {
-                            (false, c.packet_id)
-                        }
-                        _ => continue,
-                    };
-                    let ticket = held.get_mut(&key).and_then(VecDeque::pop_front);
-                    assert!(
-                        ticket.flatten().is_some_and(|t| t <= durable),
-                        "{packet:?} before its write was durable"
-                    );
-                }
-            }
-            8 => {
-                let mut resent = Vec::new();
-                e.resend_inflight(Instant::now(), &mut resent);
-                for packet in resent {
-                    match packet {
-                        Packet::PubRel(r) => assert!(matches!(
-                            e.state.inflight.get(&r.packet_id),
-                            Some(Inflight::Released { .. })
-                        )),
-                        Packet::Publish(p) => assert!(
-                            p.dup
-                                && matches!(
-                                    e.state.inflight.get(&p.packet_id),
-                                    Some(Inflight::Sent(_))
-                                )
-                        ),
-                        other => panic!("resent {other:?}"),
-                    }
-                }
-            }
+            0 if self.engine.wants_input() => self.publish_in(qos, id, a),
+            1 => self.engine.puback(id, &mut self.ops),
+            2 => self.pubrec(id, a),
+            3 => self.pubrel(id),
+            4 => self.engine.pubcomp(id, &mut self.ops),
+            5 if self.engine.can_send(qos) => self.deliver(qos, a),
+            6 if !self.ops.is_empty() => self.write(),
+            7 => self.make_durable(a),
+            8 => self.resend(),
             _ => {}
         }
-        assert!(e.state.inflight.len() <= 2, "in flight beyond the window");
+    }
+
+    /// The client publishes (a DUP flag from bit 3 of `a`); a message to
+    /// route is routed under a new ticket, refused by a full queue when
+    /// bit 4 of `a` is set.
+    fn publish_in(&mut self, qos: QoS, id: u16, a: u8) {
+        let mut p = publish(qos, if qos == QoS::AtMostOnce { 0 } else { id });
+        p.dup = a & 8 != 0;
+        if let Ok(InboundPublish::Route { .. }) = self.engine.publish(p, Instant::now()) {
+            self.last_ticket += 1;
+            self.engine.routed(
+                qos,
+                id,
+                RouteOutcome {
+                    ticket: self.last_ticket,
+                    matched: 1,
+                    refused: a & 16 != 0,
+                },
+            );
+        }
+    }
+
+    /// The client answers PUBREC (failed when bit 0 of `a` is set). The
+    /// PUBREL of a stored QoS 2 delivery must wait for its write.
+    fn pubrec(&mut self, id: u16, a: u8) {
+        let was_sent = matches!(
+            self.engine.state.inflight.get(&id),
+            Some(Inflight::Sent(d)) if d.qos == QoS::ExactlyOnce && d.stored
+        );
+        let mut ack = PubAck::new(id);
+        if a & 1 != 0 {
+            ack.reason_code = ReasonCode(0x80);
+        }
+        let before = self.out.len();
+        self.engine.pubrec(ack, &mut self.ops, &mut self.out);
+        if was_sent && a & 1 == 0 {
+            assert_eq!(self.out.len(), before, "PUBREL {id} sent before its write");
+            self.held.entry((true, id)).or_default().push_back(None);
+        }
+    }
+
+    /// The client releases a QoS 2 message; for a persistent session the
+    /// PUBCOMP of a held id is owed once its write is durable.
+    fn pubrel(&mut self, id: u16) {
+        let held_before = self.engine.state.qos2_received.contains(&id);
+        self.engine.pubrel(id, &mut self.ops);
+        if held_before && self.persistent {
+            self.held.entry((false, id)).or_default().push_back(None);
+        }
+    }
+
+    /// A message is delivered (stored when bit 2 of `a` is set); a QoS
+    /// 1/2 one sent at once must not reuse an id in flight.
+    fn deliver(&mut self, qos: QoS, a: u8) {
+        let in_flight: Vec<u16> = self.engine.state.inflight.keys().copied().collect();
+        self.seq += 1;
+        if let Delivered::Send(o) = self.engine.deliver(
+            delivery(qos, self.seq, a & 4 != 0),
+            Instant::now(),
+            &mut self.ops,
+        ) && qos != QoS::AtMostOnce
+        {
+            assert!(
+                !in_flight.contains(&o.packet_id),
+                "id {} reused",
+                o.packet_id
+            );
+        }
+    }
+
+    /// The turn's ops are written under a new ticket, which the owed
+    /// releases and completions not yet written wait for.
+    fn write(&mut self) {
+        self.ops.clear();
+        self.last_ticket += 1;
+        self.engine.written(self.last_ticket);
+        for ticket in self.held.values_mut().flatten().filter(|t| t.is_none()) {
+            *ticket = Some(self.last_ticket);
+        }
+    }
+
+    /// The store reports durable up to the last ticket, or up to two
+    /// before it (`a`); every PUBREL and PUBCOMP released must have its
+    /// write durable.
+    fn make_durable(&mut self, a: u8) {
+        self.durable = self
+            .durable
+            .max(self.last_ticket.saturating_sub(u64::from(a % 3)));
+        let mut released = Vec::new();
+        self.engine.release_acks(
+            &Durable {
+                up_to: self.durable,
+                ..Durable::default()
+            },
+            &mut released,
+        );
+        for packet in &released {
+            let key = match packet {
+                Packet::PubRel(r) => (true, r.packet_id),
+                // A session that ends with its connection
+                // stores no release: its PUBCOMP need not wait.
+                // (3.1.1 answers an unknown id with a PUBCOMP
+                // like any other, so only 5.0's are told apart.)
+                Packet::PubComp(c)
+                    if c.reason_code.0 == 0 && self.persistent && self.protocol == Protocol::V5 =>
+                {
+                    (false, c.packet_id)
+                }
+                _ => continue,
+            };
+            let ticket = self.held.get_mut(&key).and_then(VecDeque::pop_front);
+            assert!(
+                ticket.flatten().is_some_and(|t| t <= self.durable),
+                "{packet:?} before its write was durable"
+            );
+        }
+    }
+
+    /// The engine resends what is in flight, as on a resumed session:
+    /// only PUBRELs of released exchanges and DUP PUBLISHes of sent ones.
+    fn resend(&mut self) {
+        let mut resent = Vec::new();
+        self.engine.resend_inflight(Instant::now(), &mut resent);
+        for packet in resent {
+            match packet {
+                Packet::PubRel(r) => assert!(matches!(
+                    self.engine.state.inflight.get(&r.packet_id),
+                    Some(Inflight::Released { .. })
+                )),
+                Packet::Publish(p) => assert!(
+                    p.dup
+                        && matches!(
+                            self.engine.state.inflight.get(&p.packet_id),
+                            Some(Inflight::Sent(_))
+                        )
+                ),
+                other => panic!("resent {other:?}"),
+            }
+        }
+    }
+
+    /// In flight within the client's Receive Maximum (2), and inbound
+    /// within ours (2).
+    fn check_bounds(&self) {
         assert!(
-            e.inbound_unacknowledged() <= 2,
+            self.engine.state.inflight.len() <= 2,
+            "in flight beyond the window"
+        );
+        assert!(
+            self.engine.inbound_unacknowledged() <= 2,
             "inbound beyond Receive Maximum"
         );
     }
