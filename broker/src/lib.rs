@@ -402,28 +402,7 @@ impl Broker {
         config.validate()?;
         let mut config = config;
         state::add_bridge_rules(&mut config);
-        let users = match &config.auth.password_file {
-            Some(path) => Some(
-                users::Users::load(path).map_err(|source| StartError::Users {
-                    path: path.clone(),
-                    source,
-                })?,
-            ),
-            None => None,
-        };
-        let acl = match &config.auth.acl_file {
-            Some(path) => Some(reload::Reloadable::new(
-                ferrymq_config::acl::Acl::from_file(path, "auth.acl_file")
-                    .map_err(|errors| StartError::Config(ConfigErrors(errors)))?,
-            )),
-            None => None,
-        };
-        if config.auth.allow_anonymous && config.auth.allow_anonymous_remote {
-            warn!(
-                "auth.allow_anonymous_remote = true: clients from any address may connect \
-                 without a user name"
-            );
-        }
+        let access = Access::load(&config, auth_methods)?;
         let data_dir = DataDir::open(&config.data_dir)?;
         let store: Arc<dyn Store> = match store {
             Some(store) => store,
@@ -437,81 +416,16 @@ impl Broker {
             }
         };
         let recovered = store.load()?;
-        let identity = store.identity();
-        let clock = store.clock();
         let tls = server::tls_settings(&config.listeners)?;
         let listeners = server::bind(&config.listeners)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let max_connections = config.limits.max_connections as usize;
         info!(node_id = %config.node_id, data_dir = %data_dir.path().display(), "ferrymq starting");
-        let boot_id = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let first_session = recovered.next_session_number.max(1);
-        // No more than the Receive Maximum can be in flight from a sender.
-        let dedup_bound = usize::from(config.limits.receive_maximum);
-        let queue_env = outbox::QueueEnv::new(
-            Some(store.clone()),
-            outbox::QueueMemory::new(config.storage.max_queued_memory),
-        );
-        let state = (!config.state.topics.is_empty())
-            .then(|| state::StateTopics::new(&config.state, identity.uuid, recovered.state_clock));
-        let shared = Arc::new_cyclic(|this| Shared {
-            config: arc_swap::ArcSwap::from_pointee(config),
-            router: router::Router::default(),
-            retained: retained::Retained::default(),
-            sessions: session::Sessions::default(),
-            groups: shared_sub::Groups::default(),
-            store,
-            auth_methods,
-            users,
-            acl,
-            stats: Stats::default(),
-            next_connection: AtomicU64::new(1),
-            next_session: AtomicU64::new(first_session),
-            boot_id,
-            identity,
-            clock,
-            shutdown_rx,
-            drop_log: stats::LogLimiter::new(Duration::from_secs(10)),
-            queue_env,
-            refuse_log: stats::LogLimiter::new(Duration::from_secs(10)),
-            levels_log: stats::LogLimiter::new(Duration::from_secs(10)),
-            auth_log: stats::LogLimiter::new(Duration::from_secs(10)),
-            per_address: parking_lot::Mutex::default(),
-            dedup: parking_lot::Mutex::new(dedup::Dedup::new(dedup_bound)),
-            state,
-            shedding: shed::Shedding::default(),
-            disk_low: std::sync::atomic::AtomicBool::new(false),
-            listeners: parking_lot::Mutex::default(),
-            keep_alive: keepalive::KeepAlive::default(),
-            this: this.clone(),
-        });
+        let shared = new_shared(config, store, &recovered, access, shutdown_rx);
         recovery::restore(&shared, recovered);
         let connections = Arc::new(Semaphore::new(max_connections));
-        *shared.listeners.lock() = listeners
-            .into_iter()
-            .zip(shared.config().listeners.iter().cloned())
-            .zip(tls)
-            .map(|((listener, config), tls)| {
-                server::Running::start(listener, config, tls, shared.clone(), connections.clone())
-            })
-            .collect();
-        let mut tasks = vec![tokio::spawn(expire_sessions(shared.clone()))];
-        {
-            let shared = shared.clone();
-            tasks.push(tokio::spawn(async move {
-                let shutdown = shared.shutdown_rx.clone();
-                shared.keep_alive.run(shutdown).await;
-            }));
-        }
-        {
-            let shared = shared.clone();
-            tasks.push(tokio::spawn(async move {
-                let shutdown = shared.shutdown_rx.clone();
-                shed::sample(&shared.shedding, || shared.config.load_full(), shutdown).await;
-            }));
-        }
+        start_listeners(&shared, listeners, tls, &connections);
+        let tasks = spawn_tasks(&shared);
         Ok(Broker {
             shared,
             shutdown_tx,
@@ -630,6 +544,148 @@ impl BrokerBuilder {
     pub async fn start(self) -> Result<Broker, StartError> {
         Broker::launch(self.config, self.store, self.auth_methods).await
     }
+}
+
+/// Who may log in and what they may do: the users of the password file,
+/// the rules of the ACL file and the enhanced authentication methods.
+struct Access {
+    users: Option<users::Users>,
+    acl: Option<reload::Reloadable<ferrymq_config::acl::Acl>>,
+    methods: Vec<Arc<dyn auth::AuthMethod>>,
+}
+
+impl Access {
+    /// Reads the password file and the ACL file that `config` names, and
+    /// warns when anonymous clients may connect from any address.
+    fn load(
+        config: &Config,
+        methods: Vec<Arc<dyn auth::AuthMethod>>,
+    ) -> Result<Access, StartError> {
+        let users = match &config.auth.password_file {
+            Some(path) => Some(
+                users::Users::load(path).map_err(|source| StartError::Users {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let acl = match &config.auth.acl_file {
+            Some(path) => Some(reload::Reloadable::new(
+                ferrymq_config::acl::Acl::from_file(path, "auth.acl_file")
+                    .map_err(|errors| StartError::Config(ConfigErrors(errors)))?,
+            )),
+            None => None,
+        };
+        if config.auth.allow_anonymous && config.auth.allow_anonymous_remote {
+            warn!(
+                "auth.allow_anonymous_remote = true: clients from any address may connect \
+                 without a user name"
+            );
+        }
+        Ok(Access {
+            users,
+            acl,
+            methods,
+        })
+    }
+}
+
+/// What every task of a new broker shares: the config, the store and
+/// `access`, empty trees and registries, counters at zero, and session
+/// numbers after the highest one `recovered` holds. The recovered state
+/// itself is restored into it afterwards.
+fn new_shared(
+    config: Config,
+    store: Arc<dyn Store>,
+    recovered: &storage::Recovered,
+    access: Access,
+    shutdown_rx: watch::Receiver<bool>,
+) -> Arc<Shared> {
+    let identity = store.identity();
+    let clock = store.clock();
+    let boot_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let first_session = recovered.next_session_number.max(1);
+    // No more than the Receive Maximum can be in flight from a sender.
+    let dedup_bound = usize::from(config.limits.receive_maximum);
+    let queue_env = outbox::QueueEnv::new(
+        Some(store.clone()),
+        outbox::QueueMemory::new(config.storage.max_queued_memory),
+    );
+    let state = (!config.state.topics.is_empty())
+        .then(|| state::StateTopics::new(&config.state, identity.uuid, recovered.state_clock));
+    Arc::new_cyclic(|this| Shared {
+        config: arc_swap::ArcSwap::from_pointee(config),
+        router: router::Router::default(),
+        retained: retained::Retained::default(),
+        sessions: session::Sessions::default(),
+        groups: shared_sub::Groups::default(),
+        store,
+        auth_methods: access.methods,
+        users: access.users,
+        acl: access.acl,
+        stats: Stats::default(),
+        next_connection: AtomicU64::new(1),
+        next_session: AtomicU64::new(first_session),
+        boot_id,
+        identity,
+        clock,
+        shutdown_rx,
+        drop_log: stats::LogLimiter::new(Duration::from_secs(10)),
+        queue_env,
+        refuse_log: stats::LogLimiter::new(Duration::from_secs(10)),
+        levels_log: stats::LogLimiter::new(Duration::from_secs(10)),
+        auth_log: stats::LogLimiter::new(Duration::from_secs(10)),
+        per_address: parking_lot::Mutex::default(),
+        dedup: parking_lot::Mutex::new(dedup::Dedup::new(dedup_bound)),
+        state,
+        shedding: shed::Shedding::default(),
+        disk_low: std::sync::atomic::AtomicBool::new(false),
+        listeners: parking_lot::Mutex::default(),
+        keep_alive: keepalive::KeepAlive::default(),
+        this: this.clone(),
+    })
+}
+
+/// Starts accepting on each bound listener, with its config and TLS
+/// settings, within the permits of `connections`.
+fn start_listeners(
+    shared: &Arc<Shared>,
+    listeners: Vec<tokio::net::TcpListener>,
+    tls: Vec<Option<server::Tls>>,
+    connections: &Arc<Semaphore>,
+) {
+    *shared.listeners.lock() = listeners
+        .into_iter()
+        .zip(shared.config().listeners.iter().cloned())
+        .zip(tls)
+        .map(|((listener, config), tls)| {
+            server::Running::start(listener, config, tls, shared.clone(), connections.clone())
+        })
+        .collect();
+}
+
+/// Spawns the broker's own tasks: the session sweeper, the keep-alive
+/// queue and the load shedding sampler.
+fn spawn_tasks(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
+    let mut tasks = vec![tokio::spawn(expire_sessions(shared.clone()))];
+    {
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let shutdown = shared.shutdown_rx.clone();
+            shared.keep_alive.run(shutdown).await;
+        }));
+    }
+    {
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let shutdown = shared.shutdown_rx.clone();
+            shed::sample(&shared.shedding, || shared.config.load_full(), shutdown).await;
+        }));
+    }
+    tasks
 }
 
 /// Ends offline sessions whose expiry has passed.
