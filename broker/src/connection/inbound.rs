@@ -131,65 +131,78 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 self.engine.not_authorized(qos, packet_id);
                 None
             }
-            Ok(InboundPublish::Route { message, .. })
-                if message.qos == QoS::AtMostOnce
-                    && !self.in_process
-                    && self.shared.shedding.level() >= shed::DROP_QOS0
-                    && !self
-                        .shared
-                        .config()
-                        .limits
-                        .critical_topics
-                        .iter()
-                        .any(|f| codec::topic::matches(f, &message.topic)) =>
-            {
+            Ok(InboundPublish::Route { message, .. }) if self.shed(&message) => {
                 // Shedding load: a QoS 0 message may be lost anyway.
                 Stats::add(&self.shared.stats.publishes_shed, 1);
                 None
             }
-            Ok(InboundPublish::Route {
-                mut message,
-                hold_qos2,
-            }) => {
-                // The node's own `$SYS` reports are not traffic.
-                if !(self.in_process && message.topic.starts_with("$SYS/")) {
-                    self.shared
-                        .stats
-                        .received
-                        .count(message.qos, message.payload.len());
-                }
-                let id = self.message_id(&mut message);
-                if let Some(id) = &id
-                    && self.shared.dedup.lock().is_taken(id)
-                {
-                    // Taken before: acknowledged once what took it is
-                    // durable.
-                    Stats::add(&self.shared.stats.duplicates_dropped, 1);
-                    let ticket = after_earlier_writes(self.shared);
-                    let outcome = RouteOutcome {
-                        ticket,
-                        matched: 1,
-                        refused: false,
-                    };
-                    self.engine.routed(qos, packet_id, outcome);
-                    return None;
-                }
-                let persistent = self.engine.state.is_persistent();
-                match publish::route(
-                    self.shared,
-                    self.routes.get_or_insert_default(),
-                    message,
-                    hold_qos2,
-                    persistent,
-                    id,
-                    true,
-                ) {
-                    Routing::Done(outcome) => self.engine.routed(qos, packet_id, outcome),
-                    Routing::Blocked(parked) => {
-                        self.parked = Some(Box::new((parked, qos, packet_id)));
-                    }
-                }
+            Ok(InboundPublish::Route { message, hold_qos2 }) => {
+                self.route(message, hold_qos2, qos, packet_id);
                 None
+            }
+        }
+    }
+
+    /// Whether a QoS 0 message is dropped to shed load (a network client's,
+    /// on no `critical_topics` topic): it may be lost anyway.
+    fn shed(&self, message: &Message) -> bool {
+        message.qos == QoS::AtMostOnce
+            && !self.in_process
+            && self.shared.shedding.level() >= shed::DROP_QOS0
+            && !self
+                .shared
+                .config()
+                .limits
+                .critical_topics
+                .iter()
+                .any(|f| codec::topic::matches(f, &message.topic))
+    }
+
+    /// Routes an accepted message (counted, de-duplicated by its message
+    /// id when it has one) and tells the engine how it went; a message
+    /// blocked on a full queue (policy `block`) is parked.
+    fn route(
+        &mut self,
+        mut message: Arc<Message>,
+        hold_qos2: Option<u16>,
+        qos: QoS,
+        packet_id: u16,
+    ) {
+        // The node's own `$SYS` reports are not traffic.
+        if !(self.in_process && message.topic.starts_with("$SYS/")) {
+            self.shared
+                .stats
+                .received
+                .count(message.qos, message.payload.len());
+        }
+        let id = self.message_id(&mut message);
+        if let Some(id) = &id
+            && self.shared.dedup.lock().is_taken(id)
+        {
+            // Taken before: acknowledged once what took it is durable.
+            Stats::add(&self.shared.stats.duplicates_dropped, 1);
+            let ticket = after_earlier_writes(self.shared);
+            let outcome = RouteOutcome {
+                ticket,
+                matched: 1,
+                refused: false,
+            };
+            self.engine.routed(qos, packet_id, outcome);
+            return;
+        }
+        let persistent = self.engine.state.is_persistent();
+        match publish::route(
+            self.shared,
+            self.routes.get_or_insert_default(),
+            message,
+            hold_qos2,
+            persistent,
+            id,
+            true,
+        ) {
+            Routing::Done(outcome) => self.engine.routed(qos, packet_id, outcome),
+            Routing::Blocked(parked) => {
+                self.parked = Some(Box::new((parked, qos, packet_id)));
             }
         }
     }

@@ -5,7 +5,8 @@
 
 use codec::topic::exceeds_levels;
 use ferrymq_codec::{
-    self as codec, Packet, Protocol, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    self as codec, MqttString, Packet, Protocol, ReasonCode, SubAck, Subscribe, UnsubAck,
+    Unsubscribe,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::warn;
@@ -18,46 +19,54 @@ use crate::storage::{Batch, StoreOp, SubscriptionRecord};
 use crate::subscribe::{self, Attached};
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
+    /// Why a SUBSCRIBE filter is refused, if it is: more levels than
+    /// `max_topic_levels`, not allowed by the ACL (a shared subscription
+    /// is checked by its filter), or a new filter beyond
+    /// `max_subscriptions_per_client` (3.1.1 gets 0x80 for the last two, its
+    /// only failure code). Counted and logged here.
+    fn refusal(&self, filter: &MqttString) -> Option<ReasonCode> {
+        let shared = self.shared;
+        let state = &self.engine.state;
+        if exceeds_levels(filter, shared.config().limits.max_topic_levels) {
+            too_many_levels(shared, &state.client_id, "SUBSCRIBE filter", filter);
+            return Some(ReasonCode::TOPIC_FILTER_INVALID);
+        }
+        if let Some(access) = self.access() {
+            let filter = codec::topic::shared_subscription(filter)
+                .map_or(filter.as_str(), |(_, inner)| inner);
+            if !access.may_subscribe(filter) {
+                acl_denied(shared, &state.client_id, "SUBSCRIBE", filter);
+                return Some(ReasonCode::NOT_AUTHORIZED);
+            }
+        }
+        let quota = shared.config().limits.max_subscriptions_per_client as usize;
+        if quota > 0
+            && !self.in_process
+            && state.subscriptions.len() >= quota
+            && !state.subscriptions.contains_key(filter)
+        {
+            Stats::add(&shared.stats.subscriptions_refused, 1);
+            if shared.refuse_log.allow() {
+                warn!(client_id = %state.client_id, "limits.max_subscriptions_per_client reached: refusing new filters");
+            }
+            return Some(ReasonCode::QUOTA_EXCEEDED);
+        }
+        None
+    }
+
     pub(super) fn subscribe(&mut self, subscribe: Subscribe) -> Option<Close> {
         self.refresh_access();
         let v5 = self.engine.protocol == Protocol::V5;
-        let in_process = self.in_process;
         let shared = self.shared;
-        let state = &mut self.engine.state;
         let mut batch = Batch::new(shared.store.as_ref());
         let mut reason_codes = Vec::with_capacity(subscribe.subscriptions.len());
         let mut retained = Vec::new();
         for mut s in subscribe.subscriptions {
-            if exceeds_levels(&s.filter, shared.config().limits.max_topic_levels) {
-                too_many_levels(shared, &state.client_id, "SUBSCRIBE filter", &s.filter);
-                reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+            if let Some(refused) = self.refusal(&s.filter) {
+                reason_codes.push(refused);
                 continue;
             }
-            if let Some(access) = self.extras.as_deref().and_then(|e| e.access.as_ref()) {
-                // A shared subscription is checked by its filter.
-                let filter = codec::topic::shared_subscription(&s.filter)
-                    .map_or(s.filter.as_str(), |(_, inner)| inner);
-                if !access.may_subscribe(filter) {
-                    acl_denied(shared, &state.client_id, "SUBSCRIBE", filter);
-                    // 3.1.1 gets 0x80 (its only failure code).
-                    reason_codes.push(ReasonCode::NOT_AUTHORIZED);
-                    continue;
-                }
-            }
-            let quota = shared.config().limits.max_subscriptions_per_client as usize;
-            if quota > 0
-                && !in_process
-                && state.subscriptions.len() >= quota
-                && !state.subscriptions.contains_key(&s.filter)
-            {
-                Stats::add(&shared.stats.subscriptions_refused, 1);
-                if shared.refuse_log.allow() {
-                    warn!(client_id = %state.client_id, "limits.max_subscriptions_per_client reached: refusing new filters");
-                }
-                // 3.1.1 gets 0x80 (its only failure code).
-                reason_codes.push(ReasonCode::QUOTA_EXCEEDED);
-                continue;
-            }
+            let state = &mut self.engine.state;
             // Kept for the session's life: not the read buffer with it.
             s.filter = s.filter.detached();
             let mut options = s.options;
