@@ -112,14 +112,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
             routes: None,
             durable,
             parked: None,
-            ops: Vec::new(),
-            packets: Vec::new(),
             in_process: options.in_process,
             trusted,
         };
         if resumed {
             conn.engine
-                .resend_inflight(Instant::now(), &mut conn.packets);
+                .resend_inflight(Instant::now(), &mut conn.io.busy().packets);
             if conn.in_process {
                 // From here on the first phase of its exchanges is kept in
                 // memory only (`volatile_inflight`): records of it from
@@ -127,7 +125,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
                 let number = conn.engine.state.number;
                 for (&packet_id, inflight) in &conn.engine.state.inflight {
                     if matches!(inflight, crate::session::Inflight::Sent(_)) {
-                        conn.ops.push(StoreOp::InflightDelete { number, packet_id });
+                        conn.io
+                            .busy()
+                            .ops
+                            .push(StoreOp::InflightDelete { number, packet_id });
                     }
                 }
             }
@@ -175,14 +176,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
         match step {
             AuthStep::Continue(data) => {
                 let packet = reply(ReasonCode::CONTINUE_AUTHENTICATION, data);
-                self.packets.push(packet);
+                self.io.busy().packets.push(packet);
             }
             AuthStep::Success(data) => {
                 let packet = reply(ReasonCode::SUCCESS, data);
                 if let Some(extras) = self.extras.as_deref_mut() {
                     extras.reauth = None;
                 }
-                self.packets.push(packet);
+                self.io.busy().packets.push(packet);
             }
             AuthStep::Failure(code) => {
                 let code = if code.is_valid_for(ReasonContext::Disconnect) {
@@ -290,7 +291,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
                 },
             };
             io.queue(&Packet::Auth(challenge), Protocol::V5);
-            let out = std::mem::take(&mut io.out);
+            let out = std::mem::take(&mut io.busy().out);
             io.stream.write_all(&out).await.map_err(|e| e.to_string())?;
             match io.read_packet(Protocol::V5, max).await? {
                 Packet::Auth(answer)

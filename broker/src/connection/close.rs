@@ -147,7 +147,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         let protocol = self.engine.protocol;
         // Acknowledgements already durable still go out.
         let state = self.durable.borrow().clone();
-        self.engine.release_acks(&state, &mut self.packets);
+        self.engine
+            .release_acks(&state, &mut self.io.busy().packets);
         self.encode_packets();
         if let (Protocol::V5, Some(code)) = (protocol, close.reason_code()) {
             let mut disconnect = Disconnect::new(code);
@@ -158,8 +159,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             }
             self.io.queue(&Packet::Disconnect(disconnect), Protocol::V5);
         }
-        if !self.ops.is_empty() {
-            storage::write(self.shared.store.as_ref(), std::mem::take(&mut self.ops));
+        let ops = self.io.take_ops();
+        if !ops.is_empty() {
+            storage::write(self.shared.store.as_ref(), ops);
         }
         // The stream is closed last (`linger`), after the will and the
         // session's hand-back, which must not wait for the client.

@@ -30,13 +30,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     pub(super) fn handle(&mut self, packet: Packet) -> Option<Close> {
         match packet {
             Packet::Publish(publish) => return self.publish(publish),
-            Packet::PubAck(ack) => self.engine.puback(ack.packet_id, &mut self.ops),
-            Packet::PubRec(ack) => self.engine.pubrec(ack, &mut self.ops, &mut self.packets),
-            Packet::PubRel(rel) => self.engine.pubrel(rel.packet_id, &mut self.ops),
-            Packet::PubComp(ack) => self.engine.pubcomp(ack.packet_id, &mut self.ops),
+            Packet::PubAck(ack) => self.engine.puback(ack.packet_id, &mut self.io.busy().ops),
+            Packet::PubRec(ack) => {
+                let busy = self.io.busy();
+                self.engine.pubrec(ack, &mut busy.ops, &mut busy.packets);
+            }
+            Packet::PubRel(rel) => self.engine.pubrel(rel.packet_id, &mut self.io.busy().ops),
+            Packet::PubComp(ack) => self.engine.pubcomp(ack.packet_id, &mut self.io.busy().ops),
             Packet::Subscribe(subscribe) => return self.subscribe(subscribe),
             Packet::Unsubscribe(unsubscribe) => self.unsubscribe(unsubscribe),
-            Packet::PingReq => self.packets.push(Packet::PingResp),
+            Packet::PingReq => self.io.busy().packets.push(Packet::PingResp),
             Packet::Disconnect(d) => return Some(self.disconnect(d)),
             Packet::Connect(_) => {
                 // [MQTT-3.1.0-2]: a second CONNECT is a protocol violation.
@@ -366,7 +369,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             if expiry != state.expiry {
                 state.expiry = expiry;
                 if state.is_persistent() {
-                    self.ops.push(StoreOp::SessionPut(state.record(None)));
+                    let record = state.record(None);
+                    self.io.busy().ops.push(StoreOp::SessionPut(record));
                 }
             }
         }

@@ -32,9 +32,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use ferrymq_codec::{self as codec, Connect, MqttString, Packet, QoS, Will};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use ferrymq_codec::{self as codec, Connect, MqttString, QoS, Will};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
@@ -49,7 +48,7 @@ use crate::publish::{Parked, ParkedOn, wait_for_room};
 use crate::rate::PublishRate;
 use crate::router::RouteCache;
 use crate::session::Control;
-use crate::storage::{self, Durable, StoreOp};
+use crate::storage::{self, Durable};
 
 use close::{CatchPanic, Close, close_connection, panic_message, panicked};
 use stream::Io;
@@ -129,12 +128,7 @@ where
     // One async block (not an `async fn` around one): what it takes in is
     // stored once per connection, not once per layer.
     async move {
-        let io = Io {
-            stream,
-            inbuf: BytesMut::new(),
-            out: BytesMut::new(),
-            read_chunk: READ_MIN,
-        };
+        let io = Io::new(stream);
         // The phases before and after `run` are boxed: a task's size is its
         // largest state, and an idle connection should cost only `run`'s.
         let Some(mut conn) = Box::pin(open(io, &shared, &peer, options)).await else {
@@ -232,10 +226,6 @@ struct Conn<'a, S> {
     /// (Boxed, like the other rarely used parts: an idle connection's
     /// size is what thousands of them cost.)
     parked: Option<Box<(Parked, QoS, u16)>>,
-    /// Store ops to submit at the end of this turn (nobody waits for them).
-    ops: Vec<StoreOp>,
-    /// Packets to encode at the end of this turn.
-    packets: Vec<Packet>,
     /// An in-process client (the bridges, gateway firmware): trusted with
     /// the bridges' reserved topics.
     in_process: bool,
@@ -478,25 +468,21 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
         // A taken READY is acted on by the next turn (it drains the queue).
         let mut woke = (rung & READY != 0).then_some(Woke::Again);
         let io = &mut self.io;
-        if !io.out.is_empty() {
-            match std::pin::pin!(io.stream.write(&io.out)).poll(cx) {
+        if io.unwritten() > 0 {
+            match io.poll_write(cx) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Woke::Ending(Close::Io(io::ErrorKind::WriteZero.into())));
                 }
-                Poll::Ready(Ok(n)) => {
-                    io.out.advance(n);
-                    woke = Some(Woke::Again);
-                }
+                Poll::Ready(Ok(_)) => woke = Some(Woke::Again),
                 Poll::Ready(Err(e)) => return Poll::Ready(Woke::Ending(Close::Io(e))),
                 Poll::Pending => {}
             }
         }
         if turn.can_read {
-            match io.poll_read(cx) {
+            match io.poll_read(cx, turn.offered) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Woke::Closed(Close::Eof)),
-                Poll::Ready(Ok(n)) => {
+                Poll::Ready(Ok(_)) => {
                     self.keep_alive.last_packet = Instant::now();
-                    io.after_read(n, turn.offered);
                     woke = Some(Woke::Again);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Woke::Closed(Close::Io(e))),
@@ -529,8 +515,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
     async fn last_words(&mut self, cause: Close) -> Close {
         // Whatever the read finds (bytes, the end of the stream, nothing
         // yet), `cause` decides unless a DISCONNECT came first.
-        let _ =
-            tokio::time::timeout(Duration::ZERO, self.io.stream.read_buf(&mut self.io.inbuf)).await;
+        let _ = tokio::time::timeout(Duration::ZERO, self.io.read()).await;
         self.process_input().unwrap_or(cause)
     }
 
@@ -546,38 +531,34 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
         // a later one.
         let state = self.durable.borrow_and_update().clone();
         let durable = state.up_to;
-        self.engine.release_acks(&state, &mut self.packets);
+        if self.engine.pending_acks() > 0 {
+            self.engine
+                .release_acks(&state, &mut self.io.busy().packets);
+        }
         self.encode_packets();
         let drain = self.drain(durable);
-        if !self.ops.is_empty() {
-            let ticket = storage::write(self.shared.store.as_ref(), std::mem::take(&mut self.ops));
+        let ops = self.io.take_ops();
+        if !ops.is_empty() {
+            let ticket = storage::write(self.shared.store.as_ref(), ops);
             self.engine.written(ticket);
         }
         let need_durable =
             drain == Drain::WaitDurable || self.engine.waiting_for().is_some_and(|t| t > durable);
-        let room = self.io.out.len() < OUT_HIGH_WATER;
+        let room = self.io.unwritten() < OUT_HIGH_WATER;
         let throttled = self.throttled();
         let can_read = room
             && self.parked.is_none()
             && throttled.is_none()
             && self.engine.wants_input()
             && self.engine.pending_acks() < PENDING_ACKS_LIMIT;
-        let idle = drain == Drain::Empty
-            && self.io.out.is_empty()
-            && self.io.inbuf.is_empty()
-            && self.parked.is_none();
-        if idle {
+        if drain == Drain::Empty
+            && self.io.unwritten() == 0
+            && !self.io.has_input()
+            && self.parked.is_none()
+        {
             self.io.trim();
-            self.packets.shrink_to_fit();
-            self.ops.shrink_to_fit();
         }
-        // Without a read buffer (`trim` let it go), the read goes through
-        // the stack (`Io::poll_read`).
-        let offered = if self.io.inbuf.capacity() == 0 {
-            READ_MIN
-        } else {
-            self.io.reserve_read()
-        };
+        let offered = self.io.reserve_read();
         let parked = self
             .parked
             .as_ref()
@@ -608,8 +589,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
     /// the engine wants input and no publish is parked.
     fn process_input(&mut self) -> Option<Close> {
         let max = self.shared.config().limits.max_packet_size;
-        while self.parked.is_none() && self.engine.wants_input() && self.throttled().is_none() {
-            match codec::decode(&mut self.io.inbuf, self.engine.protocol, max) {
+        while self.io.has_input()
+            && self.parked.is_none()
+            && self.engine.wants_input()
+            && self.throttled().is_none()
+        {
+            match codec::decode(&mut self.io.busy().inbuf, self.engine.protocol, max) {
                 Ok(Some(packet)) => {
                     if let Some(close) = self.handle(packet) {
                         return Some(close);

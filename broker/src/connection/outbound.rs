@@ -20,8 +20,11 @@ use crate::storage::{Batch, StoreOp, Ticket};
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     pub(super) fn encode_packets(&mut self) {
         let protocol = self.engine.protocol;
-        for packet in self.packets.drain(..) {
-            if let Err(e) = packet.encode(protocol, &mut self.io.out) {
+        let Some(busy) = self.io.owed() else {
+            return;
+        };
+        for packet in busy.packets.drain(..) {
+            if let Err(e) = packet.encode(protocol, &mut busy.out) {
                 warn!("could not encode {:?}: {e}", packet.packet_type());
             }
         }
@@ -69,7 +72,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         let mut expired = Vec::new();
         let mut sent = Tally::default();
         let state = loop {
-            if self.io.out.len() >= OUT_HIGH_WATER {
+            if self.io.unwritten() >= OUT_HIGH_WATER {
                 break Drain::OutFull;
             }
             let engine = &self.engine;
@@ -117,13 +120,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     .saturating_sub(delivery.queued_ms),
             ) > max_age.as_millis()
         {
-            Engine::unqueue(&delivery, &mut self.ops);
+            Engine::unqueue(&delivery, &mut self.io.busy().ops);
             Stats::add(&self.shared.stats.messages_aged_out, 1);
             return;
         }
-        match self.engine.deliver(delivery, now, &mut self.ops) {
+        let busy = self.io.busy();
+        match self.engine.deliver(delivery, now, &mut busy.ops) {
             Delivered::Send(out) => {
-                if let Err(e) = out.view().encode(self.engine.protocol, &mut self.io.out) {
+                if let Err(e) = out.view().encode(self.engine.protocol, &mut busy.out) {
                     warn!(topic = %out.message.topic, "could not encode a delivery: {e}");
                 }
                 sent.count(out.qos, out.message.payload.len());
@@ -150,7 +154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         // group is woken again, so that members take turns.
         let one_per_turn = pulled_by.is_some_and(|(g, _)| g.member_count() > 1);
         let state = loop {
-            if self.io.out.len() >= OUT_HIGH_WATER {
+            if self.io.unwritten() >= OUT_HIGH_WATER {
                 break Drain::OutFull;
             }
             if one_per_turn && sent.any() {

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use ferrymq_codec::{
     self as codec, ConnAck, Connect, DecodeError, Packet, Protocol, ReasonCode, ReasonContext,
 };
@@ -17,76 +17,172 @@ use tracing::warn;
 use super::{CLOSE_FLUSH, CLOSE_LINGER, CLOSE_LINGER_BYTES, OUT_KEEP, READ_MAX, READ_MIN};
 use crate::Shared;
 use crate::stats::Stats;
+use crate::storage::StoreOp;
 
-/// The byte stream and its buffers.
+/// The byte stream and, while there is traffic, its buffers.
 pub(super) struct Io<S> {
     /// Both directions of one stream (no split halves: a split TCP stream
     /// is one more allocation per connection, a split TLS stream a lock).
     pub(super) stream: S,
+    /// Made on the first byte in or out, let go when the connection is
+    /// idle again (`trim`): an idle connection holds none of it.
+    busy: Option<Box<Busy>>,
+}
+
+/// What a connection holds only while it has traffic: its buffers, and
+/// what a turn owes (the packets to encode, the store ops to submit, both
+/// empty between turns and kept only to reuse their room).
+pub(super) struct Busy {
     /// Bytes read but not yet decoded.
     pub(super) inbuf: BytesMut,
     /// Encoded packets not yet written: everything owed to the client at
     /// one moment goes out in one write.
     pub(super) out: BytesMut,
     /// The free space the next read is offered (`READ_MIN..=READ_MAX`).
-    pub(super) read_chunk: usize,
+    read_chunk: usize,
+    /// Store ops to submit at the end of this turn (nobody waits for them).
+    pub(super) ops: Vec<StoreOp>,
+    /// Packets to encode at the end of this turn.
+    pub(super) packets: Vec<Packet>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
-    /// Makes room for the next read; returns the free space offered.
+    /// A stream with nothing read or owed yet.
+    pub(super) fn new(stream: S) -> Io<S> {
+        Io { stream, busy: None }
+    }
+
+    /// The buffers, made if the connection had none.
+    pub(super) fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(|| {
+            Box::new(Busy {
+                inbuf: BytesMut::new(),
+                out: BytesMut::new(),
+                read_chunk: READ_MIN,
+                ops: Vec::new(),
+                packets: Vec::new(),
+            })
+        })
+    }
+
+    /// The buffers, if the turn owes packets to encode.
+    pub(super) fn owed(&mut self) -> Option<&mut Busy> {
+        self.busy.as_deref_mut().filter(|b| !b.packets.is_empty())
+    }
+
+    /// The turn's store ops, taken (none when there is no traffic).
+    pub(super) fn take_ops(&mut self) -> Vec<StoreOp> {
+        self.busy
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.ops))
+            .unwrap_or_default()
+    }
+
+    /// Bytes encoded and not yet written.
+    pub(super) fn unwritten(&self) -> usize {
+        self.busy.as_ref().map_or(0, |b| b.out.len())
+    }
+
+    /// Whether bytes read wait to be decoded.
+    pub(super) fn has_input(&self) -> bool {
+        self.busy.as_ref().is_some_and(|b| !b.inbuf.is_empty())
+    }
+
+    /// Makes room for the next read; returns the free space offered. A
+    /// connection whose reads are small and whose read buffer is empty
+    /// (or gone) gets none: it reads through the stack (`poll_read`).
     pub(super) fn reserve_read(&mut self) -> usize {
-        if self.inbuf.capacity() - self.inbuf.len() < self.read_chunk / 2 {
-            self.inbuf.reserve(self.read_chunk);
+        let Some(b) = self.busy.as_mut() else {
+            return READ_MIN;
+        };
+        if b.inbuf.capacity() == 0 && b.read_chunk == READ_MIN {
+            return READ_MIN;
         }
-        self.inbuf.capacity() - self.inbuf.len()
+        if b.inbuf.capacity() - b.inbuf.len() < b.read_chunk / 2 {
+            b.inbuf.reserve(b.read_chunk);
+        }
+        b.inbuf.capacity() - b.inbuf.len()
     }
 
     /// Adapts the read size after a read of `n` bytes into `offered`.
-    pub(super) fn after_read(&mut self, n: usize, offered: usize) {
+    fn after_read(&mut self, n: usize, offered: usize) {
+        let b = self.busy();
         if n >= offered {
-            self.read_chunk = (self.read_chunk * 2).min(READ_MAX);
-        } else if n < self.read_chunk / 8 {
-            self.read_chunk = (self.read_chunk / 2).max(READ_MIN);
+            b.read_chunk = (b.read_chunk * 2).min(READ_MAX);
+        } else if n < b.read_chunk / 8 {
+            b.read_chunk = (b.read_chunk / 2).max(READ_MIN);
         }
     }
 
-    /// Lets go of buffers an idle connection does not need: an empty read
-    /// buffer once reads are small again (the next read goes through a
-    /// stack buffer, see `poll_read`), an empty write buffer larger than
-    /// `OUT_KEEP`.
+    /// Lets go of what an idle connection (nothing to decode, write or
+    /// owe) does not need: everything, once its reads are small again;
+    /// otherwise a write buffer larger than `OUT_KEEP` and the turn's
+    /// vectors' room.
     pub(super) fn trim(&mut self) {
-        if self.inbuf.is_empty() && self.read_chunk == READ_MIN {
-            self.inbuf = BytesMut::new();
+        let Some(b) = self.busy.as_mut() else {
+            return;
+        };
+        if b.read_chunk == READ_MIN {
+            self.busy = None;
+            return;
         }
-        if self.out.is_empty() && self.out.capacity() > OUT_KEEP {
-            self.out = BytesMut::new();
+        if b.out.capacity() > OUT_KEEP {
+            b.out = BytesMut::new();
         }
+        b.packets.shrink_to_fit();
+        b.ops.shrink_to_fit();
     }
 
-    /// Polls one read. Into the read buffer when it has room; without one
-    /// (an idle connection let it go), into `READ_MIN` bytes on the stack,
-    /// then copied: a connection waiting for its client holds no read
-    /// buffer, and one is made only for bytes that came.
-    pub(super) fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.inbuf.capacity() > 0 {
-            return std::pin::pin!(self.stream.read_buf(&mut self.inbuf)).poll(cx);
-        }
-        let mut stack = [0u8; READ_MIN];
-        let mut buf = ReadBuf::new(&mut stack);
-        match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) => {
-                self.inbuf.extend_from_slice(buf.filled());
-                Poll::Ready(Ok(buf.filled().len()))
+    /// Polls one read (`offered`: what the turn reserved, see
+    /// `reserve_read`). Into the read buffer when it has room; without one,
+    /// into `READ_MIN` bytes on the stack, then copied: a connection
+    /// waiting for its client holds no buffer, and one is made only for
+    /// bytes that came. A read adapts the next one's size.
+    pub(super) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        offered: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        let n = match self.busy.as_mut() {
+            Some(b) if b.inbuf.capacity() > b.inbuf.len() => {
+                match std::pin::pin!(self.stream.read_buf(&mut b.inbuf)).poll(cx) {
+                    Poll::Ready(Ok(n)) => n,
+                    other => return other,
+                }
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
+            _ => {
+                let mut stack = [0u8; READ_MIN];
+                let mut buf = ReadBuf::new(&mut stack);
+                match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+                self.busy().inbuf.extend_from_slice(buf.filled());
+                buf.filled().len()
+            }
+        };
+        if n > 0 {
+            self.after_read(n, offered);
         }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Polls one write of what is encoded; `Ready(Ok(n))` with the bytes
+    /// taken (0: the stream takes no more).
+    pub(super) fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let Some(b) = self.busy.as_mut().filter(|b| !b.out.is_empty()) else {
+            return Poll::Ready(Ok(0));
+        };
+        let n = std::task::ready!(std::pin::pin!(self.stream.write(&b.out)).poll(cx))?;
+        b.out.advance(n);
+        Poll::Ready(Ok(n))
     }
 
     /// Encodes a packet into the write buffer. Our own packets always
     /// encode; if one did not, that is a bug worth a log line, not a panic.
     pub(super) fn queue(&mut self, packet: &Packet, protocol: Protocol) {
-        if let Err(e) = packet.encode(protocol, &mut self.out) {
+        if let Err(e) = packet.encode(protocol, &mut self.busy().out) {
             warn!("could not encode {:?}: {e}", packet.packet_type());
         }
     }
@@ -100,7 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
     /// Writes what is pending (a DISCONNECT or refusing CONNACK last) and
     /// shuts the write side: the client reads it, then the end of stream.
     pub(super) async fn flush_and_shutdown(&mut self) {
-        let out = std::mem::take(&mut self.out);
+        let out = self.busy.take().map(|b| b.out).unwrap_or_default();
         let _ = tokio::time::timeout(CLOSE_FLUSH, async {
             self.stream.write_all(&out).await?;
             self.stream.shutdown().await
@@ -128,13 +224,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         .await;
     }
 
+    /// Reads once (waiting for it) into the read buffer.
+    pub(super) async fn read(&mut self) -> std::io::Result<usize> {
+        let offered = self.reserve_read();
+        std::future::poll_fn(|cx| self.poll_read(cx, offered)).await
+    }
+
     /// Waits for the first packet, which must be CONNECT. On failure
     /// returns why, with any refusal (CONNACK) already queued.
     pub(super) async fn read_connect(&mut self, shared: &Shared) -> Result<Box<Connect>, String> {
         let max = shared.config().limits.max_packet_size;
         loop {
-            let level = connect_level(&self.inbuf);
-            match codec::decode(&mut self.inbuf, Protocol::V5, max) {
+            let inbuf = &mut self.busy().inbuf;
+            let level = connect_level(inbuf);
+            match codec::decode(inbuf, Protocol::V5, max) {
                 Ok(Some(Packet::Connect(connect))) => return Ok(connect),
                 Ok(Some(other)) => {
                     // [MQTT-3.1.0-1]: the first packet must be CONNECT.
@@ -150,8 +253,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
                     return Err(error.to_string());
                 }
             }
-            let _ = self.reserve_read();
-            match self.stream.read_buf(&mut self.inbuf).await {
+            match self.read().await {
                 Ok(0) => return Err("closed before CONNECT".into()),
                 Ok(_) => {}
                 Err(e) => return Err(e.to_string()),
@@ -167,13 +269,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         max: u32,
     ) -> Result<Packet, String> {
         loop {
-            match codec::decode(&mut self.inbuf, protocol, max) {
+            match codec::decode(&mut self.busy().inbuf, protocol, max) {
                 Ok(Some(packet)) => return Ok(packet),
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            let _ = self.reserve_read();
-            match self.stream.read_buf(&mut self.inbuf).await {
+            match self.read().await {
                 Ok(0) => return Err("closed during authentication".into()),
                 Ok(_) => {}
                 Err(e) => return Err(e.to_string()),
