@@ -46,11 +46,11 @@ fn violation(reason: ReasonCode, why: &str) -> ProtocolViolation {
 pub struct EngineLimits {
     /// Our Receive Maximum: inbound QoS 1/2 publishes not yet fully
     /// acknowledged.
-    pub receive_maximum: usize,
+    pub receive_maximum: u16,
     /// The client's Receive Maximum: outbound QoS 1/2 messages in flight.
-    pub client_receive_maximum: usize,
+    pub client_receive_maximum: u16,
     /// The largest packet the client accepts.
-    pub client_max_packet: usize,
+    pub client_max_packet: u32,
     /// Whether retained publishes are accepted.
     pub retain_available: bool,
     /// Our Topic Alias Maximum: aliases the client may define.
@@ -188,9 +188,9 @@ pub struct Engine {
     /// Acknowledgements in PUBLISH order, each waiting for its ticket.
     pending: VecDeque<PendingAck>,
     /// QoS 1 publishes whose PUBACK has not been sent.
-    pending_qos1: usize,
+    pending_qos1: u32,
     /// Replies in `pending` waiting for the next write's ticket.
-    unwritten: usize,
+    unwritten: u32,
     /// Topic aliases of this connection, made on first use (most
     /// connections use none, and every byte here is paid per connection).
     aliases: Option<Box<Aliases>>,
@@ -233,13 +233,13 @@ impl Engine {
 
     /// Inbound QoS 1/2 publishes not yet fully acknowledged.
     pub fn inbound_unacknowledged(&self) -> usize {
-        self.pending_qos1 + self.state.qos2_received.len()
+        self.pending_qos1 as usize + self.state.qos2_received.len()
     }
 
     /// Whether to read more packets: 3.1.1 has no Receive Maximum to
     /// announce, so its clients are slowed down by not reading instead.
     pub fn wants_input(&self) -> bool {
-        self.v5() || self.inbound_unacknowledged() < self.limits.receive_maximum
+        self.v5() || self.inbound_unacknowledged() < usize::from(self.limits.receive_maximum)
     }
 
     /// Acknowledgements waiting for the store.
@@ -302,7 +302,7 @@ impl Engine {
         }
         if publish.qos != QoS::AtMostOnce
             && self.v5()
-            && self.inbound_unacknowledged() >= self.limits.receive_maximum
+            && self.inbound_unacknowledged() >= usize::from(self.limits.receive_maximum)
         {
             return Err(violation(
                 ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
@@ -547,7 +547,7 @@ impl Engine {
     /// Whether a delivery at `qos` may be sent now (the client's Receive
     /// Maximum bounds QoS 1/2 messages in flight).
     pub fn can_send(&self, qos: QoS) -> bool {
-        qos == QoS::AtMostOnce || self.state.inflight.len() < self.limits.client_receive_maximum
+        qos == QoS::AtMostOnce || self.state.inflight.len() < usize::from(self.limits.client_receive_maximum)
     }
 
     fn next_packet_id(&mut self) -> u16 {
@@ -694,7 +694,7 @@ impl Engine {
             } else {
                 0
             };
-        if size > self.limits.client_max_packet {
+        if size > self.limits.client_max_packet as usize {
             if let Some(d) = &keep {
                 forget(d, ops);
             }

@@ -216,15 +216,15 @@ pub fn terms(connect: &Connect, c: &Circumstances<'_>) -> Terms {
         }
     }
     let engine = EngineLimits {
-        receive_maximum: usize::from(limits.receive_maximum),
+        receive_maximum: limits.receive_maximum,
         client_receive_maximum: match props.receive_maximum {
-            Some(max) if v5 => usize::from(max),
+            Some(max) if v5 => max,
             // 3.1.1 clients cannot say; our own limit keeps it bounded.
-            _ => usize::from(limits.receive_maximum),
+            _ => limits.receive_maximum,
         },
         client_max_packet: match props.maximum_packet_size {
-            Some(max) if v5 => max as usize,
-            _ => usize::MAX,
+            Some(max) if v5 => max,
+            _ => u32::MAX,
         },
         retain_available: true,
         topic_alias_maximum: if v5 { limits.topic_alias_maximum } else { 0 },
@@ -581,9 +581,9 @@ mod tests {
         let old = terms(&connect(V311, "c"), &c);
         assert_eq!(
             old.engine.client_receive_maximum,
-            usize::from(l.receive_maximum)
+            l.receive_maximum
         );
-        assert_eq!(old.engine.client_max_packet, usize::MAX);
+        assert_eq!(old.engine.client_max_packet, u32::MAX);
         assert_eq!(old.engine.topic_alias_maximum, 0);
         assert_eq!(old.engine.client_topic_aliases, 0);
         assert_eq!(old.connack.properties, Default::default());
