@@ -547,7 +547,8 @@ impl Engine {
     /// Whether a delivery at `qos` may be sent now (the client's Receive
     /// Maximum bounds QoS 1/2 messages in flight).
     pub fn can_send(&self, qos: QoS) -> bool {
-        qos == QoS::AtMostOnce || self.state.inflight.len() < usize::from(self.limits.client_receive_maximum)
+        qos == QoS::AtMostOnce
+            || self.state.inflight.len() < usize::from(self.limits.client_receive_maximum)
     }
 
     fn next_packet_id(&mut self) -> u16 {

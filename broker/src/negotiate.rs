@@ -579,10 +579,7 @@ mod tests {
         assert_eq!(p.retain_available, Some(true));
         // 3.1.1 asks for nothing and is told nothing.
         let old = terms(&connect(V311, "c"), &c);
-        assert_eq!(
-            old.engine.client_receive_maximum,
-            l.receive_maximum
-        );
+        assert_eq!(old.engine.client_receive_maximum, l.receive_maximum);
         assert_eq!(old.engine.client_max_packet, u32::MAX);
         assert_eq!(old.engine.topic_alias_maximum, 0);
         assert_eq!(old.engine.client_topic_aliases, 0);

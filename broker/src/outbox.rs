@@ -357,6 +357,11 @@ struct OnDisk {
     /// Spilled runs not yet known durable: (end of the run, exclusive;
     /// the highest store ticket in it and before it), in order.
     pending: VecDeque<(u64, Ticket)>,
+    /// Queued in memory since the backlog was recovered, logically after
+    /// it (here, not in the queue: only a queue with a backlog has one).
+    tail: VecDeque<Queued>,
+    /// Bytes of `tail`.
+    tail_bytes: usize,
 }
 
 impl OnDisk {
@@ -401,25 +406,20 @@ const SPILL_BYTES: usize = 4 << 20;
 /// Spilled deliveries share one durability checkpoint per this many.
 const SPILL_RUN: usize = 64;
 
-#[derive(Default)]
 struct Queue {
     /// The head of the queue, in memory.
     items: VecDeque<Queued>,
     /// Bytes of `items`.
     bytes: usize,
-    /// A recovered backlog still on disk, logically after `items`.
-    /// (Boxed: most queues never have one, and every connection has a
-    /// queue.)
+    /// A recovered backlog still on disk, logically after `items`, and
+    /// what was queued behind it. (Boxed: most queues never have one, and
+    /// every connection has a queue.)
     disk: Option<Box<OnDisk>>,
-    /// Queued since the backlog was recovered, logically after `disk`.
-    tail: VecDeque<Queued>,
-    /// Bytes of `tail`.
-    tail_bytes: usize,
     next_seq: u64,
     closed: bool,
-    /// Limits set since the queue was made (a bridge's own bounds, or a
-    /// reload's), replacing the ones it was made with.
-    limits: Option<QueueLimits>,
+    /// Its bounds and policies: those it was made with, or set since (a
+    /// bridge's own bounds, a reload's).
+    limits: QueueLimits,
     /// What this queue's entries have charged to the broker's
     /// [`QueueMemory`] (at the last settle).
     charged: usize,
@@ -429,29 +429,53 @@ struct Queue {
 }
 
 impl Queue {
+    /// An empty queue whose first delivery gets `next_seq`.
+    fn new(next_seq: u64, limits: QueueLimits) -> Queue {
+        Queue {
+            items: VecDeque::new(),
+            bytes: 0,
+            disk: None,
+            next_seq,
+            closed: false,
+            limits,
+            charged: 0,
+            payload_delta: 0,
+        }
+    }
+
     /// What the entries held in memory cost ([`QueueMemory`]), payloads
     /// aside.
     fn footprint(&self) -> usize {
-        (self.items.len() + self.tail.len()) * ENTRY_COST
+        (self.items.len() + self.tail_len()) * ENTRY_COST
+    }
+
+    /// Entries queued in memory behind a backlog.
+    fn tail_len(&self) -> usize {
+        self.disk.as_ref().map_or(0, |d| d.tail.len())
+    }
+
+    /// Their payload bytes.
+    fn tail_bytes(&self) -> usize {
+        self.disk.as_ref().map_or(0, |d| d.tail_bytes)
     }
 
     /// What it holds in memory, payloads included (whoever else holds
     /// them): its size against its share of [`QueueMemory`].
     fn holding(&self) -> usize {
-        self.footprint() + self.bytes + self.tail_bytes
+        self.footprint() + self.bytes + self.tail_bytes()
     }
 
     /// Whether nothing is held in memory.
     fn nothing_in_memory(&self) -> bool {
-        self.items.is_empty() && self.tail.is_empty()
+        self.items.is_empty() && self.tail_len() == 0
     }
 
     fn count(&self) -> usize {
-        self.items.len() + self.tail.len() + self.disk.as_ref().map_or(0, |d| d.count)
+        self.items.len() + self.disk.as_ref().map_or(0, |d| d.count + d.tail.len())
     }
 
     fn total_bytes(&self) -> usize {
-        self.bytes + self.tail_bytes + self.disk.as_ref().map_or(0, |d| d.bytes)
+        self.bytes + self.disk.as_ref().map_or(0, |d| d.bytes + d.tail_bytes)
     }
 }
 
@@ -467,9 +491,6 @@ pub struct Outbox {
     bell: Doorbell,
     /// Wakes publishers blocked on a full queue (policy `block`).
     space: Notify,
-    /// Bounds and policies it was made with, so one slow subscriber cannot
-    /// take all memory (see `Queue::limits`).
-    limits: QueueLimits,
     /// The `queue_qos0` of the limits in force, read without the lock.
     queue_qos0: AtomicBool,
     /// May fill the disk budget's bridge reserve (a bridge's queue).
@@ -521,7 +542,7 @@ impl Drop for Outbox {
         let released: isize = q
             .items
             .iter()
-            .chain(q.tail.iter())
+            .chain(q.disk.iter().flat_map(|d| d.tail.iter()))
             .map(|e| let_go(&e.message))
             .sum();
         self.env
@@ -535,12 +556,9 @@ impl Outbox {
     /// store behind it (tests and fuzzing).
     #[cfg(any(test, feature = "fuzzing"))]
     pub fn new(session_number: u64, limits: QueueLimits, first_seq: u64) -> Arc<Self> {
-        let queue = Queue {
-            next_seq: first_seq,
-            ..Queue::default()
-        };
+        let queue = Queue::new(first_seq, limits);
         let env = QueueEnv::new(None, QueueMemory::new(0));
-        Arc::new(Self::with(session_number, limits, queue, env, false))
+        Arc::new(Self::with(session_number, queue, env, false))
     }
 
     /// An empty outbox of 1,000 messages and 1 MiB (tests).
@@ -556,20 +574,14 @@ impl Outbox {
     }
 
     /// An outbox holding `queue`, in `env`.
-    fn with(
-        session_number: u64,
-        limits: QueueLimits,
-        queue: Queue,
-        env: Arc<QueueEnv>,
-        persistent: bool,
-    ) -> Outbox {
+    fn with(session_number: u64, queue: Queue, env: Arc<QueueEnv>, persistent: bool) -> Outbox {
+        let queue_qos0 = queue.limits.queue_qos0;
         Outbox {
             queue: Mutex::new(queue),
             bell: Doorbell::default(),
             space: Notify::new(),
-            queue_qos0: AtomicBool::new(limits.queue_qos0),
+            queue_qos0: AtomicBool::new(queue_qos0),
             uses_reserve: AtomicBool::new(false),
-            limits,
             session_number,
             persistent: AtomicBool::new(persistent),
             online: AtomicBool::new(false),
@@ -595,21 +607,12 @@ impl Outbox {
         first_seq: u64,
         env: &Arc<QueueEnv>,
     ) -> Arc<Self> {
-        let queue = Queue {
-            next_seq: first_seq,
-            ..Queue::default()
-        };
-        Arc::new(Self::with(
-            session_number,
-            limits,
-            queue,
-            env.clone(),
-            false,
-        ))
+        let queue = Queue::new(first_seq, limits);
+        Arc::new(Self::with(session_number, queue, env.clone(), false))
     }
 
-    /// An outbox for a queue recovered from the store of `env`: its `summary.count`
-    /// messages stay on disk until drained; `in_flight` lists sequences
+    /// An outbox for a queue recovered from the store of `env`: its
+    /// `summary.count` messages stay on disk until drained; `in_flight` lists sequences
     /// already in flight, not to be sent again from the backlog.
     /// New deliveries get sequences from `first_seq` on (or after the
     /// recovered ones, if higher).
@@ -629,14 +632,11 @@ impl Outbox {
             bytes: summary.bytes as usize,
             skip: in_flight,
             safe_until: summary.next_seq,
-            pending: VecDeque::new(),
+            ..OnDisk::default()
         };
-        let queue = Queue {
-            next_seq: summary.next_seq.max(first_seq).max(1),
-            disk: (summary.count > 0).then(|| Box::new(disk)),
-            ..Queue::default()
-        };
-        let outbox = Self::with(session_number, limits, queue, env.clone(), true);
+        let mut queue = Queue::new(summary.next_seq.max(first_seq).max(1), limits);
+        queue.disk = (summary.count > 0).then(|| Box::new(disk));
+        let outbox = Self::with(session_number, queue, env.clone(), true);
         outbox.bell.ring(READY);
         Arc::new(outbox)
     }
@@ -681,31 +681,23 @@ impl Outbox {
     /// the configured per-session ones.
     pub fn set_bounds(&self, max_messages: usize, max_bytes: usize) {
         let mut q = self.queue.lock();
-        let limits = self.limits(&q);
-        q.limits = Some(QueueLimits {
-            max_messages,
-            max_bytes,
-            ..limits
-        });
+        q.limits.max_messages = max_messages;
+        q.limits.max_bytes = max_bytes;
     }
 
     /// Puts `limits` in force for this queue from now on (a reload): what
     /// is queued stays, even above a smaller bound.
     pub fn set_limits(&self, limits: QueueLimits) {
         let mut q = self.queue.lock();
-        q.limits = Some(limits);
+        q.limits = limits;
         self.queue_qos0.store(limits.queue_qos0, Ordering::Relaxed);
         drop(q);
         // A larger bound may let blocked publishers go on.
         self.space.notify_waiters();
     }
 
-    fn limits(&self, q: &Queue) -> QueueLimits {
-        q.limits.unwrap_or(self.limits)
-    }
-
     fn bounds(&self, q: &Queue) -> (usize, usize) {
-        let limits = self.limits(q);
+        let limits = q.limits;
         (limits.max_messages, limits.max_bytes)
     }
 
@@ -781,12 +773,10 @@ impl Outbox {
             Some(seq) if full_page => seq + 1,
             _ => limit,
         };
-        if disk.from >= disk.until {
+        if let Some(done) = q.disk.take_if(|d| d.from >= d.until) {
             // The backlog is read: what queued since follows it.
-            q.disk = None;
-            let tail = std::mem::take(&mut q.tail);
-            q.bytes += std::mem::take(&mut q.tail_bytes);
-            q.items.extend(tail);
+            q.bytes += done.tail_bytes;
+            q.items.extend(done.tail);
         }
         true
     }
@@ -835,7 +825,7 @@ impl Outbox {
         if q.closed {
             return (Pushed::Closed, false);
         }
-        let limits = self.limits(q);
+        let limits = q.limits;
         if delivery.qos == QoS::AtMostOnce
             && !limits.queue_qos0
             && !self.online.load(Ordering::Acquire)
@@ -872,14 +862,18 @@ impl Outbox {
             match limits.policy {
                 QueueFull::DropOldest => {
                     self.refill(q);
-                    let Some(old) = q.items.pop_front().or_else(|| q.tail.pop_front()) else {
-                        break;
+                    let (old, from_tail) = match q.items.pop_front() {
+                        Some(old) => (old, false),
+                        None => match q.disk.as_mut().and_then(|d| d.tail.pop_front()) {
+                            Some(old) => (old, true),
+                            None => break,
+                        },
                     };
                     q.payload_delta += let_go(&old.message);
-                    if q.bytes >= old.message.payload.len() {
-                        q.bytes -= old.message.payload.len();
-                    } else {
-                        q.tail_bytes = q.tail_bytes.saturating_sub(old.message.payload.len());
+                    let size = old.message.payload.len();
+                    match q.disk.as_mut() {
+                        Some(d) if from_tail => d.tail_bytes = d.tail_bytes.saturating_sub(size),
+                        _ => q.bytes = q.bytes.saturating_sub(size),
                     }
                     evicted.push(Evicted {
                         seq: old.seq,
@@ -908,10 +902,10 @@ impl Outbox {
         if let (true, Some(disk)) = (spill, q.disk.as_mut()) {
             // Behind a backlog on disk: it stays there too.
             disk.append(seq, size, store_ticket.max(delivery.ticket));
-        } else if q.disk.is_some() {
-            q.tail_bytes += size;
+        } else if let Some(disk) = q.disk.as_mut() {
+            disk.tail_bytes += size;
             q.payload_delta += held(&delivery.message);
-            push_grown(&mut q.tail, Queued::new(delivery));
+            push_grown(&mut disk.tail, Queued::new(delivery));
         } else if spill
             && (memory_full || q.items.len() >= SPILL_MESSAGES || q.bytes + size > SPILL_BYTES)
         {
@@ -1019,7 +1013,11 @@ impl Outbox {
         QueueDepth {
             messages: q.count() as u64,
             bytes: q.total_bytes() as u64,
-            oldest_queued_ms: q.items.front().or(q.tail.front()).map(|d| d.queued_ms),
+            oldest_queued_ms: q
+                .items
+                .front()
+                .or(q.disk.as_ref().and_then(|d| d.tail.front()))
+                .map(|d| d.queued_ms),
         }
     }
 
@@ -1029,12 +1027,11 @@ impl Outbox {
         let mut q = self.queue.lock();
         q.closed = true;
         q.bytes = 0;
-        q.tail_bytes = 0;
-        q.disk = None;
+        let tail = q.disk.take().map(|d| d.tail).unwrap_or_default();
         let number = self.session_number;
         let queue = &mut *q;
         let mut released = 0;
-        let items: Vec<Delivery> = (queue.items.drain(..).chain(queue.tail.drain(..)))
+        let items: Vec<Delivery> = (queue.items.drain(..).chain(tail))
             .map(|e| {
                 released += let_go(&e.message);
                 e.delivery(number)
@@ -1375,7 +1372,7 @@ mod tests {
 
         fn in_memory(&self) -> usize {
             let q = self.outbox.queue.lock();
-            q.items.len() + q.tail.len()
+            q.items.len() + q.tail_len()
         }
 
         /// Pops everything that can be popped now.
@@ -1444,11 +1441,8 @@ mod tests {
             policy,
             queue_qos0: false,
         };
-        let queue = Queue {
-            next_seq: 1,
-            ..Queue::default()
-        };
-        let o = Outbox::with(1, limits, queue, QueueEnv::new(None, memory.clone()), false);
+        let queue = Queue::new(1, limits);
+        let o = Outbox::with(1, queue, QueueEnv::new(None, memory.clone()), false);
         o.set_online(true);
         o
     }
