@@ -15,7 +15,7 @@
 use ferrymq_codec::topic::matches;
 use ferrymq_config::acl::{Acl, Selector};
 
-use crate::reload::Reloadable;
+use crate::reloadable::Reloadable;
 
 /// A connected client's [`Access`], rebuilt from the rules in force when a
 /// reload replaced them ([`ClientAccess::refresh`], before each PUBLISH

@@ -33,8 +33,8 @@
 //!   served by one task), `rate` (`max_publish_rate`), `client` (the
 //!   in-process client);
 //! - who may do what: `auth` (enhanced authentication), `users` (the
-//!   password file), `acl` (the ACL file), `reload` (SIGHUP), `shed` (load
-//!   shedding);
+//!   password file), `acl` (the ACL file), `reload` (SIGHUP),
+//!   `reloadable` (a value a reload replaces), `shed` (load shedding);
 //! - messages: `message`, `publish` (routing one message into outboxes,
 //!   retained and the store), `router` (the topic tree), `level_tree`
 //!   (what the router's and the retained set's trees share), `retained`,
@@ -86,6 +86,7 @@ mod publish;
 mod rate;
 mod recovery;
 mod reload;
+mod reloadable;
 mod replay;
 mod retained;
 mod router;
@@ -550,7 +551,7 @@ impl BrokerBuilder {
 /// the rules of the ACL file and the enhanced authentication methods.
 struct Access {
     users: Option<users::Users>,
-    acl: Option<reload::Reloadable<ferrymq_config::acl::Acl>>,
+    acl: Option<reloadable::Reloadable<ferrymq_config::acl::Acl>>,
     methods: Vec<Arc<dyn auth::AuthMethod>>,
 }
 
@@ -571,7 +572,7 @@ impl Access {
             None => None,
         };
         let acl = match &config.auth.acl_file {
-            Some(path) => Some(reload::Reloadable::new(
+            Some(path) => Some(reloadable::Reloadable::new(
                 ferrymq_config::acl::Acl::from_file(path, "auth.acl_file")
                     .map_err(|errors| StartError::Config(ConfigErrors(errors)))?,
             )),

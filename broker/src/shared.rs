@@ -12,8 +12,8 @@ use ferrymq_config::Config;
 use tokio::sync::watch;
 
 use crate::{
-    Stats, Store, auth, dedup, outbox, reload, retained, router, server, session, shared_sub, shed,
-    state, stats, storage, users,
+    Stats, Store, auth, dedup, outbox, reloadable, retained, router, server, session, shared_sub,
+    shed, state, stats, storage, users,
 };
 
 /// What every connection task shares.
@@ -31,7 +31,7 @@ pub(crate) struct Shared {
     /// The users of `[auth] password_file`, if set.
     pub(crate) users: Option<users::Users>,
     /// The rules of `[auth] acl_file`, if set (a reload replaces them).
-    pub(crate) acl: Option<reload::Reloadable<ferrymq_config::acl::Acl>>,
+    pub(crate) acl: Option<reloadable::Reloadable<ferrymq_config::acl::Acl>>,
     pub(crate) stats: Stats,
     /// Source of connection numbers ([`Shared::next_connection`]).
     pub(crate) next_connection: AtomicU64,
