@@ -185,15 +185,23 @@ pub struct Engine {
     /// The session, owned while connected.
     pub state: SessionState,
     limits: EngineLimits,
-    /// Acknowledgements in PUBLISH order, each waiting for its ticket.
-    pending: VecDeque<PendingAck>,
-    /// QoS 1 publishes whose PUBACK has not been sent.
-    pending_qos1: u32,
-    /// Replies in `pending` waiting for the next write's ticket.
-    unwritten: u32,
+    /// Acknowledgements waiting for the store, made on the first one and
+    /// let go when none waits (`trim`): an idle connection has none.
+    pending: Option<Box<Pending>>,
     /// Topic aliases of this connection, made on first use (most
     /// connections use none, and every byte here is paid per connection).
     aliases: Option<Box<Aliases>>,
+}
+
+/// Acknowledgements waiting for the store (`Engine::pending`).
+#[derive(Default)]
+struct Pending {
+    /// In PUBLISH order, each waiting for its ticket.
+    acks: VecDeque<PendingAck>,
+    /// QoS 1 publishes whose PUBACK has not been sent.
+    qos1: u32,
+    /// Replies in `acks` waiting for the next write's ticket.
+    unwritten: u32,
 }
 
 /// The topic aliases of one connection, both ways.
@@ -216,9 +224,7 @@ impl Engine {
             protocol,
             state,
             limits,
-            pending: VecDeque::new(),
-            pending_qos1: 0,
-            unwritten: 0,
+            pending: None,
             aliases: None,
         }
     }
@@ -233,7 +239,7 @@ impl Engine {
 
     /// Inbound QoS 1/2 publishes not yet fully acknowledged.
     pub fn inbound_unacknowledged(&self) -> usize {
-        self.pending_qos1 as usize + self.state.qos2_received.len()
+        self.pending.as_ref().map_or(0, |p| p.qos1 as usize) + self.state.qos2_received.len()
     }
 
     /// Whether to read more packets: 3.1.1 has no Receive Maximum to
@@ -242,14 +248,30 @@ impl Engine {
         self.v5() || self.inbound_unacknowledged() < usize::from(self.limits.receive_maximum)
     }
 
+    /// The acknowledgements waiting for the store, made if none did.
+    fn pending(&mut self) -> &mut Pending {
+        self.pending.get_or_insert_default()
+    }
+
+    /// Lets go of the room kept for acknowledgements when none waits (an
+    /// idle connection).
+    pub fn trim(&mut self) {
+        if self.pending.as_ref().is_some_and(|p| p.acks.is_empty()) {
+            self.pending = None;
+        }
+    }
+
     /// Acknowledgements waiting for the store.
     pub fn pending_acks(&self) -> usize {
-        self.pending.len()
+        self.pending.as_ref().map_or(0, |p| p.acks.len())
     }
 
     /// The ticket the oldest waiting acknowledgement needs, if any.
     pub fn waiting_for(&self) -> Option<Ticket> {
-        self.pending.front().map(|p| p.ticket)
+        self.pending
+            .as_ref()
+            .and_then(|p| p.acks.front())
+            .map(|a| a.ticket)
     }
 
     /// An inbound PUBLISH, received at `now`.
@@ -293,7 +315,7 @@ impl Engine {
         {
             // A resend of a QoS 2 publish already accepted: acknowledge
             // again, in order, without routing it twice.
-            self.pending.push_back(PendingAck {
+            self.pending().acks.push_back(PendingAck {
                 ticket: 0,
                 reply: Some(Packet::PubRec(PubAck::new(publish.packet_id))),
                 qos1: false,
@@ -431,8 +453,8 @@ impl Engine {
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
-                self.pending_qos1 += 1;
-                self.pending.push_back(PendingAck {
+                self.pending().qos1 += 1;
+                self.pending().acks.push_back(PendingAck {
                     ticket: outcome.ticket,
                     reply: reply(Packet::PubAck),
                     qos1: true,
@@ -442,7 +464,7 @@ impl Engine {
                 if !outcome.refused {
                     self.state.qos2_received.insert(packet_id);
                 }
-                self.pending.push_back(PendingAck {
+                self.pending().acks.push_back(PendingAck {
                     ticket: outcome.ticket,
                     reply: reply(Packet::PubRec),
                     qos1: false,
@@ -454,11 +476,11 @@ impl Engine {
     /// The ops pushed so far went to the store under `ticket`: the replies
     /// that wait for them leave once it is durable.
     pub fn written(&mut self, ticket: Ticket) {
-        if self.unwritten == 0 {
+        let Some(pending) = self.pending.as_mut().filter(|p| p.unwritten > 0) else {
             return;
-        }
-        self.unwritten = 0;
-        for ack in self.pending.iter_mut().filter(|a| a.ticket == NEXT_WRITE) {
+        };
+        pending.unwritten = 0;
+        for ack in pending.acks.iter_mut().filter(|a| a.ticket == NEXT_WRITE) {
             ack.ticket = ticket;
         }
     }
@@ -466,7 +488,7 @@ impl Engine {
     /// Queues a reply (SUBACK, UNSUBACK) to leave once `ticket` is durable,
     /// behind every acknowledgement queued before it.
     pub fn reply_after(&mut self, ticket: Ticket, packet: Packet) {
-        self.pending.push_back(PendingAck {
+        self.pending().acks.push_back(PendingAck {
             ticket,
             reply: Some(packet),
             qos1: false,
@@ -478,15 +500,16 @@ impl Engine {
     /// refusal (5.0: 0x97 with a reason string; 3.1.1: none, the client
     /// sends it again later), and its held QoS 2 id is released.
     pub fn release_acks(&mut self, durable: &Durable, out: &mut Vec<Packet>) {
-        while let Some(front) = self.pending.front() {
-            if front.ticket > durable.up_to {
-                break;
+        while let Some(pending) = self.pending.as_mut() {
+            match pending.acks.front() {
+                Some(front) if front.ticket <= durable.up_to => {}
+                _ => break,
             }
-            let Some(ack) = self.pending.pop_front() else {
+            let Some(ack) = pending.acks.pop_front() else {
                 break;
             };
             if ack.qos1 {
-                self.pending_qos1 -= 1;
+                pending.qos1 -= 1;
             }
             let Some(reply) = ack.reply else {
                 continue;
@@ -532,12 +555,12 @@ impl Engine {
                     packet_id,
                 });
                 ticket = NEXT_WRITE;
-                self.unwritten += 1;
+                self.pending().unwritten += 1;
             }
         } else if self.v5() {
             comp.reason_code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
         }
-        self.pending.push_back(PendingAck {
+        self.pending().acks.push_back(PendingAck {
             ticket,
             reply: Some(Packet::PubComp(comp)),
             qos1: false,
@@ -789,12 +812,12 @@ impl Engine {
             // client has it, it forgets the id, and a broker restarted
             // with the message still unreleased would send it again as a
             // new one.
-            self.pending.push_back(PendingAck {
+            self.pending().acks.push_back(PendingAck {
                 ticket: NEXT_WRITE,
                 reply: Some(Packet::PubRel(PubAck::new(packet_id))),
                 qos1: false,
             });
-            self.unwritten += 1;
+            self.pending().unwritten += 1;
             return;
         }
         out.push(Packet::PubRel(PubAck::new(packet_id)));

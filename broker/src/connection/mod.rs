@@ -121,17 +121,18 @@ where
 {
     use tracing::Instrument;
     let span = tracing::info_span!("connection", %peer, client_id = tracing::field::Empty);
-    // Boxed, and the box moved into `open` whole (whose boxed future frees
-    // it when done): what an async block takes in stays in it for the
-    // connection's life, and so would a box only moved out of.
-    let options = Box::new(options);
+    // The stream and the options in one box, moved into `open` whole
+    // (whose boxed future frees it when done): what an async block takes
+    // in stays in it for the connection's life, and so would a box only
+    // moved out of. (The stream goes on in the connection.)
+    let opening = Box::new((stream, options));
+    let peer = peer.into_boxed_str();
     // One async block (not an `async fn` around one): what it takes in is
     // stored once per connection, not once per layer.
     async move {
-        let io = Io::new(stream);
         // The phases before and after `run` are boxed: a task's size is its
         // largest state, and an idle connection should cost only `run`'s.
-        let Some(mut conn) = Box::pin(open(io, &shared, &peer, options)).await else {
+        let Some(mut conn) = Box::pin(open(opening, &shared, &peer)).await else {
             return;
         };
         tracing::Span::current().record(
@@ -141,7 +142,7 @@ where
         debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
         // A panic while handling a packet is caught in `run` (around `turn`,
         // without boxing `run`, whose state every idle connection pays).
-        let close = conn.run(&shared.shutdown_rx).await;
+        let close = conn.run().await;
         Box::pin(close_connection(conn, close, &peer)).await;
     }
     .instrument(span)
@@ -150,14 +151,15 @@ where
 /// Phases 1 and 2: the CONNECT, then accepting it. A panic in either (a
 /// bug) ends this connection only, logged with the client id once known.
 async fn open<'a, S>(
-    mut io: Io<S>,
+    opening: Box<(S, ServeOptions)>,
     shared: &'a Shared,
     peer: &str,
-    options: Box<ServeOptions>,
 ) -> Option<Conn<'a, S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let (stream, options) = *opening;
+    let mut io = Io::new(stream);
     let connect = match CatchPanic(Box::pin(first_connect(&mut io, shared, peer))).await {
         Ok(connect) => connect?,
         Err(why) => {
@@ -166,7 +168,7 @@ where
         }
     };
     let client_id = connect.client_id.to_string();
-    match CatchPanic(Box::pin(Conn::accept(connect, io, shared, *options))).await {
+    match CatchPanic(Box::pin(Conn::accept(connect, io, shared, options))).await {
         Ok(conn) => conn,
         Err(why) => {
             panicked(shared, peer, &client_id, "accept", why);
@@ -269,8 +271,8 @@ struct Turn {
     can_read: bool,
     /// The write buffer is below its high-water mark.
     room: bool,
-    /// The free space the read is offered.
-    offered: usize,
+    /// The free space the read is offered (at most `READ_MAX`).
+    offered: u32,
 }
 
 type RareWait = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
@@ -318,7 +320,9 @@ enum Woke {
 /// when 0), the time of its last packet, and the deadline it has in the
 /// broker's keep-alive queue (`keepalive.rs`).
 struct KeepAliveWatch {
-    limit: Option<Duration>,
+    /// In milliseconds (at most 1.5 times 65,535 s), 0 for none: four bytes
+    /// instead of a `Duration`'s sixteen, in every connection.
+    limit_ms: u32,
     last_packet: Instant,
     deadline: Option<Instant>,
 }
@@ -326,15 +330,20 @@ struct KeepAliveWatch {
 impl KeepAliveWatch {
     fn new(limit: Option<Duration>) -> KeepAliveWatch {
         KeepAliveWatch {
-            limit,
+            limit_ms: limit.map_or(0, |l| u32::try_from(l.as_millis()).unwrap_or(u32::MAX)),
             last_packet: Instant::now(),
             deadline: None,
         }
     }
 
+    /// The limit, if there is one.
+    fn limit(&self) -> Option<Duration> {
+        (self.limit_ms > 0).then(|| Duration::from_millis(u64::from(self.limit_ms)))
+    }
+
     /// Puts the deadline in: the limit after the last packet.
     fn arm(&mut self, shared: &Shared, control: &Control, outbox: &Arc<Outbox>) {
-        if let Some(limit) = self.limit {
+        if let Some(limit) = self.limit() {
             let at = self.last_packet + limit;
             shared
                 .keep_alive
@@ -354,7 +363,7 @@ impl KeepAliveWatch {
     /// limit. If not, and the deadline put in has come (the keep-alive task
     /// took it out when it rang), puts the next one in.
     fn expired(&mut self, shared: &Shared, control: &Control, outbox: &Arc<Outbox>) -> bool {
-        let (Some(limit), Some(at)) = (self.limit, self.deadline) else {
+        let (Some(limit), Some(at)) = (self.limit(), self.deadline) else {
             return false;
         };
         let now = Instant::now();
@@ -386,7 +395,7 @@ enum Drain {
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
     /// The connection's main loop; returns why it ended.
-    async fn run(&mut self, shutdown: &watch::Receiver<bool>) -> Close {
+    async fn run(&mut self) -> Close {
         // (No copies of `self`'s fields here: this future's size is what
         // every idle connection pays.)
         // A kick rings the doorbell of the queue recorded for the session
@@ -398,7 +407,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
         let close = loop {
             // A shutdown kicks every connection holding a session; one
             // that attached after that sees the flag here.
-            if *shutdown.borrow() {
+            if *self.shared.shutdown_rx.borrow() {
                 break Close::Shutdown;
             }
             // Everything that needs no waiting, then one wait. (The work is
@@ -417,7 +426,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
             // One wait on the socket, the doorbell and `rare`: polled by
             // hand, so that an idle connection holds no future for any of
             // them (the socket and the doorbell keep its waker).
-            let woke = std::future::poll_fn(|cx| self.wait(cx, &turn, &mut rare, shutdown)).await;
+            let woke = std::future::poll_fn(|cx| self.wait(cx, &turn, &mut rare)).await;
             drop(rare);
             match woke {
                 Woke::Again => {}
@@ -446,7 +455,6 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
         cx: &mut Context<'_>,
         turn: &Turn,
         rare: &mut Option<RareWait>,
-        shutdown: &watch::Receiver<bool>,
     ) -> Poll<Woke> {
         let outbox = &self.engine.state.outbox;
         let wanted = if turn.drain != Drain::OutFull && turn.room {
@@ -456,7 +464,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
         };
         let rung = outbox.doorbell().take(cx, wanted);
         if self.control.is_kicked() {
-            return Poll::Ready(if *shutdown.borrow() {
+            return Poll::Ready(if *self.shared.shutdown_rx.borrow() {
                 Woke::Closed(Close::Shutdown)
             } else {
                 Woke::Ending(Close::TakenOver)
@@ -479,7 +487,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
             }
         }
         if turn.can_read {
-            match io.poll_read(cx, turn.offered) {
+            match io.poll_read(cx, turn.offered as usize) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Woke::Closed(Close::Eof)),
                 Poll::Ready(Ok(_)) => {
                     self.keep_alive.last_packet = Instant::now();
@@ -557,8 +565,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
             && self.parked.is_none()
         {
             self.io.trim();
+            self.engine.trim();
         }
-        let offered = self.io.reserve_read();
+        let offered = u32::try_from(self.io.reserve_read()).unwrap_or(u32::MAX);
         let parked = self
             .parked
             .as_ref()
