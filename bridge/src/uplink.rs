@@ -448,6 +448,17 @@ pub enum UplinkError {
     Finished,
 }
 
+impl From<ferrymq_codec::Disconnect> for UplinkError {
+    /// The upstream's DISCONNECT, with its reason and references.
+    fn from(d: ferrymq_codec::Disconnect) -> UplinkError {
+        UplinkError::Disconnected {
+            reason: d.reason_code,
+            reason_string: d.properties.reason_string.map(|s| s.to_string()),
+            server_reference: d.properties.server_reference.map(|s| s.to_string()),
+        }
+    }
+}
+
 fn server_ref(reference: &Option<String>) -> String {
     match reference {
         Some(r) => format!(" (server reference: {r})"),
@@ -1022,11 +1033,7 @@ async fn read_connack(
     };
     match packet {
         Packet::ConnAck(connack) => Ok(*connack),
-        Packet::Disconnect(d) => Err(UplinkError::Disconnected {
-            reason: d.reason_code,
-            reason_string: d.properties.reason_string.map(|s| s.to_string()),
-            server_reference: d.properties.server_reference.map(|s| s.to_string()),
-        }),
+        Packet::Disconnect(d) => Err(d.into()),
         other => Err(UplinkError::Protocol(ProtocolError::UnexpectedPacket(
             other.packet_type(),
         ))),

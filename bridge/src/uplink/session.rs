@@ -532,11 +532,7 @@ impl Session {
             }),
             // Liveness was already noted when its bytes arrived.
             Packet::PingResp => Ok(None),
-            Packet::Disconnect(d) => Err(UplinkError::Disconnected {
-                reason: d.reason_code,
-                reason_string: d.properties.reason_string.map(|s| s.to_string()),
-                server_reference: d.properties.server_reference.map(|s| s.to_string()),
-            }),
+            Packet::Disconnect(d) => Err(d.into()),
             other => Err(UplinkError::Protocol(ProtocolError::UnexpectedPacket(
                 other.packet_type(),
             ))),
