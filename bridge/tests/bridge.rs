@@ -669,7 +669,7 @@ async fn an_inbound_message_deeper_than_the_level_limit_is_dropped_not_retried()
     listener.subscribe("cmd/#", QoS::AtLeastOnce).await.unwrap();
     eventually(&node, |s| s.connected).await;
     let connects = node.bridges()[0].connects;
-    for topic in ["site/cmd/a/b/c/d", "site/cmd/ok"] {
+    let publish = |watch: &mut Uplink, topic: &str| {
         watch
             .publish(Publish {
                 qos: QoS::AtLeastOnce,
@@ -678,8 +678,34 @@ async fn an_inbound_message_deeper_than_the_level_limit_is_dropped_not_retried()
                 ..Publish::default()
             })
             .unwrap();
+    };
+    // "Connected" comes with the CONNACK, before the bridge's upstream
+    // subscription is in place: wait until a message gets through.
+    loop {
+        publish(&mut watch, "site/cmd/warm");
+        let next = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                tokio::select! {
+                    m = listener.recv() => break m,
+                    _ = watch.next_event() => {}
+                }
+            }
+        });
+        if let Ok(Some(m)) = next.await {
+            assert_eq!(m.topic.as_str(), "cmd/warm");
+            break;
+        }
     }
-    let got = local_message(&mut listener, &mut watch).await;
+    for topic in ["site/cmd/a/b/c/d", "site/cmd/ok"] {
+        publish(&mut watch, topic);
+    }
+    // (A warm-up message published before the last one may still come.)
+    let got = loop {
+        let m = local_message(&mut listener, &mut watch).await;
+        if m.topic.as_str() != "cmd/warm" {
+            break m;
+        }
+    };
     assert_eq!(got.topic.as_str(), "cmd/ok");
     let stats = node.broker().stats();
     assert_eq!(
