@@ -14,7 +14,7 @@ use tracing::warn;
 
 use super::inbound::{acl_denied, too_many_levels};
 use super::stream::Io;
-use super::{Close, Conn, Extras, KeepAliveWatch, ServeOptions};
+use super::{Close, Conn, Extras, ServeOptions};
 use crate::Shared;
 use crate::acl::ClientAccess;
 use crate::auth::{AuthMethod, AuthStep};
@@ -108,7 +108,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
                     .then(|| PublishRate::new(limits.max_publish_rate, Instant::now().into_std())),
             }
             .boxed(),
-            keep_alive: KeepAliveWatch::new(keep_alive),
+            keep_alive: crate::keepalive::Watch::new(keep_alive),
             routes: None,
             durable,
             parked: None,

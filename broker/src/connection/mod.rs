@@ -43,7 +43,7 @@ use crate::acl::ClientAccess;
 use crate::auth::{AuthExchange, AuthMethod};
 use crate::doorbell::{ALARM, READY};
 use crate::engine::Engine;
-use crate::outbox::Outbox;
+use crate::keepalive;
 use crate::publish::{Parked, ParkedOn, wait_for_room};
 use crate::rate::PublishRate;
 use crate::router::RouteCache;
@@ -217,7 +217,7 @@ struct Conn<'a, S> {
     /// there: an idle connection's size is what thousands of them cost.
     extras: Option<Box<Extras>>,
     /// Its keep-alive limit, last packet and deadline.
-    keep_alive: KeepAliveWatch,
+    keep_alive: keepalive::Watch,
     /// Topic -> routes memo for this client's publishes.
     /// (Made on the first publish: subscribers never need one.)
     routes: Option<Box<RouteCache>>,
@@ -316,70 +316,6 @@ enum Woke {
     Ending(Close),
 }
 
-/// A connection's keep-alive: its limit (1.5 times the keep alive; `None`
-/// when 0), the time of its last packet, and the deadline it has in the
-/// broker's keep-alive queue (`keepalive.rs`).
-struct KeepAliveWatch {
-    /// In milliseconds (at most 1.5 times 65,535 s), 0 for none: four bytes
-    /// instead of a `Duration`'s sixteen, in every connection.
-    limit_ms: u32,
-    last_packet: Instant,
-    deadline: Option<Instant>,
-}
-
-impl KeepAliveWatch {
-    fn new(limit: Option<Duration>) -> KeepAliveWatch {
-        KeepAliveWatch {
-            limit_ms: limit.map_or(0, |l| u32::try_from(l.as_millis()).unwrap_or(u32::MAX)),
-            last_packet: Instant::now(),
-            deadline: None,
-        }
-    }
-
-    /// The limit, if there is one.
-    fn limit(&self) -> Option<Duration> {
-        (self.limit_ms > 0).then(|| Duration::from_millis(u64::from(self.limit_ms)))
-    }
-
-    /// Puts the deadline in: the limit after the last packet.
-    fn arm(&mut self, shared: &Shared, control: &Control, outbox: &Arc<Outbox>) {
-        if let Some(limit) = self.limit() {
-            let at = self.last_packet + limit;
-            shared
-                .keep_alive
-                .insert(at, control.connection, outbox.clone());
-            self.deadline = Some(at);
-        }
-    }
-
-    /// Takes the deadline out (the connection ends).
-    fn disarm(&mut self, shared: &Shared, control: &Control) {
-        if let Some(at) = self.deadline.take() {
-            shared.keep_alive.remove(at, control.connection);
-        }
-    }
-
-    /// On an alarm: whether the client has been silent for longer than the
-    /// limit. If not, and the deadline put in has come (the keep-alive task
-    /// took it out when it rang), puts the next one in.
-    fn expired(&mut self, shared: &Shared, control: &Control, outbox: &Arc<Outbox>) -> bool {
-        let (Some(limit), Some(at)) = (self.limit(), self.deadline) else {
-            return false;
-        };
-        let now = Instant::now();
-        if now < at {
-            // An alarm for something else (a kick).
-            return false;
-        }
-        self.deadline = None;
-        if now >= self.last_packet + limit {
-            return true;
-        }
-        self.arm(shared, control, outbox);
-        false
-    }
-}
-
 /// How draining the outbox ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drain {
@@ -402,8 +338,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
         // (`begin_session`); one before that is seen by the first wait's
         // look at the flag.
         self.keep_alive.last_packet = Instant::now();
-        self.keep_alive
-            .arm(self.shared, &self.control, &self.engine.state.outbox);
+        self.keep_alive.arm(
+            &self.shared.keep_alive,
+            self.control.connection,
+            &self.engine.state.outbox,
+        );
         let close = loop {
             // A shutdown kicks every connection holding a session; one
             // that attached after that sees the flag here.
@@ -436,7 +375,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
                 Woke::Ending(cause) => break Box::pin(self.last_words(cause)).await,
             }
         };
-        self.keep_alive.disarm(self.shared, &self.control);
+        self.keep_alive
+            .disarm(&self.shared.keep_alive, self.control.connection);
         close
     }
 
@@ -470,7 +410,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
                 Woke::Ending(Close::TakenOver)
             });
         }
-        if rung & ALARM != 0 && self.keep_alive.expired(self.shared, &self.control, outbox) {
+        if rung & ALARM != 0
+            && self
+                .keep_alive
+                .expired(&self.shared.keep_alive, self.control.connection, outbox)
+        {
             return Poll::Ready(Woke::Closed(Close::KeepAlive));
         }
         // A taken READY is acted on by the next turn (it drains the queue).
