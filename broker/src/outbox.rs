@@ -152,7 +152,7 @@ pub enum Pop {
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {
     /// Most messages queued at once.
-    pub max_messages: usize,
+    pub max_messages: u32,
     /// Most payload bytes queued at once.
     pub max_bytes: usize,
     /// What happens when a message does not fit.
@@ -679,7 +679,7 @@ impl Outbox {
 
     /// Gives this queue its own bounds (messages, payload bytes) instead of
     /// the configured per-session ones.
-    pub fn set_bounds(&self, max_messages: usize, max_bytes: usize) {
+    pub fn set_bounds(&self, max_messages: u32, max_bytes: usize) {
         let mut q = self.queue.lock();
         q.limits.max_messages = max_messages;
         q.limits.max_bytes = max_bytes;
@@ -698,7 +698,7 @@ impl Outbox {
 
     fn bounds(&self, q: &Queue) -> (usize, usize) {
         let limits = q.limits;
-        (limits.max_messages, limits.max_bytes)
+        (limits.max_messages as usize, limits.max_bytes)
     }
 
     /// Whether one more delivery of `size` bytes (QoS 1 or 2) fits now.
@@ -832,7 +832,7 @@ impl Outbox {
         {
             return (Pushed::Skipped, false);
         }
-        let (max_messages, max_bytes) = (limits.max_messages, limits.max_bytes);
+        let (max_messages, max_bytes) = (limits.max_messages as usize, limits.max_bytes);
         if size > max_bytes {
             // Larger than the whole budget: no eviction can make room.
             return (Pushed::DroppedFull, false);
@@ -1064,7 +1064,7 @@ mod tests {
     use bytes::Bytes;
     use ferrymq_codec::{MqttString, PublishProperties};
 
-    fn outbox(policy: QueueFull, max_messages: usize, max_bytes: usize) -> Arc<Outbox> {
+    fn outbox(policy: QueueFull, max_messages: u32, max_bytes: usize) -> Arc<Outbox> {
         let o = Outbox::new(
             1,
             QueueLimits {

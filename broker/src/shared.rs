@@ -101,7 +101,7 @@ impl Shared {
     pub(crate) fn queue_limits(&self) -> outbox::QueueLimits {
         let storage = &self.config().storage;
         outbox::QueueLimits {
-            max_messages: storage.max_queued_messages as usize,
+            max_messages: storage.max_queued_messages,
             max_bytes: usize::try_from(storage.max_queued_bytes).unwrap_or(usize::MAX),
             policy: storage.queue_full,
             queue_qos0: storage.queue_qos0,
@@ -109,7 +109,7 @@ impl Shared {
     }
 
     /// Queue bounds of a session of its own (a bridge's), if it has them.
-    pub(crate) fn session_bounds(&self, client_id: &str) -> Option<(usize, usize)> {
+    pub(crate) fn session_bounds(&self, client_id: &str) -> Option<(u32, usize)> {
         let name = client_id.strip_prefix(crate::BRIDGE_CLIENT_PREFIX)?;
         let name = name.strip_suffix("/live").unwrap_or(name);
         self.config()
@@ -118,7 +118,7 @@ impl Shared {
             .find(|b| b.name == name)
             .map(|b| {
                 (
-                    b.max_queued_messages as usize,
+                    b.max_queued_messages,
                     usize::try_from(b.max_queued_bytes).unwrap_or(usize::MAX),
                 )
             })
