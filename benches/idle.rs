@@ -173,10 +173,12 @@ fn main() {
         None => 200,
     };
     common::proc::raise_open_files(n as u64 + 100);
-    // The binary's logging (text at `info`, to nowhere here): a connection's
-    // span is part of its cost.
+    // The binary's logging as a service has it (text at `info`, no colours:
+    // its standard error is not a terminal; to nowhere here): a
+    // connection's span is part of its cost.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
         .with_writer(std::io::sink)
         .init();
     let dir = tempfile::tempdir().expect("temp dir");
