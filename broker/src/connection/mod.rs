@@ -120,15 +120,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     use tracing::Instrument;
-    // Both fields are recorded once the client is accepted, in one go:
-    // the log subscriber formats a span's fields into a string that grows
-    // as they come, and one recorded at the start and one later took a
-    // string twice the size (about 64 bytes more in every connection).
-    let span = tracing::info_span!(
-        "connection",
-        peer = tracing::field::Empty,
-        client_id = tracing::field::Empty
-    );
+    let span = tracing::info_span!("connection", %peer, client_id = tracing::field::Empty);
     // The stream and the options in one box, moved into `open` whole
     // (whose boxed future frees it when done): what an async block takes
     // in stays in it for the connection's life, and so would a box only
@@ -143,9 +135,7 @@ where
         let Some(mut conn) = Box::pin(open(opening, &shared, &peer)).await else {
             return;
         };
-        let span = tracing::Span::current();
-        span.record("peer", tracing::field::display(&peer));
-        span.record(
+        tracing::Span::current().record(
             "client_id",
             tracing::field::display(&conn.engine.state.client_id),
         );
