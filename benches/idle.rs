@@ -264,11 +264,12 @@ fn main() {
         left < held / 4.0,
         "{left:.0} of {held:.0} bytes per connection not given back after close"
     );
-    // A leak of even one small allocation per connection would show in
-    // every round.
+    // A leak of even one allocation per connection (32 bytes at least, in
+    // glibc's malloc) would show in every round; the pools' growth and the
+    // tables' jitter, a few bytes a connection at 200 of them, do not.
     let least = grown.iter().copied().fold(f64::INFINITY, f64::min);
     assert!(
-        least < 8.0,
+        least < 32.0,
         "every round of the same connections kept more: {rounds:?} bytes each"
     );
     runtime.block_on(broker.shutdown());
