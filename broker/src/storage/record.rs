@@ -223,6 +223,20 @@ pub struct Queued {
     pub message: Arc<Message>,
 }
 
+impl Queued {
+    /// The record of the queue entry at `seq` (the key holds it).
+    pub fn at(self, seq: u64) -> super::QueuedRecord {
+        super::QueuedRecord {
+            seq,
+            qos: self.qos,
+            retain: self.retain,
+            identifiers: self.identifiers,
+            message: self.message,
+            queued_ms: self.queued_at_ms,
+        }
+    }
+}
+
 /// Reads a queued delivery.
 pub fn decode_queued(value: &[u8], time: &dyn TimeBase) -> Result<Queued, Corrupt> {
     let mut c = Cursor(open(value)?);

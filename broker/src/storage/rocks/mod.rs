@@ -231,14 +231,7 @@ impl Store for RocksStore {
                 continue;
             };
             match record::decode_queued(&v, time) {
-                Ok(q) => out.push(QueuedRecord {
-                    seq,
-                    qos: q.qos,
-                    retain: q.retain,
-                    identifiers: q.identifiers,
-                    message: q.message,
-                    queued_ms: q.queued_at_ms,
-                }),
+                Ok(q) => out.push(q.at(seq)),
                 Err(e) => warn!(
                     queue = number,
                     seq, "skipping an unreadable queued message: {e}"

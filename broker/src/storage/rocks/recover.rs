@@ -83,14 +83,7 @@ impl RocksStore {
         let family = cf(&db, QUEUES).ok()?;
         let v = db.get_cf(family, key_ns(queue, seq)).ok()??;
         let q = record::decode_queued(&v, &*self.inner.clock).ok()?;
-        Some(QueuedRecord {
-            seq,
-            qos: q.qos,
-            retain: q.retain,
-            identifiers: q.identifiers,
-            message: q.message,
-            queued_ms: q.queued_at_ms,
-        })
+        Some(q.at(seq))
     }
 }
 

@@ -39,14 +39,7 @@ pub(super) fn message(n: u64) -> Arc<Message> {
 pub(super) fn write_sync(store: &RocksStore, ops: Vec<StoreOp>) -> Ticket {
     let ticket = store.begin();
     store.submit(ticket, ops);
-    let mut durable = store.durable();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let _ = durable.wait_for(|d| d.up_to >= ticket).await;
-    });
+    outcome(store, ticket);
     ticket
 }
 

@@ -603,17 +603,7 @@ mod tests {
             let before = store.wal_syncs();
             // One writer, one write in flight at a time.
             for seq in 1..=20 {
-                write_sync(
-                    &store,
-                    vec![StoreOp::QueuePut {
-                        number: 1,
-                        seq,
-                        qos: QoS::AtLeastOnce,
-                        retain: false,
-                        identifiers: None,
-                        message: message(seq),
-                    }],
-                );
+                write_sync(&store, vec![queue_put(seq)]);
             }
             let times = store.sync_times();
             assert!(times.count >= 20 && times.p50 > Duration::ZERO && times.p99 >= times.p50);
