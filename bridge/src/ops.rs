@@ -65,6 +65,8 @@ pub(crate) struct Snapshot {
     pub(crate) uptime: Duration,
     pub(crate) started_unix: f64,
     pub(crate) connections: u64,
+    /// Of them, dormant (idle, without a task of their own).
+    pub(crate) dormant: u64,
     pub(crate) queues: SessionQueues,
     pub(crate) disk: ferrymq_broker::DiskUse,
     pub(crate) bridges: Vec<BridgeStatus>,
@@ -170,6 +172,7 @@ impl Ops {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
             connections: self.broker.open_connections(),
+            dormant: self.broker.dormant_connections(),
             queues: self.broker.session_queues(TOP_QUEUES),
             disk: self.broker.store().disk(),
             bridges: self.bridges.iter().map(BridgeMonitor::status).collect(),

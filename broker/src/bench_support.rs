@@ -122,7 +122,7 @@ impl BenchRouter {
 /// which tokio's task holds for the connection's life (benches/idle.rs
 /// prints it beside the heap each idle connection holds).
 pub fn connection_future_size() -> usize {
-    fn size<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+    fn size<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
     }
     size(crate::connection::serve::<tokio::net::TcpStream>)

@@ -154,7 +154,7 @@ pub(crate) async fn connect(
             message_ids: options.message_ids,
             ..crate::connection::ServeOptions::default()
         };
-        crate::connection::serve(theirs, peer, shared, serve).await;
+        crate::connection::serve(theirs, peer, shared, serve, None).await;
         drop(permit);
     });
     let (mut reader, mut writer) = tokio::io::split(ours);

@@ -47,6 +47,17 @@ impl Doorbell {
         }
     }
 
+    /// Makes `waker` the one woken by the next ring (a connection going
+    /// dormant hands its doorbell to the set that keeps it).
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
+    /// The bits rung and not yet taken.
+    pub fn rung(&self) -> u8 {
+        self.rung.load(Ordering::Acquire)
+    }
+
     /// Takes the rung bits among `wanted`, leaving the others set, and
     /// registers `cx`'s waker for the next ring (before taking, so that a
     /// ring in between is not missed).

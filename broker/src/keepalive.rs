@@ -139,20 +139,45 @@ impl KeepAlive {
 }
 
 /// A connection's keep-alive: its limit (1.5 times the keep alive; `None`
-/// when 0), the time of its last packet, and the deadline it has in the
-/// broker's keep-alive queue.
+/// when 0), the time of its last packet, and the alarm it has in the
+/// broker's keep-alive queue. A connection that may go dormant
+/// (`dormant.rs`) also has its quiet checks there: its alarm is then its
+/// keep-alive deadline or its next quiet check, whichever comes first.
 pub(crate) struct Watch {
     /// In milliseconds (at most 1.5 times 65,535 s), 0 for none: four bytes
     /// instead of a `Duration`'s sixteen, in every connection.
     limit_ms: u32,
+    /// It may go dormant: it has quiet checks.
+    sleepy: bool,
+    /// Accepted, and nothing read or delivered since its CONNACK.
+    fresh: bool,
+    /// Something was read or delivered since the last quiet check.
+    stirred: bool,
     pub(crate) last_packet: Instant,
+    /// The alarm it put in the queue.
     deadline: Option<Instant>,
 }
 
+/// What an alarm meant (see [`Watch::alarm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Alarm {
+    /// Not this connection's alarm (its deadline has not come): a kick.
+    Other,
+    /// The client has been silent for longer than the limit.
+    Expired,
+    /// A quiet check (or a keep-alive deadline passed in time) came;
+    /// `quiet`: nothing was read or delivered since the last one.
+    Checked { quiet: bool },
+}
+
 impl Watch {
-    pub(crate) fn new(limit: Option<Duration>) -> Watch {
+    /// `sleepy`: the connection may go dormant.
+    pub(crate) fn new(limit: Option<Duration>, sleepy: bool) -> Watch {
         Watch {
             limit_ms: limit.map_or(0, |l| u32::try_from(l.as_millis()).unwrap_or(u32::MAX)),
+            sleepy,
+            fresh: sleepy,
+            stirred: false,
             last_packet: Instant::now(),
             deadline: None,
         }
@@ -163,16 +188,41 @@ impl Watch {
         (self.limit_ms > 0).then(|| Duration::from_millis(u64::from(self.limit_ms)))
     }
 
-    /// Puts the deadline in: the limit after the last packet.
-    pub(crate) fn arm(&mut self, queue: &KeepAlive, connection: u64, outbox: &Arc<Outbox>) {
-        if let Some(limit) = self.limit() {
-            let at = self.last_packet + limit;
+    /// Whether it is fresh: accepted and not stirred since.
+    pub(crate) fn fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// Something was read or delivered.
+    pub(crate) fn stir(&mut self) {
+        self.stirred = true;
+        self.fresh = false;
+    }
+
+    /// Puts the alarm in: the limit after the last packet, or the next
+    /// quiet check if that comes first (`awake`: not for a connection
+    /// going dormant, which needs no quiet check).
+    pub(crate) fn arm(
+        &mut self,
+        queue: &KeepAlive,
+        connection: u64,
+        outbox: &Arc<Outbox>,
+        awake: bool,
+    ) {
+        let deadline = self.limit().map(|limit| self.last_packet + limit);
+        let check = (self.sleepy && awake).then(|| Instant::now() + crate::dormant::QUIET);
+        let at = match (deadline, check) {
+            (Some(d), Some(c)) => Some(d.min(c)),
+            (d, c) => d.or(c),
+        };
+        if let Some(at) = at {
             queue.insert(at, connection, outbox.clone());
             self.deadline = Some(at);
         }
     }
 
-    /// Takes the deadline out (the connection ends).
+    /// Takes the alarm out (the connection ends, or goes dormant and puts
+    /// in another).
     pub(crate) fn disarm(&mut self, queue: &KeepAlive, connection: u64) {
         if let Some(at) = self.deadline.take() {
             queue.remove(at, connection);
@@ -180,28 +230,32 @@ impl Watch {
     }
 
     /// On an alarm: whether the client has been silent for longer than the
-    /// limit. If not, and the deadline put in has come (the keep-alive task
-    /// took it out when it rang), puts the next one in.
-    pub(crate) fn expired(
+    /// limit, or a quiet check came. Unless it expired, and if the alarm
+    /// put in has come (the keep-alive task took it out when it rang),
+    /// puts the next one in.
+    pub(crate) fn alarm(
         &mut self,
         queue: &KeepAlive,
         connection: u64,
         outbox: &Arc<Outbox>,
-    ) -> bool {
-        let (Some(limit), Some(at)) = (self.limit(), self.deadline) else {
-            return false;
+    ) -> Alarm {
+        let Some(at) = self.deadline else {
+            return Alarm::Other;
         };
         let now = Instant::now();
         if now < at {
-            // An alarm for something else (a kick).
-            return false;
+            return Alarm::Other;
         }
         self.deadline = None;
-        if now >= self.last_packet + limit {
-            return true;
+        if self
+            .limit()
+            .is_some_and(|limit| now >= self.last_packet + limit)
+        {
+            return Alarm::Expired;
         }
-        self.arm(queue, connection, outbox);
-        false
+        let quiet = !std::mem::replace(&mut self.stirred, false);
+        self.arm(queue, connection, outbox, true);
+        Alarm::Checked { quiet }
     }
 }
 

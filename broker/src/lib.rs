@@ -29,6 +29,7 @@
 //!   `subscriptions`, `outbound`, `close`, `stream`), `negotiate` (what a CONNECT gets, no I/O),
 //!   `engine` (the per-connection protocol state machine, no I/O),
 //!   `doorbell` (a connection's one wake source besides its socket),
+//!   `dormant` (idle connections without a task, and when they sleep),
 //!   `keepalive` (every connection's keep-alive deadline in one queue,
 //!   served by one task), `rate` (`max_publish_rate`), `client` (the
 //!   in-process client);
@@ -68,6 +69,7 @@ mod dedup;
 #[cfg(test)]
 mod deep_tests;
 mod doorbell;
+mod dormant;
 mod engine;
 pub mod ferry;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -270,6 +272,16 @@ impl BrokerHandle {
         max.saturating_sub(self.connections.available_permits() as u64)
     }
 
+    /// Connections open now that are dormant: idle plain-TCP connections
+    /// holding no task until their socket or their session queue wakes
+    /// them.
+    pub fn dormant_connections(&self) -> u64 {
+        self.shared
+            .dormant
+            .as_ref()
+            .map_or(0, |set| set.held() as u64)
+    }
+
     /// The queues of all sessions: totals, and the `top` deepest.
     pub fn session_queues(&self, top: usize) -> SessionQueues {
         let mut all: Vec<SessionQueue> = self
@@ -366,6 +378,9 @@ pub struct Broker {
     /// One permit per open connection; all permits back = all closed.
     connections: Arc<Semaphore>,
     tasks: Vec<JoinHandle<()>>,
+    /// The task that wakes dormant connections: it runs until every
+    /// connection has closed, since a shutdown wakes them to close.
+    dormancy: Option<JoinHandle<()>>,
     /// Held (locked) while the broker runs.
     _data_dir: DataDir,
 }
@@ -427,11 +442,13 @@ impl Broker {
         let connections = Arc::new(Semaphore::new(max_connections));
         start_listeners(&shared, listeners, tls, &connections);
         let tasks = spawn_tasks(&shared);
+        let dormancy = spawn_dormancy(&shared);
         Ok(Broker {
             shared,
             shutdown_tx,
             connections,
             tasks,
+            dormancy,
             _data_dir: data_dir,
         })
     }
@@ -511,6 +528,10 @@ impl Broker {
         match tokio::time::timeout(SHUTDOWN_GRACE, self.connections.acquire_many(all)).await {
             Ok(_) => info!("all connections closed"),
             Err(_) => warn!("connections still open after {SHUTDOWN_GRACE:?}; stopping anyway"),
+        }
+        if let Some(task) = self.dormancy {
+            task.abort();
+            let _ = task.await;
         }
         self.shared.store.close();
         info!(wal_syncs = self.shared.store.wal_syncs(), "store closed");
@@ -646,6 +667,9 @@ fn new_shared(
         disk_low: std::sync::atomic::AtomicBool::new(false),
         listeners: parking_lot::Mutex::default(),
         keep_alive: keepalive::KeepAlive::default(),
+        dormant: dormant::Dormancy::new()
+            .inspect_err(|e| warn!("idle connections will keep their tasks: {e}"))
+            .ok(),
         this: this.clone(),
     })
 }
@@ -687,6 +711,16 @@ fn spawn_tasks(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
         }));
     }
     tasks
+}
+
+/// Spawns the task of the dormant connections' set: it runs each woken
+/// connection as a task again.
+fn spawn_dormancy(shared: &Arc<Shared>) -> Option<JoinHandle<()>> {
+    let set = shared.dormant.clone()?;
+    let shared = shared.clone();
+    Some(tokio::spawn(set.run(move |socket, dormant| {
+        connection::wake(socket, dormant, &shared);
+    })))
 }
 
 /// Ends offline sessions whose expiry has passed.

@@ -5,12 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrymq_config::{Listener, ListenerTls};
-use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::connection::{ServeOptions, serve};
+use crate::connection::{Admission, ServeOptions, serve};
 
 use crate::stats::Stats;
 use crate::{Shared, StartError};
@@ -186,16 +185,18 @@ async fn accept_loop(
             ..ServeOptions::default()
         };
         if tls.is_none() && path.is_none() {
-            // The task is the connection's future with its admission
-            // released after it, nothing else: what a task holds, it holds
-            // for the connection's life. (Not an async block awaiting the
-            // future: the block would hold it twice, once as what it took
-            // in and once as what it awaits.)
-            let connection = serve(stream, peer.to_string(), shared, options);
-            tokio::spawn(connection.map(move |()| {
-                drop(per_address);
-                drop(permit);
-            }));
+            // The task is the connection's future, nothing else: what a
+            // task holds, it holds for the connection's life. The admission
+            // goes with the connection (which may outlive this task,
+            // dormant).
+            let admission: Admission = Box::new((per_address, permit));
+            tokio::spawn(serve(
+                stream,
+                peer.to_string(),
+                shared,
+                options,
+                Some(admission),
+            ));
         } else {
             let path = path.clone();
             tokio::spawn(async move {
@@ -262,7 +263,7 @@ async fn serve_layered(
     let Some(tls) = tls else {
         match path {
             Some(path) => serve_websocket(stream, peer, &path, shared, options).await,
-            None => serve(stream, peer.to_string(), shared, options).await,
+            None => serve(stream, peer.to_string(), shared, options, None).await,
         }
         return;
     };
@@ -271,7 +272,7 @@ async fn serve_layered(
     };
     match path {
         Some(path) => serve_websocket(stream, peer, &path, shared, options).await,
-        None => serve(stream, peer.to_string(), shared, options).await,
+        None => serve(stream, peer.to_string(), shared, options, None).await,
     }
 }
 
@@ -318,7 +319,7 @@ async fn serve_websocket<S>(
     shared: Arc<Shared>,
     options: ServeOptions,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     let limit = shared.config().limits.connect_timeout;
     let max_packet = shared.config().limits.max_packet_size;
@@ -337,7 +338,7 @@ async fn serve_websocket<S>(
         }
     };
     let stream = tokio::io::join(reader, writer);
-    serve(stream, peer.to_string(), shared, options).await;
+    serve(stream, peer.to_string(), shared, options, None).await;
 }
 
 /// A TLS listener's acceptor and settings.

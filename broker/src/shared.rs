@@ -75,6 +75,9 @@ pub(crate) struct Shared {
     pub(crate) listeners: parking_lot::Mutex<Vec<server::Running>>,
     /// Every connection's keep-alive deadline (one task rings them).
     pub(crate) keep_alive: crate::keepalive::KeepAlive,
+    /// The idle plain-TCP connections that gave up their task (`None`:
+    /// the set could not be made, and every connection keeps its task).
+    pub(crate) dormant: Option<Arc<crate::dormant::Dormancy<crate::connection::Dormant>>>,
     /// This, for tasks spawned from borrowed contexts.
     pub(crate) this: Weak<Shared>,
 }

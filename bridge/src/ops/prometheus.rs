@@ -180,6 +180,12 @@ fn connections(stats: &Stats, s: &Snapshot) -> Vec<Family> {
             s.connections as f64,
         ),
         one(
+            "ferrymq_connections_dormant",
+            "Of the open connections, those idle without a task of their own (plain TCP only).",
+            Gauge,
+            s.dormant as f64,
+        ),
+        one(
             "ferrymq_connections_accepted",
             "Connections accepted by the listeners.",
             Counter,
@@ -614,6 +620,7 @@ mod tests {
             uptime: Duration::from_millis(12_500),
             started_unix: 1_700_000_000.0,
             connections: 3,
+            dormant: 2,
             queues: SessionQueues {
                 sessions: 7,
                 online: 2,
@@ -790,6 +797,9 @@ ferrymq_uptime_seconds 12.5
 # HELP ferrymq_connections Connections open now (in-process clients included).
 # TYPE ferrymq_connections gauge
 ferrymq_connections 3.0
+# HELP ferrymq_connections_dormant Of the open connections, those idle without a task of their own (plain TCP only).
+# TYPE ferrymq_connections_dormant gauge
+ferrymq_connections_dormant 2.0
 # HELP ferrymq_connections_accepted_total Connections accepted by the listeners.
 # TYPE ferrymq_connections_accepted_total counter
 ferrymq_connections_accepted_total 101.0

@@ -27,7 +27,7 @@ use crate::shed;
 use crate::stats::Stats;
 use crate::storage::StoreOp;
 
-impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
+impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
     /// Checks a CONNECT, attaches the session (taking over any connection
     /// holding it), and queues the CONNACK. Returns `None` when the client
     /// was refused (the refusal is sent and the stream closed).
@@ -108,12 +108,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
                     .then(|| PublishRate::new(limits.max_publish_rate, Instant::now().into_std())),
             }
             .boxed(),
-            keep_alive: crate::keepalive::Watch::new(keep_alive),
+            keep_alive: crate::keepalive::Watch::new(keep_alive, Self::may_sleep(shared)),
             routes: None,
             durable,
             parked: None,
             in_process: options.in_process,
             trusted,
+            admission: None,
         };
         if resumed {
             conn.engine
@@ -219,7 +220,7 @@ async fn admit<S>(
     access: Option<&ClientAccess>,
 ) -> Result<Authenticated, ReasonCode>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     if let Some(refusal) = negotiate::refusal(connect, circumstances) {
         match (refusal, &connect.will) {
@@ -266,7 +267,7 @@ where
 /// Authentication Data between the client (AUTH packets) and `method`
 /// until it answers success or failure. Bounded by `connect_timeout_secs`
 /// as a whole.
-async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     io: &mut Io<S>,
     shared: &Shared,
     method: &dyn AuthMethod,

@@ -77,7 +77,7 @@ impl Close {
 /// the session handed back or ended).
 pub(super) async fn close_connection<S>(conn: Conn<'_, S>, close: Close, peer: &str)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let shared = conn.shared;
     let client_id = conn.engine.state.client_id.clone();
@@ -137,7 +137,7 @@ pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
     /// Closes the stream and hands the session back (or ends it), after
     /// publishing the will when the close calls for it.
     pub(super) async fn finish(mut self, close: Close) {

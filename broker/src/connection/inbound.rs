@@ -25,7 +25,7 @@ use crate::state::STAMP_PROPERTY;
 use crate::stats::Stats;
 use crate::storage::{self, Batch, StoreOp};
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
     /// Handles one packet from the client. Returns `Some` to close.
     pub(super) fn handle(&mut self, packet: Packet) -> Option<Close> {
         match packet {

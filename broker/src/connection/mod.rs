@@ -21,6 +21,8 @@
 //! - `outbound.rs`: what is drained and encoded towards the client;
 //! - `close.rs`: how the connection ends (the will, the session handed
 //!   back) and a panic kept to one connection;
+//! - `dormancy.rs`: an idle connection giving up its task, and served on
+//!   in a new one when it wakes;
 //! - `stream.rs`: the byte stream and its buffers.
 //!
 //! The task is generic over the byte stream, so TCP connections and
@@ -42,8 +44,9 @@ use crate::Shared;
 use crate::acl::ClientAccess;
 use crate::auth::{AuthExchange, AuthMethod};
 use crate::doorbell::{ALARM, READY};
+use crate::dormant::{self, Rest};
 use crate::engine::Engine;
-use crate::keepalive;
+use crate::keepalive::{self, Alarm};
 use crate::publish::{Parked, ParkedOn, wait_for_room};
 use crate::rate::PublishRate;
 use crate::router::RouteCache;
@@ -51,10 +54,12 @@ use crate::session::Control;
 use crate::storage::{self, Durable};
 
 use close::{CatchPanic, Close, close_connection, panic_message, panicked};
+pub(crate) use dormancy::{Dormant, wake};
 use stream::Io;
 
 mod admit;
 mod close;
+mod dormancy;
 mod inbound;
 mod outbound;
 mod stream;
@@ -106,26 +111,33 @@ pub(crate) struct ServeOptions {
     pub(crate) identity_is_user: bool,
 }
 
+/// What the listener holds for a connection's life (its share of
+/// `max_connections` and of its address's limit), given back when the
+/// connection ends: it goes with the connection also while dormant.
+pub(crate) type Admission = Box<dyn Send + Sync>;
+
 /// Serves one connection (network or in-process) to its end, inside a
 /// span `connection{peer, client_id}` (the client id recorded once the
 /// CONNECT is read), so that everything logged on its behalf says whose
-/// it is.
+/// it is. A plain TCP connection that goes idle may go dormant
+/// (`dormant.rs`): this task ends, and [`wake`] serves it on in a new one.
 pub(crate) fn serve<S>(
     stream: S,
     peer: String,
     shared: Arc<Shared>,
     options: ServeOptions,
+    admission: Option<Admission>,
 ) -> impl Future<Output = ()>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     use tracing::Instrument;
     let span = tracing::info_span!("connection", %peer, client_id = tracing::field::Empty);
-    // The stream and the options in one box, moved into `open` whole
-    // (whose boxed future frees it when done): what an async block takes
-    // in stays in it for the connection's life, and so would a box only
-    // moved out of. (The stream goes on in the connection.)
-    let opening = Box::new((stream, options));
+    // The stream, the options and the admission in one box, moved into
+    // `open` whole (whose boxed future frees it when done): what an async
+    // block takes in stays in it for the connection's life, and so would a
+    // box only moved out of. (The stream goes on in the connection.)
+    let opening = Box::new((stream, options, admission));
     let peer = peer.into_boxed_str();
     // One async block (not an `async fn` around one): what it takes in is
     // stored once per connection, not once per layer.
@@ -140,10 +152,13 @@ where
             tracing::field::display(&conn.engine.state.client_id),
         );
         debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
+        conn.keep_alive.last_packet = Instant::now();
         // A panic while handling a packet is caught in `run` (around `turn`,
         // without boxing `run`, whose state every idle connection pays).
-        let close = conn.run().await;
-        Box::pin(close_connection(conn, close, &peer)).await;
+        match conn.run().await {
+            Some(close) => Box::pin(close_connection(conn, close, &peer)).await,
+            None => conn.sleep(peer),
+        }
     }
     .instrument(span)
 }
@@ -151,14 +166,14 @@ where
 /// Phases 1 and 2: the CONNECT, then accepting it. A panic in either (a
 /// bug) ends this connection only, logged with the client id once known.
 async fn open<'a, S>(
-    opening: Box<(S, ServeOptions)>,
+    opening: Box<(S, ServeOptions, Option<Admission>)>,
     shared: &'a Shared,
     peer: &str,
 ) -> Option<Conn<'a, S>>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
-    let (stream, options) = *opening;
+    let (stream, options, admission) = *opening;
     let mut io = Io::new(stream);
     let connect = match CatchPanic(Box::pin(first_connect(&mut io, shared, peer))).await {
         Ok(connect) => connect?,
@@ -169,7 +184,7 @@ where
     };
     let client_id = connect.client_id.to_string();
     match CatchPanic(Box::pin(Conn::accept(connect, io, shared, options))).await {
-        Ok(conn) => conn,
+        Ok(conn) => conn.map(|conn| Conn { admission, ..conn }),
         Err(why) => {
             panicked(shared, peer, &client_id, "accept", why);
             None
@@ -182,7 +197,7 @@ where
 /// (any refusal already written), or the broker is shutting down.
 async fn first_connect<S>(io: &mut Io<S>, shared: &Shared, peer: &str) -> Option<Connect>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let mut shutdown = shared.shutdown_rx.clone();
     let connect_timeout = shared.config().limits.connect_timeout;
@@ -234,6 +249,8 @@ struct Conn<'a, S> {
     /// A bridge whose message ids are honoured (`[ferry]
     /// trusted_clients`, or an ACL rule with `trusted_bridge = true`).
     trusted: bool,
+    /// Given back when the connection ends (`None`: in-process).
+    admission: Option<Admission>,
 }
 
 /// The parts of a connection that few connections have (`Conn::extras`).
@@ -273,6 +290,9 @@ struct Turn {
     room: bool,
     /// The free space the read is offered (at most `READ_MAX`).
     offered: u32,
+    /// Nothing to do but wait on the socket and the doorbell, and it may
+    /// go dormant (see `dormant::rest`).
+    idle: bool,
 }
 
 type RareWait = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
@@ -314,6 +334,8 @@ enum Woke {
     /// The connection ends, after reading what the client sent last
     /// (`Conn::last_words`).
     Ending(Close),
+    /// The connection goes dormant.
+    Sleep,
 }
 
 /// How draining the outbox ended.
@@ -329,25 +351,27 @@ enum Drain {
     OutFull,
 }
 
-impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
-    /// The connection's main loop; returns why it ended.
-    async fn run(&mut self) -> Close {
+impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
+    /// The connection's main loop; returns why it ended, or `None` when it
+    /// goes dormant (`Conn::sleep`).
+    async fn run(&mut self) -> Option<Close> {
         // (No copies of `self`'s fields here: this future's size is what
         // every idle connection pays.)
         // A kick rings the doorbell of the queue recorded for the session
         // (`begin_session`); one before that is seen by the first wait's
         // look at the flag.
-        self.keep_alive.last_packet = Instant::now();
-        self.keep_alive.arm(
-            &self.shared.keep_alive,
-            self.control.connection,
-            &self.engine.state.outbox,
-        );
+        // Its alarm: a new connection puts its first in; a woken one has
+        // the one it put in when it went dormant (its keep-alive deadline
+        // only), and needs its quiet checks again.
+        let (queue, connection) = (&self.shared.keep_alive, self.control.connection);
+        self.keep_alive.disarm(queue, connection);
+        self.keep_alive
+            .arm(queue, connection, &self.engine.state.outbox, true);
         let close = loop {
             // A shutdown kicks every connection holding a session; one
             // that attached after that sees the flag here.
             if *self.shared.shutdown_rx.borrow() {
-                break Close::Shutdown;
+                break Some(Close::Shutdown);
             }
             // Everything that needs no waiting, then one wait. (The work is
             // done in a plain function, so its temporaries are not part of
@@ -359,8 +383,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
             let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn()));
             let (turn, mut rare) = match turn {
                 Ok(Ok(turn)) => turn,
-                Ok(Err(close)) => break close,
-                Err(payload) => break Close::Panicked(panic_message(payload.as_ref())),
+                Ok(Err(close)) => break Some(close),
+                Err(payload) => break Some(Close::Panicked(panic_message(payload.as_ref()))),
             };
             // One wait on the socket, the doorbell and `rare`: polled by
             // hand, so that an idle connection holds no future for any of
@@ -370,13 +394,19 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
             match woke {
                 Woke::Again => {}
                 Woke::RoomMade => self.resume_parked(),
-                Woke::Closed(close) => break close,
+                Woke::Closed(close) => break Some(close),
                 // Boxed: rare, and not to grow every idle connection.
-                Woke::Ending(cause) => break Box::pin(self.last_words(cause)).await,
+                Woke::Ending(cause) => break Some(Box::pin(self.last_words(cause)).await),
+                Woke::Sleep => break None,
             }
         };
-        self.keep_alive
-            .disarm(&self.shared.keep_alive, self.control.connection);
+        let (queue, connection) = (&self.shared.keep_alive, self.control.connection);
+        self.keep_alive.disarm(queue, connection);
+        if close.is_none() {
+            // Dormant, its keep-alive deadline still rings it.
+            self.keep_alive
+                .arm(queue, connection, &self.engine.state.outbox, false);
+        }
         close
     }
 
@@ -410,15 +440,22 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
                 Woke::Ending(Close::TakenOver)
             });
         }
-        if rung & ALARM != 0
-            && self
+        let mut quiet = false;
+        if rung & ALARM != 0 {
+            match self
                 .keep_alive
-                .expired(&self.shared.keep_alive, self.control.connection, outbox)
-        {
-            return Poll::Ready(Woke::Closed(Close::KeepAlive));
+                .alarm(&self.shared.keep_alive, self.control.connection, outbox)
+            {
+                Alarm::Expired => return Poll::Ready(Woke::Closed(Close::KeepAlive)),
+                Alarm::Checked { quiet: q } => quiet = q,
+                Alarm::Other => {}
+            }
         }
         // A taken READY is acted on by the next turn (it drains the queue).
         let mut woke = (rung & READY != 0).then_some(Woke::Again);
+        if woke.is_some() {
+            self.keep_alive.stir();
+        }
         let io = &mut self.io;
         if io.unwritten() > 0 {
             match io.poll_write(cx) {
@@ -435,6 +472,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Woke::Closed(Close::Eof)),
                 Poll::Ready(Ok(_)) => {
                     self.keep_alive.last_packet = Instant::now();
+                    self.keep_alive.stir();
                     woke = Some(Woke::Again);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Woke::Closed(Close::Io(e))),
@@ -452,7 +490,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
         }
         match woke {
             Some(woke) => Poll::Ready(woke),
-            None => Poll::Pending,
+            None => match dormant::rest(turn.idle, self.keep_alive.fresh(), quiet) {
+                Rest::Sleep => Poll::Ready(Woke::Sleep),
+                Rest::Stay => Poll::Pending,
+            },
         }
     }
 
@@ -516,19 +557,25 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
             .parked
             .as_ref()
             .map(|parked| (parked.0.outbox().clone(), parked.0.size()));
+        // The waits most turns do not need (durability, room in a full
+        // queue) are one boxed future, made only when needed: inline,
+        // they would add to every idle connection's size.
+        let rare = rare_waits(&self.durable, need_durable, parked, throttled);
+        let idle = rare.is_none()
+            && can_read
+            && drain == Drain::Empty
+            && self.io.unwritten() == 0
+            && !self.io.has_input()
+            && self.engine.pending_acks() == 0
+            && Self::may_sleep(self.shared);
         let turn = Turn {
             drain,
             can_read,
             room,
             offered,
+            idle,
         };
-        // The waits most turns do not need (durability, room in a full
-        // queue) are one boxed future, made only when needed: inline,
-        // they would add to every idle connection's size.
-        Ok((
-            turn,
-            rare_waits(&self.durable, need_durable, parked, throttled),
-        ))
+        Ok((turn, rare))
     }
 
     /// How long the client must wait before it is read again, when it

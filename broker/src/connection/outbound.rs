@@ -17,7 +17,7 @@ use crate::shared_sub::{Member, SharedGroup};
 use crate::stats::{Stats, Tally};
 use crate::storage::{Batch, StoreOp, Ticket};
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
     pub(super) fn encode_packets(&mut self) {
         let protocol = self.engine.protocol;
         let Some(busy) = self.io.owed() else {

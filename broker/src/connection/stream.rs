@@ -46,7 +46,7 @@ pub(super) struct Busy {
     pub(super) packets: Vec<Packet>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Io<S> {
     /// A stream with nothing read or owed yet.
     pub(super) fn new(stream: S) -> Io<S> {
         Io { stream, busy: None }

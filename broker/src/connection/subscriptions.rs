@@ -18,7 +18,7 @@ use crate::stats::Stats;
 use crate::storage::{Batch, StoreOp, SubscriptionRecord};
 use crate::subscribe::{self, Attached};
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
     /// Why a SUBSCRIBE filter is refused, if it is: more levels than
     /// `max_topic_levels`, not allowed by the ACL (a shared subscription
     /// is checked by its filter), or a new filter beyond
