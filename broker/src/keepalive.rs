@@ -83,14 +83,36 @@ impl<T> Deadlines<T> {
 }
 
 /// The broker's keep-alive deadlines and the wake of their task.
-#[derive(Default)]
 pub struct KeepAlive {
     deadlines: Mutex<Deadlines<Arc<Outbox>>>,
     /// A deadline earlier than all others was put in.
     earlier: Notify,
+    /// What connections count their times from ([`Watch`]: milliseconds
+    /// since this, eight bytes where an `Instant` takes sixteen).
+    epoch: Instant,
+}
+
+impl Default for KeepAlive {
+    fn default() -> Self {
+        KeepAlive {
+            deadlines: Mutex::default(),
+            earlier: Notify::new(),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl KeepAlive {
+    /// Now, in milliseconds since the epoch.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The instant `ms` milliseconds after the epoch.
+    fn at(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
     /// Puts connection `id`'s deadline: at `at`, its session queue's
     /// doorbell is rung with [`ALARM`].
     pub fn insert(&self, at: Instant, id: u64, outbox: Arc<Outbox>) {
@@ -138,14 +160,18 @@ impl KeepAlive {
     }
 }
 
-/// A connection's keep-alive: its limit (1.5 times the keep alive; `None`
+/// A connection's keep-alive: its limit (1.5 times the keep alive; none
 /// when 0), the time of its last packet, and the alarm it has in the
 /// broker's keep-alive queue. A connection that may go dormant
 /// (`dormant.rs`) also has its quiet checks there: its alarm is then its
 /// keep-alive deadline or its next quiet check, whichever comes first.
+/// Times are milliseconds since the queue's epoch: every connection,
+/// dormant ones too, holds one of these.
 pub(crate) struct Watch {
-    /// In milliseconds (at most 1.5 times 65,535 s), 0 for none: four bytes
-    /// instead of a `Duration`'s sixteen, in every connection.
+    last_packet_ms: u64,
+    /// The alarm it put in the queue (0: none).
+    deadline_ms: u64,
+    /// In milliseconds (at most 1.5 times 65,535 s), 0 for none.
     limit_ms: u32,
     /// It may go dormant: it has quiet checks.
     sleepy: bool,
@@ -153,9 +179,6 @@ pub(crate) struct Watch {
     fresh: bool,
     /// Something was read or delivered since the last quiet check.
     stirred: bool,
-    pub(crate) last_packet: Instant,
-    /// The alarm it put in the queue.
-    deadline: Option<Instant>,
 }
 
 /// What an alarm meant (see [`Watch::alarm`]).
@@ -171,21 +194,21 @@ pub(crate) enum Alarm {
 }
 
 impl Watch {
-    /// `sleepy`: the connection may go dormant.
-    pub(crate) fn new(limit: Option<Duration>, sleepy: bool) -> Watch {
+    /// `sleepy`: the connection may go dormant. Its last packet is now.
+    pub(crate) fn new(queue: &KeepAlive, limit: Option<Duration>, sleepy: bool) -> Watch {
         Watch {
+            last_packet_ms: queue.now_ms(),
+            deadline_ms: 0,
             limit_ms: limit.map_or(0, |l| u32::try_from(l.as_millis()).unwrap_or(u32::MAX)),
             sleepy,
             fresh: sleepy,
             stirred: false,
-            last_packet: Instant::now(),
-            deadline: None,
         }
     }
 
-    /// The limit, if there is one.
-    fn limit(&self) -> Option<Duration> {
-        (self.limit_ms > 0).then(|| Duration::from_millis(u64::from(self.limit_ms)))
+    /// A packet came now.
+    pub(crate) fn packet(&mut self, queue: &KeepAlive) {
+        self.last_packet_ms = queue.now_ms();
     }
 
     /// Whether it is fresh: accepted and not stirred since.
@@ -209,23 +232,26 @@ impl Watch {
         outbox: &Arc<Outbox>,
         awake: bool,
     ) {
-        let deadline = self.limit().map(|limit| self.last_packet + limit);
-        let check = (self.sleepy && awake).then(|| Instant::now() + crate::dormant::QUIET);
+        let deadline = (self.limit_ms > 0).then(|| self.last_packet_ms + u64::from(self.limit_ms));
+        let quiet = u64::try_from(crate::dormant::QUIET.as_millis()).unwrap_or(u64::MAX);
+        let check = (self.sleepy && awake).then(|| queue.now_ms() + quiet);
         let at = match (deadline, check) {
             (Some(d), Some(c)) => Some(d.min(c)),
             (d, c) => d.or(c),
         };
         if let Some(at) = at {
-            queue.insert(at, connection, outbox.clone());
-            self.deadline = Some(at);
+            let at = at.max(1);
+            queue.insert(queue.at(at), connection, outbox.clone());
+            self.deadline_ms = at;
         }
     }
 
     /// Takes the alarm out (the connection ends, or goes dormant and puts
     /// in another).
     pub(crate) fn disarm(&mut self, queue: &KeepAlive, connection: u64) {
-        if let Some(at) = self.deadline.take() {
-            queue.remove(at, connection);
+        if self.deadline_ms > 0 {
+            queue.remove(queue.at(self.deadline_ms), connection);
+            self.deadline_ms = 0;
         }
     }
 
@@ -239,18 +265,12 @@ impl Watch {
         connection: u64,
         outbox: &Arc<Outbox>,
     ) -> Alarm {
-        let Some(at) = self.deadline else {
-            return Alarm::Other;
-        };
-        let now = Instant::now();
-        if now < at {
+        if self.deadline_ms == 0 || Instant::now() < queue.at(self.deadline_ms) {
             return Alarm::Other;
         }
-        self.deadline = None;
-        if self
-            .limit()
-            .is_some_and(|limit| now >= self.last_packet + limit)
-        {
+        self.deadline_ms = 0;
+        let now = queue.now_ms();
+        if self.limit_ms > 0 && now >= self.last_packet_ms + u64::from(self.limit_ms) {
             return Alarm::Expired;
         }
         let quiet = !std::mem::replace(&mut self.stirred, false);

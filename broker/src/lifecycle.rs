@@ -48,7 +48,7 @@ pub(crate) async fn begin_session(
     let (mut state, resumed) = match attached.previous {
         Some(mut previous) if resume => {
             // Resumed within its Will Delay Interval: the will is cancelled.
-            previous.pending_will = None;
+            drop(previous.take_pending_will());
             (previous, true)
         }
         previous => {
@@ -168,7 +168,7 @@ pub(crate) fn publish_will_message(
 /// discarded, and its stored state is deleted.
 pub(crate) fn end_session(shared: &Shared, mut state: SessionState, batch: &mut Batch<'_>) {
     // A will still waiting for its delay goes out now: the session ended first.
-    if let Some(will) = state.pending_will.take() {
+    if let Some(will) = state.take_pending_will() {
         will.publish_now();
     }
     for filter in state.subscriptions.keys() {
@@ -190,7 +190,8 @@ pub(crate) fn end_session(shared: &Shared, mut state: SessionState, batch: &mut 
                 .push(d);
         }
     }
-    for (_, (group, member)) in std::mem::take(&mut state.groups) {
+    let groups = state.rare.take().map(|r| r.groups).unwrap_or_default();
+    for (_, (group, member)) in groups {
         shared.groups.leave(shared, &group, member.session);
     }
     for (group, mut deliveries) in returned.into_values() {

@@ -274,7 +274,7 @@ impl Restore<'_> {
             self.wills_gone.push(storage::StoreOp::SessionPut(record));
         } else {
             let delay = Duration::from_millis(will.due_ms - self.now_ms);
-            state.pending_will = Some(lifecycle::delay_will(
+            state.rare().pending_will = Some(lifecycle::delay_will(
                 self.shared,
                 will.message,
                 delay,
@@ -327,8 +327,9 @@ fn adapt_group_deliveries(state: &mut SessionState) {
             continue;
         };
         if let Some((_, member)) = state
-            .groups
-            .values()
+            .rare
+            .iter()
+            .flat_map(|r| r.groups.values())
             .find(|(g, _)| g.number == group.number())
         {
             let mut adapted = shared_sub::SharedGroup::adapt(member, d.clone());

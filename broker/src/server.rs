@@ -189,7 +189,10 @@ async fn accept_loop(
             // task holds, it holds for the connection's life. The admission
             // goes with the connection (which may outlive this task,
             // dormant).
-            let admission: Admission = Box::new((per_address, permit));
+            let admission = Admission {
+                _permit: permit,
+                _per_address: per_address.map(|p| Box::new(p) as Box<dyn Send + Sync>),
+            };
             tokio::spawn(serve(
                 stream,
                 peer.to_string(),

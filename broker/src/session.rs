@@ -59,14 +59,22 @@ pub struct SessionState {
     pub next_packet_id: u16,
     /// Whether the store holds this session (a `SessionPut` was written).
     pub stored: bool,
+    /// What few sessions have, in one box made when one of them is there
+    /// ([`SessionState::rare`]): every session, a dormant connection's
+    /// too, pays for what is inline here.
+    pub rare: Option<Box<Rare>>,
+}
+
+/// The parts of a session that few sessions have (`SessionState::rare`).
+#[derive(Default)]
+pub struct Rare {
     /// A will waiting for its Will Delay Interval (5.0) while the session
     /// is offline.
     pub pending_will: Option<PendingWill>,
     /// The shared subscription groups it is a member of, with its
     /// membership (by the `$share/...` filter it subscribed with).
     pub groups: BTreeMap<MqttString, (Arc<SharedGroup>, Member)>,
-    /// Retained messages still to send to new subscriptions (boxed on
-    /// first use: most sessions have none most of the time).
+    /// Retained messages still to send to new subscriptions.
     pub replays: Option<Box<Replays>>,
 }
 
@@ -95,15 +103,44 @@ impl SessionState {
             qos2_received: BTreeSet::new(),
             next_packet_id: 1,
             stored: false,
-            pending_will: None,
-            groups: BTreeMap::new(),
-            replays: None,
+            rare: None,
         }
+    }
+
+    /// The rare parts, made if the session had none.
+    pub fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_default()
+    }
+
+    /// Lets the rare parts' box go once it holds nothing.
+    pub fn trim_rare(&mut self) {
+        if self
+            .rare
+            .as_ref()
+            .is_some_and(|r| r.pending_will.is_none() && r.groups.is_empty() && r.replays.is_none())
+        {
+            self.rare = None;
+        }
+    }
+
+    /// The shared subscription groups it is a member of.
+    pub fn groups(&self) -> impl Iterator<Item = &(Arc<SharedGroup>, Member)> {
+        self.rare.iter().flat_map(|r| r.groups.values())
+    }
+
+    /// Takes the delayed will out (it is cancelled when dropped).
+    pub fn take_pending_will(&mut self) -> Option<PendingWill> {
+        let will = self.rare.as_mut()?.pending_will.take();
+        self.trim_rare();
+        will
     }
 
     /// Whether retained messages wait to be sent to a new subscription.
     pub fn replaying(&self) -> bool {
-        self.replays.as_ref().is_some_and(|r| !r.is_empty())
+        self.rare
+            .as_ref()
+            .and_then(|r| r.replays.as_ref())
+            .is_some_and(|r| !r.is_empty())
     }
 
     /// Whether the session outlives its connection.

@@ -108,7 +108,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
                     .then(|| PublishRate::new(limits.max_publish_rate, Instant::now().into_std())),
             }
             .boxed(),
-            keep_alive: crate::keepalive::Watch::new(keep_alive, Self::may_sleep(shared)),
+            keep_alive: crate::keepalive::Watch::new(
+                &shared.keep_alive,
+                keep_alive,
+                Self::may_sleep(shared),
+            ),
             routes: None,
             durable,
             parked: None,

@@ -198,7 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
                     message: message.clone(),
                     due_ms: clock.now_ms() + delay.as_millis() as u64,
                 });
-                state.pending_will = Some(delay_will(shared, message, delay, Some(record)));
+                state.rare().pending_will = Some(delay_will(shared, message, delay, Some(record)));
             }
             storage::write(shared.store.as_ref(), vec![StoreOp::SessionPut(stored)]);
             shared

@@ -19,14 +19,14 @@ use crate::session::Control;
 /// What a dormant connection keeps (see `dormant.rs`): everything of its
 /// `Conn` but the stream (the dormant set holds its socket), the buffers
 /// (it has none when idle), the route memo and the watermark's receiver
-/// (made again when it wakes).
+/// (made again when it wakes), and its peer's address (the socket's, read
+/// again when it wakes).
 pub(crate) struct Dormant {
     engine: Engine,
     control: Arc<Control>,
     extras: Option<Box<Extras>>,
     keep_alive: keepalive::Watch,
     admission: Option<Admission>,
-    peer: Box<str>,
     in_process: bool,
     trusted: bool,
 }
@@ -36,9 +36,13 @@ pub(crate) struct Dormant {
 /// `connection{peer, client_id}`, as before it slept.
 pub(crate) fn wake(socket: std::net::TcpStream, dormant: Dormant, shared: &Arc<Shared>) {
     use tracing::Instrument;
+    // (A socket reset while dormant may no longer know its peer.)
+    let peer: Box<str> = socket
+        .peer_addr()
+        .map_or_else(|_| "unknown".into(), |addr| addr.to_string().into());
     let span = tracing::info_span!(
         "connection",
-        peer = %dormant.peer,
+        peer = %peer,
         client_id = %dormant.engine.state.client_id
     );
     let shared = shared.clone();
@@ -46,13 +50,13 @@ pub(crate) fn wake(socket: std::net::TcpStream, dormant: Dormant, shared: &Arc<S
         async move {
             match tokio::net::TcpStream::from_std(socket) {
                 Ok(stream) => {
-                    let (mut conn, peer) = Conn::from_dormant(&shared, stream, dormant);
+                    let mut conn = Conn::from_dormant(&shared, stream, dormant);
                     match conn.run().await {
                         Some(close) => Box::pin(close_connection(conn, close, &peer)).await,
-                        None => conn.sleep(peer),
+                        None => conn.sleep(&peer),
                     }
                 }
-                Err(e) => Box::pin(lost(&shared, dormant, e)).await,
+                Err(e) => Box::pin(lost(&shared, dormant, e, &peer)).await,
             }
         }
         .instrument(span),
@@ -62,10 +66,10 @@ pub(crate) fn wake(socket: std::net::TcpStream, dormant: Dormant, shared: &Arc<S
 /// A dormant connection whose socket went with an error `e` (tokio could
 /// not take it, or not give it back) ends as if its stream failed:
 /// nothing more is written, the rest of its end is as usual.
-async fn lost(shared: &Shared, dormant: Dormant, e: std::io::Error) {
+async fn lost(shared: &Shared, dormant: Dormant, e: std::io::Error, peer: &str) {
     let gone = tokio::io::join(tokio::io::empty(), tokio::io::sink());
-    let (conn, peer) = Conn::from_dormant(shared, gone, dormant);
-    close_connection(conn, Close::Io(e), &peer).await;
+    let conn = Conn::from_dormant(shared, gone, dormant);
+    close_connection(conn, Close::Io(e), peer).await;
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
@@ -79,7 +83,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
     /// Goes dormant (its wait said so: it is idle, and `may_sleep`): the
     /// socket is taken from tokio and the rest kept in the dormant set.
     /// The task ends here; [`wake`] serves the connection on.
-    pub(super) fn sleep(self, peer: Box<str>) {
+    pub(super) fn sleep(self, peer: &str) {
         let shared = self.shared;
         let Conn {
             io,
@@ -98,7 +102,6 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
             extras,
             keep_alive,
             admission,
-            peer,
             in_process,
             trusted,
         };
@@ -120,20 +123,21 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
             }
             // (tokio could not let go of it)
             Err(e) => {
-                tokio::spawn(async move { lost(&arc, dormant, e).await });
+                let peer = peer.to_owned();
+                tokio::spawn(async move { lost(&arc, dormant, e, &peer).await });
             }
         }
     }
 
     /// The connection again, over `stream`, from what it kept while
-    /// dormant (and its peer, for the log).
-    fn from_dormant(shared: &'a Shared, stream: S, mut dormant: Dormant) -> (Self, Box<str>) {
+    /// dormant.
+    fn from_dormant(shared: &'a Shared, stream: S, mut dormant: Dormant) -> Self {
         // Woken: it goes dormant again only after a quiet check finds it
         // quiet (its socket's readiness may reach tokio only after its first
         // read was tried: going back to sleep on that would wake it again
         // at once, and again).
         dormant.keep_alive.stir();
-        let conn = Conn {
+        Conn {
             shared,
             io: Io::new(stream),
             engine: dormant.engine,
@@ -146,7 +150,6 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
             in_process: dormant.in_process,
             trusted: dormant.trusted,
             admission: dormant.admission,
-        };
-        (conn, dormant.peer)
+        }
     }
 }

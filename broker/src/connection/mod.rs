@@ -111,10 +111,15 @@ pub(crate) struct ServeOptions {
     pub(crate) identity_is_user: bool,
 }
 
-/// What the listener holds for a connection's life (its share of
-/// `max_connections` and of its address's limit), given back when the
+/// What the listener holds for a connection's life, given back when the
 /// connection ends: it goes with the connection also while dormant.
-pub(crate) type Admission = Box<dyn Send + Sync>;
+pub(crate) struct Admission {
+    /// Its share of `max_connections`.
+    pub(crate) _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Its share of its address's `max_connections_per_address` (only
+    /// with that limit set: boxed, so that it costs nothing without).
+    pub(crate) _per_address: Option<Box<dyn Send + Sync>>,
+}
 
 /// Serves one connection (network or in-process) to its end, inside a
 /// span `connection{peer, client_id}` (the client id recorded once the
@@ -152,12 +157,12 @@ where
             tracing::field::display(&conn.engine.state.client_id),
         );
         debug!(%peer, client_id = %conn.engine.state.client_id, protocol = ?conn.engine.protocol, "connected");
-        conn.keep_alive.last_packet = Instant::now();
+        conn.keep_alive.packet(&shared.keep_alive);
         // A panic while handling a packet is caught in `run` (around `turn`,
         // without boxing `run`, whose state every idle connection pays).
         match conn.run().await {
             Some(close) => Box::pin(close_connection(conn, close, &peer)).await,
-            None => conn.sleep(peer),
+            None => conn.sleep(&peer),
         }
     }
     .instrument(span)
@@ -471,7 +476,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
             match io.poll_read(cx, turn.offered as usize) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Woke::Closed(Close::Eof)),
                 Poll::Ready(Ok(_)) => {
-                    self.keep_alive.last_packet = Instant::now();
+                    self.keep_alive.packet(&self.shared.keep_alive);
                     self.keep_alive.stir();
                     woke = Some(Woke::Again);
                 }

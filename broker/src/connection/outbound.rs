@@ -44,9 +44,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
         }
         let own = self.engine.state.outbox.clone();
         let mut result = self.drain_from(&own, durable, None);
-        if !self.engine.state.groups.is_empty() && result != Drain::OutFull {
+        if self.engine.state.groups().next().is_some() && result != Drain::OutFull {
             let groups: Vec<(Arc<SharedGroup>, Member)> =
-                self.engine.state.groups.values().cloned().collect();
+                self.engine.state.groups().cloned().collect();
             for (group, member) in &groups {
                 match self.drain_from(&group.outbox, durable, Some((group, member))) {
                     Drain::OutFull => return Drain::OutFull,
@@ -64,7 +64,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
     pub(super) fn drain_replays(&mut self, durable: Ticket) -> Drain {
         let shared = self.shared;
         // Out of the session while the engine is used beside it.
-        let Some(mut replays) = self.engine.state.replays.take() else {
+        let Some(mut replays) = self
+            .engine
+            .state
+            .rare
+            .as_mut()
+            .and_then(|r| r.replays.take())
+        else {
             return Drain::Empty;
         };
         let now = Instant::now();
@@ -92,7 +98,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
             self.send(delivery, now, &mut sent);
         };
         // Kept while any is left; a finished one frees its box.
-        self.engine.state.replays = (!replays.is_empty()).then_some(replays);
+        if replays.is_empty() {
+            self.engine.state.trim_rare();
+        } else {
+            self.engine.state.rare().replays = Some(replays);
+        }
         shared.stats.sent.add(&sent);
         if !expired.is_empty() {
             // Expired retained messages are never sent, and go.

@@ -138,7 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
         // now that the subscriptions are in the router.
         self.engine.reply_after(ticket, Packet::SubAck(suback));
         for (filter, granted, identifier) in retained {
-            let replays = self.engine.state.replays.get_or_insert_default();
+            let replays = self.engine.state.rare().replays.get_or_insert_default();
             replays.start(&shared.retained, &filter, granted, identifier, ticket);
         }
         None
@@ -157,11 +157,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
                 continue;
             }
             let existed = state.subscriptions.remove(filter).is_some();
-            if let Some(replays) = state.replays.as_mut() {
+            if let Some(replays) = state.rare.as_mut().and_then(|r| r.replays.as_mut()) {
                 replays.cancel(filter);
             }
             if existed {
-                match state.groups.remove(filter) {
+                let group = state.rare.as_mut().and_then(|r| r.groups.remove(filter));
+                state.trim_rare();
+                match group {
                     Some((group, _)) => {
                         shared.groups.leave(shared, &group, SessionId(state.number))
                     }
