@@ -190,7 +190,7 @@ fn ensure_session(
             let number = shared.next_session_number();
             let outbox = shared.new_outbox(number);
             let mut state = SessionState::new(client_id.clone(), number, outbox);
-            state.expiry = NEVER;
+            state.set_expiry(NEVER);
             state.stored = true;
             batch.push(StoreOp::SessionPut(
                 state.record(Some(shared.clock.now_ms())),

@@ -239,7 +239,8 @@ impl Engine {
 
     /// Inbound QoS 1/2 publishes not yet fully acknowledged.
     pub fn inbound_unacknowledged(&self) -> usize {
-        self.pending.as_ref().map_or(0, |p| p.qos1 as usize) + self.state.qos2_received.len()
+        self.pending.as_ref().map_or(0, |p| p.qos1 as usize)
+            + self.state.qos2_received().map_or(0, |ids| ids.len())
     }
 
     /// Whether to read more packets: 3.1.1 has no Receive Maximum to
@@ -311,8 +312,7 @@ impl Engine {
                 close: false,
             });
         }
-        if publish.qos == QoS::ExactlyOnce && self.state.qos2_received.contains(&publish.packet_id)
-        {
+        if publish.qos == QoS::ExactlyOnce && self.state.qos2_holds(publish.packet_id) {
             // A resend of a QoS 2 publish already accepted: acknowledge
             // again, in order, without routing it twice.
             self.pending().acks.push_back(PendingAck {
@@ -462,7 +462,7 @@ impl Engine {
             }
             QoS::ExactlyOnce => {
                 if !outcome.refused {
-                    self.state.qos2_received.insert(packet_id);
+                    self.state.rare().qos2_received.insert(packet_id);
                 }
                 self.pending().acks.push_back(PendingAck {
                     ticket: outcome.ticket,
@@ -531,7 +531,7 @@ impl Engine {
             match reply {
                 Packet::PubAck(a) => out.extend(refuse(a, v5, info).map(Packet::PubAck)),
                 Packet::PubRec(a) => {
-                    self.state.qos2_received.remove(&a.packet_id);
+                    self.state.qos2_release(a.packet_id);
                     out.extend(refuse(a, v5, info).map(Packet::PubRec));
                 }
                 // A subscription is live in memory even if its record failed.
@@ -548,7 +548,7 @@ impl Engine {
     pub fn pubrel(&mut self, packet_id: u16, ops: &mut Vec<StoreOp>) {
         let mut comp = PubAck::new(packet_id);
         let mut ticket = 0;
-        if self.state.qos2_received.remove(&packet_id) {
+        if self.state.qos2_release(packet_id) {
             if self.state.is_persistent() {
                 ops.push(StoreOp::Qos2Released {
                     number: self.state.number,
@@ -1051,7 +1051,7 @@ mod tests {
             [Packet::PubAck(quota(1)), Packet::PubRec(quota(2))]
         );
         assert!(
-            e.state.qos2_received.is_empty(),
+            e.state.qos2_received().is_none_or(|ids| ids.is_empty()),
             "a refused QoS 2 id is not held"
         );
         // Request Problem Information 0: the code, without a reason string.
@@ -1098,7 +1098,7 @@ mod tests {
             ]
         );
         assert!(
-            !e.state.qos2_received.contains(&3),
+            !e.state.qos2_holds(3),
             "a QoS 2 id whose write failed is not held: a resend is a new message"
         );
         let mut e = engine(Protocol::V311, true);

@@ -36,7 +36,7 @@ pub(crate) fn engine(protocol: Protocol, persistent: bool) -> Engine {
     );
     let mut state = SessionState::new(MqttString::from_static("c"), 9, outbox);
     if persistent {
-        state.expiry = Duration::from_secs(60);
+        state.set_expiry(Duration::from_secs(60));
     }
     Engine::new(
         protocol,
@@ -210,7 +210,7 @@ impl Driver {
     /// The client releases a QoS 2 message; for a persistent session the
     /// PUBCOMP of a held id is owed once its write is durable.
     fn pubrel(&mut self, id: u16) {
-        let held_before = self.engine.state.qos2_received.contains(&id);
+        let held_before = self.engine.state.qos2_holds(id);
         self.engine.pubrel(id, &mut self.ops);
         if held_before && self.persistent {
             self.held.entry((false, id)).or_default().push_back(None);

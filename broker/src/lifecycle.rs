@@ -60,7 +60,7 @@ pub(crate) async fn begin_session(
             (SessionState::new(client_id.clone(), number, outbox), false)
         }
     };
-    state.expiry = expiry;
+    state.set_expiry(expiry);
     state.outbox.set_persistent(state.is_persistent());
     state.outbox.set_online(true);
     if let Some((messages, bytes)) = shared.session_bounds(client_id) {

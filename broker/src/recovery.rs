@@ -199,10 +199,12 @@ impl Restore<'_> {
             outbox.set_bounds(messages, bytes);
         }
         let mut state = SessionState::new(s.record.client_id.clone(), number, outbox.clone());
-        state.expiry = expiry;
+        state.set_expiry(expiry);
         state.stored = true;
         self.inflight(&mut state, s.inflight);
-        state.qos2_received = s.qos2_received.into_iter().collect();
+        if !s.qos2_received.is_empty() {
+            state.rare().qos2_received = s.qos2_received.into_iter().collect();
+        }
         self.subscriptions(&mut state, s.subscriptions);
         adapt_group_deliveries(&mut state);
         if let Some(will) = will {

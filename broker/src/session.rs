@@ -42,9 +42,11 @@ pub struct SessionState {
     pub client_id: MqttString,
     /// The session number: new at each clean start, never reused.
     pub number: u64,
-    /// Session Expiry Interval: how long the session outlives its
-    /// connection. Zero: it ends with the connection.
-    pub expiry: Duration,
+    /// Session Expiry Interval in seconds (MQTT's width; `u32::MAX`:
+    /// never): how long the session outlives its connection. Zero: it ends
+    /// with the connection. Read and set as a `Duration` with
+    /// [`SessionState::expiry`] and [`SessionState::set_expiry`].
+    expiry_secs: u32,
     /// Messages waiting to be sent.
     pub outbox: Arc<Outbox>,
     /// Subscriptions by topic filter. (The maps here are B-trees: an
@@ -53,8 +55,6 @@ pub struct SessionState {
     pub subscriptions: BTreeMap<MqttString, SubscriptionRecord>,
     /// Outbound QoS 1/2 exchanges by packet identifier.
     pub inflight: BTreeMap<u16, Inflight>,
-    /// Inbound QoS 2 packet identifiers awaiting PUBREL.
-    pub qos2_received: BTreeSet<u16>,
     /// The next packet identifier to try for an outbound message.
     pub next_packet_id: u16,
     /// Whether the store holds this session (a `SessionPut` was written).
@@ -68,6 +68,8 @@ pub struct SessionState {
 /// The parts of a session that few sessions have (`SessionState::rare`).
 #[derive(Default)]
 pub struct Rare {
+    /// Inbound QoS 2 packet identifiers awaiting PUBREL.
+    pub qos2_received: BTreeSet<u16>,
     /// A will waiting for its Will Delay Interval (5.0) while the session
     /// is offline.
     pub pending_will: Option<PendingWill>,
@@ -96,15 +98,25 @@ impl SessionState {
         SessionState {
             client_id,
             number,
-            expiry: Duration::ZERO,
+            expiry_secs: 0,
             outbox,
             subscriptions: BTreeMap::new(),
             inflight: BTreeMap::new(),
-            qos2_received: BTreeSet::new(),
             next_packet_id: 1,
             stored: false,
             rare: None,
         }
+    }
+
+    /// Session Expiry Interval.
+    pub fn expiry(&self) -> Duration {
+        Duration::from_secs(u64::from(self.expiry_secs))
+    }
+
+    /// Sets the Session Expiry Interval (in whole seconds, at most
+    /// `u32::MAX`: never).
+    pub fn set_expiry(&mut self, expiry: Duration) {
+        self.expiry_secs = secs_u32(expiry);
     }
 
     /// The rare parts, made if the session had none.
@@ -114,13 +126,36 @@ impl SessionState {
 
     /// Lets the rare parts' box go once it holds nothing.
     pub fn trim_rare(&mut self) {
-        if self
-            .rare
-            .as_ref()
-            .is_some_and(|r| r.pending_will.is_none() && r.groups.is_empty() && r.replays.is_none())
-        {
+        if self.rare.as_ref().is_some_and(|r| {
+            r.qos2_received.is_empty()
+                && r.pending_will.is_none()
+                && r.groups.is_empty()
+                && r.replays.is_none()
+        }) {
             self.rare = None;
         }
+    }
+
+    /// Inbound QoS 2 packet identifiers awaiting PUBREL.
+    pub fn qos2_received(&self) -> Option<&BTreeSet<u16>> {
+        self.rare.as_ref().map(|r| &r.qos2_received)
+    }
+
+    /// Whether inbound QoS 2 `packet_id` awaits its PUBREL.
+    pub fn qos2_holds(&self, packet_id: u16) -> bool {
+        self.qos2_received()
+            .is_some_and(|ids| ids.contains(&packet_id))
+    }
+
+    /// Inbound QoS 2 `packet_id` is done (PUBREL came, or it was
+    /// refused); whether it was held.
+    pub fn qos2_release(&mut self, packet_id: u16) -> bool {
+        let held = self
+            .rare
+            .as_mut()
+            .is_some_and(|r| r.qos2_received.remove(&packet_id));
+        self.trim_rare();
+        held
     }
 
     /// The shared subscription groups it is a member of.
@@ -145,7 +180,7 @@ impl SessionState {
 
     /// Whether the session outlives its connection.
     pub fn is_persistent(&self) -> bool {
-        !self.expiry.is_zero()
+        self.expiry_secs > 0
     }
 
     /// The session's record for the store: the one way one is made.
@@ -156,7 +191,7 @@ impl SessionState {
         SessionRecord {
             client_id: self.client_id.clone(),
             number: self.number,
-            expiry_secs: secs_u32(self.expiry),
+            expiry_secs: self.expiry_secs,
             offline_since_ms,
             pending_will: None,
         }
@@ -429,7 +464,7 @@ impl Sessions {
             .filter(|(_, slot)| {
                 slot.holder.is_none()
                     && slot.state.as_ref().is_some_and(|s| {
-                        now.saturating_duration_since(slot.offline_since) >= s.expiry
+                        now.saturating_duration_since(slot.offline_since) >= s.expiry()
                     })
             })
             .map(|(id, _)| id.clone())

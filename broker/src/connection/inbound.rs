@@ -355,7 +355,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
             && let Some(asked) = d.properties.session_expiry_interval
         {
             let state = &mut self.engine.state;
-            if state.expiry.is_zero() && asked > 0 {
+            if !state.is_persistent() && asked > 0 {
                 // MQTT 5.0 3.14.2.2.2 (a Protocol Error without a rule
                 // number): a session created to end with its connection
                 // cannot be made persistent at DISCONNECT.
@@ -366,8 +366,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
             }
             let expiry = Duration::from_secs(u64::from(asked))
                 .min(self.shared.config().storage.max_session_expiry);
-            if expiry != state.expiry {
-                state.expiry = expiry;
+            if expiry != state.expiry() {
+                state.set_expiry(expiry);
                 if state.is_persistent() {
                     let record = state.record(None);
                     self.io.busy().ops.push(StoreOp::SessionPut(record));
