@@ -13,9 +13,10 @@
 //! gave back what the connections held, and that further rounds of the
 //! same clients stop leaving more behind (a leak would not).
 //!
-//! Run:
+//! Run (with `[limits] dormant_connections` on; `--awake` as by default):
 //!   cargo bench --bench idle                      # 5,000 connections
 //!   cargo bench --bench idle -- --connections 20000
+//!   cargo bench --bench idle -- --awake
 //!
 //! Under nextest a smoke run of 200 connections checks that each is
 //! accepted and that closing them gives their memory back, round after
@@ -185,6 +186,9 @@ fn main() {
     let mut config = Config::default();
     config.listeners[0].bind = "127.0.0.1:0".parse().expect("an address");
     config.data_dir = dir.path().to_owned();
+    // What it breaks down is an idle connection as it is with dormant
+    // connections on (`--awake`: as it is by default, with its task).
+    config.limits.dormant_connections = !args.flag("--awake");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -230,8 +234,9 @@ fn main() {
 
     let per = |a: i64, b: i64| (a - b) as f64 / n as f64;
     println!(
-        "a TCP connection's future: {} bytes (its tokio task adds a header and rounds up to 128)",
-        ferrymq_broker::bench_support::connection_future_size()
+        "a TCP connection's future: {} bytes, a woken one's {} (a tokio task adds a header and rounds up to 128)",
+        ferrymq_broker::bench_support::connection_future_size(),
+        ferrymq_broker::bench_support::woken_future_size()
     );
     println!(
         "{n} idle connections, of which dormant (no task) in each round: {dormant:?}; heap held by each:"
@@ -270,10 +275,12 @@ fn main() {
         left < 512.0,
         "{left:.0} of {held:.0} bytes per connection not given back after close"
     );
-    // Idle plain-TCP connections go dormant once their CONNACK is out.
+    // Idle plain-TCP connections go dormant once their CONNACK is out
+    // (with `dormant_connections` on).
+    let want = if args.flag("--awake") { 0 } else { n as u64 };
     assert!(
-        dormant.iter().all(|&d| d == n as u64),
-        "idle connections not dormant: {dormant:?} of {n}"
+        dormant.iter().all(|&d| d == want),
+        "idle connections dormant: {dormant:?} of {n}, {want} wanted"
     );
     // A leak of even one allocation per connection (32 bytes at least, in
     // glibc's malloc) would show in every round; the pools' growth and the

@@ -34,7 +34,12 @@ impl Args {
 
     /// Run by `cargo bench` (full load), not as a smoke test.
     pub fn bench(&self) -> bool {
-        self.0.iter().any(|a| a == "--bench")
+        self.flag("--bench")
+    }
+
+    /// Whether `name` was given.
+    pub fn flag(&self, name: &str) -> bool {
+        self.0.iter().any(|a| a == name)
     }
 
     /// The value given after `name`, if any.

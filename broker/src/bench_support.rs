@@ -127,3 +127,12 @@ pub fn connection_future_size() -> usize {
     }
     size(crate::connection::serve::<tokio::net::TcpStream>)
 }
+
+/// The size of a woken dormant connection's future (`connection::woken`),
+/// which its new task holds until it sleeps again or closes.
+pub fn woken_future_size() -> usize {
+    fn size<A, B, F>(_: fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    size(crate::connection::woken)
+}

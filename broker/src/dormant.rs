@@ -40,7 +40,7 @@ use crate::doorbell::{ALARM, Doorbell, READY};
 pub(crate) const QUIET: Duration = Duration::from_secs(2);
 
 /// At most this many connections are woken in one turn of the set's task
-/// before it lets other tasks run.
+/// before it lets other tasks run (the woken ones' among them).
 const WAKE_BATCH: usize = 256;
 
 /// What an idle connection does now (see [`rest`]).
@@ -186,6 +186,7 @@ impl<C: Send + 'static> Dormancy<C> {
     }
 
     /// Takes `entry`'s connection out of the set (`None`: already taken).
+    /// Its socket stays watched until [`Dormancy::forget`].
     fn take(&self, entry: &Arc<Entry<C>>) -> Option<(std::net::TcpStream, C)> {
         let sleeper = entry.sleeper.lock().take()?;
         {
@@ -195,12 +196,16 @@ impl<C: Send + 'static> Dormancy<C> {
             slots.free.push(slot as u32);
         }
         self.held.fetch_sub(1, Ordering::Relaxed);
+        Some(sleeper)
+    }
+
+    /// Stops watching a woken connection's socket: the first thing its new
+    /// task does (not the set's task, which so wakes a crowd faster; until
+    /// then an event for it names a slot it left, and is ignored).
+    pub(crate) fn forget(&self, socket: &std::net::TcpStream) {
         // Failing only if it was never added (then there is nothing to take
         // out), or closed (then epoll forgot it by itself).
-        let _ = self
-            .registry
-            .deregister(&mut SourceFd(&sleeper.0.as_raw_fd()));
-        Some(sleeper)
+        let _ = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd()));
     }
 
     /// The entry in `token`'s slot, if it is still the one the token names.
@@ -211,7 +216,8 @@ impl<C: Send + 'static> Dormancy<C> {
     }
 
     /// The set's task: hands every woken connection to `wake` (which runs
-    /// it as a task again), for as long as it runs. When it ends (the
+    /// it as a task again, and first `forget`s its socket), for as long as
+    /// it runs. When it ends (the
     /// broker stops, the runtime goes), the connections still dormant are
     /// dropped, their sockets closed.
     pub(crate) async fn run(self: Arc<Self>, wake: impl Fn(std::net::TcpStream, C)) {
@@ -272,8 +278,16 @@ impl<C: Send + 'static> Dormancy<C> {
                     }
                 }
             }
+            // At most a batch a turn (a delivery to every client wakes them
+            // all at once): the rest wait in `woken` for the next turn, and
+            // the tasks of the ones woken now, and everyone else's, run in
+            // between.
+            // A full batch may leave more behind, here or in epoll (whose
+            // readiness was then not taken: tokio would not wake this task
+            // for it again).
             let more = woken.len() >= WAKE_BATCH;
-            for entry in woken.drain(..) {
+            let batch = woken.len().min(WAKE_BATCH);
+            for entry in woken.drain(..batch) {
                 if let Some((socket, state)) = self.take(&entry) {
                     wake(socket, state);
                 }
@@ -337,7 +351,9 @@ mod tests {
         set: &Arc<Dormancy<u32>>,
     ) -> tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, u32)> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let home = set.clone();
         tokio::spawn(set.clone().run(move |socket, n| {
+            home.forget(&socket);
             let _ = tx.send((socket, n));
         }));
         rx

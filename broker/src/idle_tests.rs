@@ -115,6 +115,8 @@ async fn broker() -> (Broker, tempfile::TempDir) {
         ..Config::default()
     };
     config.listeners[0].bind = "127.0.0.1:0".parse().expect("address");
+    // TCP connections go dormant when idle (in-memory ones never do).
+    config.limits.dormant_connections = true;
     // The memory store: a paused clock cannot wait for a disk thread.
     let broker = Broker::start_with_store(config, MemoryStore::new())
         .await

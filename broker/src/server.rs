@@ -322,7 +322,7 @@ async fn serve_websocket<S>(
     shared: Arc<Shared>,
     options: ServeOptions,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let limit = shared.config().limits.connect_timeout;
     let max_packet = shared.config().limits.max_packet_size;

@@ -109,6 +109,7 @@ struct RawLimits {
     max_subscriptions_per_client: Option<Int>,
     max_retained_messages: Option<Int>,
     max_publish_rate: Option<Int>,
+    dormant_connections: Option<bool>,
     shed_cpu_percent: Option<Int>,
     shed_memory: Option<RawSize>,
     shed_window_secs: Option<Int>,
@@ -247,6 +248,7 @@ pub(crate) const TABLES: &[Table] = &[
             "max_subscriptions_per_client",
             "max_retained_messages",
             "max_publish_rate",
+            "dormant_connections",
             "shed_cpu_percent",
             "shed_memory",
             "shed_window_secs",
@@ -952,6 +954,9 @@ impl RawLimits {
                 defaults.max_publish_rate,
                 errors,
             ),
+            dormant_connections: self
+                .dormant_connections
+                .unwrap_or(defaults.dormant_connections),
             shed_cpu_percent: narrow(
                 self.shed_cpu_percent.map(|Int(v)| v),
                 "limits.shed_cpu_percent",

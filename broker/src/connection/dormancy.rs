@@ -4,6 +4,7 @@
 //! say; the set that holds it is `dormant.rs`.
 
 use std::any::{Any, TypeId};
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -33,34 +34,68 @@ pub(crate) struct Dormant {
 
 /// Serves a dormant connection on in a new task: its socket had something
 /// (or closed), or its doorbell rang. In a new span
-/// `connection{peer, client_id}`, as before it slept.
+/// `connection{peer, client_id}`, as before it slept (the fields recorded
+/// by the new task).
 pub(crate) fn wake(socket: std::net::TcpStream, dormant: Dormant, shared: &Arc<Shared>) {
     use tracing::Instrument;
+    use tracing::field::Empty;
+    let span = tracing::info_span!("connection", peer = Empty, client_id = Empty);
+    // Taken in boxed, and out of the box by `reopen` (whose boxed future
+    // frees it): what the task takes in, it holds for its life, and a
+    // woken connection's task should be no larger than a new one's. All
+    // but the spawn happens in the new task: the set's task, which may be
+    // waking thousands, only hands them out.
+    tokio::spawn(woken(Box::new((socket, dormant)), shared.clone()).instrument(span));
+}
+
+/// The woken connection's task (its future's size is
+/// `bench_support::woken_future_size`).
+// (Not an `async fn`: its future would hold `woken` and `shared` beside
+// what it awaits; a block that moves them into itself holds them once.)
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn woken(
+    woken: Box<(std::net::TcpStream, Dormant)>,
+    shared: Arc<Shared>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let Some((mut conn, peer)) = Box::pin(reopen(woken, &shared)).await else {
+            return;
+        };
+        let outcome = conn.run().await;
+        if let Some(closing) = conn.after_run(outcome, &peer) {
+            closing.await;
+        }
+    }
+}
+
+/// The woken connection's stream (its socket forgotten by the dormant set
+/// and registered with tokio again) and its span's fields; `None` when its
+/// socket is gone (then the connection ended here).
+async fn reopen(
+    woken: Box<(std::net::TcpStream, Dormant)>,
+    shared: &Shared,
+) -> Option<(Conn<'_, tokio::net::TcpStream>, Box<str>)> {
+    let (socket, dormant) = *woken;
+    if let Some(set) = &shared.dormant {
+        set.forget(&socket);
+    }
     // (A socket reset while dormant may no longer know its peer.)
     let peer: Box<str> = socket
         .peer_addr()
         .map_or_else(|_| "unknown".into(), |addr| addr.to_string().into());
-    let span = tracing::info_span!(
-        "connection",
-        peer = %peer,
-        client_id = %dormant.engine.state.client_id
+    let span = tracing::Span::current();
+    span.record("peer", tracing::field::display(&peer));
+    span.record(
+        "client_id",
+        tracing::field::display(&dormant.engine.state.client_id),
     );
-    let shared = shared.clone();
-    tokio::spawn(
-        async move {
-            match tokio::net::TcpStream::from_std(socket) {
-                Ok(stream) => {
-                    let mut conn = Conn::from_dormant(&shared, stream, dormant);
-                    match conn.run().await {
-                        Some(close) => Box::pin(close_connection(conn, close, &peer)).await,
-                        None => conn.sleep(&peer),
-                    }
-                }
-                Err(e) => Box::pin(lost(&shared, dormant, e, &peer)).await,
-            }
+    match tokio::net::TcpStream::from_std(socket) {
+        Ok(stream) => Some((Conn::from_dormant(shared, stream, dormant), peer)),
+        Err(e) => {
+            lost(shared, dormant, e, &peer).await;
+            None
         }
-        .instrument(span),
-    );
+    }
 }
 
 /// A dormant connection whose socket went with an error `e` (tokio could
@@ -73,11 +108,33 @@ async fn lost(shared: &Shared, dormant: Dormant, e: std::io::Error, peer: &str) 
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
-    /// Whether a connection over `S` may go dormant: plain TCP only (a TLS
-    /// or WebSocket stream keeps state above the socket), and only when
-    /// the broker has its dormant set.
+    /// Whether a connection over `S` may go dormant: with `[limits]
+    /// dormant_connections` on, plain TCP only (a TLS or WebSocket stream
+    /// keeps state above the socket), and only when the broker has its
+    /// dormant set.
     pub(super) fn may_sleep(shared: &Shared) -> bool {
-        TypeId::of::<S>() == TypeId::of::<tokio::net::TcpStream>() && shared.dormant.is_some()
+        TypeId::of::<S>() == TypeId::of::<tokio::net::TcpStream>()
+            && shared.dormant.is_some()
+            && shared.config().limits.dormant_connections
+    }
+
+    /// What follows `run`: the close (a future to await) when it ended,
+    /// or going dormant.
+    pub(super) fn after_run(
+        self,
+        outcome: Option<Close>,
+        peer: &'a str,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>>
+    where
+        S: Send,
+    {
+        match outcome {
+            Some(close) => Some(Box::pin(close_connection(self, close, peer))),
+            None => {
+                self.sleep(peer);
+                None
+            }
+        }
     }
 
     /// Goes dormant (its wait said so: it is idle, and `may_sleep`): the

@@ -53,8 +53,8 @@ use crate::router::RouteCache;
 use crate::session::Control;
 use crate::storage::{self, Durable};
 
-use close::{CatchPanic, Close, close_connection, panic_message, panicked};
-pub(crate) use dormancy::{Dormant, wake};
+use close::{CatchPanic, Close, panic_message, panicked};
+pub(crate) use dormancy::{Dormant, wake, woken};
 use stream::Io;
 
 mod admit;
@@ -134,7 +134,7 @@ pub(crate) fn serve<S>(
     admission: Option<Admission>,
 ) -> impl Future<Output = ()>
 where
-    S: AsyncRead + AsyncWrite + Unpin + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     use tracing::Instrument;
     let span = tracing::info_span!("connection", %peer, client_id = tracing::field::Empty);
@@ -160,9 +160,9 @@ where
         conn.keep_alive.packet(&shared.keep_alive);
         // A panic while handling a packet is caught in `run` (around `turn`,
         // without boxing `run`, whose state every idle connection pays).
-        match conn.run().await {
-            Some(close) => Box::pin(close_connection(conn, close, &peer)).await,
-            None => conn.sleep(&peer),
+        let outcome = conn.run().await;
+        if let Some(closing) = conn.after_run(outcome, &peer) {
+            closing.await;
         }
     }
     .instrument(span)
