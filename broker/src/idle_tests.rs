@@ -173,17 +173,7 @@ async fn an_idle_connection_wakes_for_a_delivery_a_takeover_and_a_shutdown() {
     assert!(matches!(idle.recv().await, Some(Packet::SubAck(_))));
     // Long idle: a minute, less than its keep-alive limit of 150 s.
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let app = broker
-        .connect(crate::ClientOptions::new("app"))
-        .await
-        .expect("app");
-    app.publish("news", "woken", crate::QoS::AtMostOnce, false)
-        .await
-        .expect("publish");
-    match idle.recv().await {
-        Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"woken"),
-        other => panic!("no delivery but {other:?}"),
-    }
+    let app = deliver_news(&broker, &mut idle).await;
     // Idle again, then taken over by a new connection with its id.
     tokio::time::sleep(Duration::from_secs(60)).await;
     let (_successor, ack) = Raw::open(&broker, "idle", 60).await;
@@ -213,6 +203,23 @@ async fn until(what: &str, f: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("never: {what}");
+}
+
+/// An in-process client publishes "woken" on `news`, and `raw` (subscribed
+/// to it) gets it. Returns the client (dropping it would close it).
+async fn deliver_news(broker: &Broker, raw: &mut Raw) -> crate::Client {
+    let app = broker
+        .connect(crate::ClientOptions::new("app"))
+        .await
+        .expect("app");
+    app.publish("news", "woken", crate::QoS::AtMostOnce, false)
+        .await
+        .expect("publish");
+    match raw.recv().await {
+        Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"woken"),
+        other => panic!("no delivery but {other:?}"),
+    }
+    app
 }
 
 fn subscribe(filter: &str) -> Packet {
@@ -246,17 +253,7 @@ async fn a_dormant_connection_wakes_for_a_delivery_a_ping_a_takeover_and_a_shutd
     assert_eq!(dormant(), 0, "dormant before a quiet spell");
     until("dormant after a quiet spell", || dormant() == 1).await;
     // A delivery wakes it (its session queue's doorbell).
-    let app = broker
-        .connect(crate::ClientOptions::new("app"))
-        .await
-        .expect("app");
-    app.publish("news", "woken", crate::QoS::AtMostOnce, false)
-        .await
-        .expect("publish");
-    match sub.recv().await {
-        Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"woken"),
-        other => panic!("no delivery but {other:?}"),
-    }
+    let app = deliver_news(&broker, &mut sub).await;
     until("dormant after the delivery", || dormant() == 1).await;
     // A ping wakes it (its socket).
     sub.send(&Packet::PingReq).await;
