@@ -211,6 +211,12 @@ impl Watch {
         self.last_packet_ms = queue.now_ms();
     }
 
+    /// Whether the connection may go dormant (decided when it was
+    /// accepted).
+    pub(crate) fn sleepy(&self) -> bool {
+        self.sleepy
+    }
+
     /// Whether it is fresh: accepted and not stirred since.
     pub(crate) fn fresh(&self) -> bool {
         self.fresh

@@ -111,7 +111,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
     /// Whether a connection over `S` may go dormant: with `[limits]
     /// dormant_connections` on, plain TCP only (a TLS or WebSocket stream
     /// keeps state above the socket), and only when the broker has its
-    /// dormant set.
+    /// dormant set. Asked once, when it is accepted (its keep-alive watch
+    /// keeps the answer).
     pub(super) fn may_sleep(shared: &Shared) -> bool {
         TypeId::of::<S>() == TypeId::of::<tokio::net::TcpStream>()
             && shared.dormant.is_some()
@@ -137,7 +138,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
         }
     }
 
-    /// Goes dormant (its wait said so: it is idle, and `may_sleep`): the
+    /// Goes dormant (its wait said so: it is idle, and may sleep): the
     /// socket is taken from tokio and the rest kept in the dormant set.
     /// The task ends here; [`wake`] serves the connection on.
     pub(super) fn sleep(self, peer: &str) {
@@ -169,19 +170,23 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
             .and_then(Option::take)
             .expect("may_sleep: a TCP stream");
         let outbox = dormant.engine.state.outbox.clone();
-        let Some(arc) = shared.this.upgrade() else {
-            return;
-        };
+        // The broker for a new task, when one is needed (`None` only once
+        // the broker is gone).
+        let this = || shared.this.upgrade();
         match tcp.into_std() {
             Ok(socket) => {
-                if let Err((socket, dormant)) = set.sleep(socket, dormant, outbox.doorbell()) {
+                if let Err((socket, dormant)) = set.sleep(socket, dormant, outbox.doorbell())
+                    && let Some(arc) = this()
+                {
                     wake(socket, dormant, &arc);
                 }
             }
             // (tokio could not let go of it)
             Err(e) => {
-                let peer = peer.to_owned();
-                tokio::spawn(async move { lost(&arc, dormant, e, &peer).await });
+                if let Some(arc) = this() {
+                    let peer = peer.to_owned();
+                    tokio::spawn(async move { lost(&arc, dormant, e, &peer).await });
+                }
             }
         }
     }

@@ -572,7 +572,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
             && self.io.unwritten() == 0
             && !self.io.has_input()
             && self.engine.pending_acks() == 0
-            && Self::may_sleep(self.shared);
+            && self.keep_alive.sleepy();
         let turn = Turn {
             drain,
             can_read,
