@@ -26,9 +26,13 @@ impl MqttString {
         if bytes.len() > MAX_STRING_LEN {
             return Err(StringError::TooLong(bytes.len()));
         }
-        std::str::from_utf8(&bytes).map_err(|_| StringError::InvalidUtf8)?;
-        if bytes.contains(&0) {
-            return Err(StringError::NullCharacter);
+        // Most strings (topics, client ids) are plain ASCII: one pass
+        // settles them; anything else takes the two full checks.
+        if !plain_ascii(&bytes) {
+            std::str::from_utf8(&bytes).map_err(|_| StringError::InvalidUtf8)?;
+            if bytes.contains(&0) {
+                return Err(StringError::NullCharacter);
+            }
         }
         Ok(Self(bytes))
     }
@@ -76,6 +80,26 @@ impl MqttString {
     pub fn into_bytes(self) -> Bytes {
         self.0
     }
+}
+
+/// Whether every byte is in 1..=0x7F (ASCII without U+0000, so valid
+/// UTF-8 free of nulls), eight bytes at a time: in a word, a byte at 0x80
+/// or above shows its high bit, and a zero byte borrows in the subtraction
+/// and shows it there. A borrow only starts at a zero byte, so bytes above
+/// a flagged one may be flagged too, but never without one.
+fn plain_ascii(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let mut eight = [0u8; 8];
+        eight.copy_from_slice(word);
+        let v = u64::from_le_bytes(eight);
+        if (v.wrapping_sub(ONES) | v) & HIGH != 0 {
+            return false;
+        }
+    }
+    words.remainder().iter().all(|&b| b.wrapping_sub(1) < 0x7F)
 }
 
 impl Deref for MqttString {
@@ -138,6 +162,25 @@ mod tests {
         assert_eq!(MqttString::new("a/b").map(|s| s.len()), Ok(3));
         assert!(MqttString::new("température/°C").is_ok());
         assert!(MqttString::new("").is_ok());
+    }
+
+    #[test]
+    fn plain_ascii_is_every_byte_from_1_to_127() {
+        for len in 0..=20 {
+            for at in 0..len {
+                for (byte, plain) in [(0x00, false), (0x01, true), (0x7F, true), (0x80, false)] {
+                    let mut text = vec![b'a'; len];
+                    text[at] = byte;
+                    assert_eq!(plain_ascii(&text), plain, "{byte:#x} at {at} of {len}");
+                }
+            }
+            assert!(plain_ascii(&vec![b'z'; len]));
+        }
+        // Zero bytes and high bytes beside each other, in one word.
+        assert!(!plain_ascii(&[
+            0x01, 0x00, 0x01, 0x01, 0x01, 0x01, 0x01, 0x01
+        ]));
+        assert!(!plain_ascii(&[0xFF; 9]));
     }
 
     #[test]

@@ -120,12 +120,6 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// Everything left (a PUBLISH payload).
-    pub(crate) fn rest(&mut self) -> Bytes {
-        let slice = std::mem::take(&mut self.data);
-        self.to_bytes(slice)
-    }
-
     /// Splits off the next `len` bytes as their own reader (a property list).
     pub(crate) fn sub_reader(&mut self, len: usize) -> Result<Reader<'a>, DecodeError> {
         let data = self.take(len)?;

@@ -368,53 +368,37 @@ pub fn decode(
             flags: header.flags,
         });
     }
-    if ty == PacketType::Publish {
-        // The payload and topic keep sharing the receive buffer.
-        let frame = buf.split_to(total).freeze();
-        let mut reader = Reader::new(&frame[header.header_len..], Some(&frame), ty);
-        return Ok(Some(Packet::Publish(Publish::decode(
-            header.flags,
-            &mut reader,
-            protocol,
-        )?)));
-    }
-    let packet = {
-        let mut reader = Reader::new(&buf[header.header_len..total], None, ty);
-        decode_body(ty, header.flags, &mut reader, protocol)
-    };
-    buf.advance(total);
-    packet.map(Some)
-}
-
-/// Decodes the body of a packet (`decode` sends PUBLISH its own way, to
-/// share its buffer).
-fn decode_body(
-    ty: PacketType,
-    flags: u8,
-    reader: &mut Reader<'_>,
-    protocol: Protocol,
-) -> Result<Packet, DecodeError> {
-    Ok(match ty {
-        PacketType::Connect => Packet::Connect(Box::new(Connect::decode(reader)?)),
-        PacketType::ConnAck => Packet::ConnAck(Box::new(ConnAck::decode(reader, protocol)?)),
-        PacketType::Publish => Packet::Publish(Publish::decode(flags, reader, protocol)?),
-        PacketType::PubAck => Packet::PubAck(PubAck::decode(reader, protocol)?),
-        PacketType::PubRec => Packet::PubRec(PubAck::decode(reader, protocol)?),
-        PacketType::PubRel => Packet::PubRel(PubAck::decode(reader, protocol)?),
-        PacketType::PubComp => Packet::PubComp(PubAck::decode(reader, protocol)?),
-        PacketType::Subscribe => Packet::Subscribe(Subscribe::decode(reader, protocol)?),
-        PacketType::SubAck => Packet::SubAck(SubAck::decode(reader, protocol)?),
-        PacketType::Unsubscribe => Packet::Unsubscribe(Unsubscribe::decode(reader, protocol)?),
-        PacketType::UnsubAck => Packet::UnsubAck(UnsubAck::decode(reader, protocol)?),
+    // One reader over the body; PUBLISH does not use it: it takes its
+    // frame out of `buf` instead, so that its payload keeps sharing the
+    // receive buffer.
+    let mut r = Reader::new(&buf[header.header_len..total], None, ty);
+    let packet = match ty {
+        PacketType::Publish => {
+            let frame = buf.split_to(total).freeze();
+            let publish = Publish::decode(header.flags, frame, header.header_len, protocol)?;
+            return Ok(Some(Packet::Publish(publish)));
+        }
+        PacketType::Connect => Packet::Connect(Box::new(Connect::decode(&mut r)?)),
+        PacketType::ConnAck => Packet::ConnAck(Box::new(ConnAck::decode(&mut r, protocol)?)),
+        PacketType::PubAck => Packet::PubAck(PubAck::decode(&mut r, protocol)?),
+        PacketType::PubRec => Packet::PubRec(PubAck::decode(&mut r, protocol)?),
+        PacketType::PubRel => Packet::PubRel(PubAck::decode(&mut r, protocol)?),
+        PacketType::PubComp => Packet::PubComp(PubAck::decode(&mut r, protocol)?),
+        PacketType::Subscribe => Packet::Subscribe(Subscribe::decode(&mut r, protocol)?),
+        PacketType::SubAck => Packet::SubAck(SubAck::decode(&mut r, protocol)?),
+        PacketType::Unsubscribe => Packet::Unsubscribe(Unsubscribe::decode(&mut r, protocol)?),
+        PacketType::UnsubAck => Packet::UnsubAck(UnsubAck::decode(&mut r, protocol)?),
         PacketType::PingReq => {
-            reader.finish()?;
+            r.finish()?;
             Packet::PingReq
         }
         PacketType::PingResp => {
-            reader.finish()?;
+            r.finish()?;
             Packet::PingResp
         }
-        PacketType::Disconnect => Packet::Disconnect(Disconnect::decode(reader, protocol)?),
-        PacketType::Auth => Packet::Auth(Auth::decode(reader)?),
-    })
+        PacketType::Disconnect => Packet::Disconnect(Disconnect::decode(&mut r, protocol)?),
+        PacketType::Auth => Packet::Auth(Auth::decode(&mut r)?),
+    };
+    buf.advance(total);
+    Ok(Some(packet))
 }

@@ -1,6 +1,6 @@
 //! PUBLISH (3.3).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::{Body, PacketType, Protocol, QoS};
 use crate::error::{DecodeError, EncodeError, TopicError};
@@ -30,9 +30,15 @@ pub struct Publish {
 }
 
 impl Publish {
+    /// Decodes a PUBLISH from its whole frame, the fixed header's
+    /// `header_len` bytes included. The topic (and any string property)
+    /// shares the frame, and the payload is the frame itself moved past
+    /// everything before it: decoding adds one reference to the buffer,
+    /// not one per part.
     pub(crate) fn decode(
         flags: u8,
-        r: &mut Reader,
+        mut frame: Bytes,
+        header_len: usize,
         protocol: Protocol,
     ) -> Result<Self, DecodeError> {
         let qos = QoS::from_bits((flags >> 1) & 0b11)?;
@@ -44,23 +50,28 @@ impl Publish {
                 flags,
             });
         }
-        let topic = r.string()?;
-        let packet_id = match qos {
-            QoS::AtMostOnce => 0,
-            _ => r.packet_id()?,
-        };
-        let properties = match protocol {
-            Protocol::V5 => properties::decode(r)?,
-            Protocol::V311 => PublishProperties::default(),
+        let (topic, packet_id, properties, payload_at) = {
+            let mut r = Reader::new(&frame[header_len..], Some(&frame), PacketType::Publish);
+            let topic = r.string()?;
+            let packet_id = match qos {
+                QoS::AtMostOnce => 0,
+                _ => r.packet_id()?,
+            };
+            let properties = match protocol {
+                Protocol::V5 => properties::decode(&mut r)?,
+                Protocol::V311 => PublishProperties::default(),
+            };
+            (topic, packet_id, properties, frame.len() - r.remaining())
         };
         check_topic(&topic, &properties, protocol).map_err(DecodeError::InvalidTopicName)?;
+        frame.advance(payload_at);
         Ok(Publish {
             dup,
             qos,
             retain: flags & 1 != 0,
             topic,
             packet_id,
-            payload: r.rest(),
+            payload: frame,
             properties,
         })
     }
