@@ -163,7 +163,9 @@ pub fn queue_list(
         let Some(n) = be_u64(&k) else {
             continue;
         };
-        if record::decode_session(n, &v, &clock).is_ok_and(|s| s.client_id.as_str() == client_id) {
+        if record::decode_session(n, v.into(), &clock)
+            .is_ok_and(|s| s.client_id.as_str() == client_id)
+        {
             number = Some(n);
         }
     }
@@ -179,7 +181,7 @@ pub fn queue_list(
             continue;
         }
         let seq = k.get(8..).and_then(be_u64).unwrap_or(0);
-        let q = record::decode_queued(&v, &clock)
+        let q = record::decode_queued(v.into(), &clock)
             .map_err(|e| StoreError(format!("queued message {seq} of {client_id}: {e:?}")))?;
         listed.push(ListedMessage {
             seq,
@@ -233,7 +235,7 @@ pub fn queue_stats(
     let age = |ms: u64| Duration::from_millis(now_ms.saturating_sub(ms));
     let oldest = |number: u64| -> Option<Duration> {
         let (_, v) = reader.queue(number).ok()?.next()?.ok()?;
-        let q = record::decode_queued(&v, &clock).ok()?;
+        let q = record::decode_queued(v.into(), &clock).ok()?;
         Some(age(q.queued_at_ms))
     };
     let stats = |number: u64| -> (u64, u64) {
@@ -249,7 +251,7 @@ pub fn queue_stats(
         let Some(number) = be_u64(&k) else {
             continue;
         };
-        let Ok(session) = record::decode_session(number, &v, &clock) else {
+        let Ok(session) = record::decode_session(number, v.into(), &clock) else {
             continue;
         };
         let (messages, bytes) = stats(number);
@@ -268,7 +270,7 @@ pub fn queue_stats(
         let Some(number) = be_u64(&k) else {
             continue;
         };
-        let Ok((name, filter)) = record::decode_group(&v) else {
+        let Ok((name, filter)) = record::decode_group(v.into()) else {
             continue;
         };
         let (messages, bytes) = stats(number);

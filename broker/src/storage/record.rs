@@ -40,22 +40,29 @@ pub trait TimeBase {
 }
 
 fn seal(mut buf: BytesMut) -> Bytes {
-    let crc = crc32fast::hash(&buf);
-    buf.put_u32(crc);
+    seal_in_place(&mut buf);
     buf.freeze()
 }
 
-/// Checks the trailing CRC and returns the body.
-fn open(value: &[u8]) -> Result<Bytes, Corrupt> {
-    if value.len() < 4 {
+/// Appends the CRC of everything in `buf`.
+fn seal_in_place(buf: &mut BytesMut) {
+    let crc = crc32fast::hash(buf);
+    buf.put_u32(crc);
+}
+
+/// Checks the trailing CRC and returns the body, sharing `value` (the
+/// store hands over what it read, so decoding copies nothing more).
+fn open(mut value: Bytes) -> Result<Bytes, Corrupt> {
+    let Some(body) = value.len().checked_sub(4) else {
         return Err(Corrupt("shorter than its checksum"));
-    }
-    let (body, crc) = value.split_at(value.len() - 4);
+    };
+    let crc = &value[body..];
     let expected = u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]);
-    if crc32fast::hash(body) != expected {
+    if crc32fast::hash(&value[..body]) != expected {
         return Err(Corrupt("checksum mismatch"));
     }
-    Ok(Bytes::copy_from_slice(body))
+    value.truncate(body);
+    Ok(value)
 }
 
 /// A cursor over a record body whose reads fail instead of panicking.
@@ -180,7 +187,7 @@ pub fn encode_retained(m: &Message, time: &dyn TimeBase) -> Bytes {
 }
 
 /// Reads a retained message.
-pub fn decode_retained(value: &[u8], time: &dyn TimeBase) -> Result<Message, Corrupt> {
+pub fn decode_retained(value: Bytes, time: &dyn TimeBase) -> Result<Message, Corrupt> {
     let mut c = Cursor(open(value)?);
     let m = read_message(&mut c, time)?;
     c.end()?;
@@ -188,25 +195,29 @@ pub fn decode_retained(value: &[u8], time: &dyn TimeBase) -> Result<Message, Cor
 }
 
 /// A queued delivery: when it was queued (broker ms), its QoS, RETAIN
-/// flag and subscription identifiers, then the message.
+/// flag and subscription identifiers, then the message; written into
+/// `buf` (cleared first), which the store's writer reuses for every
+/// record of a write, so that a record costs no allocation of its own.
 pub fn encode_queued(
+    buf: &mut BytesMut,
     queued_at_ms: u64,
     qos: QoS,
     retain: bool,
     identifiers: Option<&[u32]>,
     m: &Message,
     time: &dyn TimeBase,
-) -> Bytes {
+) {
     let ids = identifiers.unwrap_or(&[]);
-    let mut buf = BytesMut::with_capacity(88 + m.payload.len() + 4 * ids.len());
+    buf.clear();
+    buf.reserve(88 + m.payload.len() + 4 * ids.len());
     buf.put_u64(queued_at_ms);
     buf.put_u8(qos as u8 | if retain { 0b100 } else { 0 });
     buf.put_u8(ids.len().min(255) as u8);
     for id in ids.iter().take(255) {
         buf.put_u32(*id);
     }
-    put_message(&mut buf, m, time);
-    seal(buf)
+    put_message(buf, m, time);
+    seal_in_place(buf);
 }
 
 /// A queued delivery as read back.
@@ -238,7 +249,7 @@ impl Queued {
 }
 
 /// Reads a queued delivery.
-pub fn decode_queued(value: &[u8], time: &dyn TimeBase) -> Result<Queued, Corrupt> {
+pub fn decode_queued(value: Bytes, time: &dyn TimeBase) -> Result<Queued, Corrupt> {
     let mut c = Cursor(open(value)?);
     let queued_at_ms = c.u64()?;
     let flags = c.u8()?;
@@ -286,7 +297,7 @@ pub fn encode_session(s: &SessionRecord, time: &dyn TimeBase) -> Bytes {
 /// Reads a session (its number is the key).
 pub fn decode_session(
     number: u64,
-    value: &[u8],
+    value: Bytes,
     time: &dyn TimeBase,
 ) -> Result<SessionRecord, Corrupt> {
     let mut c = Cursor(open(value)?);
@@ -332,7 +343,7 @@ pub fn encode_subscription(s: &SubscriptionRecord) -> Bytes {
 }
 
 /// Reads a subscription.
-pub fn decode_subscription(value: &[u8]) -> Result<SubscriptionRecord, Corrupt> {
+pub fn decode_subscription(value: Bytes) -> Result<SubscriptionRecord, Corrupt> {
     let mut c = Cursor(open(value)?);
     let byte = c.u8()?;
     let id = c.u32()?;
@@ -367,7 +378,7 @@ pub fn encode_inflight(queue: u64, seq: u64, phase: OutboundPhase) -> Bytes {
 }
 
 /// Reads an outbound exchange.
-pub fn decode_inflight(value: &[u8]) -> Result<(u64, u64, OutboundPhase), Corrupt> {
+pub fn decode_inflight(value: Bytes) -> Result<(u64, u64, OutboundPhase), Corrupt> {
     let mut c = Cursor(open(value)?);
     let queue = c.u64()?;
     let seq = c.u64()?;
@@ -389,7 +400,7 @@ pub fn encode_group(name: &str, filter: &str) -> Bytes {
 }
 
 /// Reads a shared subscription group.
-pub fn decode_group(value: &[u8]) -> Result<(MqttString, MqttString), Corrupt> {
+pub fn decode_group(value: Bytes) -> Result<(MqttString, MqttString), Corrupt> {
     let mut c = Cursor(open(value)?);
     let name = c.string()?;
     let filter = c.string()?;
@@ -439,12 +450,26 @@ mod tests {
         let time = Base(Instant::now());
         let mut m = message();
         m.expires_at = Some(time.0 + Duration::from_millis(1500));
-        let value = encode_queued(77, QoS::AtLeastOnce, true, Some(&[3, 9]), &m, &time);
-        let q = decode_queued(&value, &time).expect("decodes");
+        let mut value = BytesMut::from(&b"left over from the record before"[..]);
+        encode_queued(
+            &mut value,
+            77,
+            QoS::AtLeastOnce,
+            true,
+            Some(&[3, 9]),
+            &m,
+            &time,
+        );
+        let value = value.freeze();
+        let read = value.as_ptr_range();
+        let q = decode_queued(value, &time).expect("decodes");
         assert_eq!(q.queued_at_ms, 77);
         assert_eq!((q.qos, q.retain), (QoS::AtLeastOnce, true));
         assert_eq!(q.identifiers.as_deref(), Some(&[3, 9][..]));
         assert_eq!(*q.message, m);
+        // What the store read is the message's buffer: nothing copied.
+        assert!(read.contains(&q.message.payload.as_ptr()), "payload copied");
+        assert!(read.contains(&q.message.topic.as_ptr()), "topic copied");
     }
 
     #[test]
@@ -454,11 +479,11 @@ mod tests {
         for i in 0..value.len() {
             let mut bad = value.to_vec();
             bad[i] ^= 0x40;
-            assert!(decode_retained(&bad, &time).is_err(), "flip at {i}");
+            assert!(decode_retained(bad.into(), &time).is_err(), "flip at {i}");
         }
         for cut in 0..value.len() {
             assert!(
-                decode_retained(&value[..cut], &time).is_err(),
+                decode_retained(value.slice(..cut), &time).is_err(),
                 "cut at {cut}"
             );
         }
@@ -479,7 +504,7 @@ mod tests {
                 due_ms: 99,
             }),
         };
-        assert_eq!(decode_session(7, &encode_session(&s, &time), &time), Ok(s));
+        assert_eq!(decode_session(7, encode_session(&s, &time), &time), Ok(s));
         let sub = SubscriptionRecord {
             options: SubscriptionOptions {
                 qos: QoS::ExactlyOnce,
@@ -489,12 +514,12 @@ mod tests {
             },
             identifier: Some(77),
         };
-        assert_eq!(decode_subscription(&encode_subscription(&sub)), Ok(sub));
+        assert_eq!(decode_subscription(encode_subscription(&sub)), Ok(sub));
         assert_eq!(
-            decode_inflight(&encode_inflight(5, 6, OutboundPhase::Released)),
+            decode_inflight(encode_inflight(5, 6, OutboundPhase::Released)),
             Ok((5, 6, OutboundPhase::Released))
         );
-        let (name, filter) = decode_group(&encode_group("g", "a/#")).expect("decodes");
+        let (name, filter) = decode_group(encode_group("g", "a/#")).expect("decodes");
         assert_eq!((name.as_str(), filter.as_str()), ("g", "a/#"));
     }
 }

@@ -230,7 +230,7 @@ impl Store for RocksStore {
             let Some(seq) = k.get(8..16).and_then(big_u64) else {
                 continue;
             };
-            match record::decode_queued(&v, time) {
+            match record::decode_queued(v.into(), time) {
                 Ok(q) => out.push(q.at(seq)),
                 Err(e) => warn!(
                     queue = number,

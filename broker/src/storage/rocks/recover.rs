@@ -82,7 +82,7 @@ impl RocksStore {
         let db = self.inner.db().ok()?;
         let family = cf(&db, QUEUES).ok()?;
         let v = db.get_cf(family, key_ns(queue, seq)).ok()??;
-        let q = record::decode_queued(&v, &*self.inner.clock).ok()?;
+        let q = record::decode_queued(v.into(), &*self.inner.clock).ok()?;
         Some(q.at(seq))
     }
 }
@@ -113,7 +113,7 @@ impl Scan<'_> {
                 self.skip("session", &k, &"bad key");
                 continue;
             };
-            match record::decode_session(number, &v, self.time) {
+            match record::decode_session(number, v.into(), self.time) {
                 Ok(record) => {
                     let queue = self.store.summary(number)?;
                     sessions.insert(
@@ -149,7 +149,7 @@ impl Scan<'_> {
                 self.skip("subscription", &k, &"bad filter");
                 continue;
             };
-            match record::decode_subscription(&v) {
+            match record::decode_subscription(v.into()) {
                 Ok(sub) => {
                     if let Some(s) = sessions.get_mut(&number) {
                         s.subscriptions.push((filter, sub));
@@ -177,7 +177,7 @@ impl Scan<'_> {
                 self.skip("in-flight", &k, &"bad key");
                 continue;
             };
-            let (queue, seq, phase) = match record::decode_inflight(&v) {
+            let (queue, seq, phase) = match record::decode_inflight(v.into()) {
                 Ok(x) => x,
                 Err(e) => {
                     self.skip("in-flight", &k, &e);
@@ -223,7 +223,7 @@ impl Scan<'_> {
         let mut retained = Vec::new();
         for item in db.iterator_cf(cf(db, RETAINED)?, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| db_error("reading retained messages", e))?;
-            match record::decode_retained(&v, self.time) {
+            match record::decode_retained(v.into(), self.time) {
                 Ok(m) => retained.push(Arc::new(m)),
                 Err(e) => self.skip("retained", &k, &e),
             }
@@ -241,7 +241,7 @@ impl Scan<'_> {
                 self.skip("group", &k, &"bad key");
                 continue;
             };
-            match record::decode_group(&v) {
+            match record::decode_group(v.into()) {
                 Ok((name, filter)) => groups.push(RecoveredGroup {
                     number,
                     name,

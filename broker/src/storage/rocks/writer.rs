@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use ferrymq_codec::MqttString;
 use ferrymq_config::Durability;
 use rocksdb::{DB, WriteBatch, WriteOptions};
@@ -115,13 +116,15 @@ fn flush_stats(
     Ok(())
 }
 
-/// Adds one op to a write batch.
+/// Adds one op to a write batch (`scratch`: where a queued record is
+/// encoded before the batch copies it, reused from op to op).
 fn add(
     db: &DB,
     batch: &mut WriteBatch,
     op: StoreOp,
     time: &dyn TimeBase,
     deltas: &mut StatsDeltas,
+    scratch: &mut BytesMut,
 ) -> Result<(), StoreError> {
     use StoreOp as O;
     // A delete of a queue's statistics must come after its earlier
@@ -158,7 +161,8 @@ fn add(
             identifiers,
             message,
         } => {
-            let value = record::encode_queued(
+            record::encode_queued(
+                scratch,
                 time.to_ms(tokio::time::Instant::now()),
                 qos,
                 retain,
@@ -166,7 +170,7 @@ fn add(
                 &message,
                 time,
             );
-            batch.put_cf(cf(db, QUEUES)?, key_ns(number, seq), value);
+            batch.put_cf(cf(db, QUEUES)?, key_ns(number, seq), &scratch[..]);
             stats(number, 1, message.payload.len() as i64, seq);
         }
         O::QueueDelete { number, seq, size } => {
@@ -474,9 +478,11 @@ fn write_run(db: &DB, inner: &Inner, run: Vec<(Ticket, Vec<StoreOp>)>, sync: boo
     let mut batch = WriteBatch::default();
     let mut result = Ok(());
     let mut deltas = StatsDeltas::new();
+    // Each queued record is encoded here before the batch copies it.
+    let mut scratch = BytesMut::new();
     for (_, ops) in run {
         for op in ops {
-            if let Err(e) = add(db, &mut batch, op, &*inner.clock, &mut deltas) {
+            if let Err(e) = add(db, &mut batch, op, &*inner.clock, &mut deltas, &mut scratch) {
                 result = Err(e.0);
             }
         }
