@@ -373,3 +373,113 @@ fn a_session_online_when_the_broker_is_killed_expires_counting_from_the_crash() 
         other => panic!("{other:?}"),
     }
 }
+
+/// A persistent 5.0 session connecting with `clean_start = false`.
+fn connect_resuming(addr: std::net::SocketAddr, id: &str) -> (Raw, bool) {
+    let mut raw = Raw::open(addr, Protocol::V5);
+    let mut c = connect_packet(Protocol::V5, id);
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(300);
+    raw.send(&Packet::Connect(Box::new(c)));
+    match raw.recv() {
+        Some(Packet::ConnAck(ack)) => (raw, ack.session_present),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+/// Publishes at QoS 2 and completes the exchange.
+fn publish_exactly_once(raw: &mut Raw, topic: &str, payload: &'static str, retain: bool) {
+    raw.send(&Packet::Publish(Publish {
+        qos: QoS::ExactlyOnce,
+        packet_id: 7,
+        retain,
+        topic: s(topic),
+        payload: Bytes::from_static(payload.as_bytes()),
+        ..Publish::default()
+    }));
+    assert!(matches!(raw.recv(), Some(Packet::PubRec(_))));
+    raw.send(&Packet::PubRel(PubAck::new(7)));
+    assert!(matches!(raw.recv(), Some(Packet::PubComp(_))));
+}
+
+#[test]
+fn a_qos2_packet_id_the_client_still_holds_is_not_reused_for_a_new_message_after_a_kill() {
+    // A QoS 2 receiver keeps the id of a PUBLISH it answered PUBREC for
+    // until the PUBREL comes, across reconnects, and takes any PUBLISH
+    // with that id as the same message again. So a broker that comes back
+    // from a kill must know every id its client may still hold: resend
+    // the PUBREL, and give no new message that id.
+    let data = tempfile::tempdir().unwrap();
+    let broker = Broker::start_at(data.path(), "");
+    let mut publisher = Raw::connect(broker.addr, Protocol::V5, "holds-pub");
+    publish_exactly_once(&mut publisher, "held/retained", "old", true);
+    let (mut sub, _) = connect_resuming(broker.addr, "holds-sub");
+    sub.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        subscriptions: ["held/retained", "held/new"]
+            .iter()
+            .map(|f| Subscription {
+                filter: s(f),
+                options: SubscriptionOptions {
+                    qos: QoS::ExactlyOnce,
+                    ..Default::default()
+                },
+            })
+            .collect(),
+        properties: Default::default(),
+    }));
+    let mut held = None;
+    while held.is_none() {
+        match sub.recv() {
+            Some(Packet::SubAck(_)) => {}
+            Some(Packet::Publish(p)) => {
+                assert_eq!(&p.payload[..], b"old");
+                sub.send(&Packet::PubRec(PubAck::new(p.packet_id)));
+                held = Some(p.packet_id);
+            }
+            other => panic!("expected SUBACK and the retained message, got {other:?}"),
+        }
+    }
+    let held = held.unwrap();
+    // The broker has the PUBREC; the client has not read the PUBREL yet
+    // when the broker dies.
+    std::thread::sleep(Duration::from_millis(300));
+    broker.kill();
+    drop(sub);
+
+    let broker = Broker::start_at(data.path(), "");
+    let (mut sub, present) = connect_resuming(broker.addr, "holds-sub");
+    assert!(present, "the session survived the kill");
+    let mut publisher = Raw::connect(broker.addr, Protocol::V5, "holds-pub");
+    publish_exactly_once(&mut publisher, "held/new", "new", false);
+    let mut holding = true;
+    loop {
+        match sub.recv_within(Duration::from_secs(5)) {
+            Some(Packet::PubRel(rel)) => {
+                if rel.packet_id == held {
+                    holding = false;
+                }
+                sub.send(&Packet::PubComp(PubAck::new(rel.packet_id)));
+            }
+            Some(Packet::Publish(p)) if p.retain => {
+                sub.send(&Packet::PubRec(PubAck::new(p.packet_id)));
+            }
+            Some(Packet::Publish(p)) => {
+                assert_eq!(&p.payload[..], b"new");
+                assert!(
+                    !(holding && p.packet_id == held),
+                    "the new message came with id {held}, which the client still holds \
+                     for the retained message (no PUBREL came): it takes it as that \
+                     message again, and the new one is lost"
+                );
+                assert!(
+                    !holding,
+                    "the resumed session owes the PUBREL of id {held} (the broker had \
+                     its PUBREC before the kill), sent again on reconnect"
+                );
+                break;
+            }
+            other => panic!("expected the new message, got {other:?}"),
+        }
+    }
+}

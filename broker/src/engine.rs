@@ -108,6 +108,11 @@ pub enum InboundPublish {
 pub enum Delivered {
     /// Send this PUBLISH.
     Send(Outgoing),
+    /// Sent later, in order, with the acknowledgements: a QoS 2 PUBLISH
+    /// waits until the record of its packet identifier is durable, and
+    /// what is delivered after it waits behind it (see
+    /// [`Engine::deliver`]). Its QoS and payload size, to count it.
+    Held(QoS, usize),
     /// Larger than the client's Maximum Packet Size: not sent, removed.
     TooLarge,
     /// Its Message Expiry Interval passed while queued: not sent, removed.
@@ -135,6 +140,24 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// The packet as an owned value (one that waits to be sent).
+    fn into_packet(self) -> Packet {
+        let topic = if self.alias_only {
+            MqttString::default()
+        } else {
+            self.message.topic.clone()
+        };
+        Packet::Publish(Publish {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic,
+            packet_id: self.packet_id,
+            payload: self.message.payload.clone(),
+            properties: self.properties,
+        })
+    }
+
     /// The packet, to encode.
     pub fn view(&self) -> PublishRef<'_> {
         PublishRef {
@@ -202,6 +225,9 @@ struct Pending {
     qos1: u32,
     /// Replies in `acks` waiting for the next write's ticket.
     unwritten: u32,
+    /// PUBLISHes in `acks` (see [`Delivered::Held`]), and their bytes.
+    held: u32,
+    held_bytes: usize,
 }
 
 /// The topic aliases of one connection, both ways.
@@ -265,6 +291,12 @@ impl Engine {
     /// Acknowledgements waiting for the store.
     pub fn pending_acks(&self) -> usize {
         self.pending.as_ref().map_or(0, |p| p.acks.len())
+    }
+
+    /// The bytes of the PUBLISHes waiting to be sent in order behind one
+    /// that waits for the store ([`Delivered::Held`]).
+    pub fn held_bytes(&self) -> usize {
+        self.pending.as_ref().map_or(0, |p| p.held_bytes)
     }
 
     /// The ticket the oldest waiting acknowledgement needs, if any.
@@ -511,6 +543,10 @@ impl Engine {
             if ack.qos1 {
                 pending.qos1 -= 1;
             }
+            if let Some(Packet::Publish(p)) = &ack.reply {
+                pending.held -= 1;
+                pending.held_bytes = pending.held_bytes.saturating_sub(p.payload.len());
+            }
             let Some(reply) = ack.reply else {
                 continue;
             };
@@ -727,11 +763,12 @@ impl Engine {
         self.apply_alias(&mut out);
         let Some(d) = keep else {
             out.packet_id = 0;
-            return Delivered::Send(out);
+            return self.send_or_hold(out);
         };
         let packet_id = self.next_packet_id();
         out.packet_id = packet_id;
-        if d.stored && !self.limits.volatile_inflight {
+        let recorded = self.recorded(&d);
+        if recorded && d.stored {
             ops.push(StoreOp::InflightPut {
                 number,
                 packet_id,
@@ -739,9 +776,67 @@ impl Engine {
                 seq: d.seq,
                 phase: OutboundPhase::Sent,
             });
+        } else if recorded {
+            // From no queue (a retained message on subscribe): there is no
+            // entry to send again after a restart, so its identifier is
+            // kept as released: a restarted broker sends the PUBREL, which
+            // frees it in the client whether the PUBLISH got there or not.
+            ops.push(StoreOp::InflightPut {
+                number,
+                packet_id,
+                queue: number,
+                seq: 0,
+                phase: OutboundPhase::Released,
+            });
         }
         self.state.inflight.insert(packet_id, Inflight::Sent(d));
+        if recorded && qos == QoS::ExactlyOnce {
+            return self.hold(out, NEXT_WRITE);
+        }
+        self.send_or_hold(out)
+    }
+
+    /// Whether the store keeps a record of `d`'s packet identifier while
+    /// it is in flight: of every stored delivery, and of a QoS 2 one from
+    /// no queue to a persistent session (never of an in-process client's,
+    /// whose in-flight state lives in memory only).
+    fn recorded(&self, d: &Delivery) -> bool {
+        !self.limits.volatile_inflight
+            && (d.stored || (d.qos == QoS::ExactlyOnce && self.state.is_persistent()))
+    }
+
+    /// `out` now, or behind the PUBLISHes held before it (the order of
+    /// deliveries is kept).
+    fn send_or_hold(&mut self, out: Outgoing) -> Delivered {
+        if self.pending.as_ref().is_some_and(|p| p.held > 0) {
+            return self.hold(out, 0);
+        }
         Delivered::Send(out)
+    }
+
+    /// Holds `out` with the acknowledgements until `ticket` is durable
+    /// (`NEXT_WRITE`: the write of the ops pushed with it). A QoS 2
+    /// receiver keeps the packet identifier of a PUBLISH it answered
+    /// PUBREC for until the PUBREL, across reconnects, and takes any
+    /// PUBLISH with that identifier for the same message: a broker
+    /// killed before the identifier's record was durable would give it
+    /// to a new message after the restart, which the client would drop
+    /// (or send the message again under a new one, a duplicate). So the
+    /// PUBLISH leaves only once its record is durable.
+    fn hold(&mut self, out: Outgoing, ticket: Ticket) -> Delivered {
+        let (qos, size) = (out.qos, out.message.payload.len());
+        let pending = self.pending();
+        pending.acks.push_back(PendingAck {
+            ticket,
+            reply: Some(out.into_packet()),
+            qos1: false,
+        });
+        if ticket == NEXT_WRITE {
+            pending.unwritten += 1;
+        }
+        pending.held += 1;
+        pending.held_bytes += size;
+        Delivered::Held(qos, size)
     }
 
     /// PUBACK from the client: the QoS 1 message is delivered.
@@ -758,14 +853,12 @@ impl Engine {
     }
 
     fn forget(&self, d: &Delivery, packet_id: u16, ops: &mut Vec<StoreOp>) {
-        if d.stored {
-            Self::unqueue(d, ops);
-            if !self.limits.volatile_inflight {
-                ops.push(StoreOp::InflightDelete {
-                    number: self.state.number,
-                    packet_id,
-                });
-            }
+        Self::unqueue(d, ops);
+        if self.recorded(d) {
+            ops.push(StoreOp::InflightDelete {
+                number: self.state.number,
+                packet_id,
+            });
         }
     }
 
@@ -1146,13 +1239,20 @@ mod tests {
                 &mut ops,
             )
             .sent();
-        let p2 = e
-            .deliver(
+        assert!(matches!(
+            e.deliver(
                 delivery(QoS::ExactlyOnce, 11, true),
                 Instant::now(),
                 &mut ops,
-            )
-            .sent();
+            ),
+            Delivered::Held(QoS::ExactlyOnce, 1)
+        ));
+        // The QoS 2 PUBLISH leaves once its InflightPut is durable.
+        e.written(5);
+        assert_eq!(acks(&mut e, 4), []);
+        let [Packet::Publish(p2)] = &acks(&mut e, 5)[..] else {
+            panic!("the held PUBLISH")
+        };
         assert_eq!((p1.packet_id, p2.packet_id), (1, 2));
         assert!(!e.can_send(QoS::AtLeastOnce), "client Receive Maximum is 2");
         assert!(e.can_send(QoS::AtMostOnce));
@@ -1189,6 +1289,103 @@ mod tests {
         assert!(matches!(
             ops[..],
             [StoreOp::InflightDelete { packet_id: 2, .. }]
+        ));
+        assert!(e.state.inflight.is_empty());
+    }
+
+    #[test]
+    fn a_qos2_publish_waits_for_the_record_of_its_id_and_later_deliveries_wait_behind_it() {
+        // (persistent session, in-process client, QoS, stored) -> the op
+        // recording its id (phase), and whether it is held.
+        let table = [
+            (
+                true,
+                false,
+                QoS::ExactlyOnce,
+                true,
+                Some(OutboundPhase::Sent),
+                true,
+            ),
+            // A retained message on subscribe: its id kept as released.
+            (
+                true,
+                false,
+                QoS::ExactlyOnce,
+                false,
+                Some(OutboundPhase::Released),
+                true,
+            ),
+            (
+                true,
+                false,
+                QoS::AtLeastOnce,
+                true,
+                Some(OutboundPhase::Sent),
+                false,
+            ),
+            (true, false, QoS::AtLeastOnce, false, None, false),
+            // A session that ends with its connection: nothing outlives it.
+            (false, false, QoS::ExactlyOnce, false, None, false),
+            // In-process: in-flight state in memory only.
+            (true, true, QoS::ExactlyOnce, true, None, false),
+        ];
+        for (persistent, in_process, qos, stored, record, held) in table {
+            let case = format!("{persistent} {in_process} {qos:?} {stored}");
+            let mut e = engine(Protocol::V5, persistent);
+            e.limits.volatile_inflight = in_process;
+            let mut ops = Vec::new();
+            let first = e.deliver(delivery(qos, 3, stored), Instant::now(), &mut ops);
+            match (record, &ops[..]) {
+                (None, []) => {}
+                (Some(want), [StoreOp::InflightPut { phase, seq, .. }]) => {
+                    assert_eq!(*phase, want, "{case}");
+                    assert_eq!(*seq, if stored { 3 } else { 0 }, "{case}");
+                }
+                (want, ops) => panic!("{case}: {want:?} but {ops:?}"),
+            }
+            assert_eq!(matches!(first, Delivered::Held(..)), held, "{case}");
+            // What comes next, even QoS 0, keeps its place behind it.
+            let next = e.deliver(
+                delivery(QoS::AtMostOnce, 4, stored),
+                Instant::now(),
+                &mut ops,
+            );
+            assert_eq!(matches!(next, Delivered::Held(..)), held, "{case}");
+            if held {
+                assert_eq!(e.held_bytes(), 2, "{case}");
+                e.written(6);
+                assert_eq!(acks(&mut e, 5), [], "{case}");
+                let out = acks(&mut e, 6);
+                let ids: Vec<u16> = out
+                    .iter()
+                    .map(|p| match p {
+                        Packet::Publish(p) => p.packet_id,
+                        other => panic!("{case}: {other:?}"),
+                    })
+                    .collect();
+                assert_eq!(ids, [1, 0], "{case}: in delivery order");
+                assert_eq!(e.held_bytes(), 0, "{case}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_retained_qos2_delivery_takes_the_record_of_its_id_away() {
+        let mut e = engine(Protocol::V5, true);
+        let mut ops = Vec::new();
+        e.deliver(
+            delivery(QoS::ExactlyOnce, 0, false),
+            Instant::now(),
+            &mut ops,
+        );
+        ops.clear();
+        let mut refused = PubAck::new(1);
+        refused.reason_code = ReasonCode::UNSPECIFIED_ERROR;
+        let mut out = Vec::new();
+        e.pubrec(refused, &mut ops, &mut out);
+        assert!(matches!(
+            ops[..],
+            [StoreOp::InflightDelete { packet_id: 1, .. }]
         ));
         assert!(e.state.inflight.is_empty());
     }

@@ -81,6 +81,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
             if self.io.unwritten() >= OUT_HIGH_WATER {
                 break Drain::OutFull;
             }
+            if self.engine.held_bytes() >= OUT_HIGH_WATER {
+                // Enough waits behind a QoS 2 PUBLISH for the store.
+                break Drain::WaitDurable;
+            }
             let engine = &self.engine;
             let delivery = match replays.pop_ready(
                 &shared.retained,
@@ -142,6 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
                 }
                 sent.count(out.qos, out.message.payload.len());
             }
+            Delivered::Held(qos, size) => sent.count(qos, size),
             Delivered::TooLarge => {
                 Stats::add(&self.shared.stats.messages_dropped_too_large, 1);
             }
@@ -166,6 +171,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'_, S> {
         let state = loop {
             if self.io.unwritten() >= OUT_HIGH_WATER {
                 break Drain::OutFull;
+            }
+            if self.engine.held_bytes() >= OUT_HIGH_WATER {
+                // Enough waits behind a QoS 2 PUBLISH for the store.
+                break Drain::WaitDurable;
             }
             if one_per_turn && sent.any() {
                 if let Some((group, _)) = pulled_by {
