@@ -825,18 +825,26 @@ impl Engine {
     /// PUBLISH leaves only once its record is durable.
     fn hold(&mut self, out: Outgoing, ticket: Ticket) -> Delivered {
         let (qos, size) = (out.qos, out.message.payload.len());
+        self.send_after(ticket, out.into_packet());
+        Delivered::Held(qos, size)
+    }
+
+    /// Queues `packet` (a PUBLISH or PUBREL) with the acknowledgements, to
+    /// leave once `ticket` is durable.
+    fn send_after(&mut self, ticket: Ticket, packet: Packet) {
         let pending = self.pending();
-        pending.acks.push_back(PendingAck {
-            ticket,
-            reply: Some(out.into_packet()),
-            qos1: false,
-        });
         if ticket == NEXT_WRITE {
             pending.unwritten += 1;
         }
-        pending.held += 1;
-        pending.held_bytes += size;
-        Delivered::Held(qos, size)
+        if let Packet::Publish(p) = &packet {
+            pending.held += 1;
+            pending.held_bytes += p.payload.len();
+        }
+        pending.acks.push_back(PendingAck {
+            ticket,
+            reply: Some(packet),
+            qos1: false,
+        });
     }
 
     /// PUBACK from the client: the QoS 1 message is delivered.
@@ -946,6 +954,19 @@ impl Engine {
                 )),
                 Inflight::Released { .. } => out.push(Packet::PubRel(PubAck::new(packet_id))),
             }
+        }
+    }
+
+    /// [`Engine::resend_inflight`], the packets leaving once `ticket` is
+    /// durable (and every delivery after them behind them): the
+    /// connection this one took over may have written the records of
+    /// their ids just now, and a client must not get an id whose record a
+    /// kill could still take away (see [`Engine::deliver`]).
+    pub fn resend_inflight_after(&mut self, ticket: Ticket, now: Instant) {
+        let mut out = Vec::new();
+        self.resend_inflight(now, &mut out);
+        for packet in out {
+            self.send_after(ticket, packet);
         }
     }
 
@@ -1414,6 +1435,23 @@ mod tests {
             Packet::Publish(p) => assert!(p.dup && p.packet_id == 2 && p.qos == QoS::AtLeastOnce),
             other => panic!("{other:?}"),
         }
+        // Resumed by a new connection: the same packets, once the ticket
+        // taken at the takeover is durable, and a new delivery behind them.
+        let limits = e.limits;
+        let mut e = Engine::new(Protocol::V311, e.into_state(), limits);
+        e.resend_inflight_after(30, Instant::now());
+        assert!(matches!(
+            e.deliver(
+                delivery(QoS::AtMostOnce, 22, true),
+                Instant::now(),
+                &mut ops
+            ),
+            Delivered::Held(QoS::AtMostOnce, 1)
+        ));
+        assert_eq!(acks(&mut e, 29), []);
+        let resent = acks(&mut e, 30);
+        assert_eq!(resent[..2], out[..]);
+        assert!(matches!(&resent[2..], [Packet::Publish(p)] if p.packet_id == 0));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::rate::PublishRate;
 use crate::session::Control;
 use crate::shed;
 use crate::stats::Stats;
-use crate::storage::StoreOp;
+use crate::storage::{self, StoreOp};
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
     /// Checks a CONNECT, attaches the session (taking over any connection
@@ -120,7 +120,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
             trusted,
             admission: None,
         };
-        if resumed {
+        if resumed && !conn.in_process && !conn.engine.state.inflight.is_empty() {
+            // A ticket taken now is durable only after every write before
+            // it, the records of these ids among them.
+            let ticket = storage::Batch::new(shared.store.as_ref()).ticket();
+            conn.engine.resend_inflight_after(ticket, Instant::now());
+        } else if resumed {
             conn.engine
                 .resend_inflight(Instant::now(), &mut conn.io.busy().packets);
             if conn.in_process {
