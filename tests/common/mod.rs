@@ -66,6 +66,11 @@ pub fn free_port() -> u16 {
 /// A `ferrymq` process with its own data directory, killed on drop.
 pub struct Broker {
     child: Child,
+    /// Run by a wrapper (`start_under`): the child is the wrapper, in a
+    /// process group of its own with ferrymq, and a kill is the group's
+    /// (`faketime` forks ferrymq and waits: killing it alone left ferrymq
+    /// running after its test).
+    wrapped: bool,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     log: Arc<Mutex<String>>,
@@ -107,7 +112,17 @@ impl Broker {
 
     /// SIGKILLs the process (no shutdown of any kind) and waits for it.
     pub fn kill(mut self) {
-        let _ = self.child.kill();
+        self.sigkill();
+    }
+
+    /// SIGKILLs ferrymq (with its wrapper, if any) and waits for it.
+    fn sigkill(&mut self) {
+        if self.wrapped {
+            let group = format!("-{}", self.child.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        } else {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 
@@ -124,6 +139,7 @@ impl Broker {
             Some((program, args)) => {
                 let mut c = Command::new(program);
                 c.args(args).arg(binary());
+                std::os::unix::process::CommandExt::process_group(&mut c, 0);
                 c
             }
             None => Command::new(binary()),
@@ -158,19 +174,21 @@ impl Broker {
                 log.push('\n');
             }
         });
-        let addr = match addr_rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("ferrymq did not start; log:\n{}", log.lock().unwrap());
-            }
-        };
-        Broker {
+        let mut broker = Broker {
             child,
-            addr,
+            wrapped: !wrapper.is_empty(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             dir,
             log,
+        };
+        match addr_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => broker.addr = addr,
+            Err(_) => panic!(
+                "ferrymq did not start; log:\n{}",
+                broker.log.lock().unwrap()
+            ),
         }
+        broker
     }
 
     /// The address of `[[listener]]` number `index` (as the broker logged
@@ -264,8 +282,7 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.sigkill();
         if std::thread::panicking() {
             eprintln!("--- ferrymq log ---\n{}", self.log());
         }
