@@ -1017,18 +1017,10 @@ mod tests {
     impl Delivered {
         fn sent(self) -> Publish {
             match self {
-                Delivered::Send(o) => {
-                    let v = o.view();
-                    Publish {
-                        dup: v.dup,
-                        qos: v.qos,
-                        retain: v.retain,
-                        topic: MqttString::new(v.topic).expect("a topic"),
-                        packet_id: v.packet_id,
-                        payload: bytes::Bytes::copy_from_slice(v.payload),
-                        properties: v.properties.clone(),
-                    }
-                }
+                Delivered::Send(o) => match o.into_packet() {
+                    Packet::Publish(p) => p,
+                    other => panic!("not a PUBLISH: {other:?}"),
+                },
                 other => panic!("not sent: {other:?}"),
             }
         }

@@ -120,28 +120,26 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
             trusted,
             admission: None,
         };
-        if resumed && !conn.in_process && !conn.engine.state.inflight.is_empty() {
+        if resumed && conn.in_process {
+            conn.engine
+                .resend_inflight(Instant::now(), &mut conn.io.busy().packets);
+            // From here on the first phase of its exchanges is kept in
+            // memory only (`volatile_inflight`): records of it from before
+            // (a run that kept them) go now, not never.
+            let number = conn.engine.state.number;
+            for (&packet_id, inflight) in &conn.engine.state.inflight {
+                if matches!(inflight, crate::session::Inflight::Sent(_)) {
+                    conn.io
+                        .busy()
+                        .ops
+                        .push(StoreOp::InflightDelete { number, packet_id });
+                }
+            }
+        } else if resumed && !conn.engine.state.inflight.is_empty() {
             // A ticket taken now is durable only after every write before
             // it, the records of these ids among them.
             let ticket = storage::Batch::new(shared.store.as_ref()).ticket();
             conn.engine.resend_inflight_after(ticket, Instant::now());
-        } else if resumed {
-            conn.engine
-                .resend_inflight(Instant::now(), &mut conn.io.busy().packets);
-            if conn.in_process {
-                // From here on the first phase of its exchanges is kept in
-                // memory only (`volatile_inflight`): records of it from
-                // before (a run that kept them) go now, not never.
-                let number = conn.engine.state.number;
-                for (&packet_id, inflight) in &conn.engine.state.inflight {
-                    if matches!(inflight, crate::session::Inflight::Sent(_)) {
-                        conn.io
-                            .busy()
-                            .ops
-                            .push(StoreOp::InflightDelete { number, packet_id });
-                    }
-                }
-            }
         }
         Some(conn)
     }
