@@ -13,7 +13,8 @@
 //! gave back what the connections held, and that further rounds of the
 //! same clients stop leaving more behind (a leak would not).
 //!
-//! Run (with `[limits] dormant_connections` on; `--awake` as by default):
+//! Run (with `[limits] dormant_connections` on, as by default; `--awake`:
+//! off):
 //!   cargo bench --bench idle                      # 5,000 connections
 //!   cargo bench --bench idle -- --connections 20000
 //!   cargo bench --bench idle -- --awake
@@ -186,8 +187,8 @@ fn main() {
     let mut config = Config::default();
     config.listeners[0].bind = "127.0.0.1:0".parse().expect("an address");
     config.data_dir = dir.path().to_owned();
-    // What it breaks down is an idle connection as it is with dormant
-    // connections on (`--awake`: as it is by default, with its task).
+    // What it breaks down is an idle connection as it is by default, with
+    // dormant connections on (`--awake`: off, with its task).
     config.limits.dormant_connections = !args.flag("--awake");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

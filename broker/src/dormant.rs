@@ -95,8 +95,22 @@ struct Slots<C> {
 /// One dormant connection, and its doorbell's waker.
 struct Entry<C> {
     token: u64,
-    sleeper: Mutex<Option<(std::net::TcpStream, C)>>,
+    sleeper: Mutex<Sleeper<C>>,
     home: Weak<Dormancy<C>>,
+}
+
+/// What an entry holds, and whether it is still going to sleep.
+struct Sleeper<C> {
+    /// The socket and the state; `None` once taken.
+    held: Option<(std::net::TcpStream, C)>,
+    /// Still going to sleep: [`Dormancy::sleep`] has not yet handed over
+    /// both the socket and the doorbell. The set's task does not take it
+    /// then (served on by a new task while `sleep` still registers the
+    /// set's waker with the doorbell, it would lose its doorbell's rings
+    /// to the set), and marks it `woken` instead: `sleep` hands it back.
+    arming: bool,
+    /// Woken while going to sleep.
+    woken: bool,
 }
 
 impl<C: Send + 'static> Wake for Entry<C> {
@@ -138,57 +152,107 @@ impl<C: Send + 'static> Dormancy<C> {
 
     /// Puts a connection to sleep: its socket (taken from tokio) and its
     /// state, woken by the socket becoming readable (or closed) or by
-    /// `doorbell` ringing. A ring or a byte that came before this call is
-    /// not missed: epoll reports a socket readable when it is added, and
-    /// the doorbell's bits still set are looked at after its waker is.
-    /// `Err` gives both back when the socket could not be watched.
+    /// `doorbell` ringing. `Err` gives both back, for the caller to serve
+    /// on: the socket could not be watched, or the connection was woken
+    /// before it was asleep (a ring or a byte before or during this call:
+    /// epoll reports a socket readable when it is added, and the
+    /// doorbell's bits still set are looked at after its waker is). Once
+    /// this returns `Ok`, the set's task may hand the connection out at
+    /// any moment, and this call touches nothing of it any more.
     pub(crate) fn sleep(
         self: &Arc<Self>,
         socket: std::net::TcpStream,
         state: C,
         doorbell: &Doorbell,
     ) -> Result<(), (std::net::TcpStream, C)> {
-        let fd = socket.as_raw_fd();
-        let entry = {
-            let mut slots = self.slots.lock();
-            slots.generation = slots.generation.wrapping_add(1);
-            let slot = match slots.free.pop() {
-                Some(slot) => slot,
-                None => {
-                    slots.entries.push(None);
-                    u32::try_from(slots.entries.len() - 1).expect("fewer than 2^32 connections")
-                }
-            };
-            let entry = Arc::new(Entry {
-                token: (u64::from(slots.generation) << 32) | u64::from(slot),
-                sleeper: Mutex::new(Some((socket, state))),
-                home: Arc::downgrade(self),
-            });
-            slots.entries[slot as usize] = Some(entry.clone());
-            entry
+        let entry = self.enter(socket, state);
+        let watched = self.watch(&entry, doorbell);
+        self.settle(
+            &entry,
+            watched.is_ok() && doorbell.rung() & (READY | ALARM) == 0,
+        )
+    }
+
+    /// The first step of [`Dormancy::sleep`]: the connection in a slot of
+    /// the set, going to sleep (not to be taken yet).
+    fn enter(self: &Arc<Self>, socket: std::net::TcpStream, state: C) -> Arc<Entry<C>> {
+        let mut slots = self.slots.lock();
+        slots.generation = slots.generation.wrapping_add(1);
+        let slot = match slots.free.pop() {
+            Some(slot) => slot,
+            None => {
+                slots.entries.push(None);
+                u32::try_from(slots.entries.len() - 1).expect("fewer than 2^32 connections")
+            }
         };
+        let entry = Arc::new(Entry {
+            token: (u64::from(slots.generation) << 32) | u64::from(slot),
+            sleeper: Mutex::new(Sleeper {
+                held: Some((socket, state)),
+                arming: true,
+                woken: false,
+            }),
+            home: Arc::downgrade(self),
+        });
+        slots.entries[slot as usize] = Some(entry.clone());
         self.held.fetch_add(1, Ordering::Relaxed);
+        entry
+    }
+
+    /// The second: its socket watched by the set's epoll instance, and the
+    /// set's waker for it registered with its doorbell.
+    fn watch(&self, entry: &Arc<Entry<C>>, doorbell: &Doorbell) -> std::io::Result<()> {
+        let fd = {
+            let sleeper = entry.sleeper.lock();
+            let (socket, _) = sleeper.held.as_ref().expect("entered");
+            socket.as_raw_fd()
+        };
         let token = Token(usize::try_from(entry.token).expect("64-bit tokens"));
         if let Err(e) = self
             .registry
             .register(&mut SourceFd(&fd), token, Interest::READABLE)
         {
             warn!("could not watch an idle connection's socket, it stays awake: {e}");
-            let taken = self.take(&entry);
-            return Err(taken.expect("not woken before it was watched"));
+            return Err(e);
         }
-        let waker = Waker::from(entry.clone());
-        doorbell.register(&waker);
-        if doorbell.rung() & (READY | ALARM) != 0 {
-            waker.wake();
-        }
+        doorbell.register(&Waker::from(entry.clone()));
         Ok(())
     }
 
-    /// Takes `entry`'s connection out of the set (`None`: already taken).
-    /// Its socket stays watched until [`Dormancy::forget`].
+    /// The last: asleep (`Ok`; from here on the set's task may take it),
+    /// or, when it was woken meanwhile or `asleep` is false, taken out of
+    /// the set again and given back.
+    fn settle(&self, entry: &Arc<Entry<C>>, asleep: bool) -> Result<(), (std::net::TcpStream, C)> {
+        let mut sleeper = entry.sleeper.lock();
+        sleeper.arming = false;
+        if asleep && !sleeper.woken {
+            return Ok(());
+        }
+        let held = sleeper.held.take().expect("not taken while arming");
+        drop(sleeper);
+        self.free(entry);
+        Err(held)
+    }
+
+    /// Takes `entry`'s connection out of the set: `None` when it was taken
+    /// already, or is still going to sleep (then marked woken, and
+    /// `sleep` hands it back). Its socket stays watched until
+    /// [`Dormancy::forget`].
     fn take(&self, entry: &Arc<Entry<C>>) -> Option<(std::net::TcpStream, C)> {
-        let sleeper = entry.sleeper.lock().take()?;
+        let held = {
+            let mut sleeper = entry.sleeper.lock();
+            if sleeper.arming {
+                sleeper.woken = true;
+                return None;
+            }
+            sleeper.held.take()?
+        };
+        self.free(entry);
+        Some(held)
+    }
+
+    /// Gives `entry`'s slot back (its connection was taken).
+    fn free(&self, entry: &Entry<C>) {
         {
             let mut slots = self.slots.lock();
             let slot = slot_of(entry.token);
@@ -196,7 +260,6 @@ impl<C: Send + 'static> Dormancy<C> {
             slots.free.push(slot as u32);
         }
         self.held.fetch_sub(1, Ordering::Relaxed);
-        Some(sleeper)
     }
 
     /// Stops watching a woken connection's socket: the first thing its new
@@ -227,7 +290,7 @@ impl<C: Send + 'static> Dormancy<C> {
             fn drop(&mut self) {
                 let entries = std::mem::take(&mut self.0.slots.lock().entries);
                 for entry in entries.into_iter().flatten() {
-                    drop(entry.sleeper.lock().take());
+                    drop(entry.sleeper.lock().held.take());
                 }
                 self.0.rung.lock().clear();
             }
@@ -414,10 +477,11 @@ mod tests {
         nothing_for_a_while(&mut woken).await;
         bell_a.ring(READY);
         assert_eq!(woken.recv().await.expect("woken").1, 1);
-        // Rung before it went to sleep: woken at once.
+        // Rung before it went to sleep: given back at once.
         bell_b.ring(ALARM);
-        put(&set, b, 2, &bell_b);
-        assert_eq!(woken.recv().await.expect("woken").1, 2);
+        let (_, n) = set.sleep(b, 2, &bell_b).expect_err("given back");
+        assert_eq!(n, 2);
+        assert_eq!(set.held(), 0);
         // A ring for a connection already woken (its slot taken again by
         // another) wakes nobody else.
         let (c, _cc) = pair();
@@ -426,6 +490,64 @@ mod tests {
         bell_a.ring(ALARM);
         nothing_for_a_while(&mut woken).await;
         assert_eq!(set.held(), 1);
+    }
+
+    /// Regression: a fresh connection going dormant right after its
+    /// CONNACK was woken by its SUBSCRIBE (the socket readable as soon as
+    /// it was watched) and served on by a new task, on another thread,
+    /// before `sleep` had registered the set's waker with its doorbell;
+    /// that registration then replaced the new task's, and the ring for
+    /// the retained message its SUBSCRIBE found went to the set, for a
+    /// connection no longer in it (about 2 in 1,000 `mosquitto_sub` runs).
+    /// Now nothing is handed out while it goes to sleep: a wake then is
+    /// marked, and `sleep` gives the connection back, its doorbell holding
+    /// the set's waker until the connection registers its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_woken_while_going_dormant_is_given_back_not_served_by_the_set() {
+        #[derive(Default)]
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let set = new_set();
+        let mut woken = serve(&set);
+        let (a, mut client) = pair();
+        let bell = Doorbell::default();
+        // Its SUBSCRIBE is there when it goes to sleep, and a ring comes
+        // while it does; the set's task sees both before `sleep` ends.
+        client.write_all(b"x").expect("write");
+        let entry = set.enter(a, 1);
+        set.watch(&entry, &bell).expect("watched");
+        bell.ring(READY);
+        nothing_for_a_while(&mut woken).await;
+        assert_eq!(set.held(), 1, "not taken while going to sleep");
+        let (mut socket, n) = set.settle(&entry, true).expect_err("given back");
+        assert_eq!(n, 1);
+        assert_eq!(set.held(), 0);
+        // Served on by its caller, which registers its own waker: the
+        // next ring is the caller's, the set's waker is gone for good.
+        let count = Arc::new(Count::default());
+        let ours = Waker::from(count.clone());
+        assert_eq!(
+            bell.take(&std::task::Context::from_waker(&ours), READY),
+            READY
+        );
+        bell.ring(READY);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        nothing_for_a_while(&mut woken).await;
+        set.forget(&socket);
+        socket.set_nonblocking(false).expect("blocking");
+        let mut byte = [0u8];
+        socket.read_exact(&mut byte).expect("the byte");
+        // Asleep without a wake, it is the set's to hand out.
+        let (b, _cb) = pair();
+        let entry = set.enter(b, 2);
+        set.watch(&entry, &bell).expect("watched");
+        assert!(set.settle(&entry, true).is_ok());
+        bell.ring(ALARM);
+        assert_eq!(woken.recv().await.expect("woken").1, 2);
     }
 
     #[tokio::test]

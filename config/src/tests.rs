@@ -109,7 +109,7 @@ fn defaults() {
             max_subscriptions_per_client: 10_000,
             max_retained_messages: 1_000_000,
             max_publish_rate: 0,
-            dormant_connections: false,
+            dormant_connections: true,
             shed_cpu_percent: 90,
             shed_memory: 0,
             shed_window: Duration::from_secs(5),
@@ -176,7 +176,7 @@ fn every_key_parsed() {
         max_subscriptions_per_client = 100
         max_retained_messages = 5000
         max_publish_rate = 50
-        dormant_connections = true
+        dormant_connections = false
         shed_cpu_percent = 75
         shed_memory = "1GiB"
         shed_window_secs = 10
@@ -220,7 +220,7 @@ fn every_key_parsed() {
                 max_subscriptions_per_client: 100,
                 max_retained_messages: 5000,
                 max_publish_rate: 50,
-                dormant_connections: true,
+                dormant_connections: false,
                 shed_cpu_percent: 75,
                 shed_memory: 1 << 30,
                 shed_window: Duration::from_secs(10),

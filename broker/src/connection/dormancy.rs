@@ -174,6 +174,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
         // the broker is gone).
         let this = || shared.this.upgrade();
         match tcp.into_std() {
+            // Given back: woken while going to sleep, or not watched.
             Ok(socket) => {
                 if let Err((socket, dormant)) = set.sleep(socket, dormant, outbox.doorbell())
                     && let Some(arc) = this()
