@@ -48,7 +48,11 @@ const WAKE_BATCH: usize = 256;
 pub(crate) enum Rest {
     /// Go dormant.
     Sleep,
-    /// Stay a task: it was not quiet for long enough, or cannot sleep.
+    /// Stay a task, but let go of its buffers and stop its quiet checks
+    /// until something stirs it: it may not sleep (TLS, WebSocket, or
+    /// dormant connections off).
+    Trim,
+    /// Stay as it is: it was not quiet for long enough.
     Stay,
 }
 
@@ -56,15 +60,20 @@ pub(crate) enum Rest {
 /// or wait for but its socket and its doorbell (no buffered bytes, no
 /// acknowledgement waiting for the store, no publish waiting for room, no
 /// publish-rate pause). `fresh`: it was accepted and has not been stirred
-/// since its CONNACK (it goes to sleep at once, so that thousands of
-/// clients connecting together never all hold a task at the same time).
-/// `quiet_check`: its quiet check came (`QUIET` after the previous one)
-/// with nothing read or delivered since then.
-pub(crate) fn rest(idle: bool, fresh: bool, quiet_check: bool) -> Rest {
-    if idle && (fresh || quiet_check) {
-        Rest::Sleep
-    } else {
-        Rest::Stay
+/// since its CONNACK (it rests at once, so that thousands of clients
+/// connecting together never all hold a task, or buffers, at the same
+/// time). `quiet_check`: its quiet check came (`QUIET` after the previous
+/// one) with nothing read or delivered since then. `may_sleep`: it may go
+/// dormant (plain TCP, with dormant connections on).
+///
+/// A busy connection keeps its buffers from one turn to the next: letting
+/// them go whenever a turn found nothing more to do made and freed them
+/// (and the acknowledgements' queue) for every burst of traffic.
+pub(crate) fn rest(idle: bool, fresh: bool, quiet_check: bool, may_sleep: bool) -> Rest {
+    match (idle && (fresh || quiet_check), may_sleep) {
+        (false, _) => Rest::Stay,
+        (true, true) => Rest::Sleep,
+        (true, false) => Rest::Trim,
     }
 }
 
@@ -371,21 +380,32 @@ mod tests {
     use std::io::{Read, Write};
 
     #[test]
-    fn an_idle_connection_sleeps_when_fresh_or_quiet_only() {
-        // (idle, fresh, quiet check due with nothing since) -> rest
+    fn an_idle_connection_rests_when_fresh_or_quiet_only() {
+        use Rest::{Sleep, Stay, Trim};
+        // (idle, fresh, quiet check due with nothing since) -> rest, when
+        // it may sleep and when it may not
         let table = [
-            (true, true, false, Rest::Sleep),
-            (true, false, true, Rest::Sleep),
-            (true, true, true, Rest::Sleep),
-            (true, false, false, Rest::Stay),
+            (true, true, false, Sleep, Trim),
+            (true, false, true, Sleep, Trim),
+            (true, true, true, Sleep, Trim),
+            (true, false, false, Stay, Stay),
             // Something to do: never, fresh or quiet.
-            (false, true, false, Rest::Stay),
-            (false, false, true, Rest::Stay),
-            (false, true, true, Rest::Stay),
-            (false, false, false, Rest::Stay),
+            (false, true, false, Stay, Stay),
+            (false, false, true, Stay, Stay),
+            (false, true, true, Stay, Stay),
+            (false, false, false, Stay, Stay),
         ];
-        for (idle, fresh, quiet, want) in table {
-            assert_eq!(rest(idle, fresh, quiet), want, "{idle} {fresh} {quiet}");
+        for (idle, fresh, quiet, sleepy, awake) in table {
+            assert_eq!(
+                rest(idle, fresh, quiet, true),
+                sleepy,
+                "{idle} {fresh} {quiet}"
+            );
+            assert_eq!(
+                rest(idle, fresh, quiet, false),
+                awake,
+                "{idle} {fresh} {quiet}"
+            );
         }
     }
 

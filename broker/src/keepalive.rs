@@ -162,23 +162,29 @@ impl KeepAlive {
 
 /// A connection's keep-alive: its limit (1.5 times the keep alive; none
 /// when 0), the time of its last packet, and the alarm it has in the
-/// broker's keep-alive queue. A connection that may go dormant
-/// (`dormant.rs`) also has its quiet checks there: its alarm is then its
-/// keep-alive deadline or its next quiet check, whichever comes first.
-/// Times are milliseconds since the queue's epoch: every connection,
-/// dormant ones too, holds one of these.
+/// broker's keep-alive queue. An awake connection also has its quiet
+/// checks there (`dormant::rest`: one that finds it quiet puts it to
+/// sleep, or, if it may not sleep, lets its buffers go): its alarm is
+/// then its keep-alive deadline or its next quiet check, whichever comes
+/// first. A connection that rests (dormant, or awake with its buffers let
+/// go) has no quiet checks until something stirs it. Times are
+/// milliseconds since the queue's epoch: every connection, dormant ones
+/// too, holds one of these.
 pub(crate) struct Watch {
     last_packet_ms: u64,
     /// The alarm it put in the queue (0: none).
     deadline_ms: u64,
     /// In milliseconds (at most 1.5 times 65,535 s), 0 for none.
     limit_ms: u32,
-    /// It may go dormant: it has quiet checks.
+    /// It may go dormant.
     sleepy: bool,
-    /// Accepted, and nothing read or delivered since its CONNACK.
+    /// Accepted, and nothing read or delivered since its CONNACK, and it
+    /// has not rested yet.
     fresh: bool,
     /// Something was read or delivered since the last quiet check.
     stirred: bool,
+    /// Awake, with its buffers let go: no quiet checks until stirred.
+    resting: bool,
 }
 
 /// What an alarm meant (see [`Watch::alarm`]).
@@ -201,8 +207,9 @@ impl Watch {
             deadline_ms: 0,
             limit_ms: limit.map_or(0, |l| u32::try_from(l.as_millis()).unwrap_or(u32::MAX)),
             sleepy,
-            fresh: sleepy,
+            fresh: true,
             stirred: false,
+            resting: false,
         }
     }
 
@@ -222,15 +229,37 @@ impl Watch {
         self.fresh
     }
 
-    /// Something was read or delivered.
-    pub(crate) fn stir(&mut self) {
+    /// Something was read or delivered. A resting connection's quiet
+    /// checks start again.
+    pub(crate) fn stir(&mut self, queue: &KeepAlive, connection: u64, outbox: &Arc<Outbox>) {
         self.stirred = true;
         self.fresh = false;
+        if std::mem::replace(&mut self.resting, false) {
+            self.disarm(queue, connection);
+            self.arm(queue, connection, outbox, true);
+        }
+    }
+
+    /// Stirred while dormant: it needs its quiet checks again, which
+    /// `Conn::run` puts in when the connection runs again.
+    pub(crate) fn woken(&mut self) {
+        self.stirred = true;
+        self.fresh = false;
+        self.resting = false;
+    }
+
+    /// It stays awake but lets its buffers go (it may not sleep): no
+    /// quiet checks until it is stirred, only its keep-alive deadline.
+    pub(crate) fn rest(&mut self, queue: &KeepAlive, connection: u64, outbox: &Arc<Outbox>) {
+        self.fresh = false;
+        self.resting = true;
+        self.disarm(queue, connection);
+        self.arm(queue, connection, outbox, false);
     }
 
     /// Puts the alarm in: the limit after the last packet, or the next
     /// quiet check if that comes first (`awake`: not for a connection
-    /// going dormant, which needs no quiet check).
+    /// going dormant or resting, which needs no quiet check).
     pub(crate) fn arm(
         &mut self,
         queue: &KeepAlive,
@@ -240,7 +269,7 @@ impl Watch {
     ) {
         let deadline = (self.limit_ms > 0).then(|| self.last_packet_ms + u64::from(self.limit_ms));
         let quiet = u64::try_from(crate::dormant::QUIET.as_millis()).unwrap_or(u64::MAX);
-        let check = (self.sleepy && awake).then(|| queue.now_ms() + quiet);
+        let check = awake.then(|| queue.now_ms() + quiet);
         let at = match (deadline, check) {
             (Some(d), Some(c)) => Some(d.min(c)),
             (d, c) => d.or(c),
@@ -280,7 +309,7 @@ impl Watch {
             return Alarm::Expired;
         }
         let quiet = !std::mem::replace(&mut self.stirred, false);
-        self.arm(queue, connection, outbox, true);
+        self.arm(queue, connection, outbox, !self.resting);
         Alarm::Checked { quiet }
     }
 }
@@ -325,6 +354,57 @@ mod tests {
         assert_eq!(d.remove(t0 + s, 2), None);
         assert_eq!(d.next(), Some(t0 + 2 * s));
         assert_eq!(d.due(t0 + 3 * s), vec!["c2"]);
+    }
+
+    /// A connection that may not sleep rests instead (its buffers let
+    /// go): from then on its alarm is its keep-alive deadline only, until
+    /// something stirs it, which brings its quiet checks back (a resting
+    /// connection woken every 2 s for a check would cost its task a wake
+    /// for nothing).
+    #[tokio::test(start_paused = true)]
+    async fn a_resting_connection_has_no_quiet_checks_until_it_is_stirred() {
+        let queue = KeepAlive::default();
+        let outbox = crate::outbox::Outbox::for_tests();
+        let quiet = crate::dormant::QUIET;
+        let mut watch = Watch::new(&queue, Some(Duration::from_secs(60)), false);
+        let check_at = |queue: &KeepAlive| queue.now_ms() + quiet.as_millis() as u64;
+        // What the queue's task does when an alarm comes: takes it out.
+        let ring = |queue: &KeepAlive| drop(queue.deadlines.lock().due(Instant::now()));
+        assert!(watch.fresh(), "fresh, though it may not sleep");
+        watch.arm(&queue, 1, &outbox, true);
+        assert_eq!(watch.deadline_ms, check_at(&queue));
+        watch.rest(&queue, 1, &outbox);
+        assert!(!watch.fresh());
+        assert_eq!(watch.deadline_ms, watch.last_packet_ms + 60_000);
+        assert_eq!(queue.held(), 1, "one alarm");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        watch.packet(&queue);
+        watch.stir(&queue, 1, &outbox);
+        assert_eq!(watch.deadline_ms, check_at(&queue), "checks again");
+        assert_eq!(queue.held(), 1, "still one alarm");
+        // Its check: stirred since, so not quiet; the next one is put in.
+        tokio::time::advance(quiet).await;
+        ring(&queue);
+        assert_eq!(
+            watch.alarm(&queue, 1, &outbox),
+            Alarm::Checked { quiet: false }
+        );
+        assert_eq!(watch.deadline_ms, check_at(&queue));
+        // The next finds it quiet; it rests again.
+        tokio::time::advance(quiet).await;
+        ring(&queue);
+        assert_eq!(
+            watch.alarm(&queue, 1, &outbox),
+            Alarm::Checked { quiet: true }
+        );
+        watch.rest(&queue, 1, &outbox);
+        assert_eq!(watch.deadline_ms, watch.last_packet_ms + 60_000);
+        // A stir while it does not rest puts nothing more in.
+        watch.stir(&queue, 1, &outbox);
+        let armed = watch.deadline_ms;
+        watch.stir(&queue, 1, &outbox);
+        assert_eq!(watch.deadline_ms, armed);
+        assert_eq!(queue.held(), 1);
     }
 
     /// The doorbell bits rung since the last look.

@@ -141,7 +141,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
     /// Goes dormant (its wait said so: it is idle, and may sleep): the
     /// socket is taken from tokio and the rest kept in the dormant set.
     /// The task ends here; [`wake`] serves the connection on.
-    pub(super) fn sleep(self, peer: &str) {
+    pub(super) fn sleep(mut self, peer: &str) {
+        // (Its buffers go with `io`; the engine's are let go here.)
+        self.engine.trim();
         let shared = self.shared;
         let Conn {
             io,
@@ -199,7 +201,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
         // quiet (its socket's readiness may reach tokio only after its first
         // read was tried: going back to sleep on that would wake it again
         // at once, and again).
-        dormant.keep_alive.stir();
+        dormant.keep_alive.woken();
         Conn {
             shared,
             io: Io::new(stream),

@@ -74,10 +74,12 @@ const OUT_HIGH_WATER: usize = 256 * 1024;
 /// it again.
 const READ_MIN: usize = 128;
 const READ_MAX: usize = 64 * 1024;
-/// An idle connection (nothing to read, write or send) lets go of write
-/// buffers larger than this: thousands of idle connections should cost a
-/// few hundred bytes each, not their largest burst.
+/// Between bursts a connection keeps its buffers (a resting one has
+/// none), but not a write buffer larger than this, nor a turn's vectors
+/// with room for more than `TURN_KEEP` entries: a busy connection should
+/// not hold its largest burst.
 const OUT_KEEP: usize = 4 * 1024;
+const TURN_KEEP: usize = 64;
 /// Acknowledgements waiting for the store before the connection stops
 /// reading more packets (a bound on per-connection memory).
 const PENDING_ACKS_LIMIT: usize = 4096;
@@ -459,7 +461,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
         // A taken READY is acted on by the next turn (it drains the queue).
         let mut woke = (rung & READY != 0).then_some(Woke::Again);
         if woke.is_some() {
-            self.keep_alive.stir();
+            self.keep_alive
+                .stir(&self.shared.keep_alive, self.control.connection, outbox);
         }
         let io = &mut self.io;
         if io.unwritten() > 0 {
@@ -476,8 +479,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
             match io.poll_read(cx, turn.offered as usize) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Woke::Closed(Close::Eof)),
                 Poll::Ready(Ok(_)) => {
-                    self.keep_alive.packet(&self.shared.keep_alive);
-                    self.keep_alive.stir();
+                    let queue = &self.shared.keep_alive;
+                    self.keep_alive.packet(queue);
+                    self.keep_alive.stir(queue, self.control.connection, outbox);
                     woke = Some(Woke::Again);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Woke::Closed(Close::Io(e))),
@@ -495,10 +499,20 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
         }
         match woke {
             Some(woke) => Poll::Ready(woke),
-            None => match dormant::rest(turn.idle, self.keep_alive.fresh(), quiet) {
-                Rest::Sleep => Poll::Ready(Woke::Sleep),
-                Rest::Stay => Poll::Pending,
-            },
+            None => {
+                let may_sleep = self.keep_alive.sleepy();
+                match dormant::rest(turn.idle, self.keep_alive.fresh(), quiet, may_sleep) {
+                    Rest::Sleep => Poll::Ready(Woke::Sleep),
+                    Rest::Trim => {
+                        let queue = &self.shared.keep_alive;
+                        self.keep_alive.rest(queue, self.control.connection, outbox);
+                        self.io.release();
+                        self.engine.trim();
+                        Poll::Pending
+                    }
+                    Rest::Stay => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -549,13 +563,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
             && throttled.is_none()
             && self.engine.wants_input()
             && self.engine.pending_acks() < PENDING_ACKS_LIMIT;
-        if drain == Drain::Empty
-            && self.io.unwritten() == 0
-            && !self.io.has_input()
-            && self.parked.is_none()
-        {
+        if drain == Drain::Empty && self.io.unwritten() == 0 {
             self.io.trim();
-            self.engine.trim();
         }
         let offered = u32::try_from(self.io.reserve_read()).unwrap_or(u32::MAX);
         let parked = self
@@ -571,8 +580,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin + 'static> Conn<'a, S> {
             && drain == Drain::Empty
             && self.io.unwritten() == 0
             && !self.io.has_input()
-            && self.engine.pending_acks() == 0
-            && self.keep_alive.sleepy();
+            && self.engine.pending_acks() == 0;
         let turn = Turn {
             drain,
             can_read,

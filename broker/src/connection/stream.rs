@@ -14,7 +14,9 @@ use ferrymq_codec::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::warn;
 
-use super::{CLOSE_FLUSH, CLOSE_LINGER, CLOSE_LINGER_BYTES, OUT_KEEP, READ_MAX, READ_MIN};
+use super::{
+    CLOSE_FLUSH, CLOSE_LINGER, CLOSE_LINGER_BYTES, OUT_KEEP, READ_MAX, READ_MIN, TURN_KEEP,
+};
 use crate::Shared;
 use crate::stats::Stats;
 use crate::storage::StoreOp;
@@ -114,23 +116,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + 'static> Io<S> {
         }
     }
 
-    /// Lets go of what an idle connection (nothing to decode, write or
-    /// owe) does not need: everything, once its reads are small again;
-    /// otherwise a write buffer larger than `OUT_KEEP` and the turn's
-    /// vectors' room.
+    /// Lets go of what a burst left that is larger than a connection
+    /// keeps between bursts (nothing left to write): a write buffer
+    /// larger than `OUT_KEEP`, the turn's vectors' room beyond
+    /// `TURN_KEEP` entries. The rest stays for the next burst.
     pub(super) fn trim(&mut self) {
         let Some(b) = self.busy.as_mut() else {
             return;
         };
-        if b.read_chunk == READ_MIN {
-            self.busy = None;
-            return;
-        }
         if b.out.capacity() > OUT_KEEP {
             b.out = BytesMut::new();
         }
-        b.packets.shrink_to_fit();
-        b.ops.shrink_to_fit();
+        if b.packets.capacity() > TURN_KEEP {
+            b.packets = Vec::new();
+        }
+        if b.ops.capacity() > TURN_KEEP {
+            b.ops = Vec::new();
+        }
+    }
+
+    /// Lets go of every buffer (the connection rests: nothing to decode,
+    /// write or owe).
+    pub(super) fn release(&mut self) {
+        debug_assert!(
+            self.busy
+                .as_ref()
+                .is_none_or(|b| b.inbuf.is_empty() && b.out.is_empty())
+        );
+        self.busy = None;
     }
 
     /// Polls one read (`offered`: what the turn reserved, see
