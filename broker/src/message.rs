@@ -12,16 +12,26 @@ use tokio::time::Instant;
 /// Queues hold messages, never encoded packets: packet identifiers, topic
 /// aliases and subscription identifiers belong to one delivery and are
 /// applied when it is sent.
+///
+/// Laid out as declared, its queue-entry count first: beside the `Arc`'s
+/// own count, in the cache line every push and pop of a delivery touches
+/// anyway (last, it was a second line that the publisher's and the
+/// subscribers' cores took from each other at every delivery).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[repr(C)]
 pub struct Message {
-    /// The topic name (never empty: a received Topic Alias is resolved first).
-    pub topic: MqttString,
-    /// The payload.
-    pub payload: Bytes,
+    /// How many queue entries hold it: its payload counts once against
+    /// `[storage] max_queued_memory` while any does. Not part of its value
+    /// (a clone starts at 0; equality ignores it).
+    pub holders: Holders,
     /// The QoS it was published with.
     pub qos: QoS,
     /// The RETAIN flag it was published with.
     pub retain: bool,
+    /// The topic name (never empty: a received Topic Alias is resolved first).
+    pub topic: MqttString,
+    /// The payload.
+    pub payload: Bytes,
     /// Properties to pass on (MQTT 5.0). Topic Alias and Subscription
     /// Identifiers are never stored here; the Message Expiry Interval is
     /// the one received (what is sent onward is computed from `expires_at`).
@@ -31,10 +41,6 @@ pub struct Message {
     /// When it expires (MQTT 5.0 Message Expiry Interval), on the broker's
     /// monotonic clock. Expired messages are never delivered.
     pub expires_at: Option<Instant>,
-    /// How many queue entries hold it: its payload counts once against
-    /// `[storage] max_queued_memory` while any does. Not part of its value
-    /// (a clone starts at 0; equality ignores it).
-    pub holders: Holders,
 }
 
 /// A count of the queue entries holding a [`Message`]
