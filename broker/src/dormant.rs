@@ -18,7 +18,7 @@
 //! connection goes dormant. The set knows nothing of MQTT: it holds a
 //! socket and the connection's state (`C`) and hands both back.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Poll, Wake, Waker};
@@ -174,8 +174,9 @@ impl<C: Send + 'static> Dormancy<C> {
         state: C,
         doorbell: &Doorbell,
     ) -> Result<(), (std::net::TcpStream, C)> {
+        let fd = socket.as_raw_fd();
         let entry = self.enter(socket, state);
-        let watched = self.watch(&entry, doorbell);
+        let watched = self.watch(&entry, fd, doorbell);
         self.settle(
             &entry,
             watched.is_ok() && doorbell.rung() & (READY | ALARM) == 0,
@@ -208,14 +209,9 @@ impl<C: Send + 'static> Dormancy<C> {
         entry
     }
 
-    /// The second: its socket watched by the set's epoll instance, and the
-    /// set's waker for it registered with its doorbell.
-    fn watch(&self, entry: &Arc<Entry<C>>, doorbell: &Doorbell) -> std::io::Result<()> {
-        let fd = {
-            let sleeper = entry.sleeper.lock();
-            let (socket, _) = sleeper.held.as_ref().expect("entered");
-            socket.as_raw_fd()
-        };
+    /// The second: its socket (`fd`) watched by the set's epoll instance,
+    /// and the set's waker for it registered with its doorbell.
+    fn watch(&self, entry: &Arc<Entry<C>>, fd: RawFd, doorbell: &Doorbell) -> std::io::Result<()> {
         let token = Token(usize::try_from(entry.token).expect("64-bit tokens"));
         if let Err(e) = self
             .registry
@@ -538,8 +534,9 @@ mod tests {
         // Its SUBSCRIBE is there when it goes to sleep, and a ring comes
         // while it does; the set's task sees both before `sleep` ends.
         client.write_all(b"x").expect("write");
+        let fd = a.as_raw_fd();
         let entry = set.enter(a, 1);
-        set.watch(&entry, &bell).expect("watched");
+        set.watch(&entry, fd, &bell).expect("watched");
         bell.ring(READY);
         nothing_for_a_while(&mut woken).await;
         assert_eq!(set.held(), 1, "not taken while going to sleep");
@@ -563,8 +560,9 @@ mod tests {
         socket.read_exact(&mut byte).expect("the byte");
         // Asleep without a wake, it is the set's to hand out.
         let (b, _cb) = pair();
+        let fd = b.as_raw_fd();
         let entry = set.enter(b, 2);
-        set.watch(&entry, &bell).expect("watched");
+        set.watch(&entry, fd, &bell).expect("watched");
         assert!(set.settle(&entry, true).is_ok());
         bell.ring(ALARM);
         assert_eq!(woken.recv().await.expect("woken").1, 2);

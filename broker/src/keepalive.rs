@@ -232,16 +232,16 @@ impl Watch {
     /// Something was read or delivered. A resting connection's quiet
     /// checks start again.
     pub(crate) fn stir(&mut self, queue: &KeepAlive, connection: u64, outbox: &Arc<Outbox>) {
-        self.stirred = true;
-        self.fresh = false;
-        if std::mem::replace(&mut self.resting, false) {
+        let was_resting = self.resting;
+        self.woken();
+        if was_resting {
             self.disarm(queue, connection);
             self.arm(queue, connection, outbox, true);
         }
     }
 
-    /// Stirred while dormant: it needs its quiet checks again, which
-    /// `Conn::run` puts in when the connection runs again.
+    /// Stirred, without putting its quiet checks back in (a dormant one
+    /// woken: `Conn::run` puts them in when the connection runs again).
     pub(crate) fn woken(&mut self) {
         self.stirred = true;
         self.fresh = false;
