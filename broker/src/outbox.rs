@@ -190,8 +190,8 @@ pub struct Evicted {
 /// Every push and pop on every thread changes these counts: one counter
 /// for all would be a cache line the cores take from each other at every
 /// delivery (a fan-out to 50 subscribers spent about a quarter more CPU a
-/// delivery on it). So each thread counts in a shard of its own, and a
-/// shard passes what it holds on to the total the bound is checked
+/// delivery on it). So each thread counts in a shard of its own (one
+/// it owns and writes alone: [`bump`]), and a shard passes what it holds on to the total the bound is checked
 /// against once it is more than [`QueueMemory::chunk`] either way: that
 /// total is behind by at most a chunk a shard (`SHARDS` × 64 KiB at most,
 /// none with a bound under 64 MiB). What [`QueueMemory::used`] reports is
@@ -207,9 +207,12 @@ pub struct QueueMemory {
     shards: [Shard; SHARDS],
 }
 
-/// The shards of [`QueueMemory`]'s counts: one a thread (threads beyond
-/// this share them).
+/// The shards of [`QueueMemory`]'s counts: one a thread, but for the
+/// last ([`SHARED`]), which the threads that find none free share.
 const SHARDS: usize = 8;
+
+/// The shard shared by the threads beyond the first `SHARDS - 1`.
+const SHARED: usize = SHARDS - 1;
 
 /// One thread's counts (a cache line of its own, and the next: the
 /// prefetcher takes lines in pairs).
@@ -222,13 +225,65 @@ struct Shard {
     holders: AtomicIsize,
 }
 
-/// The calling thread's shard.
-fn shard_index() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+/// Adds `delta` to one of a shard's counts and returns the new count.
+/// Only its owner writes an owned shard, so a plain read and write do: a
+/// locked add would also wait, at every push and pop, for the queue's
+/// writes and the message's read before it. The shared one takes locked
+/// adds.
+fn bump(count: &AtomicIsize, delta: isize, owned: bool) -> isize {
+    if owned {
+        let now = count.load(Ordering::Relaxed) + delta;
+        count.store(now, Ordering::Relaxed);
+        now
+    } else {
+        count.fetch_add(delta, Ordering::Relaxed) + delta
     }
-    INDEX.with(|i| *i)
+}
+
+/// Which shards a thread owns (bit `i`: shard `i`), for every
+/// [`QueueMemory`] alike.
+static OWNED: AtomicUsize = AtomicUsize::new(0);
+
+/// A thread's shard, owned until the thread ends (then free for the
+/// next: what it counted stays counted there).
+struct ShardOwner(usize);
+
+impl ShardOwner {
+    fn take() -> ShardOwner {
+        let mut owned = OWNED.load(Ordering::Relaxed);
+        loop {
+            let free = (!owned).trailing_zeros() as usize;
+            if free >= SHARED {
+                return ShardOwner(SHARED);
+            }
+            // Acquire: the last owner's counts are seen before writing on.
+            match OWNED.compare_exchange_weak(
+                owned,
+                owned | 1 << free,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return ShardOwner(free),
+                Err(now) => owned = now,
+            }
+        }
+    }
+}
+
+impl Drop for ShardOwner {
+    fn drop(&mut self) {
+        if self.0 != SHARED {
+            OWNED.fetch_and(!(1 << self.0), Ordering::Release);
+        }
+    }
+}
+
+/// The calling thread's shard (the shared one while the thread ends).
+fn shard_index() -> usize {
+    thread_local! {
+        static SHARD: ShardOwner = ShardOwner::take();
+    }
+    SHARD.try_with(|s| s.0).unwrap_or(SHARED)
 }
 
 /// What one queued delivery costs besides its payload: the entry and its
@@ -303,17 +358,24 @@ impl QueueMemory {
         ENTRY_COST + if shared { 0 } else { message.payload.len() }
     }
 
-    /// Adds `delta` bytes in this thread's shard; returns the shard.
-    fn add(&self, delta: isize) -> &Shard {
-        let shard = &self.shards[shard_index()];
+    /// Adds `delta` bytes in this thread's shard; returns the shard and
+    /// whether the thread owns it.
+    fn add(&self, delta: isize) -> (&Shard, bool) {
+        let index = shard_index();
+        let (shard, owned) = (&self.shards[index], index != SHARED);
         if delta != 0 {
-            let held = shard.used.fetch_add(delta, Ordering::Relaxed) + delta;
+            let held = bump(&shard.used, delta, owned);
             if held.unsigned_abs() > self.chunk.load(Ordering::Relaxed) {
-                let moved = shard.used.swap(0, Ordering::Relaxed);
+                let moved = if owned {
+                    shard.used.store(0, Ordering::Relaxed);
+                    held
+                } else {
+                    shard.used.swap(0, Ordering::Relaxed)
+                };
                 self.used.fetch_add(moved, Ordering::Relaxed);
             }
         }
-        shard
+        (shard, owned)
     }
 
     /// The bound divided among the queues holding something (asked only
@@ -331,13 +393,13 @@ impl QueueMemory {
     /// and adds `payloads` (what its holds and releases changed): one
     /// update of this thread's shard per push or pop.
     fn recharge(&self, from: usize, to: usize, payloads: isize) {
-        let shard = self.add(to as isize - from as isize + payloads);
+        let (shard, owned) = self.add(to as isize - from as isize + payloads);
         match (from, to) {
             (0, 1..) => {
-                shard.holders.fetch_add(1, Ordering::Relaxed);
+                bump(&shard.holders, 1, owned);
             }
             (1.., 0) => {
-                shard.holders.fetch_sub(1, Ordering::Relaxed);
+                bump(&shard.holders, -1, owned);
             }
             _ => {}
         }
@@ -564,6 +626,10 @@ pub struct Outbox {
     bell: Doorbell,
     /// Wakes publishers blocked on a full queue (policy `block`).
     space: Notify,
+    /// How many publishers wait on `space` ([`Outbox::room_for`]): a pop
+    /// tells them only while there are some (telling a `Notify` takes its
+    /// lock, which a pop to nobody need not).
+    waiting: AtomicUsize,
     /// The `queue_qos0` of the limits in force, read without the lock.
     queue_qos0: AtomicBool,
     /// May fill the disk budget's bridge reserve (a bridge's queue).
@@ -653,6 +719,7 @@ impl Outbox {
             queue: Mutex::new(queue),
             bell: Doorbell::default(),
             space: Notify::new(),
+            waiting: AtomicUsize::new(0),
             queue_qos0: AtomicBool::new(queue_qos0),
             uses_reserve: AtomicBool::new(false),
             session_number,
@@ -1033,11 +1100,31 @@ impl Outbox {
         self.bell.ring(READY);
     }
 
-    /// Resolves when a delivery leaves the queue (for `block`). Call
-    /// `enable()` on it before checking for room, so a departure in
-    /// between is not missed. Cancel-safe.
-    pub fn space(&self) -> tokio::sync::futures::Notified<'_> {
-        self.space.notified()
+    /// Resolves when the queue has room for `size` bytes (for `block`),
+    /// or its session went offline. Cancel-safe.
+    pub async fn room_for(&self, size: usize) {
+        /// Counts a waiter in `waiting` while it lives.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        // Counted before the queue's lock is first taken below: a pop
+        // under that lock afterwards sees the count (and tells), a pop
+        // before it left the room that `has_room` then finds.
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            // Registered before checking, so a pop in between is not missed.
+            space.as_mut().enable();
+            if self.has_room(size) || !self.is_online() {
+                return;
+            }
+            space.await;
+        }
     }
 
     /// Removes the first delivery if its ticket is durable (`<= durable`)
@@ -1053,7 +1140,9 @@ impl Outbox {
             // shared with the publisher's core, the lock with every
             // publisher to this queue.
             self.env.memory.add(let_go(&d.message));
-            self.space.notify_waiters();
+            if self.waiting.load(Ordering::Relaxed) != 0 {
+                self.space.notify_waiters();
+            }
         }
         pop
     }
@@ -1158,22 +1247,26 @@ mod tests {
     fn memory_counted_on_many_threads_adds_up_and_the_checked_total_lags_by_little() {
         let memory = QueueMemory::new(1 << 30);
         let chunk = QueueMemory::chunk(1 << 30) as isize;
-        // Eight threads each charge 10,000 entries of 1,000 bytes and give
-        // half of them back, one at a time.
-        std::thread::scope(|scope| {
-            for _ in 0..8 {
-                let memory = &memory;
-                scope.spawn(move || {
-                    for _ in 0..10_000 {
-                        memory.recharge(0, 1_000, 0);
-                    }
-                    for _ in 0..5_000 {
-                        memory.recharge(1_000, 0, 0);
-                    }
-                });
-            }
-        });
-        assert_eq!(memory.used(), 8 * 5_000 * 1_000);
+        // Twelve threads at once (more than there are shards: some share
+        // one) each charge 10,000 entries of 1,000 bytes and give half of
+        // them back, one at a time; twice, so that the second twelve count
+        // on in the shards the first left behind.
+        for _ in 0..2 {
+            std::thread::scope(|scope| {
+                for _ in 0..12 {
+                    let memory = &memory;
+                    scope.spawn(move || {
+                        for _ in 0..10_000 {
+                            memory.recharge(0, 1_000, 0);
+                        }
+                        for _ in 0..5_000 {
+                            memory.recharge(1_000, 0, 0);
+                        }
+                    });
+                }
+            });
+        }
+        assert_eq!(memory.used(), 2 * 12 * 5_000 * 1_000);
         // (Either way: a shard may hold what was given back, too.)
         let lag = memory.used() as isize - memory.total();
         assert!(
@@ -1189,9 +1282,64 @@ mod tests {
         });
         assert_eq!((small.used(), small.total()), (2_828, 2_828));
     }
+
+    #[test]
+    fn a_thread_owns_its_shard_until_it_ends_and_the_threads_beyond_share_one() {
+        // Twelve threads alive at once: those that found a shard free each
+        // own a different one, the rest share the last.
+        let barrier = std::sync::Barrier::new(12);
+        let shards: Vec<usize> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..12)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let first = shard_index();
+                        barrier.wait();
+                        assert_eq!(shard_index(), first, "a thread keeps its shard");
+                        first
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("a counting thread"))
+                .collect()
+        });
+        let owned: Vec<usize> = shards.iter().copied().filter(|&s| s != SHARED).collect();
+        let distinct: HashSet<usize> = owned.iter().copied().collect();
+        assert_eq!(distinct.len(), owned.len(), "{shards:?}");
+        assert!(owned.len() <= SHARED && shards.len() - owned.len() >= 12 - SHARED);
+        // They ended: their shards are free again.
+        let taken = OWNED.load(Ordering::Relaxed);
+        assert!(owned.iter().all(|s| taken & 1 << s == 0), "{taken:b}");
+        let next = std::thread::spawn(shard_index).join().expect("a thread");
+        assert_ne!(next, SHARED);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_publisher_waiting_for_room_is_told_by_the_pop_that_makes_it() {
+        let o = outbox(QueueFull::Block, 1, 1 << 20);
+        assert!(matches!(
+            o.push(delivery(QoS::AtLeastOnce, b"a"), false, 0, false),
+            Pushed::Queued { .. }
+        ));
+        let waiter = tokio::spawn({
+            let o = o.clone();
+            async move { o.room_for(1).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished(), "the queue is full");
+        assert_eq!(o.waiting.load(Ordering::Relaxed), 1);
+        assert!(matches!(o.pop_ready(0, |_| true), Pop::Got(_)));
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("told of the room")
+            .expect("the waiter");
+        assert_eq!(o.waiting.load(Ordering::Relaxed), 0, "no longer counted");
+    }
     use crate::message::SessionId;
     use bytes::Bytes;
     use ferrymq_codec::{MqttString, PublishProperties};
+    use std::time::Duration;
 
     fn outbox(policy: QueueFull, max_messages: u32, max_bytes: usize) -> Arc<Outbox> {
         let o = Outbox::new(

@@ -430,14 +430,5 @@ pub(crate) async fn wait_for_room(target: Option<ParkedOn>) {
     let Some((outbox, size)) = target else {
         return std::future::pending().await;
     };
-    loop {
-        let space = outbox.space();
-        tokio::pin!(space);
-        // Register before checking, so a pop in between is not missed.
-        space.as_mut().enable();
-        if outbox.has_room(size) || !outbox.is_online() {
-            return;
-        }
-        space.await;
-    }
+    outbox.room_for(size).await
 }
