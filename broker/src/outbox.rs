@@ -190,12 +190,13 @@ pub struct Evicted {
 /// Every push and pop on every thread changes these counts: one counter
 /// for all would be a cache line the cores take from each other at every
 /// delivery (a fan-out to 50 subscribers spent about a quarter more CPU a
-/// delivery on it). So each thread counts in a shard of its own (one
-/// it owns and writes alone: [`bump`]), and a shard passes what it holds on to the total the bound is checked
-/// against once it is more than [`QueueMemory::chunk`] either way: that
-/// total is behind by at most a chunk a shard (`SHARDS` × 64 KiB at most,
-/// none with a bound under 64 MiB). What [`QueueMemory::used`] reports is
-/// the total and the shards together.
+/// delivery on it). So each thread counts in a shard of its own (one it
+/// owns and writes alone, see `bump`), and a shard passes what it holds
+/// on to the total the bound is checked against once it is more than
+/// [`QueueMemory::chunk`] either way: that total is behind by at most a
+/// chunk a shard (`SHARDS` × 64 KiB at most, none with a bound under 64
+/// MiB). What [`QueueMemory::used`] reports is the total and the shards
+/// together.
 #[derive(Debug, Default)]
 pub struct QueueMemory {
     /// Bytes charged, but for what the shards have not passed on.
