@@ -416,8 +416,7 @@ pub struct Storage {
     pub max_queued_bytes: u64,
     /// `max_queued_memory` (bytes; `"256MiB"` style accepted): the most
     /// memory all queues together hold in queued messages (each entry's
-    /// bookkeeping plus its payload, counted in every queue holding it, so
-    /// real use is at most this). At the bound a stored queue keeps new
+    /// bookkeeping, and each payload once while any queue holds it). At the bound a stored queue keeps new
     /// messages on disk only, and a queue held in memory only (a clean
     /// session, QoS 0) that is not empty counts as full: `queue_full`
     /// applies. Messages in flight are not counted (the Receive Maximum
